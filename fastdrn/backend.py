@@ -1,0 +1,71 @@
+"""The backend switch (SPEC.md section 3): FASTDRN_BACKEND = auto | triton | torch.
+
+Read on every call, never at import, so a test or a script can change it at run time. Nothing
+here queries a device at import; a missing Triton is recorded and named in the error that needs it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+try:
+    import triton  # noqa: F401
+
+    TRITON_IMPORT_ERROR: str | None = None
+except Exception as exc:  # any failure to import is a reason to report, not to crash on
+    TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def requested() -> str:
+    value = os.environ.get("FASTDRN_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"FASTDRN_BACKEND={value!r} is not one of {', '.join(BACKENDS)}")
+    return value
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on tensors of this device, or None when they can."""
+    if TRITON_IMPORT_ERROR is not None:
+        return f"Triton could not be imported ({TRITON_IMPORT_ERROR})"
+    if interpreting():
+        return None  # the interpreter runs CPU tensors (and copies CUDA ones through the host)
+    if device.type != "cuda":
+        return (f"Triton kernels need CUDA tensors (got a {device.type} tensor); set TRITON_INTERPRET=1 "
+                "before importing fastdrn to run them on the CPU through Triton's interpreter")
+    if torch.version.hip is not None:
+        return "fastdrn's Triton kernels are built and tested for NVIDIA GPUs only"
+    return None
+
+
+def use_triton(op: str, device: torch.device) -> bool:
+    """Whether `op` runs its Triton kernels on `device`; a forced backend that cannot run raises."""
+    choice = requested()
+    if choice == "torch":
+        return False
+    reason = triton_unavailable_reason(device)
+    if choice == "triton" and reason is not None:
+        raise RuntimeError(f"FASTDRN_BACKEND=triton but {op} cannot run its Triton kernels: {reason}")
+    return reason is None
+
+
+def describe(device: torch.device | str = "cpu") -> str:
+    """The backend the fused ops would use for tensors on `device`, in words."""
+    device = torch.device(device)
+    choice = requested()
+    if choice == "torch":
+        return "torch (forced by FASTDRN_BACKEND=torch)"
+    reason = triton_unavailable_reason(device)
+    if reason is None:
+        where = "Triton interpreter" if interpreting() else "Triton on GPU"
+        return f"triton ({where}{', forced' if choice == 'triton' else ''})"
+    if choice == "triton":
+        return f"triton (forced, but unavailable: {reason})"
+    return f"torch (auto: {reason})"

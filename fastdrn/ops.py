@@ -1,0 +1,114 @@
+"""fastdrn's public functional ops (SPEC.md section 3), with input checks and the backend switch.
+
+Every op checks its inputs here, whatever the backend, so bad input gets the same clear error on
+every path; then `fastdrn.backend.use_triton` picks the fused kernels or the plain PyTorch math of
+`fastdrn.reference` (the oracle the tests compare against).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backend, reference
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(op: str, name: str, t, shape_hint: str, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be a {ndim}-D tensor {shape_hint}, got shape {tuple(t.shape)}")
+
+
+def _check_activation(op: str, name: str, t) -> None:
+    _check_tensor(op, name, t, "(N, C, H, W)", 4)
+    if t.numel() == 0:
+        raise ValueError(f"{op}: {name} is empty (shape {tuple(t.shape)}); N, C, H and W must all be >= 1")
+
+
+def _check_alike(op: str, named: dict) -> None:
+    """Every tensor on one device and of one supported floating dtype."""
+    (first_name, first), *rest = [(k, v) for k, v in named.items() if v is not None]
+    if first.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: {first_name} has dtype {first.dtype}; supported: float16, bfloat16, float32, float64")
+    for name, t in rest:
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
+                            "cast them to one dtype (under autocast, fastdrn.DRN does this for you)")
+
+
+def _check_shape(op: str, name: str, t, expected: tuple, why: str) -> None:
+    if t is not None and tuple(t.shape) != expected:
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {expected} ({why})")
+
+
+def _check_conv_weight(op: str, name: str, w, kernel: int) -> None:
+    _check_tensor(op, name, w, f"(C_out, C_in, {kernel}, {kernel})", 4)
+    if tuple(w.shape[2:]) != (kernel, kernel):
+        raise ValueError(f"{op}: {name} must be a {kernel}x{kernel} conv weight (C_out, C_in, {kernel}, {kernel}), "
+                         f"got shape {tuple(w.shape)}")
+
+
+def _check_bias(op: str, name: str, b) -> None:
+    if b is not None:
+        _check_tensor(op, name, b, "(C_out,)", 1)
+
+
+def check_residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand) -> None:
+    op = "residual_distill"
+    _check_activation(op, "z", z)
+    _check_conv_weight(op, "w_squeeze", w_squeeze, 1)
+    _check_conv_weight(op, "w_conv", w_conv, 3)
+    _check_conv_weight(op, "w_expand", w_expand, 1)
+    for name, b in (("b_squeeze", b_squeeze), ("b_conv", b_conv), ("b_expand", b_expand)):
+        _check_bias(op, name, b)
+    _check_alike(op, dict(z=z, w_squeeze=w_squeeze, b_squeeze=b_squeeze, w_conv=w_conv, b_conv=b_conv,
+                          w_expand=w_expand, b_expand=b_expand))
+    d_in, inner = z.shape[1], w_squeeze.shape[0]
+    if w_squeeze.shape[1] != d_in:
+        raise ValueError(f"{op}: w_squeeze expects {w_squeeze.shape[1]} input channels but z has {d_in}")
+    _check_shape(op, "b_squeeze", b_squeeze, (inner,), "one bias per squeeze filter")
+    _check_shape(op, "w_conv", w_conv, (inner, inner, 3, 3), f"the 3x3 conv maps the squeeze's {inner} channels to {inner}")
+    _check_shape(op, "b_conv", b_conv, (inner,), "one bias per 3x3 filter")
+    if w_expand.shape[1] != inner:
+        raise ValueError(f"{op}: w_expand expects {w_expand.shape[1]} input channels but the block is {inner} wide")
+    if w_expand.shape[0] <= d_in:
+        raise ValueError(f"{op}: w_expand has {w_expand.shape[0]} output channels; it needs more than z's {d_in} "
+                         "(D residual channels plus d >= 1 distilled ones)")
+    _check_shape(op, "b_expand", b_expand, (w_expand.shape[0],), "one bias per expand filter")
+
+
+def check_compress_skip(z, w, b, skip) -> None:
+    op = "compress_skip"
+    _check_activation(op, "z", z)
+    _check_activation(op, "skip", skip)
+    _check_conv_weight(op, "w", w, 1)
+    _check_bias(op, "b", b)
+    _check_alike(op, dict(z=z, w=w, b=b, skip=skip))
+    if w.shape[1] != z.shape[1]:
+        raise ValueError(f"{op}: w expects {w.shape[1]} input channels but z has {z.shape[1]}")
+    _check_shape(op, "b", b, (w.shape[0],), "one bias per output channel")
+    n, _, h, width = z.shape
+    _check_shape(op, "skip", skip, (n, w.shape[0], h, width), "the skip is added to the conv's output")
+
+
+def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha=0.2, recompute=False):
+    """One residual distilling block: (N, D, H, W) -> (N, D + d, H, W), d = w_expand.shape[0] - D."""
+    check_residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand)
+    if backend.use_triton("residual_distill", z.device):
+        from .kernels.residual_distill import residual_distill as fused
+
+        return fused(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, recompute)
+    return reference.residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha)
+
+
+def compress_skip(z, w, b, skip, alpha=0.2):
+    """ELU(conv1x1(z, w, b)) + skip: a group's compression and its long skip connection."""
+    check_compress_skip(z, w, b, skip)
+    if backend.use_triton("compress_skip", z.device):
+        from .kernels.compress_skip import compress_skip as fused
+
+        return fused(z, w, b, skip, alpha)
+    return reference.compress_skip(z, w, b, skip, alpha)

@@ -1,0 +1,112 @@
+"""Pieces every fused op shares: ELU in Triton, launch-config choice, layout and index checks."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from fastdrn.backend import interpreting
+
+INT32_LIMIT = 2**31 - 1
+
+# Triton's FP fusion default changes in 3.10 (KERNELS.md section 3); fix it here so results do
+# not move with the Triton version. Fused multiply-add is what the GPU tolerances were set with.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
+@triton.jit
+def elu(x, alpha):
+    # exp of min(x, 0): the positive branch never overflows into an unused inf.
+    return tl.where(x > 0, x, alpha * (tl.exp(tl.minimum(x, 0.0)) - 1.0))
+
+
+@triton.jit
+def elu_grad_from_output(y, alpha):
+    # y = ELU(x): dy/dx is 1 where y > 0 and alpha * exp(x) = y + alpha elsewhere.
+    return tl.where(y > 0, 1.0, y + alpha)
+
+
+@triton.jit
+def elu_grad_from_input(x, alpha):
+    return tl.where(x > 0, 1.0, alpha * tl.exp(tl.minimum(x, 0.0)))
+
+
+@triton.jit
+def join_alpha(alpha_hi, alpha_lo, IS_FP64: tl.constexpr):
+    # Triton passes Python floats as fp32; float64 runs rebuild alpha from two fp32 halves.
+    if IS_FP64:
+        return tl.cast(alpha_hi, tl.float64) + tl.cast(alpha_lo, tl.float64)
+    else:
+        return alpha_hi
+
+
+def split_alpha(alpha: float) -> tuple[float, float]:
+    """alpha as fp32 hi + lo halves: exact to about 1e-14, enough for the float64 contract."""
+    hi = float(torch.tensor(alpha, dtype=torch.float32))
+    return hi, float(torch.tensor(alpha - hi, dtype=torch.float32))
+
+
+def fixed_config(interpreter: triton.Config, default: triton.Config) -> triton.Config | None:
+    """The one config to launch with, or None to let the autotuner choose.
+
+    The interpreter always runs `interpreter`. On a GPU, FASTDRN_NUM_WARPS=n pins `default` with
+    n warps (the test suite runs 4 and 8) and FASTDRN_AUTOTUNE=0 pins `default` as it is.
+    """
+    if interpreting():
+        return interpreter
+    warps = os.environ.get("FASTDRN_NUM_WARPS", "").strip()
+    if warps:
+        return triton.Config(default.kwargs, num_warps=int(warps), num_stages=default.num_stages)
+    if os.environ.get("FASTDRN_AUTOTUNE", "1").strip() == "0":
+        return default
+    return None
+
+
+def launch(kernel, tuned, grid, interpreter: triton.Config, default: triton.Config, **args) -> None:
+    """Launch `kernel` at a fixed config, or its autotuned wrapper `tuned`, through wrap_triton."""
+    config = fixed_config(interpreter, default)
+    if config is None:
+        wrap_triton(tuned)[grid](**args)
+    else:
+        wrap_triton(kernel)[grid](**args, **config.kwargs, num_warps=config.num_warps,
+                                  num_stages=config.num_stages)
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """A 4-D activation as channels_last (a no-op when it already is): pixels are rows."""
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def row_stride(t: torch.Tensor) -> int:
+    """Distance between consecutive pixels of a channels_last tensor (or of a channel slice of one)."""
+    return t.stride(3)
+
+
+def check_int32(op: str, *extents: int) -> None:
+    """Kernels index with int32: refuse sizes whose largest offset would not fit."""
+    for extent in extents:
+        if extent > INT32_LIMIT:
+            raise ValueError(f"{op}: a tensor spans {extent} elements, more than the int32 offsets of "
+                             f"the kernels allow ({INT32_LIMIT}); split the batch or the image")
+
+
+def next_pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(n))
+
+
+def is_fp64(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float64
+
+
+def grad_split(m: int, block_m: int, tiles: int) -> int:
+    """Rows per split-M partial of a weight gradient: enough programs to fill a GPU, in whole blocks.
+
+    Depends on shapes only (never on the device), so the partials - and so the sums - are the same
+    run to run. About 512 programs over tiles x splits suits a 132-SM H100 (2 to 4 waves).
+    """
+    blocks = triton.cdiv(m, block_m)
+    splits = max(1, min(blocks, triton.cdiv(512, max(tiles, 1))))
+    return triton.cdiv(blocks, splits) * block_m

@@ -1,0 +1,69 @@
+"""Fused group compression: out = ELU(conv1x1(z, w, b)) + skip, forward and backward.
+
+Kernels: the shared pixel-row GEMM (kernels/gemm.py) does all the arithmetic. Forward is one
+launch (GEMM, bias, ELU and the long skip fused in the epilogue). Backward recomputes the
+pre-activation from z instead of saving it (one GEMM, and no activation-sized save):
+  g  = dy * ELU'(z W^T + b)                  one launch, ELU' from the recomputed input
+  dz = g W                                   one launch, the same GEMM with W transposed
+  dW, db = split-M partials of g^T z, g      one launch, summed in a fixed order
+  dskip = dy
+"""
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op
+
+from ._common import row_stride, rows
+from .gemm import EPILOGUE_ELU, EPILOGUE_ELU_GRAD, EPILOGUE_LINEAR, conv1x1, weight_grad
+
+
+# ---- launchers ------------------------------------------------------------------------------
+def _forward(z, w, b, skip, alpha):
+    z, skip = rows(z), rows(skip)
+    return conv1x1(z, row_stride(z), w, False, b, EPILOGUE_ELU, alpha, res=skip, res_stride=row_stride(skip))
+
+
+def _backward(grad, z, w, b, alpha):
+    z, grad = rows(z), rows(grad)
+    g = conv1x1(z, row_stride(z), w, False, b, EPILOGUE_ELU_GRAD, alpha, res=grad, res_stride=row_stride(grad))
+    dz = conv1x1(g, row_stride(g), w, True, None, EPILOGUE_LINEAR, alpha)
+    dw, db = weight_grad(g, row_stride(g), z, row_stride(z), w.shape[0], w.shape[1], taps=1,
+                         with_bias=True, weight_dtype=w.dtype)
+    return dz, dw, db
+
+
+# ---- registered ops and autograd --------------------------------------------------------------
+@triton_op("fastdrn::compress_skip", mutates_args={})
+def compress_skip_op(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, skip: torch.Tensor,
+                     alpha: float) -> torch.Tensor:
+    return _forward(z, w, b, skip, alpha)
+
+
+@triton_op("fastdrn::compress_skip_backward", mutates_args={})
+def compress_skip_backward_op(grad: torch.Tensor, z: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                              alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(grad, z, w, b, alpha)
+
+
+def _setup_context(ctx, inputs, output):
+    z, w, b, _skip, alpha = inputs
+    ctx.save_for_backward(z, w, b)
+    ctx.alpha = alpha
+    ctx.has_bias = b is not None
+
+
+def _autograd_backward(ctx, grad):
+    if torch.is_grad_enabled():
+        raise RuntimeError("fastdrn compress_skip: double backward (create_graph=True) is not supported")
+    z, w, b = ctx.saved_tensors
+    dz, dw, db = compress_skip_backward_op(grad, z, w, b, ctx.alpha)
+    return dz, dw, db if ctx.has_bias else None, grad, None
+
+
+compress_skip_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ---- public function --------------------------------------------------------------------------
+def compress_skip(z, w, b, skip, alpha=0.2):
+    """ELU(conv1x1(z, w, b)) + skip through the Triton kernels (inputs checked by fastdrn.ops)."""
+    return compress_skip_op(z, w, b, skip, float(alpha))

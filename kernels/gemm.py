@@ -1,0 +1,225 @@
+"""Pixel-row GEMM kernels that several fused ops share.
+
+A 1x1 convolution over channels_last activations is a GEMM over M = N*H*W pixel rows. These two
+kernels carry every 1x1 product of the forward and backward passes: the squeeze of an RDB, the
+compression of a group, and the transposed products of their input gradients (`conv1x1_kernel`);
+and every weight gradient, 1x1 or 3x3, as deterministic split-M partial sums (`weight_grad_kernel`).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdrn.backend import interpreting
+
+from ._common import check_int32, elu, elu_grad_from_input, grad_split, is_fp64, join_alpha, launch, split_alpha
+
+EPILOGUE_LINEAR = 0   # out = acc + bias (+ res)
+EPILOGUE_ELU = 1      # out = ELU(acc + bias) (+ res)
+EPILOGUE_ELU_GRAD = 2  # out = res * ELU'(acc + bias): the gradient through an ELU, recomputing its input
+
+
+@triton.jit
+def conv1x1_kernel(
+    x_ptr,       # [M, K] input rows, row stride stride_xm, channels contiguous
+    w_ptr,       # weight: element (n, k) at n * stride_wn + k * stride_wk
+    bias_ptr,    # [N] bias, read when HAS_BIAS
+    res_ptr,     # [M, N] residual (or incoming gradient for EPILOGUE_ELU_GRAD), row stride stride_rm
+    out_ptr,     # [M, N] output rows, row stride stride_om
+    M,           # pixel rows
+    N,           # output channels
+    K,           # input channels
+    stride_xm,   # elements between pixel rows of x
+    stride_wn,   # weight stride along output channels
+    stride_wk,   # weight stride along input channels
+    stride_rm,   # elements between pixel rows of res
+    stride_om,   # elements between pixel rows of out
+    alpha_hi,    # ELU alpha, fp32 high half
+    alpha_lo,    # ELU alpha, fp32 low half (float64 runs only)
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,   # read res (always true for EPILOGUE_ELU_GRAD)
+    EPILOGUE: tl.constexpr,  # EPILOGUE_LINEAR, EPILOGUE_ELU or EPILOGUE_ELU_GRAD
+    IS_FP64: tl.constexpr,   # float64 storage: float64 accumulation (interpreter tests)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if IS_FP64 else tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
+                    mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn,
+                    mask=(kk[:, None] < K) & n_ok[None, :], other=0.0)
+        acc = tl.dot(x, w, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
+    alpha = join_alpha(alpha_hi, alpha_lo, IS_FP64)
+    mask = m_ok[:, None] & n_ok[None, :]
+    if EPILOGUE == 1:
+        acc = elu(acc, alpha)
+    if EPILOGUE == 2:
+        g = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0)
+        acc = g.to(acc.dtype) * elu_grad_from_input(acc, alpha)
+    elif HAS_RES:
+        acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(acc.dtype)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def weight_grad_kernel(
+    g_ptr,       # [M, N] gradient at the conv's output, row stride stride_gm
+    x_ptr,       # [M, K] the conv's input, row stride stride_xm
+    dw_ptr,      # [S, TAPS, N, K] partial weight gradients (fp32, or fp64 for float64), contiguous
+    db_ptr,      # [S, N] partial bias gradients, written when HAS_BIAS
+    M,           # pixel rows
+    N,           # output channels
+    K,           # input channels
+    H,           # image height (3x3 taps only)
+    W,           # image width (3x3 taps only)
+    rows_per_split,  # pixel rows per partial, a multiple of BLOCK_M
+    stride_gm,   # elements between pixel rows of g
+    stride_xm,   # elements between pixel rows of x
+    TAPS: tl.constexpr,      # 1 for a 1x1 conv; 9 for a 3x3 conv with padding 1 (x read at the tap's shift)
+    HAS_BIAS: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # program_id(0) picks the (N, K) tile, program_id(1) = split * TAPS + tap. Every partial is
+    # written by exactly one program; the host sums them in a fixed order (no atomics).
+    num_k_tiles = tl.cdiv(K, BLOCK_K)
+    pid_n = tl.program_id(0) // num_k_tiles
+    pid_k = tl.program_id(0) % num_k_tiles
+    split = tl.program_id(1) // TAPS
+    tap = tl.program_id(1) % TAPS
+    shift_y = tap // 3 - 1 if TAPS == 9 else 0
+    shift_x = tap % 3 - 1 if TAPS == 9 else 0
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+    k_ok = rk < K
+    acc_dtype = tl.float64 if IS_FP64 else tl.float32
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=acc_dtype)
+    bias_acc = tl.zeros((BLOCK_N,), dtype=acc_dtype)
+    row_start = split * rows_per_split
+    for m0 in range(row_start, tl.minimum(row_start + rows_per_split, M), BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if TAPS == 9:
+            h = (rm // W) % H + shift_y
+            w = rm % W + shift_x
+            src_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            src = rm + shift_y * W + shift_x
+        else:
+            src_ok = m_ok
+            src = rm
+        x = tl.load(x_ptr + src[:, None] * stride_xm + rk[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(g), x, acc)
+        if HAS_BIAS:
+            bias_acc += tl.sum(g.to(acc_dtype), axis=0)
+    tile = split * TAPS + tap
+    tl.store(dw_ptr + tile * N * K + rn[:, None] * K + rk[None, :], acc, mask=n_ok[:, None] & k_ok[None, :])
+    if HAS_BIAS:
+        if (pid_k == 0) & (tap == 0):
+            tl.store(db_ptr + split * N + rn, bias_acc, mask=n_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers. Callers pass channels_last row views (checked by the op that owns them) and get
+# freshly allocated outputs. Configs: one fixed under the interpreter, a small autotuned set on
+# a GPU keyed on the channel counts (and, implicitly, the dtype); every one of them is in the AOT
+# check (kernels/registry.py).
+# ---------------------------------------------------------------------------------------------
+
+CONV1X1_INTERPRETER = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+CONV1X1_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+]
+conv1x1_tuned = triton.autotune(configs=CONV1X1_CONFIGS, key=["N", "K", "EPILOGUE"])(conv1x1_kernel)
+
+WEIGHT_GRAD_BLOCK_M_GPU = 64
+WEIGHT_GRAD_INTERPRETER = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+WEIGHT_GRAD_CONFIGS = [
+    triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+]
+weight_grad_tuned = triton.autotune(configs=WEIGHT_GRAD_CONFIGS, key=["N", "K", "TAPS"])(weight_grad_kernel)
+
+
+def conv1x1(x: torch.Tensor, x_stride: int, w: torch.Tensor, transpose_w: bool, bias: torch.Tensor | None,
+            epilogue: int, alpha: float, res: torch.Tensor | None = None, res_stride: int = 0,
+            out: torch.Tensor | None = None, out_stride: int | None = None, n_out: int | None = None) -> torch.Tensor:
+    """out[m, :] = epilogue(x[m, :K] @ W^T + bias, res[m, :]) over M pixel rows.
+
+    x is any tensor whose storage holds M rows of `x_stride` elements (a channels_last activation
+    or a channel prefix of one); w is a (C_out, C_in, 1, 1) conv weight, used as (C_in -> C_out),
+    or transposed (C_out -> C_in) when `transpose_w`. With `out` None a fresh channels_last tensor
+    of n_out channels is returned.
+    """
+    n_img, _, height, width = x.shape
+    m = n_img * height * width
+    c_out, c_in = w.shape[0], w.shape[1]
+    n, k = (c_in, c_out) if transpose_w else (c_out, c_in)
+    if out is None:
+        out = torch.empty((n_img, n, height, width), device=x.device, dtype=x.dtype,
+                          memory_format=torch.channels_last)
+        out_stride = n
+    check_int32("conv1x1", m * x_stride, m * out_stride, m * max(res_stride, 1), w.numel())
+    alpha_hi, alpha_lo = split_alpha(alpha)
+    launch(
+        conv1x1_kernel, conv1x1_tuned,
+        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])),
+        CONV1X1_INTERPRETER, CONV1X1_CONFIGS[0],
+        x_ptr=x, w_ptr=w, bias_ptr=bias if bias is not None else w, res_ptr=res if res is not None else x,
+        out_ptr=out, M=m, N=n, K=k, stride_xm=x_stride,
+        stride_wn=1 if transpose_w else c_in, stride_wk=c_in if transpose_w else 1,
+        stride_rm=res_stride, stride_om=out_stride, alpha_hi=alpha_hi, alpha_lo=alpha_lo,
+        HAS_BIAS=bias is not None, HAS_RES=res is not None, EPILOGUE=epilogue, IS_FP64=is_fp64(x),
+    )
+    return out
+
+
+def weight_grad(g: torch.Tensor, g_stride: int, x: torch.Tensor, x_stride: int, n: int, k: int, taps: int,
+                with_bias: bool, weight_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dW (n, k, kh, kw) and db (n,) of a conv from its input rows x and output gradient rows g.
+
+    Split-M partials in fp32 (fp64 for float64), summed by torch in a fixed order: bitwise
+    reproducible run to run, no atomics.
+    """
+    n_img, _, height, width = g.shape
+    m = n_img * height * width
+    block_m = WEIGHT_GRAD_INTERPRETER.kwargs["BLOCK_M"] if interpreting() else WEIGHT_GRAD_BLOCK_M_GPU
+    rows_per_split = grad_split(m, block_m, triton.cdiv(n, 64) * triton.cdiv(k, 64) * taps)
+    splits = triton.cdiv(m, rows_per_split)
+    acc_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+    dw_partial = torch.empty((splits, taps, n, k), device=g.device, dtype=acc_dtype)
+    db_partial = torch.empty((splits, n), device=g.device, dtype=acc_dtype) if with_bias else None
+    check_int32("weight gradient", m * g_stride, m * x_stride, dw_partial.numel())
+    launch(
+        weight_grad_kernel, weight_grad_tuned,
+        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]), splits * taps),
+        WEIGHT_GRAD_INTERPRETER, WEIGHT_GRAD_CONFIGS[0],
+        g_ptr=g, x_ptr=x, dw_ptr=dw_partial, db_ptr=db_partial if with_bias else dw_partial,
+        M=m, N=n, K=k, H=height, W=width, rows_per_split=rows_per_split, stride_gm=g_stride, stride_xm=x_stride,
+        TAPS=taps, HAS_BIAS=with_bias, IS_FP64=is_fp64(g),
+    )
+    dw = dw_partial.sum(dim=0)  # (taps, n, k)
+    if taps == 9:
+        dw = dw.permute(1, 2, 0).reshape(n, k, 3, 3)
+    else:
+        dw = dw.reshape(n, k, 1, 1)
+    db = db_partial.sum(dim=0).to(weight_dtype) if with_bias else None
+    return dw.to(weight_dtype).contiguous(), db
