@@ -13,11 +13,12 @@ import triton.language as tl
 
 from fastdrn.backend import interpreting
 
-from ._common import check_int32, elu, elu_grad_from_input, grad_split, is_fp64, join_alpha, launch, split_alpha
+from ._common import check_int32, elu, elu_grad_from_input, elu_grad_from_output, grad_split, is_fp64, join_alpha, launch, split_alpha
 
 EPILOGUE_LINEAR = 0   # out = acc + bias (+ res)
 EPILOGUE_ELU = 1      # out = ELU(acc + bias) (+ res)
 EPILOGUE_ELU_GRAD = 2  # out = res * ELU'(acc + bias): the gradient through an ELU, recomputing its input
+EPILOGUE_TIMES_ELU_GRAD_OF_RES = 3  # out = (acc + bias) * ELU'(x) where res = ELU(x) was saved
 
 
 @triton.jit
@@ -39,7 +40,7 @@ def conv1x1_kernel(
     alpha_lo,    # ELU alpha, fp32 low half (float64 runs only)
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,   # read res (always true for EPILOGUE_ELU_GRAD)
-    EPILOGUE: tl.constexpr,  # EPILOGUE_LINEAR, EPILOGUE_ELU or EPILOGUE_ELU_GRAD
+    EPILOGUE: tl.constexpr,  # one of the EPILOGUE_* codes above
     IS_FP64: tl.constexpr,   # float64 storage: float64 accumulation (interpreter tests)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -69,6 +70,9 @@ def conv1x1_kernel(
     if EPILOGUE == 2:
         g = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0)
         acc = g.to(acc.dtype) * elu_grad_from_input(acc, alpha)
+    elif EPILOGUE == 3:
+        y = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0)
+        acc = acc * elu_grad_from_output(y.to(acc.dtype), alpha)
     elif HAS_RES:
         acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(acc.dtype)
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)

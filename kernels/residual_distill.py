@@ -1,0 +1,335 @@
+"""Fused residual distilling block (RDB), forward and backward.
+
+    a   = ELU(conv1x1(z, W_sq) + b_sq)          D -> F
+    b   = ELU(conv3x3(a, W_c) + b_c)            F -> F
+    c   = conv1x1(b, W_e) + b_e                 F -> D + d
+    out = cat([z + c[:, :D], c[:, D:]])
+
+Forward, two launches (KERNELS.md section 2): the squeeze GEMM with its ELU (kernels/gemm.py),
+then `conv3x3_fused_kernel`: the 3x3 as an implicit GEMM over a, bias and ELU in registers, then
+the expand GEMM on that register tile in column chunks, with the residual add on the first D
+columns and the concat both done by where the store lands. `b` never leaves the chip unless the
+backward will need it.
+
+Backward (dy has D + d channels), deterministic, no atomics:
+    a    = recomputed by the squeeze launch (a 1x1: cheap; saving it would cost F values a pixel)
+    b    = saved by the forward (default), or recomputed by conv3x3_fused_kernel (recompute=True)
+    g_b  = (dy W_e) * ELU'(b)                   conv1x1 launch, ELU' read off the saved output b
+    g_a  = convT3x3(g_b) * ELU'(a)              conv3x3_fused_kernel with flipped, transposed W_c,
+    dz   = g_a W_sq + dy[:, :D]                   and the squeeze transpose in its second GEMM
+    dW_e, dW_c, dW_sq and the biases            split-M partials (weight_grad_kernel), fixed-order sums
+
+Saved for backward: z and b by default (D + F values a pixel, against the reference's D + 4F);
+z alone with recompute=True.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+
+from ._common import (check_int32, elu, elu_grad_from_output, is_fp64, join_alpha, launch, next_pow2, row_stride,
+                      rows, split_alpha)
+from .gemm import EPILOGUE_ELU, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, weight_grad
+
+EPI_ELU = 0                  # mid = ELU(conv3x3(x) + bias)
+EPI_TIMES_ELU_GRAD_OF_AUX = 1  # mid = conv3x3(x) * ELU'(.) where aux = ELU(.) was saved
+
+
+@triton.jit
+def conv3x3_fused_kernel(
+    x_ptr,       # [M, F] input rows of the 3x3 (a forward, g_b backward), F contiguous channels per pixel
+    wc_ptr,      # [9, F, F] 3x3 weight packed tap-major as (tap, c_in, c_out)
+    bc_ptr,      # [F] 3x3 bias, read when HAS_BIAS1
+    aux_ptr,     # [M, F] saved ELU output whose derivative gates the result, read when EPI1 == 1
+    mid_ptr,     # [M, F] the 3x3 stage's result (b forward, g_a backward), written when SAVE_MID
+    w2_ptr,      # second (1x1) weight: element (n, f) at n * stride_w2n + f * stride_w2f
+    b2_ptr,      # [N2] second bias, read when HAS_BIAS2
+    res_ptr,     # residual rows added to output columns < NRES, row stride stride_rm
+    out_ptr,     # [M, N2] output rows, row stride stride_om; may alias res_ptr (in-place group path)
+    M,           # pixel rows, N * H * W
+    H,           # image height
+    W,           # image width
+    F,           # channels of the 3x3 (the block's inner width)
+    N2,          # output channels of the second GEMM
+    NRES,        # output columns that get the residual (D)
+    stride_w2n,  # second weight stride along its output channels
+    stride_w2f,  # second weight stride along its F input channels
+    stride_rm,   # elements between pixel rows of res
+    stride_om,   # elements between pixel rows of out
+    alpha_hi,    # ELU alpha, fp32 high half
+    alpha_lo,    # ELU alpha, fp32 low half (float64 runs only)
+    EPI1: tl.constexpr,       # EPI_ELU or EPI_TIMES_ELU_GRAD_OF_AUX
+    HAS_BIAS1: tl.constexpr,
+    SAVE_MID: tl.constexpr,
+    HAS_SECOND: tl.constexpr,  # run the second GEMM and store out (False: only mid is wanted)
+    HAS_BIAS2: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr,    # pixel rows per program
+    BLOCK_F: tl.constexpr,    # F padded to a power of two: the whole 3x3 output row stays in registers
+    BLOCK_K: tl.constexpr,    # input channels per 3x3 step
+    BLOCK_N: tl.constexpr,    # output columns per step of the second GEMM
+):
+    pid = tl.program_id(0)
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    h = (rm // W) % H
+    w = rm % W
+    rf = tl.arange(0, BLOCK_F)
+    f_ok = rf < F
+    rk = tl.arange(0, BLOCK_K)
+    acc_dtype = tl.float64 if IS_FP64 else tl.float32
+    acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=acc_dtype)
+    # Taps at run time, not unrolled: the unrolled form spilled and lost pipelining (KERNELS.md 3).
+    # Taps and channel chunks are two nested loops, not one flattened loop, which Triton
+    # miscompiled at 8 warps (pytorch/pytorch issue 173068).
+    for tap in range(9):
+        dy = tap // 3 - 1
+        dx = tap % 3 - 1
+        hh = h + dy
+        ww = w + dx
+        src_ok = m_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)  # the zero padding
+        src = rm + dy * W + dx
+        for k0 in range(0, F, BLOCK_K):
+            kk = k0 + rk
+            k_ok = kk < F
+            x = tl.load(x_ptr + src[:, None] * F + kk[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(wc_ptr + tap * F * F + kk[:, None] * F + rf[None, :],
+                         mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+            acc = tl.dot(x, wt, acc)
+    if HAS_BIAS1:
+        acc += tl.load(bc_ptr + rf, mask=f_ok, other=0.0).to(acc_dtype)[None, :]
+    alpha = join_alpha(alpha_hi, alpha_lo, IS_FP64)
+    mf_ok = m_ok[:, None] & f_ok[None, :]
+    if EPI1 == 0:
+        mid = elu(acc, alpha)
+    else:
+        aux = tl.load(aux_ptr + rm[:, None] * F + rf[None, :], mask=mf_ok, other=0.0)
+        mid = acc * elu_grad_from_output(aux.to(acc_dtype), alpha)
+    mid_store = mid.to(x_ptr.dtype.element_ty)
+    if SAVE_MID:
+        tl.store(mid_ptr + rm[:, None] * F + rf[None, :], mid_store, mask=mf_ok)
+    if HAS_SECOND:
+        # The second GEMM's operand is the stored-precision tile, as if it had gone through memory.
+        for n0 in range(0, N2, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            n_ok = rn < N2
+            w2 = tl.load(w2_ptr + rn[None, :] * stride_w2n + rf[:, None] * stride_w2f,
+                         mask=f_ok[:, None] & n_ok[None, :], other=0.0)
+            c = tl.dot(mid_store, w2, tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype))
+            if HAS_BIAS2:
+                c += tl.load(b2_ptr + rn, mask=n_ok, other=0.0).to(acc_dtype)[None, :]
+            res_ok = m_ok[:, None] & (rn[None, :] < NRES)
+            c += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=res_ok, other=0.0).to(acc_dtype)
+            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], c.to(out_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ---- launch configurations ---------------------------------------------------------------------
+# Keyed by BLOCK_F: the [BLOCK_M, BLOCK_F] accumulator must fit in registers next to the second
+# GEMM's tile, so wide blocks take fewer rows or more warps. Every entry is in the AOT check.
+def _config(block_m, block_n, block_k, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps,
+                         num_stages=stages)
+
+
+CONV3X3_CONFIGS = {
+    16: [_config(128, 64, 16, 4, 3), _config(64, 64, 16, 4, 3)],
+    32: [_config(128, 64, 32, 4, 3), _config(64, 64, 32, 4, 3)],
+    64: [_config(128, 64, 64, 4, 3), _config(64, 64, 64, 4, 3), _config(128, 64, 32, 8, 3)],
+    128: [_config(64, 64, 64, 4, 3), _config(128, 64, 64, 8, 3)],
+    256: [_config(64, 64, 64, 8, 3), _config(64, 32, 32, 8, 3)],
+}
+CONV3X3_INTERPRETER = _config(32, 32, 32, 4, 1)
+conv3x3_tuned = {
+    block_f: triton.autotune(configs=configs, key=["F", "N2", "NRES", "EPI1", "HAS_SECOND"])(conv3x3_fused_kernel)
+    for block_f, configs in CONV3X3_CONFIGS.items()
+}
+# The in-place group path writes over its own residual: every autotuning trial must start from it.
+conv3x3_tuned_inplace = {
+    block_f: triton.autotune(configs=configs, key=["F", "N2", "NRES", "EPI1", "HAS_SECOND"],
+                             restore_value=["out_ptr"])(conv3x3_fused_kernel)
+    for block_f, configs in CONV3X3_CONFIGS.items()
+}
+MAX_INNER = max(CONV3X3_CONFIGS)
+
+
+# ---- launchers ---------------------------------------------------------------------------------
+def _conv3x3(x, wc_packed, bc, alpha, *, epi1, aux=None, save_mid=False, w2=None, w2_strides=(0, 0), b2=None,
+             n2=0, res=None, res_stride=0, nres=0, out=None, out_stride=0, inplace=False):
+    """Launch conv3x3_fused_kernel over the rows of x (a channels_last (N, F, H, W) tensor)."""
+    n_img, inner, height, width = x.shape
+    m = n_img * height * width
+    block_f = next_pow2(inner)
+    mid = torch.empty_like(x) if save_mid else None
+    check_int32("residual_distill", m * max(inner, out_stride, res_stride), wc_packed.numel())
+    interp = CONV3X3_INTERPRETER
+    interp = triton.Config({**interp.kwargs, "BLOCK_K": min(block_f, interp.kwargs["BLOCK_K"])},
+                           num_warps=interp.num_warps, num_stages=interp.num_stages)
+    alpha_hi, alpha_lo = split_alpha(alpha)
+    tuned = (conv3x3_tuned_inplace if inplace else conv3x3_tuned)[block_f]
+    launch(
+        conv3x3_fused_kernel, tuned,
+        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),),
+        interp, CONV3X3_CONFIGS[block_f][0],
+        x_ptr=x, wc_ptr=wc_packed, bc_ptr=bc if bc is not None else wc_packed,
+        aux_ptr=aux if aux is not None else x, mid_ptr=mid if mid is not None else x,
+        w2_ptr=w2 if w2 is not None else wc_packed, b2_ptr=b2 if b2 is not None else wc_packed,
+        res_ptr=res if res is not None else x, out_ptr=out if out is not None else x,
+        M=m, H=height, W=width, F=inner, N2=n2, NRES=nres,
+        stride_w2n=w2_strides[0], stride_w2f=w2_strides[1], stride_rm=res_stride, stride_om=out_stride,
+        alpha_hi=alpha_hi, alpha_lo=alpha_lo,
+        EPI1=epi1, HAS_BIAS1=bc is not None, SAVE_MID=save_mid, HAS_SECOND=w2 is not None,
+        HAS_BIAS2=b2 is not None, IS_FP64=is_fp64(x), BLOCK_F=block_f,
+    )
+    return mid
+
+
+def _pack_conv(w_conv, transpose=False):
+    """(F_out, F_in, 3, 3) -> [9, F_in, F_out] tap-major; transposed: the flipped kernel, [9, F_out, F_in]."""
+    if transpose:
+        return w_conv.flip(2, 3).permute(2, 3, 0, 1).reshape(9, w_conv.shape[0], w_conv.shape[1]).contiguous()
+    return w_conv.permute(2, 3, 1, 0).reshape(9, w_conv.shape[1], w_conv.shape[0]).contiguous()
+
+
+def _squeeze(z, z_stride, w_squeeze, b_squeeze, alpha):
+    return conv1x1(z, z_stride, w_squeeze, False, b_squeeze, EPILOGUE_ELU, alpha)
+
+
+def _forward_into(z, z_stride, out, out_stride, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
+                  save_b, inplace):
+    """One block from rows of z (D channels) into rows of out (D + d channels); returns b when saved."""
+    a = _squeeze(z, z_stride, w_squeeze, b_squeeze, alpha)
+    d_in = w_squeeze.shape[1]
+    return _conv3x3(a, _pack_conv(w_conv), b_conv, alpha, epi1=EPI_ELU, save_mid=save_b,
+                    w2=w_expand, w2_strides=(w_expand.shape[1], 1), b2=b_expand, n2=w_expand.shape[0],
+                    res=z, res_stride=z_stride, nres=d_in, out=out, out_stride=out_stride, inplace=inplace)
+
+
+def _forward(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b):
+    z = rows(z)
+    n_img, d_in, height, width = z.shape
+    n_out = w_expand.shape[0]
+    out = torch.empty((n_img, n_out, height, width), device=z.device, dtype=z.dtype,
+                      memory_format=torch.channels_last)
+    b = _forward_into(z, d_in, out, n_out, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
+                      save_b, inplace=False)
+    return out, (b if b is not None else z.new_empty(0))
+
+
+def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha):
+    grad, z = rows(grad), rows(z)
+    d_in, n_out = z.shape[1], w_expand.shape[0]
+    a = _squeeze(z, d_in, w_squeeze, b_squeeze, alpha)
+    if b.numel() == 0:  # recompute=True: b was not saved
+        b = _conv3x3(a, _pack_conv(w_conv), b_conv, alpha, epi1=EPI_ELU, save_mid=True)
+    g_b = conv1x1(grad, n_out, w_expand, True, None, EPILOGUE_TIMES_ELU_GRAD_OF_RES, alpha,
+                  res=b, res_stride=b.shape[1])
+    dz = torch.empty_like(z)
+    g_a = _conv3x3(g_b, _pack_conv(w_conv, transpose=True), None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX, aux=a,
+                   save_mid=True, w2=w_squeeze, w2_strides=(1, d_in), n2=d_in, res=grad, res_stride=n_out,
+                   nres=d_in, out=dz, out_stride=d_in)
+    inner = a.shape[1]
+    dw_e, db_e = weight_grad(grad, n_out, b, inner, n_out, inner, 1, True, w_expand.dtype)
+    dw_c, db_c = weight_grad(g_b, inner, a, inner, inner, inner, 9, True, w_conv.dtype)
+    dw_sq, db_sq = weight_grad(g_a, inner, z, d_in, inner, d_in, 1, True, w_squeeze.dtype)
+    return dz, dw_sq, db_sq, dw_c, db_c, dw_e, db_e
+
+
+# ---- registered ops and autograd -----------------------------------------------------------------
+@triton_op("fastdrn::residual_distill", mutates_args={})
+def residual_distill_op(z: torch.Tensor, w_squeeze: torch.Tensor, b_squeeze: torch.Tensor | None,
+                        w_conv: torch.Tensor, b_conv: torch.Tensor | None, w_expand: torch.Tensor,
+                        b_expand: torch.Tensor | None, alpha: float, save_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out, b): b = ELU(conv3x3(a)) when save_b (kept for backward), else an empty tensor."""
+    return _forward(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b)
+
+
+@triton_op("fastdrn::residual_distill_backward", mutates_args={})
+def residual_distill_backward_op(
+    grad: torch.Tensor, z: torch.Tensor, b: torch.Tensor, w_squeeze: torch.Tensor, b_squeeze: torch.Tensor | None,
+    w_conv: torch.Tensor, b_conv: torch.Tensor | None, w_expand: torch.Tensor, b_expand: torch.Tensor | None,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand (b empty: recompute it)."""
+    return _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha)
+
+
+@triton_op("fastdrn::residual_distill_group_", mutates_args={"buffer"})
+def residual_distill_group_op(buffer: torch.Tensor, d_in: int, weights: list[torch.Tensor], alpha: float) -> None:
+    """Inference: run blocks in place over one channels_last buffer of width C + K*d.
+
+    weights holds 6 tensors per block (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand).
+    Block k reads channels [0, D_k) and writes [0, D_k + d_k) of the same pixel rows: the residual
+    add is read and written by one program, so no concat copy and no second buffer exist.
+    """
+    stride = buffer.shape[1]
+    for i in range(0, len(weights), 6):
+        w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand = weights[i:i + 6]
+        _forward_into(buffer, stride, buffer, stride, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand,
+                      alpha, save_b=False, inplace=True)
+
+
+def _setup_context(ctx, inputs, output):
+    z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, _save_b = inputs
+    _out, b = output
+    ctx.mark_non_differentiable(b)
+    ctx.save_for_backward(z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand)
+    ctx.alpha = alpha
+    ctx.has_bias = (b_squeeze is not None, b_conv is not None, b_expand is not None)
+
+
+def _autograd_backward(ctx, grad, _grad_b):
+    if torch.is_grad_enabled():
+        raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
+    z, b, *weights = ctx.saved_tensors
+    dz, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = residual_distill_backward_op(grad, z, b, *weights, ctx.alpha)
+    has_sq, has_c, has_e = ctx.has_bias
+    return (dz, dw_sq, db_sq if has_sq else None, dw_c, db_c if has_c else None, dw_e, db_e if has_e else None,
+            None, None)
+
+
+residual_distill_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ---- public functions ----------------------------------------------------------------------------
+def _check_inner(inner: int) -> None:
+    if inner > MAX_INNER:
+        raise ValueError(f"residual_distill: the fused kernels keep a row of F channels in registers and support "
+                         f"F <= {MAX_INNER}; got F = {inner} (use FASTDRN_BACKEND=torch for wider blocks)")
+
+
+def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha=0.2, recompute=False):
+    """The fused block (inputs checked by fastdrn.ops). recompute=True saves z alone for backward."""
+    _check_inner(w_squeeze.shape[0])
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand))
+    out, _b = residual_distill_op(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, float(alpha),
+                                  needs_grad and not recompute)
+    return out
+
+
+def residual_distill_group_(buffer, d_in, blocks, alpha=0.2):
+    """Run `blocks` (tuples of the six block tensors) in place over `buffer`, inference only.
+
+    buffer: channels_last (N, C + K*d, H, W) whose first d_in channels hold the group's input;
+    afterwards it holds the last block's output. Raises when gradients are required.
+    """
+    if buffer.dim() != 4 or not buffer.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("residual_distill_group_: buffer must be a channels_last (N, C, H, W) tensor")
+    weights = [t for block in blocks for t in block]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in [buffer, *weights]):
+        raise RuntimeError("residual_distill_group_ is the inference path: call it under torch.no_grad()")
+    width = d_in
+    for w_squeeze, _bs, _wc, _bc, w_expand, _be in blocks:
+        _check_inner(w_squeeze.shape[0])
+        if w_squeeze.shape[1] != width or w_expand.shape[0] <= width:
+            raise ValueError(f"residual_distill_group_: a block expects {w_squeeze.shape[1]} input channels "
+                             f"where the group has {width}")
+        width = w_expand.shape[0]
+    if width > buffer.shape[1]:
+        raise ValueError(f"residual_distill_group_: the blocks need {width} channels, the buffer has {buffer.shape[1]}")
+    residual_distill_group_op(buffer, d_in, weights, float(alpha))
+    return buffer
