@@ -57,16 +57,20 @@ def _check_bias(op: str, name: str, b) -> None:
 
 
 def check_residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand) -> None:
-    op = "residual_distill"
-    _check_activation(op, "z", z)
+    _check_activation("residual_distill", "z", z)
+    _check_block_weights("residual_distill", z, z.shape[1], w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand)
+
+
+def _check_block_weights(op, like, d_in, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand) -> None:
+    """One block's weights against an input of d_in channels shaped, placed and typed like `like`."""
     _check_conv_weight(op, "w_squeeze", w_squeeze, 1)
     _check_conv_weight(op, "w_conv", w_conv, 3)
     _check_conv_weight(op, "w_expand", w_expand, 1)
     for name, b in (("b_squeeze", b_squeeze), ("b_conv", b_conv), ("b_expand", b_expand)):
         _check_bias(op, name, b)
-    _check_alike(op, dict(z=z, w_squeeze=w_squeeze, b_squeeze=b_squeeze, w_conv=w_conv, b_conv=b_conv,
+    _check_alike(op, dict(z=like, w_squeeze=w_squeeze, b_squeeze=b_squeeze, w_conv=w_conv, b_conv=b_conv,
                           w_expand=w_expand, b_expand=b_expand))
-    d_in, inner = z.shape[1], w_squeeze.shape[0]
+    inner = w_squeeze.shape[0]
     if w_squeeze.shape[1] != d_in:
         raise ValueError(f"{op}: w_squeeze expects {w_squeeze.shape[1]} input channels but z has {d_in}")
     _check_shape(op, "b_squeeze", b_squeeze, (inner,), "one bias per squeeze filter")
@@ -112,3 +116,30 @@ def compress_skip(z, w, b, skip, alpha=0.2):
 
         return fused(z, w, b, skip, alpha)
     return reference.compress_skip(z, w, b, skip, alpha)
+
+
+def distill_group(y, blocks, alpha=0.2, recompute=False):
+    """A group's chain of residual distilling blocks: (N, C, H, W) -> (N, C + K*d, H, W).
+
+    blocks: one (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand) tuple per block. When
+    no gradient is needed and the fused kernels run, the blocks write in place into one
+    channels_last buffer of the final width (no concat copies); otherwise block by block.
+    """
+    tensors = [y, *(t for block in blocks for t in block)]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if needs_grad or not blocks or not backend.use_triton("residual_distill", y.device):
+        z = y
+        for block in blocks:
+            z = residual_distill(z, *block, alpha=alpha, recompute=recompute)
+        return z
+    _check_activation("distill_group", "y", y)
+    width = y.shape[1]
+    for block in blocks:
+        _check_block_weights("distill_group", y, width, *block)
+        width = block[4].shape[0]
+    from .kernels.residual_distill import residual_distill_group_
+
+    n, c, h, w = y.shape
+    buffer = torch.empty((n, width, h, w), device=y.device, dtype=y.dtype, memory_format=torch.channels_last)
+    buffer[:, :c].copy_(y)
+    return residual_distill_group_(buffer, c, blocks, alpha)

@@ -155,7 +155,7 @@ CONV1X1_CONFIGS = [
 conv1x1_tuned = triton.autotune(configs=CONV1X1_CONFIGS, key=["N", "K", "EPILOGUE"])(conv1x1_kernel)
 
 WEIGHT_GRAD_BLOCK_M_GPU = 64
-WEIGHT_GRAD_INTERPRETER = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+WEIGHT_GRAD_INTERPRETER = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
 WEIGHT_GRAD_CONFIGS = [
     triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
@@ -227,3 +227,4 @@ def weight_grad(g: torch.Tensor, g_stride: int, x: torch.Tensor, x_stride: int, 
         dw = dw.reshape(n, k, 1, 1)
     db = db_partial.sum(dim=0).to(weight_dtype) if with_bias else None
     return dw.to(weight_dtype).contiguous(), db
+
