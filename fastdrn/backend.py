@@ -31,8 +31,8 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def triton_unavailable_reason(device: torch.device) -> str | None:
-    """Why the Triton kernels cannot run on tensors of this device, or None when they can."""
+def triton_unavailable_reason(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why the Triton kernels cannot run on tensors of this device and dtype, or None when they can."""
     if TRITON_IMPORT_ERROR is not None:
         return f"Triton could not be imported ({TRITON_IMPORT_ERROR})"
     if interpreting():
@@ -42,15 +42,17 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
                 "before importing fastdrn to run them on the CPU through Triton's interpreter")
     if torch.version.hip is not None:
         return "fastdrn's Triton kernels are built and tested for NVIDIA GPUs only"
+    if dtype == torch.float64:
+        return "the GPU kernels are built for float32, bfloat16 and float16 (float64 runs in the interpreter)"
     return None
 
 
-def use_triton(op: str, device: torch.device) -> bool:
+def use_triton(op: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
     """Whether `op` runs its Triton kernels on `device`; a forced backend that cannot run raises."""
     choice = requested()
     if choice == "torch":
         return False
-    reason = triton_unavailable_reason(device)
+    reason = triton_unavailable_reason(device, dtype)
     if choice == "triton" and reason is not None:
         raise RuntimeError(f"FASTDRN_BACKEND=triton but {op} cannot run its Triton kernels: {reason}")
     return reason is None

@@ -101,7 +101,7 @@ def check_compress_skip(z, w, b, skip) -> None:
 def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha=0.2, recompute=False):
     """One residual distilling block: (N, D, H, W) -> (N, D + d, H, W), d = w_expand.shape[0] - D."""
     check_residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand)
-    if backend.use_triton("residual_distill", z.device):
+    if backend.use_triton("residual_distill", z.device, z.dtype):
         from .kernels.residual_distill import residual_distill as fused
 
         return fused(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, recompute)
@@ -111,7 +111,7 @@ def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand
 def compress_skip(z, w, b, skip, alpha=0.2):
     """ELU(conv1x1(z, w, b)) + skip: a group's compression and its long skip connection."""
     check_compress_skip(z, w, b, skip)
-    if backend.use_triton("compress_skip", z.device):
+    if backend.use_triton("compress_skip", z.device, z.dtype):
         from .kernels.compress_skip import compress_skip as fused
 
         return fused(z, w, b, skip, alpha)
@@ -127,7 +127,7 @@ def distill_group(y, blocks, alpha=0.2, recompute=False):
     """
     tensors = [y, *(t for block in blocks for t in block)]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if needs_grad or not blocks or not backend.use_triton("residual_distill", y.device):
+    if needs_grad or not blocks or not backend.use_triton("residual_distill", y.device, y.dtype):
         z = y
         for block in blocks:
             z = residual_distill(z, *block, alpha=alpha, recompute=recompute)

@@ -1,0 +1,51 @@
+"""The FASTDRN_BACKEND switch: what each setting runs, and forced backends that cannot run raise."""
+import pytest
+import torch
+
+import fastdrn
+from fastdrn import backend, ops
+
+
+def test_invalid_backend_is_named(monkeypatch):
+    monkeypatch.setenv("FASTDRN_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="FASTDRN_BACKEND='cudnn'"):
+        backend.requested()
+
+
+def test_torch_backend_never_uses_triton(monkeypatch):
+    monkeypatch.setenv("FASTDRN_BACKEND", "torch")
+    assert not backend.use_triton("compress_skip", torch.device("cpu"))
+    assert backend.describe("cpu").startswith("torch")
+
+
+def test_forced_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    z = torch.randn(1, 4, 2, 2)
+    w = torch.randn(3, 4, 1, 1)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ops.compress_skip(z, w, torch.randn(3), torch.randn(1, 3, 2, 2))
+
+
+def test_auto_on_cpu_without_interpreter_uses_torch(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not backend.use_triton("compress_skip", torch.device("cpu"))
+    assert "auto" in backend.describe("cpu")
+
+
+def test_interpreter_runs_triton_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.use_triton("compress_skip", torch.device("cpu"))
+
+
+def test_forced_triton_reports_missing_triton(monkeypatch):
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    monkeypatch.setattr(backend, "TRITON_IMPORT_ERROR", "ModuleNotFoundError: No module named 'triton'")
+    with pytest.raises(RuntimeError, match="could not be imported"):
+        backend.use_triton("residual_distill", torch.device("cpu"))
+
+
+def test_model_reports_its_backend(monkeypatch):
+    monkeypatch.setenv("FASTDRN_BACKEND", "torch")
+    model = fastdrn.DRN(scale=2, n_feats=4, n_groups=1, n_blocks=1, inner=4, distill=2)
+    assert model.backend.startswith("torch")

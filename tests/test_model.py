@@ -1,0 +1,205 @@
+"""fastdrn.DRN against fastdrn.reference.DRN: outputs, every gradient, training steps, checkpoints,
+memory formats, autocast, torch.compile and DDP."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdrn
+from fastdrn import reference
+from helpers import assert_close, dtypes_for, rel_err, tolerance
+
+SMALL = dict(n_feats=16, n_groups=2, n_blocks=3, inner=16, distill=4)
+
+
+def pair(cfg, device, dtype=torch.float32):
+    """A reference model and a fastdrn model with the same weights (biases made non-trivial)."""
+    ref = reference.DRN(**cfg)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    fast = fastdrn.DRN(**cfg)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    return ref.to(device, dtype), fast.to(device, dtype)
+
+
+def image(n, h, w, device, dtype=torch.float32, channels_last=False):
+    x = torch.rand(n, 3, h, w, dtype=torch.float64).to(device, dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("cfg,size", [
+    (dict(scale=2, **SMALL), (2, 5, 7)),     # the small configuration at x2, odd image
+    (dict(scale=3, **SMALL), (1, 4, 1)),     # x3 with W = 1
+    (dict(scale=4), (1, 3, 2)),              # the full DRN at a tiny image
+])
+def test_output_and_gradients_match_reference(cfg, size, device):
+    for dtype in dtypes_for(device):
+        fwd_tol, grad_tol = tolerance(device, dtype)
+        ref, fast = pair(cfg, device, dtype)
+        ref64 = reference.DRN(**cfg).to(device, torch.float64)
+        ref64.load_state_dict(ref.state_dict())
+        x = image(*size, device, dtype)
+        out = fast(x)
+        expected = ref64(x.double())
+        assert_close(out, expected, fwd_tol, f"{dtype} output")
+        grad = torch.randn_like(expected)
+        grads = torch.autograd.grad(out, list(fast.parameters()), grad.to(dtype))
+        ref_grads = torch.autograd.grad(expected, list(ref64.parameters()), grad)
+        for (name, _), g, rg in zip(fast.named_parameters(), grads, ref_grads):
+            assert_close(g, rg, grad_tol, f"{dtype} grad of {name}")
+
+
+def test_inference_path_matches_training_path(device):
+    dtype = dtypes_for(device)[-1]
+    _, fast = pair(dict(scale=2, **SMALL), device, dtype)
+    x = image(2, 6, 5, device, dtype)
+    with torch.no_grad():
+        no_grad = fast(x)
+    with torch.inference_mode():
+        inference = fast(x)
+    with_grad = fast(x)
+    assert_close(no_grad, with_grad.detach(), tolerance(device, dtype)[0], "no_grad vs grad")
+    assert torch.equal(no_grad, inference)
+
+
+def test_adam_steps_follow_reference(device):
+    dtype = dtypes_for(device)[-1]
+    tol = tolerance(device, dtype)[1]
+    ref, fast = pair(dict(scale=2, **SMALL), device, dtype)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    opt_fast = torch.optim.Adam(fast.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    for _ in range(3):
+        lr_img, hr_img = image(2, 6, 6, device, dtype), image(2, 12, 12, device, dtype)
+        for model, opt in ((ref, opt_ref), (fast, opt_fast)):
+            opt.zero_grad()
+            F.l1_loss(model(lr_img), hr_img).backward()
+            opt.step()
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        assert_close(p, q, tol, f"{name} after 3 Adam steps")
+
+
+def test_checkpoints_move_both_ways(tmp_path, device):
+    dtype = dtypes_for(device)[-1]
+    cfg = dict(scale=3, **SMALL)
+    ref = reference.DRN(**cfg).to(device, dtype)
+    torch.save(ref.state_dict(), tmp_path / "ref.pt")
+    fast = fastdrn.DRN(**cfg).to(device, dtype)
+    fast.load_state_dict(torch.load(tmp_path / "ref.pt", weights_only=True), strict=True)
+    x = image(1, 5, 6, device, dtype)
+    with torch.no_grad():
+        assert_close(fast(x), ref(x).double(), tolerance(device, dtype)[0], "reference -> fastdrn")
+        torch.save(fast.state_dict(), tmp_path / "fast.pt")
+        back = reference.DRN(**cfg).to(device, dtype)
+        back.load_state_dict(torch.load(tmp_path / "fast.pt", weights_only=True), strict=True)
+        assert torch.equal(back(x), ref(x))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_output_keeps_the_input_memory_format(channels_last, device):
+    _, fast = pair(dict(scale=2, **SMALL), device, dtypes_for(device)[-1])
+    x = image(2, 4, 5, device, dtypes_for(device)[-1], channels_last=channels_last)
+    with torch.no_grad():
+        out = fast(x)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_bad_image_is_named():
+    fast = fastdrn.DRN(scale=2, **SMALL)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        fast(torch.rand(1, 4, 5, 5))
+
+
+def test_recompute_option_gives_the_same_gradients(device):
+    dtype = dtypes_for(device)[-1]
+    ref, fast = pair(dict(scale=2, **SMALL), device, dtype)
+    lean = fastdrn.DRN(scale=2, recompute=True, **SMALL).to(device, dtype)
+    lean.load_state_dict(fast.state_dict())
+    x = image(1, 5, 5, device, dtype)
+    g1 = torch.autograd.grad(fast(x).sum(), list(fast.parameters()))
+    g2 = torch.autograd.grad(lean(x).sum(), list(lean.parameters()))
+    for a, b in zip(g1, g2):
+        assert rel_err(a, b) <= tolerance(device, dtype)[1]
+
+
+def test_compile_fullgraph_torch_path(monkeypatch):
+    """No graph break from fastdrn's dispatch (backend switch, checks) around the ops."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # auto on the CPU: the plain PyTorch math
+    ref, fast = pair(dict(scale=2, n_feats=8, n_groups=1, n_blocks=2, inner=8, distill=2), "cpu")
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    x = image(1, 4, 5, "cpu")
+    out = compiled(x)
+    out.sum().backward()
+    assert_close(out, ref(x).double(), 1e-5, "compiled output")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compile_fullgraph_training_step_gpu():
+    ref, fast = pair(dict(scale=2, **SMALL), "cuda")
+    compiled = torch.compile(fast, fullgraph=True)
+    x, target = image(2, 16, 16, "cuda"), image(2, 32, 32, "cuda")
+    loss = F.l1_loss(compiled(x), target)
+    loss.backward()
+    grads = [p.grad for p in fast.parameters()]
+    ref_loss = F.l1_loss(ref(x), target)
+    ref_grads = torch.autograd.grad(ref_loss, list(ref.parameters()))
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) <= 5e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_matches_reference_gpu(dtype):
+    ref, fast = pair(dict(scale=2, **SMALL), "cuda")
+    x = image(2, 12, 10, "cuda")
+    ref64 = reference.DRN(scale=2, **SMALL).cuda().double()
+    ref64.load_state_dict(ref.state_dict())
+    with torch.autocast("cuda", dtype=dtype):
+        out = fast(x)
+    expected = ref64(x.double())
+    assert_close(out, expected, 2e-2, f"autocast {dtype} output")
+    grad = torch.randn_like(expected)
+    grads = torch.autograd.grad(out, list(fast.parameters()), grad.to(out.dtype))
+    ref_grads = torch.autograd.grad(expected, list(ref64.parameters()), grad)
+    for (name, _), g, rg in zip(fast.named_parameters(), grads, ref_grads):
+        assert_close(g, rg, 3e-2, f"autocast {dtype} grad of {name}")
+
+
+def _ddp_worker(rank, world, cfg, state, batch, target, result_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["FASTDRN_TEST_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = fastdrn.DRN(**cfg)
+    model.load_state_dict(state)
+    ddp = DistributedDataParallel(model)
+    share = batch.shape[0] // world
+    sl = slice(rank * share, (rank + 1) * share)
+    F.l1_loss(ddp(batch[sl]), target[sl]).backward()
+    if rank == 0:
+        torch.save([p.grad for p in model.parameters()], result_path)
+    dist.destroy_process_group()
+
+
+def test_ddp_gloo_two_processes_match_one(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    cfg = dict(scale=2, n_feats=8, n_groups=1, n_blocks=2, inner=8, distill=2)
+    model = fastdrn.DRN(**cfg)
+    batch, target = torch.rand(4, 3, 5, 5), torch.rand(4, 3, 10, 10)
+    F.l1_loss(model(batch), target).backward()
+    single = [p.grad for p in model.parameters()]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["FASTDRN_TEST_PORT"] = str(port)
+    result = tmp_path / "ddp_grads.pt"
+    mp.spawn(_ddp_worker, args=(2, cfg, model.state_dict(), batch, target, str(result)), nprocs=2, join=True)
+    for g, h in zip(torch.load(result, weights_only=True), single):
+        assert rel_err(g, h) <= 1e-5

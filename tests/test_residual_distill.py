@@ -1,0 +1,185 @@
+"""The fused residual distilling block against the float64 reference: forward, every gradient,
+both memory policies, the in-place group path, saved memory, determinism and bad input."""
+import math
+
+import pytest
+import torch
+
+from fastdrn import backend, ops, reference
+from fastdrn.reference import ResidualDistillBlock
+from helpers import assert_close, dtypes_for, float64_leaves, randn, tolerance, where
+
+# (N, D, F, d, H, W, channels_last), each there for a reason:
+CASES = [
+    (1, 64, 64, 8, 5, 13, True),     # DRN's first block (D = C = 64), odd H and W
+    (3, 72, 64, 8, 1, 5, False),     # H = 1, N = 3, DRN's second block, contiguous NCHW input
+    (1, 136, 64, 3, 13, 1, True),    # W = 1, d = 3, D past a power of two
+    (2, 328, 64, 8, 3, 5, False),    # D far wider than F: many squeeze chunks and expand columns
+    (1, 136, 256, 8, 4, 3, True),    # DRN+ width, F = 256
+    (2, 24, 16, 5, 6, 7, False),     # narrowest F, odd d
+]
+
+
+def make_block(d_in, inner, distill, dtype, device):
+    block = ResidualDistillBlock(d_in, inner, distill, 0.2)
+    with torch.no_grad():  # default init leaves biases tiny; make every term count
+        for conv in (block.squeeze, block.conv, block.expand):
+            conv.bias.normal_(0.0, 0.3)
+    return [p.detach().to(device, dtype).requires_grad_() for p in (
+        block.squeeze.weight, block.squeeze.bias, block.conv.weight, block.conv.bias,
+        block.expand.weight, block.expand.bias)]
+
+
+def make_inputs(case, dtype, device):
+    n, d_in, inner, distill, h, w, channels_last = case
+    z = randn(n, d_in, h, w, dtype=dtype, device=device, channels_last=channels_last, requires_grad=True)
+    return [z, *make_block(d_in, inner, distill, dtype, device)]
+
+
+NAMES = ("z", "w_squeeze", "b_squeeze", "w_conv", "b_conv", "w_expand", "b_expand")
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_forward_and_gradients_match_float64_reference(case, recompute, device):
+    for dtype in dtypes_for(device):
+        fwd_tol, grad_tol = tolerance(device, dtype)
+        inputs = make_inputs(case, dtype, device)
+        out = ops.residual_distill(*inputs, recompute=recompute)
+        grad_out = randn(*out.shape, dtype=dtype, device=device)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+
+        ref_inputs = float64_leaves(*inputs)
+        ref = reference.residual_distill(*ref_inputs)
+        ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
+        assert out.dtype == dtype and out.shape == ref.shape
+        assert_close(out, ref, fwd_tol, f"{dtype} forward")
+        for name, g, rg in zip(NAMES, grads, ref_grads):
+            assert_close(g, rg, grad_tol, f"{dtype} d{name} (recompute={recompute})")
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_float64_gradcheck(recompute):
+    if where(torch.device("cpu")) != "interpreter":
+        pytest.skip("float64 runs through the interpreter")
+    inputs = make_inputs((2, 3, 4, 2, 3, 4, True), torch.float64, "cpu")
+    fn = lambda *args: ops.residual_distill(*args, recompute=recompute)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+def test_in_place_group_matches_block_by_block(device):
+    """The inference path (one buffer, blocks writing in place) equals chaining the op."""
+    for dtype in dtypes_for(device):
+        c, inner, distill, n_blocks = 24, 16, 4, 3
+        y = randn(2, c, 5, 7, dtype=dtype, device=device)
+        blocks = [tuple(t.detach() for t in make_block(c + k * distill, inner, distill, dtype, device))
+                  for k in range(n_blocks)]
+        with torch.no_grad():
+            in_place = ops.distill_group(y, blocks)
+            chained = y
+            for block in blocks:
+                chained = ops.residual_distill(chained, *block)
+        assert in_place.shape == (2, c + n_blocks * distill, 5, 7)
+        ref = y.double()
+        for block in blocks:
+            ref = reference.residual_distill(ref, *(t.double() for t in block))
+        assert_close(in_place, ref, tolerance(device, dtype)[0], f"{dtype} in-place group")
+        if where(device) == "interpreter":
+            assert torch.equal(in_place, chained)
+
+
+def saved_activation_bytes(fn, inputs, params):
+    """Bytes of the non-parameter tensors autograd keeps for backward, counted through the hooks."""
+    param_ptrs = {p.data_ptr() for p in params}
+    total = [0]
+
+    def pack(t):
+        if t.data_ptr() not in param_ptrs:
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    return total[0]
+
+
+# DRN's blocks (D = 64..136 by 8, F = 64) and DRN+'s (F = 256).
+@pytest.mark.parametrize("d_in,inner", [(d, 64) for d in range(64, 137, 8)] + [(64, 256), (136, 256)])
+def test_saved_memory_targets(d_in, inner, device):
+    if not backend.use_triton("residual_distill", device, torch.float32):
+        pytest.skip("the fused op does not run here")
+    inputs = make_inputs((1, d_in, inner, 8, 3, 3, True), torch.float32, device)
+    params = inputs[1:]
+    ref_bytes = saved_activation_bytes(reference.residual_distill, inputs, params)
+    default = saved_activation_bytes(lambda *a: ops.residual_distill(*a), inputs, params)
+    recompute = saved_activation_bytes(lambda *a: ops.residual_distill(*a, recompute=True), inputs, params)
+    assert default <= ref_bytes * 2 / 3, f"default saves {default} bytes, reference {ref_bytes}"
+    assert recompute <= ref_bytes / 2, f"recompute saves {recompute} bytes, reference {ref_bytes}"
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_weight_gradients_are_bitwise_reproducible(recompute, device):
+    dtype = dtypes_for(device)[-1]
+    inputs = make_inputs((2, 72, 64, 8, 9, 11, True), dtype, device)
+    out = ops.residual_distill(*inputs, recompute=recompute)
+    grad_out = randn(*out.shape, dtype=dtype, device=device)
+    first = torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, inputs, grad_out)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), f"d{name} differs between two backward runs"
+
+
+def test_double_backward_raises(device):
+    inputs = make_inputs((1, 8, 16, 2, 2, 3, True), dtypes_for(device)[0], device)
+    out = ops.residual_distill(*inputs)
+    if not backend.use_triton("residual_distill", device, out.dtype):
+        pytest.skip("the reference supports double backward")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), inputs[:1], create_graph=True)
+
+
+def test_inner_width_beyond_the_kernels_is_refused(monkeypatch, device):
+    if not backend.use_triton("residual_distill", device, torch.float32):
+        pytest.skip("the fused op does not run here")
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    inputs = [t.detach() for t in make_inputs((1, 4, 512, 2, 1, 1, True), torch.float32, device)]
+    with pytest.raises(ValueError, match="F <= 256"):
+        ops.residual_distill(*inputs)
+
+
+def _valid():
+    return [t.detach() for t in make_inputs((1, 8, 16, 4, 3, 3, True), torch.float32, "cpu")]
+
+
+@pytest.mark.parametrize("index,bad,message", [
+    (0, torch.randn(1, 9, 3, 3), "w_squeeze expects 8 input channels but z has 9"),
+    (0, torch.randn(8, 3, 3), "4-D tensor"),
+    (3, torch.randn(16, 16, 1, 1), "3x3 conv weight"),
+    (3, torch.randn(12, 16, 3, 3), r"w_conv has shape \(12, 16, 3, 3\), expected \(16, 16, 3, 3\)"),
+    (1, torch.randn(16, 8, 3, 3), "1x1 conv weight"),
+    (5, torch.randn(8, 16, 1, 1), "needs more than z's 8"),
+    (5, torch.randn(12, 15, 1, 1), "w_expand expects 15 input channels"),
+    (6, torch.randn(11), "b_expand has shape"),
+    (2, torch.randn(16, dtype=torch.float64), "dtype"),
+    (4, torch.randn(16, device="meta"), "is on meta"),
+])
+def test_bad_input_is_named(index, bad, message):
+    args = _valid()
+    args[index] = bad
+    with pytest.raises((ValueError, TypeError), match=message):
+        ops.residual_distill(*args)
+
+
+def test_int32_offsets_are_checked():
+    from fastdrn.kernels._common import check_int32
+
+    check_int32("op", 2**31 - 1)
+    with pytest.raises(ValueError, match="int32"):
+        check_int32("op", 2**31)
+
+
+def test_reference_saves_what_the_targets_assume():
+    """The reference keeps D + 4F values a pixel: the denominator of the memory targets."""
+    inputs = make_inputs((1, 64, 64, 8, 2, 2, True), torch.float32, "cpu")
+    got = saved_activation_bytes(reference.residual_distill, inputs, inputs[1:])
+    assert got == (64 + 4 * 64) * 4 * 4 * math.prod((1,))
