@@ -29,9 +29,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-
-from ._common import (check_int32, elu, elu_grad_from_output, is_fp64, join_alpha, launch, next_pow2, row_stride,
-                      rows, split_alpha)
+from ._common import (check_int32, elu, elu_grad_from_output, is_fp64, join_alpha, launch, next_pow2, rows, split_alpha)
 from .gemm import EPILOGUE_ELU, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, weight_grad
 
 EPI_ELU = 0                  # mid = ELU(conv3x3(x) + bias)
