@@ -1,0 +1,159 @@
+"""The ``fastdrn`` command: ``upscale``, ``eval`` and ``train`` (the functions live in fastdrn.tools).
+
+    fastdrn upscale INPUT [INPUT ...] -o OUTPUT --weights CKPT [--tile N] [--tile-overlap N]
+                    [--dtype fp32|bf16|fp16] [--self-ensemble] [--device D]
+    fastdrn eval --weights CKPT --hr-dir DIR [--lr-dir DIR] [--self-ensemble] [--json FILE]
+    fastdrn train --hr-dir DIR [--lr-dir DIR] --scale S --out DIR [--epochs N | --steps N] ...
+
+Multi-GPU training: ``torchrun --nproc_per_node N -m fastdrn.cli train ...``.
+Exit codes: 0 success, 1 some input failed, 2 usage or checkpoint error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _positive(v: str) -> int:
+    i = int(v)
+    if i < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return i
+
+
+def _model_overrides(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (read from the checkpoint's shapes; these override or check)")
+    g.add_argument("--scale", type=int, help="expected upscaling factor (an error if the checkpoint differs)")
+    g.add_argument("--alpha", type=float, help="ELU alpha (default: checkpoint's, else 0.2)")
+    g.add_argument("--rgb-range", type=float, help="value of white (default: checkpoint's, else 1.0)")
+
+
+def _inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", required=True, help="checkpoint: a state_dict or a training checkpoint")
+    p.add_argument("--tile", type=_positive, default=0, help="LR tile size for big images (0: whole image)")
+    p.add_argument("--tile-overlap", type=_positive, default=None,
+                   help="LR pixels of context around each tile (default: the receptive-field radius: seamless)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--self-ensemble", action="store_true", help="average over the 8 flips/rotations (x8)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first bad image")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastdrn", description="DRN super-resolution tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("upscale", help="upscale image files or folders")
+    up.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
+    up.add_argument("-o", "--output", required=True, help="output file (one input) or folder")
+    _inference_args(up)
+    up.add_argument("--format", choices=("png", "jpeg", "webp"), default=None,
+                    help="output format (default: the input's, PNG for others)")
+    up.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
+    up.add_argument("--suffix", default="", help="added to output file names, e.g. _x4")
+    _model_overrides(up)
+
+    ev = sub.add_parser("eval", help="PSNR/SSIM (Y channel, border cropped) against bicubic")
+    ev.add_argument("--hr-dir", required=True)
+    ev.add_argument("--lr-dir", default=None,
+                    help="LR images (DIV2K/benchmark naming, an X<scale> subfolder is used if present); "
+                         "default: MATLAB bicubic downsampling of the HR images")
+    ev.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    ev.add_argument("--save-dir", default=None, help="also save the SR images here")
+    _inference_args(ev)
+    _model_overrides(ev)
+
+    tr = sub.add_parser("train", help="train a DRN with the paper's recipe",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_argument("--hr-dir", required=True, help="HR training images (e.g. DIV2K_train_HR)")
+    tr.add_argument("--lr-dir", default=None, help="LR images (e.g. DIV2K_train_LR_bicubic, its X<s> "
+                                                   "subfolder is used); default: MATLAB bicubic from HR")
+    tr.add_argument("--scale", type=int, required=True)
+    tr.add_argument("--out", required=True, help="folder for checkpoints (last.pt, best.pt)")
+    n = tr.add_mutually_exclusive_group()
+    n.add_argument("--epochs", type=int, default=800)
+    n.add_argument("--steps", type=int, default=None, help="total optimizer steps (instead of --epochs)")
+    tr.add_argument("--iters-per-epoch", type=_positive, default=1000,
+                    help="iterations per epoch (EDSR convention); 0: one pass over the images")
+    tr.add_argument("--patch-size", type=int, default=48, help="LR patch side")
+    tr.add_argument("--batch-size", type=int, default=16, help="global batch (split across processes)")
+    tr.add_argument("--lr", type=float, default=1e-4)
+    tr.add_argument("--lr-step", type=int, default=200, help="epochs between learning-rate decays")
+    tr.add_argument("--lr-gamma", type=float, default=0.5)
+    tr.add_argument("--beta1", type=float, default=0.9)
+    tr.add_argument("--beta2", type=float, default=0.999)
+    tr.add_argument("--eps", type=float, default=1e-8)
+    tr.add_argument("--no-augment", dest="augment", action="store_false", help="no flips/rotations")
+    g = tr.add_argument_group("model (DRN defaults; DRN+ is --inner 256)")
+    g.add_argument("--n-feats", type=int, default=64)
+    g.add_argument("--n-groups", type=int, default=6)
+    g.add_argument("--n-blocks", type=int, default=9)
+    g.add_argument("--inner", type=int, default=64)
+    g.add_argument("--distill", type=int, default=8)
+    g.add_argument("--alpha", type=float, default=0.2)
+    g.add_argument("--rgb-range", type=float, default=1.0)
+    tr.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the model")
+    tr.add_argument("--workers", type=_positive, default=4, help="DataLoader worker processes")
+    tr.add_argument("--cache", choices=("auto", "memory", "disk", "none"), default="auto",
+                    help="decoded images: in memory, as .npy files, or decoded every time "
+                         "(auto: memory below 4 GiB)")
+    tr.add_argument("--cache-dir", default=None, help="for --cache disk (default OUT/cache)")
+    tr.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' (OUT/last.pt)")
+    tr.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: an epoch)")
+    tr.add_argument("--val-hr-dir", default=None, help="validation HR images")
+    tr.add_argument("--val-lr-dir", default=None)
+    tr.add_argument("--val-every", type=int, default=None, help="steps between validations (default: an epoch)")
+    tr.add_argument("--val-max", type=int, default=None, help="use at most this many validation images")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default=None)
+    tr.add_argument("--log-every", type=int, default=100, help="steps between progress lines (not on a terminal)")
+    tr.add_argument("--no-progress", dest="progress", action="store_false")
+    tr.add_argument("--fail-fast", action="store_true", help="stop at the first bad image")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .tools.checkpoint import CheckpointError
+
+    def log(msg: str) -> None:
+        stream = sys.stderr if msg.startswith(("error:", "warning:")) else sys.stdout
+        print(msg, file=stream, flush=True)
+
+    try:
+        if args.command == "upscale":
+            from .tools.upscale import upscale
+            failed = upscale(args.inputs, args.output, args.weights, tile=args.tile or None,
+                             tile_overlap=args.tile_overlap, dtype=args.dtype, self_ensemble=args.self_ensemble,
+                             device=args.device, fail_fast=args.fail_fast, fmt=args.format,
+                             quality=args.quality, suffix=args.suffix, scale=args.scale,
+                             overrides={"alpha": args.alpha, "rgb_range": args.rgb_range}, log=log)
+            return 1 if failed else 0
+        if args.command == "eval":
+            from .tools.evaluate import evaluate
+            res = evaluate(args.weights, args.hr_dir, args.lr_dir, scale=args.scale,
+                           self_ensemble=args.self_ensemble, json_path=args.json, tile=args.tile or None,
+                           tile_overlap=args.tile_overlap, dtype=args.dtype, device=args.device,
+                           fail_fast=args.fail_fast, save_dir=args.save_dir,
+                           overrides={"alpha": args.alpha, "rgb_range": args.rgb_range}, log=log)
+            return 1 if res["failed"] or not res["images"] else 0
+        if args.command == "train":
+            from .tools.train import TrainConfig, train
+            fields = {f for f in TrainConfig.__dataclass_fields__}
+            cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+            return train(cfg, log=log)
+    except CheckpointError as e:
+        print(f"fastdrn: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"fastdrn: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # ImageReadError under --fail-fast, unwritable output
+        print(f"fastdrn: error: {e}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

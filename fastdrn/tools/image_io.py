@@ -1,0 +1,164 @@
+"""Image files <-> float tensors for the tools.
+
+Reading gives an :class:`Image`: RGB as a (3, H, W) float32 tensor in [0, 1] (greyscale replicated to
+three channels, remembered in ``gray``), the alpha channel separately, and the bit depth (8 or 16) so
+that writing can give back the same kind of file. 16-bit RGB(A) PNGs, which Pillow reduces to 8 bits,
+go through :mod:`fastdrn.tools.png16`. Every failure (missing, unreadable, truncated) raises
+:class:`ImageReadError` naming the file. Files are written atomically (temporary name + os.replace).
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image as PILImage, ImageOps
+
+from . import png16
+from .checkpoint import atomic_write
+
+__all__ = ["Image", "ImageReadError", "read_image", "write_image", "to_uint8", "list_images",
+           "IMAGE_EXTS", "WRITE_FORMATS"]
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+class ImageReadError(OSError):
+    pass
+
+
+@dataclass
+class Image:
+    rgb: torch.Tensor                 # (3, H, W) float32 in [0, 1]
+    alpha: torch.Tensor | None = None  # (1, H, W) float32 in [0, 1]
+    gray: bool = False                # the file was greyscale: convert back when writing
+    bits: int = 8                     # 8 or 16 bits per channel
+    path: str = ""
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.rgb.shape[-2:])
+
+    def with_(self, **kw) -> "Image":
+        return replace(self, **kw)
+
+
+def list_images(paths, recursive: bool = False) -> list[str]:
+    """Expand files and folders into a sorted list of image files (folders: by extension)."""
+    out = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            it = p.rglob("*") if recursive else p.iterdir()
+            out += sorted(str(q) for q in it if q.is_file() and q.suffix.lower() in IMAGE_EXTS
+                          and not q.name.startswith("."))
+        else:
+            out.append(str(p))
+    return out
+
+
+def _from_array(arr: np.ndarray, maxval: float, gray: bool, path: str, bits: int) -> Image:
+    arr = arr.astype(np.float32) / maxval
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    ch = t.shape[0]
+    alpha = None
+    if ch in (2, 4):
+        alpha, t = t[-1:].contiguous(), t[:-1]
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1).contiguous()
+    return Image(rgb=t, alpha=alpha, gray=gray, bits=bits, path=path)
+
+
+def read_image(path: str | os.PathLike) -> Image:
+    """Read an image file (PNG 8/16-bit, JPEG, WebP, BMP, TIFF, ...) into an :class:`Image`."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        if png16.needs_png16(data):
+            arr = png16.decode(data)
+            return _from_array(arr, 65535.0, arr.shape[2] in (1, 2), path, 16)
+        im = PILImage.open(io.BytesIO(data))
+        im.load()                                  # decode now: truncated files fail here
+        im = ImageOps.exif_transpose(im)
+        mode = im.mode
+        if mode.startswith("I;16") or mode == "I":
+            arr = np.clip(np.asarray(im, dtype=np.int64), 0, 65535).astype(np.uint16)
+            return _from_array(arr, 65535.0, True, path, 16)
+        if mode in ("1", "L"):
+            return _from_array(np.asarray(im.convert("L")), 255.0, True, path, 8)
+        if mode in ("LA", "La"):
+            return _from_array(np.asarray(im.convert("LA")), 255.0, True, path, 8)
+        if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
+            return _from_array(np.asarray(im.convert("RGBA")), 255.0, False, path, 8)
+        if mode == "F":
+            raise ImageReadError(f"{path}: floating-point images are not supported")
+        return _from_array(np.asarray(im.convert("RGB")), 255.0, False, path, 8)
+    except ImageReadError:
+        raise
+    except Exception as e:  # PIL.UnidentifiedImageError, OSError('image file is truncated'), png16.PNGError
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ImageReadError(f"{path}: cannot decode image: {msg}") from None
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(C, H, W) float in [0, 1] -> (H, W, C) uint8, rounded (the 8-bit quantisation of the metrics)."""
+    return torch.round(x.detach().float().clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def _quant(x: torch.Tensor, bits: int) -> np.ndarray:
+    m = 65535.0 if bits == 16 else 255.0
+    q = torch.round(x.detach().double().clamp(0, 1) * m).permute(1, 2, 0).cpu().numpy()
+    return q.astype(np.uint16 if bits == 16 else np.uint8)
+
+
+def _to_gray(rgb: torch.Tensor) -> torch.Tensor:
+    # ITU-R 601-2 luma, the weights PIL uses for convert("L")
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
+    return (rgb * w).sum(0, keepdim=True)
+
+
+def write_image(path: str | os.PathLike, img: Image, quality: int = 95) -> list[str]:
+    """Write ``img`` to ``path``; the format comes from the extension (.png, .jpg/.jpeg, .webp).
+
+    PNG keeps 16 bits where the image has them; JPEG and WebP are 8-bit, and JPEG drops the alpha.
+    Greyscale images are written greyscale. Returns warnings (lossy conversions) as strings.
+    """
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in WRITE_FORMATS:
+        raise ValueError(f"{path}: cannot write {ext or 'files without an extension'}: use "
+                         + ", ".join(sorted(WRITE_FORMATS)))
+    fmt = WRITE_FORMATS[ext]
+    warnings = []
+    color = _to_gray(img.rgb) if img.gray else img.rgb
+    alpha = img.alpha
+    if alpha is not None and fmt == "JPEG":
+        warnings.append(f"{path}: JPEG has no alpha channel: alpha dropped")
+        alpha = None
+    planes = color if alpha is None else torch.cat([color, alpha.to(color)], 0)
+    bits = img.bits if fmt == "PNG" else 8
+    if img.bits == 16 and bits == 8:
+        warnings.append(f"{path}: {fmt} is 8-bit: 16-bit image reduced to 8 bits")
+    arr = _quant(planes, bits)
+    if bits == 16:
+        if arr.shape[2] == 1:
+            writer = lambda tmp: PILImage.fromarray(arr[:, :, 0]).save(tmp, format="PNG")  # noqa: E731
+        else:
+            data = png16.encode(arr)
+            writer = lambda tmp: Path(tmp).write_bytes(data)  # noqa: E731
+    else:
+        pil = PILImage.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+        kw = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+        writer = lambda tmp: pil.save(tmp, format=fmt, **kw)  # noqa: E731
+    atomic_write(path, writer)
+    return warnings

@@ -1,0 +1,132 @@
+"""Inference helpers: seamless tiled forward, x8 self-ensemble, dtype handling.
+
+Tiling is exact, not blended: each tile is run with ``overlap`` extra LR pixels of real context on
+every side (clamped at the image border, where the model's own zero padding applies as in the whole
+image) and only its core is kept. A DRN output pixel depends on LR pixels at most
+``receptive_radius(cfg)`` away, so with ``overlap >= receptive_radius`` the tiled result equals the
+untiled one up to floating-point summation order.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+
+from .imresize import upsample
+
+__all__ = ["receptive_radius", "forward_tiled", "self_ensemble", "super_resolve", "DTYPES", "resolve_device",
+           "upscale_image"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def receptive_radius(cfg: Mapping) -> int:
+    """LR pixels of context an output pixel needs: head (1) + one 3x3 per RDB (G*K) + upsample (1)
+    + tail (a 3x3 on the HR grid: 1 HR pixel = ceil(1 / scale) = 1 LR pixel)."""
+    return int(cfg.get("n_groups", 6)) * int(cfg.get("n_blocks", 9)) + 3
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def forward_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: int,
+                  tile: int | None = None, overlap: int = 0, out_device: torch.device | None = None) -> torch.Tensor:
+    """Apply ``fn`` (an x``scale`` model) to (N, C, H, W) ``x`` tile by tile (``tile`` LR pixels square)."""
+    n, _, h, w = x.shape
+    if not tile or tile <= 0 or (h <= tile and w <= tile):
+        out = fn(x)
+        return out if out_device is None else out.to(out_device)
+    if overlap < 0:
+        raise ValueError("tile overlap must be >= 0")
+    out = None
+    for y0 in range(0, h, tile):
+        y1 = min(y0 + tile, h)
+        ya, yb = max(y0 - overlap, 0), min(y1 + overlap, h)
+        for x0 in range(0, w, tile):
+            x1 = min(x0 + tile, w)
+            xa, xb = max(x0 - overlap, 0), min(x1 + overlap, w)
+            o = fn(x[:, :, ya:yb, xa:xb])
+            if out is None:
+                out = torch.empty(n, o.shape[1], h * scale, w * scale, dtype=o.dtype,
+                                  device=out_device or o.device)
+            out[:, :, y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
+                o[:, :, (y0 - ya) * scale:(y1 - ya) * scale, (x0 - xa) * scale:(x1 - xa) * scale]
+    return out
+
+
+def _transform(x: torch.Tensor, t: int) -> torch.Tensor:
+    if t & 1:
+        x = x.flip(-1)
+    if t & 2:
+        x = x.flip(-2)
+    if t & 4:
+        x = x.transpose(-1, -2)
+    return x
+
+
+def _inverse(x: torch.Tensor, t: int) -> torch.Tensor:
+    if t & 4:
+        x = x.transpose(-1, -2)
+    if t & 2:
+        x = x.flip(-2)
+    if t & 1:
+        x = x.flip(-1)
+    return x
+
+
+def self_ensemble(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``fn`` over the eight flips and 90-degree rotations of ``x``, each transformed back
+    (the "x8" / "+" self-ensemble of EDSR and DRN)."""
+    acc = None
+    for t in range(8):
+        y = _inverse(fn(_transform(x, t).contiguous()), t).float()
+        acc = y if acc is None else acc + y
+    return acc / 8
+
+
+@torch.no_grad()
+def super_resolve(model: torch.nn.Module, lr: torch.Tensor, scale: int, *, rgb_range: float = 1.0,
+                  tile: int | None = None, overlap: int | None = None, ensemble: bool = False,
+                  dtype: str | torch.dtype = "fp32", device: torch.device | str | None = None,
+                  radius: int | None = None) -> torch.Tensor:
+    """(3, H, W) or (N, 3, H, W) LR image in [0, 1] -> SR image in [0, 1] (float32 on the CPU, not clamped).
+
+    ``model`` must already be on ``device`` and in ``dtype``. ``overlap`` defaults to ``radius``
+    (the receptive-field radius), which makes tiling seamless.
+    """
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    single = lr.dim() == 3
+    x = (lr[None] if single else lr).to(device=dev, dtype=dt) * rgb_range
+    if overlap is None:
+        overlap = radius if radius is not None else 0
+
+    def fn(t):
+        return forward_tiled(model, t, scale, tile, overlap,
+                             out_device=torch.device("cpu") if tile else None)
+
+    out = self_ensemble(fn, x) if ensemble else fn(x)
+    out = out.float().cpu() / rgb_range
+    return out[0] if single else out
+
+
+def upscale_image(model, cfg, img, **kw):
+    """An :class:`~fastdrn.tools.image_io.Image` -> the upscaled Image (alpha by bicubic)."""
+    scale = cfg["scale"]
+    sr = super_resolve(model, img.rgb, scale, rgb_range=cfg.get("rgb_range", 1.0),
+                       radius=receptive_radius(cfg), **kw).clamp_(0, 1)
+    alpha = None
+    if img.alpha is not None:
+        alpha = upsample(img.alpha.double(), scale).clamp_(0, 1).float()
+    return img.with_(rgb=sr, alpha=alpha)
+
+
+def prepare(model: torch.nn.Module, device, dtype: str) -> torch.nn.Module:
+    """Move a model to the device and storage dtype used by :func:`super_resolve`."""
+    dev = resolve_device(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return model.to(device=dev, dtype=DTYPES[dtype]).eval()

@@ -1,0 +1,392 @@
+"""``fastdrn train``: the DRN paper's training recipe (SPEC.md section 5), resumable and distributed.
+
+Defaults are the paper's: 48x48 LR patches with the matching HR patch, batch 16, RGB, L1 loss, Adam
+(0.9, 0.999, 1e-8), learning rate 1e-4 halved every 200 epochs, 800 epochs, DRN with C=64, G=6, K=9,
+F=64, d=8. **(decided)** An epoch is 1000 iterations (``--iters-per-epoch``), the EDSR code base's
+``--test_every`` that DRN-era papers count epochs in (so 800 epochs = 800k iterations, lr halved every
+200k); ``--iters-per-epoch 0`` makes an epoch one pass over the training images instead. The learning
+rate is stepped per iteration, so it is a pure function of the step.
+
+``--batch-size`` is the global batch: under ``torchrun`` with W processes each takes B / W of it, and
+DistributedDataParallel averages the gradients, so one process and W processes train the same model.
+Data order and augmentation depend only on (seed, step) (see :mod:`fastdrn.tools.data`), which makes
+resuming exact: the checkpoint stores model, optimizer, scheduler, AMP scaler, step and the RNG states
+(torch CPU and CUDA, numpy, python ``random``) as tensors, so it loads with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import fastdrn.reference
+
+from .checkpoint import FORMAT, CheckpointError, atomic_save, build_model, load_checkpoint
+from .image_io import ImageReadError
+from .data import StreamBatchSampler, TrainPatches, estimate_bytes, find_pairs, load_pair
+from .evaluate import evaluate_pairs
+from .infer import resolve_device
+from .progress import Progress
+
+__all__ = ["TrainConfig", "Trainer", "train", "rng_state", "set_rng_state", "init_distributed"]
+
+MODEL_ARGS = ("scale", "n_feats", "n_groups", "n_blocks", "inner", "distill", "alpha", "rgb_range")
+
+
+@dataclass
+class TrainConfig:
+    hr_dir: str
+    out: str
+    scale: int = 4
+    lr_dir: str | None = None
+    # schedule
+    epochs: int = 800
+    steps: int | None = None               # total optimizer steps; overrides epochs
+    iters_per_epoch: int = 1000
+    patch_size: int = 48                   # LR patch side
+    batch_size: int = 16                   # global batch
+    lr: float = 1e-4
+    lr_step: int = 200                     # epochs between halvings
+    lr_gamma: float = 0.5
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    augment: bool = True
+    # model (the paper's DRN)
+    n_feats: int = 64
+    n_groups: int = 6
+    n_blocks: int = 9
+    inner: int = 64
+    distill: int = 8
+    alpha: float = 0.2
+    rgb_range: float = 1.0
+    # machinery
+    amp: str = "none"                      # none | bf16 | fp16
+    compile: bool = False
+    workers: int = 4
+    cache: str = "auto"                    # auto | memory | disk | none
+    cache_dir: str | None = None
+    resume: str | None = None              # a checkpoint path, or "auto" for OUT/last.pt if present
+    save_every: int | None = None          # steps; default one epoch
+    val_hr_dir: str | None = None
+    val_lr_dir: str | None = None
+    val_every: int | None = None           # steps; default one epoch
+    val_max: int | None = None
+    seed: int = 0
+    device: str | None = None
+    log_every: int = 100
+    progress: bool = True
+    fail_fast: bool = False
+
+
+# ------------------------------------------------------------------------------------ RNG states
+
+def rng_state() -> dict:
+    """Every RNG the training touches, as tensors and numbers (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": int(py_state[0]), "state": torch.tensor(py_state[1], dtype=torch.int64),
+                   "gauss_next": py_state[2]},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+
+
+# ----------------------------------------------------------------------------------- distributed
+
+def init_distributed(device_pref: str | None) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether we created the process group). With WORLD_SIZE > 1 (torchrun)
+    the group is initialised from the environment: NCCL on CUDA, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, resolve_device(device_pref), False
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device_pref is None or device_pref in ("auto", "cuda")
+                                              or str(device_pref).startswith("cuda"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
+        created = True
+    return dist.get_rank(), dist.get_world_size(), device, created
+
+
+def _plain(v):
+    return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+
+
+class Trainer:
+    """Sets up data, model, optimizer and (under torchrun) DDP; :meth:`fit` runs the loop."""
+
+    def __init__(self, cfg: TrainConfig, log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.rank, self.world, self.device, self._own_group = init_distributed(cfg.device)
+        self.main = self.rank == 0
+        self._log = log or print
+        if cfg.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp must be none, bf16 or fp16, got {cfg.amp!r}")
+        if cfg.batch_size % self.world:
+            raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {self.world} processes")
+        self.errors: list[str] = []
+
+        # --- checkpoint to resume from
+        ckpt = None
+        path = cfg.resume
+        if path == "auto":
+            path = os.path.join(cfg.out, "last.pt")
+            path = path if os.path.exists(path) else None
+        if path:
+            ckpt = load_checkpoint(path)
+            if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+                raise CheckpointError(f"{path}: not a fastdrn training checkpoint (use it as --weights elsewhere)")
+            self.log(f"resuming from {path} at step {ckpt['step']}")
+
+        # --- model
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(cfg.seed)
+        if ckpt is not None:
+            self.model_cfg = dict(ckpt["config"])
+        else:
+            self.model_cfg = {k: getattr(cfg, k) for k in MODEL_ARGS}
+            self.model_cfg["rgb_mean"] = list(fastdrn.reference.DIV2K_RGB_MEAN)
+        if self.model_cfg["scale"] != cfg.scale:
+            raise CheckpointError(f"checkpoint scale is {self.model_cfg['scale']}, --scale is {cfg.scale}")
+        mk = dict(self.model_cfg)
+        mk["rgb_mean"] = tuple(mk["rgb_mean"])
+        self.model = build_model(**mk).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                          eps=cfg.eps)
+        self.ipe = cfg.iters_per_epoch
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.step = 0
+        self.best_psnr = -math.inf
+
+        # --- data
+        pairs, missing = find_pairs(cfg.hr_dir, cfg.lr_dir, cfg.scale)
+        for m in missing:
+            self._error(m)
+        cache = cfg.cache
+        if cache == "auto":
+            cache = "memory" if estimate_bytes(pairs, cfg.scale) < 4 << 30 else "disk"
+        self.dataset = TrainPatches(pairs, cfg.scale, cfg.patch_size, cfg.augment, cache,
+                                    cfg.cache_dir or os.path.join(cfg.out, "cache"), cfg.rgb_range,
+                                    on_error=self._error)
+        if len(self.dataset) == 0:
+            raise ValueError(f"{cfg.hr_dir}: no usable training images")
+        self.log(f"{len(self.dataset)} training images ({'LR files' if cfg.lr_dir else 'LR by MATLAB bicubic'}, "
+                 f"cache {cache}); {self.world} process(es), global batch {cfg.batch_size}")
+        if not self.ipe:
+            self.ipe = max(1, math.ceil(len(self.dataset) / cfg.batch_size))
+        self.total = cfg.steps if cfg.steps is not None else cfg.epochs * self.ipe
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step * self.ipe,
+                                                         gamma=cfg.lr_gamma)
+        if ckpt is not None:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            self.step = int(ckpt["step"])
+            self.best_psnr = float(ckpt.get("best_psnr", -math.inf))
+            data = ckpt.get("data", {})
+            for k, v in (("seed", cfg.seed), ("global_batch", cfg.batch_size), ("patch", cfg.patch_size)):
+                if k in data and data[k] != v:
+                    self.log(f"warning: resuming with {k} {v}, the checkpoint used {data[k]}: "
+                             f"the run will not repeat the uninterrupted one")
+            set_rng_state(ckpt["rng"])
+
+        self.sampler = StreamBatchSampler(len(self.dataset), cfg.batch_size, self.total, cfg.seed,
+                                          start_step=self.step, rank=self.rank, world_size=self.world)
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=cfg.workers,
+                                 pin_memory=self.device.type == "cuda",
+                                 # its own generator: creating an iterator must not consume the global RNG
+                                 generator=torch.Generator().manual_seed(cfg.seed))
+
+        # --- validation set (decoded once, on the main process)
+        self.val_pairs, self.val_data = [], {}
+        if cfg.val_hr_dir and self.main:
+            vp, vmissing = find_pairs(cfg.val_hr_dir, cfg.val_lr_dir, cfg.scale)
+            for m in vmissing:
+                self._error(m)
+            for p in vp[: cfg.val_max or None]:
+                try:
+                    self.val_data[p.name] = load_pair(p, cfg.scale)
+                    self.val_pairs.append(p)
+                except OSError as e:
+                    self._error(str(e))
+
+        # --- DDP, compile
+        self.net = self.model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    # ------------------------------------------------------------------------------ helpers
+    def log(self, msg: str) -> None:
+        if self.main:
+            if getattr(self, "_progress", None) is not None:
+                self._progress.write(msg)
+            else:
+                self._log(msg)
+
+    def _error(self, msg: str) -> None:
+        self.errors.append(msg)
+        self.log(f"error: {msg}")
+        if self.cfg.fail_fast:
+            raise ImageReadError(f"stopping (--fail-fast): {msg}")
+
+    @property
+    def amp_dtype(self):
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
+
+    def forward_backward(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        """L1 loss of one (local) batch and its gradients (averaged over processes by DDP)."""
+        lr = lr.to(self.device, non_blocking=True)
+        hr = hr.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            sr = self.net(lr)
+        loss = F.l1_loss(sr.float(), hr)
+        self.scaler.scale(loss).backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+
+    def state_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "config": dict(self.model_cfg),
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "step": self.step,
+            "epoch": self.step / self.ipe,
+            "best_psnr": self.best_psnr,
+            "rng": rng_state(),
+            "data": {"seed": self.cfg.seed, "global_batch": self.cfg.batch_size, "patch": self.cfg.patch_size,
+                     "position": self.step * self.cfg.batch_size, "n_images": len(self.dataset)},
+            "args": {k: _plain(v) for k, v in dataclasses.asdict(self.cfg).items()},
+        }
+
+    def save(self, name: str = "last.pt") -> str:
+        path = os.path.join(self.cfg.out, name)
+        if self.main:
+            atomic_save(self.state_dict(), path)
+        return path
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        if not self.val_pairs:
+            return None
+        was = self.model.training
+        self.model.eval()
+        res = evaluate_pairs(self.model, {**self.model_cfg, "scale": self.cfg.scale}, self.val_pairs,
+                             device=self.device, bicubic=False, loaded=self.val_data, log=self.log)
+        self.model.train(was)
+        psnr = res["mean"]["psnr"]
+        best = psnr > self.best_psnr
+        if best:
+            self.best_psnr = psnr
+            self.save("best.pt")
+        self.log(f"step {self.step}: validation PSNR {psnr:.3f} dB (Y, {len(self.val_pairs)} images)"
+                 + (" (best)" if best else ""))
+        return psnr
+
+    # ------------------------------------------------------------------------------ loop
+    def fit(self) -> int:
+        cfg = self.cfg
+        save_every = cfg.save_every or self.ipe
+        val_every = cfg.val_every or self.ipe
+        self.model.train()
+        self._progress = Progress(self.total, self.step, enabled=self.main and cfg.progress,
+                                  every=cfg.log_every)
+        loss_sum, loss_n = torch.zeros((), device=self.device), 0
+        try:
+            for lr, hr in self.loader:
+                loss = self.forward_backward(lr, hr)
+                self.optimizer_step()
+                loss_sum += loss
+                loss_n += 1
+                shown = self._progress.due(self.step)
+                fields = {}
+                if shown:
+                    fields = {"loss": loss_sum.item() / loss_n, "lr": self.scheduler.get_last_lr()[0],
+                              "epoch": f"{self.step / self.ipe:.2f}"}
+                    loss_sum.zero_()
+                    loss_n = 0
+                self._progress.update(self.step, cfg.batch_size, **fields)
+                if self.step % save_every == 0 or self.step == self.total:
+                    self.save()
+                if self.val_pairs and self.step % val_every == 0:
+                    self.validate()
+                if self.world > 1 and cfg.val_hr_dir and self.step % val_every == 0:
+                    dist.barrier()
+        except KeyboardInterrupt:
+            self.save()
+            self.log(f"interrupted: saved step {self.step} to {os.path.join(cfg.out, 'last.pt')}")
+            raise
+        finally:
+            self._progress.close()
+            self._progress = None
+        self.log(f"done: {self.step} steps; checkpoint {os.path.join(cfg.out, 'last.pt')}")
+        return 1 if self.errors else 0
+
+    def close(self) -> None:
+        if self._own_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig | None = None, log: Callable[[str], None] | None = None, **kwargs) -> int:
+    """Run training (``fastdrn train``); returns the exit code (1 if any image was skipped)."""
+    if cfg is None:
+        cfg = TrainConfig(**kwargs)
+    elif kwargs:
+        cfg = dataclasses.replace(cfg, **kwargs)
+    os.makedirs(cfg.out, exist_ok=True)
+    trainer = Trainer(cfg, log=log)
+    try:
+        t0 = time.perf_counter()
+        code = trainer.fit()
+        trainer.log(f"training time {time.perf_counter() - t0:.1f} s")
+        return code
+    finally:
+        trainer.close()

@@ -1,0 +1,115 @@
+"""MATLAB-compatible bicubic resizing and the SR field's PSNR / SSIM (fastdrn.tools.imresize, .metrics)."""
+import math
+
+import pytest
+import torch
+
+from fastdrn.tools.imresize import cubic, downsample, imresize, resize_weights, upsample
+from fastdrn.tools.metrics import psnr, psnr_ssim, quantize, rgb_to_y, ssim
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_matlab_1d_example():
+    # MATLAB: imresize([1 2 3 4 5 6 7 8], 0.5) -> 1.4492 3.4883 5.5117 7.5508. Derivation (see the
+    # docstring of fastdrn.tools.imresize): u = 2i - 0.5; taps at +-0.5, +-1.5, +-2.5, +-3.5 weigh
+    # 0.5*cubic(0.5 t) = 0.43359375, 0.11328125, -0.03515625, -0.01171875; the ramp is reproduced
+    # except where mirrored taps (x(0)=x(1), x(-1)=x(2), x(-2)=x(3)) replace 0, -1, -2.
+    x = torch.arange(1, 9, dtype=torch.float64).view(1, 8)
+    y = imresize(x, 0.5)
+    expected = torch.tensor([[1.44921875, 3.48828125, 5.51171875, 7.55078125]], dtype=torch.float64)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+
+
+def test_kernel_values_and_interior_taps():
+    assert cubic(torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 2.5])).tolist() == [1.0, 0.5625, 0.0, -0.0625, 0.0, 0.0]
+    # x2 antialiased downsampling: an interior row is the stretched kernel 0.5 * cubic(0.5 t)
+    w = resize_weights(40, 20, 0.5)
+    row = w[10]
+    nz = row[row != 0]
+    expected = torch.tensor([-0.01171875, -0.03515625, 0.11328125, 0.43359375,
+                             0.43359375, 0.11328125, -0.03515625, -0.01171875], dtype=torch.float64)
+    torch.testing.assert_close(nz, expected, rtol=0, atol=1e-15)
+    assert row.nonzero().flatten().tolist() == list(range(17, 25))   # centred on u = 20.5 (1-based)
+
+
+@pytest.mark.parametrize("n_in,n_out", [(8, 4), (37, 13), (48, 12), (10, 30), (17, 34), (9, 7), (5, 11)])
+def test_weights_sum_to_one(n_in, n_out):
+    w = resize_weights(n_in, n_out)
+    torch.testing.assert_close(w.sum(1), torch.ones(n_out, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("s", [2, 3, 4])
+def test_constant_stays_constant(s):
+    x = torch.full((3, 24, 36), 0.37, dtype=torch.float64)
+    torch.testing.assert_close(downsample(x, s), torch.full((3, 24 // s, 36 // s), 0.37, dtype=torch.float64))
+    torch.testing.assert_close(upsample(x, s), torch.full((3, 24 * s, 36 * s), 0.37, dtype=torch.float64))
+
+
+def test_upsampling_reproduces_a_ramp_inside():
+    # Keys' cubic (a=-0.5) reproduces linear functions; x2 output i sits at u = i/2 + 1/4.
+    x = torch.arange(1, 21, dtype=torch.float64).view(1, 20)
+    y = imresize(x, 2.0)[0]
+    u = torch.arange(1, 41, dtype=torch.float64) / 2 + 0.25
+    torch.testing.assert_close(y[4:-4], u[4:-4], rtol=0, atol=1e-12)
+
+
+def test_2d_is_separable_and_sizes_follow_matlab():
+    x = torch.rand(2, 3, 19, 23, dtype=torch.float64)
+    y = imresize(x, 1 / 3)
+    assert y.shape == (2, 3, 7, 8)                                      # ceil(19/3), ceil(23/3)
+    wh, ww = resize_weights(19, 7, 1 / 3), resize_weights(23, 8, 1 / 3)
+    torch.testing.assert_close(y, wh @ x @ ww.t())
+    assert imresize(x, size=(10, 40)).shape == (2, 3, 10, 40)
+
+
+# ------------------------------------------------------------------------------------- metrics
+
+def _photos():
+    data = pytest.importorskip("skimage.data")
+    for name in ("astronaut", "coffee", "chelsea"):
+        img = torch.from_numpy(getattr(data, name)()).permute(2, 0, 1).double() / 255
+        yield name, img[:, 40:280, 60:360]     # a 240x300 crop keeps the test fast
+
+
+def test_y_channel_is_matlab_rgb2ycbcr():
+    color = pytest.importorskip("skimage.color")
+    _, img = next(_photos())
+    ours = rgb_to_y(img * 255)
+    ref = torch.from_numpy(color.rgb2ycbcr(img.permute(1, 2, 0).numpy())[..., 0])
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("scale", [2, 3])
+def test_psnr_ssim_agree_with_skimage_on_photos(scale):
+    metrics = pytest.importorskip("skimage.metrics")
+    for name, hr in _photos():
+        h, w = (hr.shape[1] // scale) * scale, (hr.shape[2] // scale) * scale
+        hr = hr[:, :h, :w]
+        lr = quantize(downsample(hr, scale)) / 255
+        sr = upsample(lr, scale) + 0.01 * torch.randn(3, h, w, dtype=torch.float64)
+        p, s = psnr_ssim(sr, hr, scale)
+        a = rgb_to_y(quantize(sr))[scale:-scale, scale:-scale].numpy()
+        b = rgb_to_y(quantize(hr))[scale:-scale, scale:-scale].numpy()
+        p_ref = metrics.peak_signal_noise_ratio(b, a, data_range=255)
+        s_ref = metrics.structural_similarity(b, a, gaussian_weights=True, sigma=1.5,
+                                              use_sample_covariance=False, data_range=255)
+        assert abs(p - p_ref) < 1e-9, (name, p, p_ref)
+        assert abs(s - s_ref) < 1e-9, (name, s, s_ref)
+        assert 20 < p < 45 and 0.5 < s < 1
+
+
+def test_metric_edge_cases():
+    x = torch.rand(3, 32, 32)
+    assert psnr(x, x, 2) == math.inf
+    assert ssim(x, x, 2) == pytest.approx(1.0)
+    # outputs outside [0, 1] are clamped by the 8-bit quantisation, like a saved PNG
+    assert psnr(x + 2.0, torch.ones_like(x), 0) == math.inf
+    with pytest.raises(ValueError):
+        psnr(x, x[:, :-1], 0)

@@ -1,0 +1,243 @@
+"""``fastdrn train`` and ``fastdrn eval``: the recipe beats bicubic on real photos, exact resume,
+DDP equivalence (two gloo processes on the CPU), checkpoint format, data layouts, bad inputs."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+from fastdrn import cli
+from fastdrn.tools.checkpoint import load_model
+from fastdrn.tools.data import StreamBatchSampler, TrainPatches, find_pairs, make_lr
+from fastdrn.tools.train import TrainConfig, Trainer, train
+
+TINY = dict(n_feats=8, n_groups=1, n_blocks=2, inner=8, distill=4)
+
+
+@pytest.fixture(autouse=True)
+def _env(_seed_and_backend, monkeypatch):
+    monkeypatch.setenv("FASTDRN_BACKEND", "torch")   # plain math, never the Triton interpreter
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _texture(h, w, seed):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    f = rng.uniform(2, 6, 3)
+    base = 0.5 + 0.3 * np.sin(xx[..., None] / f + yy[..., None] / f[::-1]) + 0.15 * rng.random((h, w, 3))
+    return (np.clip(base, 0, 1) * 255).round().astype(np.uint8)
+
+
+@pytest.fixture
+def synth(tmp_path):
+    """A DIV2K-style layout: HR/0001.png ... and LR_bicubic/X2/0001x2.png ..."""
+    hr, lr = tmp_path / "DIV2K_train_HR", tmp_path / "DIV2K_train_LR_bicubic" / "X2"
+    hr.mkdir()
+    lr.mkdir(parents=True)
+    for i in range(1, 5):
+        img = _texture(40 + 4 * i, 44, i)
+        PILImage.fromarray(img).save(hr / f"{i:04d}.png")
+        PILImage.fromarray(make_lr(img, 2)).save(lr / f"{i:04d}x2.png")
+    return tmp_path
+
+
+def _cfg(synth, out, **kw):
+    base = dict(hr_dir=str(synth / "DIV2K_train_HR"), out=str(out), scale=2, patch_size=12, batch_size=4,
+                lr=1e-3, workers=0, progress=False, iters_per_epoch=2, device="cpu", **TINY)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+def test_pairs_and_generated_lr_match_files(synth):
+    pairs, missing = find_pairs(str(synth / "DIV2K_train_HR"), str(synth / "DIV2K_train_LR_bicubic"), 2)
+    assert not missing and [p.lr.endswith(f"{i:04d}x2.png") for i, p in enumerate(pairs, 1)] == [True] * 4
+    from_files = TrainPatches(pairs, 2, 12, cache="memory")
+    generated = TrainPatches(find_pairs(str(synth / "DIV2K_train_HR"), None, 2)[0], 2, 12, cache="none")
+    for key in [(0, [1, 2]), (3, [7, 8])]:
+        for a, b in zip(from_files[key], generated[key]):
+            assert torch.equal(a, b)
+        lr, hr = from_files[key]
+        assert lr.shape == (3, 12, 12) and hr.shape == (3, 24, 24)
+
+
+def test_sampler_shards_the_global_batch():
+    one = list(StreamBatchSampler(5, 4, 6, seed=3))
+    r0 = list(StreamBatchSampler(5, 4, 6, seed=3, rank=0, world_size=2))
+    r1 = list(StreamBatchSampler(5, 4, 6, seed=3, rank=1, world_size=2))
+    assert [a + b for a, b in zip(r0, r1)] == one
+    assert list(StreamBatchSampler(5, 4, 6, seed=3, start_step=4)) == one[4:]
+    idx = [i for b in one[:5] for i, _ in b]                 # 20 draws = 4 permutations of 5 images
+    assert all(sorted(idx[k:k + 5]) == list(range(5)) for k in range(0, 20, 5))
+
+
+# --------------------------------------------------------------------------- resume, checkpoints
+
+def test_resume_is_exact_and_checkpoint_is_safe(synth, tmp_path):
+    full = tmp_path / "full"
+    assert train(_cfg(synth, full, steps=6, lr_step=1, workers=1)) == 0  # lr halves every 2 steps
+    part = tmp_path / "part"
+    assert train(_cfg(synth, part, steps=3, lr_step=1)) == 0
+    ck = torch.load(part / "last.pt", weights_only=True)                     # safe loading works
+    assert ck["step"] == 3 and set(ck["rng"]) == {"torch", "cuda", "numpy", "python"}
+    assert train(_cfg(synth, part, steps=6, lr_step=1, resume="auto")) == 0
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(part / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, st in a["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(st[name], b["optimizer"]["state"][k][name])
+    assert a["scheduler"] == b["scheduler"] and a["scheduler"]["_last_lr"][0] == pytest.approx(1e-3 / 8)
+    for k in ("torch", "python"):
+        assert torch.equal(a["rng"][k] if k == "torch" else a["rng"][k]["state"],
+                           b["rng"][k] if k == "torch" else b["rng"][k]["state"])
+    # the training checkpoint is also a --weights file for eval / upscale
+    model, cfg = load_model(full / "last.pt")
+    assert cfg["scale"] == 2 and cfg["n_feats"] == 8
+
+
+def test_amp_bf16_lr_files_and_progress(synth, tmp_path, capsys):
+    assert train(_cfg(synth, tmp_path / "amp", steps=2, amp="bf16", progress=True, log_every=1,
+                      lr_dir=str(synth / "DIV2K_train_LR_bicubic"), cache="disk")) == 0
+    err = capsys.readouterr().err
+    assert "2/2" in err and "loss" in err and "patch/s" in err
+    assert any(f.endswith("_hr.npy") for f in os.listdir(tmp_path / "amp" / "cache"))
+
+
+def test_bad_training_images_are_named_and_skipped(synth, tmp_path, capsys):
+    hr = synth / "DIV2K_train_HR"
+    (hr / "0009.png").write_bytes((hr / "0001.png").read_bytes()[:200])
+    (hr / "0010.png").write_bytes(b"garbage")
+    code = cli.main(["train", "--hr-dir", str(hr), "--scale", "2", "--out", str(tmp_path / "o"), "--steps", "2",
+                     "--patch-size", "12", "--batch-size", "2", "--workers", "0", "--no-progress", "--device", "cpu",
+                     "--n-feats", "8", "--n-groups", "1", "--n-blocks", "1", "--inner", "8"])
+    err = capsys.readouterr().err
+    assert code == 1 and "0009.png" in err and "0010.png" in err
+    assert (tmp_path / "o" / "last.pt").exists()                        # trained on the good ones
+    code = cli.main(["train", "--hr-dir", str(hr), "--scale", "2", "--out", str(tmp_path / "o2"), "--steps", "2",
+                     "--patch-size", "12", "--batch-size", "2", "--workers", "0", "--no-progress", "--device", "cpu",
+                     "--n-feats", "8", "--n-groups", "1", "--n-blocks", "1", "--inner", "8", "--fail-fast"])
+    assert code == 1 and not (tmp_path / "o2" / "last.pt").exists()
+
+
+# -------------------------------------------------------------------------------------------- DDP
+
+def _ddp_worker(argv):
+    """Run under torchrun (or directly for one process): gradients of the first global batch, then
+    3 training steps. Writes grads_w{world}.pt and OUT/last.pt."""
+    data, out = argv
+    torch.set_num_threads(1)
+    cfg = TrainConfig(hr_dir=os.path.join(data, "DIV2K_train_HR"), out=out, scale=2, patch_size=12,
+                      batch_size=4, lr=1e-3, workers=0, progress=False, steps=3, iters_per_epoch=2,
+                      device="cpu", **TINY)
+    os.makedirs(out, exist_ok=True)
+    t = Trainer(cfg)
+    lr, hr = next(iter(t.loader))
+    t.forward_backward(lr, hr)
+    if t.rank == 0:
+        torch.save({n: p.grad.clone() for n, p in t.model.named_parameters()},
+                   os.path.join(out, f"grads_w{t.world}.pt"))
+    t.optimizer.zero_grad(set_to_none=True)
+    t.fit()
+    t.close()
+
+
+def test_ddp_two_gloo_processes_match_one(synth, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _ddp_worker([str(synth), str(one)])
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
+           __file__, str(synth), str(two)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    g1 = torch.load(one / "grads_w1.pt", weights_only=True)
+    g2 = torch.load(two / "grads_w2.pt", weights_only=True)
+    assert g1.keys() == g2.keys()
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-7, msg=k)
+    w1 = torch.load(one / "last.pt", weights_only=True)
+    w2 = torch.load(two / "last.pt", weights_only=True)
+    for k in w1["model"]:
+        torch.testing.assert_close(w2["model"][k], w1["model"][k], rtol=1e-4, atol=1e-6, msg=k)
+    assert w1["step"] == w2["step"] == 3
+
+
+# ------------------------------------------------------------------------------------------ eval
+
+def test_eval_table_json_layouts_and_bad_images(synth, tmp_path, capsys):
+    train(_cfg(synth, tmp_path / "run", steps=1))
+    weights = str(tmp_path / "run" / "last.pt")
+    js = tmp_path / "res.json"
+    assert cli.main(["eval", "--weights", weights, "--device", "cpu", "--hr-dir", str(synth / "DIV2K_train_HR"),
+                     "--lr-dir", str(synth / "DIV2K_train_LR_bicubic"), "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "bicubic PSNR" in out and "mean" in out and "0004" in out
+    res = json.loads(js.read_text())
+    assert len(res["images"]) == 4 and res["scale"] == 2 and not res["failed"]
+    # without LR files the LR images are made by MATLAB bicubic: same LR, same numbers
+    assert cli.main(["eval", "--weights", weights, "--device", "cpu", "--hr-dir", str(synth / "DIV2K_train_HR"),
+                     "--json", str(tmp_path / "gen.json"), "--self-ensemble"]) == 0
+    gen = json.loads((tmp_path / "gen.json").read_text())
+    for a, b in zip(res["images"], gen["images"]):
+        assert a["bicubic_psnr"] == pytest.approx(b["bicubic_psnr"], abs=1e-9)
+    # a truncated HR image and a missing LR partner are named; the rest is scored; exit code 1
+    hr = synth / "DIV2K_train_HR"
+    (hr / "0005.png").write_bytes((hr / "0001.png").read_bytes()[:100])
+    PILImage.fromarray(_texture(40, 40, 9)).save(hr / "0006.png")      # no LR partner
+    assert cli.main(["eval", "--weights", weights, "--device", "cpu", "--hr-dir", str(hr),
+                     "--lr-dir", str(synth / "DIV2K_train_LR_bicubic"), "--json", str(js)]) == 1
+    err = capsys.readouterr().err
+    assert "0005.png" in err and "0006" in err
+    res = json.loads(js.read_text())
+    assert len(res["images"]) == 4 and len(res["failed"]) == 2
+    # wrong scale: an error that says so
+    assert cli.main(["eval", "--weights", weights, "--device", "cpu", "--hr-dir", str(hr), "--scale", "4"]) == 2
+    assert "scale: checkpoint has 2, expected 4" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the recipe, on photos
+
+def test_training_on_photos_beats_bicubic(tmp_path, capsys):
+    data = pytest.importorskip("skimage.data")
+    train_dir, val_dir = tmp_path / "train", tmp_path / "val"
+    train_dir.mkdir()
+    val_dir.mkdir()
+    for name in ("astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field"):
+        PILImage.fromarray(getattr(data, name)()).save(train_dir / f"{name}.png")
+    PILImage.fromarray(data.chelsea()).save(val_dir / "chelsea.png")       # held out
+    t0 = time.perf_counter()
+    # The paper's recipe (L1, Adam, random 8-fold augmented crops, LR by MATLAB bicubic) shortened for a
+    # CPU test: a small DRN, 600 steps of batch 16 with 32x32 LR patches, learning rate 2e-3.
+    code = cli.main(["train", "--hr-dir", str(train_dir), "--scale", "2", "--out", str(tmp_path / "run"),
+                     "--steps", "600", "--patch-size", "32", "--batch-size", "16", "--lr", "2e-3",
+                     "--iters-per-epoch", "300", "--n-feats", "16", "--n-groups", "1", "--n-blocks", "3",
+                     "--inner", "16", "--distill", "4", "--workers", "0", "--no-progress", "--device", "cpu", "--device", "cpu",
+                     "--val-hr-dir", str(val_dir), "--val-every", "300"])
+    elapsed = time.perf_counter() - t0
+    assert code == 0
+    js = tmp_path / "eval.json"
+    assert cli.main(["eval", "--weights", str(tmp_path / "run" / "last.pt"), "--device", "cpu", "--hr-dir", str(val_dir),
+                     "--json", str(js)]) == 0
+    res = json.loads(js.read_text())["images"][0]
+    with capsys.disabled():
+        print(f"\n[held-out chelsea x2] DRN {res['psnr']:.3f} dB / SSIM {res['ssim']:.4f}   "
+              f"bicubic {res['bicubic_psnr']:.3f} dB / SSIM {res['bicubic_ssim']:.4f}   "
+              f"(training {elapsed:.0f} s)")
+    assert res["psnr"] > res["bicubic_psnr"] + 0.1
+    assert res["ssim"] > res["bicubic_ssim"]
+
+
+if __name__ == "__main__":
+    _ddp_worker(sys.argv[1:])

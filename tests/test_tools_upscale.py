@@ -1,0 +1,346 @@
+"""Checkpoint loading, image I/O and ``fastdrn upscale`` (fastdrn.tools.checkpoint, image_io, infer, upscale)."""
+import io
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+import fastdrn
+import fastdrn.reference
+from fastdrn import cli
+from fastdrn.tools import png16
+from fastdrn.tools.checkpoint import (CheckpointError, atomic_write, build_model,
+                                      infer_config, load_model)
+from fastdrn.tools.image_io import ImageReadError, read_image
+from fastdrn.tools.imresize import upsample
+from fastdrn.tools.infer import forward_tiled, receptive_radius, self_ensemble, super_resolve
+
+CFG = dict(scale=2, n_feats=8, n_groups=2, n_blocks=2, inner=8, distill=4)
+
+
+@pytest.fixture(autouse=True)
+def _env(_seed_and_backend, monkeypatch):
+    monkeypatch.setenv("FASTDRN_BACKEND", "torch")   # plain math: never the Triton interpreter here
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(**over):
+    return fastdrn.reference.DRN(**{**CFG, **over}).eval()
+
+
+@pytest.fixture
+def weights(tmp_path):
+    """A plain state_dict saved with torch.save: must load with no flags."""
+    m = _model()
+    path = tmp_path / "drn_x2.pt"
+    torch.save(m.state_dict(), path)
+    return str(path), m
+
+
+def _texture(h, w, c=3, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 0.5 + 0.25 * np.sin(xx / 3.0 + yy / 5.0)[..., None] + 0.2 * rng.random((h, w, c))
+    return np.clip(base, 0, 1)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+@pytest.mark.parametrize("cfg", [CFG, dict(scale=3, n_feats=12, n_groups=1, n_blocks=3, inner=16, distill=2),
+                                 dict(scale=4, n_feats=4, n_groups=3, n_blocks=0, inner=64, distill=8)])
+def test_infer_config_from_shapes(cfg):
+    sd = fastdrn.reference.DRN(**cfg).state_dict()
+    got = infer_config(sd)
+    for k, v in cfg.items():
+        if cfg["n_blocks"] == 0 and k in ("inner", "distill"):
+            continue
+        assert got[k] == v, k
+    model, loaded_cfg = load_model(sd)
+    assert loaded_cfg["scale"] == cfg["scale"]
+
+
+@pytest.mark.parametrize("wrap", ["plain", "params", "params_ema", "state_dict", "model", "module", "both"])
+def test_common_wrappers(tmp_path, wrap):
+    m = _model()
+    sd = m.state_dict()
+    obj = {
+        "plain": sd,
+        "params": {"params": sd},
+        "params_ema": {"params": {k: torch.zeros_like(v) for k, v in sd.items()}, "params_ema": sd},
+        "state_dict": {"state_dict": sd, "epoch": 3},
+        "model": {"model": sd, "optimizer": {"state": {}}},
+        "module": {"module." + k: v for k, v in sd.items()},
+        "both": {"state_dict": {"module._orig_mod." + k: v for k, v in sd.items()}},
+    }[wrap]
+    torch.save(obj, tmp_path / "w.pt")
+    loaded, _ = load_model(tmp_path / "w.pt")
+    x = torch.rand(1, 3, 9, 11)
+    torch.testing.assert_close(loaded(x), m(x))     # loaded may be the fused fastdrn.DRN
+
+
+def test_mismatch_errors_list_everything(tmp_path):
+    sd = _model().state_dict()
+    torch.save(sd, tmp_path / "x2.pt")
+    with pytest.raises(CheckpointError, match=r"scale: checkpoint has 2, expected 4"):
+        load_model(tmp_path / "x2.pt", expect={"scale": 4})
+    bad = dict(sd)
+    del bad["groups.1.compress.bias"]
+    bad["extra.weight"] = torch.zeros(2)
+    bad["tail.bias"] = torch.zeros(5)
+    with pytest.raises(CheckpointError) as e:
+        load_model(bad)
+    msg = str(e.value)
+    assert "missing keys (1)" in msg and "groups.1.compress.bias" in msg
+    assert "unexpected keys (1)" in msg and "extra.weight" in msg
+    assert "mis-shaped keys (1)" in msg and "tail.bias: checkpoint (5,) vs model (3,)" in msg
+    # not a DRN at all
+    with pytest.raises(CheckpointError, match="not a DRN state_dict: missing head.weight"):
+        load_model({"fc.weight": torch.zeros(3, 3)})
+    # CLI: exit code 2 and the message
+    img = tmp_path / "a.png"
+    PILImage.fromarray((_texture(8, 8) * 255).astype(np.uint8)).save(img)
+    assert cli.main(["upscale", str(img), "-o", str(tmp_path / "o"), "--weights", str(tmp_path / "x2.pt"), "--device", "cpu",
+                     "--scale", "3"]) == 2
+
+
+def test_unsafe_or_corrupt_checkpoints_are_refused(tmp_path):
+    torch.save({"model": _model().state_dict(), "obj": np.arange(3)}, tmp_path / "unsafe.pt")
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_model(tmp_path / "unsafe.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_model(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_model(tmp_path / "missing.pt")
+
+
+def test_build_model_switches_to_fastdrn_DRN(monkeypatch):
+    class Fake(fastdrn.reference.DRN):
+        pass
+    assert type(build_model(**CFG)) is (fastdrn.DRN if hasattr(fastdrn, "DRN") else fastdrn.reference.DRN)
+    monkeypatch.setattr(fastdrn, "DRN", Fake, raising=False)
+    assert type(build_model(**CFG)) is Fake
+
+
+def test_atomic_write_never_leaves_half_files(tmp_path):
+    dst = tmp_path / "out.bin"
+    dst.write_bytes(b"old")
+
+    def failing(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(dst, failing)
+    assert dst.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["out.bin"]
+    atomic_write(dst, lambda tmp: open(tmp, "wb").close() or None)
+    assert dst.read_bytes() == b"" and os.listdir(tmp_path) == ["out.bin"]
+
+
+# --------------------------------------------------------------------------------- tiling, ensemble
+
+def test_receptive_radius_is_tight():
+    m = _model()
+    r = receptive_radius(CFG)
+    x = torch.zeros(1, 3, 2 * r + 5, 2 * r + 5)
+    x2 = x.clone()
+    c = r + 2
+    x2[..., c, c] = 1.0
+    with torch.no_grad():
+        d = (m(x2) - m(x)).abs().sum(1)[0]
+    ys, xs = d.nonzero(as_tuple=True)
+    s = CFG["scale"]
+    reach = max((ys // s - c).abs().max().item(), (xs // s - c).abs().max().item())
+    assert reach == r
+
+
+@pytest.mark.parametrize("scale,tile", [(2, 16), (3, 11)])
+def test_tiled_equals_untiled(scale, tile):
+    cfg = {**CFG, "scale": scale}
+    m = _model(scale=scale)
+    x = torch.rand(3, 45, 38)
+    r = receptive_radius(cfg)
+    full = super_resolve(m, x, scale)
+    tiled = super_resolve(m, x, scale, tile=tile, overlap=r)
+    assert tiled.shape == full.shape == (3, 45 * scale, 38 * scale)
+    assert (tiled - full).abs().max().item() < 1e-5
+    # too little overlap shows seams: the check above is sensitive
+    seamy = super_resolve(m, x, scale, tile=tile, overlap=r // 2)
+    assert (seamy - full).abs().max().item() > 1e-3
+    # ensemble + tiles
+    e_full = super_resolve(m, x, scale, ensemble=True)
+    e_tiled = super_resolve(m, x, scale, ensemble=True, tile=tile, overlap=r)
+    assert (e_full - e_tiled).abs().max().item() < 1e-5
+
+
+def test_self_ensemble_is_mean_of_eight_transforms():
+    x = torch.rand(1, 3, 5, 7)
+    calls = []
+
+    def fn(t):
+        calls.append(tuple(t.shape))
+        return t * 2 + t[..., :1, :1]            # not equivariant: the corner pixel differs per transform
+    out = self_ensemble(fn, x)
+    assert len(calls) == 8 and calls.count((1, 3, 7, 5)) == 4
+    corners = [x[..., 0, 0], x[..., 0, -1], x[..., -1, 0], x[..., -1, -1]]
+    expected = x * 2 + sum(c[..., None, None] for c in corners) * 2 / 8
+    torch.testing.assert_close(out, expected)
+
+
+def test_forward_tiled_without_tiles_is_plain():
+    m = _model()
+    x = torch.rand(1, 3, 10, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(forward_tiled(m, x, 2, None), m(x))
+
+
+# ------------------------------------------------------------------------------------------ files
+
+def _encode_with_filters(arr, ftypes):
+    """A 16-bit PNG whose rows use the given PNG filter types (an independent, row-by-row encoder)."""
+    h, w, ch = arr.shape
+    bpp = 2 * ch
+    be = arr.astype(">u2").reshape(h, w * ch).view(np.uint8).astype(np.int64)
+    rows = []
+    for r in range(h):
+        row, prev = be[r], (be[r - 1] if r else np.zeros_like(be[r]))
+        left = np.concatenate([np.zeros(bpp, np.int64), row[:-bpp]])
+        ul = np.concatenate([np.zeros(bpp, np.int64), prev[:-bpp]])
+        f = ftypes[r % len(ftypes)]
+        if f == 0:
+            pred = 0
+        elif f == 1:
+            pred = left
+        elif f == 2:
+            pred = prev
+        elif f == 3:
+            pred = (left + prev) >> 1
+        else:
+            p = left + prev - ul
+            pa, pb, pc = abs(p - left), abs(p - prev), abs(p - ul)
+            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, ul))
+        rows.append(bytes([f]) + ((row - pred) & 255).astype(np.uint8).tobytes())
+    ctype = {1: 0, 2: 4, 3: 2, 4: 6}[ch]
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, ctype, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("ch", [1, 2, 3, 4])
+def test_png16_decoder_all_filters(ch):
+    a = np.random.default_rng(ch).integers(0, 65536, (23, 31, ch)).astype(np.uint16)
+    assert (png16.decode(_encode_with_filters(a, [0, 1, 2, 3, 4, 4, 1, 3])) == a).all()
+    assert (png16.decode(png16.encode(a)) == a).all()
+
+
+def _save(path, arr, **kw):
+    if arr.dtype == np.uint16 and arr.ndim == 3:
+        path.write_bytes(png16.encode(arr))
+    else:
+        PILImage.fromarray(arr).save(path, **kw)
+    return str(path)
+
+
+def _expected_rgb(model, rgb01):
+    return super_resolve(model, torch.from_numpy(rgb01.transpose(2, 0, 1)).float(), CFG["scale"]).clamp(0, 1)
+
+
+def test_upscale_kinds_of_images(tmp_path, weights):
+    wpath, m = weights
+    src = tmp_path / "in"
+    src.mkdir()
+    tex = _texture(12, 10)
+    rgb8 = (tex * 255).round().astype(np.uint8)
+    _save(src / "rgb.png", rgb8)
+    _save(src / "gray.png", rgb8[..., 0])
+    alpha = (np.linspace(0, 255, 120).reshape(12, 10)).round().astype(np.uint8)
+    _save(src / "rgba.png", np.dstack([rgb8, alpha]))
+    _save(src / "gray16.png", (tex[..., 1] * 65535).round().astype(np.uint16))
+    rgb16 = (tex * 65535).round().astype(np.uint16)
+    _save(src / "rgb16.png", rgb16)
+    _save(src / "photo.jpg", rgb8, quality=95)
+    _save(src / "photo.webp", rgb8, quality=95)
+    out = tmp_path / "out"
+    assert cli.main(["upscale", str(src), "-o", str(out), "--weights", wpath, "--device", "cpu"]) == 0
+    assert sorted(os.listdir(out)) == sorted(os.listdir(src))
+
+    im = PILImage.open(out / "rgb.png")
+    assert im.mode == "RGB" and im.size == (20, 24)
+    want = np.round(_expected_rgb(m, rgb8 / 255.0).permute(1, 2, 0).numpy() * 255)
+    assert np.abs(np.asarray(im).astype(float) - want).max() <= 1
+    assert PILImage.open(out / "gray.png").mode == "L"
+    im = PILImage.open(out / "rgba.png")
+    assert im.mode == "RGBA" and im.size == (20, 24)
+    a_want = np.round(upsample(torch.from_numpy(alpha / 255.0)[None], 2).clamp(0, 1)[0].numpy() * 255)
+    assert np.abs(np.asarray(im)[..., 3].astype(float) - a_want).max() <= 1
+    im = PILImage.open(out / "gray16.png")
+    assert im.mode.startswith("I") and im.size == (20, 24)
+    assert np.asarray(im).max() > 255                       # still 16-bit values
+    got16 = png16.decode((out / "rgb16.png").read_bytes())
+    assert got16.dtype == np.uint16 and got16.shape == (24, 20, 3)
+    want16 = _expected_rgb(m, rgb16 / 65535.0).permute(1, 2, 0).numpy() * 65535
+    assert np.abs(got16 - want16).max() <= 1.0               # not reduced to 8 bits
+    assert PILImage.open(out / "photo.jpg").format == "JPEG"
+    assert PILImage.open(out / "photo.webp").format == "WEBP"
+
+
+def test_upscale_single_file_formats_and_tiles(tmp_path, weights):
+    wpath, m = weights
+    rgb8 = (_texture(30, 26) * 255).round().astype(np.uint8)
+    src = _save(tmp_path / "a.png", rgb8)
+    assert cli.main(["upscale", src, "-o", str(tmp_path / "b.png"), "--weights", wpath, "--device", "cpu"]) == 0
+    assert cli.main(["upscale", src, "-o", str(tmp_path / "c.png"), "--weights", wpath, "--device", "cpu", "--tile", "8"]) == 0
+    b = np.asarray(PILImage.open(tmp_path / "b.png")).astype(int)
+    c = np.asarray(PILImage.open(tmp_path / "c.png")).astype(int)
+    assert np.abs(b - c).max() <= 1 and (b == c).mean() > 0.999
+    assert cli.main(["upscale", src, "-o", str(tmp_path / "d"), "--weights", wpath, "--device", "cpu", "--format", "webp",
+                     "--self-ensemble", "--dtype", "bf16"]) == 0
+    assert PILImage.open(tmp_path / "d" / "a.webp").size == (52, 60)
+    # a file name as OUTPUT with several inputs is a usage error; an output never overwrites its input
+    assert cli.main(["upscale", src, src, "-o", str(tmp_path / "e.png"), "--weights", wpath, "--device", "cpu"]) == 2
+    assert cli.main(["upscale", src, "-o", str(tmp_path), "--weights", wpath, "--device", "cpu"]) == 1
+
+
+def test_bad_inputs_are_named_and_skipped(tmp_path, weights, capsys):
+    wpath, _ = weights
+    src = tmp_path / "in"
+    src.mkdir()
+    rgb8 = (_texture(10, 10) * 255).astype(np.uint8)
+    _save(src / "a_good.png", rgb8)
+    full = (src / "a_good.png").read_bytes()
+    (src / "b_truncated.png").write_bytes(full[: len(full) // 2])
+    (src / "c_garbage.png").write_bytes(b"this is not an image")
+    (src / "d_empty.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    PILImage.fromarray(rgb8).save(buf, format="JPEG")
+    (src / "e_truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    bad16 = png16.encode(np.zeros((8, 8, 3), np.uint16))
+    (src / "f_truncated16.png").write_bytes(bad16[:-30])
+    _save(src / "z_good.png", rgb8)
+    out = tmp_path / "out"
+    code = cli.main(["upscale", str(src), str(tmp_path / "missing.png"), "-o", str(out), "--weights", wpath, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1
+    for name in ("b_truncated.png", "c_garbage.png", "d_empty.jpg", "e_truncated.jpg", "f_truncated16.png",
+                 "missing.png"):
+        assert name in err, name
+    assert sorted(os.listdir(out)) == ["a_good.png", "z_good.png"]        # nothing half-written
+    # --fail-fast: stops at the first bad file
+    out2 = tmp_path / "out2"
+    assert cli.main(["upscale", str(src), "-o", str(out2), "--weights", wpath, "--device", "cpu", "--fail-fast"]) == 1
+    assert sorted(os.listdir(out2)) == ["a_good.png"]
+    assert "stopping" in capsys.readouterr().err
+    # reading directly raises with the file name
+    with pytest.raises(ImageReadError, match="b_truncated.png"):
+        read_image(src / "b_truncated.png")
