@@ -5,13 +5,25 @@
 and a CUDA toolkit is found; FASTDRN_BUILD_EXT=0 skips it. Otherwise it is built on first use
 (torch.utils.cpp_extension.load with ninja). No GPU is queried at build time.
 """
+import importlib.util
 import os
 import warnings
 
 from setuptools import setup
 
-PACKAGES = ["fastdrn", "fastdrn.kernels"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+PACKAGES = ["fastdrn", "fastdrn.kernels", "fastdrn.tools"]
 PACKAGE_DIR = {"fastdrn": "fastdrn", "fastdrn.kernels": "kernels"}
+
+
+def extension_config():
+    """fastdrn/extension.py, loaded by path: the loader and this script share its source list and
+    nvcc flags, and importing the fastdrn package itself would need all of its dependencies."""
+    path = os.path.join(HERE, "fastdrn", "extension.py")
+    spec = importlib.util.spec_from_file_location("_fastdrn_extension_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def extension_build():
@@ -19,23 +31,22 @@ def extension_build():
     if os.environ.get("FASTDRN_BUILD_EXT", "1") == "0":
         return [], {}
     try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     except Exception as exc:
         warnings.warn(f"fastdrn: not building the CUDA extension now (torch not importable in the build: {exc}); "
                       "it will be built on first use")
         return [], {}
-    if torch.version.cuda is None or CUDA_HOME is None:
-        warnings.warn("fastdrn: not building the CUDA extension now (needs a CUDA build of torch and a CUDA "
-                      "toolkit); it will be built on first use")
+    config = extension_config()
+    skip = config.cuda_build_skip_reason()
+    if skip is not None:
+        warnings.warn(f"fastdrn: not building the CUDA extension now ({skip}); it will be built on first use")
         return [], {}
-    from fastdrn_build import extension_sources, nvcc_arch_flags
-
+    sources, nvcc_flags = config.build_config(cuda=True)
     ext = CUDAExtension(
         "fastdrn._C",
-        sources=extension_sources(cuda=True),
-        include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *nvcc_arch_flags()]},
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -9,7 +9,6 @@ cuDNN.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import backend, ops, reference
 
@@ -52,6 +51,6 @@ class DRN(reference.DRN):
             b_c = None if group.compress.bias is None else group.compress.bias.to(dtype)
             y = ops.compress_skip(z, w_c, b_c, y, self.alpha)
         y = self.upsample(y + y0)
-        y = ops.pixel_shuffle(y, self.scale) if hasattr(ops, "pixel_shuffle") else F.pixel_shuffle(y, self.scale)
+        y = ops.pixel_shuffle(y, self.scale)
         out = self.tail(y) + mean
         return out if channels_last_in else out.contiguous()

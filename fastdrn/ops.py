@@ -143,3 +143,42 @@ def distill_group(y, blocks, alpha=0.2, recompute=False):
     buffer = torch.empty((n, width, h, w), device=y.device, dtype=y.dtype, memory_format=torch.channels_last)
     buffer[:, :c].copy_(y)
     return residual_distill_group_(buffer, c, blocks, alpha)
+
+
+def check_pixel_shuffle(x, upscale_factor):
+    """Checks pixel_shuffle's inputs; returns the factor as an int (anything torch takes as an int,
+    such as a numpy integer, but not a bool or a float)."""
+    import operator
+
+    op = "pixel_shuffle"
+    _check_tensor(op, "x", x, "(N, C*s*s, H, W)", 4)
+    _check_alike(op, dict(x=x))
+    if isinstance(upscale_factor, torch.SymInt):  # a traced factor (torch.compile with dynamic shapes)
+        factor = upscale_factor
+    elif isinstance(upscale_factor, bool) or not hasattr(type(upscale_factor), "__index__"):
+        raise TypeError(f"{op}: upscale_factor must be an int, got {type(upscale_factor).__name__}")
+    else:
+        factor = operator.index(upscale_factor)
+    if factor < 1:
+        raise ValueError(f"{op}: upscale_factor must be >= 1, got {factor}")
+    if x.shape[1] % (factor * factor) != 0:
+        raise ValueError(f"{op}: x has {x.shape[1]} channels, which is not divisible by upscale_factor**2 = "
+                         f"{factor * factor}")
+    return factor
+
+
+def pixel_shuffle(x, upscale_factor):
+    """(N, C*s*s, H, W) -> (N, C, H*s, W*s) with s = upscale_factor, in x's memory format: the result
+    of torch.nn.functional.pixel_shuffle. CUDA tensors (and every tensor under FASTDRN_BACKEND=triton)
+    go through the C++/CUDA extension (fastdrn.extension), which is built on first use if needed."""
+    factor = check_pixel_shuffle(x, upscale_factor)
+    from . import extension
+
+    choice = backend.requested()
+    if choice == "triton" or (choice == "auto" and x.device.type == "cuda"):
+        reason = extension.unavailable_reason(x.device)
+        if reason is None:
+            return torch.ops.fastdrn_ext.pixel_shuffle(x, factor)
+        if choice == "triton":
+            raise RuntimeError(f"FASTDRN_BACKEND=triton but pixel_shuffle cannot run fastdrn's kernel: {reason}")
+    return torch.nn.functional.pixel_shuffle(x, factor)

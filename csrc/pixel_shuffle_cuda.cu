@@ -1,0 +1,109 @@
+// CUDA kernels of fastdrn_ext::pixel_shuffle and fastdrn_ext::pixel_unshuffle (its backward).
+//
+// Each thread writes one 16-byte vector of the output, in the output's memory order, and gathers
+// its elements from the input through the shared index mapping (pixel_shuffle_index.h). The
+// stores are the side that can be wide: consecutive output elements come from input elements
+// s*s channels apart (channels_last shuffle), H*W apart (NCHW shuffle), s pixels apart (NCHW
+// unshuffle) or C apart (channels_last unshuffle), so the loads are scalar; a warp's scalar loads
+// still cover whole 32-byte sectors, which the L1 cache serves. Only headers from c10 are used
+// for CUDA (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS and cuSPARSE headers) so that
+// csrc/nvcc_check.sh can compile this file against any torch wheel and a bare CUDA toolkit.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "pixel_shuffle.h"
+
+namespace fastdrn {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kVectorBytes = 16;
+
+template <typename scalar_t, int kVec>
+struct alignas(sizeof(scalar_t) * kVec) AlignedVector {
+  scalar_t val[kVec];
+};
+
+// Threads [0, full) write one kVec-element vector each; the numel % kVec elements left over at the
+// end are written one per thread by the threads after them (the scalar path).
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    gather_kernel(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, const GatherPlan<index_t> plan,
+                  const index_t numel) {
+  constexpr int kVec = kVectorBytes / sizeof(scalar_t);
+  // 64-bit: with 32-bit sizes, full + tail threads may still number more than 2^31 - 1.
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const index_t full = numel / kVec;
+  if (thread < full) {
+    const index_t first = static_cast<index_t>(thread) * kVec;
+    SourceCursor<index_t> cursor(plan, first);
+    AlignedVector<scalar_t, kVec> out;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      out.val[k] = src[cursor.offset];
+      if (k + 1 < kVec) cursor.advance(plan);
+    }
+    *reinterpret_cast<AlignedVector<scalar_t, kVec>*>(dst + first) = out;
+  } else if (thread < full + numel % kVec) {
+    const index_t i = full * kVec + static_cast<index_t>(thread - full);
+    dst[i] = src[SourceCursor<index_t>(plan, i).offset];
+  }
+}
+
+template <typename scalar_t, typename index_t>
+void launch_gather(const ShuffleCall& call) {
+  constexpr int kVec = kVectorBytes / sizeof(scalar_t);
+  scalar_t* dst = call.dst.mutable_data_ptr<scalar_t>();
+  // at::empty's CUDA allocations are at least 16-byte aligned; the vector stores rely on it.
+  TORCH_INTERNAL_ASSERT(reinterpret_cast<std::uintptr_t>(dst) % kVectorBytes == 0);
+  const int64_t numel = call.dst.numel();
+  const int64_t threads = numel / kVec + numel % kVec;
+  const int64_t blocks = (threads + kThreads - 1) / kThreads;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "pixel_shuffle: tensor too large (", numel,
+              " elements) for one launch");
+  gather_kernel<scalar_t, index_t>
+      <<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          call.src.const_data_ptr<scalar_t>(), dst, plan_for<index_t>(call), static_cast<index_t>(numel));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor shuffle_cuda(const at::Tensor& x, int64_t factor, bool to_shuffled) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  ShuffleCall call = prepare_shuffle(x, factor, to_shuffled);
+  const int64_t numel = call.dst.numel();
+  if (numel == 0) return call.dst;
+  // Offsets stay below numel (SourceCursor), so 32-bit indexing holds up to INT32_MAX elements;
+  // it saves the 64-bit divisions of unravelling each vector's index.
+  const bool use_int32 = numel <= std::numeric_limits<int32_t>::max();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.src.scalar_type(), "fastdrn_pixel_shuffle_cuda", [&] {
+    if (use_int32) {
+      launch_gather<scalar_t, int32_t>(call);
+    } else {
+      launch_gather<scalar_t, int64_t>(call);
+    }
+  });
+  return call.dst;
+}
+
+at::Tensor pixel_shuffle_cuda(const at::Tensor& x, int64_t upscale_factor) {
+  return shuffle_cuda(x, upscale_factor, /*to_shuffled=*/true);
+}
+
+at::Tensor pixel_unshuffle_cuda(const at::Tensor& x, int64_t downscale_factor) {
+  return shuffle_cuda(x, downscale_factor, /*to_shuffled=*/false);
+}
+
+}  // namespace
+}  // namespace fastdrn
+
+TORCH_LIBRARY_IMPL(fastdrn_ext, CUDA, m) {
+  m.impl("pixel_shuffle", &fastdrn::pixel_shuffle_cuda);
+  m.impl("pixel_unshuffle", &fastdrn::pixel_unshuffle_cuda);
+}

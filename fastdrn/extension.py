@@ -1,0 +1,242 @@
+"""The C++/CUDA extension (csrc/): torch.ops.fastdrn_ext.pixel_shuffle and .pixel_unshuffle.
+
+Importing this module builds nothing and queries no device. The first call that needs the ops
+(`load_error`, `unavailable_reason`) imports the prebuilt `fastdrn._C` when setup.py built it, and
+otherwise compiles csrc/ with torch.utils.cpp_extension.load (ninja), cached in torch's extensions
+directory (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions). The CUDA kernels are
+compiled only when torch is a CUDA build and a CUDA toolkit is found (FASTDRN_CUDA_ARCH_LIST picks
+the GPU architectures); otherwise the build holds the CPU kernels alone. When the extension cannot
+be loaded, the reason is kept and named by the error of whatever needs it.
+
+The ops themselves are defined in C++ (CPU and CUDA kernels); their autograd formulas and their
+shape-only fake implementations, which let torch.compile trace them, are registered here.
+
+setup.py loads this file by path, without importing the fastdrn package, to get `build_config`:
+the module depends on nothing but the standard library and torch.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+LIBRARY = "fastdrn_ext"
+ROOT = Path(__file__).resolve().parent.parent  # the source tree that holds csrc/
+CPU_SOURCES = ("csrc/pixel_shuffle.cpp",)
+CUDA_SOURCES = ("csrc/pixel_shuffle_cuda.cu",)
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"  # A100 and H100/H200
+
+_log = logging.getLogger(__name__)
+
+
+# ---- build configuration (shared with setup.py) -------------------------------------------------
+def nvcc_arch_flags(arch_list: str | None = None) -> list[str]:
+    """-gencode flags for an architecture list such as "8.0;9.0" (the default), "80 90a" or
+    "9.0+PTX" (also embed PTX, for GPUs newer than the list); default FASTDRN_CUDA_ARCH_LIST."""
+    if arch_list is None:
+        arch_list = os.environ.get("FASTDRN_CUDA_ARCH_LIST", "").strip() or DEFAULT_CUDA_ARCH_LIST
+    flags = []
+    for entry in re.split(r"[;,\s]+", arch_list.strip()):
+        if not entry:
+            continue
+        match = re.fullmatch(r"(?:sm_|compute_)?(\d+)(?:\.(\d))?([af]?)(\+PTX)?", entry, flags=re.IGNORECASE)
+        if match is None or (match.group(2) is None and len(match.group(1)) < 2):
+            raise ValueError(f"FASTDRN_CUDA_ARCH_LIST: cannot read {entry!r}; "
+                             "use entries like 8.0, 9.0a, 90 or 9.0+PTX")
+        major, minor, suffix, ptx = match.groups()
+        arch = f"{major}{minor or ''}{suffix.lower()}"
+        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{arch},code=compute_{arch}")
+    if not flags:
+        raise ValueError("FASTDRN_CUDA_ARCH_LIST names no architecture")
+    return flags
+
+
+def build_config(cuda: bool) -> tuple[list[str], list[str]]:
+    """(sources relative to the source tree, nvcc flags) of the extension, with or without CUDA."""
+    sources = list(CPU_SOURCES) + (list(CUDA_SOURCES) if cuda else [])
+    return sources, ["-O3", *nvcc_arch_flags()]
+
+
+def find_cuda_toolkit() -> str | None:
+    """The CUDA toolkit directory: CUDA_HOME or CUDA_PATH as set, else the one around the nvcc on
+    PATH, else /usr/local/cuda; candidates that are guessed must hold bin/nvcc and include/.
+
+    torch.utils.cpp_extension.CUDA_HOME is None whenever torch is a CPU build, installed toolkit or
+    not, so the reasons given for building without CUDA (and csrc/nvcc_check.sh) use this."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home
+    guesses = ["/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:  # nvcc on PATH may be a wrapper script outside the toolkit, hence the checks
+        guesses.insert(0, str(Path(nvcc).resolve().parent.parent))
+    for guess in guesses:
+        if (Path(guess) / "bin" / "nvcc").is_file() and (Path(guess) / "include" / "cuda_runtime.h").is_file():
+            return guess
+    return None
+
+
+def cuda_build_skip_reason() -> str | None:
+    """Why a build now would leave out the CUDA kernels, or None when it includes them."""
+    if torch.version.cuda is None:
+        toolkit = find_cuda_toolkit()
+        found = f"; the CUDA toolkit at {toolkit} cannot be used with it" if toolkit else ""
+        return f"torch {torch.__version__} is not a CUDA build{found}"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return "no CUDA toolkit found: set CUDA_HOME or put nvcc on PATH"
+    return None
+
+
+# ---- loading ------------------------------------------------------------------------------------
+_lock = threading.Lock()
+_loaded = False
+_load_failure: str | None = None
+_cuda_kernels = False
+_no_cuda_reason = "the prebuilt fastdrn._C has no CUDA kernels"
+
+
+def _ops_defined() -> bool:
+    return hasattr(getattr(torch.ops, LIBRARY), "pixel_shuffle")
+
+
+def _build() -> None:
+    """Compile csrc/ (CPU kernels, and CUDA ones when possible) and load it into torch.ops."""
+    global _no_cuda_reason
+    from torch.utils import cpp_extension
+
+    missing = [p for p in CPU_SOURCES + CUDA_SOURCES if not (ROOT / p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"the extension's sources are not installed (no {ROOT / missing[0]}); install fastdrn "
+                                "from a source checkout, or build fastdrn._C with setup.py")
+    cpp_extension.verify_ninja_availability()
+    skip = cuda_build_skip_reason()
+    sources, nvcc_flags = build_config(cuda=skip is None)
+    name = f"{LIBRARY}_{'cuda' if skip is None else 'cpu'}"
+    _log.info("fastdrn: loading the C++%s extension %r (compiled on first use, then cached in torch's "
+              "extensions directory)", "/CUDA" if skip is None else "", name)
+    cpp_extension.load(name=name, sources=[str(ROOT / p) for p in sources], extra_cflags=["-O3"],
+                       extra_cuda_cflags=nvcc_flags, extra_include_paths=[str(ROOT / "csrc")],
+                       with_cuda=skip is None, is_python_module=False)
+    if skip is not None:
+        _no_cuda_reason = f"it was compiled without them: {skip}"
+
+
+def _import_or_build() -> None:
+    try:
+        importlib.import_module("fastdrn._C")  # built by setup.py; registers the ops as it loads
+        return
+    except ModuleNotFoundError as exc:
+        if exc.name != "fastdrn._C":
+            raise
+        broken = None
+    except ImportError as exc:  # e.g. built against another torch: a fresh build may still work
+        broken = f"{type(exc).__name__}: {exc}"
+    try:
+        _build()
+    except Exception as exc:
+        if broken is not None:
+            raise RuntimeError(f"the prebuilt fastdrn._C does not load ({broken}), and building the extension "
+                               f"failed: {type(exc).__name__}: {exc}") from exc
+        raise
+
+
+def _finish_loading() -> None:
+    global _loaded, _cuda_kernels
+    _register_python_parts()
+    _cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key(f"{LIBRARY}::pixel_shuffle", "CUDA")
+    _loaded = True
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it eagerly and keeps the answer
+def load_error() -> str | None:
+    """Loads the extension on first call; None when its ops are ready, else why they cannot be."""
+    global _load_failure
+    if not _loaded and _load_failure is None:
+        with _lock:
+            if not _loaded and _load_failure is None:
+                try:
+                    _import_or_build()
+                    _finish_loading()
+                except Exception as exc:  # every failure is a reason to report where the ops are needed
+                    _load_failure = f"{type(exc).__name__}: {exc}"
+    return _load_failure
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the extension's kernels cannot run on tensors of `device`, or None when they can."""
+    if device.type not in ("cpu", "cuda"):
+        return f"the extension has CPU and CUDA kernels only (got a {device.type} tensor)"
+    error = load_error()
+    if error is not None:
+        return f"the C++/CUDA extension could not be loaded ({error})"
+    if device.type == "cuda" and not _cuda_kernels:
+        return f"the extension has no CUDA kernels ({_no_cuda_reason})"
+    return None
+
+
+# ---- autograd and fake implementations ----------------------------------------------------------
+def _fake(x: torch.Tensor, factor: int, to_shuffled: bool) -> torch.Tensor:
+    """The output's shape, dtype and strides, checked as the C++ op checks (same error types)."""
+    op, factor_name = ("pixel_shuffle", "upscale_factor") if to_shuffled else ("pixel_unshuffle", "downscale_factor")
+    torch._check_value(x.dim() == 4, lambda: f"{op}: x must be a 4-D tensor (N, C, H, W), got shape {tuple(x.shape)}")
+    torch._check_value(factor >= 1, lambda: f"{op}: {factor_name} must be >= 1, got {factor}")
+    torch._check_type(x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                      lambda: f"{op}: x has dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
+    n, c, h, w = x.shape
+    if to_shuffled:
+        torch._check_value(c % (factor * factor) == 0, lambda: f"{op}: x has {c} channels, which is not divisible by "
+                                                               f"{factor_name}**2 = {factor}**2")
+        shape = (n, c // (factor * factor), h * factor, w * factor)
+    else:
+        torch._check_value(h % factor == 0 and w % factor == 0,
+                           lambda: f"{op}: x has height {h} and width {w}, which must both be divisible by "
+                                   f"{factor_name} = {factor}")
+        shape = (n, c * factor * factor, h // factor, w // factor)
+    # The C++ op allocates in x.suggest_memory_format(); this is its Python twin.
+    memory_format = torch._prims_common.suggest_memory_format(x)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format)
+
+
+def _pixel_shuffle_fake(x, upscale_factor):
+    return _fake(x, upscale_factor, to_shuffled=True)
+
+
+def _pixel_unshuffle_fake(x, downscale_factor):
+    return _fake(x, downscale_factor, to_shuffled=False)
+
+
+def _save_factor(ctx, inputs, output):
+    ctx.factor = inputs[1]
+
+
+# Each op only moves elements, so its backward moves the gradient back with the other one.
+def _pixel_shuffle_backward(ctx, grad):
+    return torch.ops.fastdrn_ext.pixel_unshuffle(grad, ctx.factor), None
+
+
+def _pixel_unshuffle_backward(ctx, grad):
+    return torch.ops.fastdrn_ext.pixel_shuffle(grad, ctx.factor), None
+
+
+def _register_python_parts() -> None:
+    for op, fake, backward in (("pixel_shuffle", _pixel_shuffle_fake, _pixel_shuffle_backward),
+                               ("pixel_unshuffle", _pixel_unshuffle_fake, _pixel_unshuffle_backward)):
+        torch.library.register_fake(f"{LIBRARY}::{op}", fake)
+        torch.library.register_autograd(f"{LIBRARY}::{op}", backward, setup_context=_save_factor)
+
+
+# The C++ library names this module (set_python_module) as the home of its fake implementations,
+# and torch's error tells whoever loaded the library directly (`import fastdrn._C`) to import it:
+# importing it then completes the ops.
+if _ops_defined():
+    _finish_loading()
