@@ -43,6 +43,14 @@ def join_alpha(alpha_hi, alpha_lo, IS_FP64: tl.constexpr):
         return alpha_hi
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision. Float32 storage runs 3xTF32 (near-fp32 products on the tensor cores):
+    plain TF32 moved pre-activations by ~1e-3, enough to flip ELU's derivative (1 against alpha)
+    for values near 0, which put float32 gradients 2e-2 off the float64 reference on an H100.
+    16-bit inputs ignore it (their products are exact in fp32 accumulators)."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
 def split_alpha(alpha: float) -> tuple[float, float]:
     """alpha as fp32 hi + lo halves: exact to about 1e-14, enough for the float64 contract."""
     hi = float(torch.tensor(alpha, dtype=torch.float32))

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from fastdrn.backend import interpreting
 
-from ._common import check_int32, elu, elu_grad_from_input, elu_grad_from_output, grad_split, is_fp64, join_alpha, launch, split_alpha
+from ._common import check_int32, dot_precision, elu, elu_grad_from_input, elu_grad_from_output, grad_split, is_fp64, join_alpha, launch, split_alpha
 
 EPILOGUE_LINEAR = 0   # out = acc + bias (+ res)
 EPILOGUE_ELU = 1      # out = ELU(acc + bias) (+ res)
@@ -42,6 +42,7 @@ def conv1x1_kernel(
     HAS_RES: tl.constexpr,   # read res (always true for EPILOGUE_ELU_GRAD)
     EPILOGUE: tl.constexpr,  # one of the EPILOGUE_* codes above
     IS_FP64: tl.constexpr,   # float64 storage: float64 accumulation (interpreter tests)
+    PRECISION: tl.constexpr,  # tl.dot input_precision: "tf32x3" for float32 storage (see dot_precision)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -60,7 +61,7 @@ def conv1x1_kernel(
                     mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
         w = tl.load(w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn,
                     mask=(kk[:, None] < K) & n_ok[None, :], other=0.0)
-        acc = tl.dot(x, w, acc)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
     alpha = join_alpha(alpha_hi, alpha_lo, IS_FP64)
@@ -95,6 +96,7 @@ def weight_grad_kernel(
     TAPS: tl.constexpr,      # 1 for a 1x1 conv; 9 for a 3x3 conv with padding 1 (x read at the tap's shift)
     HAS_BIAS: tl.constexpr,
     IS_FP64: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input_precision (see dot_precision)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -129,7 +131,7 @@ def weight_grad_kernel(
             src_ok = m_ok
             src = rm
         x = tl.load(x_ptr + src[:, None] * stride_xm + rk[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(g), x, acc)
+        acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
         if HAS_BIAS:
             bias_acc += tl.sum(g.to(acc_dtype), axis=0)
     tile = split * TAPS + tap
@@ -192,6 +194,7 @@ def conv1x1(x: torch.Tensor, x_stride: int, w: torch.Tensor, transpose_w: bool, 
         stride_wn=1 if transpose_w else c_in, stride_wk=c_in if transpose_w else 1,
         stride_rm=res_stride, stride_om=out_stride, alpha_hi=alpha_hi, alpha_lo=alpha_lo,
         HAS_BIAS=bias is not None, HAS_RES=res is not None, EPILOGUE=epilogue, IS_FP64=is_fp64(x),
+        PRECISION=dot_precision(x.dtype),
     )
     return out
 
@@ -218,7 +221,7 @@ def weight_grad(g: torch.Tensor, g_stride: int, x: torch.Tensor, x_stride: int, 
         WEIGHT_GRAD_INTERPRETER, WEIGHT_GRAD_CONFIGS[0],
         g_ptr=g, x_ptr=x, dw_ptr=dw_partial, db_ptr=db_partial if with_bias else dw_partial,
         M=m, N=n, K=k, H=height, W=width, rows_per_split=rows_per_split, stride_gm=g_stride, stride_xm=x_stride,
-        TAPS=taps, HAS_BIAS=with_bias, IS_FP64=is_fp64(g),
+        TAPS=taps, HAS_BIAS=with_bias, IS_FP64=is_fp64(g), PRECISION=dot_precision(g.dtype),
     )
     dw = dw_partial.sum(dim=0)  # (taps, n, k)
     if taps == 9:
@@ -228,3 +231,54 @@ def weight_grad(g: torch.Tensor, g_stride: int, x: torch.Tensor, x_stride: int, 
     db = db_partial.sum(dim=0).to(weight_dtype) if with_bias else None
     return dw.to(weight_dtype).contiguous(), db
 
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile check (kernels/registry.py, `python -m fastdrn.kernels.aot_check`).
+# ---------------------------------------------------------------------------------------------
+def aot_variants():
+    """Every way these two kernels can be compiled for a GPU, as registry.Variant records.
+
+    conv1x1_kernel: every EPILOGUE_* code of this module, with or without bias, with or without
+    res (epilogues past EPILOGUE_ELU always read res), in both weight orientations (a launcher's
+    unit weight stride is specialized to constexpr 1 at launch); weight_grad_kernel: 1 and 9 taps,
+    with or without bias. Both at every autotune config and every pinned config (FASTDRN_NUM_WARPS,
+    FASTDRN_AUTOTUNE=0), for fp32, bf16 and fp16 storage. IS_FP64 is always False on a GPU.
+    """
+    import itertools
+
+    from .registry import expand, launch_configs
+
+    epilogues = sorted({v for k, v in globals().items() if k.startswith("EPILOGUE_") and isinstance(v, int)})
+    conv_cases = []
+    for epilogue, has_bias, has_res, transposed in itertools.product(epilogues, (True, False), (True, False),
+                                                                     (False, True)):
+        if epilogue not in (EPILOGUE_LINEAR, EPILOGUE_ELU) and not has_res:
+            continue
+        unit = {"stride_wn": 1} if transposed else {"stride_wk": 1}
+        label = (f"E{epilogue}{' bias' if has_bias else ''}{' res' if has_res else ''}"
+                 f" {'wT' if transposed else 'w'}")
+        conv_cases.append((label, {"HAS_BIAS": has_bias, "HAS_RES": has_res, "EPILOGUE": epilogue,
+                                   "IS_FP64": False, **unit}))
+    conv_kinds = {
+        "x_ptr": "ptr", "w_ptr": "ptr", "bias_ptr": "ptr", "res_ptr": "ptr", "out_ptr": "ptr",
+        "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_wk": "i32",
+        "stride_rm": "i32", "stride_om": "i32", "alpha_hi": "fp32", "alpha_lo": "fp32",
+        "HAS_BIAS": "constexpr", "HAS_RES": "constexpr", "EPILOGUE": "constexpr", "IS_FP64": "constexpr",
+        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+    }
+    variants = expand(conv1x1_kernel, conv_kinds, conv_cases, launch_configs(CONV1X1_CONFIGS, CONV1X1_CONFIGS[0]),
+                      div16=("M", "N", "K", "stride_xm", "stride_wn", "stride_wk", "stride_rm", "stride_om"))
+
+    grad_cases = [(f"taps{taps}{' bias' if has_bias else ''}", {"TAPS": taps, "HAS_BIAS": has_bias, "IS_FP64": False})
+                  for taps in (1, 9) for has_bias in (True, False)]
+    grad_kinds = {
+        "g_ptr": "ptr", "x_ptr": "ptr", "dw_ptr": "*fp32", "db_ptr": "*fp32",
+        "M": "i32", "N": "i32", "K": "i32", "H": "i32", "W": "i32", "rows_per_split": "i32",
+        "stride_gm": "i32", "stride_xm": "i32",
+        "TAPS": "constexpr", "HAS_BIAS": "constexpr", "IS_FP64": "constexpr",
+        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+    }
+    variants += expand(weight_grad_kernel, grad_kinds, grad_cases,
+                       launch_configs(WEIGHT_GRAD_CONFIGS, WEIGHT_GRAD_CONFIGS[0]),
+                       div16=("M", "N", "K", "H", "W", "rows_per_split", "stride_gm", "stride_xm"))
+    return variants

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._common import (check_int32, elu, elu_grad_from_output, is_fp64, join_alpha, launch, next_pow2, rows, split_alpha)
+from ._common import (check_int32, dot_precision, elu, elu_grad_from_output, is_fp64, join_alpha, launch, next_pow2, rows, split_alpha)
 from .gemm import EPILOGUE_ELU, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, weight_grad
 
 EPI_ELU = 0                  # mid = ELU(conv3x3(x) + bias)
@@ -65,6 +65,7 @@ def conv3x3_fused_kernel(
     HAS_SECOND: tl.constexpr,  # run the second GEMM and store out (False: only mid is wanted)
     HAS_BIAS2: tl.constexpr,
     IS_FP64: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input_precision (see dot_precision)
     BLOCK_M: tl.constexpr,    # pixel rows per program
     BLOCK_F: tl.constexpr,    # F padded to a power of two: the whole 3x3 output row stays in registers
     BLOCK_K: tl.constexpr,    # input channels per 3x3 step
@@ -96,7 +97,7 @@ def conv3x3_fused_kernel(
             x = tl.load(x_ptr + src[:, None] * F + kk[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
             wt = tl.load(wc_ptr + tap * F * F + kk[:, None] * F + rf[None, :],
                          mask=k_ok[:, None] & f_ok[None, :], other=0.0)
-            acc = tl.dot(x, wt, acc)
+            acc = tl.dot(x, wt, acc, input_precision=PRECISION)
     if HAS_BIAS1:
         acc += tl.load(bc_ptr + rf, mask=f_ok, other=0.0).to(acc_dtype)[None, :]
     alpha = join_alpha(alpha_hi, alpha_lo, IS_FP64)
@@ -116,7 +117,7 @@ def conv3x3_fused_kernel(
             n_ok = rn < N2
             w2 = tl.load(w2_ptr + rn[None, :] * stride_w2n + rf[:, None] * stride_w2f,
                          mask=f_ok[:, None] & n_ok[None, :], other=0.0)
-            c = tl.dot(mid_store, w2, tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype))
+            c = tl.dot(mid_store, w2, tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype), input_precision=PRECISION)
             if HAS_BIAS2:
                 c += tl.load(b2_ptr + rn, mask=n_ok, other=0.0).to(acc_dtype)[None, :]
             res_ok = m_ok[:, None] & (rn[None, :] < NRES)
@@ -133,23 +134,33 @@ def _config(block_m, block_n, block_k, warps, stages):
                          num_stages=stages)
 
 
+# Shared memory grows with BLOCK_K, BLOCK_F and the stages, and float32's 3xTF32 dots need far
+# more than 16-bit ones: at F = 256 a float32 program with BLOCK_M 64 needed 229,376 to 393,216
+# bytes (ptxas, sm_90) against 232,448 on an H100 and 166,912 on an A100, so float32 takes its own,
+# narrower configs there.
 CONV3X3_CONFIGS = {
     16: [_config(128, 64, 16, 4, 3), _config(64, 64, 16, 4, 3)],
     32: [_config(128, 64, 32, 4, 3), _config(64, 64, 32, 4, 3)],
-    64: [_config(128, 64, 64, 4, 3), _config(64, 64, 64, 4, 3), _config(128, 64, 32, 8, 3)],
-    128: [_config(64, 64, 64, 4, 3), _config(128, 64, 64, 8, 3)],
-    256: [_config(64, 64, 64, 8, 3), _config(64, 32, 32, 8, 3)],
+    64: [_config(64, 64, 64, 4, 3), _config(128, 64, 32, 4, 3), _config(128, 64, 32, 8, 3)],
+    128: [_config(64, 64, 32, 4, 3), _config(128, 64, 32, 8, 3)],
+    256: [_config(64, 64, 32, 8, 3), _config(64, 32, 32, 8, 2)],
 }
+CONV3X3_FP32_CONFIGS = {**CONV3X3_CONFIGS, 256: [_config(32, 32, 32, 4, 2), _config(32, 64, 32, 4, 2)]}
 CONV3X3_INTERPRETER = _config(32, 32, 32, 4, 1)
+
+
+def conv3x3_configs(block_f: int, dtype: torch.dtype) -> list:
+    return (CONV3X3_FP32_CONFIGS if dtype == torch.float32 else CONV3X3_CONFIGS)[block_f]
+
+
+_TUNE_KEY = ["F", "N2", "NRES", "EPI1", "HAS_SECOND"]
+# Keyed by (BLOCK_F, float32?, in place?). The in-place group path writes over its own residual, so
+# every autotuning trial must start from it (restore_value).
 conv3x3_tuned = {
-    block_f: triton.autotune(configs=configs, key=["F", "N2", "NRES", "EPI1", "HAS_SECOND"])(conv3x3_fused_kernel)
-    for block_f, configs in CONV3X3_CONFIGS.items()
-}
-# The in-place group path writes over its own residual: every autotuning trial must start from it.
-conv3x3_tuned_inplace = {
-    block_f: triton.autotune(configs=configs, key=["F", "N2", "NRES", "EPI1", "HAS_SECOND"],
-                             restore_value=["out_ptr"])(conv3x3_fused_kernel)
-    for block_f, configs in CONV3X3_CONFIGS.items()
+    (block_f, fp32, inplace): triton.autotune(configs=conv3x3_configs(block_f, torch.float32 if fp32 else None),
+                                              key=_TUNE_KEY, restore_value=["out_ptr"] if inplace else None)(
+        conv3x3_fused_kernel)
+    for block_f in CONV3X3_CONFIGS for fp32 in (False, True) for inplace in (False, True)
 }
 MAX_INNER = max(CONV3X3_CONFIGS)
 
@@ -167,11 +178,11 @@ def _conv3x3(x, wc_packed, bc, alpha, *, epi1, aux=None, save_mid=False, w2=None
     interp = triton.Config({**interp.kwargs, "BLOCK_K": min(block_f, interp.kwargs["BLOCK_K"])},
                            num_warps=interp.num_warps, num_stages=interp.num_stages)
     alpha_hi, alpha_lo = split_alpha(alpha)
-    tuned = (conv3x3_tuned_inplace if inplace else conv3x3_tuned)[block_f]
+    tuned = conv3x3_tuned[(block_f, x.dtype == torch.float32, inplace)]
     launch(
         conv3x3_fused_kernel, tuned,
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),),
-        interp, CONV3X3_CONFIGS[block_f][0],
+        interp, conv3x3_configs(block_f, x.dtype)[0],
         x_ptr=x, wc_ptr=wc_packed, bc_ptr=bc if bc is not None else wc_packed,
         aux_ptr=aux if aux is not None else x, mid_ptr=mid if mid is not None else x,
         w2_ptr=w2 if w2 is not None else wc_packed, b2_ptr=b2 if b2 is not None else wc_packed,
@@ -180,7 +191,7 @@ def _conv3x3(x, wc_packed, bc, alpha, *, epi1, aux=None, save_mid=False, w2=None
         stride_w2n=w2_strides[0], stride_w2f=w2_strides[1], stride_rm=res_stride, stride_om=out_stride,
         alpha_hi=alpha_hi, alpha_lo=alpha_lo,
         EPI1=epi1, HAS_BIAS1=bc is not None, SAVE_MID=save_mid, HAS_SECOND=w2 is not None,
-        HAS_BIAS2=b2 is not None, IS_FP64=is_fp64(x), BLOCK_F=block_f,
+        HAS_BIAS2=b2 is not None, IS_FP64=is_fp64(x), PRECISION=dot_precision(x.dtype), BLOCK_F=block_f,
     )
     return mid
 
