@@ -342,3 +342,37 @@ def residual_distill_group_(buffer, d_in, blocks, alpha=0.2):
         raise ValueError(f"residual_distill_group_: the blocks need {width} channels, the buffer has {buffer.shape[1]}")
     residual_distill_group_op(buffer, d_in, weights, float(alpha))
     return buffer
+
+
+# ---- ahead-of-time compile check ------------------------------------------------------------------
+def aot_variants():
+    """conv3x3_fused_kernel as its launchers run it: forward (b saved or not), rebuilding b
+    (recompute=True) and the input-gradient pass, at every BLOCK_F and config, for fp32, bf16, fp16."""
+    from .registry import AOT_DTYPES, expand, launch_configs
+
+    kinds = {name: "ptr" for name in ("x_ptr", "wc_ptr", "bc_ptr", "aux_ptr", "mid_ptr", "w2_ptr", "b2_ptr",
+                                       "res_ptr", "out_ptr")}
+    kinds.update({name: "i32" for name in ("M", "H", "W", "F", "N2", "NRES", "stride_w2n", "stride_w2f",
+                                            "stride_rm", "stride_om")})
+    kinds.update(alpha_hi="fp32", alpha_lo="fp32")
+    kinds.update({name: "constexpr" for name in ("EPI1", "HAS_BIAS1", "SAVE_MID", "HAS_SECOND", "HAS_BIAS2",
+                                                  "IS_FP64", "PRECISION", "BLOCK_M", "BLOCK_F", "BLOCK_K",
+                                                  "BLOCK_N")})
+    passes = [
+        ("forward", dict(EPI1=EPI_ELU, HAS_BIAS1=True, SAVE_MID=False, HAS_SECOND=True, HAS_BIAS2=True,
+                         stride_w2f=1)),
+        ("forward save b", dict(EPI1=EPI_ELU, HAS_BIAS1=True, SAVE_MID=True, HAS_SECOND=True, HAS_BIAS2=True,
+                                stride_w2f=1)),
+        ("rebuild b", dict(EPI1=EPI_ELU, HAS_BIAS1=True, SAVE_MID=True, HAS_SECOND=False, HAS_BIAS2=False)),
+        ("input grad", dict(EPI1=EPI_TIMES_ELU_GRAD_OF_AUX, HAS_BIAS1=False, SAVE_MID=True, HAS_SECOND=True,
+                            HAS_BIAS2=False, stride_w2n=1)),
+    ]
+    variants = []
+    for block_f in CONV3X3_CONFIGS:
+        cases = [(f"F{block_f} {label}", {**values, "BLOCK_F": block_f, "IS_FP64": False}) for label, values in passes]
+        for dtype in AOT_DTYPES:
+            configs = conv3x3_configs(block_f, torch.float32 if dtype == "fp32" else None)
+            variants += expand(conv3x3_fused_kernel, kinds, cases, launch_configs(configs, configs[0]), dtypes=(dtype,),
+                               div16=("M", "H", "W", "F", "N2", "NRES", "stride_w2n", "stride_w2f", "stride_rm",
+                                      "stride_om"))
+    return variants
