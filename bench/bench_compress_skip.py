@@ -82,7 +82,7 @@ def main() -> None:
 
     ctx = common.Context(args, "compress_skip")
     import fastdrn.ops
-    from fastdrn import backend, reference
+    from fastdrn import reference
 
     device, alpha = ctx.device, 0.2
     case_list = build_cases(args)
@@ -91,21 +91,9 @@ def main() -> None:
         def build():
             grad = c["pass_"] == "fwd+bwd"
             leaves, dy = make_inputs(c, device, grad, seed)
-            note = ""
-            if impl == "eager":
-                op = lambda *t: reference.compress_skip(*t, alpha)  # noqa: E731
-            elif impl.startswith("compile"):
-                op = common.compile_fn(lambda *t: reference.compress_skip(*t, alpha), ctx, compile_mode)
-                note = common.compile_note(ctx, compile_mode)
-            else:
-                op = lambda *t: fastdrn.ops.compress_skip(*t, alpha=alpha)  # noqa: E731
-                note = f"backend: {backend.describe(device)}"
-            if grad:
-                def fn():
-                    op(*leaves).backward(dy)
-            else:
-                def fn():
-                    return op(*leaves)
+            op, note = common.pick_op(impl, lambda *t: reference.compress_skip(*t, alpha),
+                                      lambda *t: fastdrn.ops.compress_skip(*t, alpha=alpha), ctx, compile_mode, device)
+            fn = common.pass_fn(op, leaves, dy if grad else None)
 
             def check():  # every impl: the baselines' own error is the yardstick
                 with torch.no_grad():
@@ -121,7 +109,7 @@ def main() -> None:
         ctx.measure(op="compress_skip", pass_=c["pass_"], shape=dict(N=n, H=h, W=w, Cin=c["cin"], Cout=c["cout"]),
                     shape_str=shape_str(c), layout=c["layout"], dtype=c["dtype"], impl=impl, role=role,
                     build=builder(c, impl, seed, compile_mode), flop=flop, min_bytes=nbytes,
-                    variant="TF32" if c["dtype"] == "fp32" and not ctx.smoke else "")
+                    variant=common.fp32_variant(c["dtype"], impl, ctx))
 
     seeds = [args.seed + 1000 * i for i in range(len(case_list))]
     common.say(f"== {len(case_list)} cases; sweep 1: eager + fastdrn, sweep 2: torch.compile")

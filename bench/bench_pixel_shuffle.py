@@ -52,7 +52,7 @@ def main() -> None:
 
     ctx = common.Context(args, "pixel_shuffle")
     import fastdrn.ops
-    from fastdrn import backend, reference
+    from fastdrn import reference
 
     device = ctx.device
     case_list = build_cases(args)
@@ -67,22 +67,13 @@ def main() -> None:
             gen = torch.Generator(device=device).manual_seed(seed)
             x = torch.randn(c["n"], c["c"], c["h"], c["w"], device=device, generator=gen)
             x = x.to(common.DTYPES[c["dtype"]]).contiguous(memory_format=LAYOUTS[c["layout"]])
-            s, note = c["s"], ""
+            s = c["s"]
             if impl == "copy":
                 dst = torch.empty_like(x)
                 return dict(fn=lambda: dst.copy_(x), note="dst.copy_(x): the same bytes, no shuffle")
-            if impl == "eager":
-                op = lambda t: reference.pixel_shuffle(t, s)  # noqa: E731
-            elif impl.startswith("compile"):
-                op = common.compile_fn(lambda t: reference.pixel_shuffle(t, s), ctx, compile_mode)
-                note = common.compile_note(ctx, compile_mode) + "; "
-            else:
-                fused = getattr(fastdrn.ops, "pixel_shuffle", None)
-                if fused is None:
-                    raise common.Skip("fastdrn.ops.pixel_shuffle is not available yet")
-                op = lambda t: fused(t, s)  # noqa: E731
-                note = f"backend: {backend.describe(device)}; "
-            note += f"out {out_layout(op(x))}"
+            op, note = common.pick_op(impl, lambda t: reference.pixel_shuffle(t, s),
+                                      lambda t: fastdrn.ops.pixel_shuffle(t, s), ctx, compile_mode, device)
+            note = "; ".join(filter(None, (note, f"out {out_layout(op(x))}")))
 
             def check():
                 return common.rel_err(op(x), F.pixel_shuffle(x.double(), s))

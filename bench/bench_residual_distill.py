@@ -103,7 +103,7 @@ def main() -> None:
 
     ctx = common.Context(args, "residual_distill")
     import fastdrn.ops
-    from fastdrn import backend, reference
+    from fastdrn import reference
 
     device, alpha = ctx.device, 0.2
     case_list = build_cases(args)
@@ -124,22 +124,11 @@ def main() -> None:
         def build():
             grad = c["pass_"] == "fwd+bwd"
             leaves, dy = make_inputs(c, device, grad, seed)
-            note = ""
-            if impl == "eager":
-                op = lambda *t: reference.residual_distill(*t, alpha)  # noqa: E731
-            elif impl.startswith("compile"):
-                op = common.compile_fn(lambda *t: reference.residual_distill(*t, alpha), ctx, compile_mode)
-                note = common.compile_note(ctx, compile_mode)
-            else:
-                recompute = impl == "fastdrn-recompute"
-                op = lambda *t: fastdrn.ops.residual_distill(*t, alpha=alpha, recompute=recompute)  # noqa: E731
-                note = f"backend: {backend.describe(device)}"
-            if grad:
-                def fn():
-                    op(*leaves).backward(dy)
-            else:
-                def fn():
-                    return op(*leaves)
+            recompute = impl == "fastdrn-recompute"
+            op, note = common.pick_op(
+                impl, lambda *t: reference.residual_distill(*t, alpha),
+                lambda *t: fastdrn.ops.residual_distill(*t, alpha=alpha, recompute=recompute), ctx, compile_mode, device)
+            fn = common.pass_fn(op, leaves, dy if grad else None)
 
             def check():  # every impl: the baselines' own error is the yardstick
                 with torch.no_grad():
@@ -154,7 +143,7 @@ def main() -> None:
         ctx.measure(op="residual_distill", pass_=c["pass_"], shape=dict(N=n, H=h, W=w, D=c["D"], F=c["F"], d=c["d"]),
                     shape_str=shape_str(c), layout=c["layout"], dtype=c["dtype"], impl=impl, role=role,
                     build=builder(c, impl, seed, compile_mode), flop=flop, min_bytes=nbytes,
-                    variant="TF32" if c["dtype"] == "fp32" and not ctx.smoke else "")
+                    variant=common.fp32_variant(c["dtype"], impl, ctx))
 
     seeds = [args.seed + 1000 * i for i in range(len(case_list))]
     common.say(f"== {len(case_list)} cases; sweep 1: eager + fastdrn, sweep 2: torch.compile")

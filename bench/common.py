@@ -455,6 +455,32 @@ def compile_note(ctx: Context, mode: str | None) -> str:
     return f"torch.compile(mode={mode!r}, dynamic=False)" if mode else "torch.compile(dynamic=False)"
 
 
+def pick_op(impl: str, reference_op, fused_op, ctx: Context, compile_mode: str | None, device) -> tuple:
+    """(callable, note) for one impl of an op benchmark: "eager" runs the reference op, "compile*"
+    torch.compile of it, anything else (fastdrn, fastdrn-recompute) the fused op."""
+    if impl == "eager":
+        return reference_op, ""
+    if impl.startswith("compile"):
+        return compile_fn(reference_op, ctx, compile_mode), compile_note(ctx, compile_mode)
+    from fastdrn import backend
+
+    return fused_op, f"backend: {backend.describe(device)}"
+
+
+def pass_fn(op, leaves, dy=None):
+    """What is timed: op(*leaves), and its backward from dy when dy is given."""
+    if dy is None:
+        return lambda: op(*leaves)
+    return lambda: op(*leaves).backward(dy)
+
+
+def fp32_variant(dtype: str, impl: str, ctx: Context) -> str:
+    """How float32 matrix products run: fastdrn's kernels in 3xTF32, cuDNN's convs in TF32."""
+    if dtype != "fp32" or ctx.smoke:
+        return ""
+    return "3xTF32" if impl.startswith("fastdrn") else "TF32"
+
+
 # ---------------------------------------------------------------------------------------------
 # rows: loading, speedups, finalize
 # ---------------------------------------------------------------------------------------------

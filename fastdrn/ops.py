@@ -6,6 +6,8 @@ every path; then `fastdrn.backend.use_triton` picks the fused kernels or the pla
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from . import backend, reference
@@ -142,14 +144,12 @@ def distill_group(y, blocks, alpha=0.2, recompute=False):
     n, c, h, w = y.shape
     buffer = torch.empty((n, width, h, w), device=y.device, dtype=y.dtype, memory_format=torch.channels_last)
     buffer[:, :c].copy_(y)
-    return residual_distill_group_(buffer, c, blocks, alpha)
+    return residual_distill_group_(buffer, blocks, alpha)
 
 
 def check_pixel_shuffle(x, upscale_factor):
     """Checks pixel_shuffle's inputs; returns the factor as an int (anything torch takes as an int,
     such as a numpy integer, but not a bool or a float)."""
-    import operator
-
     op = "pixel_shuffle"
     _check_tensor(op, "x", x, "(N, C*s*s, H, W)", 4)
     _check_alike(op, dict(x=x))

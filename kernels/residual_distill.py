@@ -267,7 +267,7 @@ def residual_distill_backward_op(
 
 
 @triton_op("fastdrn::residual_distill_group_", mutates_args={"buffer"})
-def residual_distill_group_op(buffer: torch.Tensor, d_in: int, weights: list[torch.Tensor], alpha: float) -> None:
+def residual_distill_group_op(buffer: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> None:
     """Inference: run blocks in place over one channels_last buffer of width C + K*d.
 
     weights holds 6 tensors per block (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand).
@@ -320,27 +320,15 @@ def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand
     return out
 
 
-def residual_distill_group_(buffer, d_in, blocks, alpha=0.2):
+def residual_distill_group_(buffer, blocks, alpha=0.2):
     """Run `blocks` (tuples of the six block tensors) in place over `buffer`, inference only.
 
-    buffer: channels_last (N, C + K*d, H, W) whose first d_in channels hold the group's input;
-    afterwards it holds the last block's output. Raises when gradients are required.
+    buffer: channels_last (N, C + K*d, H, W) whose first C channels hold the group's input;
+    afterwards it holds the last block's output. Built and checked by fastdrn.ops.distill_group.
     """
-    if buffer.dim() != 4 or not buffer.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError("residual_distill_group_: buffer must be a channels_last (N, C, H, W) tensor")
-    weights = [t for block in blocks for t in block]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in [buffer, *weights]):
-        raise RuntimeError("residual_distill_group_ is the inference path: call it under torch.no_grad()")
-    width = d_in
-    for w_squeeze, _bs, _wc, _bc, w_expand, _be in blocks:
-        _check_inner(w_squeeze.shape[0])
-        if w_squeeze.shape[1] != width or w_expand.shape[0] <= width:
-            raise ValueError(f"residual_distill_group_: a block expects {w_squeeze.shape[1]} input channels "
-                             f"where the group has {width}")
-        width = w_expand.shape[0]
-    if width > buffer.shape[1]:
-        raise ValueError(f"residual_distill_group_: the blocks need {width} channels, the buffer has {buffer.shape[1]}")
-    residual_distill_group_op(buffer, d_in, weights, float(alpha))
+    for block in blocks:
+        _check_inner(block[0].shape[0])
+    residual_distill_group_op(buffer, [t for block in blocks for t in block], float(alpha))
     return buffer
 
 
