@@ -57,25 +57,33 @@ def split_alpha(alpha: float) -> tuple[float, float]:
     return hi, float(torch.tensor(alpha - hi, dtype=torch.float32))
 
 
-def fixed_config(interpreter: triton.Config, default: triton.Config) -> triton.Config | None:
-    """The one config to launch with, or None to let the autotuner choose.
+def pinned_config(configs: list, warps: int) -> triton.Config:
+    """What FASTDRN_NUM_WARPS=warps runs: the first listed config with that many warps, or the
+    default (the first) where the list has none. A config is only ever run as listed, so the AOT
+    check of the lists covers every pinned launch too; a kernel too wide for 4 warps stays at 8."""
+    return next((config for config in configs if config.num_warps == warps), configs[0])
 
-    The interpreter always runs `interpreter`. On a GPU, FASTDRN_NUM_WARPS=n pins `default` with
-    n warps (the test suite runs 4 and 8) and FASTDRN_AUTOTUNE=0 pins `default` as it is.
+
+def fixed_config(interpreter: triton.Config, configs: list) -> triton.Config | None:
+    """The one config to launch with, or None to let the autotuner choose among `configs`.
+
+    The interpreter always runs `interpreter`. On a GPU, FASTDRN_NUM_WARPS=n pins
+    pinned_config(configs, n) (the test suite runs 4 and 8) and FASTDRN_AUTOTUNE=0 the default,
+    configs[0].
     """
     if interpreting():
         return interpreter
     warps = os.environ.get("FASTDRN_NUM_WARPS", "").strip()
     if warps:
-        return triton.Config(default.kwargs, num_warps=int(warps), num_stages=default.num_stages)
+        return pinned_config(configs, int(warps))
     if os.environ.get("FASTDRN_AUTOTUNE", "1").strip() == "0":
-        return default
+        return configs[0]
     return None
 
 
-def launch(kernel, tuned, grid, interpreter: triton.Config, default: triton.Config, **args) -> None:
-    """Launch `kernel` at a fixed config, or its autotuned wrapper `tuned`, through wrap_triton."""
-    config = fixed_config(interpreter, default)
+def launch(kernel, tuned, grid, interpreter: triton.Config, **args) -> None:
+    """Launch `kernel` at a fixed config, or through its autotuner `tuned`, via wrap_triton."""
+    config = fixed_config(interpreter, tuned.configs)
     if config is None:
         wrap_triton(tuned)[grid](**args)
     else:

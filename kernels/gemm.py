@@ -149,12 +149,16 @@ def weight_grad_kernel(
 # ---------------------------------------------------------------------------------------------
 
 CONV1X1_INTERPRETER = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
-# BLOCK_M 128 spilled (254-255 registers) when strides are not multiples of 16 (AOT check).
+# BLOCK_M 128 spilled (254-255 registers) when strides are not multiples of 16 (AOT check). Float32
+# runs 3xTF32 dots, whose split operands need more registers: at BLOCK_K 32 they spilled on sm_80.
 CONV1X1_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
 ]
-conv1x1_tuned = triton.autotune(configs=CONV1X1_CONFIGS, key=["N", "K", "EPILOGUE"])(conv1x1_kernel)
+CONV1X1_FP32_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=3),
+]
 
 WEIGHT_GRAD_BLOCK_M_GPU = 64
 WEIGHT_GRAD_INTERPRETER = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
@@ -163,7 +167,26 @@ WEIGHT_GRAD_CONFIGS = [
     triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
 ]
-weight_grad_tuned = triton.autotune(configs=WEIGHT_GRAD_CONFIGS, key=["N", "K", "TAPS"])(weight_grad_kernel)
+# Float32 (3xTF32): the 128 x 64 tile spilled on sm_80 and sm_90.
+WEIGHT_GRAD_FP32_CONFIGS = [
+    WEIGHT_GRAD_CONFIGS[0],
+    triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+]
+
+
+def conv1x1_configs(dtype: torch.dtype) -> list:
+    return CONV1X1_FP32_CONFIGS if dtype == torch.float32 else CONV1X1_CONFIGS
+
+
+def weight_grad_configs(dtype: torch.dtype) -> list:
+    return WEIGHT_GRAD_FP32_CONFIGS if dtype == torch.float32 else WEIGHT_GRAD_CONFIGS
+
+
+# Keyed by "float32 storage?": each storage width autotunes over its own configs.
+conv1x1_tuned = {fp32: triton.autotune(configs=conv1x1_configs(torch.float32 if fp32 else None),
+                                       key=["N", "K", "EPILOGUE"])(conv1x1_kernel) for fp32 in (False, True)}
+weight_grad_tuned = {fp32: triton.autotune(configs=weight_grad_configs(torch.float32 if fp32 else None),
+                                           key=["N", "K", "TAPS"])(weight_grad_kernel) for fp32 in (False, True)}
 
 
 def conv1x1(x: torch.Tensor, x_stride: int, w: torch.Tensor, transpose_w: bool, bias: torch.Tensor | None,
@@ -187,9 +210,9 @@ def conv1x1(x: torch.Tensor, x_stride: int, w: torch.Tensor, transpose_w: bool, 
     check_int32("conv1x1", m * x_stride, m * out_stride, m * max(res_stride, 1), w.numel())
     alpha_hi, alpha_lo = split_alpha(alpha)
     launch(
-        conv1x1_kernel, conv1x1_tuned,
+        conv1x1_kernel, conv1x1_tuned[x.dtype == torch.float32],
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])),
-        CONV1X1_INTERPRETER, CONV1X1_CONFIGS[0],
+        CONV1X1_INTERPRETER,
         x_ptr=x, w_ptr=w, bias_ptr=bias if bias is not None else w, res_ptr=res if res is not None else x,
         out_ptr=out, M=m, N=n, K=k, stride_xm=x_stride,
         stride_wn=1 if transpose_w else c_in, stride_wk=c_in if transpose_w else 1,
@@ -217,9 +240,9 @@ def weight_grad(g: torch.Tensor, g_stride: int, x: torch.Tensor, x_stride: int, 
     db_partial = torch.empty((splits, n), device=g.device, dtype=acc_dtype) if with_bias else None
     check_int32("weight gradient", m * g_stride, m * x_stride, dw_partial.numel())
     launch(
-        weight_grad_kernel, weight_grad_tuned,
+        weight_grad_kernel, weight_grad_tuned[g.dtype == torch.float32],
         lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]), splits * taps),
-        WEIGHT_GRAD_INTERPRETER, WEIGHT_GRAD_CONFIGS[0],
+        WEIGHT_GRAD_INTERPRETER,
         g_ptr=g, x_ptr=x, dw_ptr=dw_partial, db_ptr=db_partial if with_bias else dw_partial,
         M=m, N=n, K=k, H=height, W=width, rows_per_split=rows_per_split, stride_gm=g_stride, stride_xm=x_stride,
         TAPS=taps, HAS_BIAS=with_bias, IS_FP64=is_fp64(g), PRECISION=dot_precision(g.dtype),
@@ -247,7 +270,7 @@ def aot_variants():
     """
     import itertools
 
-    from .registry import expand, launch_configs
+    from .registry import AOT_DTYPES, expand, launch_configs
 
     epilogues = sorted({v for k, v in globals().items() if k.startswith("EPILOGUE_") and isinstance(v, int)})
     conv_cases = []
@@ -267,8 +290,11 @@ def aot_variants():
         "HAS_BIAS": "constexpr", "HAS_RES": "constexpr", "EPILOGUE": "constexpr", "IS_FP64": "constexpr",
         "PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
     }
-    variants = expand(conv1x1_kernel, conv_kinds, conv_cases, launch_configs(CONV1X1_CONFIGS, CONV1X1_CONFIGS[0]),
-                      div16=("M", "N", "K", "stride_xm", "stride_wn", "stride_wk", "stride_rm", "stride_om"))
+    variants = []
+    for dtype in AOT_DTYPES:
+        configs = conv1x1_configs(torch.float32 if dtype == "fp32" else None)
+        variants += expand(conv1x1_kernel, conv_kinds, conv_cases, launch_configs(configs), dtypes=(dtype,),
+                           div16=("M", "N", "K", "stride_xm", "stride_wn", "stride_wk", "stride_rm", "stride_om"))
 
     grad_cases = [(f"taps{taps}{' bias' if has_bias else ''}", {"TAPS": taps, "HAS_BIAS": has_bias, "IS_FP64": False})
                   for taps in (1, 9) for has_bias in (True, False)]
@@ -279,7 +305,8 @@ def aot_variants():
         "TAPS": "constexpr", "HAS_BIAS": "constexpr", "IS_FP64": "constexpr", "PRECISION": "constexpr",
         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
     }
-    variants += expand(weight_grad_kernel, grad_kinds, grad_cases,
-                       launch_configs(WEIGHT_GRAD_CONFIGS, WEIGHT_GRAD_CONFIGS[0]),
-                       div16=("M", "N", "K", "H", "W", "rows_per_split", "stride_gm", "stride_xm"))
+    for dtype in AOT_DTYPES:
+        configs = weight_grad_configs(torch.float32 if dtype == "fp32" else None)
+        variants += expand(weight_grad_kernel, grad_kinds, grad_cases, launch_configs(configs),
+                           dtypes=(dtype,), div16=("M", "N", "K", "H", "W", "rows_per_split", "stride_gm", "stride_xm"))
     return variants

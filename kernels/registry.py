@@ -6,8 +6,8 @@ compiles everything listed here for sm_90 and sm_80. Two rules keep the list com
 - Every module in KERNEL_MODULES exposes `aot_variants()`, a list of `Variant` records: one per
   (kernel, constexpr combination a launcher uses, launch config, dtype, integer specialization).
   `expand()` builds that cross product from a few lists; `signature()` builds a Triton signature
-  from a dict of argument kinds; `launch_configs()` lists a kernel's autotune configs plus the
-  configs FASTDRN_NUM_WARPS / FASTDRN_AUTOTUNE=0 pin (kernels/_common.py `fixed_config`).
+  from a dict of argument kinds; `launch_configs()` labels a kernel's config list with the
+  FASTDRN_NUM_WARPS / FASTDRN_AUTOTUNE=0 pins that select them (kernels/_common.py `fixed_config`).
 - `coverage_problems()` imports every module of the `fastdrn.kernels` package and reports every
   Triton kernel (a JIT function whose name ends in `_kernel`, bare or under autotune/heuristics)
   that has no variant, and every autotune config that no variant compiles. The check fails on any.
@@ -20,7 +20,7 @@ it an `aot_variants()`, for example
         return expand(my_kernel, kinds={"x_ptr": "ptr", "acc_ptr": "*fp32", "M": "i32", "alpha": "fp32",
                                         "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr"},
                       cases=[("bias", {"HAS_BIAS": True}), ("no bias", {"HAS_BIAS": False})],
-                      configs=launch_configs(MY_CONFIGS, MY_CONFIGS[0]),
+                      configs=launch_configs(MY_CONFIGS),
                       div16=("M",))
 
 Nothing here imports a kernel module at import time, so importing the registry is cheap and does
@@ -146,33 +146,17 @@ def config_label(config) -> str:
     return " ".join(parts)
 
 
-def _config_id(config) -> tuple:
-    return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+def launch_configs(configs: Sequence, pinned_warps: Iterable[int] = PINNED_WARPS) -> list[tuple[str, Any]]:
+    """Every config a launcher can run on a GPU, as (label, triton.Config): its list (autotuned;
+    the first is also what FASTDRN_AUTOTUNE=0 runs), each labelled with the FASTDRN_NUM_WARPS pins
+    that select it (kernels/_common.py `pinned_config`, which only ever picks a listed config)."""
+    from ._common import pinned_config
 
-
-def launch_configs(configs: Sequence, default=None, pinned_warps: Iterable[int] = PINNED_WARPS) -> list[tuple[str, Any]]:
-    """Every config a launcher can run on a GPU, without repeats, as (label, triton.Config):
-    the autotune list, `default` as FASTDRN_AUTOTUNE=0 pins it, and `default` at each pinned warp
-    count as FASTDRN_NUM_WARPS=n pins it (kernels/_common.py `fixed_config`)."""
-    import triton
-
-    default = configs[0] if default is None else default
-    found: dict[tuple, tuple[Any, list[str]]] = {}
-
-    def add(config, source):
-        entry = found.setdefault(_config_id(config), (config, []))
-        entry[1].append(source)
-
-    for i, config in enumerate(configs):
-        add(config, f"autotune {i}")
-    add(default, "default")
+    sources: dict[int, list[str]] = {i: [f"autotune {i}"] for i in range(len(configs))}
     for warps in pinned_warps:
-        add(triton.Config(dict(default.kwargs), num_warps=warps, num_stages=default.num_stages), f"pinned w{warps}")
-    out = []
-    for config, sources in found.values():
-        shown = [s for s in sources if s != "default"] or sources
-        out.append((f"{config_label(config)} [{', '.join(shown)}]", config))
-    return out
+        pinned = pinned_config(list(configs), warps)
+        sources[next(i for i, c in enumerate(configs) if c is pinned)].append(f"pinned w{warps}")
+    return [(f"{config_label(config)} [{', '.join(sources[i])}]", config) for i, config in enumerate(configs)]
 
 
 def expand(kernel, kinds: Mapping[str, str], cases: Sequence[tuple[str, Mapping[str, Any]]],

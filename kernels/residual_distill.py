@@ -126,30 +126,38 @@ def conv3x3_fused_kernel(
                      mask=m_ok[:, None] & n_ok[None, :])
 
 
-# ---- launch configurations ---------------------------------------------------------------------
-# Keyed by BLOCK_F: the [BLOCK_M, BLOCK_F] accumulator must fit in registers next to the second
-# GEMM's tile, so wide blocks take fewer rows or more warps. Every entry is in the AOT check.
+# ---- launch configurations (keyed by BLOCK_F; every entry is in the AOT check) --------------------
 def _config(block_m, block_n, block_k, warps, stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps,
                          num_stages=stages)
 
 
-# Shared memory grows with BLOCK_K, BLOCK_F and the stages, and float32's 3xTF32 dots need far
-# more than 16-bit ones: at F = 256 a float32 program with BLOCK_M 64 needed 229,376 to 393,216
-# bytes (ptxas, sm_90) against 232,448 on an H100 and 166,912 on an A100, so float32 takes its own,
-# narrower configs there.
+# Chosen by compiling every launch shape for sm_90 and sm_80 (kernels/aot_check.py) and keeping
+# the configs without register spills. The [BLOCK_M, BLOCK_F] accumulator, the stored tile that
+# feeds the second GEMM and that GEMM's own tile share the registers: wide blocks need 8 warps, and
+# float32's 3xTF32 dots (operands split in two) need 8 warps and BLOCK_K 16 from F = 16 up. At
+# F = 256 no config was spill-free everywhere (16-bit: 24 to 40 bytes on sm_80 in the input-gradient
+# pass; float32: 120 to 852 bytes on both targets); the list holds the one that spilled least, and
+# the AOT check reports it.
 CONV3X3_CONFIGS = {
-    16: [_config(128, 64, 16, 4, 3), _config(64, 64, 16, 4, 3)],
-    32: [_config(128, 64, 32, 4, 3), _config(64, 64, 32, 4, 3)],
-    64: [_config(64, 64, 64, 4, 3), _config(128, 64, 32, 4, 3), _config(128, 64, 32, 8, 3)],
-    128: [_config(64, 64, 32, 4, 3), _config(128, 64, 32, 8, 3)],
-    256: [_config(64, 64, 32, 8, 3), _config(64, 32, 32, 8, 2)],
+    16: [_config(64, 64, 16, 4, 3), _config(128, 64, 16, 8, 3)],
+    32: [_config(64, 64, 32, 4, 3), _config(128, 64, 32, 8, 3)],
+    64: [_config(64, 32, 32, 4, 3), _config(64, 64, 32, 8, 3), _config(128, 64, 32, 8, 3)],
+    128: [_config(64, 64, 32, 8, 3), _config(64, 32, 32, 8, 3)],
+    256: [_config(64, 16, 32, 8, 2)],
 }
-CONV3X3_FP32_CONFIGS = {**CONV3X3_CONFIGS, 256: [_config(32, 32, 32, 4, 2), _config(32, 64, 32, 4, 2)]}
+CONV3X3_FP32_CONFIGS = {
+    16: [_config(64, 64, 16, 8, 3)],
+    32: [_config(64, 64, 16, 8, 3)],
+    64: [_config(64, 16, 16, 8, 3)],
+    128: [_config(64, 16, 16, 8, 3)],
+    256: [_config(64, 16, 16, 8, 1)],
+}
 CONV3X3_INTERPRETER = _config(32, 32, 32, 4, 1)
 
 
 def conv3x3_configs(block_f: int, dtype: torch.dtype) -> list:
+    """The configs launched at this width: the first is the default, the rest are autotuned."""
     return (CONV3X3_FP32_CONFIGS if dtype == torch.float32 else CONV3X3_CONFIGS)[block_f]
 
 
@@ -182,7 +190,7 @@ def _conv3x3(x, wc_packed, bc, alpha, *, epi1, aux=None, save_mid=False, w2=None
     launch(
         conv3x3_fused_kernel, tuned,
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),),
-        interp, conv3x3_configs(block_f, x.dtype)[0],
+        interp,
         x_ptr=x, wc_ptr=wc_packed, bc_ptr=bc if bc is not None else wc_packed,
         aux_ptr=aux if aux is not None else x, mid_ptr=mid if mid is not None else x,
         w2_ptr=w2 if w2 is not None else wc_packed, b2_ptr=b2 if b2 is not None else wc_packed,
@@ -360,7 +368,7 @@ def aot_variants():
         cases = [(f"F{block_f} {label}", {**values, "BLOCK_F": block_f, "IS_FP64": False}) for label, values in passes]
         for dtype in AOT_DTYPES:
             configs = conv3x3_configs(block_f, torch.float32 if dtype == "fp32" else None)
-            variants += expand(conv3x3_fused_kernel, kinds, cases, launch_configs(configs, configs[0]), dtypes=(dtype,),
+            variants += expand(conv3x3_fused_kernel, kinds, cases, launch_configs(configs), dtypes=(dtype,),
                                div16=("M", "H", "W", "F", "N2", "NRES", "stride_w2n", "stride_w2f", "stride_rm",
                                       "stride_om"))
     return variants
