@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op
 
-from ._common import row_stride, rows
+from ._common import direct_launches, eager_fast_path, row_stride, rows
 from .gemm import EPILOGUE_ELU, EPILOGUE_ELU_GRAD, EPILOGUE_LINEAR, conv1x1, weight_grad
 
 
@@ -63,7 +63,29 @@ def _autograd_backward(ctx, grad):
 compress_skip_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+class _EagerCompressSkip(torch.autograd.Function):
+    """The registered op without the custom-op dispatch (kernels/_common.py eager_fast_path)."""
+
+    @staticmethod
+    def forward(ctx, z, w, b, skip, alpha):
+        with direct_launches():
+            out = _forward(z, w, b, skip, alpha)
+        _setup_context(ctx, (z, w, b, skip, alpha), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError("fastdrn compress_skip: double backward (create_graph=True) is not supported")
+        z, w, b = ctx.saved_tensors
+        with direct_launches():
+            dz, dw, db = _backward(grad, z, w, b, ctx.alpha)
+        return dz, dw, db if ctx.has_bias else None, grad, None
+
+
 # ---- public function --------------------------------------------------------------------------
 def compress_skip(z, w, b, skip, alpha=0.2):
     """ELU(conv1x1(z, w, b)) + skip through the Triton kernels (inputs checked by fastdrn.ops)."""
+    if eager_fast_path():
+        return _EagerCompressSkip.apply(z, w, b, skip, float(alpha))
     return compress_skip_op(z, w, b, skip, float(alpha))

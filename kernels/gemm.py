@@ -3,7 +3,8 @@
 A 1x1 convolution over channels_last activations is a GEMM over M = N*H*W pixel rows. These two
 kernels carry every 1x1 product of the forward and backward passes: the squeeze of an RDB, the
 compression of a group, and the transposed products of their input gradients (`conv1x1_kernel`);
-and every weight gradient, 1x1 or 3x3, as deterministic split-M partial sums (`weight_grad_kernel`).
+and every weight gradient, 1x1 or 3x3, as deterministic split-M partial sums (`weight_grad_kernel`),
+added up in a fixed order, cast and laid out as nn.Conv2d's by one more launch (`sum_partials_kernel`).
 """
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
+from torch.library import wrap_triton
+
 from fastdrn.backend import interpreting
 
-from ._common import check_int32, dot_precision, elu, elu_grad_from_input, elu_grad_from_output, grad_split, is_fp64, join_alpha, launch, split_alpha
+from ._common import cdiv, check_int32, dot_precision, elu, elu_grad_from_input, elu_grad_from_output, grad_split, is_fp64, join_alpha, launch, split_alpha
 
-EPILOGUE_LINEAR = 0   # out = acc + bias (+ res)
-EPILOGUE_ELU = 1      # out = ELU(acc + bias) (+ res)
+EPILOGUE_LINEAR = 0   # out = acc + bias (+ res on columns < NRES)
+EPILOGUE_ELU = 1      # out = ELU(acc + bias) (+ res on columns < NRES)
 EPILOGUE_ELU_GRAD = 2  # out = res * ELU'(acc + bias): the gradient through an ELU, recomputing its input
 EPILOGUE_TIMES_ELU_GRAD_OF_RES = 3  # out = (acc + bias) * ELU'(x) where res = ELU(x) was saved
 
@@ -31,6 +34,7 @@ def conv1x1_kernel(
     M,           # pixel rows
     N,           # output channels
     K,           # input channels
+    NRES,        # output columns that get the residual (N, or D where the output also has new channels)
     stride_xm,   # elements between pixel rows of x
     stride_wn,   # weight stride along output channels
     stride_wk,   # weight stride along input channels
@@ -75,7 +79,8 @@ def conv1x1_kernel(
         y = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0)
         acc = acc * elu_grad_from_output(y.to(acc.dtype), alpha)
     elif HAS_RES:
-        acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(acc.dtype)
+        res_ok = m_ok[:, None] & (rn[None, :] < NRES)
+        acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=res_ok, other=0.0).to(acc.dtype)
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -83,8 +88,8 @@ def conv1x1_kernel(
 def weight_grad_kernel(
     g_ptr,       # [M, N] gradient at the conv's output, row stride stride_gm
     x_ptr,       # [M, K] the conv's input, row stride stride_xm
-    dw_ptr,      # [S, TAPS, N, K] partial weight gradients (fp32, or fp64 for float64), contiguous
-    db_ptr,      # [S, N] partial bias gradients, written when HAS_BIAS
+    part_ptr,    # [S, N*K*TAPS (+ N when HAS_BIAS)] partial sums (fp32, or fp64 for float64): each
+                 # row is one split's weight gradient in nn.Conv2d order (n, k, tap), then its bias's
     M,           # pixel rows
     N,           # output channels
     K,           # input channels
@@ -134,11 +139,32 @@ def weight_grad_kernel(
         acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
         if HAS_BIAS:
             bias_acc += tl.sum(g.to(acc_dtype), axis=0)
-    tile = split * TAPS + tap
-    tl.store(dw_ptr + tile * N * K + rn[:, None] * K + rk[None, :], acc, mask=n_ok[:, None] & k_ok[None, :])
+    row = part_ptr + split * (N * K * TAPS + (N if HAS_BIAS else 0))
+    tl.store(row + (rn[:, None] * K + rk[None, :]) * TAPS + tap, acc, mask=n_ok[:, None] & k_ok[None, :])
     if HAS_BIAS:
         if (pid_k == 0) & (tap == 0):
-            tl.store(db_ptr + split * N + rn, bias_acc, mask=n_ok)
+            tl.store(row + N * K * TAPS + rn, bias_acc, mask=n_ok)
+
+
+@triton.jit
+def sum_partials_kernel(
+    part_ptr,    # [S, L] partial sums (fp32, or fp64 for float64), contiguous
+    dw_ptr,      # [NW] the weight gradient: entries [0, NW) of the sum, in the weight's dtype
+    db_ptr,      # [L - NW] the bias gradient: entries [NW, L) of the sum (none when L == NW)
+    S,           # partials per entry
+    NW,          # weight entries
+    L,           # entries per partial
+    BLOCK: tl.constexpr,
+):
+    # One program per BLOCK entries, adding the S partials in index order: the same sum on every
+    # run (deterministic), and no atomics.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < L
+    acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
+    for s in range(1, S):
+        acc += tl.load(part_ptr + s * L + offs, mask=ok, other=0.0)
+    tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=offs < NW)
+    tl.store(db_ptr + (offs - NW), acc.to(db_ptr.dtype.element_ty), mask=ok & (offs >= NW))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +185,8 @@ CONV1X1_FP32_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=3),
 ]
+
+SUM_PARTIALS_BLOCK = 1024  # one fixed launch config, the same under the interpreter and on a GPU
 
 WEIGHT_GRAD_BLOCK_M_GPU = 64
 WEIGHT_GRAD_INTERPRETER = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
@@ -191,13 +219,14 @@ weight_grad_tuned = {fp32: triton.autotune(configs=weight_grad_configs(torch.flo
 
 def conv1x1(x: torch.Tensor, x_stride: int, w: torch.Tensor, transpose_w: bool, bias: torch.Tensor | None,
             epilogue: int, alpha: float, res: torch.Tensor | None = None, res_stride: int = 0,
-            out: torch.Tensor | None = None, out_stride: int | None = None, n_out: int | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, out_stride: int | None = None, n_res: int | None = None) -> torch.Tensor:
     """out[m, :] = epilogue(x[m, :K] @ W^T + bias, res[m, :]) over M pixel rows.
 
     x is any tensor whose storage holds M rows of `x_stride` elements (a channels_last activation
     or a channel prefix of one); w is a (C_out, C_in, 1, 1) conv weight, used as (C_in -> C_out),
     or transposed (C_out -> C_in) when `transpose_w`. With `out` None a fresh channels_last tensor
-    of n_out channels is returned.
+    is returned. A residual (EPILOGUE_LINEAR, EPILOGUE_ELU) lands on the first n_res output columns
+    (default all): the split-add of a residual distilling block.
     """
     n_img, _, height, width = x.shape
     m = n_img * height * width
@@ -211,10 +240,10 @@ def conv1x1(x: torch.Tensor, x_stride: int, w: torch.Tensor, transpose_w: bool, 
     alpha_hi, alpha_lo = split_alpha(alpha)
     launch(
         conv1x1_kernel, conv1x1_tuned[x.dtype == torch.float32],
-        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])),
+        lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"])),
         CONV1X1_INTERPRETER,
         x_ptr=x, w_ptr=w, bias_ptr=bias if bias is not None else w, res_ptr=res if res is not None else x,
-        out_ptr=out, M=m, N=n, K=k, stride_xm=x_stride,
+        out_ptr=out, M=m, N=n, K=k, NRES=n if n_res is None else n_res, stride_xm=x_stride,
         stride_wn=1 if transpose_w else c_in, stride_wk=c_in if transpose_w else 1,
         stride_rm=res_stride, stride_om=out_stride, alpha_hi=alpha_hi, alpha_lo=alpha_lo,
         HAS_BIAS=bias is not None, HAS_RES=res is not None, EPILOGUE=epilogue, IS_FP64=is_fp64(x),
@@ -227,33 +256,34 @@ def weight_grad(g: torch.Tensor, g_stride: int, x: torch.Tensor, x_stride: int, 
                 with_bias: bool, weight_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dW (n, k, kh, kw) and db (n,) of a conv from its input rows x and output gradient rows g.
 
-    Split-M partials in fp32 (fp64 for float64), summed by torch in a fixed order: bitwise
-    reproducible run to run, no atomics.
+    Split-M partials in fp32 (fp64 for float64), then one launch that adds them in a fixed order and
+    writes both gradients in the weight's dtype and layout: bitwise reproducible run to run, no atomics.
     """
     n_img, _, height, width = g.shape
     m = n_img * height * width
     block_m = WEIGHT_GRAD_INTERPRETER.kwargs["BLOCK_M"] if interpreting() else WEIGHT_GRAD_BLOCK_M_GPU
-    rows_per_split = grad_split(m, block_m, triton.cdiv(n, 64) * triton.cdiv(k, 64) * taps)
-    splits = triton.cdiv(m, rows_per_split)
+    rows_per_split = grad_split(m, block_m, cdiv(n, 64) * cdiv(k, 64) * taps)
+    splits = cdiv(m, rows_per_split)
     acc_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-    dw_partial = torch.empty((splits, taps, n, k), device=g.device, dtype=acc_dtype)
-    db_partial = torch.empty((splits, n), device=g.device, dtype=acc_dtype) if with_bias else None
-    check_int32("weight gradient", m * g_stride, m * x_stride, dw_partial.numel())
+    n_weight = n * k * taps
+    length = n_weight + (n if with_bias else 0)
+    partials = torch.empty((splits, length), device=g.device, dtype=acc_dtype)
+    check_int32("weight gradient", m * g_stride, m * x_stride, partials.numel())
     launch(
         weight_grad_kernel, weight_grad_tuned[g.dtype == torch.float32],
-        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]), splits * taps),
+        lambda meta: (cdiv(n, meta["BLOCK_N"]) * cdiv(k, meta["BLOCK_K"]), splits * taps),
         WEIGHT_GRAD_INTERPRETER,
-        g_ptr=g, x_ptr=x, dw_ptr=dw_partial, db_ptr=db_partial if with_bias else dw_partial,
+        g_ptr=g, x_ptr=x, part_ptr=partials,
         M=m, N=n, K=k, H=height, W=width, rows_per_split=rows_per_split, stride_gm=g_stride, stride_xm=x_stride,
         TAPS=taps, HAS_BIAS=with_bias, IS_FP64=is_fp64(g), PRECISION=dot_precision(g.dtype),
     )
-    dw = dw_partial.sum(dim=0)  # (taps, n, k)
-    if taps == 9:
-        dw = dw.permute(1, 2, 0).reshape(n, k, 3, 3)
-    else:
-        dw = dw.reshape(n, k, 1, 1)
-    db = db_partial.sum(dim=0).to(weight_dtype) if with_bias else None
-    return dw.to(weight_dtype).contiguous(), db
+    kernel_size = 3 if taps == 9 else 1
+    dw = torch.empty((n, k, kernel_size, kernel_size), device=g.device, dtype=weight_dtype)
+    db = torch.empty((n,), device=g.device, dtype=weight_dtype) if with_bias else None
+    wrap_triton(sum_partials_kernel)[(cdiv(length, SUM_PARTIALS_BLOCK),)](
+        part_ptr=partials, dw_ptr=dw, db_ptr=db if with_bias else dw, S=splits, NW=n_weight, L=length,
+        BLOCK=SUM_PARTIALS_BLOCK, num_warps=4, num_stages=1)
+    return dw, db
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +300,7 @@ def aot_variants():
     """
     import itertools
 
-    from .registry import AOT_DTYPES, expand, launch_configs
+    from .registry import AOT_DTYPES, config_label, expand, launch_configs
 
     epilogues = sorted({v for k, v in globals().items() if k.startswith("EPILOGUE_") and isinstance(v, int)})
     conv_cases = []
@@ -285,7 +315,7 @@ def aot_variants():
                                    "IS_FP64": False, **unit}))
     conv_kinds = {
         "x_ptr": "ptr", "w_ptr": "ptr", "bias_ptr": "ptr", "res_ptr": "ptr", "out_ptr": "ptr",
-        "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_wk": "i32",
+        "M": "i32", "N": "i32", "K": "i32", "NRES": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_wk": "i32",
         "stride_rm": "i32", "stride_om": "i32", "alpha_hi": "fp32", "alpha_lo": "fp32",
         "HAS_BIAS": "constexpr", "HAS_RES": "constexpr", "EPILOGUE": "constexpr", "IS_FP64": "constexpr",
         "PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
@@ -294,12 +324,12 @@ def aot_variants():
     for dtype in AOT_DTYPES:
         configs = conv1x1_configs(torch.float32 if dtype == "fp32" else None)
         variants += expand(conv1x1_kernel, conv_kinds, conv_cases, launch_configs(configs), dtypes=(dtype,),
-                           div16=("M", "N", "K", "stride_xm", "stride_wn", "stride_wk", "stride_rm", "stride_om"))
+                           div16=("M", "N", "K", "NRES", "stride_xm", "stride_wn", "stride_wk", "stride_rm", "stride_om"))
 
     grad_cases = [(f"taps{taps}{' bias' if has_bias else ''}", {"TAPS": taps, "HAS_BIAS": has_bias, "IS_FP64": False})
                   for taps in (1, 9) for has_bias in (True, False)]
     grad_kinds = {
-        "g_ptr": "ptr", "x_ptr": "ptr", "dw_ptr": "*fp32", "db_ptr": "*fp32",
+        "g_ptr": "ptr", "x_ptr": "ptr", "part_ptr": "*fp32",
         "M": "i32", "N": "i32", "K": "i32", "H": "i32", "W": "i32", "rows_per_split": "i32",
         "stride_gm": "i32", "stride_xm": "i32",
         "TAPS": "constexpr", "HAS_BIAS": "constexpr", "IS_FP64": "constexpr", "PRECISION": "constexpr",
@@ -309,4 +339,11 @@ def aot_variants():
         configs = weight_grad_configs(torch.float32 if dtype == "fp32" else None)
         variants += expand(weight_grad_kernel, grad_kinds, grad_cases, launch_configs(configs),
                            dtypes=(dtype,), div16=("M", "N", "K", "H", "W", "rows_per_split", "stride_gm", "stride_xm"))
+
+    # The weight's dtype is the storage dtype here (fastdrn.DRN casts weights to it); fp32 partials.
+    sum_kinds = {"part_ptr": "*fp32", "dw_ptr": "ptr", "db_ptr": "ptr", "S": "i32", "NW": "i32", "L": "i32",
+                 "BLOCK": "constexpr"}
+    sum_config = triton.Config({"BLOCK": SUM_PARTIALS_BLOCK}, num_warps=4, num_stages=1)
+    variants += expand(sum_partials_kernel, sum_kinds, [("", {})], [(config_label(sum_config) + " [fixed]", sum_config)],
+                       dtypes=AOT_DTYPES, div16=("S", "NW", "L"), needs_mma=False, aligned=("part_ptr", "dw_ptr"))
     return variants

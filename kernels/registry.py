@@ -56,7 +56,9 @@ PINNED_WARPS: tuple[int, ...] = (4, 8)
 # pipelining, shared memory and registers; so each variant is compiled twice:
 #   "div16": every pointer and every integer named in the variant's `div16` divisible by 16 (the
 #            common case: torch allocations, channel counts that are multiples of 16);
-#   "plain": no divisibility at all (e.g. a row stride of 72 = D + d channels): the worst case.
+#   "plain": no divisibility (e.g. a row stride of 72 = D + d channels) except the pointers a
+#            variant names `aligned`: buffers its launcher allocates itself, which are always 16-byte
+#            aligned (the CUDA caching allocator aligns every block to 512 bytes). The worst case.
 # Integers that equal 1 at every launch (a unit stride) are pinned as constexpr 1 in the case,
 # as Triton does at launch.
 SPECIALIZATIONS: tuple[str, ...] = ("div16", "plain")
@@ -161,16 +163,21 @@ def launch_configs(configs: Sequence, pinned_warps: Iterable[int] = PINNED_WARPS
 
 def expand(kernel, kinds: Mapping[str, str], cases: Sequence[tuple[str, Mapping[str, Any]]],
            configs: Sequence[tuple[str, Any]], dtypes: Sequence[str] = AOT_DTYPES, div16: Iterable[str] = (),
-           needs_mma: bool = True, specializations: Sequence[str] = SPECIALIZATIONS) -> list[Variant]:
+           needs_mma: bool = True, specializations: Sequence[str] = SPECIALIZATIONS,
+           aligned: Iterable[str] = ()) -> list[Variant]:
     """The cross product cases x configs x dtypes x specializations as Variant records.
 
     kinds: every kernel argument in order -> "ptr" (storage dtype), "*fp32" (fixed pointer type),
     "i32", "fp32" or "constexpr". cases: (label, values) with a value for each constexpr that is
     not a config kwarg; a value for a runtime argument pins it as constexpr (e.g. a unit stride,
     {"stride_k": 1}, which Triton specializes at launch). div16: the integer arguments that are
-    multiples of 16 in the "div16" specialization (pointers always are there).
+    multiples of 16 in the "div16" specialization (pointers always are there). aligned: the pointers
+    the launcher allocates itself, 16-byte aligned in every specialization.
     """
-    div16 = tuple(div16)
+    div16, aligned = tuple(div16), tuple(aligned)
+    unknown = [n for n in aligned if not kinds.get(n, "").startswith(("ptr", "*"))]
+    if unknown:
+        raise ValueError(f"aligned names {unknown}, which are not pointer arguments")
     out = []
     for (case_label, values), (config_text, config), dtype, spec in itertools.product(cases, configs, dtypes,
                                                                                         specializations):
@@ -184,7 +191,7 @@ def expand(kernel, kinds: Mapping[str, str], cases: Sequence[tuple[str, Mapping[
         if spec == "div16":
             divisible = tuple(n for n, k in sig.items() if k.startswith("*") or (n in div16 and k != "constexpr"))
         elif spec == "plain":
-            divisible = ()
+            divisible = aligned
         else:
             raise ValueError(f"unknown specialization {spec!r} (one of {SPECIALIZATIONS})")
         out.append(Variant(kernel=kernel, config=config_text, case=f"{case_label} {spec}".strip(), dtype=dtype,

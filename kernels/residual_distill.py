@@ -29,8 +29,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._common import (check_int32, dot_precision, elu, elu_grad_from_output, is_fp64, join_alpha, launch, next_pow2, rows, split_alpha)
-from .gemm import EPILOGUE_ELU, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, weight_grad
+from ._common import (cdiv, check_int32, direct_launches, dot_precision, eager_fast_path, elu, elu_grad_from_output, is_fp64,
+                      join_alpha, launch, next_pow2, rows, split_alpha)
+from .gemm import EPILOGUE_ELU, EPILOGUE_LINEAR, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, weight_grad
 
 EPI_ELU = 0                  # mid = ELU(conv3x3(x) + bias)
 EPI_TIMES_ELU_GRAD_OF_AUX = 1  # mid = conv3x3(x) * ELU'(.) where aux = ELU(.) was saved
@@ -39,7 +40,7 @@ EPI_TIMES_ELU_GRAD_OF_AUX = 1  # mid = conv3x3(x) * ELU'(.) where aux = ELU(.) w
 @triton.jit
 def conv3x3_fused_kernel(
     x_ptr,       # [M, F] input rows of the 3x3 (a forward, g_b backward), F contiguous channels per pixel
-    wc_ptr,      # [9, F, F] 3x3 weight packed tap-major as (tap, c_in, c_out)
+    wc_ptr,      # [9, F, F] 3x3 weight packed tap-major as (tap, c_in, c_out) of this pass's product
     bc_ptr,      # [F] 3x3 bias, read when HAS_BIAS1
     aux_ptr,     # [M, F] saved ELU output whose derivative gates the result, read when EPI1 == 1
     mid_ptr,     # [M, F] the 3x3 stage's result (b forward, g_a backward), written when SAVE_MID
@@ -50,7 +51,6 @@ def conv3x3_fused_kernel(
     M,           # pixel rows, N * H * W
     H,           # image height
     W,           # image width
-    F,           # channels of the 3x3 (the block's inner width)
     N2,          # output channels of the second GEMM
     NRES,        # output columns that get the residual (D)
     stride_w2n,  # second weight stride along its output channels
@@ -59,6 +59,9 @@ def conv3x3_fused_kernel(
     stride_om,   # elements between pixel rows of out
     alpha_hi,    # ELU alpha, fp32 high half
     alpha_lo,    # ELU alpha, fp32 low half (float64 runs only)
+    F: tl.constexpr,          # channels of the 3x3 (the block's inner width): compile-time, so row
+                              # addresses are known multiples and loads vectorize at any N2, H, W
+    FLIP_TAPS: tl.constexpr,  # read tap 8 - t for tap t: the transposed 3x3 of the input gradient
     EPI1: tl.constexpr,       # EPI_ELU or EPI_TIMES_ELU_GRAD_OF_AUX
     HAS_BIAS1: tl.constexpr,
     SAVE_MID: tl.constexpr,
@@ -91,11 +94,15 @@ def conv3x3_fused_kernel(
         ww = w + dx
         src_ok = m_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)  # the zero padding
         src = rm + dy * W + dx
+        if FLIP_TAPS:
+            w_tap = 8 - tap
+        else:
+            w_tap = tap
         for k0 in range(0, F, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < F
             x = tl.load(x_ptr + src[:, None] * F + kk[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(wc_ptr + tap * F * F + kk[:, None] * F + rf[None, :],
+            wt = tl.load(wc_ptr + w_tap * F * F + kk[:, None] * F + rf[None, :],
                          mask=k_ok[:, None] & f_ok[None, :], other=0.0)
             acc = tl.dot(x, wt, acc, input_precision=PRECISION)
     if HAS_BIAS1:
@@ -135,14 +142,12 @@ def _config(block_m, block_n, block_k, warps, stages):
 # Chosen by compiling every launch shape for sm_90 and sm_80 (kernels/aot_check.py) and keeping
 # the configs without register spills. The [BLOCK_M, BLOCK_F] accumulator, the stored tile that
 # feeds the second GEMM and that GEMM's own tile share the registers: wide blocks need 8 warps, and
-# float32's 3xTF32 dots (operands split in two) need 8 warps and BLOCK_K 16 from F = 16 up. At
-# F = 256 no config was spill-free everywhere (16-bit: 24 to 40 bytes on sm_80 in the input-gradient
-# pass; float32: 120 to 852 bytes on both targets); the list holds the one that spilled least, and
-# the AOT check reports it.
+# float32's 3xTF32 dots (operands split in two) need 8 warps and BLOCK_K 16 from F = 16 up. Float32
+# at F = 256 does not fuse the second GEMM at all (see fuses_second_gemm).
 CONV3X3_CONFIGS = {
     16: [_config(64, 64, 16, 4, 3), _config(128, 64, 16, 8, 3)],
     32: [_config(64, 64, 32, 4, 3), _config(128, 64, 32, 8, 3)],
-    64: [_config(64, 32, 32, 4, 3), _config(64, 64, 32, 8, 3), _config(128, 64, 32, 8, 3)],
+    64: [_config(64, 32, 32, 4, 3), _config(64, 64, 32, 8, 3), _config(128, 32, 32, 8, 3)],
     128: [_config(64, 64, 32, 8, 3), _config(64, 32, 32, 8, 3)],
     256: [_config(64, 16, 32, 8, 2)],
 }
@@ -151,7 +156,7 @@ CONV3X3_FP32_CONFIGS = {
     32: [_config(64, 64, 16, 8, 3)],
     64: [_config(64, 16, 16, 8, 3)],
     128: [_config(64, 16, 16, 8, 3)],
-    256: [_config(64, 16, 16, 8, 1)],
+    256: [_config(64, 16, 16, 8, 2)],
 }
 CONV3X3_INTERPRETER = _config(32, 32, 32, 4, 1)
 
@@ -173,8 +178,16 @@ conv3x3_tuned = {
 MAX_INNER = max(CONV3X3_CONFIGS)
 
 
+def fuses_second_gemm(block_f: int, dtype: torch.dtype) -> bool:
+    """Whether the 1x1 after the 3x3 (expand forward, squeeze transpose backward) runs in the 3x3
+    kernel's epilogue. Not for float32 at F = 256: the 3xTF32 dot splits the [BLOCK_M, 256] fp32
+    operand in two and every config spilled 110 to 600 bytes (AOT check), so there the 3x3 writes
+    its result and conv1x1_kernel runs the 1x1: one launch and 2F values a pixel more."""
+    return not (dtype == torch.float32 and block_f > 128)
+
+
 # ---- launchers ---------------------------------------------------------------------------------
-def _conv3x3(x, wc_packed, bc, alpha, *, epi1, aux=None, save_mid=False, w2=None, w2_strides=(0, 0), b2=None,
+def _conv3x3(x, wc_packed, bc, alpha, *, epi1, flip_taps=False, aux=None, save_mid=False, w2=None, w2_strides=(0, 0), b2=None,
              n2=0, res=None, res_stride=0, nres=0, out=None, out_stride=0, inplace=False):
     """Launch conv3x3_fused_kernel over the rows of x (a channels_last (N, F, H, W) tensor)."""
     n_img, inner, height, width = x.shape
@@ -189,7 +202,7 @@ def _conv3x3(x, wc_packed, bc, alpha, *, epi1, aux=None, save_mid=False, w2=None
     tuned = conv3x3_tuned[(block_f, x.dtype == torch.float32, inplace)]
     launch(
         conv3x3_fused_kernel, tuned,
-        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),),
+        lambda meta: (cdiv(m, meta["BLOCK_M"]),),
         interp,
         x_ptr=x, wc_ptr=wc_packed, bc_ptr=bc if bc is not None else wc_packed,
         aux_ptr=aux if aux is not None else x, mid_ptr=mid if mid is not None else x,
@@ -198,16 +211,17 @@ def _conv3x3(x, wc_packed, bc, alpha, *, epi1, aux=None, save_mid=False, w2=None
         M=m, H=height, W=width, F=inner, N2=n2, NRES=nres,
         stride_w2n=w2_strides[0], stride_w2f=w2_strides[1], stride_rm=res_stride, stride_om=out_stride,
         alpha_hi=alpha_hi, alpha_lo=alpha_lo,
-        EPI1=epi1, HAS_BIAS1=bc is not None, SAVE_MID=save_mid, HAS_SECOND=w2 is not None,
+        FLIP_TAPS=flip_taps, EPI1=epi1, HAS_BIAS1=bc is not None, SAVE_MID=save_mid, HAS_SECOND=w2 is not None,
         HAS_BIAS2=b2 is not None, IS_FP64=is_fp64(x), PRECISION=dot_precision(x.dtype), BLOCK_F=block_f,
     )
     return mid
 
 
 def _pack_conv(w_conv, transpose=False):
-    """(F_out, F_in, 3, 3) -> [9, F_in, F_out] tap-major; transposed: the flipped kernel, [9, F_out, F_in]."""
+    """(F_out, F_in, 3, 3) -> [9, F_in, F_out] tap-major, one copy; transposed [9, F_out, F_in], whose
+    taps the kernel reads flipped (FLIP_TAPS) for the transposed convolution."""
     if transpose:
-        return w_conv.flip(2, 3).permute(2, 3, 0, 1).reshape(9, w_conv.shape[0], w_conv.shape[1]).contiguous()
+        return w_conv.permute(2, 3, 0, 1).reshape(9, w_conv.shape[0], w_conv.shape[1]).contiguous()
     return w_conv.permute(2, 3, 1, 0).reshape(9, w_conv.shape[1], w_conv.shape[0]).contiguous()
 
 
@@ -219,7 +233,12 @@ def _forward_into(z, z_stride, out, out_stride, w_squeeze, b_squeeze, w_conv, b_
                   save_b, inplace):
     """One block from rows of z (D channels) into rows of out (D + d channels); returns b when saved."""
     a = _squeeze(z, z_stride, w_squeeze, b_squeeze, alpha)
-    d_in = w_squeeze.shape[1]
+    d_in, inner = w_squeeze.shape[1], w_squeeze.shape[0]
+    if not fuses_second_gemm(next_pow2(inner), z.dtype):
+        b = _conv3x3(a, _pack_conv(w_conv), b_conv, alpha, epi1=EPI_ELU, save_mid=True)
+        conv1x1(b, inner, w_expand, False, b_expand, EPILOGUE_LINEAR, alpha, res=z, res_stride=z_stride,
+                out=out, out_stride=out_stride, n_res=d_in)
+        return b if save_b else None
     return _conv3x3(a, _pack_conv(w_conv), b_conv, alpha, epi1=EPI_ELU, save_mid=save_b,
                     w2=w_expand, w2_strides=(w_expand.shape[1], 1), b2=b_expand, n2=w_expand.shape[0],
                     res=z, res_stride=z_stride, nres=d_in, out=out, out_stride=out_stride, inplace=inplace)
@@ -244,15 +263,32 @@ def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expa
         b = _conv3x3(a, _pack_conv(w_conv), b_conv, alpha, epi1=EPI_ELU, save_mid=True)
     g_b = conv1x1(grad, n_out, w_expand, True, None, EPILOGUE_TIMES_ELU_GRAD_OF_RES, alpha,
                   res=b, res_stride=b.shape[1])
-    dz = torch.empty_like(z)
-    g_a = _conv3x3(g_b, _pack_conv(w_conv, transpose=True), None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX, aux=a,
-                   save_mid=True, w2=w_squeeze, w2_strides=(1, d_in), n2=d_in, res=grad, res_stride=n_out,
-                   nres=d_in, out=dz, out_stride=d_in)
     inner = a.shape[1]
+    if fuses_second_gemm(next_pow2(inner), z.dtype):
+        dz = torch.empty_like(z)
+        g_a = _conv3x3(g_b, _pack_conv(w_conv, transpose=True), None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
+                       flip_taps=True, aux=a, save_mid=True, w2=w_squeeze, w2_strides=(1, d_in), n2=d_in, res=grad, res_stride=n_out,
+                       nres=d_in, out=dz, out_stride=d_in)
+    else:
+        g_a = _conv3x3(g_b, _pack_conv(w_conv, transpose=True), None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
+                       flip_taps=True, aux=a, save_mid=True)
+        dz = conv1x1(g_a, inner, w_squeeze, True, None, EPILOGUE_LINEAR, alpha, res=grad, res_stride=n_out)
     dw_e, db_e = weight_grad(grad, n_out, b, inner, n_out, inner, 1, True, w_expand.dtype)
     dw_c, db_c = weight_grad(g_b, inner, a, inner, inner, inner, 9, True, w_conv.dtype)
     dw_sq, db_sq = weight_grad(g_a, inner, z, d_in, inner, d_in, 1, True, w_squeeze.dtype)
     return dz, dw_sq, db_sq, dw_c, db_c, dw_e, db_e
+
+
+def _group_forward(buffer, weights, alpha):
+    """Blocks in place over one channels_last buffer of width C + K*d; weights holds 6 tensors per
+    block (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand). Block k reads channels
+    [0, D_k) and writes [0, D_k + d_k) of the same pixel rows: the residual add is read and written
+    by one program, so no concat copy and no second buffer exist."""
+    stride = buffer.shape[1]
+    for i in range(0, len(weights), 6):
+        w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand = weights[i:i + 6]
+        _forward_into(buffer, stride, buffer, stride, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand,
+                      alpha, save_b=False, inplace=True)
 
 
 # ---- registered ops and autograd -----------------------------------------------------------------
@@ -276,17 +312,8 @@ def residual_distill_backward_op(
 
 @triton_op("fastdrn::residual_distill_group_", mutates_args={"buffer"})
 def residual_distill_group_op(buffer: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> None:
-    """Inference: run blocks in place over one channels_last buffer of width C + K*d.
-
-    weights holds 6 tensors per block (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand).
-    Block k reads channels [0, D_k) and writes [0, D_k + d_k) of the same pixel rows: the residual
-    add is read and written by one program, so no concat copy and no second buffer exist.
-    """
-    stride = buffer.shape[1]
-    for i in range(0, len(weights), 6):
-        w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand = weights[i:i + 6]
-        _forward_into(buffer, stride, buffer, stride, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand,
-                      alpha, save_b=False, inplace=True)
+    """Inference: run blocks in place over one channels_last buffer of width C + K*d (_group_forward)."""
+    _group_forward(buffer, weights, alpha)
 
 
 def _setup_context(ctx, inputs, output):
@@ -311,6 +338,29 @@ def _autograd_backward(ctx, grad, _grad_b):
 residual_distill_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+class _EagerResidualDistill(torch.autograd.Function):
+    """The registered op's forward and backward without the custom-op dispatch (eager_fast_path):
+    the same launchers, the same saved tensors, the same gradients."""
+
+    @staticmethod
+    def forward(ctx, z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b):
+        with direct_launches():
+            out, b = _forward(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b)
+        _setup_context(ctx, (z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b), (out, b))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
+        z, b, *weights = ctx.saved_tensors
+        with direct_launches():
+            dz, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = _backward(grad, z, b, *weights, ctx.alpha)
+        has_sq, has_c, has_e = ctx.has_bias
+        return (dz, dw_sq, db_sq if has_sq else None, dw_c, db_c if has_c else None, dw_e, db_e if has_e else None,
+                None, None)
+
+
 # ---- public functions ----------------------------------------------------------------------------
 def _check_inner(inner: int) -> None:
     if inner > MAX_INNER:
@@ -323,9 +373,10 @@ def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand
     _check_inner(w_squeeze.shape[0])
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand))
-    out, _b = residual_distill_op(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, float(alpha),
-                                  needs_grad and not recompute)
-    return out
+    args = (z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, float(alpha), needs_grad and not recompute)
+    if eager_fast_path():
+        return _EagerResidualDistill.apply(*args)
+    return residual_distill_op(*args)[0]
 
 
 def residual_distill_group_(buffer, blocks, alpha=0.2):
@@ -336,39 +387,58 @@ def residual_distill_group_(buffer, blocks, alpha=0.2):
     """
     for block in blocks:
         _check_inner(block[0].shape[0])
-    residual_distill_group_op(buffer, [t for block in blocks for t in block], float(alpha))
+    weights = [t for block in blocks for t in block]
+    if eager_fast_path():
+        with direct_launches():
+            residual_distill_group_op._init_fn(buffer, weights, float(alpha))
+    else:
+        residual_distill_group_op(buffer, weights, float(alpha))
     return buffer
 
 
 # ---- ahead-of-time compile check ------------------------------------------------------------------
 def aot_variants():
-    """conv3x3_fused_kernel as its launchers run it: forward (b saved or not), rebuilding b
-    (recompute=True) and the input-gradient pass, at every BLOCK_F and config, for fp32, bf16, fp16."""
+    """conv3x3_fused_kernel as its launchers run it, at every BLOCK_F and config, for fp32, bf16 and
+    fp16: forward (b saved or not) and the input-gradient pass with the 1x1 fused where
+    fuses_second_gemm says so, else the 3x3 alone; and the 3x3 alone rebuilding b (recompute=True).
+    F is a compile-time constant, compiled here at F = BLOCK_F (DRN's widths, 16 to 256); another F
+    compiles its own variant at launch, with the same tiles and masks."""
     from .registry import AOT_DTYPES, expand, launch_configs
 
     kinds = {name: "ptr" for name in ("x_ptr", "wc_ptr", "bc_ptr", "aux_ptr", "mid_ptr", "w2_ptr", "b2_ptr",
                                        "res_ptr", "out_ptr")}
-    kinds.update({name: "i32" for name in ("M", "H", "W", "F", "N2", "NRES", "stride_w2n", "stride_w2f",
+    kinds.update({name: "i32" for name in ("M", "H", "W", "N2", "NRES", "stride_w2n", "stride_w2f",
                                             "stride_rm", "stride_om")})
     kinds.update(alpha_hi="fp32", alpha_lo="fp32")
-    kinds.update({name: "constexpr" for name in ("EPI1", "HAS_BIAS1", "SAVE_MID", "HAS_SECOND", "HAS_BIAS2",
+    kinds.update({name: "constexpr" for name in ("F", "FLIP_TAPS", "EPI1", "HAS_BIAS1", "SAVE_MID", "HAS_SECOND", "HAS_BIAS2",
                                                   "IS_FP64", "PRECISION", "BLOCK_M", "BLOCK_F", "BLOCK_K",
                                                   "BLOCK_N")})
-    passes = [
-        ("forward", dict(EPI1=EPI_ELU, HAS_BIAS1=True, SAVE_MID=False, HAS_SECOND=True, HAS_BIAS2=True,
+    fused_passes = [
+        ("forward", dict(FLIP_TAPS=False, EPI1=EPI_ELU, HAS_BIAS1=True, SAVE_MID=False, HAS_SECOND=True, HAS_BIAS2=True,
                          stride_w2f=1)),
-        ("forward save b", dict(EPI1=EPI_ELU, HAS_BIAS1=True, SAVE_MID=True, HAS_SECOND=True, HAS_BIAS2=True,
+        ("forward save b", dict(FLIP_TAPS=False, EPI1=EPI_ELU, HAS_BIAS1=True, SAVE_MID=True, HAS_SECOND=True, HAS_BIAS2=True,
                                 stride_w2f=1)),
-        ("rebuild b", dict(EPI1=EPI_ELU, HAS_BIAS1=True, SAVE_MID=True, HAS_SECOND=False, HAS_BIAS2=False)),
-        ("input grad", dict(EPI1=EPI_TIMES_ELU_GRAD_OF_AUX, HAS_BIAS1=False, SAVE_MID=True, HAS_SECOND=True,
+        ("input grad", dict(FLIP_TAPS=True, EPI1=EPI_TIMES_ELU_GRAD_OF_AUX, HAS_BIAS1=False, SAVE_MID=True, HAS_SECOND=True,
                             HAS_BIAS2=False, stride_w2n=1)),
+    ]
+    # The 3x3 alone: rebuilding b (recompute=True), and both passes where the 1x1 is not fused.
+    alone_passes = [
+        ("b alone", dict(FLIP_TAPS=False, EPI1=EPI_ELU, HAS_BIAS1=True, SAVE_MID=True, HAS_SECOND=False, HAS_BIAS2=False)),
+        ("input grad alone", dict(FLIP_TAPS=True, EPI1=EPI_TIMES_ELU_GRAD_OF_AUX, HAS_BIAS1=False, SAVE_MID=True, HAS_SECOND=False,
+                                  HAS_BIAS2=False)),
     ]
     variants = []
     for block_f in CONV3X3_CONFIGS:
-        cases = [(f"F{block_f} {label}", {**values, "BLOCK_F": block_f, "IS_FP64": False}) for label, values in passes]
         for dtype in AOT_DTYPES:
-            configs = conv3x3_configs(block_f, torch.float32 if dtype == "fp32" else None)
+            torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+            passes = (fused_passes + alone_passes[:1]) if fuses_second_gemm(block_f, torch_dtype) else alone_passes
+            cases = [(f"F{block_f} {label}", {**values, "F": block_f, "BLOCK_F": block_f, "IS_FP64": False})
+                     for label, values in passes]
+            configs = conv3x3_configs(block_f, torch_dtype)
             variants += expand(conv3x3_fused_kernel, kinds, cases, launch_configs(configs), dtypes=(dtype,),
-                               div16=("M", "H", "W", "F", "N2", "NRES", "stride_w2n", "stride_w2f", "stride_rm",
-                                      "stride_om"))
+                               div16=("M", "H", "W", "N2", "NRES", "stride_w2n", "stride_w2f", "stride_rm",
+                                      "stride_om"),
+                               # Allocated by the launchers (a, g_b, packed weights, mid, out or the
+                               # group buffer); z, grad, the 1x1 weights and biases come from the caller.
+                               aligned=("x_ptr", "wc_ptr", "aux_ptr", "mid_ptr", "out_ptr"))
     return variants

@@ -53,6 +53,27 @@ def test_without_bias(device):
     assert dz.shape == z.shape and dw.shape == w.shape
 
 
+def test_registered_op_and_eager_path_agree(monkeypatch, device):
+    """Eager calls skip the custom-op dispatch (kernels/_common.py eager_fast_path); torch.compile
+    runs the registered op. Both must give the same output and gradients, bit for bit."""
+    from fastdrn import backend
+    from fastdrn.kernels import compress_skip as module
+
+    dtype = dtypes_for(device)[0]
+    if not backend.use_triton("compress_skip", torch.device(device), dtype):
+        pytest.skip("the fused op does not run here")
+    if not module.eager_fast_path():
+        pytest.skip("this torch has no direct-launch switch: every call already goes through the op")
+    inputs = make_inputs((2, 24, 16, 3, 5), dtype, device, True)
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(module, "eager_fast_path", lambda fast=fast: fast)
+        out = ops.compress_skip(*inputs)
+        results.append([out, *torch.autograd.grad(out, inputs, torch.ones_like(out))])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_float64_gradcheck():
     if where(torch.device("cpu")) != "interpreter":
         pytest.skip("float64 runs through the interpreter")

@@ -59,6 +59,30 @@ def test_forward_and_gradients_match_float64_reference(case, recompute, device):
 
 
 @pytest.mark.parametrize("recompute", [False, True])
+def test_registered_op_and_eager_path_agree(recompute, monkeypatch, device):
+    """Eager calls skip the custom-op dispatch (kernels/_common.py eager_fast_path); torch.compile
+    runs the registered op. Both must give the same output, gradients and saved bytes, bit for bit."""
+    from fastdrn.kernels import residual_distill as module
+
+    dtype = dtypes_for(device)[0]
+    if not backend.use_triton("residual_distill", torch.device(device), dtype):
+        pytest.skip("the fused op does not run here")
+    if not module.eager_fast_path():
+        pytest.skip("this torch has no direct-launch switch: every call already goes through the op")
+    inputs = make_inputs((1, 24, 16, 5, 3, 4, True), dtype, device)
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(module, "eager_fast_path", lambda fast=fast: fast)
+        fn = lambda *args: ops.residual_distill(*args, recompute=recompute)  # noqa: E731
+        saved = saved_activation_bytes(fn, inputs, inputs[1:])
+        out = fn(*inputs)
+        results.append([saved, out, *torch.autograd.grad(out, inputs, torch.ones_like(out))])
+    assert results[0][0] == results[1][0], "saved bytes differ"
+    for a, b in zip(results[0][1:], results[1][1:]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
 def test_float64_gradcheck(recompute):
     if where(torch.device("cpu")) != "interpreter":
         pytest.skip("float64 runs through the interpreter")
@@ -67,11 +91,14 @@ def test_float64_gradcheck(recompute):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
-def test_in_place_group_matches_block_by_block(device):
+# F = 16: the fused expand writes in place; F = 256: float32 runs the expand as its own 1x1
+# launch (fuses_second_gemm), which must write in place too.
+@pytest.mark.parametrize("inner,h,w", [(16, 5, 7), (256, 3, 2)])
+def test_in_place_group_matches_block_by_block(inner, h, w, device):
     """The inference path (one buffer, blocks writing in place) equals chaining the op."""
     for dtype in dtypes_for(device):
-        c, inner, distill, n_blocks = 24, 16, 4, 3
-        y = randn(2, c, 5, 7, dtype=dtype, device=device)
+        c, distill, n_blocks = 24, 4, 3
+        y = randn(2, c, h, w, dtype=dtype, device=device)
         blocks = [tuple(t.detach() for t in make_block(c + k * distill, inner, distill, dtype, device))
                   for k in range(n_blocks)]
         with torch.no_grad():
@@ -79,7 +106,7 @@ def test_in_place_group_matches_block_by_block(device):
             chained = y
             for block in blocks:
                 chained = ops.residual_distill(chained, *block)
-        assert in_place.shape == (2, c + n_blocks * distill, 5, 7)
+        assert in_place.shape == (2, c + n_blocks * distill, h, w)
         ref = y.double()
         for block in blocks:
             ref = reference.residual_distill(ref, *(t.double() for t in block))
