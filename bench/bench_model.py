@@ -61,12 +61,31 @@ def impl_plan(args) -> list[list[tuple[str, str, str]]]:
         sweep = [("eager", dt, "baseline"), ("fastdrn", dt, "candidate")]
         if args.recompute:
             sweep.append(("fastdrn-recompute", dt, "candidate"))
+        if not args.no_graphs:
+            sweep.append(("fastdrn-graph", dt, "candidate"))
         sweeps.append(sweep)
         if not args.no_compile and dt in cdt:
             sweeps.append([("compile", dt, "baseline")])
         if args.max_autotune and dt in cdt:
             sweeps.append([("compile-max-autotune", dt, "baseline")])
     return sweeps
+
+
+def capture_cuda_graph(warm_up, captured, before_capture=None):
+    """Replay of `captured` recorded in one CUDA graph, after three `warm_up` calls on a side
+    stream (Triton compiles and autotunes there: nothing may synchronize during capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            warm_up()
+    torch.cuda.current_stream().wait_stream(side)
+    if before_capture is not None:
+        before_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured()
+    return graph.replay
 
 
 def main() -> None:
@@ -80,6 +99,8 @@ def main() -> None:
     p.add_argument("--compile-dtypes", type=common.dtype_list, default=None,
                    help="dtypes of the compile baselines (default: --dtypes; --quick: bf16)")
     p.add_argument("--recompute", action="store_true", help="also fastdrn.DRN(recompute=True)")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="skip fastdrn-graph (the whole step captured once in a CUDA graph and replayed)")
     args = p.parse_args()
     args.custom = any(a.split("=")[0] in ("--train", "--infer") for a in sys.argv[1:])
     if args.quick and args.compile_dtypes is None:
@@ -132,17 +153,20 @@ def main() -> None:
                 if ctx.smoke and dt != "fp32":
                     raise common.Skip("bf16 is not checked in smoke mode: Triton 3.9's interpreter computes bf16 "
                                       "tl.dot wrongly (a 16x16 product is off by ~1e10), so only the GPU can say")
+                if impl == "fastdrn-graph" and device.type != "cuda":
+                    raise common.Skip("CUDA graphs need a CUDA device")
                 kwargs = {"recompute": True} if impl == "fastdrn-recompute" else {}
                 try:
                     model = fast_cls(scale=c["scale"], **config, **kwargs)
                 except TypeError as exc:
                     raise common.Skip(f"fastdrn.DRN does not take {kwargs}: {exc}")
                 model.load_state_dict(ref.state_dict(), strict=True)
-                note = f"backend: {getattr(model, 'backend', 'unknown (no .backend attribute)')}"
             else:
                 model = ref
             bf16 = dt == "bf16"
             model = model.to(device)
+            if impl.startswith("fastdrn"):  # asked after the move: the backend depends on the device
+                note = f"backend: {getattr(model, 'backend', 'unknown (no .backend attribute)')}"
             if bf16:
                 model = model.to(memory_format=torch.channels_last)
             x, y = make_inputs(c, seed)
@@ -154,26 +178,47 @@ def main() -> None:
                 run_model = common.compile_fn(model, ctx, mode)
                 note = common.compile_note(ctx, mode)
             autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+            graph = impl == "fastdrn-graph"
             if c["kind"] == "train":
                 model.train()
                 opt_kw = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
                 if device.type == "cuda":
-                    opt_kw["fused"] = True
+                    opt_kw.update(fused=True, capturable=graph)
                 opt = torch.optim.Adam(model.parameters(), **opt_kw)
 
-                def fn():
-                    opt.zero_grad(set_to_none=True)
+                def step():
                     with torch.autocast(**autocast):
                         out = run_model(x)
                     loss = F.l1_loss(out.float(), y)
                     loss.backward()
                     opt.step()
+
+                def fn():
+                    opt.zero_grad(set_to_none=True)
+                    step()
+                if graph:
+                    # Grads are None at capture, so every replay writes them afresh (no zeroing).
+                    fn = capture_cuda_graph(fn, step, before_capture=lambda: opt.zero_grad(set_to_none=True))
+                    note += "; whole step (forward, backward, fused Adam) replayed from one CUDA graph"
                 return dict(fn=fn, note=note)
             model.eval()
 
-            def fn():
+            def forward():
                 with torch.no_grad(), torch.autocast(**autocast):
                     return run_model(x)
+            if graph:
+                static_out = {}
+
+                def record():
+                    static_out["out"] = forward()
+                replay = capture_cuda_graph(forward, record)
+
+                def fn():
+                    replay()
+                    return static_out["out"]
+                note += "; forward replayed from one CUDA graph"
+            else:
+                fn = forward
 
             def check():  # every impl: the baselines' own error is the yardstick
                 return common.rel_err(fn().float(), reference_f64(c, seed))

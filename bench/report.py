@@ -57,6 +57,16 @@ def _why_missing(rows, **want) -> str:
     return f"{r.get('status')}: {r.get('note', '')}"[:200]
 
 
+def _graph_line(ok: list[dict], dtype: str, where: dict) -> list[str]:
+    """The same case replayed from one CUDA graph (impl fastdrn-graph): host launch costs removed."""
+    graphed = _find(ok, impl="fastdrn-graph", dtype=dtype, **where)
+    if not graphed:
+        return []
+    sp = graphed[-1].get("speedup") or {}
+    return [f"  - in one CUDA graph: {graphed[-1]['median_ms']:.2f} ms, {_fmt_sp(sp.get('eager'))} vs eager, "
+            f"{_fmt_sp(sp.get('compile'))} vs torch.compile"]
+
+
 def goals(rows: list[dict]) -> list[str]:
     lines = ["## Goals (reported, not asserted)", ""]
     if rows and all(r.get("smoke") for r in rows):
@@ -77,6 +87,7 @@ def goals(rows: list[dict]) -> list[str]:
                      f"{_fmt_sp(e)} vs eager bf16 (target x3), {_fmt_sp(c)} vs torch.compile bf16 (target x2): "
                      f"**{_verdict([(e, 3.0), (c, 2.0)])}**"
                      + ("" if c is not None else f" (compile row {_why_missing(rows, impl='compile', dtype='bf16', **train)})"))
+    lines += _graph_line(ok, "bf16", train)
     # 2. inference x4 1080p
     infer = dict(op="drn", **{"pass": "inference"}, shape_scale=4, shape_N=1, shape_H=270, shape_W=480)
     any_inf = False
@@ -91,6 +102,7 @@ def goals(rows: list[dict]) -> list[str]:
                      f"{_fmt_sp(c)} vs torch.compile {dt} (target x2), {_fmt_sp(sp.get('eager'))} vs eager {dt}: "
                      f"**{_verdict([(c, 2.0)])}**"
                      + ("" if c is not None else f" (compile row {_why_missing(rows, impl='compile', dtype=dt, **infer)})"))
+        lines += _graph_line(ok, dt, infer)
     if not any_inf:
         lines.append("- Goal 2, inference x4 480x270 (>= 2x torch.compile): NO DATA "
                      f"(fastdrn row {_why_missing(rows, impl='fastdrn', **infer)})")

