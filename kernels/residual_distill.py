@@ -11,13 +11,20 @@ the expand GEMM on that register tile in column chunks, with the residual add on
 columns and the concat both done by where the store lands. `b` never leaves the chip unless the
 backward will need it.
 
+Float32 at F = 256 runs the 1x1 after the 3x3 as its own launch, forward and backward
+(fuses_second_gemm): the fused form spilled registers at every config.
+
+Eager calls run these launchers under a torch.autograd.Function (no custom-op dispatch); the
+registered ops below are what torch.compile traces. Both share every launcher.
+
 Backward (dy has D + d channels), deterministic, no atomics:
     a    = recomputed by the squeeze launch (a 1x1: cheap; saving it would cost F values a pixel)
     b    = saved by the forward (default), or recomputed by conv3x3_fused_kernel (recompute=True)
     g_b  = (dy W_e) * ELU'(b)                   conv1x1 launch, ELU' read off the saved output b
     g_a  = convT3x3(g_b) * ELU'(a)              conv3x3_fused_kernel with flipped, transposed W_c,
     dz   = g_a W_sq + dy[:, :D]                   and the squeeze transpose in its second GEMM
-    dW_e, dW_c, dW_sq and the biases            split-M partials (weight_grad_kernel), fixed-order sums
+    dW_e, dW_c, dW_sq and the biases            split-M partials (weight_grad_kernel), then one fixed-order
+                                                sum per weight (sum_partials_kernel)
 
 Saved for backward: z and b by default (D + F values a pixel, against the reference's D + 4F);
 z alone with recompute=True.
