@@ -53,12 +53,26 @@ def float64_leaves(*tensors):
     return [None if t is None else t.detach().double().requires_grad_() for t in tensors]
 
 
-def model_grad_tolerance(dtype: torch.dtype, tol: float, eager_err: float) -> float:
-    """A whole model's parameter-gradient bound in 16-bit storage: SPEC.md section 4's, or 1.25x
-    the error of the eager reference in the same dtype where that is already beyond it. 16-bit
-    gradients through many layers pile up every layer's rounding (eager float16 is 4.5e-2 off float64
-    for DRN's squeeze weights on the CPU); the per-op contract covers each op, not the pile-up, so
-    at model level fastdrn is held to eager PyTorch's own error. Float32 and float64 keep `tol`."""
-    if dtype in (torch.float16, torch.bfloat16):
-        return max(tol, 1.25 * eager_err)
-    return tol
+def assert_model_grads_close(dtype, tol, grads, eager_grads, ref_grads, names, what):
+    """A whole model's parameter gradients against float64.
+
+    Float32 and float64: every parameter's gradient within `tol` (SPEC.md section 4). 16-bit: ELU's
+    derivative jumps from 1 to alpha at 0, so a pre-activation that rounds across 0 flips it, and a
+    single flip among thousands of values moves one parameter's gradient by 2e-2 to 7e-2; eager
+    PyTorch in the same dtype fails 3e-2 that way too (fp16, interpreter, small DRN, 12 seeds:
+    worst parameter 1.6e-2 to 1.3e-1 for eager, 1.1e-2 to 7.4e-2 for fastdrn; all parameters as one
+    vector at most 4.8e-3 for both). So in 16-bit: all gradients as one vector within `tol`, and no
+    parameter further off than max(tol, 2x the worst parameter of eager in the same dtype).
+    """
+    errs = [rel_err(g, rg) for g, rg in zip(grads, ref_grads)]
+    if dtype not in (torch.float16, torch.bfloat16):
+        for name, g, rg in zip(names, grads, ref_grads):
+            assert_close(g, rg, tol, f"{what} grad of {name}")
+        return
+    flat = lambda gs: torch.cat([g.detach().double().flatten().cpu() for g in gs])  # noqa: E731
+    assert_close(flat(grads), flat(ref_grads), tol, f"{what} gradients of all parameters as one vector")
+    eager_worst = max(rel_err(eg, rg) for eg, rg in zip(eager_grads, ref_grads))
+    bound = max(tol, 2 * eager_worst)
+    worst = max(range(len(errs)), key=errs.__getitem__)
+    assert errs[worst] <= bound, (f"{what} grad of {names[worst]}: relative error {errs[worst]:.3e} > {bound:.3e} "
+                                  f"(2x eager's worst parameter, {eager_worst:.3e})")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fastdrn
 from fastdrn import reference
-from helpers import assert_close, dtypes_for, model_grad_tolerance, rel_err, tolerance
+from helpers import assert_close, assert_model_grads_close, dtypes_for, rel_err, tolerance, where
 
 SMALL = dict(n_feats=16, n_groups=2, n_blocks=3, inner=16, distill=4)
 
@@ -50,10 +50,8 @@ def test_output_and_gradients_match_reference(cfg, size, device):
         grads = torch.autograd.grad(out, list(fast.parameters()), grad.to(dtype))
         eager_grads = torch.autograd.grad(ref(x), list(ref.parameters()), grad.to(dtype))
         ref_grads = torch.autograd.grad(expected, list(ref64.parameters()), grad)
-        for (name, _), g, eg, rg in zip(fast.named_parameters(), grads, eager_grads, ref_grads):
-            eager_err = rel_err(eg, rg)
-            assert_close(g, rg, model_grad_tolerance(dtype, grad_tol, eager_err),
-                         f"{dtype} grad of {name} (eager {dtype}: {eager_err:.2e})")
+        names = [name for name, _ in fast.named_parameters()]
+        assert_model_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, names, str(dtype))
 
 
 def test_inference_path_matches_training_path(device):
@@ -154,16 +152,17 @@ def test_compile_fullgraph_training_step_gpu():
         assert rel_err(g, rg) <= 5e-3
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_matches_reference_gpu(dtype):
-    """Output at SPEC's 16-bit tolerance; parameter gradients within helpers.model_grad_tolerance
-    of the eager reference under the same autocast."""
-    ref, fast = pair(dict(scale=2, **SMALL), "cuda")
-    x = image(2, 12, 10, "cuda")
-    ref64 = reference.DRN(scale=2, **SMALL).cuda().double()
+def test_autocast_matches_reference(dtype, device):
+    """Output at SPEC's 16-bit tolerance; parameter gradients as helpers.assert_model_grads_close
+    says, against eager PyTorch under the same autocast."""
+    if where(device) == "interpreter" and dtype == torch.bfloat16:
+        pytest.skip("Triton 3.9's interpreter computes bf16 tl.dot wrongly; bf16 is checked on a GPU")
+    ref, fast = pair(dict(scale=2, **SMALL), device)
+    x = image(2, 12, 10, device)
+    ref64 = reference.DRN(scale=2, **SMALL).to(device).double()
     ref64.load_state_dict(ref.state_dict())
-    with torch.autocast("cuda", dtype=dtype):
+    with torch.autocast(device.type, dtype=dtype):
         out = fast(x)
         eager_out = ref(x)
     expected = ref64(x.double())
@@ -172,10 +171,36 @@ def test_autocast_matches_reference_gpu(dtype):
     grads = torch.autograd.grad(out, list(fast.parameters()), grad.to(out.dtype))
     eager_grads = torch.autograd.grad(eager_out, list(ref.parameters()), grad.to(eager_out.dtype))
     ref_grads = torch.autograd.grad(expected, list(ref64.parameters()), grad)
-    for (name, _), g, eg, rg in zip(fast.named_parameters(), grads, eager_grads, ref_grads):
-        eager_err = rel_err(eg, rg)
-        assert_close(g, rg, model_grad_tolerance(dtype, 3e-2, eager_err),
-                     f"autocast {dtype} grad of {name} (eager: {eager_err:.2e})")
+    names = [name for name, _ in fast.named_parameters()]
+    assert_model_grads_close(dtype, 3e-2, grads, eager_grads, ref_grads, names, f"autocast {dtype}")
+
+
+def test_autocast_casts_the_fused_weights_once(device):
+    """Under autocast the fused ops' weights are cast by one cat and one cast for the whole model,
+    not one cast per tensor (a launch each, forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.casts += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    _, fast = pair(dict(scale=2, **SMALL), device)
+    x = image(1, 4, 3, device)
+    counter = CountCasts()
+    with torch.autocast(device.type, dtype=torch.float16), counter:
+        out = fast(x)
+    fused = 2 * sum(3 * len(group.blocks) + 1 for group in fast.groups)  # 44 weights and biases here
+    # Autocast's own casts (head, upsample and tail: weights, biases, inputs) stay; ours are one.
+    assert counter.casts <= 10 < fused, counter.casts
+    with counter:
+        before = counter.casts
+        out.float().sum().backward()
+    assert counter.casts - before <= 10, counter.casts - before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
