@@ -5,7 +5,7 @@ launch (GEMM, bias, ELU and the long skip fused in the epilogue). Backward recom
 pre-activation from z instead of saving it (one GEMM, and no activation-sized save):
   g  = dy * ELU'(z W^T + b)                  one launch, ELU' from the recomputed input
   dz = g W                                   one launch, the same GEMM with W transposed
-  dW, db = split-M partials of g^T z, g      one launch, summed in a fixed order
+  dW, db = split-M partials of g^T z, g      one launch, and one more to sum them in a fixed order
   dskip = dy
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch.library import triton_op
 
 from ._common import direct_launches, eager_fast_path, row_stride, rows
-from .gemm import EPILOGUE_ELU, EPILOGUE_ELU_GRAD, EPILOGUE_LINEAR, conv1x1, weight_grad
+from .gemm import EPILOGUE_ELU, EPILOGUE_ELU_GRAD, EPILOGUE_LINEAR, conv1x1, weight_grads
 
 
 # ---- launchers ------------------------------------------------------------------------------
@@ -27,8 +27,7 @@ def _backward(grad, z, w, b, alpha):
     z, grad = rows(z), rows(grad)
     g = conv1x1(z, row_stride(z), w, False, b, EPILOGUE_ELU_GRAD, alpha, res=grad, res_stride=row_stride(grad))
     dz = conv1x1(g, row_stride(g), w, True, None, EPILOGUE_LINEAR, alpha)
-    dw, db = weight_grad(g, row_stride(g), z, row_stride(z), w.shape[0], w.shape[1], taps=1,
-                         with_bias=True, weight_dtype=w.dtype)
+    [(dw, db)] = weight_grads((g, row_stride(g), z, row_stride(z), w.shape[0], w.shape[1], 1, w.dtype))
     return dz, dw, db
 
 

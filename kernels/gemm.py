@@ -85,34 +85,24 @@ def conv1x1_kernel(
 
 
 @triton.jit
-def weight_grad_kernel(
+def _weight_grad_program(
+    local,       # this program's index within its problem: (split, N tile, K tile, tap)
     g_ptr,       # [M, N] gradient at the conv's output, row stride stride_gm
     x_ptr,       # [M, K] the conv's input, row stride stride_xm
-    part_ptr,    # [S, N*K*TAPS (+ N when HAS_BIAS)] partial sums (fp32, or fp64 for float64): each
-                 # row is one split's weight gradient in nn.Conv2d order (n, k, tap), then its bias's
-    M,           # pixel rows
-    N,           # output channels
-    K,           # input channels
-    H,           # image height (3x3 taps only)
-    W,           # image width (3x3 taps only)
-    rows_per_split,  # pixel rows per partial, a multiple of BLOCK_M
-    stride_gm,   # elements between pixel rows of g
-    stride_xm,   # elements between pixel rows of x
-    TAPS: tl.constexpr,      # 1 for a 1x1 conv; 9 for a 3x3 conv with padding 1 (x read at the tap's shift)
-    HAS_BIAS: tl.constexpr,
-    IS_FP64: tl.constexpr,
-    PRECISION: tl.constexpr,  # tl.dot input_precision (see dot_precision)
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    seg_ptr,     # this problem's segment of partial row 0: N*K*TAPS weight entries in nn.Conv2d
+                 # order (n, k, tap), then N bias entries; split s writes s * row_len further on
+    row_len,     # entries in one partial row (every problem's segment)
+    M, N, K, H, W, rows_per_split, stride_gm, stride_xm,
+    TAPS: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # program_id(0) picks the (N, K) tile, program_id(1) = split * TAPS + tap. Every partial is
-    # written by exactly one program; the host sums them in a fixed order (no atomics).
     num_k_tiles = tl.cdiv(K, BLOCK_K)
-    pid_n = tl.program_id(0) // num_k_tiles
-    pid_k = tl.program_id(0) % num_k_tiles
-    split = tl.program_id(1) // TAPS
-    tap = tl.program_id(1) % TAPS
+    per_split = tl.cdiv(N, BLOCK_N) * num_k_tiles * TAPS
+    split = local // per_split
+    tap = local % TAPS
+    tile = (local % per_split) // TAPS
+    pid_n = tile // num_k_tiles
+    pid_k = tile % num_k_tiles
     shift_y = tap // 3 - 1 if TAPS == 9 else 0
     shift_x = tap % 3 - 1 if TAPS == 9 else 0
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,23 +127,70 @@ def weight_grad_kernel(
             src = rm
         x = tl.load(x_ptr + src[:, None] * stride_xm + rk[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            bias_acc += tl.sum(g.to(acc_dtype), axis=0)
-    row = part_ptr + split * (N * K * TAPS + (N if HAS_BIAS else 0))
+        bias_acc += tl.sum(g.to(acc_dtype), axis=0)
+    row = seg_ptr + split * row_len
     tl.store(row + (rn[:, None] * K + rk[None, :]) * TAPS + tap, acc, mask=n_ok[:, None] & k_ok[None, :])
-    if HAS_BIAS:
-        if (pid_k == 0) & (tap == 0):
-            tl.store(row + N * K * TAPS + rn, bias_acc, mask=n_ok)
+    if (pid_k == 0) & (tap == 0):
+        tl.store(row + N * K * TAPS + rn, bias_acc, mask=n_ok)
+
+
+@triton.jit
+def weight_grad_kernel(
+    part_ptr,    # [S, row_len] partial sums (fp32, or fp64 for float64): problem p's segment of each
+                 # row starts at seg_p; every partial is written by exactly one program (no atomics)
+    g0_ptr,      # problem 0: [M, N0] gradient at the conv's output, row stride stride_g0
+    x0_ptr,      # problem 0: [M, K0] the conv's input, row stride stride_x0
+    N0, K0, stride_g0, stride_x0, seg0,
+    g1_ptr,      # problem 1 (PROBLEMS >= 2), as problem 0
+    x1_ptr,
+    N1, K1, stride_g1, stride_x1, seg1,
+    g2_ptr,      # problem 2 (PROBLEMS == 3), as problem 0
+    x2_ptr,
+    N2, K2, stride_g2, stride_x2, seg2,
+    M,           # pixel rows, shared by every problem
+    H,           # image height (3x3 taps only)
+    W,           # image width (3x3 taps only)
+    rows_per_split,  # pixel rows per partial, a multiple of BLOCK_M
+    row_len,     # entries in one partial row
+    PROBLEMS: tl.constexpr,  # 1 to 3 weight gradients in this launch
+    TAPS0: tl.constexpr,     # 1 for a 1x1 conv; 9 for a 3x3 conv with padding 1 (x read at the tap's shift)
+    TAPS1: tl.constexpr,
+    TAPS2: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input_precision (see dot_precision)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Programs [0, P0) run problem 0, [P0, P0 + P1) problem 1, the rest problem 2, where
+    # P = S * N tiles * K tiles * TAPS: one launch for a block's three weight gradients.
+    pid = tl.program_id(0)
+    splits = tl.cdiv(M, rows_per_split)
+    end0 = splits * tl.cdiv(N0, BLOCK_N) * tl.cdiv(K0, BLOCK_K) * TAPS0
+    end1 = end0 + splits * tl.cdiv(N1, BLOCK_N) * tl.cdiv(K1, BLOCK_K) * TAPS1
+    if pid < end0:
+        _weight_grad_program(pid, g0_ptr, x0_ptr, part_ptr + seg0, row_len, M, N0, K0, H, W, rows_per_split,
+                             stride_g0, stride_x0, TAPS0, IS_FP64, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    elif PROBLEMS >= 2 and pid < end1:
+        _weight_grad_program(pid - end0, g1_ptr, x1_ptr, part_ptr + seg1, row_len, M, N1, K1, H, W, rows_per_split,
+                             stride_g1, stride_x1, TAPS1, IS_FP64, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    elif PROBLEMS == 3:
+        _weight_grad_program(pid - end1, g2_ptr, x2_ptr, part_ptr + seg2, row_len, M, N2, K2, H, W, rows_per_split,
+                             stride_g2, stride_x2, TAPS2, IS_FP64, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
 def sum_partials_kernel(
     part_ptr,    # [S, L] partial sums (fp32, or fp64 for float64), contiguous
-    dw_ptr,      # [NW] the weight gradient: entries [0, NW) of the sum, in the weight's dtype
-    db_ptr,      # [L - NW] the bias gradient: entries [NW, L) of the sum (none when L == NW)
+    dw0_ptr,     # entries [0, E0) of the sum, in the weight's dtype: problem 0's weight gradient
+    db0_ptr,     # entries [E0, E1): its bias gradient
+    dw1_ptr,     # [E1, E2)
+    db1_ptr,     # [E2, E3)
+    dw2_ptr,     # [E3, E4)
+    db2_ptr,     # [E4, L)
     S,           # partials per entry
-    NW,          # weight entries
     L,           # entries per partial
+    E0, E1, E2, E3, E4,  # segment ends (L for problems a launch does not have)
     BLOCK: tl.constexpr,
 ):
     # One program per BLOCK entries, adding the S partials in index order: the same sum on every
@@ -163,8 +200,13 @@ def sum_partials_kernel(
     acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
     for s in range(1, S):
         acc += tl.load(part_ptr + s * L + offs, mask=ok, other=0.0)
-    tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=offs < NW)
-    tl.store(db_ptr + (offs - NW), acc.to(db_ptr.dtype.element_ty), mask=ok & (offs >= NW))
+    out = acc.to(dw0_ptr.dtype.element_ty)
+    tl.store(dw0_ptr + offs, out, mask=offs < E0)
+    tl.store(db0_ptr + (offs - E0), out, mask=(offs >= E0) & (offs < E1))
+    tl.store(dw1_ptr + (offs - E1), out, mask=(offs >= E1) & (offs < E2))
+    tl.store(db1_ptr + (offs - E2), out, mask=(offs >= E2) & (offs < E3))
+    tl.store(dw2_ptr + (offs - E3), out, mask=(offs >= E3) & (offs < E4))
+    tl.store(db2_ptr + (offs - E4), out, mask=(offs >= E4) & ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,15 +232,16 @@ SUM_PARTIALS_BLOCK = 1024  # one fixed launch config, the same under the interpr
 
 WEIGHT_GRAD_BLOCK_M_GPU = 64
 WEIGHT_GRAD_INTERPRETER = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
+# One launch carries a block's three weight gradients (three inlined bodies): on sm_80 the 4-warp
+# configs spilled at BLOCK_K 32 (16-bit) and at 3 stages (float32), and BLOCK_N 128 ran out of
+# shared memory or spilled (AOT check). BLOCK_N stays 64: it is the MMA's M, and wgmma needs 64.
 WEIGHT_GRAD_CONFIGS = [
-    # BLOCK_K 64 at 4 warps spilled on sm_80 for the 3x3 taps (AOT check).
-    triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
 ]
-# Float32 (3xTF32): the 128 x 64 tile spilled on sm_80 and sm_90.
 WEIGHT_GRAD_FP32_CONFIGS = [
-    WEIGHT_GRAD_CONFIGS[0],
-    triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
 ]
 
 
@@ -214,7 +257,8 @@ def weight_grad_configs(dtype: torch.dtype) -> list:
 conv1x1_tuned = {fp32: triton.autotune(configs=conv1x1_configs(torch.float32 if fp32 else None),
                                        key=["N", "K", "EPILOGUE"])(conv1x1_kernel) for fp32 in (False, True)}
 weight_grad_tuned = {fp32: triton.autotune(configs=weight_grad_configs(torch.float32 if fp32 else None),
-                                           key=["N", "K", "TAPS"])(weight_grad_kernel) for fp32 in (False, True)}
+                                           key=["PROBLEMS", "N0", "K0", "TAPS0", "N1", "K1", "TAPS1", "N2", "K2", "TAPS2"])(
+                                               weight_grad_kernel) for fp32 in (False, True)}
 
 
 def conv1x1(x: torch.Tensor, x_stride: int, w: torch.Tensor, transpose_w: bool, bias: torch.Tensor | None,
@@ -252,38 +296,62 @@ def conv1x1(x: torch.Tensor, x_stride: int, w: torch.Tensor, transpose_w: bool, 
     return out
 
 
-def weight_grad(g: torch.Tensor, g_stride: int, x: torch.Tensor, x_stride: int, n: int, k: int, taps: int,
-                with_bias: bool, weight_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """dW (n, k, kh, kw) and db (n,) of a conv from its input rows x and output gradient rows g.
+def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Weight and bias gradients of up to three convs over the same M = N*H*W pixel rows, in two
+    launches: split-M partials of all of them (weight_grad_kernel), then one fixed-order sum that
+    writes each gradient in its weight's dtype and nn.Conv2d layout (sum_partials_kernel). Bitwise
+    reproducible run to run, no atomics.
 
-    Split-M partials in fp32 (fp64 for float64), then one launch that adds them in a fixed order and
-    writes both gradients in the weight's dtype and layout: bitwise reproducible run to run, no atomics.
+    Each problem is (g, g_stride, x, x_stride, n, k, taps, weight_dtype): channels_last rows of the
+    gradient at the conv's output (n channels) and of its input (k channels), every g of one
+    (N, C, H, W) size; taps 9 for a 3x3 conv with padding 1, 1 for a 1x1; one weight dtype for all.
+    Returns [(dW (n, k, kh, kw), db (n,))] in the problems' order.
     """
-    n_img, _, height, width = g.shape
+    g0 = problems[0][0]
+    n_img, _, height, width = g0.shape
     m = n_img * height * width
     block_m = WEIGHT_GRAD_INTERPRETER.kwargs["BLOCK_M"] if interpreting() else WEIGHT_GRAD_BLOCK_M_GPU
-    rows_per_split = grad_split(m, block_m, cdiv(n, 64) * cdiv(k, 64) * taps)
+    # One split count for every problem, from all their tiles (at the 64 x 64 tile of the default).
+    tiles = sum(cdiv(n, 64) * cdiv(k, 64) * taps for _g, _gs, _x, _xs, n, k, taps, _dt in problems)
+    rows_per_split = grad_split(m, block_m, tiles)
     splits = cdiv(m, rows_per_split)
-    acc_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-    n_weight = n * k * taps
-    length = n_weight + (n if with_bias else 0)
-    partials = torch.empty((splits, length), device=g.device, dtype=acc_dtype)
-    check_int32("weight gradient", m * g_stride, m * x_stride, partials.numel())
-    launch(
-        weight_grad_kernel, weight_grad_tuned[g.dtype == torch.float32],
-        lambda meta: (cdiv(n, meta["BLOCK_N"]) * cdiv(k, meta["BLOCK_K"]), splits * taps),
-        WEIGHT_GRAD_INTERPRETER,
-        g_ptr=g, x_ptr=x, part_ptr=partials,
-        M=m, N=n, K=k, H=height, W=width, rows_per_split=rows_per_split, stride_gm=g_stride, stride_xm=x_stride,
-        TAPS=taps, HAS_BIAS=with_bias, IS_FP64=is_fp64(g), PRECISION=dot_precision(g.dtype),
-    )
-    kernel_size = 3 if taps == 9 else 1
-    dw = torch.empty((n, k, kernel_size, kernel_size), device=g.device, dtype=weight_dtype)
-    db = torch.empty((n,), device=g.device, dtype=weight_dtype) if with_bias else None
+    acc_dtype = torch.float64 if g0.dtype == torch.float64 else torch.float32
+    segments, ends, length = [], [], 0
+    for _g, _gs, _x, _xs, n, k, taps, _dt in problems:
+        segments.append(length)
+        ends += [length + n * k * taps, length + n * k * taps + n]
+        length = ends[-1]
+    partials = torch.empty((splits, length), device=g0.device, dtype=acc_dtype)
+    check_int32("weight gradient", partials.numel(),
+                *(m * max(gs, xs) for _g, gs, _x, xs, *_rest in problems))
+    padded = list(problems) + [problems[0]] * (3 - len(problems))  # unused slots: never read
+    args = {}
+    for p, (g, g_stride, x, x_stride, n, k, taps, _dt) in enumerate(padded):
+        args.update({f"g{p}_ptr": g, f"x{p}_ptr": x, f"N{p}": n, f"K{p}": k, f"stride_g{p}": g_stride,
+                     f"stride_x{p}": x_stride, f"seg{p}": segments[p] if p < len(problems) else 0,
+                     f"TAPS{p}": taps})
+
+    def grid(meta):
+        per_split = sum(cdiv(n, meta["BLOCK_N"]) * cdiv(k, meta["BLOCK_K"]) * taps
+                        for _g, _gs, _x, _xs, n, k, taps, _dt in problems)
+        return (splits * per_split,)
+
+    launch(weight_grad_kernel, weight_grad_tuned[g0.dtype == torch.float32], grid, WEIGHT_GRAD_INTERPRETER,
+           part_ptr=partials, **args, M=m, H=height, W=width, rows_per_split=rows_per_split, row_len=length,
+           PROBLEMS=len(problems), IS_FP64=is_fp64(g0), PRECISION=dot_precision(g0.dtype))
+    outs = []
+    for _g, _gs, _x, _xs, n, k, taps, weight_dtype in problems:
+        size = 3 if taps == 9 else 1
+        outs.append((torch.empty((n, k, size, size), device=g0.device, dtype=weight_dtype),
+                     torch.empty((n,), device=g0.device, dtype=weight_dtype)))
+    pointers = [t for pair in outs for t in pair]
+    pointers += [pointers[-1]] * (6 - len(pointers))  # unused outputs: their ranges are empty
+    ends += [length] * (6 - len(ends))
     wrap_triton(sum_partials_kernel)[(cdiv(length, SUM_PARTIALS_BLOCK),)](
-        part_ptr=partials, dw_ptr=dw, db_ptr=db if with_bias else dw, S=splits, NW=n_weight, L=length,
-        BLOCK=SUM_PARTIALS_BLOCK, num_warps=4, num_stages=1)
-    return dw, db
+        part_ptr=partials, **dict(zip(("dw0_ptr", "db0_ptr", "dw1_ptr", "db1_ptr", "dw2_ptr", "db2_ptr"), pointers)),
+        S=splits, L=length, **dict(zip(("E0", "E1", "E2", "E3", "E4"), ends)), BLOCK=SUM_PARTIALS_BLOCK,
+        num_warps=4, num_stages=1)
+    return outs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,9 +362,10 @@ def aot_variants():
 
     conv1x1_kernel: every EPILOGUE_* code of this module, with or without bias, with or without
     res (epilogues past EPILOGUE_ELU always read res), in both weight orientations (a launcher's
-    unit weight stride is specialized to constexpr 1 at launch); weight_grad_kernel: 1 and 9 taps,
-    with or without bias. Both at every autotune config and every pinned config (FASTDRN_NUM_WARPS,
-    FASTDRN_AUTOTUNE=0), for fp32, bf16 and fp16 storage. IS_FP64 is always False on a GPU.
+    unit weight stride is specialized to constexpr 1 at launch); weight_grad_kernel: one 1x1
+    problem (compress_skip) and a block's three (1x1, 3x3, 1x1). Both at every autotune config and
+    every pinned config (FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE=0), for fp32, bf16 and fp16 storage.
+    IS_FP64 is always False on a GPU. sum_partials_kernel at its one fixed config.
     """
     import itertools
 
@@ -326,24 +395,30 @@ def aot_variants():
         variants += expand(conv1x1_kernel, conv_kinds, conv_cases, launch_configs(configs), dtypes=(dtype,),
                            div16=("M", "N", "K", "NRES", "stride_xm", "stride_wn", "stride_wk", "stride_rm", "stride_om"))
 
-    grad_cases = [(f"taps{taps}{' bias' if has_bias else ''}", {"TAPS": taps, "HAS_BIAS": has_bias, "IS_FP64": False})
-                  for taps in (1, 9) for has_bias in (True, False)]
-    grad_kinds = {
-        "g_ptr": "ptr", "x_ptr": "ptr", "part_ptr": "*fp32",
-        "M": "i32", "N": "i32", "K": "i32", "H": "i32", "W": "i32", "rows_per_split": "i32",
-        "stride_gm": "i32", "stride_xm": "i32",
-        "TAPS": "constexpr", "HAS_BIAS": "constexpr", "IS_FP64": "constexpr", "PRECISION": "constexpr",
-        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-    }
+    # The launches weight_grads makes: compress_skip's one 1x1; a residual distilling block's
+    # expand (1x1), 3x3 and squeeze (1x1). Unused problem slots repeat problem 0.
+    grad_cases = [("1 problem, 1x1", {"PROBLEMS": 1, "TAPS0": 1, "TAPS1": 1, "TAPS2": 1, "IS_FP64": False}),
+                  ("3 problems, 1x1 3x3 1x1", {"PROBLEMS": 3, "TAPS0": 1, "TAPS1": 9, "TAPS2": 1, "IS_FP64": False})]
+    problem_ints = [f"{name}{p}" for p in range(3) for name in ("N", "K", "stride_g", "stride_x", "seg")]
+    grad_kinds = {"part_ptr": "*fp32"}
+    for p in range(3):
+        grad_kinds.update({f"g{p}_ptr": "ptr", f"x{p}_ptr": "ptr"})
+        grad_kinds.update({f"{name}{p}": "i32" for name in ("N", "K", "stride_g", "stride_x", "seg")})
+    grad_kinds.update({name: "i32" for name in ("M", "H", "W", "rows_per_split", "row_len")})
+    grad_kinds.update({name: "constexpr" for name in ("PROBLEMS", "TAPS0", "TAPS1", "TAPS2", "IS_FP64", "PRECISION",
+                                                      "BLOCK_M", "BLOCK_N", "BLOCK_K")})
     for dtype in AOT_DTYPES:
         configs = weight_grad_configs(torch.float32 if dtype == "fp32" else None)
-        variants += expand(weight_grad_kernel, grad_kinds, grad_cases, launch_configs(configs),
-                           dtypes=(dtype,), div16=("M", "N", "K", "H", "W", "rows_per_split", "stride_gm", "stride_xm"))
+        variants += expand(weight_grad_kernel, grad_kinds, grad_cases, launch_configs(configs), dtypes=(dtype,),
+                           div16=("M", "H", "W", "rows_per_split", "row_len", *problem_ints),
+                           aligned=("part_ptr",))  # allocated by weight_grads
 
     # The weight's dtype is the storage dtype here (fastdrn.DRN casts weights to it); fp32 partials.
-    sum_kinds = {"part_ptr": "*fp32", "dw_ptr": "ptr", "db_ptr": "ptr", "S": "i32", "NW": "i32", "L": "i32",
-                 "BLOCK": "constexpr"}
+    sum_kinds = {"part_ptr": "*fp32", **{name: "ptr" for name in ("dw0_ptr", "db0_ptr", "dw1_ptr", "db1_ptr",
+                                                                   "dw2_ptr", "db2_ptr")},
+                 **{name: "i32" for name in ("S", "L", "E0", "E1", "E2", "E3", "E4")}, "BLOCK": "constexpr"}
     sum_config = triton.Config({"BLOCK": SUM_PARTIALS_BLOCK}, num_warps=4, num_stages=1)
     variants += expand(sum_partials_kernel, sum_kinds, [("", {})], [(config_label(sum_config) + " [fixed]", sum_config)],
-                       dtypes=AOT_DTYPES, div16=("S", "NW", "L"), needs_mma=False, aligned=("part_ptr", "dw_ptr"))
+                       dtypes=AOT_DTYPES, div16=("S", "L", "E0", "E1", "E2", "E3", "E4"), needs_mma=False,
+                       aligned=("part_ptr", "dw0_ptr", "db0_ptr", "dw1_ptr", "db1_ptr", "dw2_ptr", "db2_ptr"))
     return variants

@@ -23,8 +23,8 @@ Backward (dy has D + d channels), deterministic, no atomics:
     g_b  = (dy W_e) * ELU'(b)                   conv1x1 launch, ELU' read off the saved output b
     g_a  = convT3x3(g_b) * ELU'(a)              conv3x3_fused_kernel with flipped, transposed W_c,
     dz   = g_a W_sq + dy[:, :D]                   and the squeeze transpose in its second GEMM
-    dW_e, dW_c, dW_sq and the biases            split-M partials (weight_grad_kernel), then one fixed-order
-                                                sum per weight (sum_partials_kernel)
+    dW_e, dW_c, dW_sq and the biases            split-M partials of all three in one launch
+                                                (weight_grad_kernel), then one fixed-order sum (sum_partials_kernel)
 
 Saved for backward: z and b by default (D + F values a pixel, against the reference's D + 4F);
 z alone with recompute=True.
@@ -38,7 +38,7 @@ from torch.library import triton_op
 
 from ._common import (cdiv, check_int32, direct_launches, dot_precision, eager_fast_path, elu, elu_grad_from_output, is_fp64,
                       join_alpha, launch, next_pow2, rows, split_alpha)
-from .gemm import EPILOGUE_ELU, EPILOGUE_LINEAR, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, weight_grad
+from .gemm import EPILOGUE_ELU, EPILOGUE_LINEAR, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, weight_grads
 
 EPI_ELU = 0                  # mid = ELU(conv3x3(x) + bias)
 EPI_TIMES_ELU_GRAD_OF_AUX = 1  # mid = conv3x3(x) * ELU'(.) where aux = ELU(.) was saved
@@ -280,9 +280,10 @@ def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expa
         g_a = _conv3x3(g_b, _pack_conv(w_conv, transpose=True), None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
                        flip_taps=True, aux=a, save_mid=True)
         dz = conv1x1(g_a, inner, w_squeeze, True, None, EPILOGUE_LINEAR, alpha, res=grad, res_stride=n_out)
-    dw_e, db_e = weight_grad(grad, n_out, b, inner, n_out, inner, 1, True, w_expand.dtype)
-    dw_c, db_c = weight_grad(g_b, inner, a, inner, inner, inner, 9, True, w_conv.dtype)
-    dw_sq, db_sq = weight_grad(g_a, inner, z, d_in, inner, d_in, 1, True, w_squeeze.dtype)
+    (dw_e, db_e), (dw_c, db_c), (dw_sq, db_sq) = weight_grads(
+        (grad, n_out, b, inner, n_out, inner, 1, w_expand.dtype),
+        (g_b, inner, a, inner, inner, inner, 9, w_conv.dtype),
+        (g_a, inner, z, d_in, inner, d_in, 1, w_squeeze.dtype))
     return dz, dw_sq, db_sq, dw_c, db_c, dw_e, db_e
 
 
