@@ -25,6 +25,44 @@ EPILOGUE_TIMES_ELU_GRAD_OF_RES = 3  # out = (acc + bias) * ELU'(x) where res = E
 
 
 @triton.jit
+def _conv1x1_tile(
+    pid_m, pid_n, x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, NRES,
+    stride_xm, stride_wn, stride_wk, stride_rm, stride_om, alpha,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, EPILOGUE: tl.constexpr, IS_FP64: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One [BLOCK_M, BLOCK_N] output tile of conv1x1_kernel (its arguments, alpha already joined).
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if IS_FP64 else tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
+                    mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn,
+                    mask=(kk[:, None] < K) & n_ok[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if EPILOGUE == 1:
+        acc = elu(acc, alpha)
+    if EPILOGUE == 2:
+        g = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0)
+        acc = g.to(acc.dtype) * elu_grad_from_input(acc, alpha)
+    elif EPILOGUE == 3:
+        y = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0)
+        acc = acc * elu_grad_from_output(y.to(acc.dtype), alpha)
+    elif HAS_RES:
+        res_ok = m_ok[:, None] & (rn[None, :] < NRES)
+        acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=res_ok, other=0.0).to(acc.dtype)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def conv1x1_kernel(
     x_ptr,       # [M, K] input rows, row stride stride_xm, channels contiguous
     w_ptr,       # weight: element (n, k) at n * stride_wn + k * stride_wk
@@ -51,37 +89,53 @@ def conv1x1_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if IS_FP64 else tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
-                    mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn,
-                    mask=(kk[:, None] < K) & n_ok[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
+    _conv1x1_tile(tl.program_id(0), tl.program_id(1), x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, NRES,
+                  stride_xm, stride_wn, stride_wk, stride_rm, stride_om, join_alpha(alpha_hi, alpha_lo, IS_FP64),
+                  HAS_BIAS, HAS_RES, EPILOGUE, IS_FP64, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def conv1x1_pair_kernel(
+    x0_ptr,      # problem 0, as conv1x1_kernel's x_ptr ... stride_om
+    w0_ptr,
+    bias0_ptr,
+    res0_ptr,
+    out0_ptr,
+    N0, K0, stride_x0, stride_wn0, stride_wk0, stride_r0, stride_o0,
+    x1_ptr,      # problem 1, the same
+    w1_ptr,
+    bias1_ptr,
+    res1_ptr,
+    out1_ptr,
+    N1, K1, stride_x1, stride_wn1, stride_wk1, stride_r1, stride_o1,
+    M,           # pixel rows, shared
+    alpha_hi,    # ELU alpha, fp32 high half
+    alpha_lo,    # ELU alpha, fp32 low half (float64 runs only)
+    HAS_BIAS0: tl.constexpr,
+    HAS_RES0: tl.constexpr,
+    EPILOGUE0: tl.constexpr,  # EPILOGUE_* of problem 0 (a residual, if any, on every column)
+    HAS_BIAS1: tl.constexpr,
+    HAS_RES1: tl.constexpr,
+    EPILOGUE1: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Two independent 1x1 products over the same pixel rows in one launch: column tiles
+    # [0, tiles(N0)) are problem 0's, the rest problem 1's.
     alpha = join_alpha(alpha_hi, alpha_lo, IS_FP64)
-    mask = m_ok[:, None] & n_ok[None, :]
-    if EPILOGUE == 1:
-        acc = elu(acc, alpha)
-    if EPILOGUE == 2:
-        g = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0)
-        acc = g.to(acc.dtype) * elu_grad_from_input(acc, alpha)
-    elif EPILOGUE == 3:
-        y = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0)
-        acc = acc * elu_grad_from_output(y.to(acc.dtype), alpha)
-    elif HAS_RES:
-        res_ok = m_ok[:, None] & (rn[None, :] < NRES)
-        acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=res_ok, other=0.0).to(acc.dtype)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    pid_n = tl.program_id(1)
+    tiles0 = tl.cdiv(N0, BLOCK_N)
+    if pid_n < tiles0:
+        _conv1x1_tile(tl.program_id(0), pid_n, x0_ptr, w0_ptr, bias0_ptr, res0_ptr, out0_ptr, M, N0, K0, N0,
+                      stride_x0, stride_wn0, stride_wk0, stride_r0, stride_o0, alpha,
+                      HAS_BIAS0, HAS_RES0, EPILOGUE0, IS_FP64, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        _conv1x1_tile(tl.program_id(0), pid_n - tiles0, x1_ptr, w1_ptr, bias1_ptr, res1_ptr, out1_ptr, M, N1, K1, N1,
+                      stride_x1, stride_wn1, stride_wk1, stride_r1, stride_o1, alpha,
+                      HAS_BIAS1, HAS_RES1, EPILOGUE1, IS_FP64, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -256,6 +310,9 @@ def weight_grad_configs(dtype: torch.dtype) -> list:
 # Keyed by "float32 storage?": each storage width autotunes over its own configs.
 conv1x1_tuned = {fp32: triton.autotune(configs=conv1x1_configs(torch.float32 if fp32 else None),
                                        key=["N", "K", "EPILOGUE"])(conv1x1_kernel) for fp32 in (False, True)}
+conv1x1_pair_tuned = {fp32: triton.autotune(configs=conv1x1_configs(torch.float32 if fp32 else None),
+                                            key=["N0", "K0", "N1", "K1", "EPILOGUE0", "EPILOGUE1"])(conv1x1_pair_kernel)
+                      for fp32 in (False, True)}
 weight_grad_tuned = {fp32: triton.autotune(configs=weight_grad_configs(torch.float32 if fp32 else None),
                                            key=["PROBLEMS", "N0", "K0", "TAPS0", "N1", "K1", "TAPS1", "N2", "K2", "TAPS2"])(
                                                weight_grad_kernel) for fp32 in (False, True)}
@@ -294,6 +351,39 @@ def conv1x1(x: torch.Tensor, x_stride: int, w: torch.Tensor, transpose_w: bool, 
         PRECISION=dot_precision(x.dtype),
     )
     return out
+
+
+def conv1x1_pair(first: dict, second: dict, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two conv1x1 products over the same pixel rows in one launch, each into a fresh channels_last
+    tensor. Each problem: dict(x, x_stride, w, transpose_w, bias, epilogue, res=None, res_stride=0),
+    as conv1x1's arguments (a residual, if any, on every output column)."""
+    n_img, _, height, width = first["x"].shape
+    m = n_img * height * width
+    args, outs = {}, []
+    for p, problem in enumerate((first, second)):
+        x, w, transpose_w = problem["x"], problem["w"], problem["transpose_w"]
+        bias, res = problem["bias"], problem.get("res")
+        c_out, c_in = w.shape[0], w.shape[1]
+        n, k = (c_in, c_out) if transpose_w else (c_out, c_in)
+        out = torch.empty((n_img, n, height, width), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+        outs.append(out)
+        res_stride = problem.get("res_stride", 0)
+        check_int32("conv1x1", m * problem["x_stride"], m * n, m * max(res_stride, 1), w.numel())
+        args.update({f"x{p}_ptr": x, f"w{p}_ptr": w, f"bias{p}_ptr": bias if bias is not None else w,
+                     f"res{p}_ptr": res if res is not None else x, f"out{p}_ptr": out, f"N{p}": n, f"K{p}": k,
+                     f"stride_x{p}": problem["x_stride"], f"stride_wn{p}": 1 if transpose_w else c_in,
+                     f"stride_wk{p}": c_in if transpose_w else 1, f"stride_r{p}": res_stride, f"stride_o{p}": n,
+                     f"HAS_BIAS{p}": bias is not None, f"HAS_RES{p}": res is not None,
+                     f"EPILOGUE{p}": problem["epilogue"]})
+    alpha_hi, alpha_lo = split_alpha(alpha)
+    x0 = first["x"]
+    launch(
+        conv1x1_pair_kernel, conv1x1_pair_tuned[x0.dtype == torch.float32],
+        lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(args["N0"], meta["BLOCK_N"]) + cdiv(args["N1"], meta["BLOCK_N"])),
+        CONV1X1_INTERPRETER,
+        **args, M=m, alpha_hi=alpha_hi, alpha_lo=alpha_lo, IS_FP64=is_fp64(x0), PRECISION=dot_precision(x0.dtype),
+    )
+    return outs[0], outs[1]
 
 
 def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -394,6 +484,27 @@ def aot_variants():
         configs = conv1x1_configs(torch.float32 if dtype == "fp32" else None)
         variants += expand(conv1x1_kernel, conv_kinds, conv_cases, launch_configs(configs), dtypes=(dtype,),
                            div16=("M", "N", "K", "NRES", "stride_xm", "stride_wn", "stride_wk", "stride_rm", "stride_om"))
+
+    # conv1x1_pair: the residual distilling block's backward, squeeze recomputed (ELU, bias) beside
+    # g_b = (dy W_e) * ELU'(b) (transposed expand weight, saved b as res).
+    pair_kinds = {}
+    for p in range(2):
+        pair_kinds.update({f"{name}{p}_ptr": "ptr" for name in ("x", "w", "bias", "res", "out")})
+        pair_kinds.update({f"{name}{p}": "i32" for name in ("N", "K", "stride_x", "stride_wn", "stride_wk", "stride_r",
+                                                             "stride_o")})
+    pair_kinds.update({"M": "i32", "alpha_hi": "fp32", "alpha_lo": "fp32"})
+    pair_kinds.update({name: "constexpr" for name in ("HAS_BIAS0", "HAS_RES0", "EPILOGUE0", "HAS_BIAS1", "HAS_RES1",
+                                                      "EPILOGUE1", "IS_FP64", "PRECISION", "BLOCK_M", "BLOCK_N",
+                                                      "BLOCK_K")})
+    pair_cases = [(f"squeeze E1{' bias' if bias else ''} w + expand-grad E3 res wT",
+                   {"HAS_BIAS0": bias, "HAS_RES0": False, "EPILOGUE0": EPILOGUE_ELU, "stride_wk0": 1,
+                    "HAS_BIAS1": False, "HAS_RES1": True, "EPILOGUE1": EPILOGUE_TIMES_ELU_GRAD_OF_RES, "stride_wn1": 1,
+                    "IS_FP64": False}) for bias in (True, False)]
+    for dtype in AOT_DTYPES:
+        configs = conv1x1_configs(torch.float32 if dtype == "fp32" else None)
+        variants += expand(conv1x1_pair_kernel, pair_kinds, pair_cases, launch_configs(configs), dtypes=(dtype,),
+                           div16=("M", *(n for n, k in pair_kinds.items() if k == "i32" and n != "M")),
+                           aligned=("out0_ptr", "out1_ptr"))
 
     # The launches weight_grads makes: compress_skip's one 1x1; a residual distilling block's
     # expand (1x1), 3x3 and squeeze (1x1). Unused problem slots repeat problem 0.

@@ -18,9 +18,10 @@ Eager calls run these launchers under a torch.autograd.Function (no custom-op di
 registered ops below are what torch.compile traces. Both share every launcher.
 
 Backward (dy has D + d channels), deterministic, no atomics:
-    a    = recomputed by the squeeze launch (a 1x1: cheap; saving it would cost F values a pixel)
+    a    = recomputed by the squeeze 1x1 (cheap; saving it would cost F values a pixel)
     b    = saved by the forward (default), or recomputed by conv3x3_fused_kernel (recompute=True)
-    g_b  = (dy W_e) * ELU'(b)                   conv1x1 launch, ELU' read off the saved output b
+    g_b  = (dy W_e) * ELU'(b)                   a 1x1, ELU' read off the saved output b; with b saved,
+                                                one conv1x1_pair launch computes a and g_b
     g_a  = convT3x3(g_b) * ELU'(a)              conv3x3_fused_kernel with flipped, transposed W_c,
     dz   = g_a W_sq + dy[:, :D]                   and the squeeze transpose in its second GEMM
     dW_e, dW_c, dW_sq and the biases            split-M partials of all three in one launch
@@ -38,7 +39,7 @@ from torch.library import triton_op
 
 from ._common import (cdiv, check_int32, direct_launches, dot_precision, eager_fast_path, elu, elu_grad_from_output, is_fp64,
                       join_alpha, launch, next_pow2, rows, split_alpha)
-from .gemm import EPILOGUE_ELU, EPILOGUE_LINEAR, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, weight_grads
+from .gemm import EPILOGUE_ELU, EPILOGUE_LINEAR, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, conv1x1_pair, weight_grads
 
 EPI_ELU = 0                  # mid = ELU(conv3x3(x) + bias)
 EPI_TIMES_ELU_GRAD_OF_AUX = 1  # mid = conv3x3(x) * ELU'(.) where aux = ELU(.) was saved
@@ -265,17 +266,23 @@ def _forward(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
 def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha):
     grad, z = rows(grad), rows(z)
     d_in, n_out = z.shape[1], w_expand.shape[0]
-    a = _squeeze(z, d_in, w_squeeze, b_squeeze, alpha)
-    if b.numel() == 0:  # recompute=True: b was not saved
+    if b.numel() == 0:  # recompute=True: b was not saved; rebuild it from a first
+        a = _squeeze(z, d_in, w_squeeze, b_squeeze, alpha)
         b = _conv3x3(a, _pack_conv(w_conv), b_conv, alpha, epi1=EPI_ELU, save_mid=True)
-    g_b = conv1x1(grad, n_out, w_expand, True, None, EPILOGUE_TIMES_ELU_GRAD_OF_RES, alpha,
-                  res=b, res_stride=b.shape[1])
+        g_b = conv1x1(grad, n_out, w_expand, True, None, EPILOGUE_TIMES_ELU_GRAD_OF_RES, alpha,
+                      res=b, res_stride=b.shape[1])
+    else:  # a and g_b, two 1x1 products, in one launch
+        a, g_b = conv1x1_pair(
+            dict(x=z, x_stride=d_in, w=w_squeeze, transpose_w=False, bias=b_squeeze, epilogue=EPILOGUE_ELU),
+            dict(x=grad, x_stride=n_out, w=w_expand, transpose_w=True, bias=None,
+                 epilogue=EPILOGUE_TIMES_ELU_GRAD_OF_RES, res=b, res_stride=b.shape[1]),
+            alpha)
     inner = a.shape[1]
     if fuses_second_gemm(next_pow2(inner), z.dtype):
         dz = torch.empty_like(z)
         g_a = _conv3x3(g_b, _pack_conv(w_conv, transpose=True), None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
-                       flip_taps=True, aux=a, save_mid=True, w2=w_squeeze, w2_strides=(1, d_in), n2=d_in, res=grad, res_stride=n_out,
-                       nres=d_in, out=dz, out_stride=d_in)
+                       flip_taps=True, aux=a, save_mid=True, w2=w_squeeze, w2_strides=(1, d_in), n2=d_in,
+                       res=grad, res_stride=n_out, nres=d_in, out=dz, out_stride=d_in)
     else:
         g_a = _conv3x3(g_b, _pack_conv(w_conv, transpose=True), None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
                        flip_taps=True, aux=a, save_mid=True)

@@ -83,6 +83,25 @@ def test_registered_op_and_eager_path_agree(recompute, monkeypatch, device):
 
 
 @pytest.mark.parametrize("recompute", [False, True])
+def test_without_biases(recompute, device):
+    """Convs built with bias=False: every kernel's no-bias variant, gradients of z and the weights."""
+    for dtype in dtypes_for(device):
+        fwd_tol, grad_tol = tolerance(device, dtype)
+        z, w_sq, _, w_c, _, w_e, _ = make_inputs((2, 24, 16, 5, 3, 4, True), dtype, device)
+        inputs = [z, w_sq, None, w_c, None, w_e, None]
+        out = ops.residual_distill(*inputs, recompute=recompute)
+        grad_out = randn(*out.shape, dtype=dtype, device=device)
+        leaves = [z, w_sq, w_c, w_e]
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        ref_leaves = float64_leaves(*leaves)
+        ref = reference.residual_distill(ref_leaves[0], ref_leaves[1], None, ref_leaves[2], None, ref_leaves[3], None)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
+        assert_close(out, ref, fwd_tol, f"{dtype} forward without biases")
+        for name, g, rg in zip(("z", "w_squeeze", "w_conv", "w_expand"), grads, ref_grads):
+            assert_close(g, rg, grad_tol, f"{dtype} d{name} without biases (recompute={recompute})")
+
+
+@pytest.mark.parametrize("recompute", [False, True])
 def test_float64_gradcheck(recompute):
     if where(torch.device("cpu")) != "interpreter":
         pytest.skip("float64 runs through the interpreter")
