@@ -177,8 +177,9 @@ def main() -> None:
                 mode = "max-autotune" if impl == "compile-max-autotune" else None
                 run_model = common.compile_fn(model, ctx, mode)
                 note = common.compile_note(ctx, mode)
-            autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
             graph = impl == "fastdrn-graph"
+            # Autocast's weight-cast cache must be off under CUDA-graph capture (torch's CUDA graphs notes).
+            autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graph)
             if c["kind"] == "train":
                 model.train()
                 opt_kw = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
