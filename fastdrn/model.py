@@ -13,6 +13,21 @@ import torch
 from . import backend, ops, reference
 
 
+def _memory_order(t: torch.Tensor) -> list[int]:
+    """t's dimensions from the outermost in memory to the innermost (a permutation that makes a
+    dense tensor contiguous); size-1 dimensions keep their place."""
+    if t.is_contiguous():
+        return list(range(t.dim()))
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d) if t.shape[d] > 1 else 0, d))
+
+
+def _inverse(order: list[int]) -> list[int]:
+    inverse = [0] * len(order)
+    for position, dim in enumerate(order):
+        inverse[dim] = position
+    return inverse
+
+
 class DRN(reference.DRN):
     """Drop-in fast DRN. Keyword-only option: recompute=True saves less for backward (SPEC.md 3)."""
 
@@ -45,8 +60,14 @@ class DRN(reference.DRN):
         tensors = [t for conv in convs for t in (conv.weight, conv.bias)]
         present = [t for t in tensors if t is not None]
         if any(t.dtype != dtype for t in present):
-            flat = torch.cat([t.reshape(-1) for t in present]).to(dtype)
-            cast = iter(piece.view(t.shape) for piece, t in zip(flat.split([t.numel() for t in present]), present))
+            # Each tensor flattened in its own memory order (a view, also for a channels_last weight)
+            # and its cast piece given the same strides: gradients come back in the parameter's
+            # layout (weight_grads writes them so), and neither direction copies per tensor.
+            orders = [_memory_order(t) for t in present]
+            flat = torch.cat([t.permute(order).reshape(-1) for t, order in zip(present, orders)]).to(dtype)
+            pieces = flat.split([t.numel() for t in present])
+            cast = iter(piece.view([t.shape[d] for d in order]).permute(_inverse(order))
+                        for piece, t, order in zip(pieces, present, orders))
             tensors = [None if t is None else next(cast) for t in tensors]
         it = iter(tensors)
         return [([tuple(next(it) for _ in range(6)) for _ in group.blocks], (next(it), next(it)))

@@ -27,7 +27,7 @@ def _backward(grad, z, w, b, alpha):
     z, grad = rows(z), rows(grad)
     g = conv1x1(z, row_stride(z), w, False, b, EPILOGUE_ELU_GRAD, alpha, res=grad, res_stride=row_stride(grad))
     dz = conv1x1(g, row_stride(g), w, True, None, EPILOGUE_LINEAR, alpha)
-    [(dw, db)] = weight_grads((g, row_stride(g), z, row_stride(z), w.shape[0], w.shape[1], 1, w.dtype))
+    [(dw, db)] = weight_grads((g, row_stride(g), z, row_stride(z), w.shape[0], w.shape[1], 1, w))
     return dz, dw, db
 
 

@@ -143,10 +143,12 @@ def _weight_grad_program(
     local,       # this program's index within its problem: (split, N tile, K tile, tap)
     g_ptr,       # [M, N] gradient at the conv's output, row stride stride_gm
     x_ptr,       # [M, K] the conv's input, row stride stride_xm
-    seg_ptr,     # this problem's segment of partial row 0: N*K*TAPS weight entries in nn.Conv2d
-                 # order (n, k, tap), then N bias entries; split s writes s * row_len further on
+    seg_ptr,     # this problem's segment of partial row 0: N*K*TAPS weight entries in the weight's
+                 # memory order, then N bias entries; split s writes s * row_len further on
     row_len,     # entries in one partial row (every problem's segment)
     M, N, K, H, W, rows_per_split, stride_gm, stride_xm,
+    stride_dk,   # entry (n, k, tap) of the segment is n * K * TAPS + k * stride_dk + tap * stride_dt:
+    stride_dt,   # (TAPS, 1) for a contiguous weight, (1, K) for a channels_last 3x3 one
     TAPS: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -183,7 +185,8 @@ def _weight_grad_program(
         acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
         bias_acc += tl.sum(g.to(acc_dtype), axis=0)
     row = seg_ptr + split * row_len
-    tl.store(row + (rn[:, None] * K + rk[None, :]) * TAPS + tap, acc, mask=n_ok[:, None] & k_ok[None, :])
+    tl.store(row + rn[:, None] * (K * TAPS) + rk[None, :] * stride_dk + tap * stride_dt, acc,
+             mask=n_ok[:, None] & k_ok[None, :])
     if (pid_k == 0) & (tap == 0):
         tl.store(row + N * K * TAPS + rn, bias_acc, mask=n_ok)
 
@@ -194,13 +197,13 @@ def weight_grad_kernel(
                  # row starts at seg_p; every partial is written by exactly one program (no atomics)
     g0_ptr,      # problem 0: [M, N0] gradient at the conv's output, row stride stride_g0
     x0_ptr,      # problem 0: [M, K0] the conv's input, row stride stride_x0
-    N0, K0, stride_g0, stride_x0, seg0,
+    N0, K0, stride_g0, stride_x0, seg0, stride_dk0, stride_dt0,
     g1_ptr,      # problem 1 (PROBLEMS >= 2), as problem 0
     x1_ptr,
-    N1, K1, stride_g1, stride_x1, seg1,
+    N1, K1, stride_g1, stride_x1, seg1, stride_dk1, stride_dt1,
     g2_ptr,      # problem 2 (PROBLEMS == 3), as problem 0
     x2_ptr,
-    N2, K2, stride_g2, stride_x2, seg2,
+    N2, K2, stride_g2, stride_x2, seg2, stride_dk2, stride_dt2,
     M,           # pixel rows, shared by every problem
     H,           # image height (3x3 taps only)
     W,           # image width (3x3 taps only)
@@ -224,13 +227,16 @@ def weight_grad_kernel(
     end1 = end0 + splits * tl.cdiv(N1, BLOCK_N) * tl.cdiv(K1, BLOCK_K) * TAPS1
     if pid < end0:
         _weight_grad_program(pid, g0_ptr, x0_ptr, part_ptr + seg0, row_len, M, N0, K0, H, W, rows_per_split,
-                             stride_g0, stride_x0, TAPS0, IS_FP64, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                             stride_g0, stride_x0, stride_dk0, stride_dt0, TAPS0, IS_FP64, PRECISION,
+                             BLOCK_M, BLOCK_N, BLOCK_K)
     elif PROBLEMS >= 2 and pid < end1:
         _weight_grad_program(pid - end0, g1_ptr, x1_ptr, part_ptr + seg1, row_len, M, N1, K1, H, W, rows_per_split,
-                             stride_g1, stride_x1, TAPS1, IS_FP64, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                             stride_g1, stride_x1, stride_dk1, stride_dt1, TAPS1, IS_FP64, PRECISION,
+                             BLOCK_M, BLOCK_N, BLOCK_K)
     elif PROBLEMS == 3:
         _weight_grad_program(pid - end1, g2_ptr, x2_ptr, part_ptr + seg2, row_len, M, N2, K2, H, W, rows_per_split,
-                             stride_g2, stride_x2, TAPS2, IS_FP64, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                             stride_g2, stride_x2, stride_dk2, stride_dt2, TAPS2, IS_FP64, PRECISION,
+                             BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -386,28 +392,37 @@ def conv1x1_pair(first: dict, second: dict, alpha: float) -> tuple[torch.Tensor,
     return outs[0], outs[1]
 
 
+def _grad_format(w: torch.Tensor, taps: int) -> torch.memory_format:
+    """The memory format a weight gradient is written in: the weight's own where it is channels_last
+    (a 3x3 weight of a model moved to channels_last), else contiguous."""
+    if taps == 9 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Weight and bias gradients of up to three convs over the same M = N*H*W pixel rows, in two
     launches: split-M partials of all of them (weight_grad_kernel), then one fixed-order sum that
     writes each gradient in its weight's dtype and nn.Conv2d layout (sum_partials_kernel). Bitwise
     reproducible run to run, no atomics.
 
-    Each problem is (g, g_stride, x, x_stride, n, k, taps, weight_dtype): channels_last rows of the
+    Each problem is (g, g_stride, x, x_stride, n, k, taps, weight): channels_last rows of the
     gradient at the conv's output (n channels) and of its input (k channels), every g of one
-    (N, C, H, W) size; taps 9 for a 3x3 conv with padding 1, 1 for a 1x1; one weight dtype for all.
-    Returns [(dW (n, k, kh, kw), db (n,))] in the problems' order.
+    (N, C, H, W) size; taps 9 for a 3x3 conv with padding 1, 1 for a 1x1; the weight (one dtype for
+    all). Returns [(dW (n, k, kh, kw), db (n,))] in the problems' order, dW in the weight's memory
+    format (contiguous or channels_last): autograd then hands it to .grad without a copy.
     """
     g0 = problems[0][0]
     n_img, _, height, width = g0.shape
     m = n_img * height * width
     block_m = WEIGHT_GRAD_INTERPRETER.kwargs["BLOCK_M"] if interpreting() else WEIGHT_GRAD_BLOCK_M_GPU
     # One split count for every problem, from all their tiles (at the 64 x 64 tile of the default).
-    tiles = sum(cdiv(n, 64) * cdiv(k, 64) * taps for _g, _gs, _x, _xs, n, k, taps, _dt in problems)
+    tiles = sum(cdiv(n, 64) * cdiv(k, 64) * taps for _g, _gs, _x, _xs, n, k, taps, _w in problems)
     rows_per_split = grad_split(m, block_m, tiles)
     splits = cdiv(m, rows_per_split)
     acc_dtype = torch.float64 if g0.dtype == torch.float64 else torch.float32
     segments, ends, length = [], [], 0
-    for _g, _gs, _x, _xs, n, k, taps, _dt in problems:
+    for _g, _gs, _x, _xs, n, k, taps, _w in problems:
         segments.append(length)
         ends += [length + n * k * taps, length + n * k * taps + n]
         length = ends[-1]
@@ -415,25 +430,27 @@ def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
     check_int32("weight gradient", partials.numel(),
                 *(m * max(gs, xs) for _g, gs, _x, xs, *_rest in problems))
     padded = list(problems) + [problems[0]] * (3 - len(problems))  # unused slots: never read
+    formats = [_grad_format(w, taps) for _g, _gs, _x, _xs, _n, _k, taps, w in padded]
     args = {}
-    for p, (g, g_stride, x, x_stride, n, k, taps, _dt) in enumerate(padded):
+    for p, (g, g_stride, x, x_stride, n, k, taps, _w) in enumerate(padded):
+        stride_dk, stride_dt = (1, k) if formats[p] == torch.channels_last else (taps, 1)
         args.update({f"g{p}_ptr": g, f"x{p}_ptr": x, f"N{p}": n, f"K{p}": k, f"stride_g{p}": g_stride,
                      f"stride_x{p}": x_stride, f"seg{p}": segments[p] if p < len(problems) else 0,
-                     f"TAPS{p}": taps})
+                     f"stride_dk{p}": stride_dk, f"stride_dt{p}": stride_dt, f"TAPS{p}": taps})
 
     def grid(meta):
         per_split = sum(cdiv(n, meta["BLOCK_N"]) * cdiv(k, meta["BLOCK_K"]) * taps
-                        for _g, _gs, _x, _xs, n, k, taps, _dt in problems)
+                        for _g, _gs, _x, _xs, n, k, taps, _w in problems)
         return (splits * per_split,)
 
     launch(weight_grad_kernel, weight_grad_tuned[g0.dtype == torch.float32], grid, WEIGHT_GRAD_INTERPRETER,
            part_ptr=partials, **args, M=m, H=height, W=width, rows_per_split=rows_per_split, row_len=length,
            PROBLEMS=len(problems), IS_FP64=is_fp64(g0), PRECISION=dot_precision(g0.dtype))
     outs = []
-    for _g, _gs, _x, _xs, n, k, taps, weight_dtype in problems:
+    for (_g, _gs, _x, _xs, n, k, taps, w), memory_format in zip(problems, formats):
         size = 3 if taps == 9 else 1
-        outs.append((torch.empty((n, k, size, size), device=g0.device, dtype=weight_dtype),
-                     torch.empty((n,), device=g0.device, dtype=weight_dtype)))
+        outs.append((torch.empty((n, k, size, size), device=g0.device, dtype=w.dtype, memory_format=memory_format),
+                     torch.empty((n,), device=g0.device, dtype=w.dtype)))
     pointers = [t for pair in outs for t in pair]
     pointers += [pointers[-1]] * (6 - len(pointers))  # unused outputs: their ranges are empty
     ends += [length] * (6 - len(ends))
@@ -510,11 +527,13 @@ def aot_variants():
     # expand (1x1), 3x3 and squeeze (1x1). Unused problem slots repeat problem 0.
     grad_cases = [("1 problem, 1x1", {"PROBLEMS": 1, "TAPS0": 1, "TAPS1": 1, "TAPS2": 1, "IS_FP64": False}),
                   ("3 problems, 1x1 3x3 1x1", {"PROBLEMS": 3, "TAPS0": 1, "TAPS1": 9, "TAPS2": 1, "IS_FP64": False})]
-    problem_ints = [f"{name}{p}" for p in range(3) for name in ("N", "K", "stride_g", "stride_x", "seg")]
+    problem_ints = [f"{name}{p}" for p in range(3) for name in ("N", "K", "stride_g", "stride_x", "seg", "stride_dk",
+                                                                "stride_dt")]
     grad_kinds = {"part_ptr": "*fp32"}
     for p in range(3):
         grad_kinds.update({f"g{p}_ptr": "ptr", f"x{p}_ptr": "ptr"})
-        grad_kinds.update({f"{name}{p}": "i32" for name in ("N", "K", "stride_g", "stride_x", "seg")})
+        grad_kinds.update({f"{name}{p}": "i32" for name in ("N", "K", "stride_g", "stride_x", "seg", "stride_dk",
+                                                             "stride_dt")})
     grad_kinds.update({name: "i32" for name in ("M", "H", "W", "rows_per_split", "row_len")})
     grad_kinds.update({name: "constexpr" for name in ("PROBLEMS", "TAPS0", "TAPS1", "TAPS2", "IS_FP64", "PRECISION",
                                                       "BLOCK_M", "BLOCK_N", "BLOCK_K")})

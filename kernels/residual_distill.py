@@ -157,7 +157,7 @@ CONV3X3_CONFIGS = {
     32: [_config(64, 64, 32, 4, 3), _config(128, 64, 32, 8, 3)],
     64: [_config(64, 32, 32, 4, 3), _config(64, 64, 32, 8, 3), _config(128, 32, 32, 8, 3)],
     128: [_config(64, 64, 32, 8, 3), _config(64, 32, 32, 8, 3)],
-    256: [_config(64, 16, 32, 8, 2)],
+    256: [_config(64, 16, 32, 8, 2), _config(64, 32, 32, 8, 2)],
 }
 CONV3X3_FP32_CONFIGS = {
     16: [_config(64, 64, 16, 8, 3)],
@@ -288,9 +288,9 @@ def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expa
                        flip_taps=True, aux=a, save_mid=True)
         dz = conv1x1(g_a, inner, w_squeeze, True, None, EPILOGUE_LINEAR, alpha, res=grad, res_stride=n_out)
     (dw_e, db_e), (dw_c, db_c), (dw_sq, db_sq) = weight_grads(
-        (grad, n_out, b, inner, n_out, inner, 1, w_expand.dtype),
-        (g_b, inner, a, inner, inner, inner, 9, w_conv.dtype),
-        (g_a, inner, z, d_in, inner, d_in, 1, w_squeeze.dtype))
+        (grad, n_out, b, inner, n_out, inner, 1, w_expand),
+        (g_b, inner, a, inner, inner, inner, 9, w_conv),
+        (g_a, inner, z, d_in, inner, d_in, 1, w_squeeze))
     return dz, dw_sq, db_sq, dw_c, db_c, dw_e, db_e
 
 

@@ -203,6 +203,41 @@ def test_autocast_casts_the_fused_weights_once(device):
     assert counter.casts - before <= 10, counter.casts - before
 
 
+def test_channels_last_parameters_under_autocast(device):
+    """model.to(memory_format=torch.channels_last), the usual advice for convolutions under AMP: the
+    output is unchanged, and forward plus backward copy no tensor more than with contiguous
+    parameters (the weight cast keeps each parameter's layout, gradients come back in it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCopies(TorchDispatchMode):
+        copies_of = (torch.ops.aten.clone.default, torch.ops.aten.new_empty_strided.default)
+
+        def __init__(self):
+            super().__init__()
+            self.copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.copies += func in self.copies_of
+            return func(*args, **(kwargs or {}))
+
+    # The interpreter's bf16 dots are wrong; fp16 is what it can check.
+    dtype = torch.float16 if where(device) == "interpreter" else torch.bfloat16
+    _, fast = pair(dict(scale=2, **SMALL), device)
+    x = image(1, 5, 4, device)
+    copies, outs = [], []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        model = copy.deepcopy(fast).to(memory_format=memory_format)
+        counter = CountCopies()
+        with counter:
+            with torch.autocast(device.type, dtype=dtype):
+                out = model(x)
+            out.float().sum().backward()
+        copies.append(counter.copies)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert copies[1] <= copies[0], f"channels_last parameters: {copies[1]} copies, contiguous: {copies[0]}"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_training_step_replays_from_a_cuda_graph():
     """A whole training step (forward, backward, Adam) captured once and replayed ends at the

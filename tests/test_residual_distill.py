@@ -82,6 +82,22 @@ def test_registered_op_and_eager_path_agree(recompute, monkeypatch, device):
         assert torch.equal(a, b)
 
 
+def test_weight_gradients_keep_the_weights_memory_format(device):
+    """A channels_last 3x3 weight (a model moved to channels_last) gets its gradient in channels_last,
+    so autograd hands it to .grad without a copy; values as for a contiguous weight."""
+    dtype = dtypes_for(device)[-1]
+    inputs = make_inputs((1, 24, 16, 4, 5, 3, True), dtype, device)
+    out = ops.residual_distill(*inputs)
+    grad_out = randn(*out.shape, dtype=dtype, device=device)
+    expected = torch.autograd.grad(out, inputs, grad_out)
+    w_conv = inputs[3].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    inputs_cl = [*inputs[:3], w_conv, *inputs[4:]]
+    grads = torch.autograd.grad(ops.residual_distill(*inputs_cl), inputs_cl, grad_out)
+    assert grads[3].is_contiguous(memory_format=torch.channels_last) and not grads[3].is_contiguous()
+    for name, g, e in zip(NAMES, grads, expected):
+        assert torch.equal(g, e), name
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 def test_without_biases(recompute, device):
     """Convs built with bias=False: every kernel's no-bias variant, gradients of z and the weights."""
