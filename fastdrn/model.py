@@ -13,11 +13,11 @@ import torch
 from . import backend, ops, reference
 
 
-def _memory_order(t: torch.Tensor) -> list[int]:
+def _memory_order(t: torch.Tensor) -> list[int] | None:
     """t's dimensions from the outermost in memory to the innermost (a permutation that makes a
-    dense tensor contiguous); size-1 dimensions keep their place."""
+    dense tensor contiguous), or None when t is contiguous already (no permute, no extra view)."""
     if t.is_contiguous():
-        return list(range(t.dim()))
+        return None
     return sorted(range(t.dim()), key=lambda d: (-t.stride(d) if t.shape[d] > 1 else 0, d))
 
 
@@ -64,9 +64,11 @@ class DRN(reference.DRN):
             # and its cast piece given the same strides: gradients come back in the parameter's
             # layout (weight_grads writes them so), and neither direction copies per tensor.
             orders = [_memory_order(t) for t in present]
-            flat = torch.cat([t.permute(order).reshape(-1) for t, order in zip(present, orders)]).to(dtype)
+            flat = torch.cat([t.reshape(-1) if order is None else t.permute(order).reshape(-1)
+                              for t, order in zip(present, orders)]).to(dtype)
             pieces = flat.split([t.numel() for t in present])
-            cast = iter(piece.view([t.shape[d] for d in order]).permute(_inverse(order))
+            cast = iter(piece.view(t.shape) if order is None
+                        else piece.view([t.shape[d] for d in order]).permute(_inverse(order))
                         for piece, t, order in zip(pieces, present, orders))
             tensors = [None if t is None else next(cast) for t in tensors]
         it = iter(tensors)
