@@ -170,3 +170,15 @@ def test_goals_are_reported_not_asserted(bench_modules):
     assert text.count("**MET**") == 1 and text.count("**NOT MET**") == 2
     assert "1 of 2 shapes" in text
     assert "NO DATA" in "\n".join(report.goals([]))
+
+
+def test_host_launches_counts_a_training_step():
+    """bench/host_launches.py (host cost of a step without a GPU) runs and counts launches."""
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "host_launches.py"), "--scale", "2", "--small",
+                          "--reps", "1"], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # The small DRN: 6 blocks of 6 Triton launches (2 forward, 4 backward) and 2 compressions of 5
+    # (1 forward; backward: gradient through the ELU, dz, the weight gradient and its sum).
+    line = next(ln for ln in reversed(out.stdout.strip().splitlines()) if "launches per step" in ln)
+    triton_launches = int(line.split("(")[-1].split(" Triton")[0])
+    assert triton_launches == 6 * 6 + 2 * 5, line
