@@ -51,12 +51,18 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = b is not None
 
 
-def _autograd_backward(ctx, grad):
+def _input_grads(ctx, grad, backward):
+    """Gradients for (z, w, b, skip, alpha) from backward(grad, z, w, b, alpha): the registered
+    backward op, or _backward itself on the eager path."""
     if torch.is_grad_enabled():
         raise RuntimeError("fastdrn compress_skip: double backward (create_graph=True) is not supported")
     z, w, b = ctx.saved_tensors
-    dz, dw, db = compress_skip_backward_op(grad, z, w, b, ctx.alpha)
+    dz, dw, db = backward(grad, z, w, b, ctx.alpha)
     return dz, dw, db if ctx.has_bias else None, grad, None
+
+
+def _autograd_backward(ctx, grad):
+    return _input_grads(ctx, grad, compress_skip_backward_op)
 
 
 compress_skip_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -74,12 +80,8 @@ class _EagerCompressSkip(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError("fastdrn compress_skip: double backward (create_graph=True) is not supported")
-        z, w, b = ctx.saved_tensors
         with direct_launches():
-            dz, dw, db = _backward(grad, z, w, b, ctx.alpha)
-        return dz, dw, db if ctx.has_bias else None, grad, None
+            return _input_grads(ctx, grad, _backward)
 
 
 # ---- public function --------------------------------------------------------------------------

@@ -340,14 +340,20 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = (b_squeeze is not None, b_conv is not None, b_expand is not None)
 
 
-def _autograd_backward(ctx, grad, _grad_b):
+def _input_grads(ctx, grad, backward):
+    """Gradients for the op's inputs from backward(grad, z, b, *weights, alpha) (the registered
+    backward op, or _backward itself on the eager path); None for absent biases and the scalars."""
     if torch.is_grad_enabled():
         raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
     z, b, *weights = ctx.saved_tensors
-    dz, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = residual_distill_backward_op(grad, z, b, *weights, ctx.alpha)
+    dz, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = backward(grad, z, b, *weights, ctx.alpha)
     has_sq, has_c, has_e = ctx.has_bias
     return (dz, dw_sq, db_sq if has_sq else None, dw_c, db_c if has_c else None, dw_e, db_e if has_e else None,
             None, None)
+
+
+def _autograd_backward(ctx, grad, _grad_b):
+    return _input_grads(ctx, grad, residual_distill_backward_op)
 
 
 residual_distill_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -366,14 +372,8 @@ class _EagerResidualDistill(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
-        z, b, *weights = ctx.saved_tensors
         with direct_launches():
-            dz, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = _backward(grad, z, b, *weights, ctx.alpha)
-        has_sq, has_c, has_e = ctx.has_bias
-        return (dz, dw_sq, db_sq if has_sq else None, dw_c, db_c if has_c else None, dw_e, db_e if has_e else None,
-                None, None)
+            return _input_grads(ctx, grad, _backward)
 
 
 # ---- public functions ----------------------------------------------------------------------------
