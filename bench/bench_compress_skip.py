@@ -111,15 +111,7 @@ def main() -> None:
                     build=builder(c, impl, seed, compile_mode), flop=flop, min_bytes=nbytes,
                     variant=common.fp32_variant(c["dtype"], impl, ctx))
 
-    seeds = [args.seed + 1000 * i for i in range(len(case_list))]
-    common.say(f"== {len(case_list)} cases; sweep 1: eager + fastdrn, sweep 2: torch.compile")
-    for c, seed in zip(case_list, seeds):
-        run(c, "eager", "baseline", seed)
-        run(c, "fastdrn", "candidate", seed)
-    for name, mode in common.compile_impls(ctx):
-        for c, seed in zip(case_list, seeds):
-            run(c, name, "baseline", seed, mode)
-    ctx.finish()
+    common.sweep_op_cases(ctx, case_list, args.seed, run, lambda c: [("eager", "baseline"), ("fastdrn", "candidate")])
 
 
 if __name__ == "__main__":

@@ -87,16 +87,8 @@ def main() -> None:
                     layout=c["layout"], dtype=c["dtype"], impl=impl, role=role,
                     build=builder(c, impl, seed, compile_mode), flop=None, min_bytes=nbytes)
 
-    seeds = [args.seed + 1000 * i for i in range(len(case_list))]
-    common.say(f"== {len(case_list)} cases; sweep 1: copy + eager + fastdrn, sweep 2: torch.compile")
-    for c, seed in zip(case_list, seeds):
-        run(c, "copy", "baseline", seed)
-        run(c, "eager", "baseline", seed)
-        run(c, "fastdrn", "candidate", seed)
-    for name, mode in common.compile_impls(ctx):
-        for c, seed in zip(case_list, seeds):
-            run(c, name, "baseline", seed, mode)
-    ctx.finish()
+    common.sweep_op_cases(ctx, case_list, args.seed, run,
+                          lambda c: [("copy", "baseline"), ("eager", "baseline"), ("fastdrn", "candidate")])
 
 
 if __name__ == "__main__":

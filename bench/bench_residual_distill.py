@@ -145,17 +145,10 @@ def main() -> None:
                     build=builder(c, impl, seed, compile_mode), flop=flop, min_bytes=nbytes,
                     variant=common.fp32_variant(c["dtype"], impl, ctx))
 
-    seeds = [args.seed + 1000 * i for i in range(len(case_list))]
-    common.say(f"== {len(case_list)} cases; sweep 1: eager + fastdrn, sweep 2: torch.compile")
-    for c, seed in zip(case_list, seeds):  # sweep 1: the cheap impls for every case
-        run(c, "eager", "baseline", seed)
-        run(c, "fastdrn", "candidate", seed)
-        if want_recompute and c["pass_"] == "fwd+bwd":
-            run(c, "fastdrn-recompute", "candidate", seed)
-    for name, mode in common.compile_impls(ctx):  # sweep 2 (3): compile, as time allows
-        for c, seed in zip(case_list, seeds):
-            run(c, name, "baseline", seed, mode)
-    ctx.finish()
+    def first(c):
+        recompute = [("fastdrn-recompute", "candidate")] if want_recompute and c["pass_"] == "fwd+bwd" else []
+        return [("eager", "baseline"), ("fastdrn", "candidate"), *recompute]
+    common.sweep_op_cases(ctx, case_list, args.seed, run, first)
 
 
 if __name__ == "__main__":

@@ -449,6 +449,22 @@ def compile_impls(ctx: Context) -> list[tuple[str, str | None]]:
     return out
 
 
+def sweep_op_cases(ctx: Context, case_list: list, seed: int, run, first) -> None:
+    """An op benchmark's measurement order, then ctx.finish(): sweep 1 runs first(case), a list of
+    (impl, role), for every case; then each torch.compile baseline over every case, so that a time
+    limit cuts the slow compiles first. run(case, impl, role, seed, compile_mode=None) measures."""
+    seeds = [seed + 1000 * i for i in range(len(case_list))]
+    impls = " + ".join(dict.fromkeys(impl for c in case_list for impl, _role in first(c)))
+    say(f"== {len(case_list)} cases; sweep 1: {impls}, then torch.compile")
+    for c, case_seed in zip(case_list, seeds):
+        for impl, role in first(c):
+            run(c, impl, role, case_seed)
+    for name, mode in compile_impls(ctx):
+        for c, case_seed in zip(case_list, seeds):
+            run(c, name, "baseline", case_seed, mode)
+    ctx.finish()
+
+
 def compile_note(ctx: Context, mode: str | None) -> str:
     if ctx.smoke:
         return "torch.compile(backend='aot_eager') in smoke mode"
