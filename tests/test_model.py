@@ -295,6 +295,7 @@ def _ddp_worker(rank, world, cfg, state, batch, target, result_path):
     F.l1_loss(ddp(batch[sl]), target[sl]).backward()
     if rank == 0:
         torch.save([p.grad for p in model.parameters()], result_path)
+    dist.barrier()  # no rank tears gloo down while the other is still at work (fastdrn/tools/train.py)
     dist.destroy_process_group()
 
 
