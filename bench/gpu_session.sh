@@ -19,14 +19,21 @@ t0=$(date +%s)
 FASTDRN_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 100 python3 -m pip install --no-build-isolation --no-deps -e . >> $S 2>&1 || echo "INSTALL FAILED rc=$?" | tee -a $S
 echo "install: $(( $(date +%s) - t0 )) s" | tee -a $S
 
+# pytest-xdist spreads the tests, and so Triton's first-use compiles, over the 16 cores.
 run() { local name=$1 warps=$2 limit=$3; shift 3; local t0=$(date +%s)
-  FASTDRN_NUM_WARPS=$warps timeout $limit python3 -m pytest -q -p no:cacheprovider -rf "$@" > $OUT/$name.log 2>&1
+  FASTDRN_NUM_WARPS=$warps timeout $limit python3 -m pytest -q -p no:cacheprovider -rf -n ${JOBS:-14} "$@" > $OUT/$name.log 2>&1
   echo "$name (FASTDRN_NUM_WARPS=$warps) rc=$? $(( $(date +%s) - t0 )) s"; grep -E "passed|failed|^FAILED|relative error|Error" $OUT/$name.log | head -12; }
 bench() { local name=$1 limit=$2; shift 2; local t0=$(date +%s)
   FASTDRN_AUTOTUNE=0 timeout $limit python3 "$@" --out $OUT/results-$stage.jsonl > $OUT/$name.log 2>&1
   echo "$name rc=$? $(( $(date +%s) - t0 )) s"; tail -3 $OUT/$name.log; }
 
-if [ "$stage" = a ]; then
+if [ "$stage" = one ]; then   # everything that fits one call, tests first
+  run tests-kernels-w8 8 110 tests/test_compress_skip.py tests/test_residual_distill.py
+  run tests-kernels-w4 4 90 tests/test_compress_skip.py tests/test_residual_distill.py
+  run tests-model 8 100 tests/test_model.py
+  run tests-pixel-shuffle-gpu 4 40 -m gpu tests/test_pixel_shuffle.py
+  bench bench-model 100 bench/bench_model.py --quick --no-compile --dtypes bf16 --time-budget 85
+elif [ "$stage" = a ]; then
   run tests-kernels-w8 8 150 tests/test_compress_skip.py tests/test_residual_distill.py
   run tests-model 8 110 tests/test_model.py
   run tests-pixel-shuffle-gpu 4 40 -m gpu tests/test_pixel_shuffle.py
