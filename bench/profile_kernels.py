@@ -1,0 +1,161 @@
+"""Where the GPU time of a DRN step goes: per-kernel device time from torch.profiler, and a single
+residual distilling block's forward + backward replayed from a CUDA graph.
+
+Kernel durations do not depend on how the kernels were launched, so the profiled steps run with
+ordinary (eager) launches; host gaps between kernels are not counted. Cases (bf16 autocast,
+channels_last, FASTDRN_AUTOTUNE as set by the caller):
+  train     DRN x4 training step, 16 x 48x48 (forward, L1, backward, fused Adam)
+  infer     DRN x4 inference, 1 x 270x480
+  block     one block's forward + backward at 16x48x48, D = 64 and 136, F = 64: the mean of CUDA-
+            graph replays (the kernel issue's target is 60 us)
+
+Writes <out>/profile.json (every kernel: name, calls, total and mean us per step) and prints the
+top kernels of each case.
+
+    python bench/profile_kernels.py OUTDIR [--smoke]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (first: sets TRITON_INTERPRET for --smoke)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fastdrn  # noqa: E402
+from fastdrn import ops  # noqa: E402
+
+
+def kernel_table(prof, steps: int) -> list[dict]:
+    """Device-side kernels of the profile, summed by name, per step, largest first."""
+    totals: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        entry = totals.setdefault(event.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += event.time_range.elapsed_us()
+    rows = [dict(kernel=name, calls_per_step=calls / steps, us_per_step=us / steps, mean_us=us / calls)
+            for name, (calls, us) in totals.items()]
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
+def profile(fn, steps: int, device) -> list[dict]:
+    for _ in range(3):  # compile, autotune, allocator warm-up
+        fn()
+    common.sync(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        common.sync(device)
+    table = kernel_table(prof, steps)
+    if device.type == "cuda" and not table:  # no device events: show what the profiler did see
+        print(prof.key_averages().table(sort_by="device_time_total", row_limit=25))
+    return table
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (interpreter): checks the script only")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    cuda = device.type == "cuda"
+    small = dict(n_feats=8, n_groups=1, n_blocks=2, inner=8, distill=4) if args.smoke else {}
+    n, h, w = (2, 6, 6) if args.smoke else (16, 48, 48)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cuda)
+    torch.manual_seed(0)
+    result = {"env": common.environment(device), "cases": {}}
+
+    model = fastdrn.DRN(scale=4, **small).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))
+    lr_img = torch.rand(n, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    hr_img = torch.rand(n, 3, 4 * h, 4 * w, device=device).contiguous(memory_format=torch.channels_last)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(**amp):
+            loss = F.l1_loss(model(lr_img), hr_img)
+        loss.backward()
+        opt.step()
+
+    ih, iw = (6, 6) if args.smoke else (270, 480)
+    big = torch.rand(1, 3, ih, iw, device=device).contiguous(memory_format=torch.channels_last)
+
+    def infer():
+        with torch.no_grad(), torch.autocast(**amp):
+            model(big)
+
+    for name, fn in (("train", train_step), ("infer", infer)):
+        t0 = time.perf_counter()
+        table = profile(fn, 1 if args.smoke else 3, device)
+        total = sum(r["us_per_step"] for r in table)
+        result["cases"][name] = {"kernel_us_per_step": total, "kernels": table}
+        print(f"\n== {name}: {total / 1000:.3f} ms of kernel time a step, {len(table)} kernels "
+              f"({time.perf_counter() - t0:.0f} s)")
+        for r in table[:14]:
+            print(f"  {r['us_per_step']:9.1f} us  {r['calls_per_step']:6.1f} calls  {r['mean_us']:8.2f} us/call  "
+                  f"{r['kernel'][:90]}")
+
+    # One block, forward + backward, replayed from a CUDA graph.
+    dtype = torch.bfloat16 if cuda else torch.float32
+    for d_in in ((8,) if args.smoke else (64, 136)):
+        inner, distill = (8, 4) if args.smoke else (64, 8)
+        z = torch.randn(n, d_in, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        z.requires_grad_(True)
+        weights = [torch.randn(s, device=device, dtype=dtype) * 0.1 for s in
+                   ((inner, d_in, 1, 1), (inner,), (inner, inner, 3, 3), (inner,), (d_in + distill, inner, 1, 1),
+                    (d_in + distill,))]
+        for t in weights:
+            t.requires_grad_(True)
+        dy = torch.randn(n, d_in + distill, h, w, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+
+        def block():
+            out = ops.residual_distill(z, *weights, alpha=0.2)
+            torch.autograd.backward(out, dy, inputs=[z, *weights])
+
+        label = f"block D{d_in} F{inner}"
+        table = profile(block, 1 if args.smoke else 5, device)
+        entry = {"kernel_us_per_step": sum(r["us_per_step"] for r in table), "kernels": table}
+        if cuda:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    block()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                block()
+            for _ in range(10):
+                graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            reps = 200
+            start.record()
+            for _ in range(reps):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            entry["graph_replay_us"] = start.elapsed_time(end) * 1000 / reps
+        result["cases"][label] = entry
+        print(f"\n== {label}: kernels {entry['kernel_us_per_step']:.1f} us; graph replay "
+              f"{entry.get('graph_replay_us', float('nan')):.1f} us (target 60)")
+        for r in table[:10]:
+            print(f"  {r['us_per_step']:9.1f} us  {r['calls_per_step']:6.1f} calls  {r['kernel'][:90]}")
+
+    with open(os.path.join(args.out, "profile.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
