@@ -29,10 +29,37 @@ def _inverse(order: list[int]) -> list[int]:
 
 
 class DRN(reference.DRN):
-    """Drop-in fast DRN. Keyword-only option: recompute=True saves less for backward (SPEC.md 3)."""
+    """DRN super-resolution, run through fastdrn's fused kernels: (N, n_colors, h, w) -> (N, n_colors, h*scale, w*scale).
 
-    def __init__(self, *args, recompute: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
+    The constructor and state_dict are those of the plain PyTorch model ``fastdrn.reference.DRN``
+    (docs/architecture.md): a checkpoint saved from either loads into the other with strict=True.
+
+    Args:
+        scale: upscaling factor, an integer >= 2.
+        n_colors: image channels (3: RGB).
+        n_feats: width C of the features between blocks.
+        n_groups: residual distilling groups G.
+        n_blocks: residual distilling blocks K per group.
+        inner: width F inside each block (64 for DRN, 256 for DRN+).
+        distill: channels d each block distills.
+        alpha: the ELU parameter.
+        rgb_mean: per-channel mean subtracted at the input and added back at the output, in units
+            of ``rgb_range`` (default: the DIV2K mean).
+        rgb_range: the value of white: inputs are floats in [0, rgb_range] and so is the output
+            (not clamped; clamping belongs to image writing and the metrics).
+        recompute: keyword-only; save less for backward and recompute inside each block there
+            (the same results, less memory, more arithmetic).
+
+    Which backend runs is chosen per call by ``FASTDRN_BACKEND`` (docs/numerics.md); the
+    ``backend`` property says which, for this model's device.
+    """
+
+    def __init__(self, scale: int = 4, n_colors: int = 3, n_feats: int = 64, n_groups: int = 6,
+                 n_blocks: int = 9, inner: int = 64, distill: int = 8, alpha: float = 0.2,
+                 rgb_mean=reference.DIV2K_RGB_MEAN, rgb_range: float = 1.0, *, recompute: bool = False):
+        super().__init__(scale=scale, n_colors=n_colors, n_feats=n_feats, n_groups=n_groups,
+                         n_blocks=n_blocks, inner=inner, distill=distill, alpha=alpha,
+                         rgb_mean=rgb_mean, rgb_range=rgb_range)
         self.recompute = recompute
 
     @property
