@@ -12,8 +12,10 @@ import warnings
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["fastdrn", "fastdrn.kernels", "fastdrn.tools"]
+PACKAGES = ["fastdrn", "fastdrn.integrations", "fastdrn.kernels", "fastdrn.tools"]
 PACKAGE_DIR = {"fastdrn": "fastdrn", "fastdrn.kernels": "kernels"}
+# Shipped weights (fastdrn/pretrained.py looks for NAME.safetensors, then NAME.pt).
+PACKAGE_DATA = {"fastdrn": ["weights/README.md", "weights/*.safetensors", "weights/*.pt"]}
 
 
 def extension_config():
@@ -52,4 +54,5 @@ def extension_build():
 
 
 ext_modules, cmdclass = extension_build()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data=PACKAGE_DATA, ext_modules=ext_modules,
+      cmdclass=cmdclass)

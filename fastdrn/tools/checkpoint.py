@@ -7,13 +7,18 @@ scale = sqrt(upsample rows / n_feats)). What shapes cannot tell (alpha, rgb_rang
 ``config`` entry of our own checkpoints, else the DRN defaults, and explicit overrides win.
 
 Everything is loaded with ``torch.load(weights_only=True)``: our training checkpoints hold only
-tensors, dicts, lists, tuples, numbers, strings and None.
+tensors, dicts, lists, tuples, numbers, strings and None. A ``.safetensors`` file (recognised by its
+content) is read with the optional ``safetensors`` package. A shipped weight name (``drn-x4``, see
+:mod:`fastdrn.pretrained`) is accepted wherever a path is. The layout of every format is in
+docs/architecture.md.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import sys
 import tempfile
 from typing import Any, Callable, Mapping
 
@@ -22,8 +27,9 @@ import torch
 import fastdrn
 import fastdrn.reference
 
-__all__ = ["CheckpointError", "build_model", "infer_config", "extract_state_dict", "load_checkpoint",
-           "load_model", "atomic_write", "atomic_write_text", "atomic_save", "CONFIG_KEYS", "FORMAT"]
+__all__ = ["CheckpointError", "build_model", "infer_config", "extract_state_dict", "select_weights",
+           "load_checkpoint", "load_model", "export", "EXPORT_FORMATS", "atomic_write", "atomic_write_text",
+           "atomic_save", "CONFIG_KEYS", "FORMAT"]
 
 FORMAT = "fastdrn-train-v1"
 CONFIG_KEYS = ("scale", "n_colors", "n_feats", "n_groups", "n_blocks", "inner", "distill", "alpha",
@@ -48,25 +54,42 @@ def _is_state_dict(d: Any) -> bool:
     return isinstance(d, Mapping) and len(d) > 0 and all(isinstance(v, torch.Tensor) for v in d.values())
 
 
-def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict]:
-    """Find the weights in a loaded checkpoint: a plain state_dict or one of the common wrappers
-    (``params_ema``, ``params``, ``state_dict``, ``model``, ...), with ``module.`` / ``_orig_mod.``
-    prefixes removed. Returns (state_dict, stored config or {})."""
+def select_weights(obj: Any, key: str | None = None) -> tuple[dict[str, torch.Tensor], dict, str | None, list[str]]:
+    """Find the weights in a loaded checkpoint: a plain state_dict or one of the common wrappers, with
+    ``module.`` / ``_orig_mod.`` prefixes removed.
+
+    Without ``key`` the first present of ``params_ema``, ``params``, ``state_dict``, ``model``, ... is
+    taken (BasicSR's EMA weights before its raw ones: the EMA ones are those used for inference; our
+    training checkpoints keep raw weights under ``model`` and, with EMA on, ``params_ema``). ``key``
+    names the top-level entry to take instead. Returns (state_dict, stored config or {}, the entry
+    used or None for a plain state_dict, the other weight entries at that level).
+    """
     config: dict = {}
-    for _ in range(4):
+    used: list[str] = []
+    others: list[str] = []
+    if key is not None:
+        if not isinstance(obj, Mapping) or _is_state_dict(obj):
+            raise CheckpointError(f"key={key!r} given, but the checkpoint is a plain state_dict with no entries to choose")
+        if not isinstance(obj.get(key), Mapping):
+            present = [k for k in obj if isinstance(obj[k], Mapping) and k != "config"]
+            raise CheckpointError(f"checkpoint has no weights under {key!r}; its entries: "
+                                  + (", ".join(map(repr, present)) or "none"))
+    for depth in range(4):
         if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
             config = dict(obj["config"])
         if _is_state_dict(obj):
             break
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state_dict")
-        for key in WRAPPERS:
-            if key in obj and isinstance(obj[key], Mapping):
-                obj = obj[key]
-                break
-        else:
+        present = [k for k in WRAPPERS if isinstance(obj.get(k), Mapping)]
+        choice = key if depth == 0 and key is not None else (present[0] if present else None)
+        if choice is None:
             keys = ", ".join(map(str, list(obj)[:12]))
             raise CheckpointError(f"no state_dict found in checkpoint (top-level keys: {keys})")
+        if depth == 0:
+            others = [k for k in present if k != choice]
+        used.append(choice)
+        obj = obj[choice]
     else:
         raise CheckpointError("no state_dict found in checkpoint (nested too deeply)")
     sd = {}
@@ -75,6 +98,12 @@ def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict]:
             while k.startswith(prefix):
                 k = k[len(prefix):]
         sd[k] = v
+    return sd, config, ".".join(used) or None, others
+
+
+def extract_state_dict(obj: Any, key: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, stored config or {}) of a loaded checkpoint: :func:`select_weights` without the report."""
+    sd, config, _, _ = select_weights(obj, key)
     return sd, config
 
 
@@ -128,11 +157,48 @@ def _mismatches(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> list[
     return lines
 
 
+def _is_safetensors(path: str) -> bool:
+    """A safetensors file starts with its JSON header's length (8 bytes, little-endian), then '{'."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8
+
+
+def _load_safetensors(path: str) -> dict:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"{path} is a safetensors file: reading it needs the optional package "
+                              "safetensors (pip install safetensors)") from None
+    try:
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read as safetensors: {e}") from e
+    obj: dict = {"state_dict": tensors}
+    if "fastdrn.config" in metadata:
+        try:
+            obj["config"] = json.loads(metadata["fastdrn.config"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: its fastdrn.config metadata is not JSON: {e}") from e
+    return obj
+
+
 def load_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load(path, map_location='cpu', weights_only=True)`` with readable errors."""
-    path = os.fspath(path)
+    """``torch.load(path, map_location='cpu', weights_only=True)`` with readable errors; a safetensors
+    file comes back as ``{"state_dict": tensors, "config": ...}``. A shipped weight name is resolved
+    to its file first."""
+    from fastdrn.pretrained import resolve
+    path = resolve(os.fspath(path))
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if _is_safetensors(path):
+        return _load_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError, RuntimeError for corrupt zip files, ...
@@ -141,16 +207,28 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
 
 
 def load_model(source: str | os.PathLike | Mapping, overrides: Mapping | None = None,
-               expect: Mapping | None = None) -> tuple[torch.nn.Module, dict]:
-    """Build a DRN from a checkpoint (a path or a loaded object) and load its weights, strictly.
+               expect: Mapping | None = None, key: str | None = None,
+               log: Callable[[str], None] | None = None) -> tuple[torch.nn.Module, dict]:
+    """Build a DRN from a checkpoint (a path, a shipped weight name or a loaded object) and load its
+    weights, strictly.
 
     ``overrides``: constructor arguments that win over the checkpoint (alpha, rgb_range, ...; None values
     are ignored). ``expect``: architecture values the caller requires (e.g. the scale of a data set);
-    any difference is an error. Returns (model in eval mode, config).
+    any difference is an error. ``key``: the checkpoint entry to take the weights from (see
+    :func:`select_weights`). ``log`` is told which entry was used when there was a choice (default:
+    standard error). Returns (model in eval mode, config).
     """
     obj = load_checkpoint(source) if not isinstance(source, Mapping) else source
     name = os.fspath(source) if not isinstance(source, Mapping) else "checkpoint"
-    sd, stored = extract_state_dict(obj)
+    from fastdrn.pretrained import expected_config
+    expect = {**expected_config(name), **(expect or {})} if not isinstance(source, Mapping) else expect
+    try:
+        sd, stored, used, others = select_weights(obj, key)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+    if used is not None and (others or key is not None):
+        also = f" (it also holds {', '.join(repr(o) for o in others)}; choose with key)" if others else ""
+        (log or _stderr)(f"{name}: using the weights under {used!r}{also}")
     cfg = {k: v for k, v in stored.items() if k in CONFIG_KEYS}
     try:
         inferred = infer_config(sd)
@@ -182,6 +260,77 @@ def load_model(source: str | os.PathLike | Mapping, overrides: Mapping | None = 
 
 def _fmt(cfg: Mapping) -> str:
     return ", ".join(f"{k}={cfg[k]}" for k in ARCH_KEYS if k in cfg)
+
+
+def _stderr(msg: str) -> None:
+    print(f"fastdrn: {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------- export
+
+EXPORT_FORMATS = ("basicsr", "plain", "safetensors")
+DEFAULTS = {"alpha": 0.2, "rgb_range": 1.0}
+
+
+def _cpu(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def export(source: str | os.PathLike, path: str | os.PathLike, fmt: str | None = None, key: str | None = None,
+           log: Callable[[str], None] = print) -> dict:
+    """Write the weights of a checkpoint (any format :func:`load_model` reads) in another format.
+
+    ``basicsr``: ``{"params": raw weights, "params_ema": EMA weights if the checkpoint has them,
+    "config": constructor arguments}``, what BasicSR's ``load_network`` reads (``param_key`` params or
+    params_ema). ``plain``: the bare state_dict (``model.load_state_dict(torch.load(f))``) of the
+    weights used for inference (the EMA ones when present). ``safetensors``: those tensors, with the
+    constructor arguments as JSON in the metadata. ``fmt`` defaults to safetensors for a
+    ``.safetensors`` path, else basicsr. ``key`` exports that one entry only. Returns the config.
+    """
+    path = os.fspath(path)
+    fmt = fmt or ("safetensors" if path.endswith(".safetensors") else "basicsr")
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    name = os.fspath(source)
+    obj = load_checkpoint(source)
+    entries = [k for k in WRAPPERS if isinstance(obj, Mapping) and isinstance(obj.get(k), Mapping)]
+    if key is not None or "params_ema" not in entries:
+        chosen = {"params": key}
+    else:
+        raw = [k for k in entries if k != "params_ema"]
+        chosen = {"params": raw[0] if raw else "params_ema", "params_ema": "params_ema"}
+    weights, cfg = {}, None
+    for entry, k in chosen.items():
+        try:
+            model, cfg_k = load_model(obj, key=k, log=lambda m: None)
+        except CheckpointError as e:
+            raise CheckpointError(f"{name}: {e}") from None
+        if cfg is not None and cfg_k != cfg:
+            raise CheckpointError(f"{name}: its entries {chosen} hold different architectures")
+        cfg = cfg_k
+        weights[entry] = _cpu(model.state_dict())
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+    inference = weights.get("params_ema", weights["params"])
+    if fmt == "basicsr":
+        atomic_save({**weights, "config": cfg}, path)
+        what = " + ".join(weights)
+    elif fmt == "plain":
+        lost = {k: cfg[k] for k, v in DEFAULTS.items() if cfg.get(k, v) != v}
+        if lost:
+            log(f"warning: a plain state_dict cannot hold {lost}: pass them when loading it")
+        atomic_save(inference, path)
+        what = "the EMA weights" if "params_ema" in weights else "the weights"
+    else:
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise CheckpointError("writing safetensors needs the optional package safetensors "
+                                  "(pip install safetensors)") from None
+        atomic_write(path, lambda tmp: save_file(inference, tmp, metadata={
+            "format": "fastdrn", "fastdrn.config": json.dumps(cfg)}))
+        what = "the EMA weights" if "params_ema" in weights else "the weights"
+    log(f"wrote {path} ({fmt}: {what}; DRN {_fmt(cfg)})")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------- saving
