@@ -94,7 +94,7 @@ def test_psnr_ssim_agree_with_skimage_on_photos(scale):
         hr = hr[:, :h, :w]
         lr = quantize(downsample(hr, scale)) / 255
         sr = upsample(lr, scale) + 0.01 * torch.randn(3, h, w, dtype=torch.float64)
-        p, s = psnr_ssim(sr, hr, scale)
+        p, s = psnr_ssim(sr, hr, scale, data_range=1.0)     # the noise overshoots [0, 1]: clamp it
         a = rgb_to_y(quantize(sr))[scale:-scale, scale:-scale].numpy()
         b = rgb_to_y(quantize(hr))[scale:-scale, scale:-scale].numpy()
         p_ref = metrics.peak_signal_noise_ratio(b, a, data_range=255)
@@ -109,7 +109,7 @@ def test_metric_edge_cases():
     x = torch.rand(3, 32, 32)
     assert psnr(x, x, 2) == math.inf
     assert ssim(x, x, 2) == pytest.approx(1.0)
-    # outputs outside [0, 1] are clamped by the 8-bit quantisation, like a saved PNG
-    assert psnr(x + 2.0, torch.ones_like(x), 0) == math.inf
+    # with data_range given, outputs outside it are clamped by the 8-bit quantisation, like a saved PNG
+    assert psnr(x + 2.0, torch.ones_like(x), 0, data_range=1.0) == math.inf
     with pytest.raises(ValueError):
         psnr(x, x[:, :-1], 0)

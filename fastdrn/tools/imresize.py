@@ -25,14 +25,17 @@ y3 = 5.51171875. At u = 1.5 the taps -2..5 read x(3), x(2), x(1), x(1), ..., x(5
 y1 = 1.5 - (0.11328125 - 0.10546875 - 0.05859375) = 1.44921875 and y4 = 7.55078125.
 MATLAB prints 1.4492 3.4883 5.5117 7.5508.
 
-MATLAB rounds back to uint8 only at the end here (callers quantise); MATLAB itself converts a uint8
-image back to uint8 after each dimension, which can change rare pixels by one grey level.
+A float image is resized without rounding (callers quantise). A uint8 image (a torch tensor or a
+numpy array) comes back as uint8, computed in float64 and rounded once at the end, as BasicSR's
+port and ``fastdrn train`` do; MATLAB itself rounds after each dimension, which can change rare
+pixels by one grey level.
 """
 from __future__ import annotations
 
 import math
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 __all__ = ["cubic", "resize_weights", "imresize", "downsample", "upsample"]
@@ -93,15 +96,30 @@ def _resize_dim(x: torch.Tensor, dim: int, out_len: int, scale: float, antialias
     return out.reshape(*shape[:-1], out_len).movedim(-1, dim)
 
 
-def imresize(x: torch.Tensor, scale: float | None = None, size: tuple[int, int] | None = None,
-             antialias: bool = True) -> torch.Tensor:
-    """Resize the last two dimensions (H, W) of a float tensor like MATLAB ``imresize(x, scale)``.
+def imresize(x, scale: float | None = None, size: tuple[int, int] | None = None, antialias: bool = True):
+    """Resize an image like MATLAB ``imresize(x, scale)``.
 
-    ``scale`` gives the output size ``ceil(scale * in)``; ``size`` gives it directly (then each
-    dimension's scale is out / in, as MATLAB). No clamping or rounding: quantise afterwards.
+    ``x``: a torch tensor resized over its last two dimensions (..., H, W), or a numpy array laid out
+    as images are, (H, W, C) or (H, W); the result has the same kind and layout. Floats are resized
+    without clamping or rounding (quantise afterwards); uint8 comes back as uint8, rounded once.
+    ``scale`` gives the output size ``ceil(scale * in)``; ``size`` = (height, width) gives it directly
+    (then each dimension's scale is out / in, as MATLAB).
     """
+    if isinstance(x, np.ndarray):
+        if x.ndim not in (2, 3):
+            raise ValueError(f"imresize: a numpy image must be (H, W, C) or (H, W), got shape {x.shape}")
+        chw = torch.from_numpy(np.ascontiguousarray(x if x.ndim == 3 else x[..., None])).permute(2, 0, 1)
+        out = imresize(chw, scale, size, antialias).permute(1, 2, 0).numpy()
+        return np.ascontiguousarray(out if x.ndim == 3 else out[..., 0])
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"imresize: expected a torch tensor or numpy array, got {type(x).__name__}")
+    if x.dtype == torch.uint8:
+        out = imresize(x.double(), scale, size, antialias)
+        return torch.round(out.clamp(0, 255)).to(torch.uint8)
     if not x.is_floating_point():
-        raise TypeError("imresize: expected a floating-point tensor (convert uint8 images first)")
+        raise TypeError(f"imresize: expected a float or uint8 image, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"imresize: expected an image (..., H, W), got shape {tuple(x.shape)}")
     h, w = x.shape[-2:]
     if size is None:
         if scale is None:

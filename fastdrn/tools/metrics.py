@@ -12,15 +12,22 @@ The convention (EDSR, RCAN, DRN and BasicSR's ``test_y_channel``):
   (not sample) statistics, computed only where the window fits ("valid"), averaged over the map.
   (No factor-of-two downsampling as Wang's original MATLAB script does for large images: the SR
   field's scripts do not do it either.)
+
+Inputs are torch tensors (..., C, H, W) or numpy arrays (H, W, C) or (H, W), as image libraries give
+them. uint8 images are read as 0-255. Float images must lie in [0, 1]: anything outside is refused
+(a 0-255 float image clamped to [0, 1] would give a silently wrong number) unless ``data_range``
+says what white is, and then values are clamped to [0, data_range] as a saved image would be.
+A model's raw output overshoots [0, 1] a little: pass ``data_range=1.0`` to clamp it.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["quantize", "rgb_to_y", "psnr", "ssim", "psnr_ssim", "gaussian_window"]
+__all__ = ["quantize", "to_255", "rgb_to_y", "psnr", "ssim", "psnr_ssim", "gaussian_window"]
 
 
 def quantize(x: torch.Tensor, levels: int = 255) -> torch.Tensor:
@@ -37,12 +44,44 @@ def rgb_to_y(img255: torch.Tensor) -> torch.Tensor:
     return 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
 
 
-def _prepare(sr: torch.Tensor, hr: torch.Tensor, crop: int, y_channel: bool, quantized: bool):
+def to_255(x, what: str = "image", data_range: float | None = None, quantized: bool = False) -> torch.Tensor:
+    """An image as float64 8-bit levels in [0, 255], (..., C, H, W); see the module docstring for
+    what is accepted. ``quantized=True``: ``x`` holds such levels already."""
+    if isinstance(x, np.ndarray):
+        if x.ndim not in (2, 3):
+            raise ValueError(f"{what}: a numpy image must be (H, W, C) or (H, W), got shape {x.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(x if x.ndim == 3 else x[..., None])).permute(2, 0, 1)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch tensor or numpy array, got {type(x).__name__}")
+    x = x.detach()
+    if quantized:
+        return x.double()
+    if x.dtype == torch.uint8:
+        if data_range not in (None, 255):
+            raise ValueError(f"{what}: a uint8 image is 0-255; data_range={data_range} contradicts it")
+        return x.double()
+    if not x.is_floating_point():
+        if data_range is None:
+            raise TypeError(f"{what}: {x.dtype} images need data_range (the value of white, e.g. 65535 "
+                            "for 16-bit); uint8 is read as 0-255")
+        x = x.double()
+    if data_range is None:
+        lo, hi = (x.min().item(), x.max().item()) if x.numel() else (0.0, 0.0)
+        if lo < 0 or hi > 1:
+            raise ValueError(
+                f"{what} holds values in [{lo:.4g}, {hi:.4g}], outside [0, 1]: pass data_range=255 for a "
+                "0-255 image, or data_range=1.0 to clamp a model's output to [0, 1] as a saved image is")
+        data_range = 1.0
+    if not data_range > 0:
+        raise ValueError(f"{what}: data_range must be > 0, got {data_range}")
+    return quantize(x.double() / data_range)
+
+
+def _prepare(sr, hr, crop: int, y_channel: bool, quantized: bool, data_range: float | None):
+    sr = to_255(sr, "sr", data_range, quantized)
+    hr = to_255(hr, "hr", data_range, quantized)
     if sr.shape != hr.shape:
         raise ValueError(f"metrics: shapes differ: {tuple(sr.shape)} vs {tuple(hr.shape)}")
-    if not quantized:
-        sr, hr = quantize(sr), quantize(hr)
-    sr, hr = sr.double(), hr.double()
     if y_channel:
         sr, hr = rgb_to_y(sr), rgb_to_y(hr)
     if crop > 0:
@@ -51,10 +90,11 @@ def _prepare(sr: torch.Tensor, hr: torch.Tensor, crop: int, y_channel: bool, qua
     return sr, hr
 
 
-def psnr(sr: torch.Tensor, hr: torch.Tensor, crop: int = 0, y_channel: bool = True,
-         quantized: bool = False) -> float:
-    """PSNR in dB of (3, H, W) images in [0, 1] (or in [0, 255] with ``quantized=True``)."""
-    a, b = _prepare(sr, hr, crop, y_channel, quantized)
+def psnr(sr, hr, crop: int = 0, y_channel: bool = True, quantized: bool = False,
+         data_range: float | None = None) -> float:
+    """PSNR in dB of two RGB images: floats in [0, 1] (or [0, data_range], clamped), uint8 as 0-255, or
+    8-bit levels as floats with ``quantized=True``. ``crop``: border pixels left out on every side."""
+    a, b = _prepare(sr, hr, crop, y_channel, quantized, data_range)
     mse = torch.mean((a - b) ** 2).item()
     return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
 
@@ -79,17 +119,19 @@ def _ssim_map(a: torch.Tensor, b: torch.Tensor, window: torch.Tensor, data_range
     return ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
 
 
-def ssim(sr: torch.Tensor, hr: torch.Tensor, crop: int = 0, y_channel: bool = True,
-         quantized: bool = False) -> float:
-    """SSIM of (3, H, W) images in [0, 1] (or [0, 255] with ``quantized=True``); RGB: mean over channels."""
-    a, b = _prepare(sr, hr, crop, y_channel, quantized)
+def ssim(sr, hr, crop: int = 0, y_channel: bool = True, quantized: bool = False,
+         data_range: float | None = None) -> float:
+    """SSIM of two RGB images, accepted as :func:`psnr` accepts them; on RGB (``y_channel=False``) the
+    mean over the channels."""
+    a, b = _prepare(sr, hr, crop, y_channel, quantized, data_range)
     if min(a.shape[-2:]) < 11:
         raise ValueError(f"ssim: image {tuple(a.shape[-2:])} is smaller than the 11x11 window")
     return _ssim_map(a, b, gaussian_window(), 255.0).mean().item()
 
 
-def psnr_ssim(sr: torch.Tensor, hr: torch.Tensor, crop: int) -> tuple[float, float]:
-    """Both metrics on the Y channel with the SR convention (inputs in [0, 1], quantised here)."""
-    a, b = quantize(sr), quantize(hr)
-    return (psnr(a, b, crop, quantized=True),
-            ssim(a, b, crop, quantized=True) if min(a.shape[-2:]) - 2 * crop >= 11 else float("nan"))
+def psnr_ssim(sr, hr, crop: int, data_range: float | None = None, y_channel: bool = True) -> tuple[float, float]:
+    """(PSNR, SSIM) with the SR convention, inputs as :func:`psnr` takes them (SSIM is NaN for an
+    image smaller than its 11x11 window after cropping)."""
+    a, b = to_255(sr, "sr", data_range), to_255(hr, "hr", data_range)
+    return (psnr(a, b, crop, y_channel, quantized=True),
+            ssim(a, b, crop, y_channel, quantized=True) if min(a.shape[-2:]) - 2 * crop >= 11 else float("nan"))
