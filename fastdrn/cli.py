@@ -1,10 +1,14 @@
-"""The ``fastdrn`` command: ``upscale``, ``eval`` and ``train`` (the functions live in fastdrn.tools).
+"""The ``fastdrn`` command: ``train``, ``eval``, ``upscale`` and ``export`` (the functions live in
+fastdrn.tools; docs/cli.md walks through them).
 
+    fastdrn train --hr-dir DIR [--lr-dir DIR] --scale S --out DIR [--epochs N | --steps N] [--ema D] ...
+    fastdrn eval --weights CKPT --hr-dir DIR [--lr-dir DIR] [--crop-border N] [--no-y] [--json FILE]
     fastdrn upscale INPUT [INPUT ...] -o OUTPUT --weights CKPT [--tile N] [--tile-overlap N]
                     [--dtype fp32|bf16|fp16] [--self-ensemble] [--device D]
-    fastdrn eval --weights CKPT --hr-dir DIR [--lr-dir DIR] [--self-ensemble] [--json FILE]
-    fastdrn train --hr-dir DIR [--lr-dir DIR] --scale S --out DIR [--epochs N | --steps N] ...
+    fastdrn export --weights CKPT -o OUT [--format basicsr|plain|safetensors]
+    fastdrn --version
 
+``--weights`` takes a checkpoint path or a shipped weight name (``drn-x4``; see fastdrn.pretrained).
 Multi-GPU training: ``torchrun --nproc_per_node N -m fastdrn.cli train ...``.
 Exit codes: 0 success, 1 some input failed, 2 usage or checkpoint error.
 """
@@ -28,8 +32,17 @@ def _model_overrides(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rgb-range", type=float, help="value of white (default: checkpoint's, else 1.0)")
 
 
+def _weights_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", required=True,
+                   help="a checkpoint (fastdrn train's last.pt/best.pt, a state_dict, BasicSR's .pth, "
+                        ".safetensors) or a shipped weight name (drn-x2, drn-x3, drn-x4)")
+    p.add_argument("--key", default=None,
+                   help="the checkpoint entry to read, e.g. params or params_ema (default: params_ema "
+                        "when present, else params/model)")
+
+
 def _inference_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", required=True, help="checkpoint: a state_dict or a training checkpoint")
+    _weights_args(p)
     p.add_argument("--tile", type=_positive, default=0, help="LR tile size for big images (0: whole image)")
     p.add_argument("--tile-overlap", type=_positive, default=None,
                    help="LR pixels of context around each tile (default: the receptive-field radius: seamless)")
@@ -40,7 +53,12 @@ def _inference_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastdrn", description="DRN super-resolution tools.")
+    from . import __version__
+    parser = argparse.ArgumentParser(
+        prog="fastdrn", description="DRN super-resolution: train a model on photographs, evaluate it "
+        "(PSNR/SSIM), upscale images with it, export its weights.",
+        epilog="'fastdrn COMMAND --help' lists each command's options; docs/cli.md has a walkthrough.")
+    parser.add_argument("--version", action="version", version=f"fastdrn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("upscale", help="upscale image files or folders")
@@ -60,8 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: MATLAB bicubic downsampling of the HR images")
     ev.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     ev.add_argument("--save-dir", default=None, help="also save the SR images here")
+    ev.add_argument("--crop-border", type=_positive, default=None,
+                    help="pixels cropped on every side before measuring (default: the scale)")
+    ev.add_argument("--no-y", dest="y_channel", action="store_false",
+                    help="measure on RGB instead of the Y channel of YCbCr")
     _inference_args(ev)
     _model_overrides(ev)
+
+    ex = sub.add_parser("export", help="write a checkpoint's weights for BasicSR, plain PyTorch or safetensors")
+    _weights_args(ex)
+    ex.add_argument("-o", "--output", required=True, help="file to write")
+    ex.add_argument("--format", choices=("basicsr", "plain", "safetensors"), default=None,
+                    help="basicsr: {'params', 'params_ema' with EMA} for BasicSR's load_network; plain: a bare "
+                         "state_dict (EMA weights when present); safetensors: those tensors with the config "
+                         "(default: safetensors for a .safetensors output, else basicsr)")
 
     tr = sub.add_parser("train", help="train a DRN with the paper's recipe",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -94,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rgb-range", type=float, default=1.0)
     tr.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     tr.add_argument("--compile", action="store_true", help="torch.compile the model")
-    tr.add_argument("--workers", type=_positive, default=4, help="DataLoader worker processes")
+    tr.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                    help="keep an exponential moving average of the weights with this decay (e.g. 0.999; "
+                         "0: off); saved as params_ema and used for validation and export")
+    tr.add_argument("--workers", type=_positive, default=None,
+                    help="DataLoader worker processes (default: 4, at most the CPU cores)")
     tr.add_argument("--cache", choices=("auto", "memory", "disk", "none"), default="auto",
                     help="decoded images: in memory, as .npy files, or decoded every time "
                          "(auto: memory below 4 GiB)")
@@ -107,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--val-max", type=int, default=None, help="use at most this many validation images")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default=None)
-    tr.add_argument("--log-every", type=int, default=100, help="steps between progress lines (not on a terminal)")
+    tr.add_argument("--log-every", type=int, default=None,
+                    help="steps between progress lines when not on a terminal (default: by time, see --log-interval)")
+    tr.add_argument("--log-interval", type=float, default=30.0,
+                    help="seconds between progress lines when not on a terminal")
     tr.add_argument("--no-progress", dest="progress", action="store_false")
     tr.add_argument("--fail-fast", action="store_true", help="stop at the first bad image")
     return parser
@@ -124,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "upscale":
             from .tools.upscale import upscale
-            failed = upscale(args.inputs, args.output, args.weights, tile=args.tile or None,
+            failed = upscale(args.inputs, args.output, args.weights, key=args.key, tile=args.tile or None,
                              tile_overlap=args.tile_overlap, dtype=args.dtype, self_ensemble=args.self_ensemble,
                              device=args.device, fail_fast=args.fail_fast, fmt=args.format,
                              quality=args.quality, suffix=args.suffix, scale=args.scale,
@@ -132,12 +169,17 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if failed else 0
         if args.command == "eval":
             from .tools.evaluate import evaluate
-            res = evaluate(args.weights, args.hr_dir, args.lr_dir, scale=args.scale,
+            res = evaluate(args.weights, args.hr_dir, args.lr_dir, scale=args.scale, key=args.key,
+                           crop_border=args.crop_border, y_channel=args.y_channel,
                            self_ensemble=args.self_ensemble, json_path=args.json, tile=args.tile or None,
                            tile_overlap=args.tile_overlap, dtype=args.dtype, device=args.device,
                            fail_fast=args.fail_fast, save_dir=args.save_dir,
                            overrides={"alpha": args.alpha, "rgb_range": args.rgb_range}, log=log)
             return 1 if res["failed"] or not res["images"] else 0
+        if args.command == "export":
+            from .tools.checkpoint import export
+            export(args.weights, args.output, fmt=args.format, key=args.key, log=log)
+            return 0
         if args.command == "train":
             from .tools.train import TrainConfig, train
             fields = {f for f in TrainConfig.__dataclass_fields__}

@@ -4,13 +4,14 @@ For every HR image: LR is the given LR file (DIV2K / benchmark naming) or, witho
 bicubic downsampling of the HR image cropped to a multiple of the scale, rounded to 8 bits (how the
 benchmark LR sets were made). SR and bicubic (MATLAB ``imresize(lr, scale)``) outputs are quantised to
 8 bits and compared with HR on the Y channel with a ``scale``-pixel border cropped
-(:mod:`fastdrn.tools.metrics`).
+(:mod:`fastdrn.tools.metrics`); ``crop_border`` and ``y_channel=False`` (RGB) change that.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
 from typing import Callable, Iterable
 
 import torch
@@ -22,10 +23,14 @@ from .imresize import upsample
 from .infer import prepare, receptive_radius, super_resolve
 from .metrics import psnr_ssim
 
-__all__ = ["evaluate", "evaluate_pairs", "format_table", "CONVENTION"]
+__all__ = ["evaluate", "evaluate_pairs", "format_table", "convention"]
 
-CONVENTION = ("Y channel of BT.601 YCbCr (MATLAB rgb2ycbcr), 8-bit quantised output, border of `scale` "
-              "pixels cropped; SSIM 11x11 Gaussian window sigma 1.5, K1 0.01, K2 0.03, L 255")
+def convention(scale: int, crop_border: int | None = None, y_channel: bool = True) -> str:
+    """The measuring convention in words, for the table and the JSON."""
+    crop = scale if crop_border is None else crop_border
+    return (("Y channel of BT.601 YCbCr (MATLAB rgb2ycbcr)" if y_channel else "RGB (all three channels)")
+            + f", 8-bit quantised output, border of {crop} pixel(s) cropped; SSIM 11x11 Gaussian window "
+              "sigma 1.5, K1 0.01, K2 0.03, L 255")
 
 
 def _to_float(a) -> torch.Tensor:
@@ -38,12 +43,16 @@ def evaluate_pairs(model: torch.nn.Module, cfg: dict, pairs: Iterable[Pair], *, 
                    tile: int | None = None, tile_overlap: int | None = None, dtype: str = "fp32",
                    device=None, bicubic: bool = True, fail_fast: bool = False,
                    loaded: dict | None = None, save_dir: str | None = None,
+                   crop_border: int | None = None, y_channel: bool = True, bicubic_cache: dict | None = None,
                    log: Callable[[str], None] = print) -> dict:
     """Score ``model`` on ``pairs``; returns {"images": [...], "mean": {...}, "failed": [...]}.
 
-    ``loaded`` may map pair names to already decoded (lr, hr) arrays (training's validation set).
+    ``loaded`` may map pair names to already decoded (lr, hr) arrays (training's validation set);
+    ``bicubic_cache`` a dict in which the bicubic scores are kept across calls (they do not change).
+    ``crop_border`` defaults to the scale; ``y_channel=False`` measures on RGB.
     """
     scale = cfg["scale"]
+    crop = scale if crop_border is None else crop_border
     rows, failed = [], []
     for pair in pairs:
         try:
@@ -59,9 +68,16 @@ def evaluate_pairs(model: torch.nn.Module, cfg: dict, pairs: Iterable[Pair], *, 
                            overlap=tile_overlap, ensemble=self_ensemble, dtype=dtype, device=device,
                            radius=receptive_radius(cfg))
         row = {"name": pair.name, "size": [int(hr.shape[1]), int(hr.shape[0])]}
-        row["psnr"], row["ssim"] = psnr_ssim(sr.double(), hr_t, scale)
+        # data_range=1: the model's output is clamped to [0, 1] and rounded, as a saved image would be
+        row["psnr"], row["ssim"] = psnr_ssim(sr.double(), hr_t, crop, data_range=1.0, y_channel=y_channel)
         if bicubic:
-            row["bicubic_psnr"], row["bicubic_ssim"] = psnr_ssim(upsample(lr_t, scale), hr_t, scale)
+            if bicubic_cache is not None and pair.name in bicubic_cache:
+                bic = bicubic_cache[pair.name]
+            else:
+                bic = psnr_ssim(upsample(lr_t, scale), hr_t, crop, data_range=1.0, y_channel=y_channel)
+                if bicubic_cache is not None:
+                    bicubic_cache[pair.name] = bic
+            row["bicubic_psnr"], row["bicubic_ssim"] = bic
         rows.append(row)
         if save_dir:
             write_image(os.path.join(save_dir, f"{pair.name}_x{scale}.png"), Image(rgb=sr.clamp(0, 1)))
@@ -94,11 +110,16 @@ def format_table(result: dict) -> str:
 def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int | None = None,
              self_ensemble: bool = False, json_path: str | None = None, tile: int | None = None,
              tile_overlap: int | None = None, dtype: str = "fp32", device=None, fail_fast: bool = False,
-             save_dir: str | None = None, overrides: dict | None = None,
+             save_dir: str | None = None, overrides: dict | None = None, key: str | None = None,
+             crop_border: int | None = None, y_channel: bool = True,
              log: Callable[[str], None] = print) -> dict:
     """Load ``weights``, score it on ``hr_dir`` (and ``lr_dir``), print a table, optionally write JSON."""
-    model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale})
+    t0 = time.perf_counter()
+    model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale}, key=key, log=log)
     model = prepare(model, device, dtype)
+    dev = next(model.parameters()).device
+    log(f"device {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
+        + f", {dtype}; backend: {model.backend if hasattr(model, 'backend') else 'reference'}")
     pairs, missing = find_pairs(hr_dir, lr_dir, cfg["scale"])
     failed = []
     for m in missing:
@@ -108,14 +129,19 @@ def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int
         pairs = []
     result = evaluate_pairs(model, cfg, pairs, self_ensemble=self_ensemble, tile=tile,
                             tile_overlap=tile_overlap, dtype=dtype, device=device, fail_fast=fail_fast,
-                            save_dir=save_dir, log=log)
+                            save_dir=save_dir, crop_border=crop_border, y_channel=y_channel, log=log)
+    seconds = time.perf_counter() - t0
     result["failed"] = failed + result["failed"]
     result.update(weights=os.fspath(weights), hr_dir=os.fspath(hr_dir),
                   lr_dir=None if lr_dir is None else os.fspath(lr_dir),
                   lr_source="files" if lr_dir else "MATLAB bicubic downsampling of HR",
-                  scale=cfg["scale"], self_ensemble=self_ensemble, convention=CONVENTION,
+                  scale=cfg["scale"], self_ensemble=self_ensemble,
+                  convention=convention(cfg["scale"], crop_border, y_channel),
+                  crop_border=cfg["scale"] if crop_border is None else crop_border, y_channel=y_channel,
+                  device=str(dev), seconds=seconds,
                   config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()})
     log(format_table(result))
+    log(f"{len(result['images'])} image(s) in {seconds:.1f} s on {dev}; {result['convention']}")
     if json_path:
         text = json.dumps(result, indent=2, allow_nan=True)
         atomic_write_text(json_path, text + "\n")

@@ -13,25 +13,36 @@ def _fmt_time(s: float) -> str:
 
 
 class Progress:
+    """On a terminal the bar is redrawn at most every ``min_interval`` seconds. Elsewhere (a log file)
+    a line is written every ``every`` steps when that is given, else every ``interval`` seconds, so that
+    a slow CPU run and a fast GPU run both give a readable log; the last step always gets a line."""
+
     def __init__(self, total: int, initial: int = 0, unit: str = "patch", stream=None,
-                 enabled: bool = True, every: int = 100, min_interval: float = 0.2):
+                 enabled: bool = True, every: int | None = None, interval: float = 30.0,
+                 min_interval: float = 0.2):
         self.total, self.step, self.unit = total, initial, unit
         self.stream = stream if stream is not None else sys.stderr
-        self.enabled, self.every, self.min_interval = enabled, max(1, every), min_interval
+        self.enabled, self.min_interval = enabled, min_interval
+        self.every = None if every is None else max(1, every)
+        self.interval = interval
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.t0 = time.perf_counter()
         self.start_step = initial
         self.items = 0
-        self._last = 0.0
+        self._last = 0.0 if self.tty else self.t0
         self._width = 0
 
     def due(self, step: int) -> bool:
         """Whether :meth:`update` at ``step`` will print (so callers compute fields only then)."""
         if not self.enabled:
             return False
+        if step >= self.total:
+            return True
         if self.tty:
-            return time.perf_counter() - self._last >= self.min_interval or step >= self.total
-        return step % self.every == 0 or step == self.total
+            return time.perf_counter() - self._last >= self.min_interval
+        if self.every is not None:
+            return step % self.every == 0
+        return time.perf_counter() - self._last >= self.interval
 
     def update(self, step: int, items: int, **fields) -> None:
         """Record that ``step`` steps are done and ``items`` more samples went through; show ``fields``."""

@@ -12,9 +12,15 @@ DistributedDataParallel averages the gradients, so one process and W processes t
 Data order and augmentation depend only on (seed, step) (see :mod:`fastdrn.tools.data`), which makes
 resuming exact: the checkpoint stores model, optimizer, scheduler, AMP scaler, step and the RNG states
 (torch CPU and CUDA, numpy, python ``random``) as tensors, so it loads with ``weights_only=True``.
+
+``--ema DECAY`` keeps an exponential moving average of the weights (BasicSR's ``ema_decay``: after
+every step ``ema = decay * ema + (1 - decay) * weights``, starting from the initial weights). It is
+saved as ``params_ema`` beside ``model``, validated instead of the raw weights, and what
+``fastdrn.load``, ``fastdrn upscale``/``eval`` and ``fastdrn export`` use by default.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -73,7 +79,8 @@ class TrainConfig:
     # machinery
     amp: str = "none"                      # none | bf16 | fp16
     compile: bool = False
-    workers: int = 4
+    ema: float = 0.0                       # decay of the weights' moving average; 0: off
+    workers: int | None = None             # None: 4, at most the CPU cores
     cache: str = "auto"                    # auto | memory | disk | none
     cache_dir: str | None = None
     resume: str | None = None              # a checkpoint path, or "auto" for OUT/last.pt if present
@@ -84,7 +91,8 @@ class TrainConfig:
     val_max: int | None = None
     seed: int = 0
     device: str | None = None
-    log_every: int = 100
+    log_every: int | None = None           # steps between progress lines off a terminal; None: by time
+    log_interval: float = 30.0             # seconds between progress lines off a terminal
     progress: bool = True
     fail_fast: bool = False
 
@@ -139,6 +147,15 @@ def init_distributed(device_pref: str | None) -> tuple[int, int, torch.device, b
     return dist.get_rank(), dist.get_world_size(), device, created
 
 
+def default_workers() -> int:
+    """DataLoader workers: 4, but never more than the CPU cores this process may use."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(0, min(4, cores))
+
+
 def _plain(v):
     return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
 
@@ -155,6 +172,8 @@ class Trainer:
             raise ValueError(f"amp must be none, bf16 or fp16, got {cfg.amp!r}")
         if cfg.batch_size % self.world:
             raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {self.world} processes")
+        if not 0 <= cfg.ema < 1:
+            raise ValueError(f"--ema must be a decay in [0, 1) (0: off), got {cfg.ema}")
         self.errors: list[str] = []
 
         # --- checkpoint to resume from
@@ -183,6 +202,10 @@ class Trainer:
         mk = dict(self.model_cfg)
         mk["rgb_mean"] = tuple(mk["rgb_mean"])
         self.model = build_model(**mk).to(self.device)
+        # The EMA copy never trains: it follows the weights in update_ema() after each step.
+        self.ema_model = None
+        if cfg.ema:
+            self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                           eps=cfg.eps)
         self.ipe = cfg.iters_per_epoch
@@ -211,6 +234,14 @@ class Trainer:
                                                          gamma=cfg.lr_gamma)
         if ckpt is not None:
             self.model.load_state_dict(ckpt["model"])
+            if self.ema_model is not None:
+                if "params_ema" in ckpt:
+                    self.ema_model.load_state_dict(ckpt["params_ema"])
+                else:
+                    self.ema_model.load_state_dict(ckpt["model"])
+                    self.log(f"warning: {path} has no EMA weights: the EMA starts from its weights at step {ckpt['step']}")
+            elif "params_ema" in ckpt:
+                self.log(f"warning: {path} has EMA weights but --ema is off: they are dropped")
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             if ckpt.get("scaler"):
@@ -226,13 +257,16 @@ class Trainer:
 
         self.sampler = StreamBatchSampler(len(self.dataset), cfg.batch_size, self.total, cfg.seed,
                                           start_step=self.step, rank=self.rank, world_size=self.world)
-        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=cfg.workers,
+        self.workers = default_workers() if cfg.workers is None else cfg.workers
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.workers,
                                  pin_memory=self.device.type == "cuda",
                                  # its own generator: creating an iterator must not consume the global RNG
                                  generator=torch.Generator().manual_seed(cfg.seed))
 
+        self.log(self.describe())
+
         # --- validation set (decoded once, on the main process)
-        self.val_pairs, self.val_data = [], {}
+        self.val_pairs, self.val_data, self.val_bicubic = [], {}, {}
         if cfg.val_hr_dir and self.main:
             vp, vmissing = find_pairs(cfg.val_hr_dir, cfg.val_lr_dir, cfg.scale)
             for m in vmissing:
@@ -255,6 +289,27 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
 
     # ------------------------------------------------------------------------------ helpers
+    def describe(self) -> str:
+        """Where and what trains, in one line: device, backend, model size, data loading."""
+        dev = self.device
+        name = f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""
+        backend = getattr(self.model, "backend", "reference model")
+        m = self.model_cfg
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return (f"device {dev}{name}; backend: {backend}; DRN x{m['scale']} (n_feats {m['n_feats']}, "
+                f"{m['n_groups']} groups of {m['n_blocks']} blocks, inner {m['inner']}, distill {m['distill']}): "
+                f"{n_params:,} parameters; amp {self.cfg.amp}; {self.workers} data worker(s)"
+                + (f"; EMA decay {self.cfg.ema}" if self.ema_model is not None else ""))
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema = decay * ema + (1 - decay) * weights (buffers copied)."""
+        ema = [p for p in self.ema_model.parameters()]
+        raw = [p.detach() for p in self.model.parameters()]
+        torch._foreach_lerp_(ema, raw, 1.0 - self.cfg.ema)
+        for b_ema, b in zip(self.ema_model.buffers(), self.model.buffers()):
+            b_ema.copy_(b)
+
     def log(self, msg: str) -> None:
         if self.main:
             if getattr(self, "_progress", None) is not None:
@@ -289,12 +344,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
+        if self.ema_model is not None:
+            self.update_ema()
 
     def state_dict(self) -> dict:
         return {
             "format": FORMAT,
             "config": dict(self.model_cfg),
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            **({"params_ema": {k: v.detach().cpu() for k, v in self.ema_model.state_dict().items()}}
+               if self.ema_model is not None else {}),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
@@ -317,17 +376,20 @@ class Trainer:
     def validate(self) -> float | None:
         if not self.val_pairs:
             return None
-        was = self.model.training
-        self.model.eval()
-        res = evaluate_pairs(self.model, {**self.model_cfg, "scale": self.cfg.scale}, self.val_pairs,
-                             device=self.device, bicubic=False, loaded=self.val_data, log=self.log)
-        self.model.train(was)
+        model = self.ema_model if self.ema_model is not None else self.model
+        was = model.training
+        model.eval()
+        res = evaluate_pairs(model, {**self.model_cfg, "scale": self.cfg.scale}, self.val_pairs,
+                             device=self.device, bicubic=True, bicubic_cache=self.val_bicubic,
+                             loaded=self.val_data, log=self.log)
+        model.train(was)
         psnr = res["mean"]["psnr"]
         best = psnr > self.best_psnr
         if best:
             self.best_psnr = psnr
             self.save("best.pt")
-        self.log(f"step {self.step}: validation PSNR {psnr:.3f} dB (Y, {len(self.val_pairs)} images)"
+        self.log(f"step {self.step}: validation PSNR {psnr:.3f} dB{' (EMA)' if model is self.ema_model else ''}, "
+                 f"bicubic {res['mean']['bicubic_psnr']:.3f} dB (Y, {len(self.val_pairs)} images)"
                  + (" (best)" if best else ""))
         return psnr
 
@@ -338,7 +400,7 @@ class Trainer:
         val_every = cfg.val_every or self.ipe
         self.model.train()
         self._progress = Progress(self.total, self.step, enabled=self.main and cfg.progress,
-                                  every=cfg.log_every)
+                                  every=cfg.log_every, interval=cfg.log_interval)
         loss_sum, loss_n = torch.zeros((), device=self.device), 0
         try:
             for lr, hr in self.loader:

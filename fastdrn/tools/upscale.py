@@ -61,13 +61,13 @@ def _upscale_fitting(model, cfg, img, tile, overlap, ensemble, dtype, log):
             t //= 2
 
 
-def upscale(inputs: list[str], output: str, weights: str, *, tile: int | None = None,
+def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = None, tile: int | None = None,
             tile_overlap: int | None = None, dtype: str = "fp32", self_ensemble: bool = False,
             device=None, fail_fast: bool = False, fmt: str | None = None, quality: int = 95,
             suffix: str = "", scale: int | None = None, overrides: dict | None = None,
             log: Callable[[str], None] = print) -> int:
     """Upscale ``inputs`` (files and/or folders) into ``output``; returns the number of failures."""
-    model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale})
+    model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale}, key=key, log=log)
     model = prepare(model, device, dtype)
     radius = receptive_radius(cfg)
     if tile and tile_overlap is not None and tile_overlap < radius:
