@@ -2,9 +2,11 @@
 
     python -m fastdrn.demo [IMAGE] [--scale 2] [--out upscaled.png] [--weights CKPT]
 
-Without IMAGE a built-in test pattern is used; without --weights the network is randomly
-initialised (the point is the kernels: which backend ran, how long it took, and that the fused
-model agrees with the plain PyTorch reference on the same weights).
+Without IMAGE a built-in test pattern is used. Without --weights the network's weights are RANDOM:
+the output shows that the kernels run (which backend, how long) and agree with the plain PyTorch
+reference on the same weights, not what a trained model looks like. --weights takes anything
+fastdrn.load reads (a checkpoint from `fastdrn train`, a state_dict, BasicSR's .pth, safetensors, a
+shipped name), and the model is built with the architecture the checkpoint holds.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from PIL import Image
 
 import fastdrn
 from fastdrn import reference
+from fastdrn.tools.checkpoint import infer_config
 
 
 def test_pattern(height: int = 96, width: int = 128) -> np.ndarray:
@@ -56,22 +59,36 @@ def save_image(array: np.ndarray, path: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("image", nargs="?", help="image file to upscale (default: a built-in test pattern)")
-    parser.add_argument("--scale", type=int, default=2)
+    parser.add_argument("--scale", type=int, default=None,
+                        help="upscaling factor (default: the checkpoint's, or 2 with random weights)")
     parser.add_argument("--out", default="upscaled.png")
-    parser.add_argument("--weights", help="a state_dict saved from fastdrn.DRN or fastdrn.reference.DRN")
+    parser.add_argument("--weights", help="a checkpoint or shipped weight name, as fastdrn.load takes "
+                                          "(default: random weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
     pixels = load_image(args.image) if args.image else test_pattern()
-    x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).to(args.device)
-    torch.manual_seed(0)
-    model = fastdrn.drn(args.scale).to(args.device).eval()
     if args.weights:
-        model.load_state_dict(torch.load(args.weights, map_location=args.device, weights_only=True), strict=True)
-    ref = reference.drn(args.scale).to(args.device).eval()
+        try:
+            model = fastdrn.load(args.weights, device=args.device)
+        except ValueError as exc:   # CheckpointError: a missing, corrupt or foreign file
+            raise SystemExit(f"demo: {exc}") from exc
+        if args.scale is not None and args.scale != model.scale:
+            raise SystemExit(f"demo: --scale {args.scale}, but {args.weights} holds a x{model.scale} model")
+        source = f"weights from {args.weights}"
+    else:
+        torch.manual_seed(0)
+        model = fastdrn.drn(args.scale or 2).to(args.device).eval()
+        source = ("RANDOM weights (no --weights given): the output shows the kernels at work, "
+                  "not what a trained DRN gives")
+    config = {**infer_config(model.state_dict()), "alpha": model.alpha, "rgb_range": model.rgb_range}
+    ref = reference.DRN(**config).to(args.device).eval()
     ref.load_state_dict(model.state_dict(), strict=True)
+    # The model's white is rgb_range; the image's is 1.
+    x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).to(args.device) * model.rgb_range
 
-    print(f"fastdrn {fastdrn.__version__}: DRN x{args.scale}, input {tuple(x.shape)} on {args.device}")
+    print(f"fastdrn {fastdrn.__version__}: DRN x{model.scale}, input {tuple(x.shape)} on {args.device}")
+    print(f"model: {source}")
     print(f"backend: {model.backend}")
     with torch.inference_mode():
         model(x)  # warm-up: kernel compilation and autotuning stay out of the timing
@@ -85,7 +102,7 @@ def main(argv=None) -> int:
         expected = ref(x)
     err = ((out.double() - expected.double()).norm() / expected.double().norm()).item()
     print(f"upscaled to {tuple(out.shape)} in {elapsed * 1e3:.1f} ms; relative difference from the reference: {err:.2e}")
-    save_image(out[0].permute(1, 2, 0).float().cpu().numpy(), args.out)
+    save_image((out[0] / model.rgb_range).permute(1, 2, 0).float().cpu().numpy(), args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -113,3 +113,53 @@ def test_metric_edge_cases():
     assert psnr(x + 2.0, torch.ones_like(x), 0, data_range=1.0) == math.inf
     with pytest.raises(ValueError):
         psnr(x, x[:, :-1], 0)
+
+
+def test_metrics_read_uint8_as_0_255_and_refuse_floats_out_of_range():
+    _, hr = next(_photos())
+    hr = hr[:, :96, :128]
+    sr = (hr + 0.03 * torch.randn_like(hr)).clamp(0, 1)
+    want_p, want_s = psnr(sr, hr, 2), ssim(sr, hr, 2)
+    assert 25 < want_p < 40
+    sr8, hr8 = quantize(sr).to(torch.uint8), quantize(hr).to(torch.uint8)
+    # uint8, as torch (C, H, W) or numpy (H, W, C): the same numbers as the [0, 1] floats
+    assert psnr(sr8, hr8, 2) == pytest.approx(want_p, abs=1e-12)
+    assert ssim(sr8.permute(1, 2, 0).numpy(), hr8.permute(1, 2, 0).numpy(), 2) == pytest.approx(want_s, abs=1e-12)
+    assert psnr_ssim(sr8, hr, 2) == pytest.approx((want_p, want_s), abs=1e-12)       # mixed kinds
+    # 0-255 floats were silently clamped to [0, 1] (a wrong number); now refused, or read with data_range
+    with pytest.raises(ValueError, match=r"outside \[0, 1\].*data_range=255"):
+        psnr(sr * 255, hr * 255, 2)
+    with pytest.raises(ValueError, match="outside"):
+        psnr_ssim(sr * 255, hr, 2)
+    assert psnr(sr * 255, hr * 255, 2, data_range=255) == pytest.approx(want_p, abs=1e-9)
+    assert ssim(sr * 255, hr * 255, 2, data_range=255) == pytest.approx(want_s, abs=1e-9)
+    with pytest.raises(TypeError, match="need data_range"):
+        psnr(sr8.to(torch.int32), hr8.to(torch.int32), 2)
+    with pytest.raises(ValueError, match="contradicts"):
+        psnr(sr8, hr8, 2, data_range=1.0)
+    # RGB instead of Y: the mean over all three channels, as BasicSR's test_y_channel=False
+    a, b = quantize(sr), quantize(hr)
+    mse = ((a - b)[:, 2:-2, 2:-2] ** 2).mean().item()
+    assert psnr(sr, hr, 2, y_channel=False) == pytest.approx(10 * math.log10(255 ** 2 / mse), abs=1e-12)
+
+
+def test_imresize_takes_numpy_images_and_uint8():
+    np = pytest.importorskip("numpy")
+    _, hr = next(_photos())
+    hr = hr[:, :61, :83]                                                  # odd sizes
+    want = downsample(hr, 3)
+    hwc = hr.permute(1, 2, 0).numpy()
+    got = imresize(hwc, 1 / 3)
+    assert isinstance(got, np.ndarray) and got.shape == (21, 28, 3) and got.dtype == np.float64
+    np.testing.assert_allclose(got, want.permute(1, 2, 0).numpy(), rtol=0, atol=1e-12)
+    gray = imresize(hwc[..., 0], size=(30, 20))
+    assert gray.shape == (30, 20)
+    np.testing.assert_allclose(gray, imresize(hr[0], size=(30, 20)).numpy(), rtol=0, atol=1e-12)
+    # uint8 in, uint8 out: the float result rounded once (as `fastdrn train` makes LR images)
+    hr8 = quantize(hr).to(torch.uint8)
+    want8 = torch.round(downsample(hr8.double(), 3).clamp(0, 255)).to(torch.uint8)
+    assert torch.equal(imresize(hr8, 1 / 3), want8)
+    out8 = imresize(hr8.permute(1, 2, 0).numpy(), 1 / 3)
+    assert out8.dtype == np.uint8 and np.array_equal(out8, want8.permute(1, 2, 0).numpy())
+    with pytest.raises(TypeError, match="float or uint8"):
+        imresize(hr8.to(torch.int16), 0.5)

@@ -1,7 +1,9 @@
 """``fastdrn train`` and ``fastdrn eval``: the recipe beats bicubic on real photos, exact resume,
 DDP equivalence (two gloo processes on the CPU), checkpoint format, data layouts, bad inputs."""
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,10 +13,13 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
+import fastdrn
 from fastdrn import cli
+from fastdrn.tools import progress
 from fastdrn.tools.checkpoint import load_model
 from fastdrn.tools.data import StreamBatchSampler, TrainPatches, find_pairs, make_lr
-from fastdrn.tools.train import TrainConfig, Trainer, train
+from fastdrn.tools.metrics import psnr, ssim
+from fastdrn.tools.train import TrainConfig, Trainer, default_workers, train
 
 TINY = dict(n_feats=8, n_groups=1, n_blocks=2, inner=8, distill=4)
 
@@ -132,6 +137,70 @@ def test_bad_training_images_are_named_and_skipped(synth, tmp_path, capsys):
     assert code == 1 and not (tmp_path / "o2" / "last.pt").exists()
 
 
+def test_ema_follows_the_weights_is_validated_saved_resumed_and_loaded(synth, tmp_path, capsys):
+    decay = 0.6
+    t = Trainer(_cfg(synth, tmp_path / "manual", steps=3, ema=decay))
+    expected = [p.detach().double().clone() for p in t.model.parameters()]     # the EMA starts at the weights
+    for lr, hr in t.loader:
+        t.forward_backward(lr, hr)
+        t.optimizer_step()
+        expected = [decay * e + (1 - decay) * p.detach().double() for e, p in zip(expected, t.model.parameters())]
+    assert t.step == 3
+    for e, p, raw in zip(expected, t.ema_model.parameters(), t.model.parameters()):
+        torch.testing.assert_close(p.double(), e, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(p, raw)
+    t.close()
+    # saved as params_ema, validated (with the bicubic PSNR beside), resumed exactly
+    val = str(synth / "DIV2K_train_HR")
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train(_cfg(synth, full, steps=4, ema=decay, val_hr_dir=val, val_every=2)) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"step 2: validation PSNR [0-9.]+ dB \(EMA\), bicubic [0-9.]+ dB", out), out
+    assert train(_cfg(synth, part, steps=2, ema=decay)) == 0
+    assert train(_cfg(synth, part, steps=4, ema=decay, resume="auto")) == 0
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(part / "last.pt", weights_only=True)
+    for k in a["params_ema"]:
+        assert torch.equal(a["params_ema"][k], b["params_ema"][k]), k
+    assert any(not torch.equal(a["params_ema"][k], a["model"][k]) for k in a["model"])
+    # what inference loads by default is the EMA
+    model = fastdrn.load(full / "last.pt")
+    ema = fastdrn.reference.DRN(scale=2, **TINY).eval()
+    ema.load_state_dict(a["params_ema"])
+    x = torch.rand(1, 3, 6, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ema(x))
+    with pytest.raises(ValueError, match="--ema must be a decay"):
+        Trainer(_cfg(synth, tmp_path / "bad", steps=1, ema=1.0))
+
+
+def test_training_says_where_it_runs_and_fits_the_machine(synth, tmp_path, capsys, monkeypatch):
+    assert train(_cfg(synth, tmp_path / "r", steps=1)) == 0
+    out = capsys.readouterr().out
+    n = sum(p.numel() for p in fastdrn.reference.DRN(scale=2, **TINY).parameters())
+    assert re.search(rf"device cpu; backend: torch.*DRN x2 .*: {n:,} parameters", out), out
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_workers() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert default_workers() == 4
+
+
+def test_progress_off_a_terminal_is_by_time_unless_steps_are_given(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+
+    def lines(**kw):
+        stream = io.StringIO()
+        p = progress.Progress(10, stream=stream, **kw)
+        for step in range(1, 11):
+            clock[0] += 7.0                                       # 7 s per step
+            p.update(step, 1, loss=0.5)
+        return [int(re.search(r"\] (\d+)/10", line).group(1)) for line in stream.getvalue().splitlines()]
+
+    assert lines(interval=30.0) == [5, 10]                        # every 30 s, and the last step
+    assert lines(every=4) == [4, 8, 10]
+
+
 # -------------------------------------------------------------------------------------------- DDP
 
 def _ddp_worker(argv):
@@ -205,6 +274,31 @@ def test_eval_table_json_layouts_and_bad_images(synth, tmp_path, capsys):
     # wrong scale: an error that says so
     assert cli.main(["eval", "--weights", weights, "--device", "cpu", "--hr-dir", str(hr), "--scale", "4"]) == 2
     assert "scale: checkpoint has 2, expected 4" in capsys.readouterr().err
+
+
+def test_eval_crop_border_and_rgb_switches_and_what_it_prints(synth, tmp_path, capsys):
+    train(_cfg(synth, tmp_path / "run", steps=1))
+    weights = str(tmp_path / "run" / "last.pt")
+    hr_dir, lr_dir = synth / "DIV2K_train_HR", synth / "DIV2K_train_LR_bicubic"
+    capsys.readouterr()
+    assert cli.main(["eval", "--weights", weights, "--device", "cpu", "--hr-dir", str(hr_dir), "--lr-dir", str(lr_dir),
+                     "--no-y", "--crop-border", "0", "--json", str(tmp_path / "rgb.json"),
+                     "--save-dir", str(tmp_path / "sr")]) == 0
+    out = capsys.readouterr().out
+    assert "device cpu" in out and re.search(r"4 image\(s\) in [0-9.]+ s on cpu", out)
+    res = json.loads((tmp_path / "rgb.json").read_text())
+    assert res["y_channel"] is False and res["crop_border"] == 0 and res["convention"].startswith("RGB")
+    assert res["device"] == "cpu" and res["seconds"] > 0
+    # the numbers are the metrics' own on the saved 8-bit SR image, on RGB with nothing cropped
+    row = res["images"][0]
+    sr = np.asarray(PILImage.open(tmp_path / "sr" / f"{row['name']}_x2.png"))
+    hr = np.asarray(PILImage.open(hr_dir / f"{row['name']}.png"))
+    assert row["psnr"] == pytest.approx(psnr(sr, hr, 0, y_channel=False), abs=1e-9)
+    assert row["ssim"] == pytest.approx(ssim(sr, hr, 0, y_channel=False), abs=1e-9)
+    assert cli.main(["eval", "--weights", weights, "--device", "cpu", "--hr-dir", str(hr_dir), "--lr-dir", str(lr_dir),
+                     "--crop-border", "5", "--json", str(tmp_path / "y.json")]) == 0
+    y = json.loads((tmp_path / "y.json").read_text())["images"][0]
+    assert y["psnr"] == pytest.approx(psnr(sr, hr, 5), abs=1e-9) and y["psnr"] != row["psnr"]
 
 
 # --------------------------------------------------------------------------- the recipe, on photos

@@ -108,7 +108,7 @@ def imresize(x, scale: float | None = None, size: tuple[int, int] | None = None,
     if isinstance(x, np.ndarray):
         if x.ndim not in (2, 3):
             raise ValueError(f"imresize: a numpy image must be (H, W, C) or (H, W), got shape {x.shape}")
-        chw = torch.from_numpy(np.ascontiguousarray(x if x.ndim == 3 else x[..., None])).permute(2, 0, 1)
+        chw = torch.from_numpy(np.array(x if x.ndim == 3 else x[..., None])).permute(2, 0, 1)  # a copy: x may be read-only
         out = imresize(chw, scale, size, antialias).permute(1, 2, 0).numpy()
         return np.ascontiguousarray(out if x.ndim == 3 else out[..., 0])
     if not isinstance(x, torch.Tensor):

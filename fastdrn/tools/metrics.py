@@ -50,7 +50,7 @@ def to_255(x, what: str = "image", data_range: float | None = None, quantized: b
     if isinstance(x, np.ndarray):
         if x.ndim not in (2, 3):
             raise ValueError(f"{what}: a numpy image must be (H, W, C) or (H, W), got shape {x.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(x if x.ndim == 3 else x[..., None])).permute(2, 0, 1)
+        x = torch.from_numpy(np.array(x if x.ndim == 3 else x[..., None])).permute(2, 0, 1)  # a copy: x may be read-only
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what}: expected a torch tensor or numpy array, got {type(x).__name__}")
     x = x.detach()

@@ -75,13 +75,12 @@ class Progress:
             self.stream.write(text + "\n")
         self.stream.flush()
 
-    def write(self, text: str) -> None:
-        """Print a message without breaking the bar."""
+    def clear(self) -> None:
+        """Erase the bar from its line, so that a message printed next starts a clean line."""
         if self.tty and self._width:
             self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
             self._width = 0
-        self.stream.write(text + "\n")
-        self.stream.flush()
 
     def close(self) -> None:
         if self.enabled and self.tty and self._width:

@@ -313,9 +313,8 @@ class Trainer:
     def log(self, msg: str) -> None:
         if self.main:
             if getattr(self, "_progress", None) is not None:
-                self._progress.write(msg)
-            else:
-                self._log(msg)
+                self._progress.clear()
+            self._log(msg)
 
     def _error(self, msg: str) -> None:
         self.errors.append(msg)

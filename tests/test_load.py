@@ -1,0 +1,258 @@
+"""fastdrn.DRN's signature, fastdrn.load (files, BasicSR keys, safetensors, shipped names), export,
+--version, the demo's --weights, and the clear error for a clone imported as a namespace package."""
+import inspect
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+import fastdrn
+import fastdrn.pretrained
+from fastdrn import cli, demo, reference
+from fastdrn.tools.checkpoint import FORMAT, CheckpointError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Not the DRN defaults anywhere, so that every value must really be read from the file.
+ARCH = dict(scale=3, n_feats=12, n_groups=2, n_blocks=2, inner=16, distill=4)
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(_seed_and_backend, monkeypatch):
+    monkeypatch.setenv("FASTDRN_BACKEND", "torch")   # plain math: these tests are about files
+
+
+def _ref(**kw):
+    return reference.DRN(**{**ARCH, **kw}).eval()
+
+
+def _perturbed(sd):
+    return {k: v + 0.01 * torch.randn_like(v) if k != "rgb_mean" else v for k, v in sd.items()}
+
+
+def _same_function(model, ref):
+    x = torch.rand(1, 3, 7, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ DRN signature
+
+def test_drn_signature_is_the_references_plus_keyword_only_recompute():
+    ours = inspect.signature(fastdrn.DRN).parameters
+    theirs = inspect.signature(reference.DRN).parameters
+    assert list(ours)[:-1] == list(theirs)
+    for name, p in theirs.items():
+        assert ours[name].default == p.default, name
+    assert ours["recompute"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert fastdrn.DRN(3, 3, 8, 1, 1, 8, 4).scale == 3                         # positional, as the reference
+    with pytest.raises(TypeError):
+        fastdrn.DRN(2, n_feat=8)                                               # a typo is not swallowed
+    for arg in ("scale", "n_feats", "inner", "distill", "rgb_range", "recompute"):
+        assert arg in fastdrn.DRN.__doc__
+
+
+# ------------------------------------------------------------------------------------ fastdrn.load
+
+def test_load_reads_the_architecture_from_the_shapes_and_metadata(tmp_path):
+    ref = _ref(alpha=0.3, rgb_range=255.0, rgb_mean=(0.5, 0.4, 0.3))
+    ref.load_state_dict(_perturbed(ref.state_dict()))
+    torch.save({"format": FORMAT, "config": {**ARCH, "alpha": 0.3, "rgb_range": 255.0}, "model": ref.state_dict()},
+               tmp_path / "train.pt")
+    model = fastdrn.load(tmp_path / "train.pt", device="cpu")
+    assert type(model) is fastdrn.DRN and not model.training
+    assert (model.scale, model.alpha, model.rgb_range) == (3, 0.3, 255.0)
+    assert torch.equal(model.rgb_mean, ref.rgb_mean)
+    _same_function(model, ref)
+    # a plain state_dict carries no alpha: the default, which gives another function
+    torch.save(ref.state_dict(), tmp_path / "plain.pt")
+    plain = fastdrn.load(str(tmp_path / "plain.pt"))
+    assert plain.alpha == 0.2 and plain.rgb_range == 1.0 and plain.scale == 3
+
+
+def test_load_basicsr_picks_params_ema_says_so_and_key_chooses(tmp_path, capsys):
+    raw, ema = _ref(), _ref()
+    ema.load_state_dict(_perturbed(raw.state_dict()))
+    torch.save({"params": raw.state_dict(), "params_ema": ema.state_dict()}, tmp_path / "net_g_1000.pth")
+    _same_function(fastdrn.load(tmp_path / "net_g_1000.pth"), ema)
+    err = capsys.readouterr().err
+    assert "using the weights under 'params_ema'" in err and "'params'" in err
+    _same_function(fastdrn.load(tmp_path / "net_g_1000.pth", key="params"), raw)
+    assert "under 'params'" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match=r"no weights under 'nope'.*'params', 'params_ema'"):
+        fastdrn.load(tmp_path / "net_g_1000.pth", key="nope")
+    # BasicSR without EMA, and DDP/compile prefixes: nothing to choose, nothing said
+    torch.save({"params": {"module._orig_mod." + k: v for k, v in raw.state_dict().items()}}, tmp_path / "b.pth")
+    _same_function(fastdrn.load(tmp_path / "b.pth"), raw)
+    assert capsys.readouterr().err == ""
+
+
+def test_load_refuses_code_corruption_and_foreign_files(tmp_path):
+    torch.save({"params": _ref().state_dict(), "extra": np.arange(3)}, tmp_path / "pickled.pth")
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        fastdrn.load(tmp_path / "pickled.pth")
+    torch.save(_ref().state_dict(), tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.pt"):
+        fastdrn.load(tmp_path / "cut.pt")
+    torch.save({"fc.weight": torch.randn(3, 3)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a DRN state_dict"):
+        fastdrn.load(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        fastdrn.load(tmp_path / "absent.pt")
+
+
+def test_load_safetensors_with_config_and_without_the_package(tmp_path, monkeypatch):
+    st = pytest.importorskip("safetensors.torch")
+    ref = _ref(alpha=0.25)
+    ref.load_state_dict(_perturbed(ref.state_dict()))
+    torch.save({"params": ref.state_dict(), "config": {"alpha": 0.25}}, tmp_path / "w.pth")
+    cli.main(["export", "--weights", str(tmp_path / "w.pth"), "-o", str(tmp_path / "w.safetensors")])
+    model = fastdrn.load(tmp_path / "w.safetensors")
+    assert model.alpha == 0.25
+    _same_function(model, ref)
+    # someone else's safetensors file: bare tensors, found by content whatever its name
+    st.save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "bare.bin"))
+    bare = fastdrn.load(tmp_path / "bare.bin")
+    assert bare.alpha == 0.2                                       # no metadata: the default
+    same_weights = _ref()
+    same_weights.load_state_dict(ref.state_dict())
+    _same_function(bare, same_weights)
+    monkeypatch.setitem(sys.modules, "safetensors", None)          # the optional package absent
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(CheckpointError, match="pip install safetensors"):
+        fastdrn.load(tmp_path / "w.safetensors")
+
+
+# ------------------------------------------------------------------------------------ shipped names
+
+def test_shipped_names_resolve_to_files_in_the_weights_folder(tmp_path, monkeypatch, capsys):
+    with pytest.raises(CheckpointError, match=r"'drn-x4' names weights fastdrn will ship.*ships none yet"):
+        fastdrn.load("drn-x4")
+    with pytest.raises(CheckpointError, match="not a weight name fastdrn knows"):
+        fastdrn.load("drn-x7")
+    monkeypatch.setattr(fastdrn.pretrained, "WEIGHTS_DIR", str(tmp_path))
+    x2 = reference.drn(2, n_groups=1, n_blocks=1)       # a wrong architecture for the name: refused
+    torch.save({"params": x2.state_dict()}, tmp_path / "drn-x2.pt")
+    with pytest.raises(CheckpointError, match="n_groups: checkpoint has 1, expected 6"):
+        fastdrn.load("drn-x2")
+    ref = reference.drn(2).eval()
+    torch.save({"params": ref.state_dict()}, tmp_path / "drn-x2.pt")   # adding the file is all it takes
+    _same_function(fastdrn.load("drn-x2"), ref)
+    # the command line takes the same names
+    img = tmp_path / "a.png"
+    PILImage.fromarray((np.random.rand(10, 12, 3) * 255).astype(np.uint8)).save(img)
+    assert cli.main(["upscale", str(img), "-o", str(tmp_path / "b.png"), "--weights", "drn-x2",
+                     "--device", "cpu"]) == 0
+    assert PILImage.open(tmp_path / "b.png").size == (24, 20)
+
+
+def test_setup_installs_every_weight_file_kind():
+    setup = open(os.path.join(ROOT, "setup.py")).read()
+    for suffix in fastdrn.pretrained.WEIGHT_SUFFIXES:
+        assert f'"weights/*{suffix}"' in setup
+    assert '"fastdrn.integrations"' in setup
+
+
+# ------------------------------------------------------------------------------------------ export
+
+def _training_checkpoint(path, ema=True):
+    raw, avg = _ref(alpha=0.3), _ref(alpha=0.3)
+    avg.load_state_dict(_perturbed(raw.state_dict()))
+    ck = {"format": FORMAT, "config": {**ARCH, "alpha": 0.3}, "model": raw.state_dict(), "step": 5}
+    if ema:
+        ck["params_ema"] = avg.state_dict()
+    torch.save(ck, path)
+    return raw, avg
+
+
+def _basicsr_load_network(net, path, param_key):
+    """What BasicSR's BaseModel.load_network does with a file."""
+    load_net = torch.load(path, map_location="cpu", weights_only=True)
+    if param_key is not None:
+        if param_key not in load_net and "params" in load_net:
+            param_key = "params"
+        load_net = load_net[param_key]
+    load_net = {k[7:] if k.startswith("module.") else k: v for k, v in load_net.items()}
+    net.load_state_dict(load_net, strict=True)
+
+
+def test_export_to_basicsr_plain_and_safetensors(tmp_path, capsys):
+    raw, avg = _training_checkpoint(tmp_path / "last.pt")
+    assert cli.main(["export", "--weights", str(tmp_path / "last.pt"), "-o", str(tmp_path / "net_g.pth")]) == 0
+    assert "basicsr: params + params_ema" in capsys.readouterr().out
+    for key, expected in (("params", raw), ("params_ema", avg)):
+        net = reference.DRN(**ARCH, alpha=0.3).eval()
+        _basicsr_load_network(net, tmp_path / "net_g.pth", key)
+        _same_function(net, expected)
+    assert fastdrn.load(tmp_path / "net_g.pth").alpha == 0.3            # the config travels along
+    # plain: the EMA weights, loadable by plain PyTorch; what it cannot hold is said
+    assert cli.main(["export", "--weights", str(tmp_path / "last.pt"), "-o", str(tmp_path / "p.pt"),
+                     "--format", "plain"]) == 0
+    assert "warning: a plain state_dict cannot hold {'alpha': 0.3}" in capsys.readouterr().err
+    net = reference.DRN(**ARCH, alpha=0.3).eval()
+    net.load_state_dict(torch.load(tmp_path / "p.pt", weights_only=True), strict=True)
+    _same_function(net, avg)
+    # --key exports one entry; without EMA, only params
+    assert cli.main(["export", "--weights", str(tmp_path / "last.pt"), "-o", str(tmp_path / "k.pth"),
+                     "--key", "model"]) == 0
+    assert set(torch.load(tmp_path / "k.pth", weights_only=True)) == {"params", "config"}
+    _training_checkpoint(tmp_path / "noema.pt", ema=False)
+    cli.main(["export", "--weights", str(tmp_path / "noema.pt"), "-o", str(tmp_path / "n.pth")])
+    assert set(torch.load(tmp_path / "n.pth", weights_only=True)) == {"params", "config"}
+    assert cli.main(["export", "--weights", str(tmp_path / "absent.pt"), "-o", str(tmp_path / "x.pth")]) == 2
+
+
+# ------------------------------------------------------------------------------------ CLI, demo
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"fastdrn {fastdrn.__version__}"
+    r = subprocess.run([sys.executable, "-m", "fastdrn", "--version"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"fastdrn {fastdrn.__version__}"
+
+
+def test_demo_builds_what_the_checkpoint_holds(tmp_path, capsys):
+    raw, avg = _training_checkpoint(tmp_path / "last.pt")
+    img = tmp_path / "in.png"
+    PILImage.fromarray((np.random.rand(11, 13, 3) * 255).astype(np.uint8)).save(img)
+    assert demo.main([str(img), "--weights", str(tmp_path / "last.pt"), "--out", str(tmp_path / "o.png"),
+                      "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "DRN x3" in out and "weights from" in out
+    err = float(re.search(r"reference: ([0-9.e+-]+)", out).group(1))
+    assert err < 1e-5
+    assert PILImage.open(tmp_path / "o.png").size == (39, 33)
+    with pytest.raises(SystemExit, match="holds a x3 model"):
+        demo.main([str(img), "--weights", str(tmp_path / "last.pt"), "--scale", "2", "--device", "cpu",
+                   "--out", str(tmp_path / "o.png")])
+    with pytest.raises(SystemExit, match="ships none yet"):
+        demo.main([str(img), "--weights", "drn-x2", "--device", "cpu", "--out", str(tmp_path / "o.png")])
+
+
+def test_demo_says_its_weights_are_random(tmp_path, capsys):
+    img = tmp_path / "in.png"
+    PILImage.fromarray((np.random.rand(6, 7, 3) * 255).astype(np.uint8)).save(img)
+    assert demo.main([str(img), "--out", str(tmp_path / "o.png"), "--device", "cpu"]) == 0
+    assert "RANDOM weights" in capsys.readouterr().out
+
+
+def test_readme_explains_a_clone_imported_from_its_parent_folder(tmp_path):
+    """Python imports a folder named fastdrn without __init__.py (the clone's root) as an empty namespace
+    package, and no code of ours runs to say so (a root __init__.py would make pytest import the clone
+    as the package): the README names the error it gives and the way out."""
+    (tmp_path / "fastdrn" / "fastdrn").mkdir(parents=True)         # a clone's root and its package folder
+    r = subprocess.run([sys.executable, "-c", "import fastdrn; fastdrn.load"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode != 0
+    error = r.stderr.strip().splitlines()[-1]
+    assert error == "AttributeError: module 'fastdrn' has no attribute 'load'"
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "module 'fastdrn' has no attribute" in readme and "namespace package" in readme
