@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep an exponential moving average of the weights with this decay (e.g. 0.999; "
                          "0: off); saved as params_ema and used for validation and export")
     tr.add_argument("--workers", type=_positive, default=None,
-                    help="DataLoader worker processes (default: 4, at most the CPU cores)")
+                    help="DataLoader worker processes (default: 4 but at most the CPU cores when training on a GPU; "
+                         "0 on the CPU, whose cores the model needs)")
     tr.add_argument("--cache", choices=("auto", "memory", "disk", "none"), default="auto",
                     help="decoded images: in memory, as .npy files, or decoded every time "
                          "(auto: memory below 4 GiB)")

@@ -175,14 +175,16 @@ def test_ema_follows_the_weights_is_validated_saved_resumed_and_loaded(synth, tm
 
 
 def test_training_says_where_it_runs_and_fits_the_machine(synth, tmp_path, capsys, monkeypatch):
-    assert train(_cfg(synth, tmp_path / "r", steps=1)) == 0
+    assert train(_cfg(synth, tmp_path / "r", steps=1, workers=None)) == 0
     out = capsys.readouterr().out
     n = sum(p.numel() for p in fastdrn.reference.DRN(scale=2, **TINY).parameters())
     assert re.search(rf"device cpu; backend: torch.*DRN x2 .*: {n:,} parameters", out), out
+    assert "0 data worker(s)" in out                                        # the CPU trains: no workers
+    cuda = torch.device("cuda", 0)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert default_workers() == 1
+    assert default_workers(cuda) == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
-    assert default_workers() == 4
+    assert default_workers(cuda) == 4 and default_workers(torch.device("cpu")) == 0
 
 
 def test_progress_off_a_terminal_is_by_time_unless_steps_are_given(monkeypatch):

@@ -80,7 +80,7 @@ class TrainConfig:
     amp: str = "none"                      # none | bf16 | fp16
     compile: bool = False
     ema: float = 0.0                       # decay of the weights' moving average; 0: off
-    workers: int | None = None             # None: 4, at most the CPU cores
+    workers: int | None = None             # None: 0 on the CPU, else 4 at most the CPU cores
     cache: str = "auto"                    # auto | memory | disk | none
     cache_dir: str | None = None
     resume: str | None = None              # a checkpoint path, or "auto" for OUT/last.pt if present
@@ -147,8 +147,12 @@ def init_distributed(device_pref: str | None) -> tuple[int, int, torch.device, b
     return dist.get_rank(), dist.get_world_size(), device, created
 
 
-def default_workers() -> int:
-    """DataLoader workers: 4, but never more than the CPU cores this process may use."""
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers: 4 on a GPU, never more than the CPU cores this process may use; none when
+    the model itself trains on the CPU, whose cores its arithmetic needs (cutting patches from the
+    cached images in the main process costs little beside it)."""
+    if device.type == "cpu":
+        return 0
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -257,7 +261,7 @@ class Trainer:
 
         self.sampler = StreamBatchSampler(len(self.dataset), cfg.batch_size, self.total, cfg.seed,
                                           start_step=self.step, rank=self.rank, world_size=self.world)
-        self.workers = default_workers() if cfg.workers is None else cfg.workers
+        self.workers = default_workers(self.device) if cfg.workers is None else cfg.workers
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.workers,
                                  pin_memory=self.device.type == "cuda",
                                  # its own generator: creating an iterator must not consume the global RNG
