@@ -13,7 +13,7 @@ Implementations (the dtype column says fp32 or bf16):
   fastdrn  fp32 / bf16   fastdrn.DRN with the same state_dict (bf16: autocast + channels_last)
 If fastdrn.DRN does not exist yet its rows are 'skipped', with the reason.
 
-Work: the model's forward FLOP per LR pixel (convolutions only, KERNELS.md section 1: about 6.7
+Work: the model's forward FLOP per LR pixel (convolutions only, docs/kernels.md: about 6.7
 MFLOP at x4), three times that for a training step.
 
     python bench/bench_model.py [--quick | --smoke] [--max-autotune]

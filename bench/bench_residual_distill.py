@@ -5,7 +5,7 @@ Full set: D = 64..136 by 8, F = 64 and 256, d = 8; training size 16x48x48 and in
 1x270x480 and 1x540x960; fp32 (TF32), bf16, fp16; channels_last inputs. --quick is the reduced
 set of the one-shot GPU check; --smoke runs tiny sizes through the Triton interpreter on the CPU.
 
-Work per pixel (KERNELS.md section 1): 2*(D*F + 9*F*F + F*(D+d)) FLOP forward, three times that
+Work per pixel (docs/kernels.md): 2*(D*F + 9*F*F + F*(D+d)) FLOP forward, three times that
 forward+backward. Fewest bytes: forward reads z and writes out, (D + D + d) values a pixel;
 backward reads z and dy and writes dz, (D + (D+d) + D) more.
 

@@ -218,7 +218,7 @@ def peak_memory(fn, device: torch.device, grad_to_none=None) -> tuple[float | No
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (SPEC.md section 4), on ref's device (the benches keep their
+    """||out - ref|| / ||ref|| in float64 (docs/numerics.md), on ref's device (the benches keep their
     float64 references on the host, out of the peak-memory readings); inf when out has NaN/Inf and ref has none."""
     out, ref = out.detach().to(ref.device).double(), ref.detach().double()
     if not torch.isfinite(out).all() and torch.isfinite(ref).all():
@@ -260,7 +260,7 @@ def measure_ceilings(device: torch.device, matmul_n: int = 8192, copy_mib: int =
 
 
 # ---------------------------------------------------------------------------------------------
-# work counts (KERNELS.md section 1)
+# work counts (docs/kernels.md)
 # ---------------------------------------------------------------------------------------------
 def rdb_flop_per_pixel(d_in: int, inner: int, distill: int) -> int:
     return 2 * (d_in * inner + 9 * inner * inner + inner * (d_in + distill))

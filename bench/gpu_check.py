@@ -17,7 +17,7 @@ Stages, each printing its elapsed time:
                killed a little after it; rows already written stay. torch.compile baselines run
                last within each script, so a tight budget cuts those first. FASTDRN_AUTOTUNE=0
                (the default config of every kernel) unless --autotune.
-  4. report    results.md (full table, checks against SPEC.md tolerances, goals), results.png;
+  4. report    results.md (full table, checks against docs/numerics.md tolerances, goals), results.png;
                the compact table, the checks and the goals are printed last.
 
 OUTDIR receives at most 7 files (gpu_check.log, tests_w4.log, tests_w8.log, bench.log,

@@ -125,14 +125,14 @@ def goals(rows: list[dict]) -> list[str]:
 
 
 def correctness(rows: list[dict]) -> list[str]:
-    """Every fastdrn row's relative error against float64, flagged against SPEC.md section 4's GPU limits."""
+    """Every fastdrn row's relative error against float64, flagged against docs/numerics.md's GPU limits."""
     limits = {"fp32": 2e-3, "bf16": 2e-2, "fp16": 2e-2, "fp64": 1e-12}
     bad = [r for r in rows if r.get("status") == "ok" and r.get("rel_err") is not None and not r.get("smoke")
            and not (float(r["rel_err"]) <= limits.get(r.get("dtype"), 2e-2))]
     errors = [r for r in rows if r.get("status") == "error"]
     lines = ["## Checks", ""]
     checked = sum(1 for r in rows if r.get("rel_err") is not None)
-    lines.append(f"- forward outputs checked against float64: {checked} rows; over SPEC.md's forward tolerance: "
+    lines.append(f"- forward outputs checked against float64: {checked} rows; over the forward tolerance (docs/numerics.md): "
                  f"{len(bad)}")
     for r in bad:
         lines.append(f"  - OVER: {r['op']} {r['pass']} {r['shape_str']} {r['dtype']} {r['impl']}: rel err "

@@ -1,4 +1,4 @@
-"""The backend switch (SPEC.md section 3): FASTDRN_BACKEND = auto | triton | torch.
+"""The backend switch (docs/numerics.md): FASTDRN_BACKEND = auto | triton | torch.
 
 Read on every call, never at import, so a test or a script can change it at run time. Nothing
 here queries a device at import; a missing Triton is recorded and named in the error that needs it.

@@ -1,4 +1,4 @@
-"""fastdrn's public functional ops (SPEC.md section 3), with input checks and the backend switch.
+"""fastdrn's public functional ops (docs/numerics.md), with input checks and the backend switch.
 
 Every op checks its inputs here, whatever the backend, so bad input gets the same clear error on
 every path; then `fastdrn.backend.use_triton` picks the fused kernels or the plain PyTorch math of

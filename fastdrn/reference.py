@@ -1,7 +1,7 @@
 """Plain PyTorch DRN (Sun, Lu, Wang, Bai, ICME 2019): the oracle every test and benchmark uses.
 
-Nothing clever lives here: nn.Conv2d, F.elu, F.pixel_shuffle, exactly as ../shared/SPEC.md
-sections 1-2 describe. The fused ops in fastdrn.ops must agree with `residual_distill` and
+Nothing clever lives here: nn.Conv2d, F.elu, F.pixel_shuffle, exactly as docs/architecture.md
+describes. The fused ops in fastdrn.ops must agree with `residual_distill` and
 `compress_skip` below; fastdrn.DRN must agree with `DRN`.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def check_config(scale, n_colors, n_feats, n_groups, n_blocks, inner, distill, a
 
 
 class DRN(nn.Module):
-    """Distilling with Residual Network, as SPEC.md section 1; state_dict names as section 2."""
+    """Distilling with Residual Network, as docs/architecture.md describes it, state_dict names included."""
 
     def __init__(self, scale: int = 4, n_colors: int = 3, n_feats: int = 64, n_groups: int = 6,
                  n_blocks: int = 9, inner: int = 64, distill: int = 8, alpha: float = 0.2,
@@ -118,5 +118,5 @@ def drn(scale: int, **overrides) -> DRN:
 
 
 def drn_plus(scale: int, **overrides) -> DRN:
-    """DRN+: 256 filters inside each RDB (SPEC.md, decided: F = 256)."""
+    """DRN+: 256 filters inside each RDB (decided: F = 256, docs/architecture.md)."""
     return DRN(scale=scale, **{"inner": 256, **overrides})

@@ -13,7 +13,7 @@ from fastdrn.backend import interpreting
 
 INT32_LIMIT = 2**31 - 1
 
-# Triton's FP fusion default changes in 3.10 (KERNELS.md section 3); fix it here so results do
+# Triton's FP fusion default changes in 3.10 (docs/kernels.md); fix it here so results do
 # not move with the Triton version. Fused multiply-add is what the GPU tolerances were set with.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 

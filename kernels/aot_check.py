@@ -1,4 +1,4 @@
-"""Ahead-of-time compile check of every Triton kernel fastdrn ships (KERNELS.md sections 3 and 4).
+"""Ahead-of-time compile check of every Triton kernel fastdrn ships (docs/kernels.md).
 
     python -m fastdrn.kernels.aot_check [--arch 90 80] [--kernel NAME ...] [--jobs 2] [--json FILE] [--list]
 

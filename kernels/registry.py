@@ -1,6 +1,6 @@
 """The one list of fastdrn's Triton kernels and every configuration they can launch with on a GPU.
 
-The ahead-of-time compile check (`python -m fastdrn.kernels.aot_check`, KERNELS.md section 4)
+The ahead-of-time compile check (`python -m fastdrn.kernels.aot_check`, docs/kernels.md)
 compiles everything listed here for sm_90 and sm_80. Two rules keep the list complete:
 
 - Every module in KERNEL_MODULES exposes `aot_variants()`, a list of `Variant` records: one per

@@ -5,7 +5,7 @@
     c   = conv1x1(b, W_e) + b_e                 F -> D + d
     out = cat([z + c[:, :D], c[:, D:]])
 
-Forward, two launches (KERNELS.md section 2): the squeeze GEMM with its ELU (kernels/gemm.py),
+Forward, two launches (docs/kernels.md): the squeeze GEMM with its ELU (kernels/gemm.py),
 then `conv3x3_fused_kernel`: the 3x3 as an implicit GEMM over a, bias and ELU in registers, then
 the expand GEMM on that register tile in column chunks, with the residual add on the first D
 columns and the concat both done by where the store lands. `b` never leaves the chip unless the
@@ -92,7 +92,7 @@ def conv3x3_fused_kernel(
     rk = tl.arange(0, BLOCK_K)
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=acc_dtype)
-    # Taps at run time, not unrolled: the unrolled form spilled and lost pipelining (KERNELS.md 3).
+    # Taps at run time, not unrolled: the unrolled form spilled and lost pipelining (docs/kernels.md).
     # Taps and channel chunks are two nested loops, not one flattened loop, which Triton
     # miscompiled at 8 warps (pytorch/pytorch issue 173068).
     for tap in range(9):

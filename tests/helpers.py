@@ -1,4 +1,4 @@
-"""What the tests share: the tolerance table of SPEC.md section 4 and the error measure."""
+"""What the tests share: the tolerance table of docs/numerics.md and the error measure."""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +7,7 @@ import torch
 
 from fastdrn.backend import interpreting
 
-# (forward, gradient) relative Frobenius error against the float64 reference, SPEC.md section 4.
+# (forward, gradient) relative Frobenius error against the float64 reference, docs/numerics.md.
 TOLERANCES = {
     ("interpreter", torch.float64): (1e-12, 1e-10),
     ("interpreter", torch.float32): (1e-5, 1e-5),
@@ -75,7 +75,7 @@ def float64_leaves(*tensors):
 def assert_op_grads_close(dtype, tol, grads, eager_grads, ref_grads, names, what):
     """One op's gradients against float64, every input and weight.
 
-    Float32 and float64: each within `tol` (SPEC.md section 4's table).
+    Float32 and float64: each within `tol` (docs/numerics.md's table).
 
     16-bit: each within max(tol, 2x eager PyTorch's own error on the same inputs in the same dtype).
     A weight behind an ELU sums over pixels whose ELU derivative (1 or alpha) flips when a rounded
@@ -84,7 +84,7 @@ def assert_op_grads_close(dtype, tol, grads, eager_grads, ref_grads, names, what
     own dW_squeeze, db_squeeze, dW_conv and db_conv are 2.7e-2 to 6.1e-2 from float64 in the worst
     seed of every case, the median 3e-3 to 1.4e-2; z and the expand weights stay under 6e-3. The
     table's 3e-2 is thus out of reach of any bf16 implementation there; the bound keeps the check
-    at eager's precision (what SPEC section 4 decides for whole-model gradients), and 3e-2 wherever
+    at eager's precision (what docs/numerics.md decides for whole-model gradients), and 3e-2 wherever
     eager meets it.
     """
     for name, g, eg, rg in zip(names, grads, eager_grads, ref_grads):
@@ -98,7 +98,7 @@ def assert_op_grads_close(dtype, tol, grads, eager_grads, ref_grads, names, what
 def assert_model_grads_close(dtype, tol, grads, eager_grads, ref_grads, names, what):
     """A whole model's parameter gradients against float64.
 
-    Float32 and float64: every parameter's gradient within `tol` (SPEC.md section 4).
+    Float32 and float64: every parameter's gradient within `tol` (docs/numerics.md).
 
     16-bit: ELU's derivative jumps from 1 to alpha at 0, so a pre-activation that rounds across 0
     flips it, and one flip among thousands of values moves a parameter's gradient by up to ~0.1.

@@ -1,4 +1,4 @@
-"""The reference DRN against SPEC.md sections 1-2: parameter counts, state_dict names and shapes."""
+"""The reference DRN against docs/architecture.md: parameter counts, state_dict names and shapes."""
 import pytest
 import torch
 

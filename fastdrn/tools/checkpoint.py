@@ -1,7 +1,7 @@
 """Checkpoints: model construction, architecture inference from tensor shapes, safe loading, atomic saving.
 
 A plain ``torch.save(model.state_dict(), path)`` loads with no flags: the architecture is read from the
-shapes of SPEC.md section 2 (n_feats = head.weight.shape[0], inner = squeeze.weight.shape[0],
+shapes of docs/architecture.md (the state_dict) (n_feats = head.weight.shape[0], inner = squeeze.weight.shape[0],
 distill = expand rows - squeeze columns, n_blocks / n_groups from the key indices,
 scale = sqrt(upsample rows / n_feats)). What shapes cannot tell (alpha, rgb_range) comes from the
 ``config`` entry of our own checkpoints, else the DRN defaults, and explicit overrides win.
@@ -108,7 +108,7 @@ def extract_state_dict(obj: Any, key: str | None = None) -> tuple[dict[str, torc
 
 
 def infer_config(sd: Mapping[str, torch.Tensor]) -> dict:
-    """The constructor arguments that the shapes of a DRN state_dict imply (SPEC.md section 2)."""
+    """The constructor arguments that the shapes of a DRN state_dict imply (docs/architecture.md, the state_dict)."""
     problems = [k for k in ("head.weight", "upsample.weight", "tail.weight") if k not in sd]
     if problems:
         raise CheckpointError("not a DRN state_dict: missing " + ", ".join(problems)

@@ -1,4 +1,4 @@
-"""``fastdrn train``: the DRN paper's training recipe (SPEC.md section 5), resumable and distributed.
+"""``fastdrn train``: the DRN paper's training recipe (docs/cli.md), resumable and distributed.
 
 Defaults are the paper's: 48x48 LR patches with the matching HR patch, batch 16, RGB, L1 loss, Adam
 (0.9, 0.999, 1e-8), learning rate 1e-4 halved every 200 epochs, 800 epochs, DRN with C=64, G=6, K=9,
