@@ -123,6 +123,10 @@ def test_load_safetensors_with_config_and_without_the_package(tmp_path, monkeypa
     same_weights = _ref()
     same_weights.load_state_dict(ref.state_dict())
     _same_function(bare, same_weights)
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])   # header intact, data cut short
+    with pytest.raises(CheckpointError, match="cut.safetensors: cannot be read as safetensors"):
+        fastdrn.load(tmp_path / "cut.safetensors")
     monkeypatch.setitem(sys.modules, "safetensors", None)          # the optional package absent
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     with pytest.raises(CheckpointError, match="pip install safetensors"):

@@ -1,7 +1,7 @@
 """Checkpoints: model construction, architecture inference from tensor shapes, safe loading, atomic saving.
 
 A plain ``torch.save(model.state_dict(), path)`` loads with no flags: the architecture is read from the
-shapes of docs/architecture.md (the state_dict) (n_feats = head.weight.shape[0], inner = squeeze.weight.shape[0],
+shapes of docs/architecture.md's state_dict (n_feats = head.weight.shape[0], inner = squeeze.weight.shape[0],
 distill = expand rows - squeeze columns, n_blocks / n_groups from the key indices,
 scale = sqrt(upsample rows / n_feats)). What shapes cannot tell (alpha, rgb_range) comes from the
 ``config`` entry of our own checkpoints, else the DRN defaults, and explicit overrides win.
@@ -168,18 +168,17 @@ def _is_safetensors(path: str) -> bool:
 
 def _load_safetensors(path: str) -> dict:
     try:
-        from safetensors import SafetensorError
+        from safetensors import safe_open
         from safetensors.torch import load_file
     except ImportError:
         raise CheckpointError(f"{path} is a safetensors file: reading it needs the optional package "
                               "safetensors (pip install safetensors)") from None
     try:
-        from safetensors import safe_open
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(path, device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot be read as safetensors: {e}") from e
+    except Exception as e:  # SafetensorError for a damaged header or data, OSError, ...
+        raise CheckpointError(f"{path}: cannot be read as safetensors: {type(e).__name__}: {e}") from e
     obj: dict = {"state_dict": tensors}
     if "fastdrn.config" in metadata:
         try:

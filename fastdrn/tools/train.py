@@ -308,7 +308,7 @@ class Trainer:
     @torch.no_grad()
     def update_ema(self) -> None:
         """ema = decay * ema + (1 - decay) * weights (buffers copied)."""
-        ema = [p for p in self.ema_model.parameters()]
+        ema = list(self.ema_model.parameters())
         raw = [p.detach() for p in self.model.parameters()]
         torch._foreach_lerp_(ema, raw, 1.0 - self.cfg.ema)
         for b_ema, b in zip(self.ema_model.buffers(), self.model.buffers()):
