@@ -229,6 +229,9 @@ def test_ddp_two_gloo_processes_match_one(synth, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _ddp_worker([str(synth), str(one)])
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    # The workers run this file as a script: this checkout's fastdrn first, not another installed one.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
            __file__, str(synth), str(two)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
