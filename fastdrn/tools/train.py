@@ -12,6 +12,11 @@ DistributedDataParallel averages the gradients, so one process and W processes t
 Data order and augmentation depend only on (seed, step) (see :mod:`fastdrn.tools.data`), which makes
 resuming exact: the checkpoint stores model, optimizer, scheduler, AMP scaler, step and the RNG states
 (torch CPU and CUDA, numpy, python ``random``) as tensors, so it loads with ``weights_only=True``.
+
+On one CUDA device each step (forward, L1, backward, fused Adam, AMP scaler) is replayed from a CUDA
+graph captured per batch shape (:func:`fastdrn.make_train_step`; the learning rate lives in a tensor
+on the device so that the scheduler reaches the graph); ``--no-cuda-graph``, DDP and ``--compile``
+run it eagerly.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from torch.utils.data import DataLoader
 
 import fastdrn.reference
 
+from ..graphs import capture_unavailable, make_train_step
 from .checkpoint import FORMAT, CheckpointError, atomic_save, build_model, load_checkpoint
 from .image_io import ImageReadError
 from .data import StreamBatchSampler, TrainPatches, estimate_bytes, find_pairs, load_pair
@@ -73,6 +79,7 @@ class TrainConfig:
     # machinery
     amp: str = "none"                      # none | bf16 | fp16
     compile: bool = False
+    cuda_graph: bool = True                # replay the step from a CUDA graph (one CUDA process, no compile)
     workers: int = 4
     cache: str = "auto"                    # auto | memory | disk | none
     cache_dir: str | None = None
@@ -183,8 +190,12 @@ class Trainer:
         mk = dict(self.model_cfg)
         mk["rgb_mean"] = tuple(mk["rgb_mean"])
         self.model = build_model(**mk).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                          eps=cfg.eps)
+        self.graphed, why_eager = self._graph_plan()
+        # On CUDA the fused Adam; captured, it also keeps its step count and (as a tensor) the learning
+        # rate on the device, so the scheduler's changes reach the graph.
+        adam = dict(fused=True, capturable=self.graphed) if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self._lr_value(cfg.lr),
+                                          betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **adam)
         self.ipe = cfg.iters_per_epoch
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step = 0
@@ -212,6 +223,8 @@ class Trainer:
         if ckpt is not None:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
+            for group in self.optimizer.param_groups:  # the checkpoint's lr, in this run's kind (float or tensor)
+                group["lr"] = self._lr_value(float(group["lr"]))
             self.scheduler.load_state_dict(ckpt["scheduler"])
             if ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
@@ -253,6 +266,10 @@ class Trainer:
             self.net = torch.compile(self.net)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        self.train_step = make_train_step(self.net, self.optimizer, F.l1_loss, amp_dtype=self.amp_dtype,
+                                          grad_scaler=self.scaler, cuda_graph=self.graphed)
+        self.log("training step: " + ("replayed from a CUDA graph per batch shape" if self.graphed
+                                      else f"eager ({why_eager})"))
 
     # ------------------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
@@ -268,6 +285,22 @@ class Trainer:
         if self.cfg.fail_fast:
             raise ImageReadError(f"stopping (--fail-fast): {msg}")
 
+    def _graph_plan(self) -> tuple[bool, str]:
+        """(whether the step is captured in a CUDA graph, why not)."""
+        cfg = self.cfg
+        why = capture_unavailable(self.device)
+        if not cfg.cuda_graph:
+            why = "--no-cuda-graph"
+        elif self.world > 1:
+            why = "CUDA graphs are not used under DistributedDataParallel"
+        elif cfg.compile:
+            why = "CUDA graphs are not used with --compile"
+        return why is None, why or ""
+
+    def _lr_value(self, lr: float):
+        """A learning rate as the optimizer holds it: a tensor on the device where the step is captured."""
+        return torch.tensor(lr, dtype=torch.float32, device=self.device) if self.graphed else lr
+
     @property
     def amp_dtype(self):
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
@@ -282,13 +315,6 @@ class Trainer:
         loss = F.l1_loss(sr.float(), hr)
         self.scaler.scale(loss).backward()
         return loss.detach()
-
-    def optimizer_step(self) -> None:
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.step += 1
 
     def state_dict(self) -> dict:
         return {
@@ -342,14 +368,15 @@ class Trainer:
         loss_sum, loss_n = torch.zeros((), device=self.device), 0
         try:
             for lr, hr in self.loader:
-                loss = self.forward_backward(lr, hr)
-                self.optimizer_step()
+                loss = self.train_step(lr, hr)  # forward, L1, backward, Adam (and AMP scaler) step
+                self.scheduler.step()
+                self.step += 1
                 loss_sum += loss
                 loss_n += 1
                 shown = self._progress.due(self.step)
                 fields = {}
                 if shown:
-                    fields = {"loss": loss_sum.item() / loss_n, "lr": self.scheduler.get_last_lr()[0],
+                    fields = {"loss": loss_sum.item() / loss_n, "lr": float(self.scheduler.get_last_lr()[0]),
                               "epoch": f"{self.step / self.ipe:.2f}"}
                     loss_sum.zero_()
                     loss_n = 0
