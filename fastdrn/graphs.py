@@ -9,22 +9,25 @@ these functions runs anywhere.
 
 How a shape becomes a graph: its first ``WARMUP_CALLS`` calls run eagerly on a side stream (each
 is a real step: Triton compiles and autotunes there, cuDNN picks its algorithms, the optimizer and
-the GradScaler create their state), the next call captures and replays, and later calls replay.
-Captured graphs are kept per (shape, stride, dtype, model.training) in a least-recently-used cache
-of ``max_graphs`` entries; all graphs of one step or upscaler share one memory pool.
+the GradScaler create their state). The next call captures: a training step then replays the graph
+(so every call is exactly one optimizer step), an upscaler computes that call's result eagerly from
+the graph's own input buffer; later calls replay. Graphs are kept per (shape, dtype, memory format,
+model.training) in a least-recently-used cache of ``max_graphs`` entries; a shape seen only once
+(an evaluation set of differently sized images) never pays for a capture. All graphs of one step
+or upscaler share one memory pool.
 
 What the graph bakes in, and so what a caller must not change after a shape was captured:
 
-- the model's parameters and buffers (their storage, not their values: ``load_state_dict`` and
-  in-place updates are fine; ``model.to(...)``, replacing a parameter, module or buffer is not:
-  moved parameter storage is detected and re-captured, replaced modules are not detected);
+- the model's parameters and buffers: their storage, not their values. ``load_state_dict`` and
+  in-place updates are fine; new storage for the parameters (``model.half()``, ``p.data = ...``) is
+  detected and the shapes are captured again, a move to another device raises, and a replaced
+  module, parameter or buffer is not detected (make a new step);
 - the optimizer's float hyperparameters: a float ``lr`` is a constant of the graph, so a
   learning-rate scheduler needs the lr as a tensor on the device, ``torch.optim.Adam(params,
   lr=torch.tensor(1e-4, device="cuda"), capturable=True)``: the scheduler then updates that tensor
   in place and the graph reads it. A float hyperparameter that changes after capture raises;
-  ``step.reset()`` drops the graphs on purpose. ``optimizer.load_state_dict`` is detected and
-  re-captured;
-- the loss function and the autocast dtype.
+  ``step.reset()`` drops the graphs on purpose. ``optimizer.load_state_dict`` is detected and the
+  shapes are captured again.
 
 Gradients: every call computes fresh gradients (``.grad`` is set to None before each step, so
 calls never accumulate); after a call ``.grad`` holds that step's gradients until the next call.
@@ -94,20 +97,33 @@ def _autocast(device: torch.device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype, cache_enabled=False)
 
 
-@contextlib.contextmanager
-def _on_side_stream(stream: torch.cuda.Stream):
-    """Run eager warm-up work on `stream`, ordered after and before the current stream's work."""
+def _warm_up(stream: torch.cuda.Stream, fn, *args) -> torch.Tensor:
+    """fn(*args) eagerly on the side stream `stream`, ordered after and before the current stream's
+    work (torch's CUDA-graph recipe); its result is handed to the current stream."""
     current = torch.cuda.current_stream(stream.device)
     stream.wait_stream(current)
-    with torch.cuda.stream(stream), warnings.catch_warnings():
-        # A capturable optimizer warns when it steps uncaptured; warm-up steps are uncaptured on purpose.
-        warnings.filterwarnings("ignore", message=".*capturable=True.*")
-        yield
-    current.wait_stream(stream)
+    try:
+        with torch.cuda.stream(stream), warnings.catch_warnings():
+            # A capturable optimizer warns when it steps uncaptured; warm-up steps are uncaptured on purpose.
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            out = fn(*args)
+    finally:
+        current.wait_stream(stream)
+    out.record_stream(current)  # the caller uses and frees it on the current stream
+    return out
 
 
-def _layout_key(t: torch.Tensor) -> tuple:
-    return tuple(t.shape), t.stride(), t.dtype
+def _layout(t: torch.Tensor) -> tuple:
+    """What a static input buffer must match: shape, dtype and memory format (not the strides of a
+    view, so that the tiles of different images share a graph)."""
+    channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return tuple(t.shape), t.dtype, channels_last
+
+
+def _static_buffer(layout: tuple, device: torch.device) -> torch.Tensor:
+    shape, dtype, channels_last = layout
+    return torch.empty(shape, dtype=dtype, device=device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 class _GraphCache:
@@ -258,8 +274,8 @@ class TrainStep:
 
     def _bake(self) -> dict:
         first = self.optimizer.param_groups[0]["params"][0]
-        return dict(param_ptr=self._params[0].data_ptr(), state=self.optimizer.state.get(first), groups=len(self.optimizer.param_groups),
-                    hyper=self._hyperparameters())
+        return dict(param_ptr=self._params[0].data_ptr(), state=self.optimizer.state.get(first),
+                    groups=len(self.optimizer.param_groups), hyper=self._hyperparameters())
 
     def _check_unchanged(self) -> None:
         """Cheap checks of what the graphs baked in; drops them where re-capturing is right, raises where not."""
@@ -284,18 +300,16 @@ class TrainStep:
             raise RuntimeError("the optimizer's param groups changed after the training step was captured; "
                                "call step.reset()")
 
-    def _warm_up(self, lr, hr) -> torch.Tensor:
-        with torch.cuda.device(self.device), _on_side_stream(self._side_stream()):
-            return self._eager(lr, hr)
-
-    def _capture_step(self, lr, hr) -> _Captured:
-        static = (torch.empty_like(lr, device=self.device), torch.empty_like(hr, device=self.device))
+    def _capture_step(self, key) -> _Captured:
+        static = (_static_buffer(key[0], self.device), _static_buffer(key[1], self.device))
         # Gradients None at capture: backward allocates them in the graph's pool and every replay
         # writes them afresh, instead of accumulating into a tensor from before.
         self._clear_grads()
         try:
             with torch.cuda.device(self.device):
                 graph, loss = _capture(self._compute, static, self._pool)
+        except torch.cuda.OutOfMemoryError:
+            raise
         except Exception as exc:
             raise RuntimeError(f"capturing the training step in a CUDA graph failed ({type(exc).__name__}: "
                                f"{exc}); a step that synchronizes with the host (.item(), printing a tensor, "
@@ -317,12 +331,13 @@ class TrainStep:
         _check_device(self.device, self._graph_device, "fastdrn.make_train_step")
         if self._baked is not None:
             self._check_unchanged()
-        key = (_layout_key(lr), _layout_key(hr), self.model.training)
+        key = (_layout(lr), _layout(hr), self.model.training)
         entry = self._cache.get(key)
         if entry is None:
             if not self._cache.due(key):
-                return self._warm_up(lr, hr)
-            entry = self._capture_step(lr, hr)
+                with torch.cuda.device(self.device):
+                    return _warm_up(self._side_stream(), self._eager, lr, hr)
+            entry = self._capture_step(key)
             self._cache.add(key, entry)
             if self._baked is None:
                 self._baked = self._bake()
@@ -383,29 +398,34 @@ class Upscaler:
         _check_device(p0.device, self._graph_device, "fastdrn.make_upscaler")
         if self._param_ptr is not None and p0.data_ptr() != self._param_ptr:
             self.reset()  # parameters moved (model.to, model.half): the graphs read the old storage
-        key = (_layout_key(lr), self.model.training)
+        key = (_layout(lr), self.model.training)
         entry = self._cache.get(key)
-        if entry is None:
+        if entry is not None:
+            entry.inputs[0].copy_(lr, non_blocking=True)
+            entry.graph.replay()
+            return entry.output.clone()  # the caller's own tensor: the next replay rewrites the static one
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.device(self.device):
             if not self._cache.due(key):
-                if self._stream is None:
-                    self._stream = torch.cuda.Stream(self.device)
-                with torch.cuda.device(self.device), _on_side_stream(self._stream):
-                    return self._eager(lr)
-            static = torch.empty_like(lr, device=self.device)
+                return _warm_up(self._stream, self._eager, lr)
+            # The call that captures computes its result eagerly from the static input: the last
+            # warm-up then sees exactly the buffer the graph will read.
+            static = _static_buffer(key[0], self.device)
+            static.copy_(lr, non_blocking=True)
+            out = _warm_up(self._stream, self._forward, static)
             try:
-                with torch.cuda.device(self.device):
-                    graph, out = _capture(self._forward, (static,), self._pool)
+                graph, static_out = _capture(self._forward, (static,), self._pool)
+            except torch.cuda.OutOfMemoryError:
+                raise
             except Exception as exc:
                 raise RuntimeError(f"capturing the model's forward in a CUDA graph failed ({type(exc).__name__}: "
                                    f"{exc}); pass cuda_graph=False") from exc
-            if self._pool is None:
-                self._pool = graph.pool()
-            self._param_ptr = p0.data_ptr()
-            entry = _Captured(graph, (static,), out)
-            self._cache.add(key, entry)
-        entry.inputs[0].copy_(lr, non_blocking=True)
-        entry.graph.replay()
-        return entry.output.clone()  # the caller's own tensor: the next replay rewrites the static one
+        if self._pool is None:
+            self._pool = graph.pool()
+        self._param_ptr = p0.data_ptr()
+        self._cache.add(key, _Captured(graph, (static,), static_out))
+        return out
 
     @property
     def num_graphs(self) -> int:

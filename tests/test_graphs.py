@@ -5,6 +5,7 @@ least-recently-used bound, and what is detected after capture. Also the tile geo
 one graph serve every tile."""
 import contextlib
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -520,6 +521,15 @@ def test_trainer_on_cuda_resumes_a_graphed_run(tmp_path):
         for k in a["model"]:
             assert rel_err(b["model"][k], a["model"][k]) <= 1e-5, k
         assert float(b["optimizer"]["param_groups"][0]["lr"]) == pytest.approx(1e-3 / 2 ** (total // 2))
+    # a checkpoint made on the CPU (plain Adam: float lr, step counts on the host) resumes graphed on the GPU
+    cpu_part = tmp_path / "cpu_part"
+    cpu_cfg = _train_cfg(hr_dir, cpu_part, steps=graphs.WARMUP_CALLS + 1)
+    assert train(dataclasses.replace(cpu_cfg, device="cpu")) == 0
+    assert train(_train_cfg(hr_dir, cpu_part, steps=total, resume="auto")) == 0
+    b = torch.load(cpu_part / "last.pt", weights_only=True)
+    assert b["step"] == total and b["optimizer"]["param_groups"][0]["capturable"] is True
+    for k in a["model"]:  # the first steps ran on the CPU: alike, not equal
+        assert rel_err(b["model"][k], a["model"][k]) <= 1e-2, k
 
 
 def test_readme_example_runs(torch_math, capsys):

@@ -222,9 +222,7 @@ class Trainer:
                                                          gamma=cfg.lr_gamma)
         if ckpt is not None:
             self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            for group in self.optimizer.param_groups:  # the checkpoint's lr, in this run's kind (float or tensor)
-                group["lr"] = self._lr_value(float(group["lr"]))
+            self._load_optimizer(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             if ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
@@ -300,6 +298,24 @@ class Trainer:
     def _lr_value(self, lr: float):
         """A learning rate as the optimizer holds it: a tensor on the device where the step is captured."""
         return torch.tensor(lr, dtype=torch.float32, device=self.device) if self.graphed else lr
+
+    def _load_optimizer(self, saved: dict) -> None:
+        """The checkpoint's hyperparameters and moments, run the way this run runs Adam: the
+        implementation flags stay this run's, the lr becomes a device tensor where the step is
+        captured, and fused or captured Adam gets its step counts on the device (a checkpoint from
+        the CPU, or from eager foreach Adam, holds them on the host)."""
+        impl = ("foreach", "fused", "capturable")
+        mine = [{k: g[k] for k in impl if k in g} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(saved)
+        for group, flags in zip(self.optimizer.param_groups, mine):
+            group.update(flags)
+            group["lr"] = self._lr_value(float(group["lr"]))
+            if not (flags.get("fused") or flags.get("capturable")):
+                continue
+            for p in group["params"]:
+                state = self.optimizer.state.get(p)
+                if state and torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
     @property
     def amp_dtype(self):
