@@ -113,6 +113,20 @@ def _warm_up(stream: torch.cuda.Stream, fn, *args) -> torch.Tensor:
     return out
 
 
+def _as_baked(value):
+    """A hyperparameter as a graph holds it: a tensor by identity (the graph reads its memory), the
+    rest by value (the graph holds a copy); tuples (betas) item by item."""
+    if isinstance(value, torch.Tensor):
+        return "tensor", id(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(_as_baked(v) for v in value)
+    return value
+
+
+def _is_tensor(baked) -> bool:
+    return isinstance(baked, tuple) and len(baked) == 2 and baked[0] == "tensor"
+
+
 def _layout(t: torch.Tensor) -> tuple:
     """What a static input buffer must match: shape, dtype and memory format (not the strides of a
     view, so that the tiles of different images share a graph)."""
@@ -269,8 +283,7 @@ class TrainStep:
 
     def _hyperparameters(self) -> list:
         """Every param group's settings as the graph sees them: tensors by identity, the rest by value."""
-        return [tuple((k, ("tensor", id(v)) if isinstance(v, torch.Tensor) else v)
-                      for k, v in g.items() if k != "params") for g in self.optimizer.param_groups]
+        return [tuple((k, _as_baked(v)) for k, v in g.items() if k != "params") for g in self.optimizer.param_groups]
 
     def _bake(self) -> dict:
         first = self.optimizer.param_groups[0]["params"][0]
@@ -291,12 +304,14 @@ class TrainStep:
             for i, (was, is_) in enumerate(zip(baked["hyper"], now)):
                 for (k, v0), (_, v1) in zip(was, is_):
                     if v0 != v1:
+                        change = (f"changed ({v0!r} -> {v1!r})" if not (_is_tensor(v0) or _is_tensor(v1)) else
+                                  "was replaced by another object (the graph reads the old tensor: update it in place)")
                         raise RuntimeError(
-                            f"optimizer param_groups[{i}][{k!r}] changed ({v0!r} -> {v1!r}) after the training "
-                            f"step was captured in a CUDA graph, which replays the old value. Give the optimizer "
-                            f"that hyperparameter as a tensor on the device (e.g. lr=torch.tensor(1e-4, "
-                            f"device='cuda') with capturable=True: a scheduler then updates it in place), or call "
-                            f"step.reset() after changing it, or pass cuda_graph=False")
+                            f"optimizer param_groups[{i}][{k!r}] {change} after the training step was captured in "
+                            f"a CUDA graph, which replays the old value. Give the optimizer that hyperparameter as "
+                            f"a tensor on the device (e.g. lr=torch.tensor(1e-4, device='cuda') with "
+                            f"capturable=True: a scheduler then updates it in place), or call step.reset() after "
+                            f"changing it, or pass cuda_graph=False")
             raise RuntimeError("the optimizer's param groups changed after the training step was captured; "
                                "call step.reset()")
 
