@@ -7,7 +7,7 @@ import torch
 
 from fastdrn import backend, ops, reference
 from fastdrn.reference import ResidualDistillBlock
-from helpers import assert_close, dtypes_for, float64_leaves, randn, tolerance, where
+from helpers import assert_close, assert_op_grads_close, dtypes_for, float64_leaves, randn, tolerance, where
 
 # (N, D, F, d, H, W, channels_last), each there for a reason:
 CASES = [
@@ -52,10 +52,11 @@ def test_forward_and_gradients_match_float64_reference(case, recompute, device):
         ref_inputs = float64_leaves(*inputs)
         ref = reference.residual_distill(*ref_inputs)
         ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
+        eager_inputs = [t.detach().requires_grad_() for t in inputs]
+        eager_grads = torch.autograd.grad(reference.residual_distill(*eager_inputs), eager_inputs, grad_out)
         assert out.dtype == dtype and out.shape == ref.shape
         assert_close(out, ref, fwd_tol, f"{dtype} forward")
-        for name, g, rg in zip(NAMES, grads, ref_grads):
-            assert_close(g, rg, grad_tol, f"{dtype} d{name} (recompute={recompute})")
+        assert_op_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, NAMES, f"{dtype} (recompute={recompute})")
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -112,9 +113,13 @@ def test_without_biases(recompute, device):
         ref_leaves = float64_leaves(*leaves)
         ref = reference.residual_distill(ref_leaves[0], ref_leaves[1], None, ref_leaves[2], None, ref_leaves[3], None)
         ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
+        eager_leaves = [t.detach().requires_grad_() for t in leaves]
+        eager = reference.residual_distill(eager_leaves[0], eager_leaves[1], None, eager_leaves[2], None,
+                                           eager_leaves[3], None)
+        eager_grads = torch.autograd.grad(eager, eager_leaves, grad_out)
         assert_close(out, ref, fwd_tol, f"{dtype} forward without biases")
-        for name, g, rg in zip(("z", "w_squeeze", "w_conv", "w_expand"), grads, ref_grads):
-            assert_close(g, rg, grad_tol, f"{dtype} d{name} without biases (recompute={recompute})")
+        assert_op_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, ("z", "w_squeeze", "w_conv", "w_expand"),
+                              f"{dtype} without biases (recompute={recompute})")
 
 
 @pytest.mark.parametrize("recompute", [False, True])
