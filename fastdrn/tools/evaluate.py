@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..graphs import Upscaler, make_upscaler
 from .checkpoint import atomic_write_text, load_model
 from .data import Pair, find_pairs, load_pair
 from .image_io import DEFAULT_MAX_PIXELS, Image, ImageReadError, write_image
@@ -38,12 +39,13 @@ def _to_float(a) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(2, 0, 1))).double() / m
 
 
-def evaluate_pairs(model: torch.nn.Module, cfg: dict, pairs: Iterable[Pair], *, self_ensemble: bool = False,
+def evaluate_pairs(model: torch.nn.Module | Upscaler, cfg: dict, pairs: Iterable[Pair], *, self_ensemble: bool = False,
                    tile: int | None = None, tile_overlap: int | None = None, dtype: str = "fp32",
                    device=None, bicubic: bool = True, fail_fast: bool = False,
                    loaded: dict | None = None, save_dir: str | None = None,
                    max_pixels: int | None = DEFAULT_MAX_PIXELS, log: Callable[[str], None] = print) -> dict:
-    """Score ``model`` on ``pairs``; returns {"images": [...], "mean": {...}, "failed": [...],
+    """Score ``model`` (a module or a :func:`fastdrn.make_upscaler` upscaler) on ``pairs``; returns
+    {"images": [...], "mean": {...}, "failed": [...],
     "skipped": [...]} (skipped: images too small for SSIM once the border is cropped).
 
     ``loaded`` may map pair names to already decoded (lr, hr) arrays (training's validation set).
@@ -120,10 +122,13 @@ def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int
              self_ensemble: bool = False, json_path: str | None = None, tile: int | None = None,
              tile_overlap: int | None = None, dtype: str = "fp32", device=None, fail_fast: bool = False,
              save_dir: str | None = None, overrides: dict | None = None,
-             max_pixels: int | None = DEFAULT_MAX_PIXELS, log: Callable[[str], None] = print) -> dict:
-    """Load ``weights``, score it on ``hr_dir`` (and ``lr_dir``), print a table, optionally write JSON."""
+             max_pixels: int | None = DEFAULT_MAX_PIXELS,
+             cuda_graph: bool | None = None, log: Callable[[str], None] = print) -> dict:
+    """Load ``weights``, score it on ``hr_dir`` (and ``lr_dir``), print a table, optionally write JSON.
+
+    ``cuda_graph``: as in :func:`fastdrn.make_upscaler` (None: replay captured graphs on a GPU)."""
     model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale})
-    model = prepare(model, device, dtype)
+    model = make_upscaler(prepare(model, device, dtype), cuda_graph=cuda_graph)
     pairs, missing = find_pairs(hr_dir, lr_dir, cfg["scale"])
     failed = []
     for m in missing:

@@ -12,6 +12,11 @@ DistributedDataParallel averages the gradients, so one process and W processes t
 Data order and augmentation depend only on (seed, step) (see :mod:`fastdrn.tools.data`), which makes
 resuming exact: the checkpoint stores model, optimizer, scheduler, AMP scaler, step and the RNG states
 (torch CPU and CUDA, numpy, python ``random``) as tensors, so it loads with ``weights_only=True``.
+
+On one CUDA device each step (forward, L1, backward, fused Adam, AMP scaler) is replayed from a CUDA
+graph captured per batch shape (:func:`fastdrn.make_train_step`; the learning rate lives in a tensor
+on the device so that the scheduler reaches the graph); ``--no-cuda-graph``, DDP and ``--compile``
+run it eagerly.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from torch.utils.data import DataLoader
 
 import fastdrn.reference
 
+from ..graphs import capture_unavailable, make_train_step
 from .checkpoint import (FORMAT, CheckpointError, _mismatches, atomic_save, build_model, check_dense,
                          load_checkpoint, temp_name_pattern)
 from .image_io import ImageReadError
@@ -77,6 +83,7 @@ class TrainConfig:
     # machinery
     amp: str = "none"                      # none | bf16 | fp16
     compile: bool = False
+    cuda_graph: bool = True                # replay the step from a CUDA graph (one CUDA process, no compile)
     workers: int = 4
     cache: str = "auto"                    # auto | memory | disk | none
     cache_dir: str | None = None
@@ -311,8 +318,12 @@ class Trainer:
             mk["rgb_mean"] = tuple(mk["rgb_mean"])
             self.model = build_model(**mk)
         self.model = self.model.to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                          eps=cfg.eps)
+        self.graphed, why_eager = self._graph_plan()
+        # On CUDA the fused Adam; captured, it also keeps its step count and (as a tensor) the learning
+        # rate on the device, so the scheduler's changes reach the graph.
+        adam = dict(fused=True, capturable=self.graphed) if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self._lr_value(cfg.lr),
+                                          betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **adam)
         self.ipe = cfg.iters_per_epoch
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step = 0
@@ -344,7 +355,7 @@ class Trainer:
             with _loading(path, "model"):
                 self.model.load_state_dict(ckpt["model"])
             with _loading(path, "optimizer"):
-                self.optimizer.load_state_dict(ckpt["optimizer"])
+                self._load_optimizer(ckpt["optimizer"])
                 _check_optimizer_state(self.optimizer)
             with _loading(path, "scheduler"):
                 self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -391,6 +402,10 @@ class Trainer:
             self.net = torch.compile(self.net)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        self.train_step = make_train_step(self.net, self.optimizer, F.l1_loss, amp_dtype=self.amp_dtype,
+                                          grad_scaler=self.scaler, cuda_graph=self.graphed)
+        self.log("training step: " + ("replayed from a CUDA graph per batch shape" if self.graphed
+                                      else f"eager ({why_eager})"))
 
     # ------------------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
@@ -406,6 +421,40 @@ class Trainer:
         if self.cfg.fail_fast:
             raise ImageReadError(f"stopping (--fail-fast): {msg}")
 
+    def _graph_plan(self) -> tuple[bool, str]:
+        """(whether the step is captured in a CUDA graph, why not)."""
+        cfg = self.cfg
+        why = capture_unavailable(self.device)
+        if not cfg.cuda_graph:
+            why = "--no-cuda-graph"
+        elif self.world > 1:
+            why = "CUDA graphs are not used under DistributedDataParallel"
+        elif cfg.compile:
+            why = "CUDA graphs are not used with --compile"
+        return why is None, why or ""
+
+    def _lr_value(self, lr: float):
+        """A learning rate as the optimizer holds it: a tensor on the device where the step is captured."""
+        return torch.tensor(lr, dtype=torch.float32, device=self.device) if self.graphed else lr
+
+    def _load_optimizer(self, saved: dict) -> None:
+        """The checkpoint's hyperparameters and moments, run the way this run runs Adam: the
+        implementation flags stay this run's, the lr becomes a device tensor where the step is
+        captured, and fused or captured Adam gets its step counts on the device (a checkpoint from
+        the CPU, or from eager foreach Adam, holds them on the host)."""
+        impl = ("foreach", "fused", "capturable")
+        mine = [{k: g[k] for k in impl if k in g} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(saved)
+        for group, flags in zip(self.optimizer.param_groups, mine):
+            group.update(flags)
+            group["lr"] = self._lr_value(float(group["lr"]))
+            if not (flags.get("fused") or flags.get("capturable")):
+                continue
+            for p in group["params"]:
+                state = self.optimizer.state.get(p)
+                if state and torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
     @property
     def amp_dtype(self):
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
@@ -420,13 +469,6 @@ class Trainer:
         loss = F.l1_loss(sr.float(), hr)
         self.scaler.scale(loss).backward()
         return loss.detach()
-
-    def optimizer_step(self) -> None:
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.step += 1
 
     def state_dict(self) -> dict:
         return {
@@ -482,14 +524,15 @@ class Trainer:
         try:
             with StopRequest() as stop:
                 for lr, hr in self.loader:
-                    loss = self.forward_backward(lr, hr)
-                    self.optimizer_step()
+                    loss = self.train_step(lr, hr)  # forward, L1, backward, Adam (and AMP scaler) step
+                    self.scheduler.step()
+                    self.step += 1
                     loss_sum += loss
                     loss_n += 1
                     shown = self._progress.due(self.step)
                     fields = {}
                     if shown:
-                        fields = {"loss": loss_sum.item() / loss_n, "lr": self.scheduler.get_last_lr()[0],
+                        fields = {"loss": loss_sum.item() / loss_n, "lr": float(self.scheduler.get_last_lr()[0]),
                                   "epoch": f"{self.step / self.ipe:.2f}"}
                         loss_sum.zero_()
                         loss_n = 0

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ..graphs import make_upscaler
 from .checkpoint import load_model
 from .image_io import DEFAULT_MAX_PIXELS, WRITE_FORMATS, ImageReadError, list_images, read_image, write_image
 from .infer import prepare, receptive_radius, upscale_image
@@ -91,12 +92,14 @@ def upscale(inputs: list[str], output: str, weights: str, *, tile: int | None = 
             tile_overlap: int | None = None, dtype: str = "fp32", self_ensemble: bool = False,
             device=None, fail_fast: bool = False, fmt: str | None = None, quality: int = 95,
             suffix: str = "", scale: int | None = None, overrides: dict | None = None,
-            max_pixels: int | None = DEFAULT_MAX_PIXELS, log: Callable[[str], None] = print) -> int:
+            max_pixels: int | None = DEFAULT_MAX_PIXELS,
+            cuda_graph: bool | None = None, log: Callable[[str], None] = print) -> int:
     """Upscale ``inputs`` (files and/or folders) into ``output``; returns the number of failures.
 
-    ``max_pixels``: larger input images are refused before they are decoded (None: no limit)."""
+    ``max_pixels``: larger input images are refused before they are decoded (None: no limit);
+    ``cuda_graph``: as in :func:`fastdrn.make_upscaler` (None: replay captured graphs on a GPU)."""
     model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale})
-    model = prepare(model, device, dtype)
+    model = make_upscaler(prepare(model, device, dtype), cuda_graph=cuda_graph)
     radius = receptive_radius(cfg)
     if tile and tile_overlap is not None and tile_overlap < radius:
         log(f"warning: tile overlap {tile_overlap} < receptive-field radius {radius}: seams are possible")
