@@ -38,11 +38,13 @@ import torch  # noqa: E402
 SMOKE_LABEL = "smoke (interpreter, CPU) - not a timing"
 GPU_LABEL = "do_bench median (CUDA events, L2 flushed)"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # measure this checkout's fastdrn (the one the rows' commit and tree hash name)
+    sys.path.insert(1, REPO)  # after bench/ itself, before an installed fastdrn
 DEFAULT_OUT = os.path.join(REPO, "bench", "out", "results.jsonl")
 MiB = 1024 * 1024
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-BASELINE_ORDER = ("eager", "compile", "compile-max-autotune", "copy")
+BASELINE_ORDER = ("eager", "eager-graph", "compile", "compile-reduce-overhead", "compile-max-autotune", "copy")
 
 
 class Skip(Exception):
@@ -150,7 +152,7 @@ def environment(device: torch.device) -> dict:
         env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
         env["matmul_fp32_precision"] = torch.get_float32_matmul_precision()
         env["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
-    for var in ("FASTDRN_BACKEND", "FASTDRN_NUM_WARPS", "FASTDRN_AUTOTUNE", "TRITON_INTERPRET",
+    for var in ("FASTDRN_BACKEND", "FASTDRN_NUM_WARPS", "FASTDRN_AUTOTUNE", "FASTDRN_KERNELS", "TRITON_INTERPRET",
                 "TRITON_DEFAULT_FP_FUSION"):
         env[var] = os.environ.get(var)
     try:
@@ -159,6 +161,12 @@ def environment(device: torch.device) -> dict:
         env["fastdrn_backend"] = backend.describe(device)
     except Exception as exc:  # recorded, not fatal: the rows say which impl failed and why
         env["fastdrn_backend"] = f"unavailable: {exc}"
+    try:  # which kernel variants plain "fastdrn" rows ran (kernels/choices.py)
+        from fastdrn.kernels import choices
+
+        env["kernel_variants"] = {kind: choices.chosen(kind) for kind in choices.VARIANTS}
+    except Exception as exc:
+        env["kernel_variants"] = f"unavailable: {exc}"
     return env
 
 

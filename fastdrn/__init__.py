@@ -3,6 +3,7 @@
 from . import backend, ops, reference
 from .model import DRN
 from .pretrained import load
+from .graphs import make_train_step, make_upscaler
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,4 @@ def drn_plus(scale: int, **overrides) -> DRN:
     return DRN(scale=scale, **{"inner": 256, **overrides})
 
 
-__all__ = ["DRN", "backend", "drn", "drn_plus", "load", "ops", "reference"]
+__all__ = ["DRN", "backend", "drn", "drn_plus", "load", "make_train_step", "make_upscaler", "ops", "reference"]

@@ -5,6 +5,10 @@ bicubic downsampling of the HR image cropped to a multiple of the scale, rounded
 benchmark LR sets were made). SR and bicubic (MATLAB ``imresize(lr, scale)``) outputs are quantised to
 8 bits and compared with HR on the Y channel with a ``scale``-pixel border cropped
 (:mod:`fastdrn.tools.metrics`); ``crop_border`` and ``y_channel=False`` (RGB) change that.
+
+An image too small for SSIM's 11x11 window once the border is cropped is skipped with a warning and
+counted in the summary (``skipped``), not averaged in as NaN. The JSON report is strict JSON:
+non-finite numbers (an infinite PSNR of a perfect match, a mean over no image) are written as null.
 """
 from __future__ import annotations
 
@@ -16,12 +20,13 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..graphs import Upscaler, make_upscaler
 from .checkpoint import atomic_write_text, load_model
 from .data import Pair, find_pairs, load_pair
-from .image_io import Image, ImageReadError, write_image
+from .image_io import DEFAULT_MAX_PIXELS, Image, ImageReadError, write_image
 from .imresize import upsample
 from .infer import prepare, receptive_radius, super_resolve
-from .metrics import psnr_ssim
+from .metrics import SSIM_WINDOW, psnr_ssim
 
 __all__ = ["evaluate", "evaluate_pairs", "format_table", "convention"]
 
@@ -39,13 +44,16 @@ def _to_float(a) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(2, 0, 1))).double() / m
 
 
-def evaluate_pairs(model: torch.nn.Module, cfg: dict, pairs: Iterable[Pair], *, self_ensemble: bool = False,
+def evaluate_pairs(model: torch.nn.Module | Upscaler, cfg: dict, pairs: Iterable[Pair], *, self_ensemble: bool = False,
                    tile: int | None = None, tile_overlap: int | None = None, dtype: str = "fp32",
                    device=None, bicubic: bool = True, fail_fast: bool = False,
                    loaded: dict | None = None, save_dir: str | None = None,
-                   crop_border: int | None = None, y_channel: bool = True, bicubic_cache: dict | None = None,
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS, crop_border: int | None = None,
+                   y_channel: bool = True, bicubic_cache: dict | None = None,
                    log: Callable[[str], None] = print) -> dict:
-    """Score ``model`` on ``pairs``; returns {"images": [...], "mean": {...}, "failed": [...]}.
+    """Score ``model`` (a module or a :func:`fastdrn.make_upscaler` upscaler) on ``pairs``; returns
+    {"images": [...], "mean": {...}, "failed": [...],
+    "skipped": [...]} (skipped: images too small for SSIM once the border is cropped).
 
     ``loaded`` may map pair names to already decoded (lr, hr) arrays (training's validation set);
     ``bicubic_cache`` a dict in which the bicubic scores are kept across calls (they do not change).
@@ -53,15 +61,21 @@ def evaluate_pairs(model: torch.nn.Module, cfg: dict, pairs: Iterable[Pair], *, 
     """
     scale = cfg["scale"]
     crop = scale if crop_border is None else crop_border
-    rows, failed = [], []
+    rows, failed, skipped = [], [], []
     for pair in pairs:
         try:
-            lr, hr = loaded[pair.name] if loaded and pair.name in loaded else load_pair(pair, scale)
+            lr, hr = loaded[pair.name] if loaded and pair.name in loaded else load_pair(pair, scale, max_pixels)
         except ImageReadError as e:
             log(f"error: {e}")
             failed.append({"name": pair.name, "error": str(e)})
             if fail_fast:
                 break
+            continue
+        if min(hr.shape[:2]) - 2 * crop < SSIM_WINDOW:
+            why = (f"{hr.shape[1]}x{hr.shape[0]} is too small: SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window needs "
+                   f"{SSIM_WINDOW + 2 * crop} pixels a side with the {crop}-pixel border cropped")
+            log(f"warning: {pair.name}: skipped: {why}")
+            skipped.append({"name": pair.name, "reason": why})
             continue
         lr_t, hr_t = _to_float(lr), _to_float(hr)
         sr = super_resolve(model, lr_t.float(), scale, rgb_range=cfg.get("rgb_range", 1.0), tile=tile,
@@ -83,7 +97,7 @@ def evaluate_pairs(model: torch.nn.Module, cfg: dict, pairs: Iterable[Pair], *, 
             write_image(os.path.join(save_dir, f"{pair.name}_x{scale}.png"), Image(rgb=sr.clamp(0, 1)))
     keys = ["psnr", "ssim"] + (["bicubic_psnr", "bicubic_ssim"] if bicubic else [])
     mean = {k: (sum(r[k] for r in rows) / len(rows) if rows else math.nan) for k in keys}
-    return {"images": rows, "mean": mean, "failed": failed}
+    return {"images": rows, "mean": mean, "failed": failed, "skipped": skipped}
 
 
 def format_table(result: dict) -> str:
@@ -104,7 +118,21 @@ def format_table(result: dict) -> str:
     lines.append(fmt("mean", result["mean"]))
     if result.get("failed"):
         lines.append(f"{len(result['failed'])} image(s) failed: " + ", ".join(f["name"] for f in result["failed"]))
+    if result.get("skipped"):
+        lines.append(f"{len(result['skipped'])} image(s) skipped (smaller than the SSIM window): "
+                     + ", ".join(f["name"] for f in result["skipped"]))
     return "\n".join(lines)
+
+
+def _strict_json(value):
+    """`value` with every non-finite float as None: JSON has no NaN or Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int | None = None,
@@ -112,14 +140,18 @@ def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int
              tile_overlap: int | None = None, dtype: str = "fp32", device=None, fail_fast: bool = False,
              save_dir: str | None = None, overrides: dict | None = None, key: str | None = None,
              crop_border: int | None = None, y_channel: bool = True,
-             log: Callable[[str], None] = print) -> dict:
-    """Load ``weights``, score it on ``hr_dir`` (and ``lr_dir``), print a table, optionally write JSON."""
+             max_pixels: int | None = DEFAULT_MAX_PIXELS,
+             cuda_graph: bool | None = None, log: Callable[[str], None] = print) -> dict:
+    """Load ``weights``, score it on ``hr_dir`` (and ``lr_dir``), print a table, optionally write JSON.
+
+    ``cuda_graph``: as in :func:`fastdrn.make_upscaler` (None: replay captured graphs on a GPU)."""
     t0 = time.perf_counter()
     model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale}, key=key, log=log)
-    model = prepare(model, device, dtype)
-    dev = next(model.parameters()).device
+    module = prepare(model, device, dtype)
+    dev = next(module.parameters()).device
     log(f"device {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
-        + f", {dtype}; backend: {model.backend if hasattr(model, 'backend') else 'reference'}")
+        + f", {dtype}; backend: {module.backend}")
+    model = make_upscaler(module, cuda_graph=cuda_graph)
     pairs, missing = find_pairs(hr_dir, lr_dir, cfg["scale"])
     failed = []
     for m in missing:
@@ -129,7 +161,8 @@ def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int
         pairs = []
     result = evaluate_pairs(model, cfg, pairs, self_ensemble=self_ensemble, tile=tile,
                             tile_overlap=tile_overlap, dtype=dtype, device=device, fail_fast=fail_fast,
-                            save_dir=save_dir, crop_border=crop_border, y_channel=y_channel, log=log)
+                            save_dir=save_dir, max_pixels=max_pixels, crop_border=crop_border,
+                            y_channel=y_channel, log=log)
     seconds = time.perf_counter() - t0
     result["failed"] = failed + result["failed"]
     result.update(weights=os.fspath(weights), hr_dir=os.fspath(hr_dir),
@@ -143,6 +176,6 @@ def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int
     log(format_table(result))
     log(f"{len(result['images'])} image(s) in {seconds:.1f} s on {dev}; {result['convention']}")
     if json_path:
-        text = json.dumps(result, indent=2, allow_nan=True)
+        text = json.dumps(_strict_json(result), indent=2, allow_nan=False)
         atomic_write_text(json_path, text + "\n")
     return result
