@@ -142,8 +142,7 @@ def test_ema_follows_the_weights_is_validated_saved_resumed_and_loaded(synth, tm
     t = Trainer(_cfg(synth, tmp_path / "manual", steps=3, ema=decay))
     expected = [p.detach().double().clone() for p in t.model.parameters()]     # the EMA starts at the weights
     for lr, hr in t.loader:
-        t.forward_backward(lr, hr)
-        t.optimizer_step()
+        t.advance(lr, hr)
         expected = [decay * e + (1 - decay) * p.detach().double() for e, p in zip(expected, t.model.parameters())]
     assert t.step == 3
     for e, p, raw in zip(expected, t.ema_model.parameters(), t.model.parameters()):
