@@ -162,11 +162,20 @@ def distill_group(y, blocks, alpha=0.2, recompute=False):
     alpha = check_alpha("distill_group", alpha)
     tensors = [y, *(t for block in blocks for t in block)]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if needs_grad or not blocks or not backend.use_triton("residual_distill", y.device, y.dtype):
+    if not blocks or not backend.use_triton("residual_distill", y.device, y.dtype):
         z = y
         for block in blocks:
             z = residual_distill(z, *block, alpha=alpha, recompute=recompute)
         return z
+    if needs_grad:  # block by block, each 3x3 kernel also computing the next block's squeeze
+        _check_activation("distill_group", "y", y)
+        width = y.shape[1]
+        for block in blocks:
+            _check_block_weights("distill_group", y, width, *block)
+            width = block[4].shape[0]
+        from .kernels.residual_distill import residual_distill_chain
+
+        return residual_distill_chain(y, [_dense_block(*block) for block in blocks], alpha, recompute)
     _check_activation("distill_group", "y", y)
     width = y.shape[1]
     for block in blocks:
