@@ -167,6 +167,8 @@ CONV3X3_FP32_CONFIGS = {
     256: [_config(64, 16, 16, 8, 2)],
 }
 CONV3X3_INTERPRETER = _config(32, 32, 32, 4, 1)
+# Per BLOCK_F, with BLOCK_K no wider than BLOCK_F (built once: a Config per launch costs host time).
+CONV3X3_INTERPRETER_BY_F = {block_f: _config(32, 32, min(block_f, 32), 4, 1) for block_f in CONV3X3_CONFIGS}
 
 
 def conv3x3_configs(block_f: int, dtype: torch.dtype) -> list:
@@ -203,15 +205,12 @@ def _conv3x3(x, wc_packed, bc, alpha, *, epi1, flip_taps=False, aux=None, save_m
     block_f = next_pow2(inner)
     mid = torch.empty_like(x) if save_mid else None
     check_int32("residual_distill", m * max(inner, out_stride, res_stride), wc_packed.numel())
-    interp = CONV3X3_INTERPRETER
-    interp = triton.Config({**interp.kwargs, "BLOCK_K": min(block_f, interp.kwargs["BLOCK_K"])},
-                           num_warps=interp.num_warps, num_stages=interp.num_stages)
     alpha_hi, alpha_lo = split_alpha(alpha)
     tuned = conv3x3_tuned[(block_f, x.dtype == torch.float32, inplace)]
     launch(
         conv3x3_fused_kernel, tuned,
         lambda meta: (cdiv(m, meta["BLOCK_M"]),),
-        interp,
+        CONV3X3_INTERPRETER_BY_F[block_f],
         x_ptr=x, wc_ptr=wc_packed, bc_ptr=bc if bc is not None else wc_packed,
         aux_ptr=aux if aux is not None else x, mid_ptr=mid if mid is not None else x,
         w2_ptr=w2 if w2 is not None else wc_packed, b2_ptr=b2 if b2 is not None else wc_packed,
