@@ -35,6 +35,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+SMALL = dict(n_feats=16, n_groups=2, n_blocks=3, inner=16, distill=4)
 # aten primitives that launch a kernel on a GPU (composites such as clone or _to_copy end in copy_).
 LAUNCHING = {"aten::copy_", "aten::sum", "aten::cat", "aten::add", "aten::add_", "aten::mul", "aten::mul_",
              "aten::fill_", "aten::zero_", "aten::sub", "aten::div", "aten::abs", "aten::sgn", "aten::sign",
@@ -47,6 +48,7 @@ class StubKernel:
     list) and runs nothing. Keeps what Triton compiled it for: signature, constexprs, options."""
 
     launches = 0
+    triton_runs = 0
     last = None
     last_args: tuple = ()
     log: list | None = None
@@ -58,7 +60,9 @@ class StubKernel:
 
     def run(self, *args):
         StubKernel.launches += 1
-        StubKernel.last, StubKernel.last_args = self, args
+        StubKernel.last = self
+        if FakeGPUDriver.timing is not None:  # only then: holding the arguments would keep tensors alive
+            StubKernel.last_args = args
         if StubKernel.log is not None:
             StubKernel.log.append((self, args))
 
@@ -106,71 +110,89 @@ def _stub_compile(self, key, signature, device, constexprs, options, attrs, warm
 
 
 def install_fake_gpu() -> None:
-    """Route Triton's launch path to the stand-ins, and let fastdrn's ops take their Triton path on
-    CPU tensors (they would otherwise run PyTorch math there)."""
+    """Route Triton's launch path to the stand-ins, count the launches that go through Triton's own
+    JITFunction.run (StubKernel.triton_runs), and let fastdrn's ops take their Triton path on CPU
+    tensors (they would otherwise run PyTorch math there)."""
     import fastdrn.backend
 
     driver.set_active(FakeGPUDriver())
     JITFunction._do_compile = _stub_compile
+    triton_run = JITFunction.run
+
+    def counted_run(self, *args, **kwargs):
+        StubKernel.triton_runs += 1
+        return triton_run(self, *args, **kwargs)
+
+    JITFunction.run = counted_run
     fastdrn.backend.triton_unavailable_reason = lambda device, dtype=None: None
 
 
 def best_of(fn, reps: int, inner: int) -> float:
-    """Minimum over `reps` rounds of the mean time of `inner` calls, in seconds."""
+    """Minimum over `reps` rounds of the mean CPU time of `inner` calls, in seconds. CPU time of this
+    process (time.process_time), so that other processes on a shared machine count as little as
+    they can."""
     for _ in range(3):
         fn()
     best = float("inf")
     for _ in range(reps):
-        start = time.perf_counter()
+        start = time.process_time()
         for _ in range(inner):
             fn()
-        best = min(best, (time.perf_counter() - start) / inner)
+        best = min(best, (time.process_time() - start) / inner)
     return best
 
 
 def launch_costs(reps: int) -> dict:
-    """Microseconds per launch of conv3x3_fused_kernel (35 arguments) at the arguments of a block's
-    forward: straight through Triton's JITFunction.run, and through fastdrn's launcher; and one
-    aten add of two small tensors."""
+    """Microseconds per launch of conv3x3_fused_kernel (35 arguments, the largest kernel of a block's
+    forward) with a block's forward arguments: through Triton's JITFunction.run, through fastdrn's
+    launch (its lean path once warm), and through the whole launcher that also allocates and checks
+    (`_conv3x3`); and one aten add of two small tensors, for scale."""
     from fastdrn.kernels import residual_distill as rd
-    from fastdrn.kernels._common import direct_launches
+    from fastdrn.kernels._common import direct_launches, launch
 
     x = torch.randn(1, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     wc = torch.randn(9, 16, 16)
     w2, b = torch.randn(24, 16, 1, 1), torch.randn(24)
     out = torch.empty(1, 24, 8, 8).contiguous(memory_format=torch.channels_last)
-    config = rd.conv3x3_configs(16, x.dtype)[0]
+    tuned = rd.conv3x3_tuned[(16, False, False)]
+    config = tuned.configs[0]
     args = dict(x_ptr=x, wc_ptr=wc, bc_ptr=b, aux_ptr=x, mid_ptr=x, w2_ptr=w2, b2_ptr=b, res_ptr=x, out_ptr=out,
                 M=64, H=8, W=8, F=16, N2=24, NRES=16, stride_w2n=16, stride_w2f=1, stride_rm=16, stride_om=24,
                 alpha_hi=0.2, alpha_lo=0.0, FLIP_TAPS=False, EPI1=0, HAS_BIAS1=True, SAVE_MID=False,
                 HAS_SECOND=True, HAS_BIAS2=True, IS_FP64=False, PRECISION="tf32", BLOCK_F=16)
-    grid = (2,)
+
+    def grid(meta):
+        return (1,)
 
     def triton_run():
         rd.conv3x3_fused_kernel[grid](**args, **config.kwargs, num_warps=config.num_warps,
                                       num_stages=config.num_stages)
 
+    def fastdrn_launch():
+        launch(rd.conv3x3_fused_kernel, tuned, grid, rd.CONV3X3_INTERPRETER, **args)
+
     def fastdrn_launcher():
-        with direct_launches():  # as the eager path runs it
-            rd._conv3x3(x, wc, b, 0.2, epi1=rd.EPI_ELU, w2=w2, w2_strides=(16, 1), b2=b, n2=24, res=x, res_stride=16,
-                        nres=16, out=out, out_stride=24)
+        rd._conv3x3(x, wc, b, 0.2, epi1=rd.EPI_ELU, w2=w2, w2_strides=(16, 1), b2=b, n2=24, res=x, res_stride=16,
+                    nres=16, out=out, out_stride=24)
 
     small = torch.randn(16)
-    with torch.no_grad():
-        return {"Triton JITFunction.run": best_of(triton_run, reps, 200) * 1e6,
+    with torch.no_grad(), direct_launches():  # as the eager path runs them
+        return {"Triton's JITFunction.run": best_of(triton_run, reps, 200) * 1e6,
+                "fastdrn launch (lean path)": best_of(fastdrn_launch, reps, 200) * 1e6,
                 "fastdrn launcher (_conv3x3)": best_of(fastdrn_launcher, reps, 200) * 1e6,
-                "aten add": best_of(lambda: torch.add(small, small), reps, 200) * 1e6}
+                "aten add (for scale)": best_of(lambda: torch.add(small, small), reps, 200) * 1e6}
 
 
 def model_costs(args) -> dict:
-    """Host seconds of a training step and of an inference forward, fastdrn and reference."""
+    """Host seconds of a training step (forward, L1 loss, backward) and of an inference forward,
+    fastdrn and the reference with the same weights; and the launches of a warm training step."""
     import fastdrn
     from fastdrn import reference
 
     torch.manual_seed(0)
-    cfg = dict(scale=args.scale, n_feats=args.width, inner=args.width, distill=min(8, args.width // 2))
-    ref = reference.DRN(**cfg)
-    fast = fastdrn.DRN(**cfg)
+    cfg = SMALL if args.small else dict(n_feats=args.width, inner=args.width, distill=max(1, min(8, args.width // 2)))
+    ref = reference.DRN(scale=args.scale, **cfg)
+    fast = fastdrn.DRN(scale=args.scale, **cfg)
     fast.load_state_dict(ref.state_dict())
     x = torch.rand(1, 3, args.size, args.size)
     hr = torch.rand(1, 3, args.size * args.scale, args.size * args.scale)
@@ -194,10 +216,10 @@ def model_costs(args) -> dict:
     for phase, make in (("train", step), ("infer", infer)):
         for name, model in (("fastdrn", fast), ("reference", ref)):
             times[phase, name] = best_of(make(model), args.reps, 1)
-    StubKernel.launches = 0
+    StubKernel.launches = StubKernel.triton_runs = 0
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step(fast)()
-    times["triton launches"] = StubKernel.launches
+    times["triton launches"], times["through triton"] = StubKernel.launches, StubKernel.triton_runs
     times["aten launches"] = sum(1 for e in prof.events() if e.name in LAUNCHING)
     return times
 
@@ -205,27 +227,32 @@ def model_costs(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", type=int, default=4)
-    p.add_argument("--width", type=int, default=16, help="n_feats and inner of both models (tiny: host cost only)")
-    p.add_argument("--size", type=int, default=8, help="LR image side")
-    p.add_argument("--autocast", action="store_true", help="bf16 autocast, as training scripts use it")
+    p.add_argument("--width", type=int, default=8, help="n_feats and inner of both models (tiny: host cost only)")
+    p.add_argument("--size", type=int, default=4, help="LR image side")
+    p.add_argument("--small", action="store_true", help="the tests' small DRN (2 groups of 3 blocks) instead")
+    p.add_argument("--autocast", action="store_true",
+                   help="bf16 autocast (the reference then runs bf16 convolutions on the CPU, whose arithmetic "
+                        "is not host overhead: its time, and the ratio, flatter fastdrn)")
     p.add_argument("--reps", type=int, default=30)
     args = p.parse_args()
     torch.set_num_threads(1)
     install_fake_gpu()
 
     for name, us in launch_costs(args.reps).items():
-        print(f"launch: {name:32s} {us:7.1f} us")
+        print(f"launch: {name:30s} {us:6.1f} us")
     t = model_costs(args)
-    label = (f"DRN x{args.scale} (6 groups x 9 blocks, width {args.width}, {args.size}x{args.size} image, "
-             f"{'bf16 autocast' if args.autocast else 'fp32'})")
-    print(label)
+    shape = "2 groups x 3 blocks, the tests' small DRN" if args.small else f"6 groups x 9 blocks, width {args.width}"
+    print(f"DRN x{args.scale} ({shape}), 1x3x{args.size}x{args.size}, "
+          f"{'bf16 autocast' if args.autocast else 'fp32'}:")
     for phase, what in (("train", "training step"), ("infer", "inference")):
         fast, ref = t[phase, "fastdrn"], t[phase, "reference"]
-        print(f"{what:14s} host: fastdrn {fast * 1e3:6.2f} ms, reference {ref * 1e3:6.2f} ms, ratio {fast / ref:.2f}x")
+        print(f"{what:14s} host: fastdrn {fast * 1e3:6.2f} ms, reference {ref * 1e3:6.2f} ms, "
+              f"ratio {fast / ref:.2f}x")
     print(f"launches per training step {t['triton launches'] + t['aten launches']} "
-          f"({t['triton launches']} Triton + {t['aten launches']} aten)")
-    print(f"(CPU host times, min of {args.reps} rounds, one thread, Triton {triton.__version__}, "
-          f"torch {torch.__version__}; nothing launched)", file=sys.stderr)
+          f"({t['triton launches']} Triton + {t['aten launches']} aten); "
+          f"through Triton's own run once warm: {t['through triton']}")
+    print(f"(CPU host times: process CPU time, min of {args.reps} rounds, one thread; Triton {triton.__version__}, "
+          f"torch {torch.__version__}; nothing compiled or launched)")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,14 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-from triton import knobs
-from triton._C.libtriton import native_specialize_impl
 from triton.runtime.driver import driver as triton_driver
 from triton.runtime.jit import JITFunction
+
+try:  # what the lean launch path reads of Triton (3.4 and later); without it every launch is Triton's
+    from triton import knobs
+    from triton._C.libtriton import native_specialize_impl
+except ImportError:  # pragma: no cover - older Triton
+    knobs = native_specialize_impl = None
 
 INT32_LIMIT = 2**31 - 1
 
@@ -204,8 +208,8 @@ class LeanLauncher:
             entries.clear()
 
     def _generate(self, device, args: dict):
-        """key(**args) and launch(grid, driver, device, **args) for this kernel on `device`; pointer
-        arguments are those the first call passed tensors to."""
+        """key(args) and launch(grid, driver, device, args) for this kernel on `device`, args being the
+        launch's keyword dict; pointer arguments are those the first call passed tensors to."""
         names = [p.name for p in self.params if p.name not in self.config_names]
         key_parts, values = [], []
         for p in self.params:
@@ -223,13 +227,22 @@ class LeanLauncher:
             else:
                 key_parts.append(f"specialize(backend, {name}, {p.is_const}, {not p.do_not_specialize}, "
                                  f"{not p.do_not_specialize_on_alignment})")
-        key_parts += self.tune_keys
+        key_parts += [name for name in self.tune_keys if name not in self.config_names]
         key = f"({', '.join(key_parts)},)"
+        # Arguments come as the launchers' keyword dict: looking 35 names up in it costs about half
+        # of binding them as keyword arguments.
+        unpack = "".join(f"        {name} = args[{name!r}]\n" for name in names)
         source = (
-            f"def key({', '.join(names)}):\n"
-            f"    return {key}\n"
-            f"def launch(grid, driver, device, {', '.join(names)}):\n"
-            f"    entry = entries.get({key})\n"
+            f"def key(args):\n"
+            f"    try:\n{unpack}"
+            f"        return {key}\n"
+            f"    except (AttributeError, KeyError):  # a pointer that is not a tensor, or a missing argument\n"
+            f"        return None\n"
+            f"def launch(grid, driver, device, args):\n"
+            f"    try:\n{unpack}"
+            f"        entry = entries.get({key})\n"
+            f"    except (AttributeError, KeyError):  # a pointer that is not a tensor, or a missing argument\n"
+            f"        return False\n"
             f"    if entry is None:\n"
             f"        return False\n"
             f"    run, function, metadata, meta = entry\n"
@@ -250,9 +263,8 @@ class LeanLauncher:
         generated = self.devices.get(device)
         if generated is None:
             generated = self.devices[device] = self._generate(device, args)
-        try:
-            key = generated[0](**args)
-        except AttributeError:
+        key = generated[0](args)
+        if key is None:
             return
         run = compiled.run  # loads the module on the device (CompiledKernel._init_handles)
         generated[2][key] = (run, compiled.function, compiled.packed_metadata, config.kwargs)
@@ -270,16 +282,13 @@ def launch(kernel, tuned, grid, interpreter: triton.Config, **args) -> None:
     LeanLauncher; under tracing (torch.compile, export) through wrap_triton, as Triton's own calls.
     """
     lean = _lean_launchers.get(id(kernel if tuned is None else tuned))
-    if lean is not None and not _wrap_triton_enabled() and not kernel.pre_run_hooks and _hooks_idle(knobs.runtime):
+    if (lean is not None and not _wrap_triton_enabled() and not kernel.pre_run_hooks
+            and _hooks_idle(knobs.runtime)):
         driver = triton_driver.active
         device = driver.get_current_device()
         generated = lean.devices.get(device)
-        if generated is not None:
-            try:
-                if generated[1](grid, driver, device, **args):
-                    return
-            except AttributeError:  # a pointer argument that is not a tensor this time: Triton decides
-                pass
+        if generated is not None and generated[1](grid, driver, device, args):
+            return
     configs = [interpreter] if tuned is None else tuned.configs
     config = fixed_config(interpreter, configs)
     if config is None:
@@ -288,8 +297,9 @@ def launch(kernel, tuned, grid, interpreter: triton.Config, **args) -> None:
     else:
         compiled = wrap_triton(kernel)[grid](**args, **config.kwargs, num_warps=config.num_warps,
                                              num_stages=config.num_stages)
-    if KERNELS_INTERPRETED or _wrap_triton_enabled is None or _wrap_triton_enabled():
-        return  # interpreted, or traced: nothing to keep
+    if (KERNELS_INTERPRETED or _wrap_triton_enabled is None or native_specialize_impl is None
+            or _wrap_triton_enabled()):
+        return  # interpreted, traced, or a Triton too old for the lean path: nothing to keep
     if lean is None:
         lean = _lean_launchers[id(kernel if tuned is None else tuned)] = LeanLauncher(kernel, tuned, configs)
     lean.keep(compiled, config, args)
