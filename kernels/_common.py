@@ -1,4 +1,5 @@
-"""Pieces every fused op shares: ELU in Triton, launch-config choice, layout and index checks."""
+"""Pieces every fused op shares: ELU in Triton, launch settings and config choice, the launch path
+(`launch`, lean once warm: docs/launch-path.md), layout and index checks."""
 from __future__ import annotations
 
 import functools
