@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import choices
 from ._common import (KERNELS_INTERPRETED, cdiv, check_int32, dot_precision, elu, elu_grad_from_input, elu_grad_from_output,
                       grad_split, is_fp64, join_alpha, launch, split_alpha)
 
@@ -266,6 +267,180 @@ def sum_partials_kernel(
     tl.store(db2_ptr + (offs - E4), out, mask=(offs >= E4) & ok)
 
 
+@triton.jit
+def _weight_grad_tile_program(
+    local,       # this program's index within its problem: (split, tile), tile = a dot tile or a bias tile
+    g_ptr,       # [M, N] gradient at the conv's output, row stride stride_gm
+    x_ptr,       # [M, K] the conv's input, row stride stride_xm
+    seg_ptr,     # this problem's segment of partial row 0: [TAPS, N, K] weight entries (k fastest),
+                 # then N bias entries; split s writes s * row_len further on
+    row_len,     # entries in one partial row (every problem's segment)
+    M, H, W, rows_per_split,
+    n_units,         # N, K and the row strides of g and x, in units of ROW_ALIGN elements
+    k_units,
+    stride_g_units,
+    stride_x_units,
+    TAPS: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    N = n_units * ROW_ALIGN
+    K = k_units * ROW_ALIGN
+    stride_gm = stride_g_units * ROW_ALIGN
+    stride_xm = stride_x_units * ROW_ALIGN
+    # Per split: the dot tiles (N tile, K tile, tap), tap fastest so that the nine programs reading
+    # the same rows of g run side by side, then one bias tile per N tile. The bias has programs of
+    # its own so that no dot program spends issue slots on a row reduction.
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    num_k_tiles = tl.cdiv(K, BLOCK_K)
+    dot_tiles = num_n_tiles * num_k_tiles * TAPS
+    split = local // (dot_tiles + num_n_tiles)
+    tile = local % (dot_tiles + num_n_tiles)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M)
+    row = seg_ptr + split * row_len
+    acc_dtype = tl.float64 if IS_FP64 else tl.float32
+    if tile < dot_tiles:
+        tap = tile % TAPS
+        pid_n = (tile // TAPS) // num_k_tiles
+        pid_k = (tile // TAPS) % num_k_tiles
+        shift_y = tap // 3 - 1 if TAPS == 9 else 0
+        shift_x = tap % 3 - 1 if TAPS == 9 else 0
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        n_ok = rn < N
+        k_ok = rk < K
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=acc_dtype)
+        for m0 in range(row_start, row_end, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            m_ok = rm < row_end
+            g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            if TAPS == 9:
+                h = (rm // W) % H + shift_y
+                w = rm % W + shift_x
+                src_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+                src = rm + shift_y * W + shift_x
+            else:
+                src_ok = m_ok
+                src = rm
+            x = tl.load(x_ptr + src[:, None] * stride_xm + rk[None, :], mask=src_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
+        tl.store(row + tap * N * K + rn[:, None] * K + rk[None, :], acc, mask=n_ok[:, None] & k_ok[None, :])
+    else:
+        rn = (tile - dot_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        bias_acc = tl.zeros((BLOCK_N,), dtype=acc_dtype)
+        for m0 in range(row_start, row_end, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :], mask=(rm < row_end)[:, None] & n_ok[None, :],
+                        other=0.0)
+            bias_acc += tl.sum(g.to(acc_dtype), axis=0)
+        tl.store(row + TAPS * N * K + rn, bias_acc, mask=n_ok)
+
+
+@triton.jit
+def weight_grad_tiles_kernel(
+    part_ptr,    # [S, row_len] partial sums (fp32, or fp64 for float64): problem p's segment of each
+                 # row starts at seg_p; every partial is written by exactly one program (no atomics)
+    g0_ptr,      # problem 0: [M, N0] gradient at the conv's output, row stride stride_g0 * ROW_ALIGN
+    x0_ptr,      # problem 0: [M, K0] the conv's input, row stride stride_x0 * ROW_ALIGN
+    N0, K0, stride_g0, stride_x0,  # problem 0's channel counts and row strides / ROW_ALIGN
+    seg0,        # problem 0's segment of a partial row
+    g1_ptr,      # problem 1 (PROBLEMS >= 2), as problem 0
+    x1_ptr,
+    N1, K1, stride_g1, stride_x1, seg1,
+    g2_ptr,      # problem 2 (PROBLEMS == 3), as problem 0
+    x2_ptr,
+    N2, K2, stride_g2, stride_x2, seg2,
+    M,           # pixel rows, shared by every problem
+    H,           # image height (3x3 taps only)
+    W,           # image width (3x3 taps only)
+    rows_per_split,  # pixel rows per partial, a multiple of BLOCK_M
+    row_len,     # entries in one partial row
+    PROBLEMS: tl.constexpr,  # 1 to 3 weight gradients in this launch
+    TAPS0: tl.constexpr,     # 1 for a 1x1 conv; 9 for a 3x3 conv with padding 1 (x read at the tap's shift)
+    TAPS1: tl.constexpr,
+    TAPS2: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input_precision (see dot_precision)
+    ROW_ALIGN: tl.constexpr,  # every channel count and row stride is a multiple of this many elements
+                              # and is passed divided by it: rows of D + d = 72 channels are 16-byte
+                              # aligned and masks constant over 8 channels, which Triton cannot know
+                              # from 72 (not a multiple of 16): without it no load vectorizes or pipelines
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Programs [0, P0) run problem 0, [P0, P0 + P1) problem 1, the rest problem 2, where
+    # P = S * (N tiles * K tiles * TAPS + N tiles).
+    pid = tl.program_id(0)
+    splits = tl.cdiv(M, rows_per_split)
+    end0 = splits * tl.cdiv(N0 * ROW_ALIGN, BLOCK_N) * (tl.cdiv(K0 * ROW_ALIGN, BLOCK_K) * TAPS0 + 1)
+    end1 = end0 + splits * tl.cdiv(N1 * ROW_ALIGN, BLOCK_N) * (tl.cdiv(K1 * ROW_ALIGN, BLOCK_K) * TAPS1 + 1)
+    if pid < end0:
+        _weight_grad_tile_program(pid, g0_ptr, x0_ptr, part_ptr + seg0, row_len, M, H, W, rows_per_split,
+                                  N0, K0, stride_g0, stride_x0, TAPS0, IS_FP64, PRECISION, ROW_ALIGN,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
+    elif PROBLEMS >= 2 and pid < end1:
+        _weight_grad_tile_program(pid - end0, g1_ptr, x1_ptr, part_ptr + seg1, row_len, M, H, W, rows_per_split,
+                                  N1, K1, stride_g1, stride_x1, TAPS1, IS_FP64, PRECISION, ROW_ALIGN,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
+    elif PROBLEMS == 3:
+        _weight_grad_tile_program(pid - end1, g2_ptr, x2_ptr, part_ptr + seg2, row_len, M, H, W, rows_per_split,
+                                  N2, K2, stride_g2, stride_x2, TAPS2, IS_FP64, PRECISION, ROW_ALIGN,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _scatter_segment(total, offs, seg, N, K, TAPS, stride_dn, stride_dk, stride_dt, dw_ptr, db_ptr):
+    # Entries [seg, seg + TAPS*N*K) of a partial row are (tap, n, k), k fastest: element
+    # (n, k, tap) of the weight gradient is at n * stride_dn + k * stride_dk + tap * stride_dt.
+    # The next N entries are the bias gradient.
+    r = offs - seg
+    nk = N * K
+    tap = r // nk
+    n = (r % nk) // K
+    k = r % K
+    tl.store(dw_ptr + n * stride_dn + k * stride_dk + tap * stride_dt, total.to(dw_ptr.dtype.element_ty),
+             mask=(r >= 0) & (r < TAPS * nk))
+    rb = r - TAPS * nk
+    tl.store(db_ptr + rb, total.to(db_ptr.dtype.element_ty), mask=(rb >= 0) & (rb < N))
+
+
+# Strides of 1, splits of 1 and the rest are ordinary values here: no launch-time specialization,
+# so one compile serves every weight layout (the kernel moves a few hundred KB).
+@triton.jit(do_not_specialize=["S", *(f"{name}{p}" for p in range(3)
+                                     for name in ("seg", "N", "K", "T", "sdn", "sdk", "sdt"))])
+def sum_partials_scatter_kernel(
+    part_ptr,    # [S, L] partial sums (fp32, or fp64 for float64), contiguous, as weight_grad_tiles_kernel wrote
+    S,           # partials per entry
+    L,           # entries per partial
+    dw0_ptr,     # problem 0's weight gradient (weight dtype), element (n, k, tap) at
+    db0_ptr,     # n * sdn0 + k * sdk0 + tap * sdt0; its bias gradient [N0]
+    seg0, N0, K0, T0, sdn0, sdk0, sdt0,
+    dw1_ptr,     # problem 1 (PROBLEMS >= 2), as problem 0
+    db1_ptr,
+    seg1, N1, K1, T1, sdn1, sdk1, sdt1,
+    dw2_ptr,     # problem 2 (PROBLEMS == 3), as problem 0
+    db2_ptr,
+    seg2, N2, K2, T2, sdn2, sdk2, sdt2,
+    PROBLEMS: tl.constexpr,
+    BLOCK: tl.constexpr,  # entries per program
+):
+    # One program per BLOCK entries, adding the S partials in index order: the same sum on every
+    # run (deterministic), no atomics; reads are coalesced, the scattered writes are the small gradient.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < L
+    total = tl.load(part_ptr + offs, mask=ok, other=0.0)
+    for s in range(1, S):
+        total += tl.load(part_ptr + s * L + offs, mask=ok, other=0.0)
+    _scatter_segment(total, offs, seg0, N0, K0, T0, sdn0, sdk0, sdt0, dw0_ptr, db0_ptr)
+    if PROBLEMS >= 2:
+        _scatter_segment(total, offs, seg1, N1, K1, T1, sdn1, sdk1, sdt1, dw1_ptr, db1_ptr)
+    if PROBLEMS == 3:
+        _scatter_segment(total, offs, seg2, N2, K2, T2, sdn2, sdk2, sdt2, dw2_ptr, db2_ptr)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers. Callers pass channels_last row views (checked by the op that owns them) and get
 # freshly allocated outputs. Configs: one fixed under the interpreter, a small autotuned set on
@@ -303,12 +478,52 @@ WEIGHT_GRAD_FP32_CONFIGS = [
 ]
 
 
+# weight_grad_tiles_kernel: whole 64-channel blocks on both sides of the product (the MMA's M is
+# BLOCK_N, its N is BLOCK_K, its K runs over pixel rows), so g is read once per tap and K tile
+# instead of once per 16 channels, and the operand rows are 128 bytes wide (full shared-memory
+# swizzle: the 64 x 16 tiles of the first design had 6-7-way bank conflicts on an H100).
+WEIGHT_GRAD_TILES_SPLIT_ROWS = 128  # rows_per_split is a multiple of this: every config's BLOCK_M divides it
+WEIGHT_GRAD_TILES_PROGRAMS = 256     # programs a launch aims at, from shapes only (about 2 per H100 SM)
+# Chosen by compiling for sm_90 and sm_80 without spills (kernels/aot_check.py). "aligned": every
+# channel count and row stride a multiple of 16 bytes (ROW_ALIGN > 1): loads vectorize and
+# pipeline (cp.async, 3 stages); otherwise (odd channel counts) they cannot, and need 8 warps or
+# narrower tiles to stay out of local memory.
+WEIGHT_GRAD_TILES_CONFIGS = {
+    (False, True): [  # 16-bit, aligned
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    ],
+    (False, False): [  # 16-bit, unaligned
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
+    ],
+    (True, True): [  # float32 (3xTF32), aligned
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+    ],
+    (True, False): [  # float32, unaligned
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+    ],
+}
+SUM_PARTIALS_SCATTER_BLOCK = 256  # entries per program: ~180 programs for a DRN block (45 at 1024)
+SUM_PARTIALS_SCATTER_CONFIG = triton.Config({"BLOCK": SUM_PARTIALS_SCATTER_BLOCK}, num_warps=4, num_stages=1)
+
+
 def conv1x1_configs(dtype: torch.dtype) -> list:
     return CONV1X1_FP32_CONFIGS if dtype == torch.float32 else CONV1X1_CONFIGS
 
 
 def weight_grad_configs(dtype: torch.dtype) -> list:
     return WEIGHT_GRAD_FP32_CONFIGS if dtype == torch.float32 else WEIGHT_GRAD_CONFIGS
+
+
+def row_align(dtype: torch.dtype, *extents: int) -> int:
+    """The largest element count of at most 16 bytes that divides every channel count and row stride."""
+    align = 128 // torch.finfo(dtype).bits
+    while align > 1 and any(extent % align for extent in extents):
+        align //= 2
+    return align
 
 
 # Keyed by "float32 storage?": each storage width autotunes over its own configs.
@@ -320,6 +535,10 @@ conv1x1_pair_tuned = {fp32: triton.autotune(configs=conv1x1_configs(torch.float3
 weight_grad_tuned = {fp32: triton.autotune(configs=weight_grad_configs(torch.float32 if fp32 else None),
                                            key=["PROBLEMS", "N0", "K0", "TAPS0", "N1", "K1", "TAPS1", "N2", "K2", "TAPS2"])(
                                                weight_grad_kernel) for fp32 in (False, True)}
+weight_grad_tiles_tuned = {
+    key: triton.autotune(configs=configs, key=["PROBLEMS", "N0", "K0", "TAPS0", "N1", "K1", "TAPS1", "N2", "K2",
+                                               "TAPS2", "ROW_ALIGN"])(weight_grad_tiles_kernel)
+    for key, configs in WEIGHT_GRAD_TILES_CONFIGS.items()}
 
 
 def conv1x1(x: torch.Tensor, x_stride: int, w: torch.Tensor, transpose_w: bool, bias: torch.Tensor | None,
@@ -410,6 +629,8 @@ def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
     all). Returns [(dW (n, k, kh, kw), db (n,))] in the problems' order, dW in the weight's memory
     format (contiguous or channels_last): autograd then hands it to .grad without a copy.
     """
+    if choices.chosen("weight_grad") == "tiles":
+        return _weight_grads_tiles(problems)
     g0 = problems[0][0]
     n_img, _, height, width = g0.shape
     m = n_img * height * width
@@ -455,6 +676,61 @@ def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
     launch(sum_partials_kernel, None, lambda meta: (cdiv(length, meta["BLOCK"]),), SUM_PARTIALS_CONFIG,
            part_ptr=partials, **dict(zip(("dw0_ptr", "db0_ptr", "dw1_ptr", "db1_ptr", "dw2_ptr", "db2_ptr"), pointers)),
            S=splits, L=length, **dict(zip(("E0", "E1", "E2", "E3", "E4"), ends)))
+    return outs
+
+
+def _weight_grads_tiles(problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """weight_grads through weight_grad_tiles_kernel and sum_partials_scatter_kernel."""
+    g0 = problems[0][0]
+    n_img, _, height, width = g0.shape
+    m = n_img * height * width
+    quantum = WEIGHT_GRAD_INTERPRETER.kwargs["BLOCK_M"] if KERNELS_INTERPRETED else WEIGHT_GRAD_TILES_SPLIT_ROWS
+    tiles = sum(cdiv(n, 64) * (cdiv(k, 64) * taps + 1) for _g, _gs, _x, _xs, n, k, taps, _w in problems)
+    chunks = cdiv(m, quantum)
+    splits = max(1, min(chunks, cdiv(WEIGHT_GRAD_TILES_PROGRAMS, tiles)))
+    rows_per_split = cdiv(chunks, splits) * quantum
+    splits = cdiv(m, rows_per_split)
+    acc_dtype = torch.float64 if g0.dtype == torch.float64 else torch.float32
+    segments, length = [], 0
+    for _g, _gs, _x, _xs, n, k, taps, _w in problems:
+        segments.append(length)
+        length += taps * n * k + n
+    partials = torch.empty((splits, length), device=g0.device, dtype=acc_dtype)
+    check_int32("weight gradient", partials.numel(), *(m * max(gs, xs) for _g, gs, _x, xs, *_rest in problems))
+    padded = list(problems) + [problems[0]] * (3 - len(problems))  # unused slots: never read
+    # Storage offsets too: the allocator aligns every block, so a view's rows are aligned when its offset is.
+    align = row_align(g0.dtype, *(v for g, gs, x, xs, n, k, _t, _w in problems
+                                  for v in (gs, xs, n, k, g.storage_offset(), x.storage_offset())))
+    args, sum_args, outs = {}, {}, []
+    for p, (g, g_stride, x, x_stride, n, k, taps, w) in enumerate(padded):
+        args.update({f"g{p}_ptr": g, f"x{p}_ptr": x, f"N{p}": n // align, f"K{p}": k // align,
+                     f"stride_g{p}": g_stride // align, f"stride_x{p}": x_stride // align,
+                     f"seg{p}": segments[p] if p < len(problems) else 0, f"TAPS{p}": taps})
+        if p < len(problems):
+            size = 3 if taps == 9 else 1
+            memory_format = _grad_format(w, taps)
+            dw = torch.empty((n, k, size, size), device=g0.device, dtype=w.dtype, memory_format=memory_format)
+            db = torch.empty((n,), device=g0.device, dtype=w.dtype)
+            outs.append((dw, db))
+            # dw.stride(): (n, k, kh, kw); tap = kh * 3 + kw, and kw's stride is kh's / 3 in both layouts.
+            sdt = dw.stride(3) if taps == 9 else 0
+        else:
+            dw, db, sdt = outs[0][0], outs[0][1], 0
+        sum_args.update({f"dw{p}_ptr": dw, f"db{p}_ptr": db, f"seg{p}": segments[p] if p < len(problems) else 0,
+                         f"N{p}": n, f"K{p}": k, f"T{p}": taps, f"sdn{p}": dw.stride(0), f"sdk{p}": dw.stride(1),
+                         f"sdt{p}": sdt})
+
+    def grid(meta):
+        per_split = sum(cdiv(n, meta["BLOCK_N"]) * (cdiv(k, meta["BLOCK_K"]) * taps + 1)
+                        for _g, _gs, _x, _xs, n, k, taps, _w in problems)
+        return (splits * per_split,)
+
+    launch(weight_grad_tiles_kernel, weight_grad_tiles_tuned[(g0.dtype == torch.float32, align > 1)], grid,
+           WEIGHT_GRAD_INTERPRETER, part_ptr=partials, **args, M=m, H=height, W=width, rows_per_split=rows_per_split,
+           row_len=length, PROBLEMS=len(problems), IS_FP64=is_fp64(g0), PRECISION=dot_precision(g0.dtype),
+           ROW_ALIGN=align)
+    launch(sum_partials_scatter_kernel, None, lambda meta: (cdiv(length, meta["BLOCK"]),), SUM_PARTIALS_SCATTER_CONFIG,
+           part_ptr=partials, S=splits, L=length, **sum_args, PROBLEMS=len(problems))
     return outs
 
 
@@ -539,6 +815,38 @@ def aot_variants():
         variants += expand(weight_grad_kernel, grad_kinds, grad_cases, launch_configs(configs), dtypes=(dtype,),
                            div16=("M", "H", "W", "rows_per_split", "row_len", *problem_ints),
                            aligned=("part_ptr",))  # allocated by weight_grads
+
+    tiles_kinds = {"part_ptr": "*fp32"}
+    for p in range(3):
+        tiles_kinds.update({f"g{p}_ptr": "ptr", f"x{p}_ptr": "ptr"})
+        tiles_kinds.update({f"{name}{p}": "i32" for name in ("N", "K", "stride_g", "stride_x", "seg")})
+    tiles_kinds.update({name: "i32" for name in ("M", "H", "W", "rows_per_split", "row_len")})
+    tiles_kinds.update({name: "constexpr" for name in ("PROBLEMS", "TAPS0", "TAPS1", "TAPS2", "IS_FP64", "PRECISION",
+                                                       "ROW_ALIGN", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
+    tiles_ints = [f"{name}{p}" for p in range(3) for name in ("N", "K", "stride_g", "stride_x", "seg")]
+    for dtype in AOT_DTYPES:
+        for aligned in (True, False):
+            configs = WEIGHT_GRAD_TILES_CONFIGS[(dtype == "fp32", aligned)]
+            unit = (4 if dtype == "fp32" else 8) if aligned else 1
+            cases = [(f"{label} align {unit}", {**values, "ROW_ALIGN": unit}) for label, values in grad_cases]
+            # part_ptr is allocated by _weight_grads_tiles; ROW_ALIGN > 1 also means every g and x
+            # row starts 16-byte aligned (row_align counts the storage offsets).
+            pointers = ("part_ptr", *(f"{t}{p}_ptr" for p in range(3) for t in "gx")) if aligned else ("part_ptr",)
+            variants += expand(weight_grad_tiles_kernel, tiles_kinds, cases, launch_configs(configs), dtypes=(dtype,),
+                               div16=("M", "H", "W", "rows_per_split", "row_len", *tiles_ints), aligned=pointers)
+
+    scatter_kinds = {"part_ptr": "*fp32", "S": "i32", "L": "i32"}
+    for p in range(3):
+        scatter_kinds.update({f"dw{p}_ptr": "ptr", f"db{p}_ptr": "ptr"})
+        scatter_kinds.update({f"{name}{p}": "i32" for name in ("seg", "N", "K", "T", "sdn", "sdk", "sdt")})
+    scatter_kinds.update(PROBLEMS="constexpr", BLOCK="constexpr")
+    scatter_config = triton.Config({"BLOCK": SUM_PARTIALS_SCATTER_BLOCK}, num_warps=4, num_stages=1)
+    variants += expand(sum_partials_scatter_kernel, scatter_kinds,
+                       [(f"{problems} problem{'s' if problems > 1 else ''}", {"PROBLEMS": problems}) for problems in (1, 3)],
+                       [(config_label(scatter_config) + " [fixed]", scatter_config)], dtypes=AOT_DTYPES,
+                       div16=("L",),
+                       needs_mma=False, aligned=("part_ptr", "dw0_ptr", "db0_ptr", "dw1_ptr", "db1_ptr", "dw2_ptr",
+                                                 "db2_ptr"))
 
     # The weight's dtype is the storage dtype here (fastdrn.DRN casts weights to it); fp32 partials.
     sum_kinds = {"part_ptr": "*fp32", **{name: "ptr" for name in ("dw0_ptr", "db0_ptr", "dw1_ptr", "db1_ptr",

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from fastdrn import backend, ops, reference
+from fastdrn.kernels import choices
+from fastdrn.kernels.choices import VARIANTS
 from fastdrn.reference import ResidualDistillBlock
-from helpers import assert_close, dtypes_for, float64_leaves, randn, tolerance, where
+from helpers import assert_close, assert_op_grads_close, dtypes_for, float64_leaves, randn, tolerance, where
 
 # (N, D, F, d, H, W, channels_last), each there for a reason:
 CASES = [
@@ -52,10 +54,11 @@ def test_forward_and_gradients_match_float64_reference(case, recompute, device):
         ref_inputs = float64_leaves(*inputs)
         ref = reference.residual_distill(*ref_inputs)
         ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
+        eager_inputs = [t.detach().requires_grad_() for t in inputs]
+        eager_grads = torch.autograd.grad(reference.residual_distill(*eager_inputs), eager_inputs, grad_out)
         assert out.dtype == dtype and out.shape == ref.shape
         assert_close(out, ref, fwd_tol, f"{dtype} forward")
-        for name, g, rg in zip(NAMES, grads, ref_grads):
-            assert_close(g, rg, grad_tol, f"{dtype} d{name} (recompute={recompute})")
+        assert_op_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, NAMES, f"{dtype} (recompute={recompute})")
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -112,9 +115,13 @@ def test_without_biases(recompute, device):
         ref_leaves = float64_leaves(*leaves)
         ref = reference.residual_distill(ref_leaves[0], ref_leaves[1], None, ref_leaves[2], None, ref_leaves[3], None)
         ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
+        eager_leaves = [t.detach().requires_grad_() for t in leaves]
+        eager = reference.residual_distill(eager_leaves[0], eager_leaves[1], None, eager_leaves[2], None,
+                                           eager_leaves[3], None)
+        eager_grads = torch.autograd.grad(eager, eager_leaves, grad_out)
         assert_close(out, ref, fwd_tol, f"{dtype} forward without biases")
-        for name, g, rg in zip(("z", "w_squeeze", "w_conv", "w_expand"), grads, ref_grads):
-            assert_close(g, rg, grad_tol, f"{dtype} d{name} without biases (recompute={recompute})")
+        assert_op_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, ("z", "w_squeeze", "w_conv", "w_expand"),
+                              f"{dtype} without biases (recompute={recompute})")
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -189,6 +196,38 @@ def test_weight_gradients_are_bitwise_reproducible(recompute, device):
     second = torch.autograd.grad(out, inputs, grad_out)
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), f"d{name} differs between two backward runs"
+
+
+@pytest.fixture(params=VARIANTS["weight_grad"])
+def weight_grad_variant(request):
+    previous = choices.choose("weight_grad", request.param)
+    yield request.param
+    choices.choose("weight_grad", previous)
+
+
+# (N, D, F, d, H, W): rows split over several partials under the interpreter (M > 32 rows), and
+# channel counts whose rows are 16-byte aligned (72 + 8) or not (29 + 3: ROW_ALIGN 1).
+@pytest.mark.parametrize("case", [(2, 72, 64, 8, 9, 11), (1, 29, 16, 3, 7, 5)])
+def test_weight_gradient_variants(case, weight_grad_variant, device):
+    """Every weight-gradient design still selectable (kernels/choices.py), against float64, with a
+    channels_last 3x3 weight too, and bitwise the same on a second run."""
+    n, d_in, inner, distill, h, w = case
+    for dtype in dtypes_for(device):
+        grad_tol = tolerance(device, dtype)[1]
+        inputs = make_inputs((n, d_in, inner, distill, h, w, True), dtype, device)
+        inputs[3] = inputs[3].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        out = ops.residual_distill(*inputs)
+        grad_out = randn(*out.shape, dtype=dtype, device=device)
+        grads = torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+        again = torch.autograd.grad(out, inputs, grad_out)
+        ref_inputs = float64_leaves(*inputs)
+        ref_grads = torch.autograd.grad(reference.residual_distill(*ref_inputs), ref_inputs, grad_out.double())
+        eager_inputs = [t.detach().requires_grad_() for t in inputs]
+        eager_grads = torch.autograd.grad(reference.residual_distill(*eager_inputs), eager_inputs, grad_out)
+        for name, g, g2 in zip(NAMES, grads, again):
+            assert torch.equal(g, g2), f"{weight_grad_variant}: d{name} differs between two runs"
+        assert_op_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, NAMES, f"{weight_grad_variant} {dtype}")
+        assert grads[3].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_double_backward_raises(device):
