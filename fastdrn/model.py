@@ -30,7 +30,7 @@ def _inverse(order: list[int]) -> list[int]:
 
 
 def _cast_all(dtype: torch.dtype, tensors: list) -> tuple:
-    """`tensors` (one dtype) cast to `dtype` with one cat and one cast: each tensor flattened in its
+    """`tensors` cast to `dtype` with one cat and one cast: each tensor flattened in its
     own memory order (a view, also for a channels_last weight) and its cast piece given the same
     strides, so neither direction copies per tensor and a weight's layout is kept."""
     orders = [None if t.is_contiguous() else _memory_order(t) for t in tensors]
@@ -47,10 +47,7 @@ class _CastWeights(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dtype, *tensors):
-        if len({t.dtype for t in tensors}) != 1:
-            raise TypeError("fastdrn.DRN: the fused weights must share one dtype to be cast under autocast, got "
-                            f"{sorted({str(t.dtype) for t in tensors})}")
-        ctx.source_dtype = tensors[0].dtype
+        ctx.source_dtype = tensors[0].dtype  # all of one dtype (DRN._fused_weights casts mixed ones one by one)
         return _cast_all(dtype, list(tensors))
 
     @staticmethod
@@ -80,7 +77,7 @@ class DRN(reference.DRN):
     def _weights(self) -> list:
         """Every fused op's weight and bias in model order (per group: each block's squeeze, conv and
         expand, then the compression). Read from the convs' parameter dicts: attribute access through
-        nn.Module costs about 0.4 us a tensor on the host, and DRN has 330. A parametrized conv
+        nn.Module costs about 0.4 us a tensor on the host, and DRN x4 has 336. A parametrized conv
         (torch.nn.utils.parametrize) computes its weight on access, so it is asked for it."""
         tensors = []
         for group in self.groups._modules.values():
@@ -98,16 +95,19 @@ class DRN(reference.DRN):
         (w_compress, b_compress)), all in `dtype`.
 
         Under autocast the weights are cast by _CastWeights: one cat and one cast for the whole model,
-        forward and backward, instead of a cast per tensor each way (DRN has 330 such tensors). Without
-        gradients the cast weights are kept and reused while no parameter changes (inference).
+        forward and backward, instead of a cast per tensor each way (DRN x4 has 336 such tensors). They
+        are cast again at every call: a weight changed in place through .data keeps its version and
+        storage, so no cheap test could tell a kept cast from a stale one.
         """
         tensors = self._weights()
         present = [t for t in tensors if t is not None]
         if any(t.dtype != dtype for t in present):
-            if torch.is_grad_enabled():
-                cast = iter(_CastWeights.apply(dtype, *present))
+            if not torch.is_grad_enabled():
+                cast = iter(_cast_all(dtype, present))
+            elif any(t.dtype != present[0].dtype for t in present):  # mixed: autograd casts each back
+                cast = iter([t.to(dtype) for t in present])
             else:
-                cast = iter(self._cast_for_inference(dtype, present))
+                cast = iter(_CastWeights.apply(dtype, *present))
             tensors = [None if t is None else next(cast) for t in tensors]
         groups, start = [], 0
         for group in self.groups._modules.values():
@@ -115,21 +115,6 @@ class DRN(reference.DRN):
             groups.append(([tuple(tensors[i:i + 6]) for i in range(start, end, 6)], (tensors[end], tensors[end + 1])))
             start = end + 2
         return groups
-
-    def _cast_for_inference(self, dtype: torch.dtype, present: list) -> tuple:
-        """The cast weights without autograd, reused while every parameter is the same tensor at the
-        same version and storage: a model that only infers casts its weights once."""
-        key = (dtype, *[(id(t), t._version, t.data_ptr(), t.device) for t in present])
-        cached = self.__dict__.get("_inference_cast")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        cast = _cast_all(dtype, present)
-        self.__dict__["_inference_cast"] = (key, cast)
-        return cast
-
-    def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_inference_cast", None)  # .to(), .half(), ...: the parameters move or change
-        return super()._apply(fn, recurse)
 
     def forward(self, x):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.n_colors:
