@@ -8,10 +8,16 @@ image at x4 (1080p out) and one 960x540 image at x2 (1080p out). Each reports it
 Implementations (the dtype column says fp32 or bf16):
   eager    fp32   reference model, eager, NCHW (fp32 convs on TF32 units: cuDNN's default)
   eager    bf16   reference model, eager, bf16 autocast + channels_last
+  eager-graph     the eager reference run through fastdrn.make_train_step / make_upscaler: the whole
+                  step (forward, L1, backward, fused Adam) or the forward replayed from one CUDA graph
   compile  fp32 / bf16   torch.compile(reference) default mode, same precision set-ups
+  compile-reduce-overhead  mode="reduce-overhead" (torch.compile's own CUDA graphs)
   compile-max-autotune   mode="max-autotune": opt-in with --max-autotune (slow to compile)
   fastdrn  fp32 / bf16   fastdrn.DRN with the same state_dict (bf16: autocast + channels_last)
-If fastdrn.DRN does not exist yet its rows are 'skipped', with the reason.
+  fastdrn-graph   fastdrn.DRN through fastdrn.make_train_step / make_upscaler, as eager-graph
+If fastdrn.DRN does not exist yet its rows are 'skipped', with the reason. The graph rows are the
+library's API as a user calls it: its warm-up calls and the capture happen before the timing, and
+an upscaler's output is a copy the caller owns. In --smoke (CPU) the same API runs eagerly.
 
 Work: the model's forward FLOP per LR pixel (convolutions only, KERNELS.md section 1: about 6.7
 MFLOP at x4), three times that for a training step.
@@ -20,6 +26,7 @@ MFLOP at x4), three times that for a training step.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -52,8 +59,9 @@ def build_cases(args) -> list[dict]:
 def impl_plan(args) -> list[list[tuple[str, str, str]]]:
     """Sweeps of (impl, dtype, role) over every case, in the order a time limit should cut last.
 
-    bf16 first (the goals are stated in bf16): eager and fastdrn, then torch.compile, then
-    max-autotune when asked; then the same for fp32.
+    bf16 first (the goals are stated in bf16): eager and fastdrn, each also replayed from CUDA
+    graphs, then torch.compile, its reduce-overhead mode, and max-autotune when asked; then the same
+    for fp32.
     """
     cdt = args.compile_dtypes or args.dtypes
     sweeps = []
@@ -62,30 +70,17 @@ def impl_plan(args) -> list[list[tuple[str, str, str]]]:
         if args.recompute:
             sweep.append(("fastdrn-recompute", dt, "candidate"))
         if not args.no_graphs:
-            sweep.append(("fastdrn-graph", dt, "candidate"))
+            sweep += [("eager-graph", dt, "baseline"), ("fastdrn-graph", dt, "candidate")]
         sweeps.append(sweep)
         if not args.no_compile and dt in cdt:
             sweeps.append([("compile", dt, "baseline")])
+            sweeps.append([("compile-reduce-overhead", dt, "baseline")])
         if args.max_autotune and dt in cdt:
             sweeps.append([("compile-max-autotune", dt, "baseline")])
     return sweeps
 
 
-def capture_cuda_graph(warm_up, captured, before_capture=None):
-    """Replay of `captured` recorded in one CUDA graph, after three `warm_up` calls on a side
-    stream (Triton compiles and autotunes there: nothing may synchronize during capture)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            warm_up()
-    torch.cuda.current_stream().wait_stream(side)
-    if before_capture is not None:
-        before_capture()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured()
-    return graph.replay
+COMPILE_MODES = {"compile": None, "compile-reduce-overhead": "reduce-overhead", "compile-max-autotune": "max-autotune"}
 
 
 def main() -> None:
@@ -100,7 +95,8 @@ def main() -> None:
                    help="dtypes of the compile baselines (default: --dtypes; --quick: bf16)")
     p.add_argument("--recompute", action="store_true", help="also fastdrn.DRN(recompute=True)")
     p.add_argument("--no-graphs", action="store_true",
-                   help="skip fastdrn-graph (the whole step captured once in a CUDA graph and replayed)")
+                   help="skip eager-graph and fastdrn-graph (fastdrn.make_train_step / make_upscaler: the "
+                        "whole step captured in a CUDA graph and replayed)")
     args = p.parse_args()
     args.custom = any(a.split("=")[0] in ("--train", "--infer") for a in sys.argv[1:])
     if args.quick and args.compile_dtypes is None:
@@ -147,14 +143,13 @@ def main() -> None:
         def build():
             ref = reference_model(c, seed)
             note = ""
+            graph = impl.endswith("-graph")
             if impl.startswith("fastdrn"):
                 if fast_cls is None:
                     raise common.Skip("fastdrn.DRN is not available yet")
                 if ctx.smoke and dt != "fp32":
                     raise common.Skip("bf16 is not checked in smoke mode: Triton 3.9's interpreter computes bf16 "
                                       "tl.dot wrongly (a 16x16 product is off by ~1e10), so only the GPU can say")
-                if impl == "fastdrn-graph" and device.type != "cuda":
-                    raise common.Skip("CUDA graphs need a CUDA device")
                 kwargs = {"recompute": True} if impl == "fastdrn-recompute" else {}
                 try:
                     model = fast_cls(scale=c["scale"], **config, **kwargs)
@@ -163,6 +158,8 @@ def main() -> None:
                 model.load_state_dict(ref.state_dict(), strict=True)
             else:
                 model = ref
+            if impl == "compile-reduce-overhead" and ctx.smoke:
+                raise common.Skip("reduce-overhead is torch.compile's CUDA graphs: GPU only")
             bf16 = dt == "bf16"
             model = model.to(device)
             if impl.startswith("fastdrn"):  # asked after the move: the backend depends on the device
@@ -173,56 +170,60 @@ def main() -> None:
             if bf16:
                 x = x.contiguous(memory_format=torch.channels_last)
             run_model = model
+            mode = COMPILE_MODES.get(impl)
             if impl.startswith("compile"):
-                mode = "max-autotune" if impl == "compile-max-autotune" else None
                 run_model = common.compile_fn(model, ctx, mode)
                 note = common.compile_note(ctx, mode)
-            graph = impl == "fastdrn-graph"
-            # Autocast's weight-cast cache must be off under CUDA-graph capture (torch's CUDA graphs notes).
-            autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graph)
+            if mode == "reduce-overhead":
+                def invoke(t):  # a new step for torch.compile's CUDA-graph trees: earlier outputs are done with
+                    torch.compiler.cudagraph_mark_step_begin()
+                    return run_model(t)
+            else:
+                invoke = run_model
+            amp = torch.bfloat16 if bf16 else None
+            autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+            held_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
             if c["kind"] == "train":
                 model.train()
                 opt_kw = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
                 if device.type == "cuda":
                     opt_kw.update(fused=True, capturable=graph)
+                    if graph:  # a tensor lr, as a schedule would need
+                        opt_kw["lr"] = torch.tensor(1e-4, device=device)
                 opt = torch.optim.Adam(model.parameters(), **opt_kw)
-
-                def step():
-                    with torch.autocast(**autocast):
-                        out = run_model(x)
-                    loss = F.l1_loss(out.float(), y)
-                    loss.backward()
-                    opt.step()
-
-                def fn():
-                    opt.zero_grad(set_to_none=True)
-                    step()
                 if graph:
-                    # Grads are None at capture, so every replay writes them afresh (no zeroing).
-                    fn = capture_cuda_graph(fn, step, before_capture=lambda: opt.zero_grad(set_to_none=True))
-                    note += "; whole step (forward, backward, fused Adam) replayed from one CUDA graph"
-                return dict(fn=fn, note=note)
-            model.eval()
-
-            def forward():
-                with torch.no_grad(), torch.autocast(**autocast):
-                    return run_model(x)
-            if graph:
-                static_out = {}
-
-                def record():
-                    static_out["out"] = forward()
-                replay = capture_cuda_graph(forward, record)
-
-                def fn():
-                    replay()
-                    return static_out["out"]
-                note += "; forward replayed from one CUDA graph"
+                    fn = functools.partial(fastdrn.make_train_step(model, opt, F.l1_loss, amp_dtype=amp), x, y)
+                    graphed = "fastdrn.make_train_step: the whole step (forward, L1, backward, fused Adam)"
+                else:
+                    def fn():
+                        opt.zero_grad(set_to_none=True)
+                        with torch.autocast(**autocast):
+                            out = invoke(x)
+                        F.l1_loss(out.float(), y).backward()
+                        opt.step()
+                check = None
             else:
-                fn = forward
+                model.eval()
+                if graph:
+                    fn = functools.partial(fastdrn.make_upscaler(model, amp_dtype=amp), x)
+                    graphed = "fastdrn.make_upscaler: the forward, its output copied out,"
+                else:
+                    def fn():
+                        with torch.no_grad(), torch.autocast(**autocast):
+                            return invoke(x)
 
-            def check():  # every impl: the baselines' own error is the yardstick
-                return common.rel_err(fn().float(), reference_f64(c, seed))
+                def check():  # every impl: the baselines' own error is the yardstick
+                    return common.rel_err(fn().float(), reference_f64(c, seed))
+            if graph:
+                for _ in range(fastdrn.graphs.WARMUP_CALLS + 1):  # the eager warm-up calls, then the capture
+                    fn()
+                if ctx.smoke:
+                    graphed = graphed.split(":")[0] + " run eagerly on the CPU (smoke)"
+                else:
+                    held = (torch.cuda.memory_allocated(device) - held_before) / common.MiB
+                    graphed += (f" replayed from one CUDA graph; {held:.0f} MiB held after capture (graph pool, "
+                                "static buffers, optimizer state)")
+                note = "; ".join(filter(None, [note, graphed]))
             return dict(fn=fn, note=note, check=check)
         return build
 

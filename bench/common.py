@@ -38,11 +38,13 @@ import torch  # noqa: E402
 SMOKE_LABEL = "smoke (interpreter, CPU) - not a timing"
 GPU_LABEL = "do_bench median (CUDA events, L2 flushed)"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # measure this checkout's fastdrn (the one the rows' commit and tree hash name)
+    sys.path.insert(1, REPO)  # after bench/ itself, before an installed fastdrn
 DEFAULT_OUT = os.path.join(REPO, "bench", "out", "results.jsonl")
 MiB = 1024 * 1024
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-BASELINE_ORDER = ("eager", "compile", "compile-max-autotune", "copy")
+BASELINE_ORDER = ("eager", "eager-graph", "compile", "compile-reduce-overhead", "compile-max-autotune", "copy")
 
 
 class Skip(Exception):

@@ -57,14 +57,26 @@ def _why_missing(rows, **want) -> str:
     return f"{r.get('status')}: {r.get('note', '')}"[:200]
 
 
+STRONGEST_BASELINES = ("eager-graph", "compile", "compile-reduce-overhead", "compile-max-autotune")
+
+
 def _graph_line(ok: list[dict], dtype: str, where: dict) -> list[str]:
-    """The same case replayed from one CUDA graph (impl fastdrn-graph): host launch costs removed."""
+    """The same case replayed from one CUDA graph (impl fastdrn-graph): host launch costs removed;
+    and against the fastest of the strongest baselines measured (the eager reference in one CUDA
+    graph, torch.compile in each mode)."""
     graphed = _find(ok, impl="fastdrn-graph", dtype=dtype, **where)
     if not graphed:
         return []
     sp = graphed[-1].get("speedup") or {}
-    return [f"  - in one CUDA graph: {graphed[-1]['median_ms']:.2f} ms, {_fmt_sp(sp.get('eager'))} vs eager, "
-            f"{_fmt_sp(sp.get('compile'))} vs torch.compile"]
+    lines = [f"  - in one CUDA graph: {graphed[-1]['median_ms']:.2f} ms, {_fmt_sp(sp.get('eager'))} vs eager, "
+             f"{_fmt_sp(sp.get('compile'))} vs torch.compile"]
+    strong = {impl: rows[-1]["median_ms"] for impl in STRONGEST_BASELINES
+              if (rows := _find(ok, impl=impl, dtype=dtype, **where))}
+    if strong:
+        fastest = min(strong, key=strong.get)
+        lines.append("  - strongest baselines: " + ", ".join(f"{k} {v:.2f} ms" for k, v in strong.items())
+                     + f"; fastdrn-graph {_fmt_sp(strong[fastest] / graphed[-1]['median_ms'])} vs the fastest ({fastest})")
+    return lines
 
 
 def goals(rows: list[dict]) -> list[str]:

@@ -2,6 +2,7 @@
 (Sun, Lu, Wang, Bai, ICME 2019). Importing it never touches a device."""
 from . import backend, ops, reference
 from .model import DRN
+from .graphs import make_train_step, make_upscaler
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,4 @@ def drn_plus(scale: int, **overrides) -> DRN:
     return DRN(scale=scale, **{"inner": 256, **overrides})
 
 
-__all__ = ["DRN", "backend", "drn", "drn_plus", "ops", "reference"]
+__all__ = ["DRN", "backend", "drn", "drn_plus", "make_train_step", "make_upscaler", "ops", "reference"]

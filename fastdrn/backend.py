@@ -6,6 +6,7 @@ here queries a device at import; a missing Triton is recorded and named in the e
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -13,10 +14,12 @@ BACKENDS = ("auto", "triton", "torch")
 
 try:
     import triton  # noqa: F401
+    from triton.runtime.interpreter import InterpretedFunction
 
     TRITON_IMPORT_ERROR: str | None = None
 except Exception as exc:  # any failure to import is a reason to report, not to crash on
     TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    InterpretedFunction = None
 
 
 def requested() -> str:
@@ -31,12 +34,32 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+def _kernels_mode_mismatch(interpret: bool) -> str | None:
+    """Triton reads TRITON_INTERPRET once, when it decorates a kernel: kernels imported in one mode
+    cannot run in the other. None when fastdrn's kernels are not imported yet or match the mode."""
+    common = sys.modules.get("fastdrn.kernels._common")
+    if common is None:
+        return None
+    imported_interpreted = isinstance(common.elu, InterpretedFunction)
+    if imported_interpreted == interpret:
+        return None
+    was, now = ("set", "unset") if imported_interpreted else ("unset", "set")
+    return (f"TRITON_INTERPRET was {was} when fastdrn's Triton kernels were imported and is {now} now; Triton "
+            "reads it only then, so set or unset it before the first fastdrn op runs (or restart the process)")
+
+
 def triton_unavailable_reason(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
     """Why the Triton kernels cannot run on tensors of this device and dtype, or None when they can."""
     if TRITON_IMPORT_ERROR is not None:
         return f"Triton could not be imported ({TRITON_IMPORT_ERROR})"
     if interpreting():
-        return None  # the interpreter runs CPU tensors (and copies CUDA ones through the host)
+        # The interpreter runs CPU tensors (and copies CUDA ones through the host).
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton's interpreter runs CPU and CUDA tensors only (got a {device.type} tensor)"
+        if dtype == torch.bfloat16:
+            return ("Triton's interpreter computes bfloat16 matrix products wrongly, so fastdrn refuses bfloat16 "
+                    "there; use float32 (or float16) on the CPU, or FASTDRN_BACKEND=torch for PyTorch's math")
+        return _kernels_mode_mismatch(interpret=True)
     if device.type != "cuda":
         return (f"Triton kernels need CUDA tensors (got a {device.type} tensor); set TRITON_INTERPRET=1 "
                 "before importing fastdrn to run them on the CPU through Triton's interpreter")
@@ -44,7 +67,7 @@ def triton_unavailable_reason(device: torch.device, dtype: torch.dtype | None = 
         return "fastdrn's Triton kernels are built and tested for NVIDIA GPUs only"
     if dtype == torch.float64:
         return "the GPU kernels are built for float32, bfloat16 and float16 (float64 runs in the interpreter)"
-    return None
+    return _kernels_mode_mismatch(interpret=False)
 
 
 def use_triton(op: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:

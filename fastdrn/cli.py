@@ -1,12 +1,15 @@
 """The ``fastdrn`` command: ``upscale``, ``eval`` and ``train`` (the functions live in fastdrn.tools).
 
     fastdrn upscale INPUT [INPUT ...] -o OUTPUT --weights CKPT [--tile N] [--tile-overlap N]
-                    [--dtype fp32|bf16|fp16] [--self-ensemble] [--device D]
+                    [--dtype fp32|bf16|fp16] [--self-ensemble] [--device D] [--no-cuda-graph]
     fastdrn eval --weights CKPT --hr-dir DIR [--lr-dir DIR] [--self-ensemble] [--json FILE]
     fastdrn train --hr-dir DIR [--lr-dir DIR] --scale S --out DIR [--epochs N | --steps N] ...
 
 Multi-GPU training: ``torchrun --nproc_per_node N -m fastdrn.cli train ...``.
-Exit codes: 0 success, 1 some input failed, 2 usage or checkpoint error.
+On a CUDA device each command replays a captured CUDA graph per input shape (``--no-cuda-graph``: eager).
+Exit codes: 0 success, 1 some input failed, 2 usage or checkpoint error, 130 interrupted (Ctrl-C
+twice), and for ``train`` stopped by a signal 128 + its number (143 for SIGTERM, 130 for SIGINT),
+after saving ``last.pt``.
 """
 from __future__ import annotations
 
@@ -37,6 +40,16 @@ def _inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--self-ensemble", action="store_true", help="average over the 8 flips/rotations (x8)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first bad image")
+    p.add_argument("--max-pixels", type=_positive, default=None,
+                   help="refuse images of more pixels than this before decoding them, a guard against "
+                        "decompression bombs (default: Pillow's limit, 89478485; 0: no limit)")
+    _cuda_graph_arg(p)
+
+
+def _cuda_graph_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="run every step eagerly instead of replaying a captured CUDA graph per input shape "
+                        "(graphs are used on CUDA devices only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--log-every", type=int, default=100, help="steps between progress lines (not on a terminal)")
     tr.add_argument("--no-progress", dest="progress", action="store_false")
     tr.add_argument("--fail-fast", action="store_true", help="stop at the first bad image")
+    _cuda_graph_arg(tr)
     return parser
 
 
@@ -121,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         stream = sys.stderr if msg.startswith(("error:", "warning:")) else sys.stdout
         print(msg, file=stream, flush=True)
 
+    max_pixels = None
+    if args.command in ("upscale", "eval"):
+        from .tools.image_io import DEFAULT_MAX_PIXELS
+        max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
     try:
         if args.command == "upscale":
             from .tools.upscale import upscale
@@ -128,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                              tile_overlap=args.tile_overlap, dtype=args.dtype, self_ensemble=args.self_ensemble,
                              device=args.device, fail_fast=args.fail_fast, fmt=args.format,
                              quality=args.quality, suffix=args.suffix, scale=args.scale,
-                             overrides={"alpha": args.alpha, "rgb_range": args.rgb_range}, log=log)
+                             overrides={"alpha": args.alpha, "rgb_range": args.rgb_range},
+                             max_pixels=max_pixels, cuda_graph=None if args.cuda_graph else False,
+                             log=log)
             return 1 if failed else 0
         if args.command == "eval":
             from .tools.evaluate import evaluate
@@ -136,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                            self_ensemble=args.self_ensemble, json_path=args.json, tile=args.tile or None,
                            tile_overlap=args.tile_overlap, dtype=args.dtype, device=args.device,
                            fail_fast=args.fail_fast, save_dir=args.save_dir,
-                           overrides={"alpha": args.alpha, "rgb_range": args.rgb_range}, log=log)
+                           overrides={"alpha": args.alpha, "rgb_range": args.rgb_range},
+                           max_pixels=max_pixels, cuda_graph=None if args.cuda_graph else False,
+                           log=log)
             return 1 if res["failed"] or not res["images"] else 0
         if args.command == "train":
             from .tools.train import TrainConfig, train
@@ -152,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # ImageReadError under --fail-fast, unwritable output
         print(f"fastdrn: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("fastdrn: interrupted", file=sys.stderr)
+        return 130
     return 2
 
 

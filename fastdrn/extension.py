@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the source tree that holds csrc
 CPU_SOURCES = ("csrc/pixel_shuffle.cpp",)
 CUDA_SOURCES = ("csrc/pixel_shuffle_cuda.cu",)
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"  # A100 and H100/H200
+DEFAULT_LOCK_TIMEOUT_S = 600.0  # longer than a full CUDA build of csrc/ takes
 
 _log = logging.getLogger(__name__)
 
@@ -109,6 +111,40 @@ def _ops_defined() -> bool:
     return hasattr(getattr(torch.ops, LIBRARY), "pixel_shuffle")
 
 
+def lock_timeout() -> float:
+    """Seconds to wait for another process's build of the extension: FASTDRN_BUILD_LOCK_TIMEOUT."""
+    value = os.environ.get("FASTDRN_BUILD_LOCK_TIMEOUT", "").strip()
+    if not value:
+        return DEFAULT_LOCK_TIMEOUT_S
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"FASTDRN_BUILD_LOCK_TIMEOUT={value!r} is not a number of seconds") from None
+
+
+def wait_for_build_lock(build_directory: str, timeout: float) -> None:
+    """Wait while torch's build lock in `build_directory` exists (another process is compiling).
+
+    torch waits on that file forever, and a build that was killed leaves it behind, so every later
+    process would hang in silence: fastdrn waits at most `timeout` seconds, then raises an error that
+    names the lock and how to clear it."""
+    lock = os.path.join(build_directory, "lock")
+    start = time.monotonic()
+    told = False
+    while os.path.exists(lock):
+        waited = time.monotonic() - start
+        if waited >= timeout:
+            raise TimeoutError(
+                f"waited {waited:.0f} s for the extension's build lock {lock}: another process is building it, or a "
+                f"build that was killed left the lock behind. If no fastdrn build is running, delete {lock} and "
+                "retry; FASTDRN_BUILD_LOCK_TIMEOUT sets how many seconds to wait")
+        if not told and waited >= 5:
+            _log.warning("fastdrn: waiting for the extension build lock %s (another process is building it; if "
+                         "none is, delete the file)", lock)
+            told = True
+        time.sleep(min(0.2, max(timeout - waited, 0.01)))
+
+
 def _build() -> None:
     """Compile csrc/ (CPU kernels, and CUDA ones when possible) and load it into torch.ops."""
     global _no_cuda_reason
@@ -118,15 +154,19 @@ def _build() -> None:
     if missing:
         raise FileNotFoundError(f"the extension's sources are not installed (no {ROOT / missing[0]}); install fastdrn "
                                 "from a source checkout, or build fastdrn._C with setup.py")
-    cpp_extension.verify_ninja_availability()
     skip = cuda_build_skip_reason()
     sources, nvcc_flags = build_config(cuda=skip is None)
     name = f"{LIBRARY}_{'cuda' if skip is None else 'cpu'}"
+    # The directory torch.utils.cpp_extension.load would choose (TORCH_EXTENSIONS_DIR or its
+    # default), named explicitly so that the lock waited on is the one the build takes.
+    build_directory = cpp_extension._get_build_directory(name, verbose=False)
+    wait_for_build_lock(build_directory, lock_timeout())
+    cpp_extension.verify_ninja_availability()
     _log.info("fastdrn: loading the C++%s extension %r (compiled on first use, then cached in torch's "
               "extensions directory)", "/CUDA" if skip is None else "", name)
     cpp_extension.load(name=name, sources=[str(ROOT / p) for p in sources], extra_cflags=["-O3"],
                        extra_cuda_cflags=nvcc_flags, extra_include_paths=[str(ROOT / "csrc")],
-                       with_cuda=skip is None, is_python_module=False)
+                       build_directory=build_directory, with_cuda=skip is None, is_python_module=False)
     if skip is not None:
         _no_cuda_reason = f"it was compiled without them: {skip}"
 

@@ -6,6 +6,8 @@ every path; then `fastdrn.backend.use_triton` picks the fused kernels or the pla
 """
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from types import SimpleNamespace
 
@@ -74,6 +76,21 @@ def _check_conv_weight(op: str, name: str, w, kernel: int) -> None:
     if tuple(w.shape[2:]) != (kernel, kernel):
         raise ValueError(f"{op}: {name} must be a {kernel}x{kernel} conv weight (C_out, C_in, {kernel}, {kernel}), "
                          f"got shape {tuple(w.shape)}")
+    if w.numel() == 0:
+        raise ValueError(f"{op}: {name} is empty (shape {tuple(w.shape)}); every channel count must be >= 1")
+
+
+def check_alpha(op: str, alpha) -> float:
+    """ELU's alpha as a float: a real number (not a string, a bool or a tensor), finite and > 0.
+
+    alpha > 0 is also what the fused backward relies on: it reads ELU' off the sign of ELU's output,
+    which is negative exactly where the input is when alpha > 0."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"{op}: alpha must be a real number, got {type(alpha).__name__} {alpha!r}")
+    value = float(alpha)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{op}: alpha must be finite and > 0, got {value}")
+    return value
 
 
 def _check_bias(op: str, name: str, b) -> None:
@@ -123,6 +140,19 @@ def check_compress_skip(z, w, b, skip) -> None:
     _check_shape(op, "skip", skip, (n, w.shape[0], h, width), "the skip is added to the conv's output")
 
 
+def _dense(t):
+    """t itself when contiguous (no copy, no autograd node), else a contiguous copy that autograd
+    differentiates back to t: the kernels read 1x1 weights and biases as dense arrays."""
+    return None if t is None else t.contiguous()
+
+
+def _dense_block(w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand) -> tuple:
+    """A block's tensors as the kernels read them: the 1x1 weights and the biases dense; the 3x3
+    weight as given (it is repacked tap-major on every launch whatever its strides, and a
+    channels_last one gets its gradient in that layout)."""
+    return (_dense(w_squeeze), _dense(b_squeeze), w_conv, _dense(b_conv), _dense(w_expand), _dense(b_expand))
+
+
 _kernels = None
 
 
@@ -142,17 +172,19 @@ def _fused():
 def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha=0.2, recompute=False):
     """One residual distilling block: (N, D, H, W) -> (N, D + d, H, W), d = w_expand.shape[0] - D."""
     _checked(check_residual_distill, z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand)
+    alpha = check_alpha("residual_distill", alpha)
     if backend.use_triton("residual_distill", z.device, z.dtype):
-        return _fused().residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
-                                         recompute)
+        return _fused().residual_distill(z, *_dense_block(w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand),
+                                         alpha, recompute)
     return reference.residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha)
 
 
 def compress_skip(z, w, b, skip, alpha=0.2):
     """ELU(conv1x1(z, w, b)) + skip: a group's compression and its long skip connection."""
     _checked(check_compress_skip, z, w, b, skip)
+    alpha = check_alpha("compress_skip", alpha)
     if backend.use_triton("compress_skip", z.device, z.dtype):
-        return _fused().compress_skip(z, w, b, skip, alpha)
+        return _fused().compress_skip(z, _dense(w), _dense(b), skip, alpha)
     return reference.compress_skip(z, w, b, skip, alpha)
 
 
@@ -163,6 +195,7 @@ def distill_group(y, blocks, alpha=0.2, recompute=False):
     no gradient is needed and the fused kernels run, the blocks write in place into one
     channels_last buffer of the final width (no concat copies); otherwise block by block.
     """
+    alpha = check_alpha("distill_group", alpha)
     for block in blocks:
         if len(block) != 6:
             raise ValueError("distill_group: each block is 6 tensors (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, "
@@ -175,6 +208,7 @@ def distill_group(y, blocks, alpha=0.2, recompute=False):
             z = residual_distill(z, *block, alpha=alpha, recompute=recompute)
         return z
     _checked(_check_group, y, *tensors[1:])
+    blocks = [_dense_block(*block) for block in blocks]
     n, c, h, w = y.shape
     width = blocks[-1][4].shape[0]
     buffer = torch.empty((n, width, h, w), device=y.device, dtype=y.dtype, memory_format=torch.channels_last)

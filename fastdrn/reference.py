@@ -6,6 +6,9 @@ sections 1-2 describe. The fused ops in fastdrn.ops must agree with `residual_di
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -74,8 +77,10 @@ def check_config(scale, n_colors, n_feats, n_groups, n_blocks, inner, distill, a
             raise ValueError(f"DRN: {name} must be >= 1, got {ints[name]}")
     if n_blocks < 0:
         raise ValueError(f"DRN: n_blocks must be >= 0, got {n_blocks}")
-    if not alpha > 0:
-        raise ValueError(f"DRN: alpha must be > 0, got {alpha}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"DRN: alpha must be a real number, got {type(alpha).__name__} {alpha!r}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"DRN: alpha must be finite and > 0, got {alpha}")
     if not rgb_range > 0:
         raise ValueError(f"DRN: rgb_range must be > 0, got {rgb_range}")
 

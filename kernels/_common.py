@@ -27,19 +27,24 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 @triton.jit
 def elu(x, alpha):
-    # exp of min(x, 0): the positive branch never overflows into an unused inf.
-    return tl.where(x > 0, x, alpha * (tl.exp(tl.minimum(x, 0.0)) - 1.0))
+    # Non-finite values pass as in F.elu: NaN stays NaN (it takes the else branch, whose exp is of
+    # NaN itself: tl.minimum(x, 0.0) would turn NaN into 0), +inf stays +inf, -inf gives -alpha.
+    # The exp is of min(x, 0) written with where, so the positive branch never overflows into an
+    # unused inf.
+    return tl.where(x > 0, x, alpha * (tl.exp(tl.where(x > 0, 0.0, x)) - 1.0))
 
 
 @triton.jit
 def elu_grad_from_output(y, alpha):
-    # y = ELU(x): dy/dx is 1 where y > 0 and alpha * exp(x) = y + alpha elsewhere.
+    # y = ELU(x): dy/dx is 1 where y > 0 and alpha * exp(x) = y + alpha elsewhere; NaN where y is
+    # NaN (it takes the else branch), so a NaN pre-activation makes its gradient NaN.
     return tl.where(y > 0, 1.0, y + alpha)
 
 
 @triton.jit
 def elu_grad_from_input(x, alpha):
-    return tl.where(x > 0, 1.0, alpha * tl.exp(tl.minimum(x, 0.0)))
+    # NaN where x is NaN, as above: the exp is of x itself there (tl.minimum(x, 0.0) gave 0).
+    return tl.where(x > 0, 1.0, alpha * tl.exp(tl.where(x > 0, 0.0, x)))
 
 
 @triton.jit

@@ -1,4 +1,6 @@
 """The FASTDRN_BACKEND switch: what each setting runs, and forced backends that cannot run raise."""
+import sys
+
 import pytest
 import torch
 
@@ -35,6 +37,8 @@ def test_auto_on_cpu_without_interpreter_uses_torch(monkeypatch):
 
 def test_interpreter_runs_triton_on_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # As in a fresh process: kernels already decorated for the GPU compiler cannot be interpreted.
+    monkeypatch.delitem(sys.modules, "fastdrn.kernels._common", raising=False)
     assert backend.use_triton("compress_skip", torch.device("cpu"))
 
 

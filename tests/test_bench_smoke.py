@@ -193,3 +193,16 @@ def test_host_launches_counts_a_training_step():
     triton_launches = int(line.split("(")[1].split(" Triton")[0])
     assert triton_launches == 6 * 6 + 2 * 5, line
     assert line.endswith("through Triton's own run once warm: 0"), line
+
+
+def test_graph_rows_are_compared_with_the_strongest_baselines(bench_modules):
+    import report
+
+    train = dict(scale=4, N=16, H=48, W=48)
+    rows = [_row("drn", "train_step", train, "bf16", impl, ms) for impl, ms in
+            (("eager", 40.0), ("compile", 30.0), ("compile-reduce-overhead", 20.0), ("eager-graph", 25.0))]
+    rows += [_row("drn", "train_step", train, "bf16", impl, ms, role="candidate")
+             for impl, ms in (("fastdrn", 50.0), ("fastdrn-graph", 10.0))]
+    text = "\n".join(report.goals(report.recompute_speedups(rows)))
+    assert "in one CUDA graph: 10.00 ms, x4.00 vs eager, x3.00 vs torch.compile" in text
+    assert "fastdrn-graph x2.00 vs the fastest (compile-reduce-overhead)" in text

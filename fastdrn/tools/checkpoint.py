@@ -7,7 +7,9 @@ scale = sqrt(upsample rows / n_feats)). What shapes cannot tell (alpha, rgb_rang
 ``config`` entry of our own checkpoints, else the DRN defaults, and explicit overrides win.
 
 Everything is loaded with ``torch.load(weights_only=True)``: our training checkpoints hold only
-tensors, dicts, lists, tuples, numbers, strings and None.
+tensors, dicts, lists, tuples, numbers, strings and None. A zip checkpoint (what ``torch.save``
+writes) is first checked member by member against the CRC-32 its zip directory records, so flipped
+bytes are refused instead of loading as wrong weights; tensors other than dense ones are refused.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import math
 import os
 import re
 import tempfile
+import threading
+import zipfile
 from typing import Any, Callable, Mapping
 
 import torch
@@ -23,7 +27,8 @@ import fastdrn
 import fastdrn.reference
 
 __all__ = ["CheckpointError", "build_model", "infer_config", "extract_state_dict", "load_checkpoint",
-           "load_model", "atomic_write", "atomic_write_text", "atomic_save", "CONFIG_KEYS", "FORMAT"]
+           "load_model", "atomic_write", "atomic_write_text", "atomic_save", "check_dense", "verify_zip",
+           "current_umask", "temp_name_pattern", "CONFIG_KEYS", "FORMAT"]
 
 FORMAT = "fastdrn-train-v1"
 CONFIG_KEYS = ("scale", "n_colors", "n_feats", "n_groups", "n_blocks", "inner", "distill", "alpha",
@@ -46,6 +51,18 @@ def build_model(**cfg) -> torch.nn.Module:
 
 def _is_state_dict(d: Any) -> bool:
     return isinstance(d, Mapping) and len(d) > 0 and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def check_dense(sd: Mapping[str, torch.Tensor]) -> None:
+    """Refuse tensors a model cannot take as weights: sparse or other non-strided layouts, and
+    non-numeric or complex dtypes. Raises CheckpointError naming every offending key."""
+    bad = [f"{k}: {v.layout}" for k, v in sd.items() if v.layout != torch.strided]
+    bad += [f"{k}: dtype {v.dtype}" for k, v in sd.items()
+            if v.layout == torch.strided and (v.is_complex() or v.dtype == torch.bool)]
+    if bad:
+        shown = bad[:10] + ([f"... and {len(bad) - 10} more"] if len(bad) > 10 else [])
+        raise CheckpointError("only dense real-valued tensors can be weights; the checkpoint holds "
+                              + ", ".join(shown))
 
 
 def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict]:
@@ -75,6 +92,7 @@ def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict]:
             while k.startswith(prefix):
                 k = k[len(prefix):]
         sd[k] = v
+    check_dense(sd)
     return sd, config
 
 
@@ -128,11 +146,28 @@ def _mismatches(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> list[
     return lines
 
 
+def verify_zip(path: str) -> None:
+    """Check every member of a zip checkpoint against the CRC-32 its directory records (torch's own
+    reader does not): a file with flipped bytes raises CheckpointError. Other files pass unchecked."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"{path}: the checkpoint is corrupt (its zip structure does not read: {e})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: the checkpoint is corrupt: {bad} does not match its CRC-32 checksum "
+                              "(a damaged copy or an interrupted transfer)")
+
+
 def load_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load(path, map_location='cpu', weights_only=True)`` with readable errors."""
+    """``torch.load(path, map_location='cpu', weights_only=True)`` with readable errors, after
+    :func:`verify_zip`."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+    verify_zip(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError, RuntimeError for corrupt zip files, ...
@@ -150,7 +185,10 @@ def load_model(source: str | os.PathLike | Mapping, overrides: Mapping | None = 
     """
     obj = load_checkpoint(source) if not isinstance(source, Mapping) else source
     name = os.fspath(source) if not isinstance(source, Mapping) else "checkpoint"
-    sd, stored = extract_state_dict(obj)
+    try:
+        sd, stored = extract_state_dict(obj)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from None
     cfg = {k: v for k, v in stored.items() if k in CONFIG_KEYS}
     try:
         inferred = infer_config(sd)
@@ -186,11 +224,38 @@ def _fmt(cfg: Mapping) -> str:
 
 # ----------------------------------------------------------------------------------------- saving
 
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc), else by setting
+    and restoring it under a lock (os.umask can only be read by setting it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def temp_name_pattern(path: str | os.PathLike) -> re.Pattern:
+    """What :func:`atomic_write`'s temporary files for ``path`` are called (mkstemp's 8 random
+    characters between the stem and ``.tmp`` plus the extension): to clean up after a killed writer."""
+    stem, ext = os.path.splitext(os.path.basename(os.fspath(path)))
+    return re.compile(re.escape(f".{stem}.") + r"[A-Za-z0-9_]{8}" + re.escape(f".tmp{ext}"))
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` on a temporary name in the destination folder, then ``os.replace`` it.
 
     A crash or an exception leaves the old file (if any) untouched and no partial file behind.
-    The temporary name keeps the extension, so writers that look at it still work.
+    The temporary name keeps the extension, so writers that look at it still work. The file gets
+    the mode a plain ``open(path, "w")`` would give it (0o666 less the umask), not mkstemp's 0o600.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -198,8 +263,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     base = os.path.basename(path)
     stem, ext = os.path.splitext(base)
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=folder)
-    os.close(fd)
     try:
+        try:
+            os.fchmod(fd, 0o666 & ~current_umask())
+        finally:
+            os.close(fd)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

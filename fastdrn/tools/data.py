@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .image_io import ImageReadError, list_images, read_image
+from .image_io import DEFAULT_MAX_PIXELS, ImageReadError, list_images, read_image
 from .imresize import downsample
 
 __all__ = ["Pair", "find_pairs", "load_pair", "TrainPatches", "StreamBatchSampler", "estimate_bytes"]
@@ -83,13 +83,14 @@ def make_lr(hr: np.ndarray, scale: int) -> np.ndarray:
     return np.ascontiguousarray(lr.astype(hr.dtype))
 
 
-def load_pair(pair: Pair, scale: int) -> tuple[np.ndarray, np.ndarray]:
+def load_pair(pair: Pair, scale: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
     """Decode one pair -> (lr, hr) (H, W, 3) integer arrays with hr exactly ``scale`` times lr.
 
     Without an LR file, HR is cropped to a multiple of ``scale`` and LR is made by MATLAB bicubic.
-    With one, HR is cropped to ``scale`` x the LR size (the usual "mod crop"). Raises ImageReadError.
+    With one, HR is cropped to ``scale`` x the LR size (the usual "mod crop"). Raises ImageReadError
+    (also for an image of more than ``max_pixels`` pixels, refused before it is decoded).
     """
-    hr_img = read_image(pair.hr)
+    hr_img = read_image(pair.hr, max_pixels=max_pixels)
     hr = _to_array(hr_img)
     if pair.lr is None:
         h, w = (hr.shape[0] // scale) * scale, (hr.shape[1] // scale) * scale
@@ -97,7 +98,7 @@ def load_pair(pair: Pair, scale: int) -> tuple[np.ndarray, np.ndarray]:
             raise ImageReadError(f"{pair.hr}: smaller than the scale {scale}")
         hr = np.ascontiguousarray(hr[:h, :w])
         return make_lr(hr, scale), hr
-    lr_img = read_image(pair.lr)
+    lr_img = read_image(pair.lr, max_pixels=max_pixels)
     lr = _to_array(lr_img)
     if lr.dtype != hr.dtype:
         lr = (lr.astype(np.float64) * (257.0 if hr.dtype == np.uint16 else 1 / 257.0)).round().astype(hr.dtype)

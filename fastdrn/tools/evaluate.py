@@ -5,6 +5,10 @@ bicubic downsampling of the HR image cropped to a multiple of the scale, rounded
 benchmark LR sets were made). SR and bicubic (MATLAB ``imresize(lr, scale)``) outputs are quantised to
 8 bits and compared with HR on the Y channel with a ``scale``-pixel border cropped
 (:mod:`fastdrn.tools.metrics`).
+
+An image too small for SSIM's 11x11 window once the border is cropped is skipped with a warning and
+counted in the summary (``skipped``), not averaged in as NaN. The JSON report is strict JSON:
+non-finite numbers (an infinite PSNR of a perfect match, a mean over no image) are written as null.
 """
 from __future__ import annotations
 
@@ -15,12 +19,13 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..graphs import Upscaler, make_upscaler
 from .checkpoint import atomic_write_text, load_model
 from .data import Pair, find_pairs, load_pair
-from .image_io import Image, ImageReadError, write_image
+from .image_io import DEFAULT_MAX_PIXELS, Image, ImageReadError, write_image
 from .imresize import upsample
 from .infer import prepare, receptive_radius, super_resolve
-from .metrics import psnr_ssim
+from .metrics import SSIM_WINDOW, psnr_ssim
 
 __all__ = ["evaluate", "evaluate_pairs", "format_table", "CONVENTION"]
 
@@ -34,25 +39,33 @@ def _to_float(a) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(2, 0, 1))).double() / m
 
 
-def evaluate_pairs(model: torch.nn.Module, cfg: dict, pairs: Iterable[Pair], *, self_ensemble: bool = False,
+def evaluate_pairs(model: torch.nn.Module | Upscaler, cfg: dict, pairs: Iterable[Pair], *, self_ensemble: bool = False,
                    tile: int | None = None, tile_overlap: int | None = None, dtype: str = "fp32",
                    device=None, bicubic: bool = True, fail_fast: bool = False,
                    loaded: dict | None = None, save_dir: str | None = None,
-                   log: Callable[[str], None] = print) -> dict:
-    """Score ``model`` on ``pairs``; returns {"images": [...], "mean": {...}, "failed": [...]}.
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS, log: Callable[[str], None] = print) -> dict:
+    """Score ``model`` (a module or a :func:`fastdrn.make_upscaler` upscaler) on ``pairs``; returns
+    {"images": [...], "mean": {...}, "failed": [...],
+    "skipped": [...]} (skipped: images too small for SSIM once the border is cropped).
 
     ``loaded`` may map pair names to already decoded (lr, hr) arrays (training's validation set).
     """
     scale = cfg["scale"]
-    rows, failed = [], []
+    rows, failed, skipped = [], [], []
     for pair in pairs:
         try:
-            lr, hr = loaded[pair.name] if loaded and pair.name in loaded else load_pair(pair, scale)
+            lr, hr = loaded[pair.name] if loaded and pair.name in loaded else load_pair(pair, scale, max_pixels)
         except ImageReadError as e:
             log(f"error: {e}")
             failed.append({"name": pair.name, "error": str(e)})
             if fail_fast:
                 break
+            continue
+        if min(hr.shape[:2]) - 2 * scale < SSIM_WINDOW:
+            why = (f"{hr.shape[1]}x{hr.shape[0]} is too small: SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window needs "
+                   f"{SSIM_WINDOW + 2 * scale} pixels a side with the {scale}-pixel border cropped")
+            log(f"warning: {pair.name}: skipped: {why}")
+            skipped.append({"name": pair.name, "reason": why})
             continue
         lr_t, hr_t = _to_float(lr), _to_float(hr)
         sr = super_resolve(model, lr_t.float(), scale, rgb_range=cfg.get("rgb_range", 1.0), tile=tile,
@@ -67,7 +80,7 @@ def evaluate_pairs(model: torch.nn.Module, cfg: dict, pairs: Iterable[Pair], *, 
             write_image(os.path.join(save_dir, f"{pair.name}_x{scale}.png"), Image(rgb=sr.clamp(0, 1)))
     keys = ["psnr", "ssim"] + (["bicubic_psnr", "bicubic_ssim"] if bicubic else [])
     mean = {k: (sum(r[k] for r in rows) / len(rows) if rows else math.nan) for k in keys}
-    return {"images": rows, "mean": mean, "failed": failed}
+    return {"images": rows, "mean": mean, "failed": failed, "skipped": skipped}
 
 
 def format_table(result: dict) -> str:
@@ -88,17 +101,34 @@ def format_table(result: dict) -> str:
     lines.append(fmt("mean", result["mean"]))
     if result.get("failed"):
         lines.append(f"{len(result['failed'])} image(s) failed: " + ", ".join(f["name"] for f in result["failed"]))
+    if result.get("skipped"):
+        lines.append(f"{len(result['skipped'])} image(s) skipped (smaller than the SSIM window): "
+                     + ", ".join(f["name"] for f in result["skipped"]))
     return "\n".join(lines)
+
+
+def _strict_json(value):
+    """`value` with every non-finite float as None: JSON has no NaN or Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int | None = None,
              self_ensemble: bool = False, json_path: str | None = None, tile: int | None = None,
              tile_overlap: int | None = None, dtype: str = "fp32", device=None, fail_fast: bool = False,
              save_dir: str | None = None, overrides: dict | None = None,
-             log: Callable[[str], None] = print) -> dict:
-    """Load ``weights``, score it on ``hr_dir`` (and ``lr_dir``), print a table, optionally write JSON."""
+             max_pixels: int | None = DEFAULT_MAX_PIXELS,
+             cuda_graph: bool | None = None, log: Callable[[str], None] = print) -> dict:
+    """Load ``weights``, score it on ``hr_dir`` (and ``lr_dir``), print a table, optionally write JSON.
+
+    ``cuda_graph``: as in :func:`fastdrn.make_upscaler` (None: replay captured graphs on a GPU)."""
     model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale})
-    model = prepare(model, device, dtype)
+    model = make_upscaler(prepare(model, device, dtype), cuda_graph=cuda_graph)
     pairs, missing = find_pairs(hr_dir, lr_dir, cfg["scale"])
     failed = []
     for m in missing:
@@ -108,7 +138,7 @@ def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int
         pairs = []
     result = evaluate_pairs(model, cfg, pairs, self_ensemble=self_ensemble, tile=tile,
                             tile_overlap=tile_overlap, dtype=dtype, device=device, fail_fast=fail_fast,
-                            save_dir=save_dir, log=log)
+                            save_dir=save_dir, max_pixels=max_pixels, log=log)
     result["failed"] = failed + result["failed"]
     result.update(weights=os.fspath(weights), hr_dir=os.fspath(hr_dir),
                   lr_dir=None if lr_dir is None else os.fspath(lr_dir),
@@ -117,6 +147,6 @@ def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int
                   config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()})
     log(format_table(result))
     if json_path:
-        text = json.dumps(result, indent=2, allow_nan=True)
+        text = json.dumps(_strict_json(result), indent=2, allow_nan=False)
         atomic_write_text(json_path, text + "\n")
     return result

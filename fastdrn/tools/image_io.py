@@ -5,6 +5,10 @@ three channels, remembered in ``gray``), the alpha channel separately, and the b
 that writing can give back the same kind of file. 16-bit RGB(A) PNGs, which Pillow reduces to 8 bits,
 go through :mod:`fastdrn.tools.png16`. Every failure (missing, unreadable, truncated) raises
 :class:`ImageReadError` naming the file. Files are written atomically (temporary name + os.replace).
+
+An image of more than ``max_pixels`` pixels (default :data:`DEFAULT_MAX_PIXELS`, Pillow's own
+decompression-bomb limit) is refused from its header, before any pixel is decoded, whatever reads
+it: a few megabytes of compressed PNG can claim gigabytes of pixels.
 """
 from __future__ import annotations
 
@@ -21,10 +25,13 @@ from . import png16
 from .checkpoint import atomic_write
 
 __all__ = ["Image", "ImageReadError", "read_image", "write_image", "to_uint8", "list_images",
-           "IMAGE_EXTS", "WRITE_FORMATS"]
+           "IMAGE_EXTS", "WRITE_FORMATS", "DEFAULT_MAX_PIXELS"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
 WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+# Pillow's default (Image.MAX_IMAGE_PIXELS, ~89.5 million pixels, a 9459 x 9459 image), fixed here
+# so that a change to Pillow's global does not move it.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 
 class ImageReadError(OSError):
@@ -75,19 +82,40 @@ def _from_array(arr: np.ndarray, maxval: float, gray: bool, path: str, bits: int
     return Image(rgb=t, alpha=alpha, gray=gray, bits=bits, path=path)
 
 
-def read_image(path: str | os.PathLike) -> Image:
-    """Read an image file (PNG 8/16-bit, JPEG, WebP, BMP, TIFF, ...) into an :class:`Image`."""
+def _check_size(path: str, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageReadError(f"{path}: the image is {width} x {height} = {width * height:,} pixels, more than the "
+                             f"limit of {max_pixels:,} (a guard against decompression bombs); raise it with "
+                             "--max-pixels if the file is trusted")
+
+
+def _allow_in_pillow(max_pixels: int | None) -> None:
+    """Raise Pillow's own decompression-bomb limit (a global, only ever raised here) to ours, so that
+    an image our limit allows is not refused by Pillow's."""
+    if PILImage.MAX_IMAGE_PIXELS is not None and (max_pixels is None or max_pixels > PILImage.MAX_IMAGE_PIXELS):
+        PILImage.MAX_IMAGE_PIXELS = max_pixels
+
+
+def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image:
+    """Read an image file (PNG 8/16-bit, JPEG, WebP, BMP, TIFF, ...) into an :class:`Image`.
+
+    Images of more than ``max_pixels`` pixels are refused before decoding (None: no limit)."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise ImageReadError(f"{path}: cannot read: {e.strerror or e}") from None
+    buffer = io.BytesIO(data)
     try:
         if png16.needs_png16(data):
+            header = png16.read_header(data)
+            _check_size(path, header["width"], header["height"], max_pixels)
             arr = png16.decode(data)
             return _from_array(arr, 65535.0, arr.shape[2] in (1, 2), path, 16)
-        im = PILImage.open(io.BytesIO(data))
+        _allow_in_pillow(max_pixels)
+        im = PILImage.open(buffer)                 # reads the header only
+        _check_size(path, im.size[0], im.size[1], max_pixels)
         im.load()                                  # decode now: truncated files fail here
         im = ImageOps.exif_transpose(im)
         mode = im.mode
@@ -105,8 +133,14 @@ def read_image(path: str | os.PathLike) -> Image:
         return _from_array(np.asarray(im.convert("RGB")), 255.0, False, path, 8)
     except ImageReadError:
         raise
-    except Exception as e:  # PIL.UnidentifiedImageError, OSError('image file is truncated'), png16.PNGError
+    except PILImage.DecompressionBombError:      # past twice Pillow's own limit
+        raise ImageReadError(f"{path}: the image has more pixels than the limit of {max_pixels:,} (a guard against "
+                             "decompression bombs); raise it with --max-pixels if the file is trusted") from None
+    except PILImage.UnidentifiedImageError:
+        raise ImageReadError(f"{path}: cannot decode image: not a format Pillow can identify") from None
+    except Exception as e:  # OSError('image file is truncated'), png16.PNGError, ...
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = msg.replace(repr(buffer), "the file").replace(str(buffer), "the file")
         raise ImageReadError(f"{path}: cannot decode image: {msg}") from None
 
 

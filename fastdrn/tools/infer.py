@@ -1,8 +1,11 @@
 """Inference helpers: seamless tiled forward, x8 self-ensemble, dtype handling.
 
-Tiling is exact, not blended: each tile is run with ``overlap`` extra LR pixels of real context on
-every side (clamped at the image border, where the model's own zero padding applies as in the whole
-image) and only its core is kept. A DRN output pixel depends on LR pixels at most
+Tiling is exact, not blended: each tile's core is run inside a window with at least ``overlap`` LR
+pixels of real context on every side, or reaching the image border (where the model's own zero
+padding applies as in the whole image), and only the core is kept. Every window of an image has the
+same shape, ``min(side, tile + 2 * overlap)`` along each axis: windows at the border shift inwards
+instead of shrinking, so one captured CUDA graph (:func:`fastdrn.make_upscaler`) serves every tile,
+and every image at least that big. A DRN output pixel depends on LR pixels at most
 ``receptive_radius(cfg)`` away, so with ``overlap >= receptive_radius`` the tiled result equals the
 untiled one up to floating-point summation order.
 """
@@ -12,6 +15,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from ..graphs import Upscaler
 from .imresize import upsample
 
 __all__ = ["receptive_radius", "forward_tiled", "self_ensemble", "super_resolve", "DTYPES", "resolve_device",
@@ -42,12 +46,8 @@ def forward_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, s
     if overlap < 0:
         raise ValueError("tile overlap must be >= 0")
     out = None
-    for y0 in range(0, h, tile):
-        y1 = min(y0 + tile, h)
-        ya, yb = max(y0 - overlap, 0), min(y1 + overlap, h)
-        for x0 in range(0, w, tile):
-            x1 = min(x0 + tile, w)
-            xa, xb = max(x0 - overlap, 0), min(x1 + overlap, w)
+    for y0, y1, ya, yb in _windows(h, tile, overlap):
+        for x0, x1, xa, xb in _windows(w, tile, overlap):
             o = fn(x[:, :, ya:yb, xa:xb])
             if out is None:
                 out = torch.empty(n, o.shape[1], h * scale, w * scale, dtype=o.dtype,
@@ -55,6 +55,16 @@ def forward_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, s
             out[:, :, y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
                 o[:, :, (y0 - ya) * scale:(y1 - ya) * scale, (x0 - xa) * scale:(x1 - xa) * scale]
     return out
+
+
+def _windows(size: int, tile: int, overlap: int):
+    """(core start, core end, window start, window end) along one axis: cores of ``tile`` pixels,
+    windows all ``min(size, tile + 2 * overlap)`` long, each reaching ``overlap`` pixels past its core
+    or the border (a window that would cross the border is shifted back inside)."""
+    span = min(size, tile + 2 * overlap)
+    for c0 in range(0, size, tile):
+        w0 = min(max(c0 - overlap, 0), size - span)
+        yield c0, min(c0 + tile, size), w0, w0 + span
 
 
 def _transform(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -94,11 +104,16 @@ def super_resolve(model: torch.nn.Module, lr: torch.Tensor, scale: int, *, rgb_r
                   radius: int | None = None) -> torch.Tensor:
     """(3, H, W) or (N, 3, H, W) LR image in [0, 1] -> SR image in [0, 1] (float32 on the CPU, not clamped).
 
-    ``model`` must already be on ``device`` and in ``dtype``. ``overlap`` defaults to ``radius``
-    (the receptive-field radius), which makes tiling seamless.
+    ``model``: a module, or an upscaler from :func:`fastdrn.make_upscaler` (on a GPU it replays one
+    captured CUDA graph per input shape, and all the tiles of an image share one shape). It must
+    already be on ``device`` and in ``dtype``. ``overlap`` defaults to ``radius`` (the
+    receptive-field radius), which makes tiling seamless.
     """
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    if device is not None:
+        dev = resolve_device(device)
+    else:
+        dev = model.device if isinstance(model, Upscaler) else next(model.parameters()).device
     single = lr.dim() == 3
     x = (lr[None] if single else lr).to(device=dev, dtype=dt) * rgb_range
     if overlap is None:

@@ -20,7 +20,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["quantize", "rgb_to_y", "psnr", "ssim", "psnr_ssim", "gaussian_window"]
+__all__ = ["quantize", "rgb_to_y", "psnr", "ssim", "psnr_ssim", "gaussian_window", "SSIM_WINDOW"]
+
+SSIM_WINDOW = 11  # side of SSIM's Gaussian window: smaller images (after the border crop) have no SSIM
 
 
 def quantize(x: torch.Tensor, levels: int = 255) -> torch.Tensor:

@@ -81,11 +81,17 @@ def decode(data: bytes) -> np.ndarray:
         raise PNGError("PNG file is truncated (no IEND chunk)")
     h, w, ch = hdr["height"], hdr["width"], CHANNELS[hdr["color_type"]]
     bpp = 2 * ch
+    expected = h * (w * bpp + 1)
     try:
-        raw = zlib.decompress(b"".join(idat))
+        # At most what the header promises (plus one byte to notice more): a small file cannot
+        # inflate into gigabytes that its header does not declare.
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(b"".join(idat), expected + 1)
     except zlib.error as e:
         raise PNGError(f"PNG data is corrupt: {e}") from None
-    if len(raw) != h * (w * bpp + 1):
+    if len(raw) > expected:
+        raise PNGError("PNG image data is longer than its header's size")
+    if len(raw) != expected:
         raise PNGError("PNG image data is truncated")
     px = _unfilter(np.frombuffer(raw, dtype=np.uint8), h, w, bpp)
     return px.reshape(h, w * bpp).view(">u2").reshape(h, w, ch).astype(np.uint16)

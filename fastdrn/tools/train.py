@@ -12,13 +12,21 @@ DistributedDataParallel averages the gradients, so one process and W processes t
 Data order and augmentation depend only on (seed, step) (see :mod:`fastdrn.tools.data`), which makes
 resuming exact: the checkpoint stores model, optimizer, scheduler, AMP scaler, step and the RNG states
 (torch CPU and CUDA, numpy, python ``random``) as tensors, so it loads with ``weights_only=True``.
+
+On one CUDA device each step (forward, L1, backward, fused Adam, AMP scaler) is replayed from a CUDA
+graph captured per batch shape (:func:`fastdrn.make_train_step`; the learning rate lives in a tensor
+on the device so that the scheduler reaches the graph); ``--no-cuda-graph``, DDP and ``--compile``
+run it eagerly.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -31,7 +39,9 @@ from torch.utils.data import DataLoader
 
 import fastdrn.reference
 
-from .checkpoint import FORMAT, CheckpointError, atomic_save, build_model, load_checkpoint
+from ..graphs import capture_unavailable, make_train_step
+from .checkpoint import (FORMAT, CheckpointError, _mismatches, atomic_save, build_model, check_dense,
+                         load_checkpoint, temp_name_pattern)
 from .image_io import ImageReadError
 from .data import StreamBatchSampler, TrainPatches, estimate_bytes, find_pairs, load_pair
 from .evaluate import evaluate_pairs
@@ -73,6 +83,7 @@ class TrainConfig:
     # machinery
     amp: str = "none"                      # none | bf16 | fp16
     compile: bool = False
+    cuda_graph: bool = True                # replay the step from a CUDA graph (one CUDA process, no compile)
     workers: int = 4
     cache: str = "auto"                    # auto | memory | disk | none
     cache_dir: str | None = None
@@ -139,8 +150,125 @@ def init_distributed(device_pref: str | None) -> tuple[int, int, torch.device, b
     return dist.get_rank(), dist.get_world_size(), device, created
 
 
+def check_training_checkpoint(ckpt, path: str) -> None:
+    """Refuse, with CheckpointError, a training checkpoint whose parts are missing or of the wrong
+    kind, before any of it is used (what each part holds is checked as it is loaded)."""
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a fastdrn training checkpoint (use it as --weights elsewhere)")
+    problems = []
+    step = ckpt.get("step")
+    if "step" not in ckpt:
+        problems.append("step: missing")
+    elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        problems.append(f"step: expected a non-negative int, got {step!r}")
+    for key in ("config", "model", "optimizer", "scheduler", "rng"):
+        if not isinstance(ckpt.get(key), dict):
+            problems.append(f"{key}: expected a dict, got {type(ckpt.get(key)).__name__}"
+                            + (" (missing)" if key not in ckpt else ""))
+    if isinstance(ckpt.get("config"), dict):
+        missing = [k for k in (*MODEL_ARGS, "rgb_mean") if k not in ckpt["config"]]
+        if missing:
+            problems.append(f"config: missing {', '.join(missing)}")
+    if isinstance(ckpt.get("model"), dict):
+        not_tensors = [k for k, v in ckpt["model"].items() if not isinstance(v, torch.Tensor)]
+        if not_tensors or not ckpt["model"]:
+            problems.append("model: expected a state_dict of tensors" +
+                            (f" (not tensors: {', '.join(map(str, not_tensors[:5]))})" if not_tensors else " (empty)"))
+    if isinstance(ckpt.get("optimizer"), dict):
+        missing = [k for k in ("state", "param_groups") if k not in ckpt["optimizer"]]
+        if missing:
+            problems.append(f"optimizer: missing {', '.join(missing)}")
+    if isinstance(ckpt.get("rng"), dict):
+        missing = [k for k in ("torch", "numpy", "python") if k not in ckpt["rng"]]
+        if missing:
+            problems.append(f"rng: missing {', '.join(missing)}")
+    for key in ("scaler", "data"):
+        if key in ckpt and not isinstance(ckpt[key], dict):
+            problems.append(f"{key}: expected a dict, got {type(ckpt[key]).__name__}")
+    if problems:
+        raise CheckpointError(f"{path}: not a usable fastdrn training checkpoint:\n  " + "\n  ".join(problems))
+    try:
+        check_dense(ckpt["model"])
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+CHECKPOINT_NAMES = ("last.pt", "best.pt")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def remove_stale_temp_files(folder: str, log: Callable[[str], None]) -> list[str]:
+    """Delete the temporary files a killed run left beside its checkpoints (atomic_write's names for
+    last.pt and best.pt, nothing else); returns their paths."""
+    if not os.path.isdir(folder):
+        return []
+    patterns = [temp_name_pattern(name) for name in CHECKPOINT_NAMES]
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        if any(p.fullmatch(entry) for p in patterns):
+            path = os.path.join(folder, entry)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+            log(f"removed {path}, a temporary checkpoint file left by an interrupted run")
+    return removed
+
+
+class StopRequest:
+    """While active, SIGTERM and SIGINT ask the training loop to stop after the step in flight (it
+    then saves): a killed job loses no steps. A second SIGINT interrupts at once. Handlers can only
+    be installed from the main thread; elsewhere this does nothing."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *_exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
 def _plain(v):
     return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+
+
+@contextlib.contextmanager
+def _loading(path: str | None, part: str):
+    """Turn the errors of loading one part of a training checkpoint into CheckpointError."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # KeyError, ValueError, TypeError, RuntimeError, IndexError, ...
+        if path is None:
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{path}: its {part} does not load: {type(e).__name__}: {first}") from e
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Adam's per-parameter state must match its parameter's shape (load_state_dict checks only
+    the counts): a mismatch would fail at the first step, or broadcast silently."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if name in ("exp_avg", "exp_avg_sq") and (not isinstance(value, torch.Tensor) or value.shape != p.shape):
+                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ValueError(f"state {name} has shape {shape} for a parameter of shape {tuple(p.shape)}")
 
 
 class Trainer:
@@ -156,6 +284,12 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {self.world} processes")
         self.errors: list[str] = []
+        if self.main:
+            remove_stale_temp_files(cfg.out, self.log)
+        # Every process must agree to stop on a signal, or a peer would wait in a collective
+        # forever: the stop flag is all-reduced each step over a CPU (gloo) group, which never
+        # waits for the GPU.
+        self._stop_group = dist.new_group(backend="gloo") if self.world > 1 else None
 
         # --- checkpoint to resume from
         ckpt = None
@@ -165,8 +299,7 @@ class Trainer:
             path = path if os.path.exists(path) else None
         if path:
             ckpt = load_checkpoint(path)
-            if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-                raise CheckpointError(f"{path}: not a fastdrn training checkpoint (use it as --weights elsewhere)")
+            check_training_checkpoint(ckpt, path)
             self.log(f"resuming from {path} at step {ckpt['step']}")
 
         # --- model
@@ -181,10 +314,16 @@ class Trainer:
         if self.model_cfg["scale"] != cfg.scale:
             raise CheckpointError(f"checkpoint scale is {self.model_cfg['scale']}, --scale is {cfg.scale}")
         mk = dict(self.model_cfg)
-        mk["rgb_mean"] = tuple(mk["rgb_mean"])
-        self.model = build_model(**mk).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                          eps=cfg.eps)
+        with _loading(path, "config"):
+            mk["rgb_mean"] = tuple(mk["rgb_mean"])
+            self.model = build_model(**mk)
+        self.model = self.model.to(self.device)
+        self.graphed, why_eager = self._graph_plan()
+        # On CUDA the fused Adam; captured, it also keeps its step count and (as a tensor) the learning
+        # rate on the device, so the scheduler's changes reach the graph.
+        adam = dict(fused=True, capturable=self.graphed) if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self._lr_value(cfg.lr),
+                                          betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **adam)
         self.ipe = cfg.iters_per_epoch
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step = 0
@@ -210,19 +349,29 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step * self.ipe,
                                                          gamma=cfg.lr_gamma)
         if ckpt is not None:
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
+            mismatches = _mismatches(self.model, ckpt["model"])
+            if mismatches:
+                raise CheckpointError(f"{path}: its model does not fit its own config:\n  " + "\n  ".join(mismatches))
+            with _loading(path, "model"):
+                self.model.load_state_dict(ckpt["model"])
+            with _loading(path, "optimizer"):
+                self._load_optimizer(ckpt["optimizer"])
+                _check_optimizer_state(self.optimizer)
+            with _loading(path, "scheduler"):
+                self.scheduler.load_state_dict(ckpt["scheduler"])
             if ckpt.get("scaler"):
-                self.scaler.load_state_dict(ckpt["scaler"])
+                with _loading(path, "scaler"):
+                    self.scaler.load_state_dict(ckpt["scaler"])
             self.step = int(ckpt["step"])
-            self.best_psnr = float(ckpt.get("best_psnr", -math.inf))
+            with _loading(path, "best_psnr"):
+                self.best_psnr = float(ckpt.get("best_psnr", -math.inf))
             data = ckpt.get("data", {})
             for k, v in (("seed", cfg.seed), ("global_batch", cfg.batch_size), ("patch", cfg.patch_size)):
                 if k in data and data[k] != v:
                     self.log(f"warning: resuming with {k} {v}, the checkpoint used {data[k]}: "
                              f"the run will not repeat the uninterrupted one")
-            set_rng_state(ckpt["rng"])
+            with _loading(path, "rng"):
+                set_rng_state(ckpt["rng"])
 
         self.sampler = StreamBatchSampler(len(self.dataset), cfg.batch_size, self.total, cfg.seed,
                                           start_step=self.step, rank=self.rank, world_size=self.world)
@@ -253,6 +402,10 @@ class Trainer:
             self.net = torch.compile(self.net)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        self.train_step = make_train_step(self.net, self.optimizer, F.l1_loss, amp_dtype=self.amp_dtype,
+                                          grad_scaler=self.scaler, cuda_graph=self.graphed)
+        self.log("training step: " + ("replayed from a CUDA graph per batch shape" if self.graphed
+                                      else f"eager ({why_eager})"))
 
     # ------------------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
@@ -268,6 +421,40 @@ class Trainer:
         if self.cfg.fail_fast:
             raise ImageReadError(f"stopping (--fail-fast): {msg}")
 
+    def _graph_plan(self) -> tuple[bool, str]:
+        """(whether the step is captured in a CUDA graph, why not)."""
+        cfg = self.cfg
+        why = capture_unavailable(self.device)
+        if not cfg.cuda_graph:
+            why = "--no-cuda-graph"
+        elif self.world > 1:
+            why = "CUDA graphs are not used under DistributedDataParallel"
+        elif cfg.compile:
+            why = "CUDA graphs are not used with --compile"
+        return why is None, why or ""
+
+    def _lr_value(self, lr: float):
+        """A learning rate as the optimizer holds it: a tensor on the device where the step is captured."""
+        return torch.tensor(lr, dtype=torch.float32, device=self.device) if self.graphed else lr
+
+    def _load_optimizer(self, saved: dict) -> None:
+        """The checkpoint's hyperparameters and moments, run the way this run runs Adam: the
+        implementation flags stay this run's, the lr becomes a device tensor where the step is
+        captured, and fused or captured Adam gets its step counts on the device (a checkpoint from
+        the CPU, or from eager foreach Adam, holds them on the host)."""
+        impl = ("foreach", "fused", "capturable")
+        mine = [{k: g[k] for k in impl if k in g} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(saved)
+        for group, flags in zip(self.optimizer.param_groups, mine):
+            group.update(flags)
+            group["lr"] = self._lr_value(float(group["lr"]))
+            if not (flags.get("fused") or flags.get("capturable")):
+                continue
+            for p in group["params"]:
+                state = self.optimizer.state.get(p)
+                if state and torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
     @property
     def amp_dtype(self):
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
@@ -282,13 +469,6 @@ class Trainer:
         loss = F.l1_loss(sr.float(), hr)
         self.scaler.scale(loss).backward()
         return loss.detach()
-
-    def optimizer_step(self) -> None:
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.step += 1
 
     def state_dict(self) -> dict:
         return {
@@ -340,26 +520,35 @@ class Trainer:
         self._progress = Progress(self.total, self.step, enabled=self.main and cfg.progress,
                                   every=cfg.log_every)
         loss_sum, loss_n = torch.zeros((), device=self.device), 0
+        stopped_by = None
         try:
-            for lr, hr in self.loader:
-                loss = self.forward_backward(lr, hr)
-                self.optimizer_step()
-                loss_sum += loss
-                loss_n += 1
-                shown = self._progress.due(self.step)
-                fields = {}
-                if shown:
-                    fields = {"loss": loss_sum.item() / loss_n, "lr": self.scheduler.get_last_lr()[0],
-                              "epoch": f"{self.step / self.ipe:.2f}"}
-                    loss_sum.zero_()
-                    loss_n = 0
-                self._progress.update(self.step, cfg.batch_size, **fields)
-                if self.step % save_every == 0 or self.step == self.total:
-                    self.save()
-                if self.val_pairs and self.step % val_every == 0:
-                    self.validate()
-                if self.world > 1 and cfg.val_hr_dir and self.step % val_every == 0:
-                    dist.barrier()
+            with StopRequest() as stop:
+                for lr, hr in self.loader:
+                    loss = self.train_step(lr, hr)  # forward, L1, backward, Adam (and AMP scaler) step
+                    self.scheduler.step()
+                    self.step += 1
+                    loss_sum += loss
+                    loss_n += 1
+                    shown = self._progress.due(self.step)
+                    fields = {}
+                    if shown:
+                        fields = {"loss": loss_sum.item() / loss_n, "lr": float(self.scheduler.get_last_lr()[0]),
+                                  "epoch": f"{self.step / self.ipe:.2f}"}
+                        loss_sum.zero_()
+                        loss_n = 0
+                    self._progress.update(self.step, cfg.batch_size, **fields)
+                    saved = self.step % save_every == 0 or self.step == self.total
+                    if saved:
+                        self.save()
+                    if self.val_pairs and self.step % val_every == 0:
+                        self.validate()
+                    if self.world > 1 and cfg.val_hr_dir and self.step % val_every == 0:
+                        dist.barrier()
+                    stopped_by = self._agreed_stop(stop.signum)
+                    if stopped_by is not None:
+                        if not saved:
+                            self.save()
+                        break
         except KeyboardInterrupt:
             self.save()
             self.log(f"interrupted: saved step {self.step} to {os.path.join(cfg.out, 'last.pt')}")
@@ -367,13 +556,27 @@ class Trainer:
         finally:
             self._progress.close()
             self._progress = None
-        self.log(f"done: {self.step} steps; checkpoint {os.path.join(cfg.out, 'last.pt')}")
+        if stopped_by is not None:
+            self.log(f"stopped by {signal.Signals(stopped_by).name}: saved step {self.step} to "
+                     f"{os.path.join(cfg.out, 'last.pt')} (resume with --resume auto)")
+        else:
+            self.log(f"done: {self.step} steps; checkpoint {os.path.join(cfg.out, 'last.pt')}")
         if self.world > 1:
             # Every rank past its last collective and rank 0's checkpoint before any tears its
             # process group down: a rank that destroyed gloo while its peer was still at work
             # aborted ("terminate called without an active exception") in 1 of 8 loaded runs.
             dist.barrier()
+        if stopped_by is not None:
+            return 128 + stopped_by   # the shell's code for a process ended by that signal
         return 1 if self.errors else 0
+
+    def _agreed_stop(self, signum: int | None) -> int | None:
+        """The signal that stops training after this step, if any process got one."""
+        if self._stop_group is None:
+            return signum
+        flag = torch.tensor([signum or 0], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._stop_group)
+        return int(flag.item()) or None
 
     def close(self) -> None:
         if self._own_group and dist.is_initialized():

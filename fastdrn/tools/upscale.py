@@ -4,6 +4,10 @@ Greyscale images are replicated to RGB for the model and converted back; an alph
 separately with MATLAB bicubic; 16-bit PNGs stay 16-bit. Big images can be processed in tiles with
 overlap (seamless when the overlap is at least the receptive-field radius, the default). A file that
 cannot be read is reported by name and skipped (or stops everything with ``fail_fast``).
+
+No output ever replaces an input of the run: every output path is compared, after resolving
+symbolic links (and by device and inode, which catches hard links too), with every input before
+anything is written; an output that would land on an input is refused and counted as a failure.
 """
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ from typing import Callable
 
 import torch
 
+from ..graphs import make_upscaler
 from .checkpoint import load_model
-from .image_io import WRITE_FORMATS, ImageReadError, list_images, read_image, write_image
+from .image_io import DEFAULT_MAX_PIXELS, WRITE_FORMATS, ImageReadError, list_images, read_image, write_image
 from .infer import prepare, receptive_radius, upscale_image
 
 __all__ = ["upscale", "output_paths"]
@@ -39,6 +44,28 @@ def output_paths(inputs: list[str], output: str, fmt: str | None = None, suffix:
             ext = ".png"
         out.append((f, os.path.join(output, Path(f).stem + suffix + ext)))
     return out
+
+
+def _identity(path: str) -> tuple[str, tuple[int, int] | None]:
+    """Where a path really leads: its resolved path, and (device, inode) when it exists."""
+    try:
+        st = os.stat(path)
+        inode = (st.st_dev, st.st_ino)
+    except OSError:
+        inode = None
+    return os.path.realpath(path), inode
+
+
+def _clobbered_input(dst: str, inputs: dict) -> str | None:
+    """The input that writing `dst` would replace, if any. inputs: resolved path -> (path, inode)."""
+    real, inode = _identity(dst)
+    if real in inputs:
+        return inputs[real][0]
+    if inode is not None:
+        for src, src_inode in inputs.values():
+            if src_inode == inode:
+                return src
+    return None
 
 
 def _upscale_fitting(model, cfg, img, tile, overlap, ensemble, dtype, log):
@@ -65,25 +92,37 @@ def upscale(inputs: list[str], output: str, weights: str, *, tile: int | None = 
             tile_overlap: int | None = None, dtype: str = "fp32", self_ensemble: bool = False,
             device=None, fail_fast: bool = False, fmt: str | None = None, quality: int = 95,
             suffix: str = "", scale: int | None = None, overrides: dict | None = None,
-            log: Callable[[str], None] = print) -> int:
-    """Upscale ``inputs`` (files and/or folders) into ``output``; returns the number of failures."""
+            max_pixels: int | None = DEFAULT_MAX_PIXELS,
+            cuda_graph: bool | None = None, log: Callable[[str], None] = print) -> int:
+    """Upscale ``inputs`` (files and/or folders) into ``output``; returns the number of failures.
+
+    ``max_pixels``: larger input images are refused before they are decoded (None: no limit);
+    ``cuda_graph``: as in :func:`fastdrn.make_upscaler` (None: replay captured graphs on a GPU)."""
     model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale})
-    model = prepare(model, device, dtype)
+    model = make_upscaler(prepare(model, device, dtype), cuda_graph=cuda_graph)
     radius = receptive_radius(cfg)
     if tile and tile_overlap is not None and tile_overlap < radius:
         log(f"warning: tile overlap {tile_overlap} < receptive-field radius {radius}: seams are possible")
     failures = 0
     jobs = output_paths(inputs, output, fmt, suffix)
+    # Every input of the run, identified before anything is written.
+    sources = {}
+    for src, _dst in jobs:
+        real, inode = _identity(src)
+        sources[real] = (src, inode)
     taken: set[str] = set()
     for n, (src, dst) in enumerate(jobs):
         t0 = time.perf_counter()
         try:
-            if os.path.abspath(src) == os.path.abspath(dst):
-                raise ValueError(f"{src}: output would overwrite the input (use another folder or --suffix)")
-            if os.path.abspath(dst) in taken:
+            clobbered = _clobbered_input(dst, sources)
+            if clobbered is not None:
+                what = "the input itself" if clobbered == src else f"the input {clobbered}"
+                raise ValueError(f"{src}: output {dst} would overwrite {what}: refused (use another folder or "
+                                 "--suffix)")
+            if os.path.realpath(dst) in taken:
                 raise ValueError(f"{src}: output {dst} was already written from another input with the same name")
-            taken.add(os.path.abspath(dst))
-            img = read_image(src)
+            taken.add(os.path.realpath(dst))
+            img = read_image(src, max_pixels=max_pixels)
             out = _upscale_fitting(model, cfg, img, tile, tile_overlap, self_ensemble, dtype, log)
             for w in write_image(dst, out, quality=quality):
                 log(f"warning: {w}")

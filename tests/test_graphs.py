@@ -1,0 +1,548 @@
+"""fastdrn.make_train_step and fastdrn.make_upscaler: the same losses, parameters, gradients and
+outputs as the eager loop written by hand, on the CPU (eager path) and, on a GPU, from replayed
+CUDA graphs: Adam and AdamW, a scheduler reaching the graph, fp16 with a GradScaler, the
+least-recently-used bound, and what is detected after capture. Also the tile geometry that lets
+one graph serve every tile."""
+import contextlib
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdrn
+from fastdrn import graphs
+from fastdrn.tools.infer import _windows, forward_tiled, receptive_radius, super_resolve
+from helpers import pytorch_fp32_convs, rel_err
+
+SMALL = dict(scale=2, n_feats=8, n_groups=2, n_blocks=2, inner=8, distill=4)
+TINY = dict(scale=2, n_feats=8, n_groups=1, n_blocks=1, inner=8, distill=4)
+FLOAT32_ROUNDING = 1e-6
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def twins(cfg, device, n=2):
+    """n fastdrn.DRNs with the same random weights (biases made non-trivial)."""
+    model = fastdrn.DRN(**cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return [copy.deepcopy(model).to(device) for _ in range(n)]
+
+
+def batch(n, h, w, scale, device, nan=False):
+    lr = torch.rand(n, 3, h, w, dtype=torch.float64).float().to(device)
+    hr = torch.rand(n, 3, h * scale, w * scale, dtype=torch.float64).float().to(device)
+    if nan:
+        lr[0, 0, 0, 0] = float("nan")
+    return lr, hr
+
+
+def hand_step(model, opt, lr, hr, amp_dtype=None, scaler=None):
+    """The eager loop the step must reproduce."""
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(lr.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+        sr = model(lr)
+    loss = F.l1_loss(sr.float(), hr)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return loss.detach()
+
+
+def assert_same_params(a, b, tol, what):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        err = rel_err(p, q)
+        assert err <= tol, f"{what}: {name} off by {err:.2e}"
+
+
+def assert_same_grads(a, b, tol, what):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert p.grad is not None and q.grad is not None, f"{what}: {name} has no gradient"
+        err = rel_err(p.grad, q.grad)
+        assert err <= tol, f"{what}: grad of {name} off by {err:.2e}"
+
+
+# ------------------------------------------------------------------------------ CPU: eager path
+
+@pytest.fixture
+def torch_math(monkeypatch):
+    """The plain PyTorch backend: the step's logic does not depend on it, and it is fast on the CPU."""
+    monkeypatch.setenv("FASTDRN_BACKEND", "torch")
+
+
+@pytest.mark.parametrize("backend_env", ["torch", "auto"])
+def test_train_step_follows_the_eager_loop_on_cpu(backend_env, monkeypatch):
+    """Adam and a StepLR scheduler, a few steps on fresh odd-sized batches: the same losses,
+    parameters and gradients as the hand-written loop, within float32 rounding ("auto" runs the
+    Triton kernels through the interpreter, hence the tiny model)."""
+    monkeypatch.setenv("FASTDRN_BACKEND", backend_env)
+    cfg, steps = (SMALL, 5) if backend_env == "torch" else (TINY, 3)
+    stepped, looped = twins(cfg, "cpu")
+    start = [p.detach().clone() for p in stepped.parameters()]
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (stepped, looped)]
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in opts]
+    step = fastdrn.make_train_step(stepped, opts[0], F.l1_loss)
+    assert not step.cuda_graph
+    for _ in range(steps):
+        lr, hr = batch(2, 5, 7, cfg["scale"], "cpu")
+        loss = step(lr, hr)
+        assert loss.dim() == 0 and not loss.requires_grad
+        expected = hand_step(looped, opts[1], lr, hr)
+        assert rel_err(loss, expected) <= FLOAT32_ROUNDING
+        for s in scheds:
+            s.step()
+    assert opts[0].param_groups[0]["lr"] == opts[1].param_groups[0]["lr"] == pytest.approx(1e-2 / 2 ** (steps // 2))
+    assert_same_params(stepped, looped, FLOAT32_ROUNDING, "after the steps")
+    assert_same_grads(stepped, looped, FLOAT32_ROUNDING, "last step")
+    assert any(rel_err(p, q) > 1e-4 for p, q in zip(stepped.parameters(), start)), "the steps changed nothing"
+
+
+def test_train_step_amp_bf16_and_fp16_scaler_follow_the_eager_loop_on_cpu(torch_math):
+    """bf16 autocast; fp16 autocast with a GradScaler, including a batch whose NaN makes the scaler
+    skip the step and back off."""
+    for amp_dtype in (torch.bfloat16, torch.float16):
+        stepped, looped = twins(SMALL, "cpu")
+        opts = [torch.optim.Adam(m.parameters(), lr=1e-2, fused=True) for m in (stepped, looped)]
+        scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if amp_dtype == torch.float16 else None
+                   for _ in range(2)]
+        step = fastdrn.make_train_step(stepped, opts[0], F.l1_loss, amp_dtype=amp_dtype, grad_scaler=scalers[0])
+        for i in range(4):
+            nan = amp_dtype == torch.float16 and i == 2
+            lr, hr = batch(2, 6, 5, 2, "cpu", nan=nan)
+            before = [p.detach().clone() for p in stepped.parameters()]
+            loss = step(lr, hr)
+            expected = hand_step(looped, opts[1], lr, hr, amp_dtype, scalers[1])
+            if nan:
+                assert loss.isnan() and expected.isnan()
+                assert all(torch.equal(p, q) for p, q in zip(stepped.parameters(), before)), "NaN step not skipped"
+            else:
+                assert rel_err(loss, expected) <= FLOAT32_ROUNDING
+        assert_same_params(stepped, looped, FLOAT32_ROUNDING, f"{amp_dtype}")
+        if scalers[0] is not None:
+            assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0 ** 9
+
+
+def test_bad_arguments_are_refused_by_name():
+    model = fastdrn.DRN(**TINY)
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(ValueError, match="GradScaler"):
+        fastdrn.make_train_step(model, opt, F.l1_loss, amp_dtype=torch.float16)
+    with pytest.raises(ValueError, match="GradScaler"):
+        fastdrn.make_train_step(model, opt, F.l1_loss, amp_dtype=torch.float16,
+                                grad_scaler=torch.amp.GradScaler("cpu", enabled=False))
+    with pytest.raises(ValueError, match="amp_dtype"):
+        fastdrn.make_train_step(model, opt, F.l1_loss, amp_dtype=torch.float32)
+    with pytest.raises(ValueError, match="amp_dtype"):
+        fastdrn.make_upscaler(model, amp_dtype="bf16")
+    with pytest.raises(ValueError, match="CUDA device"):
+        fastdrn.make_train_step(model, opt, F.l1_loss, cuda_graph=True)
+    with pytest.raises(ValueError, match="CUDA device"):
+        fastdrn.make_upscaler(model, cuda_graph=True)
+    with pytest.raises(TypeError, match="loss_fn"):
+        fastdrn.make_train_step(model, opt, "l1")
+    with pytest.raises(TypeError, match="optimizer"):
+        fastdrn.make_train_step(model, model.parameters(), F.l1_loss)
+    with pytest.raises(ValueError, match="max_graphs"):
+        fastdrn.make_upscaler(model, max_graphs=0)
+    with pytest.raises(ValueError, match="no parameters"):
+        fastdrn.make_upscaler(torch.nn.ReLU())
+
+
+def test_optimizers_that_cannot_be_captured_are_refused_at_construction(monkeypatch):
+    """Where a graph would be captured (here: pretended, the checks run before any CUDA call), an
+    optimizer built without capturable=True, or a GradScaler with an optimizer that reads its inf
+    check on the host, is refused with the fix in the message."""
+    monkeypatch.setattr(graphs, "capture_unavailable", lambda device: None)
+    model = fastdrn.DRN(**TINY)
+    with pytest.raises(ValueError, match="capturable=True"):
+        fastdrn.make_train_step(model, torch.optim.Adam(model.parameters()), F.l1_loss)
+    with pytest.raises(ValueError, match="capturable=True"):
+        fastdrn.make_train_step(model, torch.optim.AdamW(model.parameters(), fused=True), F.l1_loss)
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(ValueError, match="fused=True"):
+        fastdrn.make_train_step(model, torch.optim.Adam(model.parameters(), capturable=True), F.l1_loss,
+                                amp_dtype=torch.float16, grad_scaler=scaler)
+    step = fastdrn.make_train_step(model, torch.optim.Adam(model.parameters(), capturable=True, fused=True),
+                                   F.l1_loss, amp_dtype=torch.float16, grad_scaler=scaler)
+    assert step.cuda_graph
+    assert not fastdrn.make_train_step(model, torch.optim.Adam(model.parameters()), F.l1_loss,
+                                       cuda_graph=False).cuda_graph
+
+
+def test_upscaler_gives_the_model_output_on_cpu(torch_math):
+    model, = twins(SMALL, "cpu", 1)
+    model.eval()
+    up = fastdrn.make_upscaler(model)
+    for h, w in ((5, 7), (4, 9), (5, 7)):
+        x = torch.rand(2, 3, h, w)
+        out = up(x)
+        with torch.no_grad():
+            expected = model(x)
+        assert not out.requires_grad and out.shape == (2, 3, 2 * h, 2 * w)
+        assert rel_err(out, expected) <= FLOAT32_ROUNDING
+    up16 = fastdrn.make_upscaler(model, amp_dtype=torch.bfloat16)
+    x = torch.rand(1, 3, 6, 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x)
+    assert rel_err(up16(x), expected) <= FLOAT32_ROUNDING
+
+
+def test_graph_cache_warms_up_then_keeps_the_most_recent():
+    cache = graphs._GraphCache(max_graphs=2)
+    assert [cache.due("a") for _ in range(graphs.WARMUP_CALLS + 1)] == [False] * graphs.WARMUP_CALLS + [True]
+    for key in "abc":
+        cache.add(key, key.upper())
+    assert list(cache.graphs) == ["b", "c"] and cache.get("a") is None
+    assert cache.get("b") == "B"                        # b is now the most recent
+    cache.add("d", "D")
+    assert list(cache.graphs) == ["b", "d"]
+    for i in range(100):                                # shapes seen once do not pile up
+        cache.due(i)
+    assert len(cache.warm) == 8 * cache.max_graphs
+
+
+# ----------------------------------------------------------------------------------- tiling
+
+@pytest.mark.parametrize("size,tile,overlap", [(45, 11, 7), (38, 11, 7), (20, 16, 3), (7, 3, 0), (24, 5, 20),
+                                               (1, 1, 0), (13, 13, 2), (100, 7, 9)])
+def test_tile_windows_share_one_shape_and_enough_context(size, tile, overlap):
+    wins = list(_windows(size, tile, overlap))
+    assert {w1 - w0 for _, _, w0, w1 in wins} == {min(size, tile + 2 * overlap)}
+    assert [c0 for c0, *_ in wins] == list(range(0, size, tile)) and wins[-1][1] == size
+    for c0, c1, w0, w1 in wins:
+        assert 0 <= w0 <= c0 < c1 <= w1 <= size
+        assert w0 == 0 or c0 - w0 >= overlap, "too little context before the core"
+        assert w1 == size or w1 - c1 >= overlap, "too little context after the core"
+
+
+def test_tiles_run_at_one_shape_and_equal_the_untiled_image(torch_math):
+    model, = twins({**SMALL, "scale": 3}, "cpu", 1)
+    model.eval()
+    r = receptive_radius(SMALL)
+    x = torch.rand(1, 3, 45, 38)
+    shapes = []
+
+    def recording(t):
+        shapes.append(tuple(t.shape))
+        return model(t)
+    with torch.no_grad():
+        full = model(x)
+        tiled = forward_tiled(recording, x, 3, tile=11, overlap=r)
+    assert len(shapes) == 5 * 4 and set(shapes) == {(1, 3, 11 + 2 * r, 11 + 2 * r)}
+    assert (tiled - full).abs().max().item() < 1e-5
+    up = fastdrn.make_upscaler(model)
+    assert (super_resolve(up, x[0], 3, tile=11, radius=r) - full[0]).abs().max().item() < 1e-5
+
+
+def test_cli_takes_no_cuda_graph():
+    from fastdrn.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["upscale", "a.png", "-o", "b.png", "--weights", "w"]).cuda_graph is True
+    assert p.parse_args(["upscale", "a.png", "-o", "b.png", "--weights", "w", "--no-cuda-graph"]).cuda_graph is False
+    assert p.parse_args(["eval", "--weights", "w", "--hr-dir", "d", "--no-cuda-graph"]).cuda_graph is False
+    assert p.parse_args(["train", "--hr-dir", "d", "--scale", "2", "--out", "o", "--no-cuda-graph"]).cuda_graph is False
+
+
+# ------------------------------------------------------------------------ CUDA: captured graphs
+
+def capturable(cls, model, lr=1e-3, **kw):
+    return cls(model.parameters(), lr=torch.tensor(lr, device="cuda"), capturable=True, **kw)
+
+
+def run_pair(graphed, eager, step_g, step_e, batches, tol=1e-5, grads=True):
+    """Both steps over the same batches: every loss, and every step's gradients, alike."""
+    losses = []
+    for lr, hr in batches:
+        losses.append((step_g(lr, hr), step_e(lr, hr)))
+        if grads:
+            assert_same_grads(graphed, eager, 10 * tol, "a step's gradients")
+    # compared at the end: a returned loss aliasing the graph's static output would have changed since
+    for i, (a, b) in enumerate(losses):
+        assert rel_err(a, b) <= tol, f"loss {i}: {a.item()} vs {b.item()}"
+
+
+@cuda
+@pytest.mark.parametrize("opt_cls,fused", [(torch.optim.Adam, False), (torch.optim.Adam, True),
+                                           (torch.optim.AdamW, False), (torch.optim.AdamW, True)])
+def test_captured_step_replays_the_eager_step(opt_cls, fused):
+    graphed, eager = twins(SMALL, "cuda")
+    kw = dict(fused=fused, weight_decay=0.05 if opt_cls is torch.optim.AdamW else 0.0)
+    step_g = fastdrn.make_train_step(graphed, capturable(opt_cls, graphed, **kw), F.l1_loss, cuda_graph=True)
+    step_e = fastdrn.make_train_step(eager, capturable(opt_cls, eager, **kw), F.l1_loss, cuda_graph=False)
+    n = graphs.WARMUP_CALLS
+    batches = [batch(2, 16, 12, 2, "cuda") for _ in range(n + 4)]
+    run_pair(graphed, eager, step_g, step_e, batches[:n + 1])
+    assert step_g.num_graphs == 1
+    before = [p.detach().clone() for p in graphed.parameters()]
+    run_pair(graphed, eager, step_g, step_e, batches[n + 1:])
+    torch.cuda.synchronize()
+    assert any(rel_err(p, q) > 1e-6 for p, q in zip(graphed.parameters(), before)), "the replays did nothing"
+    assert_same_params(graphed, eager, 1e-5, "after the replays")
+
+
+@cuda
+def test_scheduler_reaches_the_graph_through_a_tensor_lr():
+    graphed, eager = twins(SMALL, "cuda")
+    opts = [capturable(torch.optim.Adam, m, lr=2e-3) for m in (graphed, eager)]
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in opts]
+    step_g = fastdrn.make_train_step(graphed, opts[0], F.l1_loss)
+    step_e = fastdrn.make_train_step(eager, opts[1], F.l1_loss, cuda_graph=False)
+    assert step_g.cuda_graph
+    for _ in range(graphs.WARMUP_CALLS + 5):
+        run_pair(graphed, eager, step_g, step_e, [batch(2, 12, 16, 2, "cuda")])
+        for s in scheds:
+            s.step()
+    assert step_g.num_graphs == 1
+    assert_same_params(graphed, eager, 1e-5, "with a StepLR schedule")
+    # lr 0 in the tensor: a replay leaves the parameters exactly as they were
+    opts[0].param_groups[0]["lr"].fill_(0.0)
+    before = [p.detach().clone() for p in graphed.parameters()]
+    step_g(*batch(2, 12, 16, 2, "cuda"))
+    assert all(torch.equal(p, q) for p, q in zip(graphed.parameters(), before))
+    opts[0].param_groups[0]["lr"].fill_(1e-3)
+    step_g(*batch(2, 12, 16, 2, "cuda"))
+    assert not all(torch.equal(p, q) for p, q in zip(graphed.parameters(), before))
+
+
+@cuda
+def test_float_lr_changed_after_capture_raises():
+    model, = twins(SMALL, "cuda", 1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    step = fastdrn.make_train_step(model, opt, F.l1_loss)
+    lr, hr = batch(2, 12, 12, 2, "cuda")
+    for _ in range(graphs.WARMUP_CALLS + 1):
+        step(lr, hr)
+    assert step.num_graphs == 1
+    sched.step()
+    with pytest.raises(RuntimeError, match=r"\['lr'\].*tensor"):
+        step(lr, hr)
+    step.reset()
+    for _ in range(graphs.WARMUP_CALLS + 1):
+        step(lr, hr)
+    assert step.num_graphs == 1
+
+
+@cuda
+def test_fp16_with_grad_scaler_skips_nan_steps_in_the_graph():
+    graphed, eager = twins(SMALL, "cuda")
+    scalers = [torch.amp.GradScaler("cuda", init_scale=2.0 ** 12) for _ in range(2)]
+    steps = [fastdrn.make_train_step(m, capturable(torch.optim.Adam, m, fused=True), F.l1_loss,
+                                     amp_dtype=torch.float16, grad_scaler=s, cuda_graph=g)
+             for m, s, g in ((graphed, scalers[0], True), (eager, scalers[1], False))]
+    n = graphs.WARMUP_CALLS
+    run_pair(graphed, eager, *steps, [batch(2, 16, 16, 2, "cuda") for _ in range(n + 2)], tol=1e-3, grads=False)
+    assert steps[0].num_graphs == 1
+    before = [p.detach().clone() for p in graphed.parameters()]
+    scale = scalers[0].get_scale()
+    bad = batch(2, 16, 16, 2, "cuda", nan=True)
+    steps[0](*bad)
+    steps[1](*bad)
+    assert all(torch.equal(p, q) for p, q in zip(graphed.parameters(), before)), "the NaN step was applied"
+    assert scalers[0].get_scale() == scalers[1].get_scale() == scale / 2
+    run_pair(graphed, eager, *steps, [batch(2, 16, 16, 2, "cuda") for _ in range(2)], tol=1e-3, grads=False)
+    assert_same_params(graphed, eager, 1e-3, "fp16 with a GradScaler")
+    with pytest.raises(ValueError, match="fused=True"):
+        fastdrn.make_train_step(graphed, capturable(torch.optim.Adam, graphed), F.l1_loss,
+                                amp_dtype=torch.float16, grad_scaler=scalers[0])
+
+
+@cuda
+def test_bf16_autocast_step_replays_the_eager_step():
+    graphed, eager = twins(SMALL, "cuda")
+    steps = [fastdrn.make_train_step(m, capturable(torch.optim.Adam, m, fused=True), F.l1_loss,
+                                     amp_dtype=torch.bfloat16, cuda_graph=g) for m, g in ((graphed, True), (eager, False))]
+    run_pair(graphed, eager, *steps, [batch(2, 16, 16, 2, "cuda") for _ in range(graphs.WARMUP_CALLS + 3)],
+             tol=1e-3, grads=False)
+    assert steps[0].num_graphs == 1
+    assert_same_params(graphed, eager, 1e-3, "bf16 autocast")
+
+
+@cuda
+def test_uncapturable_optimizer_is_refused():
+    model, = twins(SMALL, "cuda", 1)
+    with pytest.raises(ValueError, match="capturable=True"):
+        fastdrn.make_train_step(model, torch.optim.Adam(model.parameters(), lr=1e-3), F.l1_loss)
+
+
+@cuda
+def test_shapes_beyond_the_bound_are_evicted_and_replays_interleave():
+    """max_graphs=2 over three shapes; then two captured shapes alternate: every step's loss and
+    gradients (restored into .grad from the graph that ran) match the eager twin."""
+    graphed, eager = twins(SMALL, "cuda")
+    step_g = fastdrn.make_train_step(graphed, capturable(torch.optim.Adam, graphed), F.l1_loss, max_graphs=2)
+    step_e = fastdrn.make_train_step(eager, capturable(torch.optim.Adam, eager), F.l1_loss, cuda_graph=False)
+    n = graphs.WARMUP_CALLS + 1
+    counts = []
+    for shape in ((2, 8, 8), (2, 12, 8), (1, 8, 12), (2, 8, 8)):
+        run_pair(graphed, eager, step_g, step_e, [batch(*shape, 2, "cuda") for _ in range(n)])
+        counts.append(step_g.num_graphs)
+    assert counts == [1, 2, 2, 2]
+    for shape in ((1, 8, 12), (2, 8, 8)) * 3:           # both captured now: replays only
+        run_pair(graphed, eager, step_g, step_e, [batch(*shape, 2, "cuda")])
+    assert step_g.num_graphs == 2
+    assert_same_params(graphed, eager, 1e-5, "after evictions and interleaved replays")
+
+
+@cuda
+def test_new_parameter_storage_and_loaded_optimizer_state_are_recaptured():
+    graphed, eager = twins(SMALL, "cuda")
+    opts = [capturable(torch.optim.Adam, m) for m in (graphed, eager)]
+    step_g = fastdrn.make_train_step(graphed, opts[0], F.l1_loss)
+    step_e = fastdrn.make_train_step(eager, opts[1], F.l1_loss, cuda_graph=False)
+    batches = lambda k: [batch(2, 8, 8, 2, "cuda") for _ in range(k)]  # noqa: E731
+    run_pair(graphed, eager, step_g, step_e, batches(2))
+    snapshot = copy.deepcopy(opts[1].state_dict()), copy.deepcopy(eager.state_dict())
+    run_pair(graphed, eager, step_g, step_e, batches(graphs.WARMUP_CALLS))
+    assert step_g.num_graphs == 1
+    # back to the earlier state, as a resume would: the graph must not keep the replaced Adam moments
+    for opt, model in zip(opts, (graphed, eager)):
+        opt.load_state_dict(copy.deepcopy(snapshot[0]))
+        model.load_state_dict(snapshot[1])
+    run_pair(graphed, eager, step_g, step_e, batches(graphs.WARMUP_CALLS + 2))
+    assert_same_params(graphed, eager, 1e-5, "after optimizer.load_state_dict")
+    for p, q in zip(graphed.parameters(), eager.parameters()):
+        assert rel_err(opts[0].state[p]["exp_avg"], opts[1].state[q]["exp_avg"]) <= 1e-5
+    # new storage for every parameter (what model.to(...) does)
+    with torch.no_grad():
+        for p in graphed.parameters():
+            p.data = p.data.clone()
+    run_pair(graphed, eager, step_g, step_e, batches(1))
+    assert step_g.num_graphs == 0                        # dropped, warming up again
+    run_pair(graphed, eager, step_g, step_e, batches(graphs.WARMUP_CALLS + 1))
+    assert step_g.num_graphs == 1
+    assert_same_params(graphed, eager, 1e-5, "after new parameter storage")
+
+
+@cuda
+def test_upscaler_replays_the_forward_and_returns_owned_outputs():
+    model, = twins(SMALL, "cuda", 1)
+    model.eval()
+    up = fastdrn.make_upscaler(model, max_graphs=2)
+    xs = [torch.rand(1, 3, 20, 24, device="cuda") for _ in range(graphs.WARMUP_CALLS + 3)]
+    outs = [up(x) for x in xs]
+    assert up.num_graphs == 1
+    with torch.no_grad():
+        for x, out in zip(xs, outs):                     # compared after all calls: no aliasing
+            assert rel_err(out, model(x)) <= 1e-5
+    for shape in ((1, 3, 12, 16), (2, 3, 8, 8)):
+        for _ in range(graphs.WARMUP_CALLS + 1):
+            x = torch.rand(*shape, device="cuda")
+            with torch.no_grad():
+                assert rel_err(up(x), model(x)) <= 1e-5
+    assert up.num_graphs == 2
+    up16 = fastdrn.make_upscaler(model, amp_dtype=torch.bfloat16)
+    x = torch.rand(1, 3, 20, 24, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = model(x)
+    for _ in range(graphs.WARMUP_CALLS + 2):
+        assert rel_err(up16(x), expected) <= 1e-2
+    assert up16.num_graphs == 1
+
+
+@cuda
+def test_tiled_upscaling_replays_one_graph_for_every_tile():
+    model, = twins({**SMALL, "scale": 3}, "cuda", 1)
+    model.eval()
+    r = receptive_radius(SMALL)
+    x = torch.rand(3, 45, 38)
+    up = fastdrn.make_upscaler(model)
+    with pytorch_fp32_convs():  # cuDNN's TF32 would round each tile's convs differently from the image's
+        full = super_resolve(model, x, 3, device="cuda")
+        tiled = super_resolve(up, x, 3, tile=11, radius=r)
+    assert up.num_graphs == 1
+    assert rel_err(tiled, full) <= 1e-4
+
+
+def _train_images(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    hr_dir = tmp_path / "hr"
+    hr_dir.mkdir()
+    for i in range(3):
+        Image.fromarray((np.random.default_rng(i).random((40, 44, 3)) * 255).astype(np.uint8)).save(hr_dir / f"{i}.png")
+    return hr_dir
+
+
+def _train_cfg(hr_dir, out, **kw):
+    from fastdrn.tools.train import TrainConfig
+
+    out.mkdir(exist_ok=True)
+    return TrainConfig(hr_dir=str(hr_dir), out=str(out), scale=2, patch_size=12, batch_size=4, lr=1e-3,
+                       workers=0, progress=False, iters_per_epoch=2, lr_step=1, device="cuda",
+                       n_feats=8, n_groups=1, n_blocks=2, inner=8, distill=4, **kw)
+
+
+@cuda
+def test_trainer_on_cuda_replays_the_eager_run(tmp_path):
+    """fastdrn train on a GPU (graphed by default; the lr halves every 2 steps through the tensor
+    the graph reads) ends where --no-cuda-graph ends."""
+    from fastdrn.tools.train import Trainer
+
+    hr_dir = _train_images(tmp_path)
+    models = {}
+    for graphed in (True, False):
+        t = Trainer(_train_cfg(hr_dir, tmp_path / str(graphed), steps=graphs.WARMUP_CALLS + 4, cuda_graph=graphed))
+        assert t.train_step.cuda_graph is graphed
+        t.fit()
+        models[graphed] = t.model
+        if graphed:
+            assert t.train_step.num_graphs == 1
+            assert isinstance(t.optimizer.param_groups[0]["lr"], torch.Tensor)
+        t.close()
+    assert_same_params(models[True], models[False], 1e-5, "fastdrn train with and without --no-cuda-graph")
+
+
+@cuda
+def test_trainer_on_cuda_resumes_a_graphed_run(tmp_path):
+    """A checkpoint of a graphed run (lr kept as a device tensor) resumes, graphed or not, where the
+    uninterrupted run goes."""
+    from fastdrn.tools.train import train
+
+    hr_dir = _train_images(tmp_path)
+    total = 2 * graphs.WARMUP_CALLS + 2
+    assert train(_train_cfg(hr_dir, tmp_path / "full", steps=total)) == 0
+    for resumed_graphed in (True, False):
+        part = tmp_path / f"part{resumed_graphed}"
+        assert train(_train_cfg(hr_dir, part, steps=graphs.WARMUP_CALLS + 1)) == 0
+        assert train(_train_cfg(hr_dir, part, steps=total, resume="auto", cuda_graph=resumed_graphed)) == 0
+        a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+        b = torch.load(part / "last.pt", weights_only=True)
+        assert a["step"] == b["step"] == total
+        for k in a["model"]:
+            assert rel_err(b["model"][k], a["model"][k]) <= 1e-5, k
+        assert float(b["optimizer"]["param_groups"][0]["lr"]) == pytest.approx(1e-3 / 2 ** (total // 2))
+    # a checkpoint made on the CPU (plain Adam: float lr, step counts on the host) resumes graphed on the GPU
+    cpu_part = tmp_path / "cpu_part"
+    cpu_cfg = _train_cfg(hr_dir, cpu_part, steps=graphs.WARMUP_CALLS + 1)
+    assert train(dataclasses.replace(cpu_cfg, device="cpu")) == 0
+    assert train(_train_cfg(hr_dir, cpu_part, steps=total, resume="auto")) == 0
+    b = torch.load(cpu_part / "last.pt", weights_only=True)
+    assert b["step"] == total and b["optimizer"]["param_groups"][0]["capturable"] is True
+    for k in a["model"]:  # the first steps ran on the CPU: alike, not equal
+        assert rel_err(b["model"][k], a["model"][k]) <= 1e-2, k
+
+
+def test_readme_example_runs(torch_math, capsys):
+    """The README's "Whole-step CUDA graphs" example, as written (on a GPU it captures)."""
+    import os
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    section = readme.split("## Whole-step CUDA graphs", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README.md (Whole-step CUDA graphs)", "exec"), namespace)
+    assert namespace["sr"].shape == (1, 3, 64, 80)
+    assert namespace["step"].cuda_graph == torch.cuda.is_available()
+    assert "loss 0." in capsys.readouterr().out

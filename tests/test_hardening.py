@@ -1,0 +1,461 @@
+"""The fused ops as a hostile caller would use them (issue 14): weights in any layout, non-finite
+values, dtypes and devices the interpreter cannot run, bad alpha and widths, the backend switch
+flipped late. Every check compares against the float64 reference of fastdrn.reference."""
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+import fastdrn
+from fastdrn import backend, ops, reference
+from helpers import assert_close, assert_op_grads_close, dtypes_for, pytorch_fp32_convs, randn, tolerance, where
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# N, D, F, d, H, W: tiny (the interpreter is slow), odd where it can be.
+N, D, F, DIST, H, W = 2, 5, 6, 3, 4, 5
+
+
+def _fused_runs(device, dtype=None) -> bool:
+    return backend.use_triton("residual_distill", torch.device(device), dtype)
+
+
+def _needs_fused(device):
+    if not _fused_runs(device):
+        pytest.skip("the fused kernels do not run here")
+
+
+# ---- weights in any memory layout (item 2) --------------------------------------------------------
+
+def _transposed(shape):
+    """A (C_out, C_in, ...) view of a (C_in, C_out, ...) tensor, or every other element of a bias."""
+    if len(shape) == 1:
+        return (2 * shape[0],), lambda base: base[::2]
+    return (shape[1], shape[0], *shape[2:]), lambda base: base.transpose(0, 1)
+
+
+def _expanded(shape):
+    """One filter (one bias value) broadcast to every output channel: a stride-0 view."""
+    return (1, *shape[1:]), lambda base: base.expand(*shape)
+
+
+def _sliced(shape):
+    """Every other input channel of a wider weight (every third bias value)."""
+    if len(shape) == 1:
+        return (3 * shape[0],), lambda base: base[1::3]
+    return (shape[0], 2 * shape[1], *shape[2:]), lambda base: base[:, ::2]
+
+
+def _channels_last(shape):
+    """A 3x3 weight after model.to(memory_format=torch.channels_last); other tensors as they are."""
+    if len(shape) == 4 and shape[2] == 3:
+        return shape, lambda base: base.contiguous(memory_format=torch.channels_last)
+    return shape, lambda base: base
+
+
+LAYOUTS = {"transposed": _transposed, "expanded": _expanded, "sliced": _sliced, "channels_last": _channels_last}
+BLOCK_SHAPES = [(F, D, 1, 1), (F,), (F, F, 3, 3), (F,), (D + DIST, F, 1, 1), (D + DIST,)]
+BLOCK_NAMES = ("w_squeeze", "b_squeeze", "w_conv", "b_conv", "w_expand", "b_expand")
+
+
+def _views(layout, shapes, dtype, device):
+    """Leaf tensors (the storage a model would own) and the views of them the op gets."""
+    leaves, makers = [], []
+    for shape in shapes:
+        base_shape, make = LAYOUTS[layout](shape)
+        leaves.append(randn(*base_shape, dtype=dtype, device=device, scale=0.5, requires_grad=True))
+        makers.append(make)
+    return leaves, makers
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_residual_distill_reads_weights_in_any_layout(layout, device):
+    """Every weight and bias of the block a non-contiguous view at once: output and the gradient of
+    every leaf (reached back through the view) within SPEC's tolerance of float64."""
+    _needs_fused(device)
+    for dtype in dtypes_for(device):
+        fwd_tol, grad_tol = tolerance(device, dtype)
+        leaves, makers = _views(layout, BLOCK_SHAPES, dtype, device)
+        weights = [make(leaf) for make, leaf in zip(makers, leaves)]
+        if layout != "channels_last":
+            assert not any(w.is_contiguous() for w in weights)
+        z = randn(N, D, H, W, dtype=dtype, device=device, requires_grad=True)
+        out = ops.residual_distill(z, *weights)
+        grad_out = randn(*out.shape, dtype=dtype, device=device)
+        grads = torch.autograd.grad(out, [z, *leaves], grad_out)
+
+        ref_grads, eager_grads = [], []
+        for ref_dtype, into in ((torch.float64, ref_grads), (dtype, eager_grads)):
+            ref_leaves = [t.detach().to(ref_dtype).requires_grad_() for t in (z, *leaves)]
+            ref_weights = [make(leaf) for make, leaf in zip(makers, ref_leaves[1:])]
+            result = reference.residual_distill(ref_leaves[0], *ref_weights)
+            into += torch.autograd.grad(result, ref_leaves, grad_out.to(ref_dtype))
+            ref = result if ref_dtype == torch.float64 else ref
+        assert_close(out, ref, fwd_tol, f"{layout} {dtype} forward")
+        assert_op_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, ("z", *BLOCK_NAMES), f"{layout} {dtype}")
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_compress_skip_reads_weights_in_any_layout(layout, device):
+    _needs_fused(device)
+    c_in, c_out = D + 2 * DIST, D
+    for dtype in dtypes_for(device):
+        fwd_tol, grad_tol = tolerance(device, dtype)
+        leaves, makers = _views(layout, [(c_out, c_in, 1, 1), (c_out,)], dtype, device)
+        w, b = (make(leaf) for make, leaf in zip(makers, leaves))
+        z = randn(N, c_in, H, W, dtype=dtype, device=device, requires_grad=True)
+        skip = randn(N, c_out, H, W, dtype=dtype, device=device, requires_grad=True)
+        out = ops.compress_skip(z, w, b, skip)
+        grad_out = randn(*out.shape, dtype=dtype, device=device)
+        grads = torch.autograd.grad(out, [z, skip, *leaves], grad_out)
+
+        ref_grads, eager_grads = [], []
+        for ref_dtype, into in ((torch.float64, ref_grads), (dtype, eager_grads)):
+            ref_leaves = [t.detach().to(ref_dtype).requires_grad_() for t in (z, skip, *leaves)]
+            rw, rb = (make(leaf) for make, leaf in zip(makers, ref_leaves[2:]))
+            result = reference.compress_skip(ref_leaves[0], rw, rb, ref_leaves[1])
+            into += torch.autograd.grad(result, ref_leaves, grad_out.to(ref_dtype))
+            ref = result if ref_dtype == torch.float64 else ref
+        assert_close(out, ref, fwd_tol, f"{layout} {dtype} forward")
+        assert_op_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, ("z", "skip", "w", "b"), f"{layout} {dtype}")
+
+
+def test_in_place_group_reads_weights_in_any_layout(device):
+    """The inference path (distill_group without gradients) with one block per layout."""
+    _needs_fused(device)
+    dtype = torch.float32
+    fwd_tol, _ = tolerance(device, dtype)
+    y = randn(N, D, H, W, dtype=dtype, device=device)
+    blocks, ref_blocks, width = [], [], D
+    for layout in sorted(LAYOUTS):
+        shapes = [(F, width, 1, 1), (F,), (F, F, 3, 3), (F,), (width + DIST, F, 1, 1), (width + DIST,)]
+        leaves, makers = _views(layout, shapes, dtype, device)
+        blocks.append(tuple(make(leaf.detach()) for make, leaf in zip(makers, leaves)))
+        ref_blocks.append(tuple(make(leaf.detach().double()) for make, leaf in zip(makers, leaves)))
+        width += DIST
+    with torch.no_grad():
+        out = ops.distill_group(y, blocks)
+    ref = y.double()
+    for block in ref_blocks:
+        ref = reference.residual_distill(ref, *block)
+    assert_close(out, ref, fwd_tol, "in-place group with non-contiguous weights")
+
+
+def test_model_with_non_contiguous_parameters_assigned(device):
+    """load_state_dict(assign=True) hands the model whatever views the caller had: the fused model
+    must give the reference's output and parameter gradients on them."""
+    _needs_fused(device)
+    cfg = dict(scale=2, n_feats=6, n_groups=1, n_blocks=2, inner=6, distill=3)
+    dtype = torch.float32
+    fwd_tol, grad_tol = tolerance(device, dtype)
+    source = reference.DRN(**cfg).to(device, dtype)
+    state = {}
+    for name, t in source.state_dict().items():
+        if name.startswith("groups.") and t.dim() == 4:
+            t = t.transpose(0, 1).contiguous().transpose(0, 1)   # the same values, transposed storage
+        elif name.startswith("groups.") and t.dim() == 1:
+            t = torch.stack([t, torch.full_like(t, float("nan"))], 1)[:, 0]  # every other element
+        state[name] = t
+    fast = fastdrn.DRN(**cfg).to(device, dtype)
+    fast.load_state_dict(state, assign=True)
+    assert not fast.groups[0].blocks[0].squeeze.weight.is_contiguous()
+    ref = reference.DRN(**cfg).to(device, torch.float64)
+    ref.load_state_dict(source.state_dict())
+    x = torch.rand(1, 3, 5, 4, dtype=dtype, device=device)
+    with pytorch_fp32_convs():
+        out, expected = fast(x), ref(x.double())
+        assert_close(out, expected, fwd_tol, "model output")
+        grad = torch.randn_like(expected)
+        grads = torch.autograd.grad(out, list(fast.parameters()), grad.to(dtype))
+        ref_grads = torch.autograd.grad(expected, list(ref.parameters()), grad)
+    for (name, _), g, rg in zip(fast.named_parameters(), grads, ref_grads):
+        assert_close(g, rg, grad_tol, f"model grad of {name}")
+
+
+# ---- NaN and Inf pass through as in the reference (item 3) ----------------------------------------
+
+def _poison(kind, tensors):
+    """Put one non-finite value where `kind` says. tensors: z, then the weights, detached."""
+    nan, inf = float("nan"), float("inf")
+    z = tensors[0]
+    if kind == "nan bias":
+        tensors[2][1] = nan          # b_squeeze for a block, b for compress_skip
+    elif kind == "nan pixel":
+        z[0, 1, 2, 3] = nan
+    elif kind == "+inf pixel":
+        z[1, 0, 1, 1] = inf
+    elif kind == "-inf pixel":
+        z[0, 2, 3, 0] = -inf
+    elif kind == "nan weight":
+        tensors[1][2, 1, 0, 0] = nan
+
+
+def _finite_part_tol(device, dtype) -> float:
+    """A guard on the finite elements beside the non-finite ones, not a precision claim (those
+    elements are a masked subset: the per-dtype checks live in the layout tests and the op tests)."""
+    return max(1e-4, 3 * tolerance(device, dtype)[1])
+
+
+KINDS = ["nan bias", "nan pixel", "+inf pixel", "-inf pixel", "nan weight"]
+
+
+def _elu_with_nan_derivative(x, alpha=1.0):
+    """F.elu with ELU'(NaN) = NaN on every element. F.elu's own CPU backward gives NaN there in its
+    vectorized loop but 1 in the scalar loop over a tensor's last few elements (torch 2.13,
+    measured: a 64-element tensor gets NaN, an 8-element one 1), so which gradients are NaN would
+    depend on where the NaN sits. The kernels propagate NaN (a NaN pre-activation never hides in a
+    finite gradient); the oracle here does the same everywhere. Forward values are F.elu's."""
+    negative = alpha * torch.expm1(torch.where(x > 0, torch.zeros_like(x), x))
+    return torch.where(x > 0, x, negative)
+
+
+@pytest.fixture
+def nan_consistent_reference(monkeypatch):
+    """fastdrn.reference with ELU' of NaN = NaN (see _elu_with_nan_derivative)."""
+    monkeypatch.setattr(reference.F, "elu", _elu_with_nan_derivative)
+
+
+def _assert_same_non_finite(out, ref, what, tol=1e-4):
+    """Non-finite at exactly the reference's elements (SPEC section 4), the rest within a loose bound.
+    NaN where the reference has NaN; where it has an infinity, that infinity or NaN: a product of
+    inf and a zero that pads a tile (or 3xTF32's split, inf - inf) turns inf into NaN, and both say
+    the same to an overflow check."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    bad = ~torch.isfinite(ref)
+    assert torch.equal(~torch.isfinite(out), bad), (
+        f"{what}: {int((~torch.isfinite(out)).sum())} non-finite elements, the reference has {int(bad.sum())}")
+    assert torch.isnan(out[torch.isnan(ref)]).all(), f"{what}: a NaN of the reference is not NaN"
+    inf = torch.isinf(ref)
+    assert (torch.isnan(out[inf]) | (out[inf] == ref[inf])).all(), f"{what}: an infinity changed sign"
+    if (~bad).any():
+        assert_close(out[~bad], ref[~bad], tol, f"{what} (finite elements)")
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_residual_distill_keeps_nan_and_inf(kind, recompute, device, nan_consistent_reference):
+    _needs_fused(device)
+    for dtype in dtypes_for(device):
+        if where(device) == "gpu" and dtype == torch.float32 and "inf" in kind:
+            continue  # 3xTF32 splits inf into inf and inf - inf = NaN: checked in float64 and 16-bit
+        tensors = [randn(N, D, H, W, dtype=dtype, device=device)]
+        tensors += [randn(*shape, dtype=dtype, device=device, scale=0.5) for shape in BLOCK_SHAPES]
+        _poison(kind, tensors)
+        inputs = [t.requires_grad_() for t in tensors]
+        out = ops.residual_distill(*inputs, recompute=recompute)
+        grad_out = randn(*out.shape, dtype=dtype, device=device)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+        ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+        ref = reference.residual_distill(*ref_inputs)
+        ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
+        assert (~torch.isfinite(ref)).any(), "the poisoned input must reach the output"
+        tol = _finite_part_tol(device, dtype)
+        _assert_same_non_finite(out, ref, f"{kind} {dtype} forward", tol)
+        for name, g, rg in zip(("z", *BLOCK_NAMES), grads, ref_grads):
+            _assert_same_non_finite(g, rg, f"{kind} {dtype} grad of {name}", tol)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compress_skip_keeps_nan_and_inf(kind, device, nan_consistent_reference):
+    _needs_fused(device)
+    c_in, c_out = D + DIST, D
+    for dtype in dtypes_for(device):
+        if where(device) == "gpu" and dtype == torch.float32 and "inf" in kind:
+            continue
+        tensors = [randn(N, c_in, H, W, dtype=dtype, device=device),
+                   randn(c_out, c_in, 1, 1, dtype=dtype, device=device, scale=0.5),
+                   randn(c_out, dtype=dtype, device=device),
+                   randn(N, c_out, H, W, dtype=dtype, device=device)]
+        _poison(kind, tensors)
+        inputs = [t.requires_grad_() for t in tensors]
+        out = ops.compress_skip(*inputs)
+        grad_out = randn(*out.shape, dtype=dtype, device=device)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+        ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+        ref = reference.compress_skip(*ref_inputs)
+        ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
+        tol = _finite_part_tol(device, dtype)
+        _assert_same_non_finite(out, ref, f"{kind} {dtype} forward", tol)
+        for name, g, rg in zip(("z", "w", "b", "skip"), grads, ref_grads):
+            _assert_same_non_finite(g, rg, f"{kind} {dtype} grad of {name}", tol)
+
+
+def test_elu_of_non_finite_values_is_f_elu(device):
+    """compress_skip with an identity weight is ELU itself: NaN stays NaN, ELU(+inf) = +inf,
+    ELU(-inf) = -alpha, ELU(0) = 0; ELU'(NaN) = NaN, ELU'(+inf) = 1, ELU'(-inf) = 0, ELU'(0) = alpha."""
+    _needs_fused(device)
+    for dtype in dtypes_for(device):
+        values = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -1.5, 2.0, -0.0],
+                              dtype=dtype, device=device)
+        z = values.view(1, 1, 1, -1).clone().requires_grad_()
+        w = torch.ones(1, 1, 1, 1, dtype=dtype, device=device)
+        skip = torch.zeros_like(z)
+        out = ops.compress_skip(z, w, None, skip, alpha=0.3)
+        (grad,) = torch.autograd.grad(out, z, torch.ones_like(out))
+        zr = values.double().view(1, 1, 1, -1)
+        ref = torch.nn.functional.elu(zr, 0.3)
+        ref_grad = torch.tensor([float("nan"), 1.0, 0.0, 0.3, 0.3 * torch.exp(torch.tensor(-1.5)).item(), 1.0, 0.3],
+                                dtype=torch.float64).view(1, 1, 1, -1)
+        tol = _finite_part_tol(device, dtype)
+        _assert_same_non_finite(out, ref, f"{dtype} ELU", tol)
+        _assert_same_non_finite(grad, ref_grad, f"{dtype} ELU'", tol)
+
+
+def test_a_nan_parameter_makes_the_model_output_nan(device):
+    """One NaN bias inside a group: the fused model's output is NaN wherever the reference's is (a
+    diverging model must not look finite)."""
+    _needs_fused(device)
+    cfg = dict(scale=2, n_feats=6, n_groups=1, n_blocks=1, inner=6, distill=3)
+    dtype = torch.float32
+    ref = reference.DRN(**cfg).to(device, dtype)
+    with torch.no_grad():
+        ref.groups[0].blocks[0].conv.bias[2] = float("nan")
+    fast = fastdrn.DRN(**cfg).to(device, dtype)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.rand(1, 3, 4, 5, dtype=dtype, device=device)
+    with torch.no_grad():
+        _assert_same_non_finite(fast(x), ref(x), "model output")
+        assert torch.isnan(fast(x)).all()
+
+
+# ---- bfloat16 and meta tensors in the interpreter (item 7, minor) ---------------------------------
+
+def _block_inputs(dtype, device="cpu"):
+    return [randn(N, D, H, W, dtype=dtype, device=device)] + [
+        randn(*shape, dtype=dtype, device=device, scale=0.5) for shape in BLOCK_SHAPES]
+
+
+@pytest.mark.skipif(not backend.interpreting(), reason="about Triton's interpreter")
+def test_interpreter_refuses_bfloat16_when_forced(monkeypatch):
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match=r"bfloat16.*FASTDRN_BACKEND=torch"):
+        ops.residual_distill(*_block_inputs(torch.bfloat16))
+    z, *_ = _block_inputs(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.compress_skip(z, torch.randn(3, D, 1, 1).bfloat16(), None, torch.randn(N, 3, H, W).bfloat16())
+
+
+@pytest.mark.skipif(not backend.interpreting(), reason="about Triton's interpreter")
+def test_interpreter_auto_runs_bfloat16_through_pytorch_math():
+    """auto routes bf16 CPU tensors to the reference math: within bf16's tolerance of float64
+    (the interpreter's own bf16 products were off by a factor of ~1e9)."""
+    inputs = _block_inputs(torch.bfloat16)
+    assert "bfloat16" in backend.triton_unavailable_reason(torch.device("cpu"), torch.bfloat16)
+    out = ops.residual_distill(*inputs)
+    ref = reference.residual_distill(*[t.double() for t in inputs])
+    assert_close(out, ref, 2e-2, "bf16 block through auto")
+    model = fastdrn.DRN(scale=2, n_feats=6, n_groups=1, n_blocks=1, inner=6, distill=3)
+    x = torch.rand(1, 3, 4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    ref_model = reference.DRN(scale=2, n_feats=6, n_groups=1, n_blocks=1, inner=6, distill=3).double()
+    ref_model.load_state_dict(model.state_dict())
+    assert_close(out, ref_model(x.double()), 2e-2, "bf16 autocast model through auto")
+
+
+@pytest.mark.skipif(not backend.interpreting(), reason="about Triton's interpreter")
+def test_interpreter_float16_stays_on_the_kernels():
+    """float16 is computed right by the interpreter (measured 4e-4 against float64 on this block):
+    it is not refused, and stays within SPEC's 16-bit tolerance."""
+    assert backend.use_triton("residual_distill", torch.device("cpu"), torch.float16)
+    inputs = _block_inputs(torch.float16)
+    out = ops.residual_distill(*inputs)
+    assert_close(out, reference.residual_distill(*[t.double() for t in inputs]), 2e-2, "fp16 block")
+
+
+def test_meta_tensors_give_shapes_in_auto_and_a_clear_error_when_forced(monkeypatch):
+    inputs = _block_inputs(torch.float32, device="meta")
+    out = ops.residual_distill(*inputs)
+    assert out.device.type == "meta" and out.shape == (N, D + DIST, H, W)
+    c = ops.compress_skip(out, torch.empty(D, D + DIST, 1, 1, device="meta"), None,
+                          torch.empty(N, D, H, W, device="meta"))
+    assert c.shape == (N, D, H, W)
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="meta"):
+        ops.residual_distill(*inputs)
+
+
+# ---- alpha and widths (item 8, minor) ----------------------------------------------------------
+
+@pytest.mark.parametrize("alpha", [-0.2, 0.0, -1e-30, float("nan"), float("inf")])
+def test_alpha_must_be_finite_and_positive(alpha):
+    inputs = _block_inputs(torch.float64)
+    for call in (lambda: ops.residual_distill(*inputs, alpha=alpha),
+                 lambda: ops.compress_skip(inputs[0], torch.randn(3, D, 1, 1, dtype=torch.float64), None,
+                                           torch.randn(N, 3, H, W, dtype=torch.float64), alpha=alpha),
+                 lambda: ops.distill_group(inputs[0], [tuple(inputs[1:])], alpha=alpha)):
+        with pytest.raises(ValueError, match="alpha must be finite and > 0"):
+            call()
+
+
+@pytest.mark.parametrize("alpha", ["0.2", "abc", None, True, torch.tensor(0.2), [0.2]])
+def test_alpha_must_be_a_real_number(alpha):
+    inputs = _block_inputs(torch.float64)
+    with pytest.raises(TypeError, match="alpha must be a real number"):
+        ops.residual_distill(*inputs, alpha=alpha)
+    with pytest.raises(TypeError, match="alpha must be a real number"):
+        ops.compress_skip(inputs[0], torch.randn(3, D, 1, 1, dtype=torch.float64), None,
+                          torch.randn(N, 3, H, W, dtype=torch.float64), alpha=alpha)
+    with pytest.raises(TypeError, match="alpha must be a real number"):
+        reference.DRN(alpha=alpha)
+
+
+def test_positive_alpha_of_any_numeric_type_is_accepted():
+    import numpy as np
+
+    inputs = _block_inputs(torch.float64)
+    expected = reference.residual_distill(*inputs, alpha=0.5)
+    for alpha in (np.float32(0.5), 1 / 2, np.float64(0.5)):
+        assert_close(ops.residual_distill(*inputs, alpha=alpha), expected, 1e-6, f"alpha {type(alpha).__name__}")
+
+
+def test_zero_inner_width_is_refused():
+    z = randn(N, D, H, W, dtype=torch.float64, device="cpu")
+    empty = [torch.empty(0, D, 1, 1, dtype=torch.float64), torch.empty(0, dtype=torch.float64),
+             torch.empty(0, 0, 3, 3, dtype=torch.float64), torch.empty(0, dtype=torch.float64),
+             torch.empty(D + DIST, 0, 1, 1, dtype=torch.float64), torch.zeros(D + DIST, dtype=torch.float64)]
+    with pytest.raises(ValueError, match="w_squeeze is empty"):
+        ops.residual_distill(z, *empty)
+    with pytest.raises(ValueError, match="w is empty"):
+        ops.compress_skip(z, torch.empty(0, D, 1, 1, dtype=torch.float64), None,
+                          torch.empty(N, 3, H, W, dtype=torch.float64))
+
+
+# ---- TRITON_INTERPRET set after the kernels were imported (minor) ----------------------------------
+
+LATE_INTERPRET = r"""
+import os, torch
+os.environ.pop("TRITON_INTERPRET", None)
+import fastdrn.kernels.compress_skip  # decorated for the GPU compiler
+from fastdrn import ops, reference
+os.environ["TRITON_INTERPRET"] = "1"
+args = (torch.randn(1, 4, 2, 3), torch.randn(3, 4, 1, 1), torch.randn(3), torch.randn(1, 3, 2, 3))
+auto = ops.compress_skip(*args)
+assert torch.allclose(auto, reference.compress_skip(*args)), "auto must run the PyTorch math"
+os.environ["FASTDRN_BACKEND"] = "triton"
+try:
+    ops.compress_skip(*args)
+except RuntimeError as e:
+    print("refused:", e)
+"""
+
+
+def test_triton_interpret_set_after_import_is_named():
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTDRN_BACKEND", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", LATE_INTERPRET], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "refused:" in run.stdout and "TRITON_INTERPRET was unset when fastdrn's Triton kernels were imported" \
+        in run.stdout, run.stdout
+
+
+# ---- test seeds (minor) ---------------------------------------------------------------------------
+
+def test_the_seed_is_a_stable_function_of_the_test_name(request):
+    """conftest seeds torch from crc32 of the test id: the same in every process, so a failure can
+    be rerun from its name (hash() of a string changes with PYTHONHASHSEED)."""
+    assert torch.initial_seed() == zlib.crc32(request.node.nodeid.encode("utf-8"))
