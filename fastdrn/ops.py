@@ -26,7 +26,11 @@ _PASSED_LIMIT = 4096  # signatures hold no tensors; cleared when full
 
 
 def _checked(check, *args) -> None:
-    """check(*args), unless arguments of the same signature passed it before."""
+    """check(*args), unless arguments of the same signature passed it before (eager only: traced
+    once, the checks cost nothing at run time, and a set mutated while tracing breaks its guards)."""
+    if torch.compiler.is_compiling():
+        check(*args)
+        return
     try:
         signature = (check, *[None if t is None else (type(t), t.shape, t.dtype, t.device) for t in args])
     except AttributeError:  # not tensor-like: the full check names the problem
