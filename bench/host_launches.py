@@ -24,6 +24,7 @@ import argparse
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch starts its thread pool: threads inflate small ops
 os.environ.pop("TRITON_INTERPRET", None)  # Triton's GPU launch path, not its interpreter
@@ -111,8 +112,8 @@ def _stub_compile(self, key, signature, device, constexprs, options, attrs, warm
 
 def install_fake_gpu() -> None:
     """Route Triton's launch path to the stand-ins, count the launches that go through Triton's own
-    JITFunction.run (StubKernel.triton_runs), and let fastdrn's ops take their Triton path on CPU
-    tensors (they would otherwise run PyTorch math there)."""
+    JITFunction.run (StubKernel.triton_runs), let fastdrn's ops take their Triton path on CPU
+    tensors (they would otherwise run PyTorch math there), and answer device-property queries."""
     import fastdrn.backend
 
     driver.set_active(FakeGPUDriver())
@@ -125,6 +126,8 @@ def install_fake_gpu() -> None:
 
     JITFunction.run = counted_run
     fastdrn.backend.triton_unavailable_reason = lambda device, dtype=None: None
+    # Launchers that size a grid by the GPU (the resident 3x3 kernel) see an H100's 132 SMs.
+    torch.cuda.get_device_properties = lambda device=None: SimpleNamespace(multi_processor_count=132)
 
 
 def best_of(fn, reps: int, inner: int) -> float:

@@ -7,6 +7,7 @@ AOT registry, so each one compiles for sm_90 and sm_80 whichever is chosen.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -14,22 +15,30 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     #        (coalesced) and scattered into the weight's layout by the sum.
     # split64: the first design: 64 x 16 tiles, about 512 programs, partials in the weight's layout.
     "weight_grad": ("tiles", "split64"),
+    # resident: 16-bit passes at F <= 64 keep the nine 3x3 taps in shared memory and loop over row
+    #           tiles (conv3x3_resident_kernel); wider or float32 passes stream, as below.
+    # streamed: every 64-row program fetches the whole 3x3 weight from L2 (conv3x3_fused_kernel).
+    "conv3x3": ("resident", "streamed"),
 }
 
 _chosen: dict[str, str] = {}
 
 
-def _from_environment() -> dict[str, str]:
-    text = os.environ.get("FASTDRN_KERNELS", "").strip()
+def parse(text: str) -> dict[str, str]:
+    """'weight_grad=split64,conv3x3=streamed' -> {kind: variant}, every name checked."""
     picked = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         kind, _, name = item.partition("=")
         kind, name = kind.strip(), name.strip()
         if kind not in VARIANTS or name not in VARIANTS[kind]:
             known = "; ".join(f"{k}={'|'.join(v)}" for k, v in VARIANTS.items())
-            raise ValueError(f"FASTDRN_KERNELS={text!r}: {item!r} is not a known variant ({known})")
+            raise ValueError(f"kernel variants {text!r}: {item!r} is not a known variant ({known})")
         picked[kind] = name
     return picked
+
+
+def _from_environment() -> dict[str, str]:
+    return parse(os.environ.get("FASTDRN_KERNELS", "").strip())
 
 
 def chosen(kind: str) -> str:
@@ -47,3 +56,14 @@ def choose(kind: str, name: str) -> str:
     previous = chosen(kind)
     _chosen[kind] = name
     return previous
+
+
+@contextlib.contextmanager
+def using(spec: str):
+    """Run a block with the variants of `spec` ('kind=name,...'), then restore the previous ones."""
+    previous = {kind: choose(kind, name) for kind, name in parse(spec).items()}
+    try:
+        yield
+    finally:
+        for kind, name in previous.items():
+            choose(kind, name)

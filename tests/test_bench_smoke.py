@@ -206,3 +206,20 @@ def test_graph_rows_are_compared_with_the_strongest_baselines(bench_modules):
     text = "\n".join(report.goals(report.recompute_speedups(rows)))
     assert "in one CUDA graph: 10.00 ms, x4.00 vs eager, x3.00 vs torch.compile" in text
     assert "fastdrn-graph x2.00 vs the fastest (compile-reduce-overhead)" in text
+
+
+def test_gpu_session_smoke_rehearses_the_device_script(tmp_path):
+    """bench/gpu_session.sh, the script a lent GPU runs, rehearsed on the CPU: its test runner,
+    the model and block benchmarks (the kernel variants side by side) and the kernel profile."""
+    out = tmp_path / "session"
+    proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_session.sh"), "smoke"], cwd=REPO,
+                          env={**_env(), "OUT": str(out)}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "passed" in (out / "tests-backend.log").read_text()
+    rows = [json.loads(line) for line in (out / "results-smoke.jsonl").read_text().splitlines() if line.strip()]
+    impls = {row["impl"] for row in rows if row["status"] == "ok"}
+    assert {"eager", "fastdrn", "fastdrn[weight_grad=split64,conv3x3=streamed]"} <= impls, impls
+    assert all(row["env"]["kernel_variants"] == {"weight_grad": "tiles", "conv3x3": "resident"} for row in rows)
+    assert (out / "results-smoke.md").exists()
+    profile = json.loads((out / "profile.json").read_text())
+    assert {"train", "infer"} <= set(profile["cases"])

@@ -198,22 +198,26 @@ def test_weight_gradients_are_bitwise_reproducible(recompute, device):
         assert torch.equal(a, b), f"d{name} differs between two backward runs"
 
 
-@pytest.fixture(params=VARIANTS["weight_grad"])
-def weight_grad_variant(request):
-    previous = choices.choose("weight_grad", request.param)
-    yield request.param
-    choices.choose("weight_grad", previous)
+@pytest.fixture(params=[(kind, name) for kind, names in VARIANTS.items() for name in names],
+                ids=lambda kind_name: "=".join(kind_name))
+def kernel_variant(request):
+    kind, name = request.param
+    previous = choices.choose(kind, name)
+    yield f"{kind}={name}"
+    choices.choose(kind, previous)
 
 
-# (N, D, F, d, H, W): rows split over several partials under the interpreter (M > 32 rows), and
-# channel counts whose rows are 16-byte aligned (72 + 8) or not (29 + 3: ROW_ALIGN 1).
+# (N, D, F, d, H, W): rows split over several partials and several tiles a program under the
+# interpreter (M > 32 rows), channel counts whose rows are 16-byte aligned (72 + 8) or not (29 + 3:
+# ROW_ALIGN 1), and F = 16 (the narrowest resident-weight width).
 @pytest.mark.parametrize("case", [(2, 72, 64, 8, 9, 11), (1, 29, 16, 3, 7, 5)])
-def test_weight_gradient_variants(case, weight_grad_variant, device):
-    """Every weight-gradient design still selectable (kernels/choices.py), against float64, with a
-    channels_last 3x3 weight too, and bitwise the same on a second run."""
+def test_kernel_variants(case, kernel_variant, device):
+    """Every kernel design still selectable (kernels/choices.py): a block's output and every
+    gradient against float64 (a channels_last 3x3 weight too), bitwise the same on a second run,
+    and the in-place group path equal to chaining the op."""
     n, d_in, inner, distill, h, w = case
     for dtype in dtypes_for(device):
-        grad_tol = tolerance(device, dtype)[1]
+        fwd_tol, grad_tol = tolerance(device, dtype)
         inputs = make_inputs((n, d_in, inner, distill, h, w, True), dtype, device)
         inputs[3] = inputs[3].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
         out = ops.residual_distill(*inputs)
@@ -221,13 +225,23 @@ def test_weight_gradient_variants(case, weight_grad_variant, device):
         grads = torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
         again = torch.autograd.grad(out, inputs, grad_out)
         ref_inputs = float64_leaves(*inputs)
-        ref_grads = torch.autograd.grad(reference.residual_distill(*ref_inputs), ref_inputs, grad_out.double())
+        ref = reference.residual_distill(*ref_inputs)
+        ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
         eager_inputs = [t.detach().requires_grad_() for t in inputs]
         eager_grads = torch.autograd.grad(reference.residual_distill(*eager_inputs), eager_inputs, grad_out)
+        assert_close(out, ref, fwd_tol, f"{kernel_variant} {dtype} forward")
         for name, g, g2 in zip(NAMES, grads, again):
-            assert torch.equal(g, g2), f"{weight_grad_variant}: d{name} differs between two runs"
-        assert_op_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, NAMES, f"{weight_grad_variant} {dtype}")
+            assert torch.equal(g, g2), f"{kernel_variant}: d{name} differs between two runs"
+        assert_op_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, NAMES, f"{kernel_variant} {dtype}")
         assert grads[3].is_contiguous(memory_format=torch.channels_last)
+        blocks = [tuple(t.detach() for t in inputs[1:]),
+                  tuple(t.detach() for t in make_block(d_in + distill, inner, distill, dtype, device))]
+        with torch.no_grad():
+            in_place = ops.distill_group(inputs[0].detach(), blocks)
+            chained = inputs[0].detach()
+            for block in blocks:
+                chained = ops.residual_distill(chained, *block)
+        assert_close(in_place, chained.double(), fwd_tol, f"{kernel_variant} {dtype} in-place group")
 
 
 def test_double_backward_raises(device):
