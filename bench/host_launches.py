@@ -10,8 +10,8 @@ time measured is what a GPU would wait on while the host issues the work. fastdr
 reference model (fastdrn.reference.DRN) of the same structure (the paper's groups and blocks, at a
 tiny width and image, so that arithmetic is negligible next to the host cost) are timed in the same
 process, one thread (OMP_NUM_THREADS=1), as the minimum over --reps rounds. Prints:
-  - microseconds per launch: a 35-argument kernel through Triton's JITFunction.run, a launch through
-    fastdrn's launcher, and one aten op for scale;
+  - microseconds per launch: a block's largest kernel through Triton's JITFunction.run and through
+    fastdrn's launch, a block's forward through fastdrn.ops, and one aten op for scale;
   - host time of a training step (forward, L1 loss, backward) and of an inference forward, fastdrn
     and the reference, and their ratio;
   - kernel launches per training step: the Triton launches counted, plus the aten primitives that
@@ -21,6 +21,7 @@ Times are CPU host times on this machine; the counts are exact.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -145,45 +146,68 @@ def best_of(fn, reps: int, inner: int) -> float:
     return best
 
 
-def launch_costs(reps: int) -> dict:
-    """Microseconds per launch of conv3x3_fused_kernel (35 arguments, the largest kernel of a block's
-    forward) with a block's forward arguments: through Triton's JITFunction.run, through fastdrn's
-    launch (its lean path once warm), and through the whole launcher that also allocates and checks
-    (`_conv3x3`); and one aten add of two small tensors, for scale."""
-    from fastdrn.kernels import residual_distill as rd
-    from fastdrn.kernels._common import direct_launches, launch
+@contextlib.contextmanager
+def launches_observed(observe):
+    """Within: every fastdrn kernel module's launch(...) calls observe(kernel, tuned, interpreter,
+    args) first (the modules import launch from kernels/_common.py by name)."""
+    from fastdrn.kernels import _common
 
-    x = torch.randn(1, 16, 8, 8).contiguous(memory_format=torch.channels_last)
-    wc = torch.randn(9, 16, 16)
-    w2, b = torch.randn(24, 16, 1, 1), torch.randn(24)
-    out = torch.empty(1, 24, 8, 8).contiguous(memory_format=torch.channels_last)
-    tuned = rd.conv3x3_tuned[(16, False, False)]
-    config = tuned.configs[0]
-    args = dict(x_ptr=x, wc_ptr=wc, bc_ptr=b, aux_ptr=x, mid_ptr=x, w2_ptr=w2, b2_ptr=b, res_ptr=x, out_ptr=out,
-                M=64, H=8, W=8, F=16, N2=24, NRES=16, stride_w2n=16, stride_w2f=1, stride_rm=16, stride_om=24,
-                alpha_hi=0.2, alpha_lo=0.0, FLIP_TAPS=False, EPI1=0, HAS_BIAS1=True, SAVE_MID=False,
-                HAS_SECOND=True, HAS_BIAS2=True, IS_FP64=False, PRECISION="tf32", BLOCK_F=16)
+    launch = _common.launch
+
+    def observed_launch(kernel, tuned, grid, interpreter, **args):
+        observe(kernel, tuned, interpreter, args)
+        return launch(kernel, tuned, grid, interpreter, **args)
+
+    users = [m for name, m in list(sys.modules.items()) if name.startswith("fastdrn.kernels.")
+             and m is not _common and getattr(m, "launch", None) is launch]
+    for module in users:
+        module.launch = observed_launch
+    try:
+        yield
+    finally:
+        for module in users:
+            module.launch = launch
+
+
+def launch_costs(reps: int) -> dict:
+    """Microseconds per launch of the kernel with the most arguments in a residual distilling block's
+    forward (D = 16, F = 16, d = 8, 1x8x8), with the arguments its launcher passed: through Triton's
+    JITFunction.run, and through fastdrn's launch (its lean path once warm); the whole block forward
+    through fastdrn.ops.residual_distill (its launches, allocations and checks); and one aten add of
+    two small tensors, for scale. The launches are recorded from the public op, so that this follows
+    the launchers whatever their arguments."""
+    from fastdrn import ops
+    from fastdrn.kernels import _common
+
+    z = torch.randn(1, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    weights = [torch.randn(16, 16, 1, 1), torch.randn(16), torch.randn(16, 16, 3, 3), torch.randn(16),
+               torch.randn(24, 16, 1, 1), torch.randn(24)]
+    with torch.no_grad():
+        ops.residual_distill(z, *weights)  # imports the kernel modules (and warms the launches)
+    recorded = []
+    with torch.no_grad(), launches_observed(lambda *call: recorded.append(call)):
+        ops.residual_distill(z, *weights)
+    kernel, tuned, interpreter, args = max(recorded, key=lambda call: len(call[3]))
+    config = _common.fixed_config(interpreter, [interpreter] if tuned is None else tuned.configs) or tuned.configs[0]
 
     def grid(meta):
         return (1,)
 
     def triton_run():
-        rd.conv3x3_fused_kernel[grid](**args, **config.kwargs, num_warps=config.num_warps,
-                                      num_stages=config.num_stages)
+        kernel[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
     def fastdrn_launch():
-        launch(rd.conv3x3_fused_kernel, tuned, grid, rd.CONV3X3_INTERPRETER, **args)
-
-    def fastdrn_launcher():
-        rd._conv3x3(x, wc, b, 0.2, epi1=rd.EPI_ELU, w2=w2, w2_strides=(16, 1), b2=b, n2=24, res=x, res_stride=16,
-                    nres=16, out=out, out_stride=24)
+        _common.launch(kernel, tuned, grid, interpreter, **args)
 
     small = torch.randn(16)
-    with torch.no_grad(), direct_launches():  # as the eager path runs them
-        return {"Triton's JITFunction.run": best_of(triton_run, reps, 200) * 1e6,
-                "fastdrn launch (lean path)": best_of(fastdrn_launch, reps, 200) * 1e6,
-                "fastdrn launcher (_conv3x3)": best_of(fastdrn_launcher, reps, 200) * 1e6,
-                "aten add (for scale)": best_of(lambda: torch.add(small, small), reps, 200) * 1e6}
+    label = f"{kernel.__name__}, {len(args) + len(config.kwargs)} arguments"
+    with torch.no_grad():
+        with _common.direct_launches():  # as the eager path runs them
+            costs = {f"Triton's JITFunction.run ({label})": best_of(triton_run, reps, 200) * 1e6,
+                     f"fastdrn launch (lean path; {label})": best_of(fastdrn_launch, reps, 200) * 1e6}
+        costs["a block's forward through fastdrn.ops"] = best_of(lambda: ops.residual_distill(z, *weights), reps, 50) * 1e6
+        costs["aten add (for scale)"] = best_of(lambda: torch.add(small, small), reps, 200) * 1e6
+    return costs
 
 
 def model_costs(args) -> dict:
@@ -220,9 +244,11 @@ def model_costs(args) -> dict:
         for name, model in (("fastdrn", fast), ("reference", ref)):
             times[phase, name] = best_of(make(model), args.reps, 1)
     StubKernel.launches = StubKernel.triton_runs = 0
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    calls = []
+    with profile(activities=[ProfilerActivity.CPU]) as prof, launches_observed(lambda *call: calls.append(None)):
         step(fast)()
     times["triton launches"], times["through triton"] = StubKernel.launches, StubKernel.triton_runs
+    times["launch calls"] = len(calls)
     times["aten launches"] = sum(1 for e in prof.events() if e.name in LAUNCHING)
     return times
 
@@ -242,7 +268,7 @@ def main() -> None:
     install_fake_gpu()
 
     for name, us in launch_costs(args.reps).items():
-        print(f"launch: {name:30s} {us:6.1f} us")
+        print(f"launch: {name:62s} {us:6.1f} us")
     t = model_costs(args)
     shape = "2 groups x 3 blocks, the tests' small DRN" if args.small else f"6 groups x 9 blocks, width {args.width}"
     print(f"DRN x{args.scale} ({shape}), 1x3x{args.size}x{args.size}, "
@@ -252,7 +278,7 @@ def main() -> None:
         print(f"{what:14s} host: fastdrn {fast * 1e3:6.2f} ms, reference {ref * 1e3:6.2f} ms, "
               f"ratio {fast / ref:.2f}x")
     print(f"launches per training step {t['triton launches'] + t['aten launches']} "
-          f"({t['triton launches']} Triton + {t['aten launches']} aten); "
+          f"({t['triton launches']} Triton + {t['aten launches']} aten); launch() calls {t['launch calls']}; "
           f"through Triton's own run once warm: {t['through triton']}")
     print(f"(CPU host times: process CPU time, min of {args.reps} rounds, one thread; Triton {triton.__version__}, "
           f"torch {torch.__version__}; nothing compiled or launched)")

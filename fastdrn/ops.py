@@ -169,6 +169,7 @@ def _fused():
         from .kernels import residual_distill as rd
 
         _kernels = SimpleNamespace(residual_distill=rd.residual_distill, compress_skip=cs.compress_skip,
+                                   residual_distill_chain=rd.residual_distill_chain,
                                    residual_distill_group_=rd.residual_distill_group_)
     return _kernels
 
@@ -206,12 +207,14 @@ def distill_group(y, blocks, alpha=0.2, recompute=False):
                              f"b_expand), got {len(block)}")
     tensors = [y, *(t for block in blocks for t in block)]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if needs_grad or not blocks or not backend.use_triton("residual_distill", y.device, y.dtype):
+    if not blocks or not backend.use_triton("residual_distill", y.device, y.dtype):
         z = y
         for block in blocks:
             z = residual_distill(z, *block, alpha=alpha, recompute=recompute)
         return z
     _checked(_check_group, y, *tensors[1:])
+    if needs_grad:  # block by block, each 3x3 kernel also computing the next block's squeeze
+        return _fused().residual_distill_chain(y, [_dense_block(*block) for block in blocks], alpha, recompute)
     blocks = [_dense_block(*block) for block in blocks]
     n, c, h, w = y.shape
     width = blocks[-1][4].shape[0]

@@ -42,7 +42,8 @@ from torch.library import triton_op
 from . import choices
 from ._common import (KERNELS_INTERPRETED, cdiv, check_int32, direct_launches, dot_precision, eager_fast_path, elu,
                       elu_grad_from_output, is_fp64, join_alpha, launch, next_pow2, rows, split_alpha)
-from .gemm import EPILOGUE_ELU, EPILOGUE_LINEAR, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, conv1x1_pair, weight_grads
+from .gemm import (EPILOGUE_ELU, EPILOGUE_LINEAR, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, conv1x1_pair, row_align,
+                   weight_grads)
 
 EPI_ELU = 0                  # mid = ELU(conv3x3(x) + bias)
 EPI_TIMES_ELU_GRAD_OF_AUX = 1  # mid = conv3x3(x) * ELU'(.) where aux = ELU(.) was saved
@@ -55,19 +56,20 @@ def conv3x3_fused_kernel(
     bc_ptr,      # [F] 3x3 bias, read when HAS_BIAS1
     aux_ptr,     # [M, F] saved ELU output whose derivative gates the result, read when EPI1 == 1
     mid_ptr,     # [M, F] the 3x3 stage's result (b forward, g_a backward), written when SAVE_MID
-    w2_ptr,      # second (1x1) weight: element (n, f) at n * stride_w2n + f * stride_w2f
+    w2_ptr,      # second (1x1) weight: element (n, f) at n * F + f, or f * N2 + n when W2_TRANSPOSED
     b2_ptr,      # [N2] second bias, read when HAS_BIAS2
     res_ptr,     # residual rows added to output columns < NRES, row stride stride_rm
     out_ptr,     # [M, N2] output rows, row stride stride_om; may alias res_ptr (in-place group path)
+    w3_ptr,      # the next block's squeeze weight (F, N2): element (f, n) at f * N2 + n, read when HAS_NEXT
+    b3_ptr,      # [F] the next block's squeeze bias, read when HAS_NEXT and HAS_BIAS3
+    next_ptr,    # [M, F] the next block's a = ELU(out W3^T + b3), written when HAS_NEXT
     M,           # pixel rows, N * H * W
     H,           # image height
     W,           # image width
-    N2,          # output channels of the second GEMM
-    NRES,        # output columns that get the residual (D)
-    stride_w2n,  # second weight stride along its output channels
-    stride_w2f,  # second weight stride along its F input channels
-    stride_rm,   # elements between pixel rows of res
-    stride_om,   # elements between pixel rows of out
+    N2,          # output channels of the second GEMM       } these four in units of ROW_ALIGN
+    NRES,        # output columns that get the residual (D)  } elements: N2 = 72 is passed as 9
+    stride_rm,   # elements between pixel rows of res        } with ROW_ALIGN = 8, and the kernel
+    stride_om,   # elements between pixel rows of out        } knows every row is 16-byte aligned
     alpha_hi,    # ELU alpha, fp32 high half
     alpha_lo,    # ELU alpha, fp32 low half (float64 runs only)
     F: tl.constexpr,          # channels of the 3x3 (the block's inner width): compile-time, so row
@@ -78,8 +80,12 @@ def conv3x3_fused_kernel(
     SAVE_MID: tl.constexpr,
     HAS_SECOND: tl.constexpr,  # run the second GEMM and store out (False: only mid is wanted)
     HAS_BIAS2: tl.constexpr,
+    W2_TRANSPOSED: tl.constexpr,  # the second weight is (F, N2) (the squeeze, in the input gradient)
+    HAS_NEXT: tl.constexpr,   # also compute the next block's squeeze from the output rows in registers
+    HAS_BIAS3: tl.constexpr,
     IS_FP64: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input_precision (see dot_precision)
+    ROW_ALIGN: tl.constexpr,  # N2, NRES and the row strides are multiples of this (gemm.row_align)
     BLOCK_M: tl.constexpr,    # pixel rows per program
     BLOCK_F: tl.constexpr,    # F padded to a power of two: the whole 3x3 output row stays in registers
     BLOCK_K: tl.constexpr,    # input channels per 3x3 step
@@ -116,9 +122,10 @@ def conv3x3_fused_kernel(
             wt = tl.load(wc_ptr + w_tap * F * F + kk[:, None] * F + rf[None, :],
                          mask=k_ok[:, None] & f_ok[None, :], other=0.0)
             acc = tl.dot(x, wt, acc, input_precision=PRECISION)
-    _conv3x3_epilogue(acc, rm, m_ok, rf, f_ok, bc_ptr, aux_ptr, mid_ptr, w2_ptr, b2_ptr, res_ptr, out_ptr, N2, NRES,
-                      stride_w2n, stride_w2f, stride_rm, stride_om, join_alpha(alpha_hi, alpha_lo, IS_FP64), F,
-                      EPI1, HAS_BIAS1, SAVE_MID, HAS_SECOND, HAS_BIAS2, PRECISION, BLOCK_M, BLOCK_N)
+    _conv3x3_epilogue(acc, rm, m_ok, rf, f_ok, bc_ptr, aux_ptr, mid_ptr, w2_ptr, b2_ptr, res_ptr, out_ptr, w3_ptr,
+                      b3_ptr, next_ptr, N2 * ROW_ALIGN, NRES * ROW_ALIGN, stride_rm * ROW_ALIGN, stride_om * ROW_ALIGN,
+                      join_alpha(alpha_hi, alpha_lo, IS_FP64), F, EPI1, HAS_BIAS1, SAVE_MID, HAS_SECOND, HAS_BIAS2,
+                      W2_TRANSPOSED, HAS_NEXT, HAS_BIAS3, PRECISION, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -134,19 +141,20 @@ def conv3x3_resident_kernel(
     bc_ptr,      # [F] 3x3 bias, read when HAS_BIAS1
     aux_ptr,     # [M, F] saved ELU output whose derivative gates the result, read when EPI1 == 1
     mid_ptr,     # [M, F] the 3x3 stage's result (b forward, g_a backward), written when SAVE_MID
-    w2_ptr,      # second (1x1) weight: element (n, f) at n * stride_w2n + f * stride_w2f
+    w2_ptr,      # second (1x1) weight: element (n, f) at n * F + f, or f * N2 + n when W2_TRANSPOSED
     b2_ptr,      # [N2] second bias, read when HAS_BIAS2
     res_ptr,     # residual rows added to output columns < NRES, row stride stride_rm
     out_ptr,     # [M, N2] output rows, row stride stride_om; may alias res_ptr (in-place group path)
+    w3_ptr,      # the next block's squeeze weight (F, N2): element (f, n) at f * N2 + n, read when HAS_NEXT
+    b3_ptr,      # [F] the next block's squeeze bias, read when HAS_NEXT and HAS_BIAS3
+    next_ptr,    # [M, F] the next block's a = ELU(out W3^T + b3), written when HAS_NEXT
     M,           # pixel rows, N * H * W
     H,           # image height
     W,           # image width
-    N2,          # output channels of the second GEMM
-    NRES,        # output columns that get the residual (D)
-    stride_w2n,  # second weight stride along its output channels
-    stride_w2f,  # second weight stride along its F input channels
-    stride_rm,   # elements between pixel rows of res
-    stride_om,   # elements between pixel rows of out
+    N2,          # output channels of the second GEMM       } these four in units of ROW_ALIGN
+    NRES,        # output columns that get the residual (D)  } elements: N2 = 72 is passed as 9
+    stride_rm,   # elements between pixel rows of res        } with ROW_ALIGN = 8, and the kernel
+    stride_om,   # elements between pixel rows of out        } knows every row is 16-byte aligned
     alpha_hi,    # ELU alpha, fp32 high half
     alpha_lo,    # ELU alpha, fp32 low half (float64 runs only)
     F: tl.constexpr,          # channels of the 3x3 (the block's inner width), at most 64
@@ -156,8 +164,12 @@ def conv3x3_resident_kernel(
     SAVE_MID: tl.constexpr,
     HAS_SECOND: tl.constexpr,  # run the second GEMM and store out (False: only mid is wanted)
     HAS_BIAS2: tl.constexpr,
+    W2_TRANSPOSED: tl.constexpr,  # the second weight is (F, N2) (the squeeze, in the input gradient)
+    HAS_NEXT: tl.constexpr,   # also compute the next block's squeeze from the output rows in registers
+    HAS_BIAS3: tl.constexpr,
     IS_FP64: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input_precision (see dot_precision)
+    ROW_ALIGN: tl.constexpr,  # N2, NRES and the row strides are multiples of this (gemm.row_align)
     BLOCK_M: tl.constexpr,    # pixel rows per tile
     BLOCK_F: tl.constexpr,    # F padded to a power of two: a tap's whole product is one dot
     BLOCK_N: tl.constexpr,    # output columns per step of the second GEMM
@@ -211,19 +223,24 @@ def conv3x3_resident_kernel(
                 acc = tl.dot(x, w7, acc, input_precision=PRECISION)
             else:
                 acc = tl.dot(x, w8, acc, input_precision=PRECISION)
-        _conv3x3_epilogue(acc, rm, m_ok, rf, f_ok, bc_ptr, aux_ptr, mid_ptr, w2_ptr, b2_ptr, res_ptr, out_ptr, N2,
-                          NRES, stride_w2n, stride_w2f, stride_rm, stride_om, alpha, F, EPI1, HAS_BIAS1, SAVE_MID,
-                          HAS_SECOND, HAS_BIAS2, PRECISION, BLOCK_M, BLOCK_N)
+        _conv3x3_epilogue(acc, rm, m_ok, rf, f_ok, bc_ptr, aux_ptr, mid_ptr, w2_ptr, b2_ptr, res_ptr, out_ptr, w3_ptr,
+                          b3_ptr, next_ptr, N2 * ROW_ALIGN, NRES * ROW_ALIGN, stride_rm * ROW_ALIGN,
+                          stride_om * ROW_ALIGN, alpha, F, EPI1, HAS_BIAS1, SAVE_MID, HAS_SECOND, HAS_BIAS2,
+                          W2_TRANSPOSED, HAS_NEXT, HAS_BIAS3, PRECISION, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def _conv3x3_epilogue(acc, rm, m_ok, rf, f_ok, bc_ptr, aux_ptr, mid_ptr, w2_ptr, b2_ptr, res_ptr, out_ptr, N2, NRES,
-                      stride_w2n, stride_w2f, stride_rm, stride_om, alpha, F: tl.constexpr, EPI1: tl.constexpr,
-                      HAS_BIAS1: tl.constexpr, SAVE_MID: tl.constexpr, HAS_SECOND: tl.constexpr,
-                      HAS_BIAS2: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+def _conv3x3_epilogue(acc, rm, m_ok, rf, f_ok, bc_ptr, aux_ptr, mid_ptr, w2_ptr, b2_ptr, res_ptr, out_ptr, w3_ptr,
+                      b3_ptr, next_ptr, N2, NRES, stride_rm, stride_om, alpha,
+                      F: tl.constexpr, EPI1: tl.constexpr, HAS_BIAS1: tl.constexpr, SAVE_MID: tl.constexpr,
+                      HAS_SECOND: tl.constexpr, HAS_BIAS2: tl.constexpr, W2_TRANSPOSED: tl.constexpr,
+                      HAS_NEXT: tl.constexpr,
+                      HAS_BIAS3: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr):
     # Both 3x3 kernels' epilogue on one [BLOCK_M, BLOCK_F] tile of 3x3 products: bias, ELU or the
-    # gradient through it, the optional stored copy, and the second (1x1) GEMM with the residual add.
+    # gradient through it, the optional stored copy, the second (1x1) GEMM with the residual add,
+    # and (HAS_NEXT) the next block's squeeze, a third GEMM over the output chunks as they are
+    # stored, so the next block's input is never read back for it.
     acc_dtype = acc.dtype
     if HAS_BIAS1:
         acc += tl.load(bc_ptr + rf, mask=f_ok, other=0.0).to(acc_dtype)[None, :]
@@ -237,19 +254,31 @@ def _conv3x3_epilogue(acc, rm, m_ok, rf, f_ok, bc_ptr, aux_ptr, mid_ptr, w2_ptr,
     if SAVE_MID:
         tl.store(mid_ptr + rm[:, None] * F + rf[None, :], mid_store, mask=mf_ok)
     if HAS_SECOND:
-        # The second GEMM's operand is the stored-precision tile, as if it had gone through memory.
+        next_acc = tl.zeros_like(acc)
+        # The second GEMM's operand is the stored-precision tile, as if it had gone through memory;
+        # so is the third's (the output exactly as stored).
         for n0 in range(0, N2, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
             n_ok = rn < N2
-            w2 = tl.load(w2_ptr + rn[None, :] * stride_w2n + rf[:, None] * stride_w2f,
-                         mask=f_ok[:, None] & n_ok[None, :], other=0.0)
+            if W2_TRANSPOSED:
+                w2 = tl.load(w2_ptr + rf[:, None] * N2 + rn[None, :], mask=f_ok[:, None] & n_ok[None, :], other=0.0)
+            else:
+                w2 = tl.load(w2_ptr + rn[None, :] * F + rf[:, None], mask=f_ok[:, None] & n_ok[None, :], other=0.0)
             c = tl.dot(mid_store, w2, tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype), input_precision=PRECISION)
             if HAS_BIAS2:
                 c += tl.load(b2_ptr + rn, mask=n_ok, other=0.0).to(acc_dtype)[None, :]
             res_ok = m_ok[:, None] & (rn[None, :] < NRES)
             c += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=res_ok, other=0.0).to(acc_dtype)
-            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], c.to(out_ptr.dtype.element_ty),
-                     mask=m_ok[:, None] & n_ok[None, :])
+            c_store = c.to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], c_store, mask=m_ok[:, None] & n_ok[None, :])
+            if HAS_NEXT:
+                w3 = tl.load(w3_ptr + rf[None, :] * N2 + rn[:, None], mask=n_ok[:, None] & f_ok[None, :], other=0.0)
+                next_acc = tl.dot(c_store, w3, next_acc, input_precision=PRECISION)
+        if HAS_NEXT:
+            if HAS_BIAS3:
+                next_acc += tl.load(b3_ptr + rf, mask=f_ok, other=0.0).to(acc_dtype)[None, :]
+            tl.store(next_ptr + rm[:, None] * F + rf[None, :], elu(next_acc, alpha).to(next_ptr.dtype.element_ty),
+                     mask=mf_ok)
 
 
 # ---- launch configurations (keyed by BLOCK_F; every entry is in the AOT check) --------------------
@@ -287,7 +316,7 @@ def conv3x3_configs(block_f: int, dtype: torch.dtype) -> list:
     return (CONV3X3_FP32_CONFIGS if dtype == torch.float32 else CONV3X3_CONFIGS)[block_f]
 
 
-_TUNE_KEY = ["F", "N2", "NRES", "EPI1", "HAS_SECOND"]
+_TUNE_KEY = ["F", "N2", "NRES", "EPI1", "HAS_SECOND", "ROW_ALIGN"]
 # Keyed by (BLOCK_F, float32?, in place?). The in-place group path writes over its own residual, so
 # every autotuning trial must start from it (restore_value).
 conv3x3_tuned = {
@@ -344,13 +373,25 @@ def fuses_second_gemm(block_f: int, dtype: torch.dtype) -> bool:
 
 
 # ---- launchers ---------------------------------------------------------------------------------
-def _conv3x3(x, wc_packed, bc, alpha, *, epi1, flip_taps=False, aux=None, save_mid=False, w2=None, w2_strides=(0, 0), b2=None,
-             n2=0, res=None, res_stride=0, nres=0, out=None, out_stride=0, inplace=False):
-    """Launch conv3x3_fused_kernel over the rows of x (a channels_last (N, F, H, W) tensor)."""
+def _conv3x3(x, wc_packed, bc, alpha, *, epi1, flip_taps=False, aux=None, save_mid=False, w2=None,
+             w2_transposed=False, b2=None, n2=0, res=None, res_stride=0, nres=0, out=None, out_stride=0, inplace=False,
+             w3=None, b3=None):
+    """Launch a 3x3 kernel over the rows of x (a channels_last (N, F, H, W) tensor); returns (mid,
+    a_next): the 3x3 stage's result when saved, and the next block's squeeze when w3 (its weight,
+    (F, n2, 1, 1)) is given and the rows are aligned (else None: the next block squeezes itself).
+    w2: the second GEMM's weight, (n2, F), or (F, n2) when w2_transposed."""
     n_img, inner, height, width = x.shape
     m = n_img * height * width
     block_f = next_pow2(inner)
     mid = torch.empty_like(x) if save_mid else None
+    # Channel counts, strides and the offsets of the tensors read or written by rows: all multiples
+    # of 16 bytes is the common case (DRN's widths are multiples of 8).
+    extents = [n2, nres, res_stride, out_stride]
+    extents += [t.storage_offset() for t in (res, out, w2, w3) if t is not None]
+    align = row_align(x.dtype, *extents) if w2 is not None else 1
+    if align == 1:  # the folded squeeze's extra accumulator only fits with aligned rows (AOT)
+        w3 = b3 = None
+    a_next = torch.empty_like(x) if w3 is not None else None
     check_int32("residual_distill", m * max(inner, out_stride, res_stride), wc_packed.numel())
     alpha_hi, alpha_lo = split_alpha(alpha)
     if uses_resident_weights(block_f, x.dtype):
@@ -369,13 +410,28 @@ def _conv3x3(x, wc_packed, bc, alpha, *, epi1, flip_taps=False, aux=None, save_m
         aux_ptr=aux if aux is not None else x, mid_ptr=mid if mid is not None else x,
         w2_ptr=w2 if w2 is not None else wc_packed, b2_ptr=b2 if b2 is not None else wc_packed,
         res_ptr=res if res is not None else x, out_ptr=out if out is not None else x,
-        M=m, H=height, W=width, F=inner, N2=n2, NRES=nres,
-        stride_w2n=w2_strides[0], stride_w2f=w2_strides[1], stride_rm=res_stride, stride_om=out_stride,
+        w3_ptr=w3 if w3 is not None else wc_packed, b3_ptr=b3 if b3 is not None else wc_packed,
+        next_ptr=a_next if a_next is not None else x,
+        M=m, H=height, W=width, F=inner, N2=n2 // align, NRES=nres // align, stride_rm=res_stride // align,
+        stride_om=out_stride // align,
         alpha_hi=alpha_hi, alpha_lo=alpha_lo,
         FLIP_TAPS=flip_taps, EPI1=epi1, HAS_BIAS1=bc is not None, SAVE_MID=save_mid, HAS_SECOND=w2 is not None,
-        HAS_BIAS2=b2 is not None, IS_FP64=is_fp64(x), PRECISION=dot_precision(x.dtype), BLOCK_F=block_f,
+        HAS_BIAS2=b2 is not None, W2_TRANSPOSED=w2_transposed, HAS_NEXT=w3 is not None, HAS_BIAS3=b3 is not None,
+        IS_FP64=is_fp64(x), PRECISION=dot_precision(x.dtype), ROW_ALIGN=align, BLOCK_F=block_f,
     )
-    return mid
+    return mid, a_next
+
+
+# The widths at which a block's 3x3 kernel also computes the next block's squeeze (its [BLOCK_M, F]
+# fp32 accumulator beside the others): compiled without spills there (AOT); wider blocks launch
+# the squeeze on its own.
+FOLD_MAX_F = 64
+
+
+def folds_next_squeeze(inner: int, dtype: torch.dtype, next_inner: int | None) -> bool:
+    """Whether a block of inner width `inner` computes the next block's squeeze in its epilogue."""
+    block_f = next_pow2(inner)
+    return (next_inner == inner and block_f <= FOLD_MAX_F and fuses_second_gemm(block_f, dtype))
 
 
 def _pack_conv(w_conv, transpose=False):
@@ -391,29 +447,41 @@ def _squeeze(z, z_stride, w_squeeze, b_squeeze, alpha):
 
 
 def _forward_into(z, z_stride, out, out_stride, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
-                  save_b, inplace):
-    """One block from rows of z (D channels) into rows of out (D + d channels); returns b when saved."""
-    a = _squeeze(z, z_stride, w_squeeze, b_squeeze, alpha)
+                  save_b, inplace, a=None, next_squeeze=(None, None)):
+    """One block from rows of z (D channels) into rows of out (D + d channels). a: this block's
+    squeeze when the previous block computed it (else it is computed here); next_squeeze: the next
+    block's (w_squeeze, b_squeeze), folded into this block's 3x3 epilogue where folds_next_squeeze
+    allows. Returns (b when saved, the next block's a when folded)."""
     d_in, inner = w_squeeze.shape[1], w_squeeze.shape[0]
+    if a is None:
+        a = _squeeze(z, z_stride, w_squeeze, b_squeeze, alpha)
     if not fuses_second_gemm(next_pow2(inner), z.dtype):
-        b = _conv3x3(a, _pack_conv(w_conv), b_conv, alpha, epi1=EPI_ELU, save_mid=True)
+        b, _ = _conv3x3(a, _pack_conv(w_conv), b_conv, alpha, epi1=EPI_ELU, save_mid=True)
         conv1x1(b, inner, w_expand, False, b_expand, EPILOGUE_LINEAR, alpha, res=z, res_stride=z_stride,
                 out=out, out_stride=out_stride, n_res=d_in)
-        return b if save_b else None
+        return (b if save_b else None), None
+    w3, b3 = next_squeeze
+    if w3 is not None and not folds_next_squeeze(inner, z.dtype, w3.shape[0]):
+        w3 = b3 = None
     return _conv3x3(a, _pack_conv(w_conv), b_conv, alpha, epi1=EPI_ELU, save_mid=save_b,
-                    w2=w_expand, w2_strides=(w_expand.shape[1], 1), b2=b_expand, n2=w_expand.shape[0],
-                    res=z, res_stride=z_stride, nres=d_in, out=out, out_stride=out_stride, inplace=inplace)
+                    w2=w_expand, b2=b_expand, n2=w_expand.shape[0],
+                    res=z, res_stride=z_stride, nres=d_in, out=out, out_stride=out_stride, inplace=inplace,
+                    w3=w3, b3=b3)
 
 
-def _forward(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b):
+def _forward(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b, a=None,
+             w_squeeze_next=None, b_squeeze_next=None):
+    """Returns (out, b or empty, the next block's a or empty)."""
     z = rows(z)
     n_img, d_in, height, width = z.shape
     n_out = w_expand.shape[0]
     out = torch.empty((n_img, n_out, height, width), device=z.device, dtype=z.dtype,
                       memory_format=torch.channels_last)
-    b = _forward_into(z, d_in, out, n_out, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
-                      save_b, inplace=False)
-    return out, (b if b is not None else z.new_empty(0))
+    b, a_next = _forward_into(z, d_in, out, n_out, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
+                              save_b, inplace=False, a=a if a is not None and a.numel() else None,
+                              next_squeeze=(w_squeeze_next, b_squeeze_next))
+    # Two separate empties: a custom op's outputs must not alias one another.
+    return out, (b if b is not None else z.new_empty(0)), (a_next if a_next is not None else z.new_empty(0))
 
 
 def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha):
@@ -421,7 +489,7 @@ def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expa
     d_in, n_out = z.shape[1], w_expand.shape[0]
     if b.numel() == 0:  # recompute=True: b was not saved; rebuild it from a first
         a = _squeeze(z, d_in, w_squeeze, b_squeeze, alpha)
-        b = _conv3x3(a, _pack_conv(w_conv), b_conv, alpha, epi1=EPI_ELU, save_mid=True)
+        b, _ = _conv3x3(a, _pack_conv(w_conv), b_conv, alpha, epi1=EPI_ELU, save_mid=True)
         g_b = conv1x1(grad, n_out, w_expand, True, None, EPILOGUE_TIMES_ELU_GRAD_OF_RES, alpha,
                       res=b, res_stride=b.shape[1])
     else:  # a and g_b, two 1x1 products, in one launch
@@ -433,12 +501,12 @@ def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expa
     inner = a.shape[1]
     if fuses_second_gemm(next_pow2(inner), z.dtype):
         dz = torch.empty_like(z)
-        g_a = _conv3x3(g_b, _pack_conv(w_conv, transpose=True), None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
-                       flip_taps=True, aux=a, save_mid=True, w2=w_squeeze, w2_strides=(1, d_in), n2=d_in,
-                       res=grad, res_stride=n_out, nres=d_in, out=dz, out_stride=d_in)
+        g_a, _ = _conv3x3(g_b, _pack_conv(w_conv, transpose=True), None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
+                          flip_taps=True, aux=a, save_mid=True, w2=w_squeeze, w2_transposed=True, n2=d_in,
+                          res=grad, res_stride=n_out, nres=d_in, out=dz, out_stride=d_in)
     else:
-        g_a = _conv3x3(g_b, _pack_conv(w_conv, transpose=True), None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
-                       flip_taps=True, aux=a, save_mid=True)
+        g_a, _ = _conv3x3(g_b, _pack_conv(w_conv, transpose=True), None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
+                          flip_taps=True, aux=a, save_mid=True)
         dz = conv1x1(g_a, inner, w_squeeze, True, None, EPILOGUE_LINEAR, alpha, res=grad, res_stride=n_out)
     (dw_e, db_e), (dw_c, db_c), (dw_sq, db_sq) = weight_grads(
         (grad, n_out, b, inner, n_out, inner, 1, w_expand),
@@ -451,21 +519,30 @@ def _group_forward(buffer, weights, alpha):
     """Blocks in place over one channels_last buffer of width C + K*d; weights holds 6 tensors per
     block (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand). Block k reads channels
     [0, D_k) and writes [0, D_k + d_k) of the same pixel rows: the residual add is read and written
-    by one program, so no concat copy and no second buffer exist."""
+    by one program, so no concat copy and no second buffer exist. Each block's 3x3 kernel also
+    computes the next block's squeeze from the output rows it stores (folds_next_squeeze)."""
     stride = buffer.shape[1]
+    a = None
     for i in range(0, len(weights), 6):
         w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand = weights[i:i + 6]
-        _forward_into(buffer, stride, buffer, stride, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand,
-                      alpha, save_b=False, inplace=True)
+        next_squeeze = tuple(weights[i + 6:i + 8]) if i + 6 < len(weights) else (None, None)
+        _, a = _forward_into(buffer, stride, buffer, stride, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand,
+                             alpha, save_b=False, inplace=True, a=a, next_squeeze=next_squeeze)
 
 
 # ---- registered ops and autograd -----------------------------------------------------------------
 @triton_op("fastdrn::residual_distill", mutates_args={})
 def residual_distill_op(z: torch.Tensor, w_squeeze: torch.Tensor, b_squeeze: torch.Tensor | None,
                         w_conv: torch.Tensor, b_conv: torch.Tensor | None, w_expand: torch.Tensor,
-                        b_expand: torch.Tensor | None, alpha: float, save_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out, b): b = ELU(conv3x3(a)) when save_b (kept for backward), else an empty tensor."""
-    return _forward(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b)
+                        b_expand: torch.Tensor | None, alpha: float, save_b: bool, a: torch.Tensor | None,
+                        w_squeeze_next: torch.Tensor | None,
+                        b_squeeze_next: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, b, a_next): b = ELU(conv3x3(a)) when save_b (kept for backward), else empty; a:
+    this block's squeeze when the previous block folded it (None or empty: computed here); a_next:
+    the next block's squeeze when w_squeeze_next is given and folds_next_squeeze holds, else empty.
+    a and a_next are forward-time values only: the backward recomputes a from z."""
+    return _forward(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b, a, w_squeeze_next,
+                    b_squeeze_next)
 
 
 @triton_op("fastdrn::residual_distill_backward", mutates_args={})
@@ -485,9 +562,9 @@ def residual_distill_group_op(buffer: torch.Tensor, weights: list[torch.Tensor],
 
 
 def _setup_context(ctx, inputs, output):
-    z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, _save_b = inputs
-    _out, b = output
-    ctx.mark_non_differentiable(b)
+    z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, _save_b, *_folded = inputs
+    _out, b, a_next = output
+    ctx.mark_non_differentiable(b, a_next)
     ctx.save_for_backward(z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand)
     ctx.alpha = alpha
     ctx.has_bias = (b_squeeze is not None, b_conv is not None, b_expand is not None)
@@ -501,11 +578,13 @@ def _input_grads(ctx, grad, backward):
     z, b, *weights = ctx.saved_tensors
     dz, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = backward(grad, z, b, *weights, ctx.alpha)
     has_sq, has_c, has_e = ctx.has_bias
+    # None for alpha, save_b and the folded squeeze's inputs (a, w_squeeze_next, b_squeeze_next):
+    # the next block's own backward gives its squeeze weights their gradients.
     return (dz, dw_sq, db_sq if has_sq else None, dw_c, db_c if has_c else None, dw_e, db_e if has_e else None,
-            None, None)
+            None, None, None, None, None)
 
 
-def _autograd_backward(ctx, grad, _grad_b):
+def _autograd_backward(ctx, grad, _grad_b, _grad_a_next):
     return _input_grads(ctx, grad, residual_distill_backward_op)
 
 
@@ -517,14 +596,17 @@ class _EagerResidualDistill(torch.autograd.Function):
     the same launchers, the same saved tensors, the same gradients."""
 
     @staticmethod
-    def forward(ctx, z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b):
+    def forward(ctx, z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b, a, w_squeeze_next,
+                b_squeeze_next):
+        inputs = (z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b, a, w_squeeze_next,
+                  b_squeeze_next)
         with direct_launches():
-            out, b = _forward(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b)
-        _setup_context(ctx, (z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b), (out, b))
-        return out
+            out, b, a_next = _forward(*inputs)
+        _setup_context(ctx, inputs, (out, b, a_next))
+        return out, a_next
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_a_next):
         with direct_launches():
             return _input_grads(ctx, grad, _backward)
 
@@ -536,15 +618,31 @@ def _check_inner(inner: int) -> None:
                          f"F <= {MAX_INNER}; got F = {inner} (use FASTDRN_BACKEND=torch for wider blocks)")
 
 
-def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha=0.2, recompute=False):
-    """The fused block (inputs checked by fastdrn.ops). recompute=True saves z alone for backward."""
-    _check_inner(w_squeeze.shape[0])
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand))
-    args = (z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, float(alpha), needs_grad and not recompute)
+def _block(z, block, alpha, recompute, a=None, next_squeeze=(None, None)):
+    """One block through the eager Function or the registered op; returns (out, the next block's a)."""
+    _check_inner(block[0].shape[0])
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, *block))
+    args = (z, *block, float(alpha), needs_grad and not recompute, a, *next_squeeze)
     if eager_fast_path():
         return _EagerResidualDistill.apply(*args)
-    return residual_distill_op(*args)[0]
+    out, _b, a_next = residual_distill_op(*args)
+    return out, a_next
+
+
+def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha=0.2, recompute=False):
+    """The fused block (inputs checked by fastdrn.ops). recompute=True saves z alone for backward."""
+    return _block(z, (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand), alpha, recompute)[0]
+
+
+def residual_distill_chain(z, blocks, alpha=0.2, recompute=False):
+    """A group's blocks one after another (inputs checked by fastdrn.ops), each block's 3x3 kernel
+    also computing the next block's squeeze (folds_next_squeeze): one launch a block forward after
+    the first. Gradients as for the blocks called one by one."""
+    a = None
+    for k, block in enumerate(blocks):
+        next_squeeze = tuple(blocks[k + 1][:2]) if k + 1 < len(blocks) else (None, None)
+        z, a = _block(z, block, alpha, recompute, a, next_squeeze)
+    return z
 
 
 def residual_distill_group_(buffer, blocks, alpha=0.2):
@@ -566,57 +664,76 @@ def residual_distill_group_(buffer, blocks, alpha=0.2):
 
 # ---- ahead-of-time compile check ------------------------------------------------------------------
 def aot_variants():
-    """conv3x3_fused_kernel as its launchers run it, at every BLOCK_F and config, for fp32, bf16 and
-    fp16: forward (b saved or not) and the input-gradient pass with the 1x1 fused where
-    fuses_second_gemm says so, else the 3x3 alone; and the 3x3 alone rebuilding b (recompute=True).
-    F is a compile-time constant, compiled here at F = BLOCK_F (DRN's widths, 16 to 256); another F
-    compiles its own variant at launch, with the same tiles and masks."""
+    """The 3x3 kernels as their launchers run them, at every BLOCK_F and config, for fp32, bf16 and
+    fp16: forward (b saved or not, with or without the next block's squeeze folded in) and the
+    input-gradient pass with the 1x1 fused where fuses_second_gemm says so, else the 3x3 alone; and
+    the 3x3 alone rebuilding b (recompute=True). Each with its rows aligned (ROW_ALIGN 8 in 16 bits,
+    4 in float32: the launcher checks every width, stride and offset) and, unfolded, unaligned
+    (ROW_ALIGN 1, integers not divisible by 16). F is a compile-time constant, compiled here at F =
+    BLOCK_F (DRN's widths, 16 to 256); another F compiles its own variant at launch, with the same
+    tiles and masks."""
     from .registry import AOT_DTYPES, expand, launch_configs
 
     kinds = {name: "ptr" for name in ("x_ptr", "wc_ptr", "bc_ptr", "aux_ptr", "mid_ptr", "w2_ptr", "b2_ptr",
-                                       "res_ptr", "out_ptr")}
-    kinds.update({name: "i32" for name in ("M", "H", "W", "N2", "NRES", "stride_w2n", "stride_w2f",
-                                            "stride_rm", "stride_om")})
+                                       "res_ptr", "out_ptr", "w3_ptr", "b3_ptr", "next_ptr")}
+    kinds.update({name: "i32" for name in ("M", "H", "W", "N2", "NRES", "stride_rm", "stride_om")})
     kinds.update(alpha_hi="fp32", alpha_lo="fp32")
     kinds.update({name: "constexpr" for name in ("F", "FLIP_TAPS", "EPI1", "HAS_BIAS1", "SAVE_MID", "HAS_SECOND", "HAS_BIAS2",
-                                                  "IS_FP64", "PRECISION", "BLOCK_M", "BLOCK_F", "BLOCK_K",
-                                                  "BLOCK_N")})
+                                                  "W2_TRANSPOSED", "HAS_NEXT", "HAS_BIAS3", "IS_FP64", "PRECISION",
+                                                  "ROW_ALIGN", "BLOCK_M", "BLOCK_F", "BLOCK_K", "BLOCK_N")})
+    no_next = dict(HAS_NEXT=False, HAS_BIAS3=False)
+    forward = dict(FLIP_TAPS=False, EPI1=EPI_ELU, HAS_BIAS1=True, HAS_SECOND=True, HAS_BIAS2=True, W2_TRANSPOSED=False)
     fused_passes = [
-        ("forward", dict(FLIP_TAPS=False, EPI1=EPI_ELU, HAS_BIAS1=True, SAVE_MID=False, HAS_SECOND=True, HAS_BIAS2=True,
-                         stride_w2f=1)),
-        ("forward save b", dict(FLIP_TAPS=False, EPI1=EPI_ELU, HAS_BIAS1=True, SAVE_MID=True, HAS_SECOND=True, HAS_BIAS2=True,
-                                stride_w2f=1)),
+        ("forward", dict(forward, SAVE_MID=False, **no_next)),
+        ("forward save b", dict(forward, SAVE_MID=True, **no_next)),
         ("input grad", dict(FLIP_TAPS=True, EPI1=EPI_TIMES_ELU_GRAD_OF_AUX, HAS_BIAS1=False, SAVE_MID=True, HAS_SECOND=True,
-                            HAS_BIAS2=False, stride_w2n=1)),
+                            HAS_BIAS2=False, W2_TRANSPOSED=True, **no_next)),
+    ]
+    # With the next block's squeeze folded in (folds_next_squeeze, aligned rows only).
+    folded_passes = [
+        ("forward + next squeeze", dict(forward, SAVE_MID=False, HAS_NEXT=True, HAS_BIAS3=True)),
+        ("forward save b + next squeeze", dict(forward, SAVE_MID=True, HAS_NEXT=True, HAS_BIAS3=True)),
     ]
     # The 3x3 alone: rebuilding b (recompute=True), and both passes where the 1x1 is not fused.
+    alone = dict(HAS_SECOND=False, HAS_BIAS2=False, W2_TRANSPOSED=False, ROW_ALIGN=1, **no_next)
     alone_passes = [
-        ("b alone", dict(FLIP_TAPS=False, EPI1=EPI_ELU, HAS_BIAS1=True, SAVE_MID=True, HAS_SECOND=False, HAS_BIAS2=False)),
-        ("input grad alone", dict(FLIP_TAPS=True, EPI1=EPI_TIMES_ELU_GRAD_OF_AUX, HAS_BIAS1=False, SAVE_MID=True, HAS_SECOND=False,
-                                  HAS_BIAS2=False)),
+        ("b alone", dict(alone, FLIP_TAPS=False, EPI1=EPI_ELU, HAS_BIAS1=True, SAVE_MID=True)),
+        ("input grad alone", dict(alone, FLIP_TAPS=True, EPI1=EPI_TIMES_ELU_GRAD_OF_AUX, HAS_BIAS1=False, SAVE_MID=True)),
     ]
+    ints = ("M", "H", "W", "N2", "NRES", "stride_rm", "stride_om")
+    # Allocated by the launchers (a, g_b, packed weights, mid, out or the group buffer, the next a),
+    # so 16-byte aligned; with ROW_ALIGN > 1 the launcher has also checked res, out and the weights.
+    own = ("x_ptr", "wc_ptr", "aux_ptr", "mid_ptr", "out_ptr", "next_ptr")
+    checked = own + ("res_ptr", "w2_ptr", "w3_ptr")
+
+    def compile_cases(kernel, kernel_kinds, block_f, dtype, fused, folded, configs):
+        unit = 4 if dtype == "fp32" else 8
+        label = lambda text, align: f"F{block_f} {text} align {align}"  # noqa: E731
+        common = {"F": block_f, "BLOCK_F": block_f, "IS_FP64": False}
+        aligned = [(label(text, unit), {**values, **common, "ROW_ALIGN": unit}) for text, values in fused + folded]
+        unaligned = [(label(text, 1), {**values, **common, "ROW_ALIGN": 1}) for text, values in fused]
+        alone_cases = [(f"F{block_f} {text}", {**values, **common}) for text, values in
+                       (alone_passes[:1] if fused else alone_passes)]
+        dtypes = (dtype,)
+        return (expand(kernel, kernel_kinds, aligned, launch_configs(configs), dtypes=dtypes, div16=ints, aligned=checked)
+                + expand(kernel, kernel_kinds, unaligned + alone_cases, launch_configs(configs), dtypes=dtypes,
+                         div16=ints, aligned=own, specializations=("plain",))
+                + expand(kernel, kernel_kinds, alone_cases, launch_configs(configs), dtypes=dtypes, div16=ints,
+                         aligned=own, specializations=("div16",)))
+
     variants = []
     for block_f in CONV3X3_CONFIGS:
         for dtype in AOT_DTYPES:
             torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-            passes = (fused_passes + alone_passes[:1]) if fuses_second_gemm(block_f, torch_dtype) else alone_passes
-            cases = [(f"F{block_f} {label}", {**values, "F": block_f, "BLOCK_F": block_f, "IS_FP64": False})
-                     for label, values in passes]
-            configs = conv3x3_configs(block_f, torch_dtype)
-            variants += expand(conv3x3_fused_kernel, kinds, cases, launch_configs(configs), dtypes=(dtype,),
-                               div16=("M", "H", "W", "N2", "NRES", "stride_w2n", "stride_w2f", "stride_rm",
-                                      "stride_om"),
-                               # Allocated by the launchers (a, g_b, packed weights, mid, out or the
-                               # group buffer); z, grad, the 1x1 weights and biases come from the caller.
-                               aligned=("x_ptr", "wc_ptr", "aux_ptr", "mid_ptr", "out_ptr"))
+            fused = fused_passes if fuses_second_gemm(block_f, torch_dtype) else []
+            folded = folded_passes if folds_next_squeeze(block_f, torch_dtype, block_f) else []
+            variants += compile_cases(conv3x3_fused_kernel, kinds, block_f, dtype, fused, folded,
+                                      conv3x3_configs(block_f, torch_dtype))
     # The resident-weight kernel: 16-bit only on a GPU (uses_resident_weights), every pass the
     # streamed kernel runs at these widths.
     resident_kinds = {name: kind for name, kind in kinds.items() if name != "BLOCK_K"}
     for block_f, configs in CONV3X3_RESIDENT_CONFIGS.items():
-        cases = [(f"F{block_f} {label}", {**values, "F": block_f, "BLOCK_F": block_f, "IS_FP64": False})
-                 for label, values in fused_passes + alone_passes[:1]]
-        variants += expand(conv3x3_resident_kernel, resident_kinds, cases, launch_configs(configs),
-                           dtypes=tuple(d for d in AOT_DTYPES if d != "fp32"),
-                           div16=("M", "H", "W", "N2", "NRES", "stride_w2n", "stride_w2f", "stride_rm", "stride_om"),
-                           aligned=("x_ptr", "wc_ptr", "aux_ptr", "mid_ptr", "out_ptr"))
+        for dtype in ("bf16", "fp16"):
+            variants += compile_cases(conv3x3_resident_kernel, resident_kinds, block_f, dtype, fused_passes,
+                                      folded_passes, configs)
     return variants

@@ -133,6 +133,45 @@ def test_float64_gradcheck(recompute):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
+# F = 16: each block's 3x3 kernel computes the next block's squeeze (folds_next_squeeze);
+# F = 256: too wide to fold, every block launches its own squeeze.
+@pytest.mark.parametrize("inner", [16, 256])
+@pytest.mark.parametrize("grad", [True, False])
+def test_group_folds_the_next_squeeze(inner, grad, monkeypatch, device):
+    """A group's chain (training path and in-place inference path): output and every gradient
+    against float64, with one squeeze launch for the group where the next squeeze folds."""
+    from fastdrn.kernels import residual_distill as module
+
+    squeezes = []
+    squeeze = module._squeeze
+    monkeypatch.setattr(module, "_squeeze", lambda *args: squeezes.append(1) or squeeze(*args))
+    dtype = dtypes_for(device)[0]  # float64 in the interpreter, float32 on a GPU
+    if not backend.use_triton("residual_distill", torch.device(device), dtype):
+        pytest.skip("the fused op does not run here")
+    fwd_tol, grad_tol = tolerance(device, dtype)
+    c, distill, n_blocks = 24, 4, 3
+    y = randn(2, c, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=grad)
+    blocks = [tuple(make_block(c + k * distill, inner, distill, dtype, device)) for k in range(n_blocks)]
+    if not grad:
+        blocks = [tuple(t.detach() for t in block) for block in blocks]
+    with torch.set_grad_enabled(grad):
+        out = ops.distill_group(y, blocks)
+    folds = module.folds_next_squeeze(inner, dtype, inner)
+    assert len(squeezes) == (1 if folds else n_blocks)
+    leaves = [y, *(t for block in blocks for t in block)]
+    ref_leaves = float64_leaves(*leaves)
+    ref = ref_leaves[0]
+    for k in range(n_blocks):
+        ref = reference.residual_distill(ref, *ref_leaves[1 + 6 * k:7 + 6 * k])
+    assert_close(out, ref, fwd_tol, f"{dtype} group forward")
+    if grad:
+        grad_out = randn(*out.shape, dtype=dtype, device=device)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
+        for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+            assert_close(g, rg, grad_tol, f"{dtype} group gradient {i}")
+
+
 # F = 16: the fused expand writes in place; F = 256: float32 runs the expand as its own 1x1
 # launch (fuses_second_gemm), which must write in place too.
 @pytest.mark.parametrize("inner,h,w", [(16, 5, 7), (256, 3, 2)])
