@@ -294,14 +294,14 @@ def _config(block_m, block_n, block_k, warps, stages):
 # at F = 256 does not fuse the second GEMM at all (see fuses_second_gemm).
 CONV3X3_CONFIGS = {
     16: [_config(64, 64, 16, 4, 3), _config(128, 64, 16, 8, 3)],
-    32: [_config(64, 64, 32, 4, 3), _config(128, 64, 32, 8, 3)],
+    32: [_config(64, 32, 32, 4, 3), _config(128, 64, 32, 8, 3)],
     64: [_config(64, 32, 32, 4, 3), _config(64, 64, 32, 8, 3), _config(128, 32, 32, 8, 3)],
     128: [_config(64, 64, 32, 8, 3), _config(64, 32, 32, 8, 3)],
     256: [_config(64, 16, 32, 8, 2), _config(64, 32, 32, 8, 2)],
 }
 CONV3X3_FP32_CONFIGS = {
     16: [_config(64, 64, 16, 8, 3)],
-    32: [_config(64, 64, 16, 8, 3)],
+    32: [_config(64, 32, 16, 8, 3)],
     64: [_config(64, 16, 16, 8, 3)],
     128: [_config(64, 16, 16, 8, 3)],
     256: [_config(64, 16, 16, 8, 2)],
@@ -333,12 +333,13 @@ MAX_INNER = max(CONV3X3_CONFIGS)
 # pipelining each of the nine loads would need nine sets of buffers (532 KB at 3 stages, AOT).
 CONV3X3_RESIDENT_MAX_F = 64
 CONV3X3_RESIDENT_PROGRAMS_PER_SM = 2
-# BLOCK_N (the second GEMM's column chunk) 16 at F = 64: at 32 the input-gradient pass spilled on
-# sm_80 (255 registers); at F = 16, 16 spilled a few bytes there (a ptxas choice of 80 registers).
+# BLOCK_N (the second GEMM's column chunk) 16 at F = 32 and 64: at 32 the input-gradient pass
+# spilled on sm_80 (255 registers at F = 64, a ptxas choice of 128 at F = 32); at F = 16, 16
+# spilled a few bytes there (a ptxas choice of 80 registers).
 CONV3X3_RESIDENT_CONFIGS = {
     block_f: [triton.Config({"BLOCK_M": 128, "BLOCK_N": block_n}, num_warps=8, num_stages=1),
               triton.Config({"BLOCK_M": 64, "BLOCK_N": block_n}, num_warps=4, num_stages=1)]
-    for block_f, block_n in ((16, 32), (32, 32), (64, 16))
+    for block_f, block_n in ((16, 32), (32, 16), (64, 16))
 }
 CONV3X3_RESIDENT_INTERPRETER_PROGRAMS = 3  # a few, so that programs loop over several tiles
 CONV3X3_RESIDENT_INTERPRETER = triton.Config(  # the streamed kernel's, without BLOCK_K
