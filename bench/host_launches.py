@@ -25,7 +25,6 @@ import contextlib
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch starts its thread pool: threads inflate small ops
 os.environ.pop("TRITON_INTERPRET", None)  # Triton's GPU launch path, not its interpreter
@@ -127,8 +126,6 @@ def install_fake_gpu() -> None:
 
     JITFunction.run = counted_run
     fastdrn.backend.triton_unavailable_reason = lambda device, dtype=None: None
-    # Launchers that size a grid by the GPU (the resident 3x3 kernel) see an H100's 132 SMs.
-    torch.cuda.get_device_properties = lambda device=None: SimpleNamespace(multi_processor_count=132)
 
 
 def best_of(fn, reps: int, inner: int) -> float:

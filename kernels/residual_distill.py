@@ -32,14 +32,12 @@ z alone with recompute=True.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from . import choices
 from ._common import (KERNELS_INTERPRETED, cdiv, check_int32, direct_launches, dot_precision, eager_fast_path, elu,
                       elu_grad_from_output, is_fp64, join_alpha, launch, next_pow2, rows, split_alpha)
 from .gemm import (EPILOGUE_ELU, EPILOGUE_LINEAR, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, conv1x1_pair, row_align,
@@ -129,107 +127,6 @@ def conv3x3_fused_kernel(
 
 
 @triton.jit
-def _conv3x3_tap_weight(wc_ptr, tap: tl.constexpr, rk, rf, kf_ok, F: tl.constexpr):
-    # [F_in, F_out] weight of one tap of the packed [9, F, F] 3x3 weight (masked to BLOCK_F).
-    return tl.load(wc_ptr + tap * F * F + rk[:, None] * F + rf[None, :], mask=kf_ok, other=0.0)
-
-
-@triton.jit
-def conv3x3_resident_kernel(
-    x_ptr,       # [M, F] input rows of the 3x3 (a forward, g_b backward), F contiguous channels per pixel
-    wc_ptr,      # [9, F, F] 3x3 weight packed tap-major as (tap, c_in, c_out) of this pass's product
-    bc_ptr,      # [F] 3x3 bias, read when HAS_BIAS1
-    aux_ptr,     # [M, F] saved ELU output whose derivative gates the result, read when EPI1 == 1
-    mid_ptr,     # [M, F] the 3x3 stage's result (b forward, g_a backward), written when SAVE_MID
-    w2_ptr,      # second (1x1) weight: element (n, f) at n * F + f, or f * N2 + n when W2_TRANSPOSED
-    b2_ptr,      # [N2] second bias, read when HAS_BIAS2
-    res_ptr,     # residual rows added to output columns < NRES, row stride stride_rm
-    out_ptr,     # [M, N2] output rows, row stride stride_om; may alias res_ptr (in-place group path)
-    w3_ptr,      # the next block's squeeze weight (F, N2): element (f, n) at f * N2 + n, read when HAS_NEXT
-    b3_ptr,      # [F] the next block's squeeze bias, read when HAS_NEXT and HAS_BIAS3
-    next_ptr,    # [M, F] the next block's a = ELU(out W3^T + b3), written when HAS_NEXT
-    M,           # pixel rows, N * H * W
-    H,           # image height
-    W,           # image width
-    N2,          # output channels of the second GEMM       } these four in units of ROW_ALIGN
-    NRES,        # output columns that get the residual (D)  } elements: N2 = 72 is passed as 9
-    stride_rm,   # elements between pixel rows of res        } with ROW_ALIGN = 8, and the kernel
-    stride_om,   # elements between pixel rows of out        } knows every row is 16-byte aligned
-    alpha_hi,    # ELU alpha, fp32 high half
-    alpha_lo,    # ELU alpha, fp32 low half (float64 runs only)
-    F: tl.constexpr,          # channels of the 3x3 (the block's inner width), at most 64
-    FLIP_TAPS: tl.constexpr,  # read tap 8 - t for tap t: the transposed 3x3 of the input gradient
-    EPI1: tl.constexpr,       # EPI_ELU or EPI_TIMES_ELU_GRAD_OF_AUX
-    HAS_BIAS1: tl.constexpr,
-    SAVE_MID: tl.constexpr,
-    HAS_SECOND: tl.constexpr,  # run the second GEMM and store out (False: only mid is wanted)
-    HAS_BIAS2: tl.constexpr,
-    W2_TRANSPOSED: tl.constexpr,  # the second weight is (F, N2) (the squeeze, in the input gradient)
-    HAS_NEXT: tl.constexpr,   # also compute the next block's squeeze from the output rows in registers
-    HAS_BIAS3: tl.constexpr,
-    IS_FP64: tl.constexpr,
-    PRECISION: tl.constexpr,  # tl.dot input_precision (see dot_precision)
-    ROW_ALIGN: tl.constexpr,  # N2, NRES and the row strides are multiples of this (gemm.row_align)
-    BLOCK_M: tl.constexpr,    # pixel rows per tile
-    BLOCK_F: tl.constexpr,    # F padded to a power of two: a tap's whole product is one dot
-    BLOCK_N: tl.constexpr,    # output columns per step of the second GEMM
-):
-    # conv3x3_fused_kernel with the 3x3 weights resident: each program loads the nine [F, F] taps
-    # once (Triton keeps these loop-invariant dot operands in shared memory, 73.7 KB at F = 64 in
-    # 16 bits) and then loops over row tiles (a persistent grid of a few programs per SM). The
-    # streamed kernel fetches all 9*F*F weights from L2 again for every tile. The taps are unrolled
-    # so that each has its own resident operand; the epilogue is the streamed kernel's.
-    rf = tl.arange(0, BLOCK_F)
-    f_ok = rf < F
-    kf_ok = f_ok[:, None] & f_ok[None, :]
-    w0 = _conv3x3_tap_weight(wc_ptr, 8 if FLIP_TAPS else 0, rf, rf, kf_ok, F)
-    w1 = _conv3x3_tap_weight(wc_ptr, 7 if FLIP_TAPS else 1, rf, rf, kf_ok, F)
-    w2 = _conv3x3_tap_weight(wc_ptr, 6 if FLIP_TAPS else 2, rf, rf, kf_ok, F)
-    w3 = _conv3x3_tap_weight(wc_ptr, 5 if FLIP_TAPS else 3, rf, rf, kf_ok, F)
-    w4 = _conv3x3_tap_weight(wc_ptr, 4, rf, rf, kf_ok, F)
-    w5 = _conv3x3_tap_weight(wc_ptr, 3 if FLIP_TAPS else 5, rf, rf, kf_ok, F)
-    w6 = _conv3x3_tap_weight(wc_ptr, 2 if FLIP_TAPS else 6, rf, rf, kf_ok, F)
-    w7 = _conv3x3_tap_weight(wc_ptr, 1 if FLIP_TAPS else 7, rf, rf, kf_ok, F)
-    w8 = _conv3x3_tap_weight(wc_ptr, 0 if FLIP_TAPS else 8, rf, rf, kf_ok, F)
-    alpha = join_alpha(alpha_hi, alpha_lo, IS_FP64)
-    acc_dtype = tl.float64 if IS_FP64 else tl.float32
-    for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
-        rm = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = rm < M
-        h = (rm // W) % H
-        w = rm % W
-        acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=acc_dtype)
-        for tap in tl.static_range(9):
-            hh = h + (tap // 3 - 1)
-            ww = w + (tap % 3 - 1)
-            src_ok = m_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)  # the zero padding
-            src = rm + (tap // 3 - 1) * W + (tap % 3 - 1)
-            x = tl.load(x_ptr + src[:, None] * F + rf[None, :], mask=src_ok[:, None] & f_ok[None, :], other=0.0)
-            if tap == 0:
-                acc = tl.dot(x, w0, acc, input_precision=PRECISION)
-            elif tap == 1:
-                acc = tl.dot(x, w1, acc, input_precision=PRECISION)
-            elif tap == 2:
-                acc = tl.dot(x, w2, acc, input_precision=PRECISION)
-            elif tap == 3:
-                acc = tl.dot(x, w3, acc, input_precision=PRECISION)
-            elif tap == 4:
-                acc = tl.dot(x, w4, acc, input_precision=PRECISION)
-            elif tap == 5:
-                acc = tl.dot(x, w5, acc, input_precision=PRECISION)
-            elif tap == 6:
-                acc = tl.dot(x, w6, acc, input_precision=PRECISION)
-            elif tap == 7:
-                acc = tl.dot(x, w7, acc, input_precision=PRECISION)
-            else:
-                acc = tl.dot(x, w8, acc, input_precision=PRECISION)
-        _conv3x3_epilogue(acc, rm, m_ok, rf, f_ok, bc_ptr, aux_ptr, mid_ptr, w2_ptr, b2_ptr, res_ptr, out_ptr, w3_ptr,
-                          b3_ptr, next_ptr, N2 * ROW_ALIGN, NRES * ROW_ALIGN, stride_rm * ROW_ALIGN,
-                          stride_om * ROW_ALIGN, alpha, F, EPI1, HAS_BIAS1, SAVE_MID, HAS_SECOND, HAS_BIAS2,
-                          W2_TRANSPOSED, HAS_NEXT, HAS_BIAS3, PRECISION, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
 def _conv3x3_epilogue(acc, rm, m_ok, rf, f_ok, bc_ptr, aux_ptr, mid_ptr, w2_ptr, b2_ptr, res_ptr, out_ptr, w3_ptr,
                       b3_ptr, next_ptr, N2, NRES, stride_rm, stride_om, alpha,
                       F: tl.constexpr, EPI1: tl.constexpr, HAS_BIAS1: tl.constexpr, SAVE_MID: tl.constexpr,
@@ -249,7 +146,7 @@ def _conv3x3_epilogue(acc, rm, m_ok, rf, f_ok, bc_ptr, aux_ptr, mid_ptr, w2_ptr,
         mid = elu(acc, alpha)
     else:
         aux = tl.load(aux_ptr + rm[:, None] * F + rf[None, :], mask=mf_ok, other=0.0)
-        mid = acc * elu_grad_from_output(aux.to(acc_dtype), alpha)
+        mid = acc * elu_grad_from_output(aux, alpha, acc_dtype)
     mid_store = mid.to(mid_ptr.dtype.element_ty)
     if SAVE_MID:
         tl.store(mid_ptr + rm[:, None] * F + rf[None, :], mid_store, mask=mf_ok)
@@ -327,44 +224,6 @@ conv3x3_tuned = {
 }
 MAX_INNER = max(CONV3X3_CONFIGS)
 
-# conv3x3_resident_kernel, 16-bit, F <= 64: the nine taps' weights take 9 * BLOCK_F**2 * 2 bytes of
-# shared memory (73.7 KB at 64) beside one [BLOCK_M, BLOCK_F] input tile, so two programs fit an
-# SM of an H100 or A100; the grid is that many per SM. No stages: the taps are unrolled, and
-# pipelining each of the nine loads would need nine sets of buffers (532 KB at 3 stages, AOT).
-CONV3X3_RESIDENT_MAX_F = 64
-CONV3X3_RESIDENT_PROGRAMS_PER_SM = 2
-# BLOCK_N (the second GEMM's column chunk) 16 at F = 32 and 64: at 32 the input-gradient pass
-# spilled on sm_80 (255 registers at F = 64, a ptxas choice of 128 at F = 32); at F = 16, 16
-# spilled a few bytes there (a ptxas choice of 80 registers).
-CONV3X3_RESIDENT_CONFIGS = {
-    block_f: [triton.Config({"BLOCK_M": 128, "BLOCK_N": block_n}, num_warps=8, num_stages=1),
-              triton.Config({"BLOCK_M": 64, "BLOCK_N": block_n}, num_warps=4, num_stages=1)]
-    for block_f, block_n in ((16, 32), (32, 16), (64, 16))
-}
-CONV3X3_RESIDENT_INTERPRETER_PROGRAMS = 3  # a few, so that programs loop over several tiles
-CONV3X3_RESIDENT_INTERPRETER = triton.Config(  # the streamed kernel's, without BLOCK_K
-    {"BLOCK_M": CONV3X3_INTERPRETER.kwargs["BLOCK_M"], "BLOCK_N": CONV3X3_INTERPRETER.kwargs["BLOCK_N"]},
-    num_warps=CONV3X3_INTERPRETER.num_warps, num_stages=CONV3X3_INTERPRETER.num_stages)
-conv3x3_resident_tuned = {
-    (block_f, inplace): triton.autotune(configs=configs, key=_TUNE_KEY,
-                                        restore_value=["out_ptr"] if inplace else None)(conv3x3_resident_kernel)
-    for block_f, configs in CONV3X3_RESIDENT_CONFIGS.items() for inplace in (False, True)
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def uses_resident_weights(block_f: int, dtype: torch.dtype) -> bool:
-    """Whether a 3x3 pass runs conv3x3_resident_kernel: chosen (kernels/choices.py), F <= 64, and
-    16-bit storage on a GPU (float32's 3xTF32 operands would not leave room for two programs an SM);
-    under the interpreter every dtype, so that the tests run it."""
-    return (choices.chosen("conv3x3") == "resident" and block_f <= CONV3X3_RESIDENT_MAX_F
-            and (dtype in (torch.bfloat16, torch.float16) or KERNELS_INTERPRETED))
-
-
 def fuses_second_gemm(block_f: int, dtype: torch.dtype) -> bool:
     """Whether the 1x1 after the 3x3 (expand forward, squeeze transpose backward) runs in the 3x3
     kernel's epilogue. Not for float32 at F = 256: the 3xTF32 dot splits the [BLOCK_M, 256] fp32
@@ -395,16 +254,9 @@ def _conv3x3(x, wc_packed, bc, alpha, *, epi1, flip_taps=False, aux=None, save_m
     a_next = torch.empty_like(x) if w3 is not None else None
     check_int32("residual_distill", m * max(inner, out_stride, res_stride), wc_packed.numel())
     alpha_hi, alpha_lo = split_alpha(alpha)
-    if uses_resident_weights(block_f, x.dtype):
-        kernel, tuned = conv3x3_resident_kernel, conv3x3_resident_tuned[(block_f, inplace)]
-        programs = (CONV3X3_RESIDENT_INTERPRETER_PROGRAMS if KERNELS_INTERPRETED
-                    else CONV3X3_RESIDENT_PROGRAMS_PER_SM * _sm_count(x.device.index or 0))
-        grid = lambda meta: (min(cdiv(m, meta["BLOCK_M"]), programs),)  # noqa: E731
-        interp = CONV3X3_RESIDENT_INTERPRETER
-    else:
-        kernel, tuned = conv3x3_fused_kernel, conv3x3_tuned[(block_f, x.dtype == torch.float32, inplace)]
-        grid = lambda meta: (cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-        interp = CONV3X3_INTERPRETER_BY_F[block_f]
+    kernel, tuned = conv3x3_fused_kernel, conv3x3_tuned[(block_f, x.dtype == torch.float32, inplace)]
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+    interp = CONV3X3_INTERPRETER_BY_F[block_f]
     launch(
         kernel, tuned, grid, interp,
         x_ptr=x, wc_ptr=wc_packed, bc_ptr=bc if bc is not None else wc_packed,
@@ -429,10 +281,20 @@ def _conv3x3(x, wc_packed, bc, alpha, *, epi1, flip_taps=False, aux=None, save_m
 FOLD_MAX_F = 64
 
 
+def folds_on_gpu(block_f: int, dtype: torch.dtype) -> bool:
+    """Whether a GPU folds the next squeeze at this width: 16-bit storage only. On an H100 (7be7242)
+    the float32 in-place group path with the fold faulted (illegal address) where every 16-bit
+    group checked matched; float32 is the precision path, not the fast one, so it keeps the
+    separate squeeze launch that earlier GPU runs verified."""
+    return block_f <= FOLD_MAX_F and dtype in (torch.bfloat16, torch.float16) and fuses_second_gemm(block_f, dtype)
+
+
 def folds_next_squeeze(inner: int, dtype: torch.dtype, next_inner: int | None) -> bool:
-    """Whether a block of inner width `inner` computes the next block's squeeze in its epilogue."""
+    """Whether a block of inner width `inner` computes the next block's squeeze in its epilogue:
+    folds_on_gpu, or any dtype under the interpreter (so that the tests run the fold in float64)."""
     block_f = next_pow2(inner)
-    return (next_inner == inner and block_f <= FOLD_MAX_F and fuses_second_gemm(block_f, dtype))
+    return next_inner == inner and (folds_on_gpu(block_f, dtype) or (KERNELS_INTERPRETED and block_f <= FOLD_MAX_F
+                                                                      and fuses_second_gemm(block_f, dtype)))
 
 
 def _pack_conv(w_conv, transpose=False):
@@ -727,14 +589,7 @@ def aot_variants():
         for dtype in AOT_DTYPES:
             torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
             fused = fused_passes if fuses_second_gemm(block_f, torch_dtype) else []
-            folded = folded_passes if folds_next_squeeze(block_f, torch_dtype, block_f) else []
+            folded = folded_passes if folds_on_gpu(block_f, torch_dtype) else []
             variants += compile_cases(conv3x3_fused_kernel, kinds, block_f, dtype, fused, folded,
                                       conv3x3_configs(block_f, torch_dtype))
-    # The resident-weight kernel: 16-bit only on a GPU (uses_resident_weights), every pass the
-    # streamed kernel runs at these widths.
-    resident_kinds = {name: kind for name, kind in kinds.items() if name != "BLOCK_K"}
-    for block_f, configs in CONV3X3_RESIDENT_CONFIGS.items():
-        for dtype in ("bf16", "fp16"):
-            variants += compile_cases(conv3x3_resident_kernel, resident_kinds, block_f, dtype, fused_passes,
-                                      folded_passes, configs)
     return variants

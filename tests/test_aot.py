@@ -82,9 +82,7 @@ def test_registry_is_complete_and_consistent():
     assert variants
     for name in {v.kernel_name for v in variants}:
         mine = [v for v in variants if v.kernel_name == name]
-        # Every storage dtype, except kernels a GPU launches for 16-bit storage alone.
-        sixteen_bit_only = {"conv3x3_resident_kernel"}  # residual_distill.uses_resident_weights
-        assert {v.dtype for v in mine} == ({"bf16", "fp16"} if name in sixteen_bit_only else {"fp32", "bf16", "fp16"}), name
+        assert {v.dtype for v in mine} == {"fp32", "bf16", "fp16"}, name  # every storage dtype
         if not all(v.config.endswith("[fixed]") for v in mine):  # fixed-config kernels ignore the pins
             assert {v.num_warps for v in mine} >= {4, 8}, f"{name}: FASTDRN_NUM_WARPS=4/8 configs missing"
         assert all(not v.constexprs.get("IS_FP64", False) for v in mine), f"{name}: no float64 on a GPU"

@@ -248,7 +248,7 @@ def kernel_variant(request):
 
 # (N, D, F, d, H, W): rows split over several partials and several tiles a program under the
 # interpreter (M > 32 rows), channel counts whose rows are 16-byte aligned (72 + 8) or not (29 + 3:
-# ROW_ALIGN 1), and F = 16 (the narrowest resident-weight width).
+# ROW_ALIGN 1), and F = 16 (the narrowest width).
 @pytest.mark.parametrize("case", [(2, 72, 64, 8, 9, 11), (1, 29, 16, 3, 7, 5)])
 def test_kernel_variants(case, kernel_variant, device):
     """Every kernel design still selectable (kernels/choices.py): a block's output and every
