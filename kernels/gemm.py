@@ -53,7 +53,7 @@ def _conv1x1_tile(
         acc = g.to(acc.dtype) * elu_grad_from_input(acc, alpha)
     elif EPILOGUE == 3:
         y = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0)
-        acc = acc * elu_grad_from_output(y.to(acc.dtype), alpha)
+        acc = acc * elu_grad_from_output(y, alpha, acc.dtype)
     elif HAS_RES:
         res_ok = m_ok[:, None] & (rn[None, :] < NRES)
         acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=res_ok, other=0.0).to(acc.dtype)
@@ -494,8 +494,11 @@ WEIGHT_GRAD_TILES_CONFIGS = {
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
     ],
-    (False, False): [  # 16-bit, unaligned
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    # 16-bit, unaligned. Its 8-warp config (64, 64, 32, 3 stages) gave dW_squeeze 5.6e-2 from
+    # float64 on an H100 at D + d = 139, F = 64, M = 13, where eager bf16 was at 7.5e-3 (the same
+    # value at two commits; 4 warps passed): a suspected 8-warp miscompile (docs/kernels.md), so
+    # only 4 warps run here.
+    (False, False): [
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
     ],
     (True, True): [  # float32 (3xTF32), aligned
