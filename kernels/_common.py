@@ -35,10 +35,15 @@ def elu(x, alpha):
 
 
 @triton.jit
-def elu_grad_from_output(y, alpha):
-    # y = ELU(x): dy/dx is 1 where y > 0 and alpha * exp(x) = y + alpha elsewhere; NaN where y is
-    # NaN (it takes the else branch), so a NaN pre-activation makes its gradient NaN.
-    return tl.where(y > 0, 1.0, y + alpha)
+def elu_grad_from_output(y_stored, alpha, acc_dtype: tl.constexpr):
+    # y = ELU(x) as stored: dy/dx is 1 where y > 0 and alpha * exp(x) = y + alpha elsewhere; NaN
+    # where y is NaN (it takes the else branch), so a NaN pre-activation makes its gradient NaN.
+    # Where y is -alpha as the storage dtype rounds it (x below about -6 in bf16, -inf too), the
+    # derivative is exactly 0, as the reference's alpha * exp(x) underflows there: y + alpha would
+    # be the rounding error of -alpha (-2e-4 in bf16, negative), and 0 * inf must stay NaN.
+    y = y_stored.to(acc_dtype)
+    saturated = (tl.zeros(y.shape, acc_dtype) - alpha).to(y_stored.dtype).to(acc_dtype)
+    return tl.where(y > 0, 1.0, tl.where(y <= saturated, 0.0, y + alpha))
 
 
 @triton.jit

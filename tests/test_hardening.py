@@ -258,6 +258,28 @@ def test_residual_distill_keeps_nan_and_inf(kind, recompute, device, nan_consist
             _assert_same_non_finite(g, rg, f"{kind} {dtype} grad of {name}", tol)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_a_saturated_elu_passes_no_gradient(recompute, device):
+    """Far below zero ELU's derivative alpha * exp(x) underflows to exactly 0, as in the reference,
+    so a squeeze channel whose pre-activation is about -1000 everywhere gets exactly zero weight and
+    bias gradients. The kernels read ELU' off the stored output, and -alpha rounded to 16 bits is not
+    -alpha (bf16 rounds below it, fp16 above): output + alpha alone would leave a gradient of 1e-4
+    of the upstream one there (in bf16 of the wrong sign), and turn 0 * inf into inf. 16-bit only:
+    float16 through the interpreter (which refuses bf16), both on a GPU."""
+    _needs_fused(device)
+    for dtype in ([torch.float16] if where(device) == "interpreter" else [torch.bfloat16, torch.float16]):
+        tensors = [randn(N, D, H, W, dtype=dtype, device=device)]
+        tensors += [randn(*shape, dtype=dtype, device=device, scale=0.5) for shape in BLOCK_SHAPES]
+        tensors[2][0] = -1000.0  # b_squeeze of channel 0: that channel of a is -alpha at every pixel
+        inputs = [t.requires_grad_() for t in tensors]
+        out = ops.residual_distill(*inputs, recompute=recompute)
+        grads = torch.autograd.grad(out, inputs, randn(*out.shape, dtype=dtype, device=device))
+        d_w_squeeze, d_b_squeeze = grads[1], grads[2]
+        assert d_w_squeeze[1:].abs().sum() > 0, "the other channels must pass gradient"
+        assert torch.all(d_w_squeeze[0] == 0), f"{dtype}: dW_squeeze of a saturated channel {d_w_squeeze[0].flatten()}"
+        assert d_b_squeeze[0] == 0, f"{dtype}: db_squeeze of a saturated channel is {d_b_squeeze[0].item()}"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_compress_skip_keeps_nan_and_inf(kind, device, nan_consistent_reference):
     _needs_fused(device)
