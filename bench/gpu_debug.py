@@ -21,8 +21,9 @@ CASES = {  # as tests/test_residual_distill.py CASES
     "case3": (2, 328, 64, 8, 3, 5, False),
     "case5": (2, 24, 16, 5, 6, 7, False),
     "big": (4, 64, 64, 8, 48, 48, True),
+    "variants0": (2, 72, 64, 8, 9, 11, True),  # tests/test_residual_distill.py test_kernel_variants
 }
-VARIANTS = ["", "conv3x3=streamed", "weight_grad=split64", "conv3x3=streamed,weight_grad=split64"]
+VARIANTS = ["", "weight_grad=split64"]
 
 
 def child(case_name: str, dtype_name: str, lean: bool) -> dict:
@@ -102,11 +103,12 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--jobs", type=int, default=14)
     parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--dtypes", default="bfloat16")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--lean-both", action="store_true", help="also without the lean launch path")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     runs = [(c, dt, v, lean) for c in args.cases.split(",") for dt in args.dtypes.split(",")
-            for v in VARIANTS for lean in (True, False)]
+            for v in VARIANTS for lean in ((True, False) if args.lean_both else (True,))]
 
     def run(spec):
         case, dtype, variant, lean = spec

@@ -29,3 +29,28 @@ def _seed_and_backend(monkeypatch, request):
     # hash(), which Python salts per process (PYTHONHASHSEED).
     torch.manual_seed(seed_of(request.node.nodeid))
     monkeypatch.delenv("FASTDRN_BACKEND", raising=False)
+
+
+# A CUDA fault (an illegal address, a kernel trap) is sticky: every later CUDA call of the process
+# fails, so one faulting kernel would turn the rest of a pytest-xdist worker's tests into errors
+# that hide what else passes or fails. After the faulting test's report has gone out, the worker
+# exits and xdist starts a fresh one for the remaining tests (it reports the exited worker's next
+# test, which did not run, as crashed).
+_STICKY_CUDA_ERRORS = ("illegal memory access", "misaligned address", "unspecified launch failure",
+                       "device-side assert", "illegal instruction")
+_cuda_context_lost = False
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    global _cuda_context_lost
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.excinfo is not None and any(text in str(call.excinfo.value)
+                                                          for text in _STICKY_CUDA_ERRORS):
+        _cuda_context_lost = True
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if _cuda_context_lost and os.environ.get("PYTEST_XDIST_WORKER"):
+        os._exit(3)
