@@ -9,6 +9,7 @@ cuDNN.
 from __future__ import annotations
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import backend, ops, reference
 
@@ -26,6 +27,32 @@ def _inverse(order: list[int]) -> list[int]:
     for position, dim in enumerate(order):
         inverse[dim] = position
     return inverse
+
+
+def _cast_all(dtype: torch.dtype, tensors: list) -> tuple:
+    """`tensors` cast to `dtype` with one cat and one cast: each tensor flattened in its
+    own memory order (a view, also for a channels_last weight) and its cast piece given the same
+    strides, so neither direction copies per tensor and a weight's layout is kept."""
+    orders = [None if t.is_contiguous() else _memory_order(t) for t in tensors]
+    flat = _flatten_dense_tensors([t if order is None else t.permute(order) for t, order in zip(tensors, orders)])
+    pieces = _unflatten_dense_tensors(flat.to(dtype), [t if order is None else t.permute(order)
+                                                     for t, order in zip(tensors, orders)])
+    return tuple(piece if order is None else piece.permute(_inverse(order)) for piece, order in zip(pieces, orders))
+
+
+class _CastWeights(torch.autograd.Function):
+    """The fused ops' weights cast to the autocast dtype, with autograd: forward one cat and one cast
+    for all of them; backward the same for their gradients, each back in its parameter's dtype and
+    layout. One autograd node, where casting through views would record two per tensor."""
+
+    @staticmethod
+    def forward(ctx, dtype, *tensors):
+        ctx.source_dtype = tensors[0].dtype  # all of one dtype (DRN._fused_weights casts mixed ones one by one)
+        return _cast_all(dtype, list(tensors))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *_cast_all(ctx.source_dtype, list(grads)))
 
 
 class DRN(reference.DRN):
@@ -74,33 +101,47 @@ class DRN(reference.DRN):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
+    def _weights(self) -> list:
+        """Every fused op's weight and bias in model order (per group: each block's squeeze, conv and
+        expand, then the compression). Read from the convs' parameter dicts: attribute access through
+        nn.Module costs about 0.4 us a tensor on the host, and DRN x4 has 336. A parametrized conv
+        (torch.nn.utils.parametrize) computes its weight on access, so it is asked for it."""
+        tensors = []
+        for group in self.groups._modules.values():
+            convs = [conv for block in group._modules["blocks"]._modules.values()
+                     for conv in (block._modules["squeeze"], block._modules["conv"], block._modules["expand"])]
+            convs.append(group._modules["compress"])
+            for conv in convs:
+                params = conv._parameters
+                tensors.append(params["weight"] if "weight" in params else conv.weight)
+                tensors.append(params["bias"] if "bias" in params else conv.bias)
+        return tensors
+
     def _fused_weights(self, dtype: torch.dtype) -> list:
         """Per group: ([a (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand) tuple per block],
         (w_compress, b_compress)), all in `dtype`.
 
-        Under autocast the weights are cast with one cat and one cast for the whole model, whose
-        backward is one cat and one cast too, instead of a cast per tensor each way: DRN has 330
-        such tensors, so that is 2 launches in place of 330 in the forward and again in the backward.
+        Under autocast the weights are cast by _CastWeights: one cat and one cast for the whole model,
+        forward and backward, instead of a cast per tensor each way (DRN x4 has 336 such tensors). They
+        are cast again at every call: a weight changed in place through .data keeps its version and
+        storage, so no cheap test could tell a kept cast from a stale one.
         """
-        convs = [conv for group in self.groups
-                 for conv in [*(c for blk in group.blocks for c in (blk.squeeze, blk.conv, blk.expand)), group.compress]]
-        tensors = [t for conv in convs for t in (conv.weight, conv.bias)]
+        tensors = self._weights()
         present = [t for t in tensors if t is not None]
         if any(t.dtype != dtype for t in present):
-            # Each tensor flattened in its own memory order (a view, also for a channels_last weight)
-            # and its cast piece given the same strides: gradients come back in the parameter's
-            # layout (weight_grads writes them so), and neither direction copies per tensor.
-            orders = [_memory_order(t) for t in present]
-            flat = torch.cat([t.reshape(-1) if order is None else t.permute(order).reshape(-1)
-                              for t, order in zip(present, orders)]).to(dtype)
-            pieces = flat.split([t.numel() for t in present])
-            cast = iter(piece.view(t.shape) if order is None
-                        else piece.view([t.shape[d] for d in order]).permute(_inverse(order))
-                        for piece, t, order in zip(pieces, present, orders))
+            if not torch.is_grad_enabled():
+                cast = iter(_cast_all(dtype, present))
+            elif any(t.dtype != present[0].dtype for t in present):  # mixed: autograd casts each back
+                cast = iter([t.to(dtype) for t in present])
+            else:
+                cast = iter(_CastWeights.apply(dtype, *present))
             tensors = [None if t is None else next(cast) for t in tensors]
-        it = iter(tensors)
-        return [([tuple(next(it) for _ in range(6)) for _ in group.blocks], (next(it), next(it)))
-                for group in self.groups]
+        groups, start = [], 0
+        for group in self.groups._modules.values():
+            end = start + 6 * len(group._modules["blocks"]._modules)
+            groups.append(([tuple(tensors[i:i + 6]) for i in range(start, end, 6)], (tensors[end], tensors[end + 1])))
+            start = end + 2
+        return groups
 
     def forward(self, x):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.n_colors:

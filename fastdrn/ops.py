@@ -9,12 +9,39 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from types import SimpleNamespace
 
 import torch
 
 from . import backend, reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Argument signatures that passed a check. The checks read nothing but each argument's type, shape,
+# dtype and device, so arguments with the signature of ones that passed pass too: the full checks
+# (about 8 us a block on the host, for 54 blocks and more a training step) run for a new signature,
+# and for every failing call, which therefore gets its clear error every time.
+_PASSED: set = set()
+_PASSED_LIMIT = 4096  # signatures hold no tensors; cleared when full
+
+
+def _checked(check, *args) -> None:
+    """check(*args), unless arguments of the same signature passed it before (eager only: traced
+    once, the checks cost nothing at run time, and a set mutated while tracing breaks its guards)."""
+    if torch.compiler.is_compiling():
+        check(*args)
+        return
+    try:
+        signature = (check, *[None if t is None else (type(t), t.shape, t.dtype, t.device) for t in args])
+    except AttributeError:  # not tensor-like: the full check names the problem
+        check(*args)
+        return
+    if signature in _PASSED:
+        return
+    check(*args)
+    if len(_PASSED) >= _PASSED_LIMIT:
+        _PASSED.clear()
+    _PASSED.add(signature)
 
 
 def _check_tensor(op: str, name: str, t, shape_hint: str, ndim: int) -> None:
@@ -130,25 +157,39 @@ def _dense_block(w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand) -> tu
     return (_dense(w_squeeze), _dense(b_squeeze), w_conv, _dense(b_conv), _dense(w_expand), _dense(b_expand))
 
 
+_kernels = None
+
+
+def _fused():
+    """fastdrn.kernels' fused ops, imported at the first call that runs them (importing fastdrn
+    imports no kernel); afterwards a global lookup, not an import statement, per call."""
+    global _kernels
+    if _kernels is None:
+        from .kernels import compress_skip as cs
+        from .kernels import residual_distill as rd
+
+        _kernels = SimpleNamespace(residual_distill=rd.residual_distill, compress_skip=cs.compress_skip,
+                                   residual_distill_chain=rd.residual_distill_chain,
+                                   residual_distill_group_=rd.residual_distill_group_)
+    return _kernels
+
+
 def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha=0.2, recompute=False):
     """One residual distilling block: (N, D, H, W) -> (N, D + d, H, W), d = w_expand.shape[0] - D."""
-    check_residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand)
+    _checked(check_residual_distill, z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand)
     alpha = check_alpha("residual_distill", alpha)
     if backend.use_triton("residual_distill", z.device, z.dtype):
-        from .kernels.residual_distill import residual_distill as fused
-
-        return fused(z, *_dense_block(w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand), alpha, recompute)
+        return _fused().residual_distill(z, *_dense_block(w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand),
+                                         alpha, recompute)
     return reference.residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha)
 
 
 def compress_skip(z, w, b, skip, alpha=0.2):
     """ELU(conv1x1(z, w, b)) + skip: a group's compression and its long skip connection."""
-    check_compress_skip(z, w, b, skip)
+    _checked(check_compress_skip, z, w, b, skip)
     alpha = check_alpha("compress_skip", alpha)
     if backend.use_triton("compress_skip", z.device, z.dtype):
-        from .kernels.compress_skip import compress_skip as fused
-
-        return fused(z, _dense(w), _dense(b), skip, alpha)
+        return _fused().compress_skip(z, _dense(w), _dense(b), skip, alpha)
     return reference.compress_skip(z, w, b, skip, alpha)
 
 
@@ -160,6 +201,10 @@ def distill_group(y, blocks, alpha=0.2, recompute=False):
     channels_last buffer of the final width (no concat copies); otherwise block by block.
     """
     alpha = check_alpha("distill_group", alpha)
+    for block in blocks:
+        if len(block) != 6:
+            raise ValueError("distill_group: each block is 6 tensors (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, "
+                             f"b_expand), got {len(block)}")
     tensors = [y, *(t for block in blocks for t in block)]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if not blocks or not backend.use_triton("residual_distill", y.device, y.dtype):
@@ -167,27 +212,24 @@ def distill_group(y, blocks, alpha=0.2, recompute=False):
         for block in blocks:
             z = residual_distill(z, *block, alpha=alpha, recompute=recompute)
         return z
+    _checked(_check_group, y, *tensors[1:])
     if needs_grad:  # block by block, each 3x3 kernel also computing the next block's squeeze
-        _check_activation("distill_group", "y", y)
-        width = y.shape[1]
-        for block in blocks:
-            _check_block_weights("distill_group", y, width, *block)
-            width = block[4].shape[0]
-        from .kernels.residual_distill import residual_distill_chain
-
-        return residual_distill_chain(y, [_dense_block(*block) for block in blocks], alpha, recompute)
-    _check_activation("distill_group", "y", y)
-    width = y.shape[1]
-    for block in blocks:
-        _check_block_weights("distill_group", y, width, *block)
-        width = block[4].shape[0]
+        return _fused().residual_distill_chain(y, [_dense_block(*block) for block in blocks], alpha, recompute)
     blocks = [_dense_block(*block) for block in blocks]
-    from .kernels.residual_distill import residual_distill_group_
-
     n, c, h, w = y.shape
+    width = blocks[-1][4].shape[0]
     buffer = torch.empty((n, width, h, w), device=y.device, dtype=y.dtype, memory_format=torch.channels_last)
     buffer[:, :c].copy_(y)
-    return residual_distill_group_(buffer, blocks, alpha)
+    return _fused().residual_distill_group_(buffer, blocks, alpha)
+
+
+def _check_group(y, *weights) -> None:
+    """distill_group's input and its blocks' weights (6 tensors a block, in order)."""
+    _check_activation("distill_group", "y", y)
+    width = y.shape[1]
+    for i in range(0, len(weights), 6):
+        _check_block_weights("distill_group", y, width, *weights[i:i + 6])
+        width = weights[i + 4].shape[0]
 
 
 def check_pixel_shuffle(x, upscale_factor):

@@ -3,4 +3,10 @@
 Each fused op has one file: its kernels, then the launcher (checks, allocation, grid), then the
 registered torch.library op and its autograd, then the public function. `registry` lists every
 kernel and the configurations it can launch with, for the ahead-of-time compile check.
+
+set_launch_options(num_warps=None, autotune=True) sets at run time what FASTDRN_NUM_WARPS and
+FASTDRN_AUTOTUNE set at the first launch (docs/launch-path.md).
 """
+from ._common import set_launch_options
+
+__all__ = ["set_launch_options"]

@@ -1,4 +1,5 @@
-"""Pieces every fused op shares: ELU in Triton, launch-config choice, layout and index checks."""
+"""Pieces every fused op shares: ELU in Triton, launch settings and config choice, the launch path
+(`launch`, lean once warm: docs/launch-path.md), layout and index checks."""
 from __future__ import annotations
 
 import functools
@@ -8,8 +9,14 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+from triton.runtime.driver import driver as triton_driver
+from triton.runtime.jit import JITFunction
 
-from fastdrn.backend import interpreting
+try:  # what the lean launch path reads of Triton (3.4 and later); without it every launch is Triton's
+    from triton import knobs
+    from triton._C.libtriton import native_specialize_impl
+except ImportError:  # pragma: no cover - older Triton
+    knobs = native_specialize_impl = None
 
 INT32_LIMIT = 2**31 - 1
 
@@ -66,9 +73,14 @@ def split_alpha(alpha: float) -> tuple[float, float]:
 
 
 try:  # private to torch, so optional: without it every call goes through the registered op
+    from torch._library.triton import is_wrap_triton_enabled as _wrap_triton_enabled
     from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
 except ImportError:  # pragma: no cover - older or newer torch
-    _set_wrap_triton_enabled = None
+    _set_wrap_triton_enabled = _wrap_triton_enabled = None
+
+# Whether Triton decorated fastdrn's kernels for its CPU interpreter (TRITON_INTERPRET=1 when they
+# were imported): fixed for the life of the process, whatever the environment says later.
+KERNELS_INTERPRETED = not isinstance(elu, JITFunction)
 
 
 def eager_fast_path() -> bool:
@@ -95,31 +107,208 @@ def pinned_config(configs: list, warps: int) -> triton.Config:
     return next((config for config in configs if config.num_warps == warps), configs[0])
 
 
+# ---- launch settings ------------------------------------------------------------------------
+class LaunchOptions:
+    """How GPU launches pick their config: `num_warps` pins pinned_config(configs, num_warps) (None:
+    no pin), `autotune` False runs the default (the first listed config) instead of autotuning."""
+
+    def __init__(self, num_warps: int | None, autotune: bool):
+        self.num_warps = num_warps
+        self.autotune = autotune
+
+    @classmethod
+    def from_environment(cls) -> "LaunchOptions":
+        warps = os.environ.get("FASTDRN_NUM_WARPS", "").strip()
+        if warps and (not warps.isdigit() or int(warps) not in (1, 2, 4, 8, 16, 32)):
+            raise ValueError(f"FASTDRN_NUM_WARPS={warps!r} is not a power of two from 1 to 32")
+        return cls(int(warps) if warps else None, os.environ.get("FASTDRN_AUTOTUNE", "1").strip() != "0")
+
+
+_options: LaunchOptions | None = None  # read from the environment at the first launch
+
+
+def launch_options() -> LaunchOptions:
+    """The launch settings in force: FASTDRN_NUM_WARPS and FASTDRN_AUTOTUNE as they were at the first
+    launch of the process, unless set_launch_options changed them since."""
+    global _options
+    if _options is None:
+        _options = LaunchOptions.from_environment()
+    return _options
+
+
+def set_launch_options(num_warps: int | None = None, autotune: bool = True) -> None:
+    """Set what FASTDRN_NUM_WARPS and FASTDRN_AUTOTUNE set (those are read once, at the first launch):
+    num_warps pins that many warps where a kernel lists a config with them, autotune=False runs each
+    kernel's default config. Takes effect at the next launch; forgets every launch remembered so far."""
+    global _options
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"num_warps={num_warps!r} is not a power of two from 1 to 32")
+    _options = LaunchOptions(num_warps, bool(autotune))
+    for lean in _lean_launchers.values():
+        lean.forget()
+
+
 def fixed_config(interpreter: triton.Config, configs: list) -> triton.Config | None:
     """The one config to launch with, or None to let the autotuner choose among `configs`.
 
     The interpreter always runs `interpreter`. On a GPU, FASTDRN_NUM_WARPS=n pins
     pinned_config(configs, n) (the test suite runs 4 and 8) and FASTDRN_AUTOTUNE=0 the default,
-    configs[0].
+    configs[0] (both read once: launch_options).
     """
-    if interpreting():
+    if KERNELS_INTERPRETED:
         return interpreter
-    warps = os.environ.get("FASTDRN_NUM_WARPS", "").strip()
-    if warps:
-        return pinned_config(configs, int(warps))
-    if os.environ.get("FASTDRN_AUTOTUNE", "1").strip() == "0":
+    options = launch_options()
+    if options.num_warps is not None:
+        return pinned_config(configs, options.num_warps)
+    if not options.autotune or len(configs) == 1:
         return configs[0]
     return None
 
 
+# ---- the lean launch path -------------------------------------------------------------------
+def _hooks_idle(runtime) -> bool:
+    """Whether no Triton launch hook would run (a profiler such as Proton installs them): Triton 3.9
+    keeps them in HookChain objects, which are idle when empty; older Triton keeps None or a hook."""
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return (enter is None or not getattr(enter, "calls", True)) and (leave is None or not getattr(leave, "calls", True))
+
+
+class LeanLauncher:
+    """A kernel's launches after the first, without Triton's per-call work.
+
+    Triton's JITFunction.run binds the arguments, specializes them, builds a cache key (with the
+    options as a string), reads its knobs and the driver, checks globals, evaluates the grid and
+    builds launch metadata before it calls the compiled kernel's launcher; the autotuner first
+    builds a dict of every argument. On the host that is 20-40 us a launch. Here, as Inductor does
+    with its compiled kernels, the first launch of each specialization goes through Triton as usual
+    and its compiled kernel and config are kept; later launches with the same key call that
+    kernel's launcher directly, from a function generated for the kernel's signature.
+
+    The key holds everything Triton specializes on, as JITFunction.run does: each pointer's dtype
+    and 16-byte alignment (what Triton's native specialization reads for a tensor), every other
+    runtime argument through Triton's own native_specialize_impl (integers equal to 1, divisible by
+    16, 32 or 64 bits; floats), the value of every constexpr argument, and the autotuner's key
+    arguments where it tunes; entries are per device. A key not seen yet goes through Triton.
+    """
+
+    def __init__(self, kernel, tuned, configs: list):
+        self.kernel = kernel
+        self.tuned = tuned
+        self.params = kernel.params
+        self.config_names = set(configs[0].kwargs)
+        self.tune_keys = [] if tuned is None else list(tuned.keys)
+        constexpr = {p.name for p in self.params if p.is_constexpr}
+        # Only plain signatures: keyword-bound arguments without defaults or type annotations, and
+        # configs whose meta-parameters are all constexpr and without hooks. Otherwise Triton runs.
+        self.supported = (
+            all(set(config.kwargs) == self.config_names and config.pre_hook is None for config in configs)
+            and self.config_names <= constexpr
+            and all(not p.has_default and (p.is_constexpr or not p.annotation) for p in self.params)
+            and (tuned is None or (not tuned.user_defined_pre_hook and not tuned.user_defined_post_hook
+                                   and tuned.early_config_prune is None and tuned.perf_model is None))
+        )
+        self.devices: dict = {}  # device -> (key function, launch function, entries)
+
+    def forget(self) -> None:
+        for _key, _launch, entries in self.devices.values():
+            entries.clear()
+
+    def _generate(self, device, args: dict):
+        """key(args) and launch(grid, driver, device, args) for this kernel on `device`, args being the
+        launch's keyword dict; pointer arguments are those the first call passed tensors to."""
+        names = [p.name for p in self.params if p.name not in self.config_names]
+        key_parts, values = [], []
+        for p in self.params:
+            name = p.name
+            if name in self.config_names:
+                values.append("None")  # a constexpr, which the launcher skips; the key holds the config
+                continue
+            values.append(name)
+            if p.is_constexpr:
+                key_parts.append(name)
+            elif isinstance(args[name], torch.Tensor):
+                key_parts.append(f"{name}.dtype")
+                if not p.do_not_specialize and not p.do_not_specialize_on_alignment:
+                    key_parts.append(f"{name}.data_ptr() & 15 == 0")
+            else:
+                key_parts.append(f"specialize(backend, {name}, {p.is_const}, {not p.do_not_specialize}, "
+                                 f"{not p.do_not_specialize_on_alignment})")
+        key_parts += [name for name in self.tune_keys if name not in self.config_names]
+        key = f"({', '.join(key_parts)},)"
+        # Arguments come as the launchers' keyword dict: looking 35 names up in it costs about half
+        # of binding them as keyword arguments.
+        unpack = "".join(f"        {name} = args[{name!r}]\n" for name in names)
+        source = (
+            f"def key(args):\n"
+            f"    try:\n{unpack}"
+            f"        return {key}\n"
+            f"    except (AttributeError, KeyError):  # a pointer that is not a tensor, or a missing argument\n"
+            f"        return None\n"
+            f"def launch(grid, driver, device, args):\n"
+            f"    try:\n{unpack}"
+            f"        entry = entries.get({key})\n"
+            f"    except (AttributeError, KeyError):  # a pointer that is not a tensor, or a missing argument\n"
+            f"        return False\n"
+            f"    if entry is None:\n"
+            f"        return False\n"
+            f"    run, function, metadata, meta = entry\n"
+            f"    grid = grid(meta)\n"
+            f"    run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,\n"
+            f"        driver.get_current_stream(device), function, metadata, None, None, None, {', '.join(values)})\n"
+            f"    return True\n")
+        namespace = {"specialize": native_specialize_impl, "backend": self.kernel.device_caches[device][3],
+                     "entries": {}}
+        exec(source, namespace)  # noqa: S102 - generated from the kernel's own signature
+        return namespace["key"], namespace["launch"], namespace["entries"]
+
+    def keep(self, compiled, config: triton.Config, args: dict) -> None:
+        """Remember what Triton's path just launched for these arguments."""
+        if not self.supported or not hasattr(compiled, "packed_metadata"):
+            return  # nothing compiled (a cache hook declined) or an asynchronous compile
+        device = triton_driver.active.get_current_device()
+        generated = self.devices.get(device)
+        if generated is None:
+            generated = self.devices[device] = self._generate(device, args)
+        key = generated[0](args)
+        if key is None:
+            return
+        run = compiled.run  # loads the module on the device (CompiledKernel._init_handles)
+        generated[2][key] = (run, compiled.function, compiled.packed_metadata, config.kwargs)
+
+
+_lean_launchers: dict[int, LeanLauncher] = {}
+
+
 def launch(kernel, tuned, grid, interpreter: triton.Config, **args) -> None:
-    """Launch `kernel` at a fixed config, or through its autotuner `tuned`, via wrap_triton."""
-    config = fixed_config(interpreter, tuned.configs)
+    """Launch `kernel` with keyword arguments `args`: at a fixed config, or through its autotuner
+    `tuned` (None: `interpreter` is the only config, on a GPU too).
+
+    grid(meta) gives the launch grid from the config's meta-parameters (meta["BLOCK_M"]...). In eager
+    code (wrap_triton disabled, real tensors) a kernel's launches after the first go through its
+    LeanLauncher; under tracing (torch.compile, export) through wrap_triton, as Triton's own calls.
+    """
+    lean = _lean_launchers.get(id(kernel if tuned is None else tuned))
+    if (lean is not None and not _wrap_triton_enabled() and not kernel.pre_run_hooks
+            and _hooks_idle(knobs.runtime)):
+        driver = triton_driver.active
+        device = driver.get_current_device()
+        generated = lean.devices.get(device)
+        if generated is not None and generated[1](grid, driver, device, args):
+            return
+    configs = [interpreter] if tuned is None else tuned.configs
+    config = fixed_config(interpreter, configs)
     if config is None:
-        wrap_triton(tuned)[grid](**args)
+        compiled = wrap_triton(tuned)[grid](**args)
+        config = tuned.best_config
     else:
-        wrap_triton(kernel)[grid](**args, **config.kwargs, num_warps=config.num_warps,
-                                  num_stages=config.num_stages)
+        compiled = wrap_triton(kernel)[grid](**args, **config.kwargs, num_warps=config.num_warps,
+                                             num_stages=config.num_stages)
+    if (KERNELS_INTERPRETED or _wrap_triton_enabled is None or native_specialize_impl is None
+            or _wrap_triton_enabled()):
+        return  # interpreted, traced, or a Triton too old for the lean path: nothing to keep
+    if lean is None:
+        lean = _lean_launchers[id(kernel if tuned is None else tuned)] = LeanLauncher(kernel, tuned, configs)
+    lean.keep(compiled, config, args)
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     #        (coalesced) and scattered into the weight's layout by the sum.
     # split64: the first design: 64 x 16 tiles, about 512 programs, partials in the weight's layout.
     "weight_grad": ("tiles", "split64"),
-    # resident: 16-bit passes at F <= 64 keep the nine 3x3 taps in shared memory and loop over row
-    #           tiles (conv3x3_resident_kernel); wider or float32 passes stream, as below.
     # streamed: every 64-row program fetches the whole 3x3 weight from L2 (conv3x3_fused_kernel).
-    "conv3x3": ("resident", "streamed"),
+    # resident: 16-bit passes at F <= 64 keep the nine 3x3 taps in shared memory and loop over row
+    #           tiles (conv3x3_resident_kernel); wider or float32 passes stream, as above.
+    "conv3x3": ("streamed", "resident"),
 }
 
 _chosen: dict[str, str] = {}

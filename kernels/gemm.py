@@ -12,12 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from torch.library import wrap_triton
-
-from fastdrn.backend import interpreting
-
 from . import choices
-from ._common import cdiv, check_int32, dot_precision, elu, elu_grad_from_input, elu_grad_from_output, grad_split, is_fp64, join_alpha, launch, split_alpha
+from ._common import (KERNELS_INTERPRETED, cdiv, check_int32, dot_precision, elu, elu_grad_from_input, elu_grad_from_output,
+                      grad_split, is_fp64, join_alpha, launch, split_alpha)
 
 EPILOGUE_LINEAR = 0   # out = acc + bias (+ res on columns < NRES)
 EPILOGUE_ELU = 1      # out = ELU(acc + bias) (+ res on columns < NRES)
@@ -464,6 +461,7 @@ CONV1X1_FP32_CONFIGS = [
 ]
 
 SUM_PARTIALS_BLOCK = 1024  # one fixed launch config, the same under the interpreter and on a GPU
+SUM_PARTIALS_CONFIG = triton.Config({"BLOCK": SUM_PARTIALS_BLOCK}, num_warps=4, num_stages=1)
 
 WEIGHT_GRAD_BLOCK_M_GPU = 64
 WEIGHT_GRAD_INTERPRETER = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
@@ -509,6 +507,7 @@ WEIGHT_GRAD_TILES_CONFIGS = {
     ],
 }
 SUM_PARTIALS_SCATTER_BLOCK = 256  # entries per program: ~180 programs for a DRN block (45 at 1024)
+SUM_PARTIALS_SCATTER_CONFIG = triton.Config({"BLOCK": SUM_PARTIALS_SCATTER_BLOCK}, num_warps=4, num_stages=1)
 
 
 def conv1x1_configs(dtype: torch.dtype) -> list:
@@ -635,7 +634,7 @@ def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g0 = problems[0][0]
     n_img, _, height, width = g0.shape
     m = n_img * height * width
-    block_m = WEIGHT_GRAD_INTERPRETER.kwargs["BLOCK_M"] if interpreting() else WEIGHT_GRAD_BLOCK_M_GPU
+    block_m = WEIGHT_GRAD_INTERPRETER.kwargs["BLOCK_M"] if KERNELS_INTERPRETED else WEIGHT_GRAD_BLOCK_M_GPU
     # One split count for every problem, from all their tiles (at the 64 x 64 tile of the default).
     tiles = sum(cdiv(n, 64) * cdiv(k, 64) * taps for _g, _gs, _x, _xs, n, k, taps, _w in problems)
     rows_per_split = grad_split(m, block_m, tiles)
@@ -674,10 +673,9 @@ def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
     pointers = [t for pair in outs for t in pair]
     pointers += [pointers[-1]] * (6 - len(pointers))  # unused outputs: their ranges are empty
     ends += [length] * (6 - len(ends))
-    wrap_triton(sum_partials_kernel)[(cdiv(length, SUM_PARTIALS_BLOCK),)](
-        part_ptr=partials, **dict(zip(("dw0_ptr", "db0_ptr", "dw1_ptr", "db1_ptr", "dw2_ptr", "db2_ptr"), pointers)),
-        S=splits, L=length, **dict(zip(("E0", "E1", "E2", "E3", "E4"), ends)), BLOCK=SUM_PARTIALS_BLOCK,
-        num_warps=4, num_stages=1)
+    launch(sum_partials_kernel, None, lambda meta: (cdiv(length, meta["BLOCK"]),), SUM_PARTIALS_CONFIG,
+           part_ptr=partials, **dict(zip(("dw0_ptr", "db0_ptr", "dw1_ptr", "db1_ptr", "dw2_ptr", "db2_ptr"), pointers)),
+           S=splits, L=length, **dict(zip(("E0", "E1", "E2", "E3", "E4"), ends)))
     return outs
 
 
@@ -686,7 +684,7 @@ def _weight_grads_tiles(problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g0 = problems[0][0]
     n_img, _, height, width = g0.shape
     m = n_img * height * width
-    quantum = WEIGHT_GRAD_INTERPRETER.kwargs["BLOCK_M"] if interpreting() else WEIGHT_GRAD_TILES_SPLIT_ROWS
+    quantum = WEIGHT_GRAD_INTERPRETER.kwargs["BLOCK_M"] if KERNELS_INTERPRETED else WEIGHT_GRAD_TILES_SPLIT_ROWS
     tiles = sum(cdiv(n, 64) * (cdiv(k, 64) * taps + 1) for _g, _gs, _x, _xs, n, k, taps, _w in problems)
     chunks = cdiv(m, quantum)
     splits = max(1, min(chunks, cdiv(WEIGHT_GRAD_TILES_PROGRAMS, tiles)))
@@ -731,9 +729,8 @@ def _weight_grads_tiles(problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
            WEIGHT_GRAD_INTERPRETER, part_ptr=partials, **args, M=m, H=height, W=width, rows_per_split=rows_per_split,
            row_len=length, PROBLEMS=len(problems), IS_FP64=is_fp64(g0), PRECISION=dot_precision(g0.dtype),
            ROW_ALIGN=align)
-    wrap_triton(sum_partials_scatter_kernel)[(cdiv(length, SUM_PARTIALS_SCATTER_BLOCK),)](
-        part_ptr=partials, S=splits, L=length, **sum_args, PROBLEMS=len(problems), BLOCK=SUM_PARTIALS_SCATTER_BLOCK,
-        num_warps=4, num_stages=1)
+    launch(sum_partials_scatter_kernel, None, lambda meta: (cdiv(length, meta["BLOCK"]),), SUM_PARTIALS_SCATTER_CONFIG,
+           part_ptr=partials, S=splits, L=length, **sum_args, PROBLEMS=len(problems))
     return outs
 
 

@@ -39,12 +39,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from fastdrn.backend import interpreting
-
 from . import choices
-
-from ._common import (cdiv, check_int32, direct_launches, dot_precision, eager_fast_path, elu, elu_grad_from_output, is_fp64,
-                      join_alpha, launch, next_pow2, rows, split_alpha)
+from ._common import (KERNELS_INTERPRETED, cdiv, check_int32, direct_launches, dot_precision, eager_fast_path, elu,
+                      elu_grad_from_output, is_fp64, join_alpha, launch, next_pow2, rows, split_alpha)
 from .gemm import (EPILOGUE_ELU, EPILOGUE_LINEAR, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, conv1x1_pair, row_align,
                    weight_grads)
 
@@ -297,19 +294,21 @@ def _config(block_m, block_n, block_k, warps, stages):
 # at F = 256 does not fuse the second GEMM at all (see fuses_second_gemm).
 CONV3X3_CONFIGS = {
     16: [_config(64, 64, 16, 4, 3), _config(128, 64, 16, 8, 3)],
-    32: [_config(64, 64, 32, 4, 3), _config(128, 64, 32, 8, 3)],
+    32: [_config(64, 32, 32, 4, 3), _config(128, 64, 32, 8, 3)],
     64: [_config(64, 32, 32, 4, 3), _config(64, 64, 32, 8, 3), _config(128, 32, 32, 8, 3)],
     128: [_config(64, 64, 32, 8, 3), _config(64, 32, 32, 8, 3)],
     256: [_config(64, 16, 32, 8, 2), _config(64, 32, 32, 8, 2)],
 }
 CONV3X3_FP32_CONFIGS = {
     16: [_config(64, 64, 16, 8, 3)],
-    32: [_config(64, 64, 16, 8, 3)],
+    32: [_config(64, 32, 16, 8, 3)],
     64: [_config(64, 16, 16, 8, 3)],
     128: [_config(64, 16, 16, 8, 3)],
     256: [_config(64, 16, 16, 8, 2)],
 }
 CONV3X3_INTERPRETER = _config(32, 32, 32, 4, 1)
+# Per BLOCK_F, with BLOCK_K no wider than BLOCK_F (built once: a Config per launch costs host time).
+CONV3X3_INTERPRETER_BY_F = {block_f: _config(32, 32, min(block_f, 32), 4, 1) for block_f in CONV3X3_CONFIGS}
 
 
 def conv3x3_configs(block_f: int, dtype: torch.dtype) -> list:
@@ -334,14 +333,18 @@ MAX_INNER = max(CONV3X3_CONFIGS)
 # pipelining each of the nine loads would need nine sets of buffers (532 KB at 3 stages, AOT).
 CONV3X3_RESIDENT_MAX_F = 64
 CONV3X3_RESIDENT_PROGRAMS_PER_SM = 2
-# BLOCK_N (the second GEMM's column chunk) 16 at F = 64: at 32 the input-gradient pass spilled on
-# sm_80 (255 registers); at F = 16, 16 spilled a few bytes there (a ptxas choice of 80 registers).
+# BLOCK_N (the second GEMM's column chunk) 16 at F = 32 and 64: at 32 the input-gradient pass
+# spilled on sm_80 (255 registers at F = 64, a ptxas choice of 128 at F = 32); at F = 16, 16
+# spilled a few bytes there (a ptxas choice of 80 registers).
 CONV3X3_RESIDENT_CONFIGS = {
     block_f: [triton.Config({"BLOCK_M": 128, "BLOCK_N": block_n}, num_warps=8, num_stages=1),
               triton.Config({"BLOCK_M": 64, "BLOCK_N": block_n}, num_warps=4, num_stages=1)]
-    for block_f, block_n in ((16, 32), (32, 32), (64, 16))
+    for block_f, block_n in ((16, 32), (32, 16), (64, 16))
 }
 CONV3X3_RESIDENT_INTERPRETER_PROGRAMS = 3  # a few, so that programs loop over several tiles
+CONV3X3_RESIDENT_INTERPRETER = triton.Config(  # the streamed kernel's, without BLOCK_K
+    {"BLOCK_M": CONV3X3_INTERPRETER.kwargs["BLOCK_M"], "BLOCK_N": CONV3X3_INTERPRETER.kwargs["BLOCK_N"]},
+    num_warps=CONV3X3_INTERPRETER.num_warps, num_stages=CONV3X3_INTERPRETER.num_stages)
 conv3x3_resident_tuned = {
     (block_f, inplace): triton.autotune(configs=configs, key=_TUNE_KEY,
                                         restore_value=["out_ptr"] if inplace else None)(conv3x3_resident_kernel)
@@ -359,7 +362,7 @@ def uses_resident_weights(block_f: int, dtype: torch.dtype) -> bool:
     16-bit storage on a GPU (float32's 3xTF32 operands would not leave room for two programs an SM);
     under the interpreter every dtype, so that the tests run it."""
     return (choices.chosen("conv3x3") == "resident" and block_f <= CONV3X3_RESIDENT_MAX_F
-            and (dtype in (torch.bfloat16, torch.float16) or interpreting()))
+            and (dtype in (torch.bfloat16, torch.float16) or KERNELS_INTERPRETED))
 
 
 def fuses_second_gemm(block_f: int, dtype: torch.dtype) -> bool:
@@ -391,20 +394,17 @@ def _conv3x3(x, wc_packed, bc, alpha, *, epi1, flip_taps=False, aux=None, save_m
         w3 = b3 = None
     a_next = torch.empty_like(x) if w3 is not None else None
     check_int32("residual_distill", m * max(inner, out_stride, res_stride), wc_packed.numel())
-    interp = CONV3X3_INTERPRETER
-    interp = triton.Config({**interp.kwargs, "BLOCK_K": min(block_f, interp.kwargs["BLOCK_K"])},
-                           num_warps=interp.num_warps, num_stages=interp.num_stages)
     alpha_hi, alpha_lo = split_alpha(alpha)
     if uses_resident_weights(block_f, x.dtype):
         kernel, tuned = conv3x3_resident_kernel, conv3x3_resident_tuned[(block_f, inplace)]
-        programs = (CONV3X3_RESIDENT_INTERPRETER_PROGRAMS if interpreting()
+        programs = (CONV3X3_RESIDENT_INTERPRETER_PROGRAMS if KERNELS_INTERPRETED
                     else CONV3X3_RESIDENT_PROGRAMS_PER_SM * _sm_count(x.device.index or 0))
         grid = lambda meta: (min(cdiv(m, meta["BLOCK_M"]), programs),)  # noqa: E731
-        interp = triton.Config({"BLOCK_M": interp.kwargs["BLOCK_M"], "BLOCK_N": interp.kwargs["BLOCK_N"]},
-                               num_warps=interp.num_warps, num_stages=interp.num_stages)
+        interp = CONV3X3_RESIDENT_INTERPRETER
     else:
         kernel, tuned = conv3x3_fused_kernel, conv3x3_tuned[(block_f, x.dtype == torch.float32, inplace)]
         grid = lambda meta: (cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+        interp = CONV3X3_INTERPRETER_BY_F[block_f]
     launch(
         kernel, tuned, grid, interp,
         x_ptr=x, wc_ptr=wc_packed, bc_ptr=bc if bc is not None else wc_packed,

@@ -173,15 +173,26 @@ def test_goals_are_reported_not_asserted(bench_modules):
 
 
 def test_host_launches_counts_a_training_step():
-    """bench/host_launches.py (host cost of a step without a GPU) runs and counts launches."""
+    """bench/host_launches.py (host cost without a GPU, through Triton's own launch path) runs, times
+    launches and both models, and counts launches; once warm, no launch goes through Triton's run."""
+    env = {k: v for k, v in _env().items() if k not in ("TRITON_INTERPRET", "FASTDRN_NUM_WARPS", "FASTDRN_AUTOTUNE")}
+    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])  # this checkout's fastdrn
     out = subprocess.run([sys.executable, os.path.join(BENCH, "host_launches.py"), "--scale", "2", "--small",
-                          "--reps", "1"], capture_output=True, text=True, timeout=300, check=False)
+                          "--reps", "2"], capture_output=True, text=True, timeout=300, check=False, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    # The small DRN: 6 blocks of 6 Triton launches (2 forward, 4 backward) and 2 compressions of 5
-    # (1 forward; backward: gradient through the ELU, dz, the weight gradient and its sum).
-    line = next(ln for ln in reversed(out.stdout.strip().splitlines()) if "launches per step" in ln)
-    triton_launches = int(line.split("(")[-1].split(" Triton")[0])
-    assert triton_launches == 6 * 6 + 2 * 5, line
+    lines = out.stdout.strip().splitlines()
+    for what in ("Triton's JITFunction.run", "fastdrn launch (lean path", "block's forward", "aten add"):
+        line = next(ln for ln in lines if what in ln)
+        assert float(line.split()[-2]) > 0, line
+    for what in ("training step", "inference"):
+        line = next(ln for ln in lines if ln.startswith(what))
+        assert float(line.split("ratio ")[1].rstrip("x")) > 0, line
+    # Every launch() call of a warm step launched its kernel exactly once, none through Triton's run.
+    line = next(ln for ln in lines if "launches per training step" in ln)
+    triton_launches = int(line.split("(")[1].split(" Triton")[0])
+    launch_calls = int(line.split("launch() calls ")[1].split(";")[0])
+    assert triton_launches == launch_calls > 6 * 3, line  # at least 3 a block: 6 blocks in the small DRN
+    assert line.endswith("through Triton's own run once warm: 0"), line
 
 
 def test_graph_rows_are_compared_with_the_strongest_baselines(bench_modules):

@@ -211,6 +211,42 @@ def test_autocast_casts_the_fused_weights_once(device):
     assert counter.casts - before <= 10, counter.casts - before
 
 
+def test_inference_under_autocast_follows_weight_changes(device):
+    """The fused weights are cast under autocast by one cat and cast: every way a weight changes
+    between inference calls (in place through .data, a new .data, load_state_dict, a new Parameter)
+    shows in the next output, as a model that never ran gives it."""
+    dtype = torch.float16 if where(device) == "interpreter" else torch.bfloat16
+    _, fast = pair(dict(scale=2, **SMALL), device)
+    x = image(1, 5, 4, device)
+
+    def infer(model):
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+            return model(x)
+
+    def fresh_output():  # a model that has cast nothing yet, with fast's current weights
+        _, other = pair(dict(scale=2, **SMALL), device)
+        other.load_state_dict(fast.state_dict())
+        return infer(other)
+
+    first = infer(fast)
+    assert torch.equal(infer(fast), first)
+    block = fast.groups[0].blocks[1]
+    changes = [
+        lambda: block.conv.weight.data.mul_(0.5),
+        lambda: setattr(block.squeeze.weight, "data", block.squeeze.weight.data * 2.0),
+        lambda: fast.load_state_dict({**fast.state_dict(), "groups.1.compress.bias": torch.randn(16, device=device)}),
+        lambda: setattr(block.expand, "weight", torch.nn.Parameter(block.expand.weight.detach() * 0.5)),
+    ]
+    before = first
+    for change in changes:
+        with torch.no_grad():
+            change()
+        out = infer(fast)
+        assert not torch.equal(out, before)
+        assert torch.equal(out, fresh_output())
+        before = out
+
+
 def test_channels_last_parameters_under_autocast(device):
     """model.to(memory_format=torch.channels_last), the usual advice for convolutions under AMP: the
     output is unchanged, and forward plus backward copy no tensor more than with contiguous
