@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="basicsr: {'params', 'params_ema' with EMA} for BasicSR's load_network; plain: a bare "
                          "state_dict (EMA weights when present); safetensors: those tensors with the config "
                          "(default: safetensors for a .safetensors output, else basicsr)")
+    ex.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                    help="the type the weights are stored in (fp16: half the size; they load as float32)")
 
     tr = sub.add_parser("train", help="train a DRN with the paper's recipe",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -148,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(auto: memory below 4 GiB)")
     tr.add_argument("--cache-dir", default=None, help="for --cache disk (default OUT/cache)")
     tr.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' (OUT/last.pt)")
+    tr.add_argument("--init", default=None, metavar="WEIGHTS",
+                    help="start from these weights (a checkpoint or a shipped name) of the same architecture, "
+                         "the scale aside: all but the upsampling convolution are copied, e.g. x2 from an x4 "
+                         "model's body (ignored when resuming)")
     tr.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: an epoch)")
     tr.add_argument("--val-hr-dir", default=None, help="validation HR images")
     tr.add_argument("--val-lr-dir", default=None)
@@ -201,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if res["failed"] or not res["images"] else 0
         if args.command == "export":
             from .tools.checkpoint import export
-            export(args.weights, args.output, fmt=args.format, key=args.key, log=log)
+            export(args.weights, args.output, fmt=args.format, key=args.key, log=log, dtype=args.dtype)
             return 0
         if args.command == "train":
             from .tools.train import TrainConfig, train

@@ -2,11 +2,12 @@
 
     python -m fastdrn.demo [IMAGE] [--scale 2] [--out upscaled.png] [--weights CKPT]
 
-Without IMAGE a built-in test pattern is used. Without --weights the network's weights are RANDOM:
-the output shows that the kernels run (which backend, how long) and agree with the plain PyTorch
-reference on the same weights, not what a trained model looks like. --weights takes anything
-fastdrn.load reads (a checkpoint from `fastdrn train`, a state_dict, BasicSR's .pth, safetensors, a
-shipped name), and the model is built with the architecture the checkpoint holds.
+Without IMAGE a built-in test pattern is used. Without --weights the network's weights are RANDOM
+(the paper-size DRN): the output shows that the kernels run (which backend, how long) and agree with
+the plain PyTorch reference on the same weights, not what a trained model looks like. --weights
+takes anything fastdrn.load reads (a checkpoint from `fastdrn train`, a state_dict, BasicSR's .pth,
+safetensors, a shipped name such as drn-x2), and the model is built with the architecture the
+checkpoint holds.
 """
 from __future__ import annotations
 
@@ -79,8 +80,8 @@ def main(argv=None) -> int:
     else:
         torch.manual_seed(0)
         model = fastdrn.drn(args.scale or 2).to(args.device).eval()
-        source = ("RANDOM weights (no --weights given): the output shows the kernels at work, "
-                  "not what a trained DRN gives")
+        source = ("RANDOM weights (no --weights given; --weights drn-x2 takes the shipped ones): the output "
+                  "shows the kernels at work, not what a trained DRN gives")
     config = {**infer_config(model.state_dict()), "alpha": model.alpha, "rgb_range": model.rgb_range}
     ref = reference.DRN(**config).to(args.device).eval()
     ref.load_state_dict(model.state_dict(), strict=True)

@@ -2,8 +2,15 @@
 
 A name resolves to a file in the package's ``weights/`` folder, ``NAME.safetensors`` or ``NAME.pt``
 (a torch zip file that loads with ``weights_only=True``, so no optional package is needed): adding
-such a file is all it takes to ship a model. No weights ship with this version yet; a name whose
-file is absent is refused with a message that says so. docs/architecture.md describes the formats.
+such a file is all it takes to ship a model. The architecture is whatever the file holds, read from
+its tensor shapes as for any checkpoint; only the scale is promised by the name. A name whose file
+is absent is refused with a message that says so.
+
+Shipped today: ``drn-x2``, ``drn-x3`` and ``drn-x4``, smaller DRNs (n_feats 32, 2 groups of 4
+blocks, inner 32, distill 8) trained on a CPU on scikit-image's photographs, stored in float16.
+They are to be replaced by the paper-size DRN trained on a GPU under the same names: a name always
+means the best weights shipped for its scale. docs/weights.md is their model card (data, recipe,
+commands, PSNR/SSIM); docs/architecture.md describes the formats.
 """
 from __future__ import annotations
 
@@ -15,10 +22,8 @@ __all__ = ["NAMES", "WEIGHTS_DIR", "WEIGHT_SUFFIXES", "expected_config", "resolv
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 WEIGHT_SUFFIXES = (".safetensors", ".pt")   # looked for in this order
 
-# Every name fastdrn may ship, with the architecture its file must hold (checked on load).
-NAMES = {f"drn-x{s}": {"scale": s, "n_feats": 64, "n_groups": 6, "n_blocks": 9, "inner": 64, "distill": 8}
-         for s in (2, 3, 4)}
-NAMES.update({f"drn-plus-x{s}": {**NAMES[f"drn-x{s}"], "inner": 256} for s in (2, 3, 4)})
+# Every name fastdrn may ship, with what the name promises of its file's model (checked on load).
+NAMES = {f"drn{kind}-x{s}": {"scale": s} for kind in ("", "-plus") for s in (2, 3, 4)}
 
 
 def _is_name(text: str) -> bool:
@@ -26,7 +31,7 @@ def _is_name(text: str) -> bool:
 
 
 def expected_config(name_or_path: str) -> dict:
-    """The architecture a shipped name promises ({} for a path, an existing file included)."""
+    """What a shipped name promises of its model, its scale ({} for a path, an existing file included)."""
     text = os.fspath(name_or_path)
     return {} if os.path.exists(text) else dict(NAMES.get(text, {}))
 

@@ -136,18 +136,24 @@ def test_load_safetensors_with_config_and_without_the_package(tmp_path, monkeypa
 # ------------------------------------------------------------------------------------ shipped names
 
 def test_shipped_names_resolve_to_files_in_the_weights_folder(tmp_path, monkeypatch, capsys):
-    with pytest.raises(CheckpointError, match=r"'drn-x4' names weights fastdrn will ship.*ships none yet"):
-        fastdrn.load("drn-x4")
+    with pytest.raises(CheckpointError, match=r"'drn-plus-x4' names weights fastdrn will ship.*ships none yet"):
+        fastdrn.load("drn-plus-x4")
     with pytest.raises(CheckpointError, match="not a weight name fastdrn knows"):
         fastdrn.load("drn-x7")
     monkeypatch.setattr(fastdrn.pretrained, "WEIGHTS_DIR", str(tmp_path))
-    x2 = reference.drn(2, n_groups=1, n_blocks=1)       # a wrong architecture for the name: refused
-    torch.save({"params": x2.state_dict()}, tmp_path / "drn-x2.pt")
-    with pytest.raises(CheckpointError, match="n_groups: checkpoint has 1, expected 6"):
+    with pytest.raises(CheckpointError, match=r"'drn-x2' names weights fastdrn will ship.*ships none yet"):
         fastdrn.load("drn-x2")
-    ref = reference.drn(2).eval()
-    torch.save({"params": ref.state_dict()}, tmp_path / "drn-x2.pt")   # adding the file is all it takes
+    x3 = reference.drn(3, n_groups=1, n_blocks=1)       # the name promises its scale: another is refused
+    torch.save({"params": x3.state_dict()}, tmp_path / "drn-x2.pt")
+    with pytest.raises(CheckpointError, match="scale: checkpoint has 3, expected 2"):
+        fastdrn.load("drn-x2")
+    # adding the file is all it takes, whatever its architecture (read from the shapes)
+    ref = reference.DRN(scale=2, n_feats=16, n_groups=2, n_blocks=3, inner=24, distill=4).eval()
+    torch.save({"params": ref.state_dict()}, tmp_path / "drn-x2.pt")
     _same_function(fastdrn.load("drn-x2"), ref)
+    paper = reference.drn(2).eval()
+    torch.save({"params": paper.state_dict()}, tmp_path / "drn-x2.pt")
+    _same_function(fastdrn.load("drn-x2"), paper)
     # the command line takes the same names
     img = tmp_path / "a.png"
     PILImage.fromarray((np.random.rand(10, 12, 3) * 255).astype(np.uint8)).save(img)
@@ -212,6 +218,32 @@ def test_export_to_basicsr_plain_and_safetensors(tmp_path, capsys):
     assert cli.main(["export", "--weights", str(tmp_path / "absent.pt"), "-o", str(tmp_path / "x.pth")]) == 2
 
 
+def test_export_in_fp16_halves_the_file_and_loads_as_float32(tmp_path, capsys):
+    raw, avg = _training_checkpoint(tmp_path / "last.pt")
+    args = ["export", "--weights", str(tmp_path / "last.pt"), "--key", "params_ema"]
+    assert cli.main([*args, "-o", str(tmp_path / "w32.pt")]) == 0
+    assert cli.main([*args, "-o", str(tmp_path / "w16.pt"), "--dtype", "fp16"]) == 0
+    assert "in fp16" in capsys.readouterr().out
+    stored = torch.load(tmp_path / "w16.pt", weights_only=True)["params"]
+    assert stored["rgb_mean"].dtype == torch.float32                  # buffers keep their precision
+    assert {v.dtype for k, v in stored.items() if k != "rgb_mean"} == {torch.float16}
+    assert os.path.getsize(tmp_path / "w16.pt") < 0.6 * os.path.getsize(tmp_path / "w32.pt")
+    model = fastdrn.load(tmp_path / "w16.pt")
+    assert model.head.weight.dtype == torch.float32 and model.alpha == 0.3
+    for k, v in avg.state_dict().items():                             # each weight rounded to fp16, no more
+        torch.testing.assert_close(model.state_dict()[k], v.half().float() if k != "rgb_mean" else v,
+                                   rtol=0, atol=0)
+    # a weight fp16 cannot hold is refused, not written as inf
+    big = _ref()
+    with torch.no_grad():
+        big.tail.weight[0, 0, 0, 0] = 1e5
+    torch.save(big.state_dict(), tmp_path / "big.pt")
+    assert cli.main(["export", "--weights", str(tmp_path / "big.pt"), "-o", str(tmp_path / "b.pt"),
+                     "--dtype", "fp16"]) == 2
+    assert "tail.weight holds values (up to 1e+05)" in capsys.readouterr().err
+    assert not (tmp_path / "b.pt").exists()
+
+
 # ------------------------------------------------------------------------------------ CLI, demo
 
 def test_version(capsys):
@@ -238,7 +270,7 @@ def test_demo_builds_what_the_checkpoint_holds(tmp_path, capsys):
         demo.main([str(img), "--weights", str(tmp_path / "last.pt"), "--scale", "2", "--device", "cpu",
                    "--out", str(tmp_path / "o.png")])
     with pytest.raises(SystemExit, match="ships none yet"):
-        demo.main([str(img), "--weights", "drn-x2", "--device", "cpu", "--out", str(tmp_path / "o.png")])
+        demo.main([str(img), "--weights", "drn-plus-x2", "--device", "cpu", "--out", str(tmp_path / "o.png")])
 
 
 def test_demo_says_its_weights_are_random(tmp_path, capsys):

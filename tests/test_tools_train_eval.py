@@ -113,6 +113,39 @@ def test_resume_is_exact_and_checkpoint_is_safe(synth, tmp_path):
     assert cfg["scale"] == 2 and cfg["n_feats"] == 8
 
 
+def test_init_takes_another_scales_body_and_refuses_another_architecture(synth, tmp_path, capsys):
+    from fastdrn.reference import DRN
+    from fastdrn.tools.checkpoint import CheckpointError
+    x3 = DRN(scale=3, **TINY)
+    with torch.no_grad():
+        for p in x3.parameters():
+            p.add_(torch.randn_like(p))                    # nothing a fresh model could start from
+    torch.save({"params": x3.state_dict(), "config": {"alpha": 0.2}}, tmp_path / "x3.pth")
+    trainer = Trainer(_cfg(synth, tmp_path / "x2", init=str(tmp_path / "x3.pth"), ema=0.9, steps=1))
+    assert "initialised from" in capsys.readouterr().out
+    for model in (trainer.model, trainer.ema_model):       # the EMA starts from the same weights
+        mine = model.state_dict()
+        for k, v in x3.state_dict().items():
+            if k.startswith("upsample."):
+                assert mine[k].shape[0] == 8 * 4 and not torch.equal(mine[k][:v.shape[0]], v[:mine[k].shape[0]])
+            else:
+                assert torch.equal(mine[k], v), k
+    # the same from the command line, then resumed: --init is not applied over the checkpoint
+    args = ["train", "--hr-dir", str(synth / "DIV2K_train_HR"), "--scale", "2", "--out", str(tmp_path / "c"),
+            "--patch-size", "12", "--batch-size", "2", "--no-progress", "--device", "cpu",
+            "--n-feats", "8", "--n-groups", "1", "--n-blocks", "2", "--inner", "8", "--distill", "4",
+            "--init", str(tmp_path / "x3.pth")]
+    assert cli.main([*args, "--steps", "1"]) == 0
+    assert "initialised from" in capsys.readouterr().out
+    assert cli.main([*args, "--steps", "2", "--resume", "auto"]) == 0
+    assert "not used: resuming" in capsys.readouterr().out
+    # another architecture is named, not half-loaded
+    with pytest.raises(CheckpointError, match="n_feats: 8 there, 12 here"):
+        Trainer(_cfg(synth, tmp_path / "y", init=str(tmp_path / "x3.pth"), n_feats=12))
+    assert cli.main([*args[:-1], str(tmp_path / "absent.pt"), "--steps", "1"]) == 2
+    assert "absent.pt" in capsys.readouterr().err
+
+
 def test_amp_bf16_lr_files_and_progress(synth, tmp_path, capsys):
     assert train(_cfg(synth, tmp_path / "amp", steps=2, amp="bf16", progress=True, log_every=1,
                       lr_dir=str(synth / "DIV2K_train_LR_bicubic"), cache="disk")) == 0

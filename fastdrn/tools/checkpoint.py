@@ -32,9 +32,9 @@ import fastdrn
 import fastdrn.reference
 
 __all__ = ["CheckpointError", "build_model", "infer_config", "extract_state_dict", "select_weights",
-           "load_checkpoint", "load_model", "export", "EXPORT_FORMATS", "atomic_write", "atomic_write_text",
-           "atomic_save", "check_dense", "verify_zip", "current_umask", "temp_name_pattern", "CONFIG_KEYS",
-           "FORMAT"]
+           "load_checkpoint", "load_model", "export", "EXPORT_FORMATS", "EXPORT_DTYPES", "atomic_write",
+           "atomic_write_text", "atomic_save", "check_dense", "verify_zip", "current_umask", "temp_name_pattern",
+           "CONFIG_KEYS", "FORMAT"]
 
 FORMAT = "fastdrn-train-v1"
 CONFIG_KEYS = ("scale", "n_colors", "n_feats", "n_groups", "n_blocks", "inner", "distill", "alpha",
@@ -309,8 +309,27 @@ def _cpu(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype, name: str) -> dict[str, torch.Tensor]:
+    """The model's state_dict with its parameters in ``dtype`` (buffers such as rgb_mean stay float32:
+    they are a few numbers); a weight too large for the dtype is refused, not written as inf."""
+    params = {k for k, _ in model.named_parameters()}
+    out = {}
+    for k, v in _cpu(model.state_dict()).items():
+        if k in params and v.is_floating_point():
+            cast = v.to(dtype)
+            if not torch.isfinite(cast).all():
+                raise CheckpointError(f"{name}: {k} holds values (up to {v.abs().max().item():.4g}) that "
+                                      f"{dtype} cannot represent; export it in float32")
+            v = cast
+        out[k] = v
+    return out
+
+
 def export(source: str | os.PathLike, path: str | os.PathLike, fmt: str | None = None, key: str | None = None,
-           log: Callable[[str], None] = print) -> dict:
+           log: Callable[[str], None] = print, dtype: str = "fp32") -> dict:
     """Write the weights of a checkpoint (any format :func:`load_model` reads) in another format.
 
     ``basicsr``: ``{"params": raw weights, "params_ema": EMA weights if the checkpoint has them,
@@ -318,12 +337,16 @@ def export(source: str | os.PathLike, path: str | os.PathLike, fmt: str | None =
     params_ema). ``plain``: the bare state_dict (``model.load_state_dict(torch.load(f))``) of the
     weights used for inference (the EMA ones when present). ``safetensors``: those tensors, with the
     constructor arguments as JSON in the metadata. ``fmt`` defaults to safetensors for a
-    ``.safetensors`` path, else basicsr. ``key`` exports that one entry only. Returns the config.
+    ``.safetensors`` path, else basicsr. ``key`` exports that one entry only. ``dtype`` (fp32, fp16,
+    bf16) is the type the parameters are stored in: fp16 halves the file, and loading casts them
+    back to the model's float32. Returns the config.
     """
     path = os.fspath(path)
     fmt = fmt or ("safetensors" if path.endswith(".safetensors") else "basicsr")
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     name = os.fspath(source)
     obj = load_checkpoint(source)
     entries = [k for k in WRAPPERS if isinstance(obj, Mapping) and isinstance(obj.get(k), Mapping)]
@@ -341,7 +364,7 @@ def export(source: str | os.PathLike, path: str | os.PathLike, fmt: str | None =
         if cfg is not None and cfg_k != cfg:
             raise CheckpointError(f"{name}: its entries {chosen} hold different architectures")
         cfg = cfg_k
-        weights[entry] = _cpu(model.state_dict())
+        weights[entry] = _cast_parameters(model, EXPORT_DTYPES[dtype], name)
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
     inference = weights.get("params_ema", weights["params"])
     if fmt == "basicsr":
@@ -362,7 +385,7 @@ def export(source: str | os.PathLike, path: str | os.PathLike, fmt: str | None =
         atomic_write(path, lambda tmp: save_file(inference, tmp, metadata={
             "format": "fastdrn", "fastdrn.config": json.dumps(cfg)}))
         what = "the EMA weights" if "params_ema" in weights else "the weights"
-    log(f"wrote {path} ({fmt}: {what}; DRN {_fmt(cfg)})")
+    log(f"wrote {path} ({fmt}: {what}{'' if dtype == 'fp32' else ' in ' + dtype}; DRN {_fmt(cfg)})")
     return cfg
 
 

@@ -46,15 +46,15 @@ from torch.utils.data import DataLoader
 import fastdrn.reference
 
 from ..graphs import capture_unavailable, make_train_step
-from .checkpoint import (FORMAT, CheckpointError, _mismatches, atomic_save, build_model, check_dense,
-                         load_checkpoint, temp_name_pattern)
+from .checkpoint import (ARCH_KEYS, FORMAT, CheckpointError, _mismatches, atomic_save, build_model, check_dense,
+                         infer_config, load_checkpoint, select_weights, temp_name_pattern)
 from .image_io import ImageReadError
 from .data import StreamBatchSampler, TrainPatches, estimate_bytes, find_pairs, load_pair
 from .evaluate import evaluate_pairs
 from .infer import resolve_device
 from .progress import Progress
 
-__all__ = ["TrainConfig", "Trainer", "train", "rng_state", "set_rng_state", "init_distributed"]
+__all__ = ["TrainConfig", "Trainer", "train", "rng_state", "set_rng_state", "init_distributed", "init_weights"]
 
 MODEL_ARGS = ("scale", "n_feats", "n_groups", "n_blocks", "inner", "distill", "alpha", "rgb_range")
 
@@ -95,6 +95,7 @@ class TrainConfig:
     cache: str = "auto"                    # auto | memory | disk | none
     cache_dir: str | None = None
     resume: str | None = None              # a checkpoint path, or "auto" for OUT/last.pt if present
+    init: str | None = None                # weights to start from (another scale's body); see init_weights
     save_every: int | None = None          # steps; default one epoch
     val_hr_dir: str | None = None
     val_lr_dir: str | None = None
@@ -263,6 +264,38 @@ class StopRequest:
         self._previous.clear()
 
 
+def init_weights(model: torch.nn.Module, source: str, log: Callable[[str], None]) -> list[str]:
+    """Copy into ``model`` the weights of ``source`` (a checkpoint or a shipped weight name; its EMA
+    weights when it has them) that a DRN of another scale shares with it: every tensor but the
+    upsampling convolution, whose output channels are n_feats * scale^2. The source must have the
+    model's architecture apart from the scale (a CheckpointError names the differences). Returns the
+    names of the tensors left as initialised (none when the scales agree)."""
+    try:
+        sd, stored, _, _ = select_weights(load_checkpoint(source))
+        theirs = infer_config(sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"--init {source}: {e}") from None
+    mine = model.state_dict()
+    ours = infer_config(mine)
+    differ = [f"{k}: {theirs.get(k)} there, {ours[k]} here" for k in ARCH_KEYS
+              if k != "scale" and k in ours and theirs.get(k) != ours[k]]
+    if "rgb_mean" in sd and not torch.allclose(sd["rgb_mean"].float(), mine["rgb_mean"].float(), atol=1e-3):
+        differ.append(f"rgb_mean: {tuple(sd['rgb_mean'].flatten().tolist())} there, "
+                      f"{tuple(mine['rgb_mean'].flatten().tolist())} here")
+    if differ:
+        raise CheckpointError(f"--init {source}: not this architecture apart from the scale ({'; '.join(differ)})")
+    fresh = [k for k in mine if k not in sd or sd[k].shape != mine[k].shape]
+    if set(fresh) - {"upsample.weight", "upsample.bias"}:   # the shapes above agree, so this is a foreign file
+        raise CheckpointError(f"--init {source}: no DRN tensors for {', '.join(sorted(set(fresh))[:6])}")
+    model.load_state_dict({k: sd[k] if k not in fresh else v for k, v in mine.items()}, strict=True)
+    alpha = stored.get("alpha")
+    if alpha is not None and alpha != getattr(model, "alpha", alpha):
+        log(f"warning: --init {source} was trained with alpha {alpha}, this model has {model.alpha}")
+    log(f"initialised from {source} (x{theirs['scale']}): {len(mine) - len(fresh)} of {len(mine)} tensors"
+        + (f"; {', '.join(fresh)} start fresh" if fresh else ""))
+    return fresh
+
+
 def _plain(v):
     return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
 
@@ -340,6 +373,11 @@ class Trainer:
         with _loading(path, "config"):
             mk["rgb_mean"] = tuple(mk["rgb_mean"])
             self.model = build_model(**mk)
+        if cfg.init is not None:
+            if ckpt is None:
+                init_weights(self.model, cfg.init, self.log)
+            else:                                      # the checkpoint already holds what --init began with
+                self.log(f"--init {cfg.init} not used: resuming")
         self.model = self.model.to(self.device)
         # The EMA copy never trains: it follows the weights in update_ema() after each step.
         self.ema_model = None
