@@ -28,6 +28,9 @@ import time
 
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch starts its thread pool: threads inflate small ops
 os.environ.pop("TRITON_INTERPRET", None)  # Triton's GPU launch path, not its interpreter
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # this checkout's fastdrn, not an installed one
+    sys.path.insert(1, REPO)
 
 import torch  # noqa: E402
 import triton  # noqa: E402

@@ -474,6 +474,50 @@ class _EagerResidualDistill(torch.autograd.Function):
             return _input_grads(ctx, grad, _backward)
 
 
+class _EagerDistillGroup(torch.autograd.Function):
+    """A group's chain of blocks as one autograd node (eager_fast_path): per block the same _forward
+    and _backward as _EagerResidualDistill, with the same folded squeeze, saved tensors and
+    gradients, but one Function's host cost a group instead of one a block.
+
+    apply(alpha, first, save_b, z, *weights): weights holds 6 tensors a block (biases may be None);
+    blocks before `first` need no gradient (nothing they read requires one), so they save nothing
+    and their backward is not run, as their per-block Functions would not be recorded."""
+
+    @staticmethod
+    def forward(ctx, alpha, first, save_b, z, *weights):
+        saved = []
+        a = None
+        with direct_launches():
+            for k, i in enumerate(range(0, len(weights), 6)):
+                w_squeeze_next, b_squeeze_next = weights[i + 6:i + 8] if i + 6 < len(weights) else (None, None)
+                out, b, a = _forward(z, *weights[i:i + 6], alpha, save_b and k >= first, a, w_squeeze_next,
+                                     b_squeeze_next)
+                if k >= first:
+                    saved += (z, b)
+                z = out
+        ctx.save_for_backward(*saved, *weights[6 * first:])
+        ctx.alpha, ctx.first = alpha, first
+        ctx.present = [t is not None for t in weights]
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
+        first, tensors = ctx.first, ctx.saved_tensors
+        n_blocks = len(ctx.present) // 6 - first
+        activations, weights = tensors[:2 * n_blocks], tensors[2 * n_blocks:]
+        grads = [None] * len(ctx.present)
+        with direct_launches():
+            for k in reversed(range(n_blocks)):
+                block = weights[6 * k:6 * k + 6]
+                grad, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = _backward(grad, *activations[2 * k:2 * k + 2], *block,
+                                                                       ctx.alpha)
+                grads[6 * (first + k):6 * (first + k) + 6] = dw_sq, db_sq, dw_c, db_c, dw_e, db_e
+        # None for the scalars and absent biases; grad is now the group input's gradient.
+        return (None, None, None, grad, *(g if has else None for g, has in zip(grads, ctx.present)))
+
+
 # ---- public functions ----------------------------------------------------------------------------
 def _check_inner(inner: int) -> None:
     if inner > MAX_INNER:
@@ -501,6 +545,15 @@ def residual_distill_chain(z, blocks, alpha=0.2, recompute=False):
     """A group's blocks one after another (inputs checked by fastdrn.ops), each block's 3x3 kernel
     also computing the next block's squeeze (folds_next_squeeze): one launch a block forward after
     the first. Gradients as for the blocks called one by one."""
+    if eager_fast_path():
+        for block in blocks:
+            _check_inner(block[0].shape[0])
+        first = len(blocks)
+        if torch.is_grad_enabled():
+            first = next((k for k, block in enumerate(blocks)
+                          if (k == 0 and z.requires_grad) or any(t is not None and t.requires_grad for t in block)),
+                         first)
+        return _EagerDistillGroup.apply(float(alpha), first, not recompute, z, *(t for block in blocks for t in block))
     a = None
     for k, block in enumerate(blocks):
         next_squeeze = tuple(blocks[k + 1][:2]) if k + 1 < len(blocks) else (None, None)
