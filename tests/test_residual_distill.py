@@ -337,3 +337,110 @@ def test_reference_saves_what_the_targets_assume():
     inputs = make_inputs((1, 64, 64, 8, 2, 2, True), torch.float32, "cpu")
     got = saved_activation_bytes(reference.residual_distill, inputs, inputs[1:])
     assert got == (64 + 4 * 64) * 4 * 4 * math.prod((1,))
+
+
+def _group_blocks(dtype, device, biases=True):
+    """Three blocks over 24 + 4k channels; the last is narrower (F = 12), so block 2 folds block 3's
+    squeeze into its 3x3 and block 3 does not (folds_next_squeeze); with biases=False the middle
+    block has none."""
+    blocks = [make_block(24 + 4 * k, inner, 4, dtype, device) for k, inner in enumerate((16, 16, 12))]
+    if not biases:
+        blocks[1][1] = blocks[1][3] = blocks[1][5] = None
+    return [tuple(block) for block in blocks]
+
+
+def _chained_per_block(y, blocks, recompute):
+    """The group as one autograd Function per block (_EagerResidualDistill), with the same folding:
+    what the eager training path ran before a group became one Function."""
+    from fastdrn.kernels import residual_distill as module
+
+    z, a = y, None
+    for k, block in enumerate(blocks):
+        next_squeeze = tuple(blocks[k + 1][:2]) if k + 1 < len(blocks) else (None, None)
+        z, a = module._block(z, ops._dense_block(*block), 0.2, recompute, a, next_squeeze)
+    return z
+
+
+def _eager_group_or_skip(device, dtype):
+    from fastdrn.kernels import residual_distill as module
+
+    if not backend.use_triton("residual_distill", torch.device(device), dtype):
+        pytest.skip("the fused op does not run here")
+    if not module.eager_fast_path():
+        pytest.skip("this torch has no direct-launch switch: the group runs block by block through the op")
+
+
+@pytest.mark.parametrize("biases", [True, False])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_group_function_equals_per_block_functions(recompute, biases, device):
+    """The eager training path runs a group as one autograd Function: output, every gradient (input,
+    each block's weights and biases) and the saved bytes equal one Function per block, bit for bit
+    (the same kernels in the same order)."""
+    for dtype in dtypes_for(device):
+        _eager_group_or_skip(device, dtype)
+        y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+        blocks = _group_blocks(dtype, device, biases)
+        leaves = [t for t in (y, *(t for block in blocks for t in block)) if t is not None]
+        group = lambda y, *_: ops.distill_group(y, blocks, recompute=recompute)  # noqa: E731
+        chained = lambda y, *_: _chained_per_block(y, blocks, recompute)  # noqa: E731
+        out = group(y)
+        assert type(out.grad_fn).__name__ == "_EagerDistillGroupBackward", "the group did not run as one Function"
+        expected = chained(y)
+        assert torch.equal(out, expected), f"{dtype} output"
+        grad_out = randn(*out.shape, dtype=dtype, device=device)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+        for i, (g, e) in enumerate(zip(grads, expected_grads)):
+            assert torch.equal(g, e), f"{dtype} gradient of leaf {i} (recompute={recompute}, biases={biases})"
+        assert saved_activation_bytes(group, leaves, leaves[1:]) == saved_activation_bytes(chained, leaves, leaves[1:])
+        ref_leaves = float64_leaves(*leaves)
+        ref = ref_leaves[0]
+        weights = iter(ref_leaves[1:])
+        for block in blocks:
+            ref = reference.residual_distill(ref, *(None if t is None else next(weights) for t in block))
+        fwd_tol, grad_tol = tolerance(device, dtype)
+        assert_close(out, ref, fwd_tol, f"{dtype} group forward")
+        for i, (g, r) in enumerate(zip(grads, torch.autograd.grad(ref, ref_leaves, grad_out.double()))):
+            assert_close(g, r, grad_tol, f"{dtype} group gradient of leaf {i}")
+
+
+@pytest.mark.parametrize("frozen", ["input and first block", "input and one weight a block", "every weight"])
+def test_group_function_with_frozen_tensors(frozen, device):
+    """Tensors that do not require grad (frozen blocks, an input that needs no gradient): the group
+    gives every tensor that asks for one the gradient one Function per block gives, and keeps
+    nothing for the blocks that need no gradient."""
+    dtype = dtypes_for(device)[0]
+    _eager_group_or_skip(device, dtype)
+    y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True)
+    blocks = _group_blocks(dtype, device)
+    if frozen == "input and first block":
+        blocks[0] = tuple(t.detach() for t in blocks[0])
+    elif frozen == "input and one weight a block":
+        blocks = [tuple(t.detach() if i == k + 1 else t for i, t in enumerate(block)) for k, block in enumerate(blocks)]
+    else:
+        y.requires_grad_()
+        blocks = [tuple(t.detach() for t in block) for block in blocks]
+    leaves = [t for t in (y, *(t for block in blocks for t in block)) if t.requires_grad]
+    out = ops.distill_group(y, blocks)
+    expected = _chained_per_block(y, blocks, False)
+    assert torch.equal(out, expected)
+    grad_out = randn(*out.shape, dtype=dtype, device=device)
+    for g, e in zip(torch.autograd.grad(out, leaves, grad_out), torch.autograd.grad(expected, leaves, grad_out)):
+        assert torch.equal(g, e)
+    group = lambda *_: ops.distill_group(y, blocks)  # noqa: E731
+    chained = lambda *_: _chained_per_block(y, blocks, False)  # noqa: E731
+    params = [t for block in blocks for t in block]
+    saved, saved_chained = saved_activation_bytes(group, [], params), saved_activation_bytes(chained, [], params)
+    if frozen == "input and first block":  # a per-block Function packs z for a node autograd never records
+        assert saved == saved_chained - y.numel() * y.element_size()
+    else:
+        assert saved == saved_chained
+
+
+def test_group_function_double_backward_raises(device):
+    dtype = dtypes_for(device)[0]
+    _eager_group_or_skip(device, dtype)
+    y = randn(1, 24, 2, 3, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+    out = ops.distill_group(y, _group_blocks(dtype, device))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), [y], create_graph=True)
