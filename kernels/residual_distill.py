@@ -305,36 +305,54 @@ def _pack_conv(w_conv, transpose=False):
     return w_conv.permute(2, 3, 1, 0).reshape(9, w_conv.shape[1], w_conv.shape[0]).contiguous()
 
 
+def _pack_convs(w_convs, transpose=False):
+    """_pack_conv of each weight; for weights of one shape and dtype, all in one copy (three aten ops a
+    group, not three a block) whose per-block slices keep the 16-byte alignment of a fresh tensor,
+    else one by one."""
+    first = w_convs[0]
+    if len(w_convs) > 1 and first.numel() * first.element_size() % 16 == 0 and all(
+            w.shape == first.shape and w.dtype == first.dtype and w.device == first.device for w in w_convs):
+        f_out, f_in = first.shape[0], first.shape[1]
+        if transpose:
+            return torch.stack(w_convs).permute(0, 3, 4, 1, 2).reshape(len(w_convs), 9, f_out, f_in).contiguous().unbind()
+        return torch.stack(w_convs).permute(0, 3, 4, 2, 1).reshape(len(w_convs), 9, f_in, f_out).contiguous().unbind()
+    return [_pack_conv(w, transpose) for w in w_convs]
+
+
 def _squeeze(z, z_stride, w_squeeze, b_squeeze, alpha):
     return conv1x1(z, z_stride, w_squeeze, False, b_squeeze, EPILOGUE_ELU, alpha)
 
 
 def _forward_into(z, z_stride, out, out_stride, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
-                  save_b, inplace, a=None, next_squeeze=(None, None)):
+                  save_b, inplace, a=None, next_squeeze=(None, None), wc_packed=None):
     """One block from rows of z (D channels) into rows of out (D + d channels). a: this block's
     squeeze when the previous block computed it (else it is computed here); next_squeeze: the next
     block's (w_squeeze, b_squeeze), folded into this block's 3x3 epilogue where folds_next_squeeze
-    allows. Returns (b when saved, the next block's a when folded)."""
+    allows; wc_packed: _pack_conv(w_conv) when the caller has it. Returns (b when saved, the next
+    block's a when folded)."""
     d_in, inner = w_squeeze.shape[1], w_squeeze.shape[0]
+    if wc_packed is None:
+        wc_packed = _pack_conv(w_conv)
     if a is None:
         a = _squeeze(z, z_stride, w_squeeze, b_squeeze, alpha)
     if not fuses_second_gemm(next_pow2(inner), z.dtype):
-        b, _ = _conv3x3(a, _pack_conv(w_conv), b_conv, alpha, epi1=EPI_ELU, save_mid=True)
+        b, _ = _conv3x3(a, wc_packed, b_conv, alpha, epi1=EPI_ELU, save_mid=True)
         conv1x1(b, inner, w_expand, False, b_expand, EPILOGUE_LINEAR, alpha, res=z, res_stride=z_stride,
                 out=out, out_stride=out_stride, n_res=d_in)
         return (b if save_b else None), None
     w3, b3 = next_squeeze
     if w3 is not None and not folds_next_squeeze(inner, z.dtype, w3.shape[0]):
         w3 = b3 = None
-    return _conv3x3(a, _pack_conv(w_conv), b_conv, alpha, epi1=EPI_ELU, save_mid=save_b,
+    return _conv3x3(a, wc_packed, b_conv, alpha, epi1=EPI_ELU, save_mid=save_b,
                     w2=w_expand, b2=b_expand, n2=w_expand.shape[0],
                     res=z, res_stride=z_stride, nres=d_in, out=out, out_stride=out_stride, inplace=inplace,
                     w3=w3, b3=b3)
 
 
 def _forward(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b, a=None,
-             w_squeeze_next=None, b_squeeze_next=None):
-    """Returns (out, b or empty, the next block's a or empty)."""
+             w_squeeze_next=None, b_squeeze_next=None, wc_packed=None):
+    """Returns (out, b or empty, the next block's a or empty). wc_packed: _pack_conv(w_conv), if the
+    caller has it."""
     z = rows(z)
     n_img, d_in, height, width = z.shape
     n_out = w_expand.shape[0]
@@ -342,17 +360,23 @@ def _forward(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
                       memory_format=torch.channels_last)
     b, a_next = _forward_into(z, d_in, out, n_out, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
                               save_b, inplace=False, a=a if a is not None and a.numel() else None,
-                              next_squeeze=(w_squeeze_next, b_squeeze_next))
+                              next_squeeze=(w_squeeze_next, b_squeeze_next), wc_packed=wc_packed)
     # Two separate empties: a custom op's outputs must not alias one another.
     return out, (b if b is not None else z.new_empty(0)), (a_next if a_next is not None else z.new_empty(0))
 
 
-def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha):
+def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, wc_packed=None,
+              wc_packed_t=None):
+    """wc_packed, wc_packed_t: _pack_conv(w_conv) (read only to rebuild b) and _pack_conv(w_conv,
+    transpose=True), if the caller has them."""
     grad, z = rows(grad), rows(z)
+    if wc_packed_t is None:
+        wc_packed_t = _pack_conv(w_conv, transpose=True)
     d_in, n_out = z.shape[1], w_expand.shape[0]
     if b.numel() == 0:  # recompute=True: b was not saved; rebuild it from a first
         a = _squeeze(z, d_in, w_squeeze, b_squeeze, alpha)
-        b, _ = _conv3x3(a, _pack_conv(w_conv), b_conv, alpha, epi1=EPI_ELU, save_mid=True)
+        b, _ = _conv3x3(a, _pack_conv(w_conv) if wc_packed is None else wc_packed, b_conv, alpha, epi1=EPI_ELU,
+                        save_mid=True)
         g_b = conv1x1(grad, n_out, w_expand, True, None, EPILOGUE_TIMES_ELU_GRAD_OF_RES, alpha,
                       res=b, res_stride=b.shape[1])
     else:  # a and g_b, two 1x1 products, in one launch
@@ -364,11 +388,11 @@ def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expa
     inner = a.shape[1]
     if fuses_second_gemm(next_pow2(inner), z.dtype):
         dz = torch.empty_like(z)
-        g_a, _ = _conv3x3(g_b, _pack_conv(w_conv, transpose=True), None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
+        g_a, _ = _conv3x3(g_b, wc_packed_t, None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
                           flip_taps=True, aux=a, save_mid=True, w2=w_squeeze, w2_transposed=True, n2=d_in,
                           res=grad, res_stride=n_out, nres=d_in, out=dz, out_stride=d_in)
     else:
-        g_a, _ = _conv3x3(g_b, _pack_conv(w_conv, transpose=True), None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
+        g_a, _ = _conv3x3(g_b, wc_packed_t, None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
                           flip_taps=True, aux=a, save_mid=True)
         dz = conv1x1(g_a, inner, w_squeeze, True, None, EPILOGUE_LINEAR, alpha, res=grad, res_stride=n_out)
     (dw_e, db_e), (dw_c, db_c), (dw_sq, db_sq) = weight_grads(
@@ -488,15 +512,19 @@ class _EagerDistillGroup(torch.autograd.Function):
         saved = []
         a = None
         with direct_launches():
+            packed = _pack_convs(weights[2::6])
             for k, i in enumerate(range(0, len(weights), 6)):
                 w_squeeze_next, b_squeeze_next = weights[i + 6:i + 8] if i + 6 < len(weights) else (None, None)
                 out, b, a = _forward(z, *weights[i:i + 6], alpha, save_b and k >= first, a, w_squeeze_next,
-                                     b_squeeze_next)
+                                     b_squeeze_next, wc_packed=packed[k])
                 if k >= first:
                     saved += (z, b)
                 z = out
         ctx.save_for_backward(*saved, *weights[6 * first:])
         ctx.alpha, ctx.first = alpha, first
+        # Rebuilding b (recompute) reads the packed weights again: kept, a few kB a block. (w_conv
+        # itself is saved, so changing it in place before backward still raises.)
+        ctx.packed = None if save_b else packed[first:]
         ctx.present = [t is not None for t in weights]
         return z
 
@@ -508,11 +536,13 @@ class _EagerDistillGroup(torch.autograd.Function):
         n_blocks = len(ctx.present) // 6 - first
         activations, weights = tensors[:2 * n_blocks], tensors[2 * n_blocks:]
         grads = [None] * len(ctx.present)
+        packed = ctx.packed or [None] * n_blocks
         with direct_launches():
+            packed_t = _pack_convs(weights[2::6], transpose=True)
             for k in reversed(range(n_blocks)):
                 block = weights[6 * k:6 * k + 6]
                 grad, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = _backward(grad, *activations[2 * k:2 * k + 2], *block,
-                                                                       ctx.alpha)
+                                                                       ctx.alpha, packed[k], packed_t[k])
                 grads[6 * (first + k):6 * (first + k) + 6] = dw_sq, db_sq, dw_c, db_c, dw_e, db_e
         # None for the scalars and absent biases; grad is now the group input's gradient.
         return (None, None, None, grad, *(g if has else None for g, has in zip(grads, ctx.present)))

@@ -339,11 +339,11 @@ def test_reference_saves_what_the_targets_assume():
     assert got == (64 + 4 * 64) * 4 * 4 * math.prod((1,))
 
 
-def _group_blocks(dtype, device, biases=True):
-    """Three blocks over 24 + 4k channels; the last is narrower (F = 12), so block 2 folds block 3's
-    squeeze into its 3x3 and block 3 does not (folds_next_squeeze); with biases=False the middle
-    block has none."""
-    blocks = [make_block(24 + 4 * k, inner, 4, dtype, device) for k, inner in enumerate((16, 16, 12))]
+def _group_blocks(dtype, device, biases=True, inners=(16, 16, 12)):
+    """Three blocks over 24 + 4k channels. With the last one narrower (F = 12), block 2 does not fold
+    block 3's squeeze into its 3x3 (folds_next_squeeze) and the 3x3 weights are packed one by one
+    (_pack_convs), not in one copy; with biases=False the middle block has none."""
+    blocks = [make_block(24 + 4 * k, inner, 4, dtype, device) for k, inner in enumerate(inners)]
     if not biases:
         blocks[1][1] = blocks[1][3] = blocks[1][5] = None
     return [tuple(block) for block in blocks]
@@ -370,16 +370,17 @@ def _eager_group_or_skip(device, dtype):
         pytest.skip("this torch has no direct-launch switch: the group runs block by block through the op")
 
 
+@pytest.mark.parametrize("inners", [(16, 16, 16), (16, 16, 12)])
 @pytest.mark.parametrize("biases", [True, False])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_group_function_equals_per_block_functions(recompute, biases, device):
+def test_group_function_equals_per_block_functions(recompute, biases, inners, device):
     """The eager training path runs a group as one autograd Function: output, every gradient (input,
     each block's weights and biases) and the saved bytes equal one Function per block, bit for bit
     (the same kernels in the same order)."""
     for dtype in dtypes_for(device):
         _eager_group_or_skip(device, dtype)
         y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=True)
-        blocks = _group_blocks(dtype, device, biases)
+        blocks = _group_blocks(dtype, device, biases, inners)
         leaves = [t for t in (y, *(t for block in blocks for t in block)) if t is not None]
         group = lambda y, *_: ops.distill_group(y, blocks, recompute=recompute)  # noqa: E731
         chained = lambda y, *_: _chained_per_block(y, blocks, recompute)  # noqa: E731
