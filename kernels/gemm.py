@@ -579,6 +579,19 @@ def conv1x1(x: torch.Tensor, x_stride: int, w: torch.Tensor, transpose_w: bool, 
     return out
 
 
+def _numbered(*names: str) -> tuple:
+    """The keyword names of each problem slot of a multi-problem kernel ("x{}_ptr" -> x0_ptr, x1_ptr,
+    x2_ptr), built once: formatting them at every launch cost microseconds of host time."""
+    return tuple(tuple(name.format(p) for name in names) for p in range(3))
+
+
+_PAIR_ARG_NAMES = _numbered("x{}_ptr", "w{}_ptr", "bias{}_ptr", "res{}_ptr", "out{}_ptr", "N{}", "K{}", "stride_x{}",
+                            "stride_wn{}", "stride_wk{}", "stride_r{}", "stride_o{}", "HAS_BIAS{}", "HAS_RES{}",
+                            "EPILOGUE{}")
+_TILES_ARG_NAMES = _numbered("g{}_ptr", "x{}_ptr", "N{}", "K{}", "stride_g{}", "stride_x{}", "seg{}", "TAPS{}")
+_SCATTER_ARG_NAMES = _numbered("dw{}_ptr", "db{}_ptr", "seg{}", "N{}", "K{}", "T{}", "sdn{}", "sdk{}", "sdt{}")
+
+
 def conv1x1_pair(first: dict, second: dict, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Two conv1x1 products over the same pixel rows in one launch, each into a fresh channels_last
     tensor. Each problem: dict(x, x_stride, w, transpose_w, bias, epilogue, res=None, res_stride=0),
@@ -595,12 +608,10 @@ def conv1x1_pair(first: dict, second: dict, alpha: float) -> tuple[torch.Tensor,
         outs.append(out)
         res_stride = problem.get("res_stride", 0)
         check_int32("conv1x1", m * problem["x_stride"], m * n, m * max(res_stride, 1), w.numel())
-        args.update({f"x{p}_ptr": x, f"w{p}_ptr": w, f"bias{p}_ptr": bias if bias is not None else w,
-                     f"res{p}_ptr": res if res is not None else x, f"out{p}_ptr": out, f"N{p}": n, f"K{p}": k,
-                     f"stride_x{p}": problem["x_stride"], f"stride_wn{p}": 1 if transpose_w else c_in,
-                     f"stride_wk{p}": c_in if transpose_w else 1, f"stride_r{p}": res_stride, f"stride_o{p}": n,
-                     f"HAS_BIAS{p}": bias is not None, f"HAS_RES{p}": res is not None,
-                     f"EPILOGUE{p}": problem["epilogue"]})
+        args.update(zip(_PAIR_ARG_NAMES[p], (
+            x, w, bias if bias is not None else w, res if res is not None else x, out, n, k, problem["x_stride"],
+            1 if transpose_w else c_in, c_in if transpose_w else 1, res_stride, n, bias is not None, res is not None,
+            problem["epilogue"])))
     alpha_hi, alpha_lo = split_alpha(alpha)
     x0 = first["x"]
     launch(
@@ -706,9 +717,9 @@ def _weight_grads_tiles(problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
                                   for v in (gs, xs, n, k, g.storage_offset(), x.storage_offset())))
     args, sum_args, outs = {}, {}, []
     for p, (g, g_stride, x, x_stride, n, k, taps, w) in enumerate(padded):
-        args.update({f"g{p}_ptr": g, f"x{p}_ptr": x, f"N{p}": n // align, f"K{p}": k // align,
-                     f"stride_g{p}": g_stride // align, f"stride_x{p}": x_stride // align,
-                     f"seg{p}": segments[p] if p < len(problems) else 0, f"TAPS{p}": taps})
+        seg = segments[p] if p < len(problems) else 0
+        args.update(zip(_TILES_ARG_NAMES[p], (g, x, n // align, k // align, g_stride // align, x_stride // align, seg,
+                                              taps)))
         if p < len(problems):
             size = 3 if taps == 9 else 1
             memory_format = _grad_format(w, taps)
@@ -719,9 +730,7 @@ def _weight_grads_tiles(problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
             sdt = dw.stride(3) if taps == 9 else 0
         else:
             dw, db, sdt = outs[0][0], outs[0][1], 0
-        sum_args.update({f"dw{p}_ptr": dw, f"db{p}_ptr": db, f"seg{p}": segments[p] if p < len(problems) else 0,
-                         f"N{p}": n, f"K{p}": k, f"T{p}": taps, f"sdn{p}": dw.stride(0), f"sdk{p}": dw.stride(1),
-                         f"sdt{p}": sdt})
+        sum_args.update(zip(_SCATTER_ARG_NAMES[p], (dw, db, seg, n, k, taps, dw.stride(0), dw.stride(1), sdt)))
 
     def grid(meta):
         per_split = sum(cdiv(n, meta["BLOCK_N"]) * (cdiv(k, meta["BLOCK_K"]) * taps + 1)
