@@ -213,7 +213,7 @@ def distill_group(y, blocks, alpha=0.2, recompute=False):
             z = residual_distill(z, *block, alpha=alpha, recompute=recompute)
         return z
     _checked(_check_group, y, *tensors[1:])
-    if needs_grad:  # block by block, each 3x3 kernel also computing the next block's squeeze
+    if needs_grad:  # each 3x3 kernel also computing the next block's squeeze; eager: one autograd node
         return _fused().residual_distill_chain(y, [_dense_block(*block) for block in blocks], alpha, recompute)
     blocks = [_dense_block(*block) for block in blocks]
     n, c, h, w = y.shape

@@ -14,8 +14,9 @@ backward will need it.
 Float32 at F = 256 runs the 1x1 after the 3x3 as its own launch, forward and backward
 (fuses_second_gemm): the fused form spilled registers at every config.
 
-Eager calls run these launchers under a torch.autograd.Function (no custom-op dispatch); the
-registered ops below are what torch.compile traces. Both share every launcher.
+Eager calls run these launchers under a torch.autograd.Function (no custom-op dispatch), one for
+a whole group's chain of blocks when training; the registered ops below are what torch.compile
+traces, one a block. Both share every launcher.
 
 Backward (dy has D + d channels), deterministic, no atomics:
     a    = recomputed by the squeeze 1x1 (cheap; saving it would cost F values a pixel)
@@ -574,11 +575,12 @@ def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand
 def residual_distill_chain(z, blocks, alpha=0.2, recompute=False):
     """A group's blocks one after another (inputs checked by fastdrn.ops), each block's 3x3 kernel
     also computing the next block's squeeze (folds_next_squeeze): one launch a block forward after
-    the first. Gradients as for the blocks called one by one."""
+    the first. Gradients as for the blocks called one by one. Eager: one autograd Function for the
+    group (_EagerDistillGroup); traced: the registered op block by block."""
     if eager_fast_path():
         for block in blocks:
             _check_inner(block[0].shape[0])
-        first = len(blocks)
+        first = len(blocks)  # the first block that needs a gradient (reads a tensor that requires one)
         if torch.is_grad_enabled():
             first = next((k for k, block in enumerate(blocks)
                           if (k == 0 and z.requires_grad) or any(t is not None and t.requires_grad for t in block)),
