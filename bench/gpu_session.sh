@@ -3,7 +3,8 @@
 #   bash bench/gpu_session.sh one   install; kernel tests at 8 and 4 warps (every kernel variant);
 #                                   model, CUDA-graph and torch.compile tests; pixel-shuffle tests;
 #                                   the model benchmark without torch.compile (eager, eager in one
-#                                   CUDA graph, fastdrn, fastdrn in one CUDA graph); per-kernel profile
+#                                   CUDA graph, fastdrn, fastdrn in one CUDA graph); per-kernel profile,
+#                                   again with weight_grad=split64
 #   bash bench/gpu_session.sh two   install; the RDB benchmark with the kernel variants side by side,
 #                                   compress_skip; the autotune sweep (which config each kernel's
 #                                   autotuner picks); the model benchmark's torch.compile rows
@@ -51,6 +52,10 @@ if [ "$stage" = one ]; then
   bench bench-model 90 bench/bench_model.py --quick --no-compile --dtypes bf16 --time-budget 80
   t0=$(date +%s); FASTDRN_AUTOTUNE=0 timeout 90 python3 bench/profile_kernels.py $OUT > $OUT/profile.log 2>&1
   echo "profile rc=$? $(( $(date +%s) - t0 )) s"; grep -E "^== " $OUT/profile.log
+  # The weight-gradient designs side by side in kernel time (the benchmarks' eager rows are host-bound).
+  t0=$(date +%s); FASTDRN_KERNELS=weight_grad=split64 FASTDRN_AUTOTUNE=0 timeout 60 python3 bench/profile_kernels.py \
+    $OUT/split64 > $OUT/profile-split64.log 2>&1
+  echo "profile split64 rc=$? $(( $(date +%s) - t0 )) s"; grep -E "^== " $OUT/profile-split64.log
 elif [ "$stage" = two ]; then
   bench bench-rdb 110 bench/bench_residual_distill.py --quick --kernels weight_grad=split64 --time-budget 100
   bench bench-compress 30 bench/bench_compress_skip.py --quick --time-budget 25
