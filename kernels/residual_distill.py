@@ -32,7 +32,6 @@ z alone with recompute=True.
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
