@@ -42,7 +42,7 @@ def elu_grad_from_output(y_stored, alpha, acc_dtype: tl.constexpr):
     # derivative is exactly 0, as the reference's alpha * exp(x) underflows there: y + alpha would
     # be the rounding error of -alpha (-2e-4 in bf16, negative), and 0 * inf must stay NaN.
     y = y_stored.to(acc_dtype)
-    saturated = (tl.zeros(y.shape, acc_dtype) - alpha).to(y_stored.dtype).to(acc_dtype)
+    saturated = (tl.full([], 0.0, acc_dtype) - alpha).to(y_stored.dtype).to(acc_dtype)  # a scalar
     return tl.where(y > 0, 1.0, tl.where(y <= saturated, 0.0, y + alpha))
 
 

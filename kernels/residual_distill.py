@@ -5,11 +5,13 @@
     c   = conv1x1(b, W_e) + b_e                 F -> D + d
     out = cat([z + c[:, :D], c[:, D:]])
 
-Forward, two launches (docs/kernels.md): the squeeze GEMM with its ELU (kernels/gemm.py),
-then `conv3x3_fused_kernel`: the 3x3 as an implicit GEMM over a, bias and ELU in registers, then
-the expand GEMM on that register tile in column chunks, with the residual add on the first D
-columns and the concat both done by where the store lands. `b` never leaves the chip unless the
-backward will need it.
+Forward (docs/kernels.md): the squeeze GEMM with its ELU (kernels/gemm.py), then
+`conv3x3_fused_kernel`: the 3x3 as an implicit GEMM over a, bias and ELU in registers, then the
+expand GEMM on that register tile in column chunks, with the residual add on the first D columns
+and the concat both done by where the store lands. `b` never leaves the chip unless the backward
+will need it. In a chain of blocks of one width (16-bit on a GPU, every dtype under the
+interpreter: folds_next_squeeze) the 3x3 kernel also computes the next block's squeeze from the
+output chunks it stores, so a block after the first is one launch.
 
 Float32 at F = 256 runs the 1x1 after the 3x3 as its own launch, forward and backward
 (fuses_second_gemm): the fused form spilled registers at every config.
@@ -26,13 +28,12 @@ Backward (dy has D + d channels), deterministic, no atomics:
     g_a  = convT3x3(g_b) * ELU'(a)              conv3x3_fused_kernel with flipped, transposed W_c,
     dz   = g_a W_sq + dy[:, :D]                   and the squeeze transpose in its second GEMM
     dW_e, dW_c, dW_sq and the biases            split-M partials of all three in one launch
-                                                (weight_grad_kernel), then one fixed-order sum (sum_partials_kernel)
+                                                (kernels/gemm.py weight_grads), then one fixed-order sum
 
 Saved for backward: z and b by default (D + F values a pixel, against the reference's D + 4F);
 z alone with recompute=True.
 """
 from __future__ import annotations
-
 
 import torch
 import triton
@@ -195,7 +196,7 @@ CONV3X3_CONFIGS = {
     32: [_config(64, 32, 32, 4, 3), _config(128, 64, 32, 8, 3)],
     64: [_config(64, 32, 32, 4, 3), _config(64, 64, 32, 8, 3), _config(128, 32, 32, 8, 3)],
     128: [_config(64, 64, 32, 8, 3), _config(64, 32, 32, 8, 3)],
-    256: [_config(64, 16, 32, 8, 2), _config(64, 32, 32, 8, 2)],
+    256: [_config(64, 16, 32, 8, 2)],  # BLOCK_N 32 spilled 8-16 bytes on sm_80 in the input-gradient pass
 }
 CONV3X3_FP32_CONFIGS = {
     16: [_config(64, 64, 16, 8, 3)],
