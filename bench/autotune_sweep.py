@@ -93,13 +93,14 @@ def main() -> None:
     rows = []
     for label, tuner in autotuners():
         timings = getattr(tuner, "configs_timings", None) or {}
+        last_key = next(reversed(tuner.cache), None)
         for key, best in tuner.cache.items():
             rows.append({"kernel": label, "key": [str(k) for k in key], "key_names": list(tuner.keys),
                          "best": config_text(best), "default": config_text(tuner.configs[0]),
                          "best_is_default": best is tuner.configs[0],
                          # Triton keeps the timings of the last key it tuned only
                          "timings_ms_of_last_key": {config_text(c): t for c, t in timings.items()}
-                         if key == list(tuner.cache)[-1] else None,
+                         if key == last_key else None,
                          "dtype": str(dtype).removeprefix("torch."), "env": env})
     with open(args.out, "a") as sink:
         for row in rows:

@@ -279,7 +279,7 @@ def _conv3x3(x, wc_packed, bc, alpha, *, epi1, flip_taps=False, aux=None, save_m
 
 # The widths at which a block's 3x3 kernel also computes the next block's squeeze (its [BLOCK_M, F]
 # fp32 accumulator beside the others): compiled without spills there (AOT); wider blocks launch
-# the squeeze on its own.
+# the squeeze on its own. Every dtype fuses the second GEMM, which the fold extends, at these widths.
 FOLD_MAX_F = 64
 
 
@@ -288,15 +288,14 @@ def folds_on_gpu(block_f: int, dtype: torch.dtype) -> bool:
     the float32 in-place group path with the fold faulted (illegal address) where every 16-bit
     group checked matched; float32 is the precision path, not the fast one, so it keeps the
     separate squeeze launch that earlier GPU runs verified."""
-    return block_f <= FOLD_MAX_F and dtype in (torch.bfloat16, torch.float16) and fuses_second_gemm(block_f, dtype)
+    return block_f <= FOLD_MAX_F and dtype in (torch.bfloat16, torch.float16)
 
 
 def folds_next_squeeze(inner: int, dtype: torch.dtype, next_inner: int | None) -> bool:
     """Whether a block of inner width `inner` computes the next block's squeeze in its epilogue:
     folds_on_gpu, or any dtype under the interpreter (so that the tests run the fold in float64)."""
     block_f = next_pow2(inner)
-    return next_inner == inner and (folds_on_gpu(block_f, dtype) or (KERNELS_INTERPRETED and block_f <= FOLD_MAX_F
-                                                                      and fuses_second_gemm(block_f, dtype)))
+    return next_inner == inner and (folds_on_gpu(block_f, dtype) or (KERNELS_INTERPRETED and block_f <= FOLD_MAX_F))
 
 
 def _pack_conv(w_conv, transpose=False):
@@ -655,7 +654,7 @@ def aot_variants():
     own = ("x_ptr", "wc_ptr", "aux_ptr", "mid_ptr", "out_ptr", "next_ptr")
     checked = own + ("res_ptr", "w2_ptr", "w3_ptr")
 
-    def compile_cases(kernel, kernel_kinds, block_f, dtype, fused, folded, configs):
+    def compile_cases(block_f, dtype, fused, folded, configs):
         unit = 4 if dtype == "fp32" else 8
         label = lambda text, align: f"F{block_f} {text} align {align}"  # noqa: E731
         common = {"F": block_f, "BLOCK_F": block_f, "IS_FP64": False}
@@ -663,11 +662,11 @@ def aot_variants():
         unaligned = [(label(text, 1), {**values, **common, "ROW_ALIGN": 1}) for text, values in fused]
         alone_cases = [(f"F{block_f} {text}", {**values, **common}) for text, values in
                        (alone_passes[:1] if fused else alone_passes)]
-        dtypes = (dtype,)
-        return (expand(kernel, kernel_kinds, aligned, launch_configs(configs), dtypes=dtypes, div16=ints, aligned=checked)
-                + expand(kernel, kernel_kinds, unaligned + alone_cases, launch_configs(configs), dtypes=dtypes,
+        kernel, dtypes = conv3x3_fused_kernel, (dtype,)
+        return (expand(kernel, kinds, aligned, launch_configs(configs), dtypes=dtypes, div16=ints, aligned=checked)
+                + expand(kernel, kinds, unaligned + alone_cases, launch_configs(configs), dtypes=dtypes,
                          div16=ints, aligned=own, specializations=("plain",))
-                + expand(kernel, kernel_kinds, alone_cases, launch_configs(configs), dtypes=dtypes, div16=ints,
+                + expand(kernel, kinds, alone_cases, launch_configs(configs), dtypes=dtypes, div16=ints,
                          aligned=own, specializations=("div16",)))
 
     variants = []
@@ -676,6 +675,5 @@ def aot_variants():
             torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
             fused = fused_passes if fuses_second_gemm(block_f, torch_dtype) else []
             folded = folded_passes if folds_on_gpu(block_f, torch_dtype) else []
-            variants += compile_cases(conv3x3_fused_kernel, kinds, block_f, dtype, fused, folded,
-                                      conv3x3_configs(block_f, torch_dtype))
+            variants += compile_cases(block_f, dtype, fused, folded, conv3x3_configs(block_f, torch_dtype))
     return variants
