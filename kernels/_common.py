@@ -151,6 +151,7 @@ def set_launch_options(num_warps: int | None = None, autotune: bool = True) -> N
     _options = LaunchOptions(num_warps, bool(autotune))
     for lean in _lean_launchers.values():
         lean.forget()
+    launch_plans.clear()  # they hold the forgotten kernels
 
 
 def fixed_config(interpreter: triton.Config, configs: list) -> triton.Config | None:
@@ -171,6 +172,21 @@ def fixed_config(interpreter: triton.Config, configs: list) -> triton.Config | N
 
 
 # ---- the lean launch path -------------------------------------------------------------------
+def wrap_triton_enabled() -> bool:
+    """Whether launches go through wrap_triton's traceable wrapper (tracing), not straight to Triton."""
+    return _wrap_triton_enabled is None or _wrap_triton_enabled()
+
+
+def lean_launches_possible() -> bool:
+    """Whether this Triton has what the lean path reads (3.4 and later)."""
+    return native_specialize_impl is not None
+
+
+def hooks_idle() -> bool:
+    """Whether no Triton launch hook is installed (see _hooks_idle)."""
+    return _hooks_idle(knobs.runtime)
+
+
 def _hooks_idle(runtime) -> bool:
     """Whether no Triton launch hook would run (a profiler such as Proton installs them): Triton 3.9
     keeps them in HookChain objects, which are idle when empty; older Triton keeps None or a hook."""
@@ -283,6 +299,32 @@ class LeanLauncher:
 
 _lean_launchers: dict[int, LeanLauncher] = {}
 
+# Launch plans (kernels/plans.py): regions of launcher code recorded once per signature, keyed by
+# it (None: that signature could not be planned). Cleared with everything that changes a launch.
+launch_plans: dict = {}
+# The plans.Recorder of the region being recorded, or None: launch() and track() report to it.
+recorder = None
+
+
+def track(t: torch.Tensor) -> torch.Tensor:
+    """t, a tensor a launcher just allocated; a region being recorded notes the allocation."""
+    if recorder is not None:
+        recorder.allocated(t)
+    return t
+
+
+def lean_entry(kernel, tuned, args: dict):
+    """(run, function, packed metadata, config meta-parameters) of what the lean path launches for
+    these arguments on the current device, or None where it would go through Triton."""
+    lean = _lean_launchers.get(id(kernel if tuned is None else tuned))
+    if lean is None:
+        return None
+    generated = lean.devices.get(triton_driver.active.get_current_device())
+    if generated is None:
+        return None
+    key = generated[0](args)
+    return None if key is None else generated[2].get(key)
+
 
 def launch(kernel, tuned, grid, interpreter: triton.Config, **args) -> None:
     """Launch `kernel` with keyword arguments `args`: at a fixed config, or through its autotuner
@@ -299,6 +341,8 @@ def launch(kernel, tuned, grid, interpreter: triton.Config, **args) -> None:
         device = driver.get_current_device()
         generated = lean.devices.get(device)
         if generated is not None and generated[1](grid, driver, device, args):
+            if recorder is not None:
+                recorder.launched(kernel, tuned, grid, interpreter, args)
             return
     configs = [interpreter] if tuned is None else tuned.configs
     config = fixed_config(interpreter, configs)
@@ -308,12 +352,13 @@ def launch(kernel, tuned, grid, interpreter: triton.Config, **args) -> None:
     else:
         compiled = wrap_triton(kernel)[grid](**args, **config.kwargs, num_warps=config.num_warps,
                                              num_stages=config.num_stages)
-    if (KERNELS_INTERPRETED or _wrap_triton_enabled is None or native_specialize_impl is None
-            or _wrap_triton_enabled()):
-        return  # interpreted, traced, or a Triton too old for the lean path: nothing to keep
-    if lean is None:
-        lean = _lean_launchers[id(kernel if tuned is None else tuned)] = LeanLauncher(kernel, tuned, configs)
-    lean.keep(compiled, config, args)
+    if not (KERNELS_INTERPRETED or _wrap_triton_enabled is None or native_specialize_impl is None
+            or _wrap_triton_enabled()):  # else interpreted, traced, or a Triton too old: nothing to keep
+        if lean is None:
+            lean = _lean_launchers[id(kernel if tuned is None else tuned)] = LeanLauncher(kernel, tuned, configs)
+        lean.keep(compiled, config, args)
+    if recorder is not None:
+        recorder.launched(kernel, tuned, grid, config, args)
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch.library import triton_op
 
 from ._common import direct_launches, eager_fast_path, row_stride, rows
 from .gemm import EPILOGUE_ELU, EPILOGUE_ELU_GRAD, EPILOGUE_LINEAR, conv1x1, weight_grads
+from .plans import planned
 
 
 # ---- launchers ------------------------------------------------------------------------------
@@ -74,14 +75,27 @@ class _EagerCompressSkip(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, w, b, skip, alpha):
         with direct_launches():
-            out = _forward(z, w, b, skip, alpha)
+            out = planned(_forward_region, (alpha,), [z, w, b, skip])
         _setup_context(ctx, (z, w, b, skip, alpha), out)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         with direct_launches():
-            return _input_grads(ctx, grad, _backward)
+            return _input_grads(ctx, grad, _planned_backward)
+
+
+# Eager calls replay launch plans (kernels/plans.py) of the launchers above.
+def _forward_region(static, inputs):
+    return _forward(*inputs, static[0])
+
+
+def _backward_region(static, inputs):
+    return _backward(*inputs, static[0])
+
+
+def _planned_backward(grad, z, w, b, alpha):
+    return planned(_backward_region, (alpha,), [rows(grad), z, w, b])
 
 
 # ---- public function --------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from . import choices
 from ._common import (KERNELS_INTERPRETED, cdiv, check_int32, dot_precision, elu, elu_grad_from_input, elu_grad_from_output,
-                      grad_split, is_fp64, join_alpha, launch, split_alpha)
+                      grad_split, is_fp64, join_alpha, launch, split_alpha, track)
 
 EPILOGUE_LINEAR = 0   # out = acc + bias (+ res on columns < NRES)
 EPILOGUE_ELU = 1      # out = ELU(acc + bias) (+ res on columns < NRES)
@@ -560,8 +560,8 @@ def conv1x1(x: torch.Tensor, x_stride: int, w: torch.Tensor, transpose_w: bool, 
     c_out, c_in = w.shape[0], w.shape[1]
     n, k = (c_in, c_out) if transpose_w else (c_out, c_in)
     if out is None:
-        out = torch.empty((n_img, n, height, width), device=x.device, dtype=x.dtype,
-                          memory_format=torch.channels_last)
+        out = track(torch.empty((n_img, n, height, width), device=x.device, dtype=x.dtype,
+                                memory_format=torch.channels_last))
         out_stride = n
     check_int32("conv1x1", m * x_stride, m * out_stride, m * max(res_stride, 1), w.numel())
     alpha_hi, alpha_lo = split_alpha(alpha)
@@ -604,7 +604,8 @@ def conv1x1_pair(first: dict, second: dict, alpha: float) -> tuple[torch.Tensor,
         bias, res = problem["bias"], problem.get("res")
         c_out, c_in = w.shape[0], w.shape[1]
         n, k = (c_in, c_out) if transpose_w else (c_out, c_in)
-        out = torch.empty((n_img, n, height, width), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+        out = track(torch.empty((n_img, n, height, width), device=x.device, dtype=x.dtype,
+                                memory_format=torch.channels_last))
         outs.append(out)
         res_stride = problem.get("res_stride", 0)
         check_int32("conv1x1", m * problem["x_stride"], m * n, m * max(res_stride, 1), w.numel())
@@ -659,7 +660,7 @@ def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
         segments.append(length)
         ends += [length + n * k * taps, length + n * k * taps + n]
         length = ends[-1]
-    partials = torch.empty((splits, length), device=g0.device, dtype=acc_dtype)
+    partials = track(torch.empty((splits, length), device=g0.device, dtype=acc_dtype))
     check_int32("weight gradient", partials.numel(),
                 *(m * max(gs, xs) for _g, gs, _x, xs, *_rest in problems))
     padded = list(problems) + [problems[0]] * (3 - len(problems))  # unused slots: never read
@@ -682,8 +683,9 @@ def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
     outs = []
     for (_g, _gs, _x, _xs, n, k, taps, w), memory_format in zip(problems, formats):
         size = 3 if taps == 9 else 1
-        outs.append((torch.empty((n, k, size, size), device=g0.device, dtype=w.dtype, memory_format=memory_format),
-                     torch.empty((n,), device=g0.device, dtype=w.dtype)))
+        outs.append((track(torch.empty((n, k, size, size), device=g0.device, dtype=w.dtype,
+                                       memory_format=memory_format)),
+                     track(torch.empty((n,), device=g0.device, dtype=w.dtype))))
     pointers = [t for pair in outs for t in pair]
     pointers += [pointers[-1]] * (6 - len(pointers))  # unused outputs: their ranges are empty
     ends += [length] * (6 - len(ends))
@@ -709,7 +711,7 @@ def _weight_grads_tiles(problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
     for _g, _gs, _x, _xs, n, k, taps, _w in problems:
         segments.append(length)
         length += taps * n * k + n
-    partials = torch.empty((splits, length), device=g0.device, dtype=acc_dtype)
+    partials = track(torch.empty((splits, length), device=g0.device, dtype=acc_dtype))
     check_int32("weight gradient", partials.numel(), *(m * max(gs, xs) for _g, gs, _x, xs, *_rest in problems))
     padded = list(problems) + [problems[0]] * (3 - len(problems))  # unused slots: never read
     # Storage offsets too: the allocator aligns every block, so a view's rows are aligned when its offset is.
@@ -723,8 +725,8 @@ def _weight_grads_tiles(problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if p < len(problems):
             size = 3 if taps == 9 else 1
             memory_format = _grad_format(w, taps)
-            dw = torch.empty((n, k, size, size), device=g0.device, dtype=w.dtype, memory_format=memory_format)
-            db = torch.empty((n,), device=g0.device, dtype=w.dtype)
+            dw = track(torch.empty((n, k, size, size), device=g0.device, dtype=w.dtype, memory_format=memory_format))
+            db = track(torch.empty((n,), device=g0.device, dtype=w.dtype))
             outs.append((dw, db))
             # dw.stride(): (n, k, kh, kw); tap = kh * 3 + kw, and kw's stride is kh's / 3 in both layouts.
             sdt = dw.stride(3) if taps == 9 else 0

@@ -41,9 +41,10 @@ import triton.language as tl
 from torch.library import triton_op
 
 from ._common import (KERNELS_INTERPRETED, cdiv, check_int32, direct_launches, dot_precision, eager_fast_path, elu,
-                      elu_grad_from_output, is_fp64, join_alpha, launch, next_pow2, rows, split_alpha)
+                      elu_grad_from_output, is_fp64, join_alpha, launch, next_pow2, rows, split_alpha, track)
 from .gemm import (EPILOGUE_ELU, EPILOGUE_LINEAR, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, conv1x1_pair, row_align,
                    weight_grads)
+from .plans import planned
 
 EPI_ELU = 0                  # mid = ELU(conv3x3(x) + bias)
 EPI_TIMES_ELU_GRAD_OF_AUX = 1  # mid = conv3x3(x) * ELU'(.) where aux = ELU(.) was saved
@@ -245,7 +246,7 @@ def _conv3x3(x, wc_packed, bc, alpha, *, epi1, flip_taps=False, aux=None, save_m
     n_img, inner, height, width = x.shape
     m = n_img * height * width
     block_f = next_pow2(inner)
-    mid = torch.empty_like(x) if save_mid else None
+    mid = track(torch.empty_like(x)) if save_mid else None
     # Channel counts, strides and the offsets of the tensors read or written by rows: all multiples
     # of 16 bytes is the common case (DRN's widths are multiples of 8).
     extents = [n2, nres, res_stride, out_stride]
@@ -253,7 +254,7 @@ def _conv3x3(x, wc_packed, bc, alpha, *, epi1, flip_taps=False, aux=None, save_m
     align = row_align(x.dtype, *extents) if w2 is not None else 1
     if align == 1:  # the folded squeeze's extra accumulator only fits with aligned rows (AOT)
         w3 = b3 = None
-    a_next = torch.empty_like(x) if w3 is not None else None
+    a_next = track(torch.empty_like(x)) if w3 is not None else None
     check_int32("residual_distill", m * max(inner, out_stride, res_stride), wc_packed.numel())
     alpha_hi, alpha_lo = split_alpha(alpha)
     kernel, tuned = conv3x3_fused_kernel, conv3x3_tuned[(block_f, x.dtype == torch.float32, inplace)]
@@ -357,13 +358,13 @@ def _forward(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
     z = rows(z)
     n_img, d_in, height, width = z.shape
     n_out = w_expand.shape[0]
-    out = torch.empty((n_img, n_out, height, width), device=z.device, dtype=z.dtype,
-                      memory_format=torch.channels_last)
+    out = track(torch.empty((n_img, n_out, height, width), device=z.device, dtype=z.dtype,
+                            memory_format=torch.channels_last))
     b, a_next = _forward_into(z, d_in, out, n_out, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
                               save_b, inplace=False, a=a if a is not None and a.numel() else None,
                               next_squeeze=(w_squeeze_next, b_squeeze_next), wc_packed=wc_packed)
     # Two separate empties: a custom op's outputs must not alias one another.
-    return out, (b if b is not None else z.new_empty(0)), (a_next if a_next is not None else z.new_empty(0))
+    return out, (b if b is not None else track(z.new_empty(0))), (a_next if a_next is not None else track(z.new_empty(0)))
 
 
 def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, wc_packed=None,
@@ -388,7 +389,7 @@ def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expa
             alpha)
     inner = a.shape[1]
     if fuses_second_gemm(next_pow2(inner), z.dtype):
-        dz = torch.empty_like(z)
+        dz = track(torch.empty_like(z))
         g_a, _ = _conv3x3(g_b, wc_packed_t, None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
                           flip_taps=True, aux=a, save_mid=True, w2=w_squeeze, w2_transposed=True, n2=d_in,
                           res=grad, res_stride=n_out, nres=d_in, out=dz, out_stride=d_in)
@@ -408,14 +409,56 @@ def _group_forward(buffer, weights, alpha):
     block (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand). Block k reads channels
     [0, D_k) and writes [0, D_k + d_k) of the same pixel rows: the residual add is read and written
     by one program, so no concat copy and no second buffer exist. Each block's 3x3 kernel also
-    computes the next block's squeeze from the output rows it stores (folds_next_squeeze)."""
+    computes the next block's squeeze from the output rows it stores (folds_next_squeeze). Eager
+    calls replay a launch plan (kernels/plans.py)."""
+    packed = _pack_convs(weights[2::6])
+    planned(_group_forward_region, (alpha, len(packed)), [buffer, *weights, *packed])
+
+
+def _group_forward_region(static, inputs):
+    (alpha, n_blocks), buffer = static, inputs[0]
+    weights, packed = inputs[1:1 + 6 * n_blocks], inputs[1 + 6 * n_blocks:]
     stride = buffer.shape[1]
     a = None
-    for i in range(0, len(weights), 6):
+    for k, i in enumerate(range(0, len(weights), 6)):
         w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand = weights[i:i + 6]
         next_squeeze = tuple(weights[i + 6:i + 8]) if i + 6 < len(weights) else (None, None)
         _, a = _forward_into(buffer, stride, buffer, stride, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand,
-                             alpha, save_b=False, inplace=True, a=a, next_squeeze=next_squeeze)
+                             alpha, save_b=False, inplace=True, a=a, next_squeeze=next_squeeze, wc_packed=packed[k])
+
+
+def _chain_forward_region(static, inputs):
+    """A group's blocks forward for training (_EagerDistillGroup): inputs are z, the 6 tensors of each
+    block, and each block's packed 3x3 weight. Returns (the last output, (z, b) of each block from
+    `first` on)."""
+    alpha, first, save_b, n_blocks = static
+    z, weights, packed = inputs[0], inputs[1:1 + 6 * n_blocks], inputs[1 + 6 * n_blocks:]
+    saved = []
+    a = None
+    for k, i in enumerate(range(0, len(weights), 6)):
+        w_squeeze_next, b_squeeze_next = weights[i + 6:i + 8] if i + 6 < len(weights) else (None, None)
+        out, b, a = _forward(z, *weights[i:i + 6], alpha, save_b and k >= first, a, w_squeeze_next, b_squeeze_next,
+                             wc_packed=packed[k])
+        if k >= first:
+            saved += (z, b)
+        z = out
+    return z, saved
+
+
+def _chain_backward_region(static, inputs):
+    """The blocks' backward, last to first: inputs are the output gradient, the (z, b) saved for each
+    block, their 6 tensors each, their packed 3x3 weights (None each when b was saved) and the
+    transposed ones. Returns (the input gradient, the 6 weight and bias gradients of each block)."""
+    alpha, n_blocks = static
+    grad = inputs[0]
+    activations, weights = inputs[1:1 + 2 * n_blocks], inputs[1 + 2 * n_blocks:1 + 8 * n_blocks]
+    packed, packed_t = inputs[1 + 8 * n_blocks:1 + 9 * n_blocks], inputs[1 + 9 * n_blocks:]
+    grads = [None] * (6 * n_blocks)
+    for k in reversed(range(n_blocks)):
+        grad, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = _backward(grad, *activations[2 * k:2 * k + 2],
+                                                               *weights[6 * k:6 * k + 6], alpha, packed[k], packed_t[k])
+        grads[6 * k:6 * k + 6] = dw_sq, db_sq, dw_c, db_c, dw_e, db_e
+    return grad, grads
 
 
 # ---- registered ops and autograd -----------------------------------------------------------------
@@ -489,14 +532,31 @@ class _EagerResidualDistill(torch.autograd.Function):
         inputs = (z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b, a, w_squeeze_next,
                   b_squeeze_next)
         with direct_launches():
-            out, b, a_next = _forward(*inputs)
+            out, b, a_next = planned(_block_forward_region, (alpha, save_b),
+                                     [z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, a, w_squeeze_next,
+                                      b_squeeze_next])
         _setup_context(ctx, inputs, (out, b, a_next))
         return out, a_next
 
     @staticmethod
     def backward(ctx, grad, _grad_a_next):
         with direct_launches():
-            return _input_grads(ctx, grad, _backward)
+            return _input_grads(ctx, grad, _planned_backward)
+
+
+def _block_forward_region(static, inputs):
+    alpha, save_b = static
+    z, *weights, a, w_squeeze_next, b_squeeze_next = inputs
+    return _forward(z, *weights, alpha, save_b, a, w_squeeze_next, b_squeeze_next)
+
+
+def _block_backward_region(static, inputs):
+    return _backward(*inputs, static[0])
+
+
+def _planned_backward(grad, z, b, *weights_and_alpha):
+    *weights, alpha = weights_and_alpha
+    return planned(_block_backward_region, (alpha,), [rows(grad), z, b, *weights])
 
 
 class _EagerDistillGroup(torch.autograd.Function):
@@ -510,17 +570,10 @@ class _EagerDistillGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alpha, first, save_b, z, *weights):
-        saved = []
-        a = None
+        n_blocks = len(weights) // 6
         with direct_launches():
             packed = _pack_convs(weights[2::6])
-            for k, i in enumerate(range(0, len(weights), 6)):
-                w_squeeze_next, b_squeeze_next = weights[i + 6:i + 8] if i + 6 < len(weights) else (None, None)
-                out, b, a = _forward(z, *weights[i:i + 6], alpha, save_b and k >= first, a, w_squeeze_next,
-                                     b_squeeze_next, wc_packed=packed[k])
-                if k >= first:
-                    saved += (z, b)
-                z = out
+            z, saved = planned(_chain_forward_region, (alpha, first, save_b, n_blocks), [z, *weights, *packed])
         ctx.save_for_backward(*saved, *weights[6 * first:])
         ctx.alpha, ctx.first = alpha, first
         # Rebuilding b (recompute) reads the packed weights again: kept, a few kB a block. (w_conv
@@ -536,15 +589,12 @@ class _EagerDistillGroup(torch.autograd.Function):
         first, tensors = ctx.first, ctx.saved_tensors
         n_blocks = len(ctx.present) // 6 - first
         activations, weights = tensors[:2 * n_blocks], tensors[2 * n_blocks:]
-        grads = [None] * len(ctx.present)
         packed = ctx.packed or [None] * n_blocks
         with direct_launches():
             packed_t = _pack_convs(weights[2::6], transpose=True)
-            for k in reversed(range(n_blocks)):
-                block = weights[6 * k:6 * k + 6]
-                grad, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = _backward(grad, *activations[2 * k:2 * k + 2], *block,
-                                                                       ctx.alpha, packed[k], packed_t[k])
-                grads[6 * (first + k):6 * (first + k) + 6] = dw_sq, db_sq, dw_c, db_c, dw_e, db_e
+            grad, grads = planned(_chain_backward_region, (ctx.alpha, n_blocks),
+                                  [rows(grad), *activations, *weights, *packed, *packed_t])
+        grads = [None] * (6 * first) + grads
         # None for the scalars and absent biases; grad is now the group input's gradient.
         return (None, None, None, grad, *(g if has else None for g, has in zip(grads, ctx.present)))
 

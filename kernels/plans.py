@@ -1,0 +1,292 @@
+"""Launch plans: a region of launcher code recorded once per input signature, then replayed.
+
+A region is a function of some tensors (a group's blocks forward or backward, a compression) whose
+launchers allocate tensors and launch kernels, and whose every decision depends only on the inputs'
+shapes, strides, dtypes, storage offsets and 16-byte alignment, the device, and constants the caller
+passes. `planned(fn, static, inputs)` runs fn(static, inputs) the first time it sees a signature,
+recording each allocation (kernels/_common.py `track`) and each launch (`launch`), and builds from
+them one Python function that does the same work: every launch a direct call of the kept compiled
+kernel's launcher with its grid and arguments written in, the tensors it returns allocated, and
+every tensor that lives only inside the region carved out of one workspace whose pieces are reused
+once their last kernel is queued (same stream, so in order). Later calls with that signature run
+that function: no argument binding, specialization keys, configs or Python per launcher.
+
+Anything the recording cannot account for makes the signature unplannable, and it keeps running
+fn: a launch argument or returned tensor that is neither an input nor a tracked allocation (an
+untracked copy, say), a launch that did not end in a kept kernel, an allocation on another device.
+Under TRITON_INTERPRET=1 the same plans replay the interpreted kernels with views of the workspace,
+so the CPU tests check replays against the launchers bit for bit (tests/test_plans.py).
+docs/launch-path.md has the measurements.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from triton.runtime.driver import driver as triton_driver
+
+from . import _common
+
+WORKSPACE_ALIGN = 256  # bytes: every piece of the workspace starts at a multiple (Triton asks 16)
+PLANS_LIMIT = 512       # signatures kept; all forgotten when full
+
+failures: dict = {}  # region function -> why its last unplannable signature was refused (for tests)
+_enabled: bool | None = None  # FASTDRN_LAUNCH_PLANS, read at the first planned call
+
+
+def plans_enabled() -> bool:
+    """FASTDRN_LAUNCH_PLANS=0 turns launch plans off (read once), or set_launch_plans."""
+    global _enabled
+    if _enabled is None:
+        _enabled = os.environ.get("FASTDRN_LAUNCH_PLANS", "1").strip() != "0"
+    return _enabled
+
+
+def set_launch_plans(enabled: bool) -> None:
+    """Turn launch plans on or off for this process (what FASTDRN_LAUNCH_PLANS sets); forgets every plan."""
+    global _enabled
+    _enabled = bool(enabled)
+    _common.launch_plans.clear()
+
+
+def _signature(t):
+    if t is None:
+        return None
+    return t.shape, t.stride(), t.dtype, t.storage_offset(), t.data_ptr() & 15
+
+
+def planned(fn, static: tuple, inputs: list):
+    """fn(static, inputs), replayed from its plan when this signature has one (module docstring).
+
+    fn's result: tensors, None and constants in nested tuples and lists. static: hashable values fn
+    depends on besides the inputs (alpha, flags). Inputs are tensors or None, all on one device."""
+    if (not plans_enabled() or _common.recorder is not None or torch.compiler.is_compiling()
+            or _common.wrap_triton_enabled()):
+        return fn(static, inputs)
+    interpreted = _common.KERNELS_INTERPRETED
+    if not interpreted and not _common.lean_launches_possible():
+        return fn(static, inputs)
+    first = next(t for t in inputs if t is not None)
+    device = None if interpreted else triton_driver.active.get_current_device()
+    key = (fn, static, first.device, device, *map(_signature, inputs))
+    plans = _common.launch_plans
+    plan = plans.get(key, False)
+    if plan:
+        if plan.kernels_idle():
+            return plan.replay(inputs, None if interpreted else triton_driver.active.get_current_stream(device))
+        return fn(static, inputs)
+    if plan is None:  # unplannable
+        return fn(static, inputs)
+    recorder = _common.recorder = Recorder(inputs, first.device, interpreted)
+    try:
+        result = fn(static, inputs)
+    finally:
+        _common.recorder = None
+    plan = recorder.build(result)
+    if plan is None:
+        failures[fn] = recorder.failure
+    if len(plans) >= PLANS_LIMIT:
+        plans.clear()
+    plans[key] = plan
+    return result
+
+
+class _Slot:
+    """A tensor of the recorded region: an input (its position) or an allocation (its layout)."""
+
+    __slots__ = ("number", "input", "shape", "stride", "dtype", "nbytes", "output", "used", "last", "offset")
+
+    def __init__(self, number, t, input_index):
+        self.number, self.input = number, input_index
+        self.shape, self.stride, self.dtype = tuple(t.shape), tuple(t.stride()), t.dtype
+        extent = 0 if t.numel() == 0 else 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        self.nbytes = extent * t.element_size()
+        self.output = self.used = False
+        self.last = -1      # the last launch that reads or writes it
+        self.offset = None  # its place in the workspace (tensors that live only inside the region)
+
+
+class Recorder:
+    """What one run of a region allocated and launched, as _common.track and _common.launch report it."""
+
+    def __init__(self, inputs, device, interpreted):
+        self.device, self.interpreted = device, interpreted
+        self.slots: dict[int, _Slot] = {}
+        self.kept = []   # every recorded tensor stays alive while recording, so ids stay unique
+        self.steps = []  # ("alloc", slot) and ("launch", launch record) in program order
+        self.failure = None
+        for i, t in enumerate(inputs):
+            if t is not None and id(t) not in self.slots:
+                self._slot(t, i)
+
+    def _slot(self, t, input_index):
+        slot = self.slots[id(t)] = _Slot(len(self.slots), t, input_index)
+        self.kept.append(t)
+        return slot
+
+    def fail(self, why: str) -> None:
+        if self.failure is None:
+            self.failure = why
+
+    def allocated(self, t) -> None:
+        if t.device != self.device:
+            self.fail(f"an allocation on {t.device}, inputs on {self.device}")
+        self.steps.append(("alloc", self._slot(t, None)))
+
+    def _value(self, value):
+        if isinstance(value, torch.Tensor):
+            slot = self.slots.get(id(value))
+            if slot is None:
+                self.fail("a launch argument that is neither an input nor a tracked allocation")
+            return slot
+        return value
+
+    def launched(self, kernel, tuned, grid, config, args: dict) -> None:
+        step = len(self.steps)
+        if self.interpreted:
+            meta = config.kwargs
+            record = (kernel, tuple(grid(meta)), [(name, self._value(v)) for name, v in args.items()], config)
+        else:
+            entry = _common.lean_entry(kernel, tuned, args)
+            if entry is None:
+                self.fail(f"{kernel.__name__} launched without a kept compiled kernel")
+                return
+            run, function, metadata, meta = entry
+            configured = set(meta)
+            values = [None if p.name in configured else self._value(args[p.name]) for p in kernel.params]
+            record = (kernel, tuple(grid(meta)), (run, function, metadata), values)
+        for value in (v for _name, v in record[2]) if self.interpreted else record[3]:
+            if isinstance(value, _Slot):
+                value.used, value.last = True, step
+        self.steps.append(("launch", record))
+
+    def _output(self, value):
+        """The result's template: slots for tensors, the same containers, constants as they are."""
+        if isinstance(value, torch.Tensor):
+            slot = self.slots.get(id(value))
+            if slot is None:
+                self.fail("a returned tensor that is neither an input nor a tracked allocation")
+                return None
+            slot.output = True
+            return slot
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._output(v) for v in value)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        self.fail(f"a returned {type(value).__name__}")
+        return None
+
+    def build(self, result):
+        template = self._output(result)
+        if self.failure is not None:
+            return None
+        size = _pack_workspace([slot for kind, slot in self.steps if kind == "alloc" and slot.used and not slot.output],
+                               self.steps)
+        plan = Plan(self, template, size)
+        self.kept.clear()
+        return plan
+
+
+def _pack_workspace(slots: list, steps: list) -> int:
+    """Offsets for the tensors that live only inside the region (first fit, in allocation order): one
+    may take the place of another whose last launch came before its allocation. Returns the size."""
+    placed, size = [], 0
+    position = {id(slot): i for i, (kind, slot) in enumerate(steps) if kind == "alloc"}
+    for slot in slots:
+        born = position[id(slot)]
+        live = sorted((other.offset, other.offset + _round_up(other.nbytes)) for other in placed if other.last > born)
+        offset = 0
+        for start, end in live:
+            if offset + _round_up(slot.nbytes) <= start:
+                break
+            offset = max(offset, end)
+        slot.offset = offset
+        placed.append(slot)
+        size = max(size, offset + _round_up(slot.nbytes))
+    return size
+
+
+def _round_up(nbytes: int) -> int:
+    return max(WORKSPACE_ALIGN, -(-nbytes // WORKSPACE_ALIGN) * WORKSPACE_ALIGN)
+
+
+class Plan:
+    """A recorded region as generated straight-line code: replay(inputs, stream) -> the result."""
+
+    def __init__(self, recorder: Recorder, template, workspace: int):
+        names = {"empty_strided": torch.empty_strided, "device": recorder.device, "uint8": torch.uint8}
+        lines = ["def replay(inputs, stream):"]
+        interpreted = recorder.interpreted
+        slots = sorted(recorder.slots.values(), key=lambda slot: slot.number)
+
+        def constant(value):
+            if value is None or isinstance(value, (bool, int, str)):
+                return repr(value)
+            name = f"c{len(names)}"
+            names[name] = value
+            return name
+
+        def tensor(slot):  # the tensor (interpreted) or address (compiled) a launch gets
+            return f"t{slot.number}" if interpreted else f"p{slot.number}"
+
+        for slot in slots:
+            if slot.input is not None and (slot.used or slot.output):
+                lines.append(f"    t{slot.number} = inputs[{slot.input}]")
+                if slot.used and not interpreted:
+                    lines.append(f"    p{slot.number} = t{slot.number}.data_ptr()")
+        if workspace:
+            lines.append(f"    workspace = empty_strided(({workspace},), (1,), dtype=uint8, device=device)")
+            if not interpreted:
+                lines.append("    base = workspace.data_ptr()")
+        kernels = []
+        for kind, item in recorder.steps:
+            if kind == "alloc":
+                slot = item
+                dtype = constant(slot.dtype)
+                if slot.output:
+                    lines.append(f"    t{slot.number} = empty_strided({slot.shape!r}, {slot.stride!r}, dtype={dtype}, "
+                                 "device=device)")
+                    if slot.used and not interpreted:
+                        lines.append(f"    p{slot.number} = t{slot.number}.data_ptr()")
+                elif slot.used and interpreted:
+                    lines.append(f"    t{slot.number} = workspace[{slot.offset}:{slot.offset + slot.nbytes}]"
+                                 f".view({dtype}).as_strided({slot.shape!r}, {slot.stride!r})")
+                elif slot.used:
+                    lines.append(f"    p{slot.number} = base + {slot.offset}")
+                continue
+            kernel, grid = item[0], item[1]
+            if kernel not in kernels:
+                kernels.append(kernel)
+            if interpreted:
+                _kernel, _grid, named, config = item
+                arguments = [f"{name}={tensor(v) if isinstance(v, _Slot) else constant(v)}" for name, v in named]
+                arguments += [f"{name}={constant(v)}" for name, v in config.kwargs.items()]
+                arguments += [f"num_warps={config.num_warps}", f"num_stages={config.num_stages}"]
+                lines.append(f"    {constant(kernel)}[{grid!r}]({', '.join(arguments)})")
+            else:
+                _kernel, _grid, (run, function, metadata), values = item
+                grid = tuple(grid) + (1,) * (3 - len(grid))
+                arguments = [tensor(v) if isinstance(v, _Slot) else constant(v) for v in values]
+                lines.append(f"    {constant(run)}({grid[0]}, {grid[1]}, {grid[2]}, stream, {constant(function)}, "
+                             f"{constant(metadata)}, None, None, None, {', '.join(arguments)})")
+
+        def result(value):
+            if isinstance(value, _Slot):
+                return f"t{value.number}"
+            if isinstance(value, tuple):
+                return f"({''.join(result(v) + ', ' for v in value)})"
+            if isinstance(value, list):
+                return f"[{', '.join(result(v) for v in value)}]"
+            return constant(value)
+
+        lines.append(f"    return {result(template)}")
+        self.source = "\n".join(lines) + "\n"
+        exec(self.source, names)  # noqa: S102 - generated from the recorded launches
+        self.replay = names["replay"]
+        self.kernels = tuple(kernels)
+        self.launches = sum(kind == "launch" for kind, _item in recorder.steps)
+        self.workspace = workspace
+
+    def kernels_idle(self) -> bool:
+        """Whether no launch hook would run (a profiler), so a replay launches what the launchers would."""
+        return _common.KERNELS_INTERPRETED or (_common.hooks_idle() and not any(k.pre_run_hooks for k in self.kernels))

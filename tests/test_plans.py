@@ -1,0 +1,230 @@
+"""Launch plans (kernels/plans.py): a region of launcher code recorded once per input signature and
+replayed. A replay must do exactly what the launchers do: the same kernels, grids and arguments,
+so the same numbers bit for bit, with its region-only tensors in a reused workspace.
+
+Under the interpreter (here, without a GPU) replays run the interpreted kernels on views of the
+workspace, so a wrong offset, an overlap of two live tensors or a missed launch changes the
+results; the fake-GPU subprocess checks the compiled form, which calls the kept kernels'
+launchers with addresses.
+"""
+import pytest
+import torch
+
+from fastdrn import backend, ops
+from fastdrn.kernels import _common, plans
+from helpers import randn
+from test_launch_path import run_script
+from test_residual_distill import _group_blocks
+
+
+def _fused_or_skip(device, dtype):
+    from fastdrn.kernels import residual_distill as module
+
+    if not backend.use_triton("residual_distill", torch.device(device), dtype) or not module.eager_fast_path():
+        pytest.skip("the eager fused path does not run here")
+
+
+@pytest.fixture
+def launch_count(monkeypatch):
+    """How many launches went through kernels/_common.py `launch` (a replay goes around it)."""
+    calls = []
+    launch = _common.launch
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return launch(*args, **kwargs)
+
+    from fastdrn.kernels import gemm, residual_distill
+    for module in (gemm, residual_distill):  # every launcher's module (compress_skip's are gemm's)
+        monkeypatch.setattr(module, "launch", counted)
+    return calls
+
+
+def _train(y, blocks, w_c, b_c, recompute):
+    """A group and its compression, forward and backward: every gradient, in leaf order."""
+    leaves = [t for t in (y, *(t for block in blocks for t in block), w_c, b_c) if t is not None and t.requires_grad]
+    z = ops.distill_group(y, blocks, recompute=recompute)
+    out = ops.compress_skip(z, w_c, b_c, y)
+    grad_out = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape).to(out.device)
+    return [out, *torch.autograd.grad(out, leaves, grad_out)]
+
+
+# (N, C, H, W, inner widths): each there for a reason
+TRAIN_CASES = [
+    (2, 24, 5, 3, (16, 16, 12)),  # odd H, W; the last block narrower, so it does not fold
+    (1, 24, 1, 13, (16, 16, 16)),  # H = 1: every block folds the next squeeze
+    (3, 24, 4, 1, (16, 16, 16)),  # W = 1, N = 3
+]
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("case", TRAIN_CASES)
+def test_replay_equals_the_launchers(case, recompute, launch_count, device):
+    """Training (a group's blocks forward and backward, the compression forward and backward):
+    recorded, then replayed twice, each bit for bit what the launchers give with plans off; the
+    replays launch nothing through `launch` (they call the kept kernels themselves)."""
+    for dtype in (torch.float64, torch.float32) if device.type == "cpu" else (torch.bfloat16, torch.float32):
+        _fused_or_skip(device, dtype)
+        n, c, h, w, inners = case
+        y = randn(n, c, h, w, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+        blocks = _group_blocks(dtype, device, inners=inners)
+        width = c + 4 * len(blocks)
+        w_c = randn(c, width, 1, 1, dtype=dtype, device=device, requires_grad=True)
+        b_c = randn(c, dtype=dtype, device=device, requires_grad=True)
+        plans.set_launch_plans(False)
+        try:
+            expected = _train(y, blocks, w_c, b_c, recompute)
+        finally:
+            plans.set_launch_plans(True)
+        for run in ("record", "replay", "replay again"):
+            launch_count.clear()
+            got = _train(y, blocks, w_c, b_c, recompute)
+            for i, (g, e) in enumerate(zip(got, expected)):
+                assert torch.equal(g, e), f"{dtype} {run}: output {i} differs from the launchers'"
+            if run == "record":
+                assert launch_count, "nothing launched while recording"
+            else:
+                assert not launch_count, f"{run}: {len(launch_count)} launches went through the launchers"
+        assert not plans.failures, plans.failures
+
+
+def test_inference_group_replays_in_place(launch_count, device):
+    """The in-place inference group: replays write the same buffer contents as the launchers."""
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    _fused_or_skip(device, dtype)
+    blocks = _group_blocks(dtype, device, inners=(16, 16, 16))
+    y = randn(2, 24, 5, 7, dtype=dtype, device=device, channels_last=True)
+    with torch.no_grad():
+        plans.set_launch_plans(False)
+        try:
+            expected = ops.distill_group(y, blocks)
+        finally:
+            plans.set_launch_plans(True)
+        for run in ("record", "replay"):
+            launch_count.clear()
+            assert torch.equal(ops.distill_group(y, blocks), expected), run
+        assert not launch_count, "the replay went through the launchers"
+
+
+def test_a_new_signature_records_a_new_plan(device):
+    """Shape, dtype and alignment are part of the signature: each new one is recorded, and a replay
+    never serves an input it was not recorded for."""
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    _fused_or_skip(device, dtype)
+    blocks = _group_blocks(dtype, device, inners=(16, 16, 16))
+    plans.set_launch_plans(True)
+    with torch.no_grad():
+        first = randn(1, 24, 3, 5, dtype=dtype, device=device, channels_last=True)
+        ops.distill_group(first, blocks)
+        count = sum(plan is not None for plan in _common.launch_plans.values())
+        taller = randn(1, 24, 4, 5, dtype=dtype, device=device, channels_last=True)
+        got = ops.distill_group(taller, blocks)
+        assert sum(plan is not None for plan in _common.launch_plans.values()) == count + 1
+        plans.set_launch_plans(False)
+        try:
+            assert torch.equal(got, ops.distill_group(taller, blocks))
+        finally:
+            plans.set_launch_plans(True)
+
+
+def test_an_untracked_tensor_leaves_the_region_unplanned(monkeypatch, device):
+    """A launch argument the recording cannot account for (here: an untracked copy) makes the
+    signature unplannable, with the reason kept, and the region keeps running its launchers."""
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    _fused_or_skip(device, dtype)
+    from fastdrn.kernels import compress_skip as module
+
+    forward = module._forward
+    monkeypatch.setattr(module, "_forward", lambda z, w, b, skip, alpha: forward(z.clone(), w, b, skip, alpha))
+    plans.set_launch_plans(True)
+    plans.failures.clear()
+    z = randn(1, 40, 3, 3, dtype=dtype, device=device, channels_last=True)
+    skip = randn(1, 24, 3, 3, dtype=dtype, device=device, channels_last=True)
+    w, b = randn(24, 40, 1, 1, dtype=dtype, device=device), randn(24, dtype=dtype, device=device)
+    with torch.no_grad():
+        outs = [ops.compress_skip(z, w, b, skip) for _ in range(2)]
+    assert torch.equal(outs[0], outs[1])
+    assert "neither an input nor a tracked allocation" in plans.failures[module._forward_region]
+    plans.failures.clear()
+
+
+def test_workspace_reuses_the_place_of_dead_tensors():
+    """First fit over lifetimes: a tensor takes the place of one whose last launch came before its
+    allocation, and never overlaps one still live."""
+    slots = []
+    steps = []
+
+    def alloc(nbytes):
+        slot = plans._Slot(len(slots), torch.empty(nbytes, dtype=torch.uint8), None)
+        slot.used = True
+        slots.append(slot)
+        steps.append(("alloc", slot))
+        return slot
+
+    def launch(*used):
+        for slot in used:
+            slot.last = len(steps)
+        steps.append(("launch", None))
+
+    a, b = alloc(1000), alloc(300)   # a: [0, 1024), b: [1024, 1280)
+    launch(a, b)
+    c = alloc(200)                    # a and b are dead: c takes offset 0
+    launch(c)
+    d = alloc(2000)                   # c is dead too
+    e = alloc(100)                    # d is live: e goes after it
+    launch(d, e)
+    size = plans._pack_workspace(slots, steps)
+    assert (a.offset, b.offset, c.offset, d.offset, e.offset) == (0, 1024, 0, 0, 2048)
+    assert size == 2304
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fake-GPU subprocess is for machines without CUDA")
+def test_compiled_replay_launches_what_the_launchers_launch():
+    """With Triton's launch path over a stand-in driver (test_launch_path.py): a group's training
+    forward and backward and the compression, in bf16 and float32. The replay calls the same
+    compiled kernels, with the same grids and non-pointer arguments, the inputs' addresses where the
+    launchers passed the inputs, and 16-byte aligned addresses for its own tensors."""
+    stdout = run_script("""
+        from fastdrn import ops
+        from fastdrn.kernels import plans
+        sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
+        from test_residual_distill import _group_blocks
+        _common.set_launch_options(autotune=False)
+
+        def step(y, blocks, w_c, b_c):
+            z = ops.distill_group(y, blocks)
+            out = ops.compress_skip(z, w_c, b_c, y)
+            out.backward(torch.ones_like(out))
+
+        def pointer(value, inputs):
+            if isinstance(value, torch.Tensor):
+                value = value.data_ptr()
+            return ("input", inputs[value]) if value in inputs else ("own", value % 16)
+
+        for dtype in (torch.bfloat16, torch.float32):
+            y = torch.randn(2, 24, 5, 3, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+            blocks = _group_blocks(dtype, "cpu", inners=(16, 16, 16))
+            w_c = torch.randn(24, 36, 1, 1, dtype=dtype, requires_grad=True)
+            b_c = torch.randn(24, dtype=dtype, requires_grad=True)
+            inputs = {t.data_ptr(): i for i, t in enumerate([y, *(t for blk in blocks for t in blk), w_c, b_c])}
+            def launched():
+                log.clear()
+                step(y, blocks, w_c, b_c)
+                return [(stub, args[:3], [pointer(a, inputs) if kind.startswith("*") else a
+                                          for (name, kind), a in zip(stub.signature.items(), args[9:])
+                                          if kind != "constexpr"])
+                        for stub, args in log]
+
+            plans.set_launch_plans(False)
+            off = launched()
+            plans.set_launch_plans(True)
+            launched()  # recorded
+            on = launched()
+            assert len(off) == len(on) > 0, (len(off), len(on))
+            for i, ((s0, g0, a0), (s1, g1, a1)) in enumerate(zip(off, on)):
+                assert s0 is s1 and g0 == g1, (dtype, i)
+                assert a0 == a1, (dtype, i, a0, a1)
+            assert not plans.failures, plans.failures
+            print(dtype, "launches", len(on))
+    """)
+    assert "torch.float32 launches" in stdout
