@@ -14,8 +14,9 @@ process, one thread (OMP_NUM_THREADS=1), as the minimum over --reps rounds. Prin
     fastdrn's launch, a block's forward through fastdrn.ops, and one aten op for scale;
   - host time of a training step (forward, L1 loss, backward) and of an inference forward, fastdrn
     and the reference, and their ratio;
-  - kernel launches per training step: the Triton launches counted, plus the aten primitives that
-    launch a kernel on a GPU (copies, sums, fills, convolutions...), counted with torch.profiler.
+  - kernel launches per training step: the Triton launches counted (those made by fastdrn's launchers,
+    and those replayed from launch plans, kernels/plans.py), plus the aten primitives that launch a
+    kernel on a GPU (copies, sums, fills, convolutions...), counted with torch.profiler.
 Times are CPU host times on this machine; the counts are exact.
 """
 from __future__ import annotations
@@ -278,7 +279,8 @@ def main() -> None:
         print(f"{what:14s} host: fastdrn {fast * 1e3:6.2f} ms, reference {ref * 1e3:6.2f} ms, "
               f"ratio {fast / ref:.2f}x")
     print(f"launches per training step {t['triton launches'] + t['aten launches']} "
-          f"({t['triton launches']} Triton + {t['aten launches']} aten); launch() calls {t['launch calls']}; "
+          f"({t['triton launches']} Triton + {t['aten launches']} aten); through the launchers {t['launch calls']}, "
+          f"replayed from launch plans {t['triton launches'] - t['launch calls']}; "
           f"through Triton's own run once warm: {t['through triton']}")
     print(f"(CPU host times: process CPU time, min of {args.reps} rounds, one thread; Triton {triton.__version__}, "
           f"torch {torch.__version__}; nothing compiled or launched)")

@@ -21,6 +21,7 @@ docs/launch-path.md has the measurements.
 from __future__ import annotations
 
 import os
+from operator import attrgetter
 
 import torch
 from triton.runtime.driver import driver as triton_driver
@@ -49,17 +50,28 @@ def set_launch_plans(enabled: bool) -> None:
     _common.launch_plans.clear()
 
 
-def _signature(t):
-    if t is None:
-        return None
-    return t.shape, t.stride(), t.dtype, t.storage_offset(), t.data_ptr() & 15
+_shape, _dtype = attrgetter("shape"), attrgetter("dtype")
+_Tensor = torch.Tensor
 
 
-def planned(fn, static: tuple, inputs: list):
+def _signature(tensors: list) -> tuple:
+    """What launchers read of these tensors besides their contents: shapes, strides, dtypes, storage
+    offsets and 16-byte alignment (where None sits, too). Attribute by attribute over the list: a
+    tuple per tensor cost a third more (55 tensors a group)."""
+    present = [t for t in tensors if t is not None]
+    return (tuple(t is None for t in tensors) if len(present) < len(tensors) else None,
+            tuple(map(_shape, present)), tuple(map(_Tensor.stride, present)), tuple(map(_dtype, present)),
+            tuple(map(_Tensor.storage_offset, present)), tuple(p & 15 for p in map(_Tensor.data_ptr, present)))
+
+
+def planned(fn, static: tuple, inputs: list, keyed: int | None = None):
     """fn(static, inputs), replayed from its plan when this signature has one (module docstring).
 
     fn's result: tensors, None and constants in nested tuples and lists. static: hashable values fn
-    depends on besides the inputs (alpha, flags). Inputs are tensors or None, all on one device."""
+    depends on besides the inputs (alpha, flags). Inputs are tensors or None, all on one device; the
+    signature reads the first `keyed` (default all): the caller vouches that the rest (tensors it
+    derived from those, such as packed weights or activations saved by a planned region) follow
+    from them and from static."""
     if (not plans_enabled() or _common.recorder is not None or torch.compiler.is_compiling()
             or _common.wrap_triton_enabled()):
         return fn(static, inputs)
@@ -68,7 +80,7 @@ def planned(fn, static: tuple, inputs: list):
         return fn(static, inputs)
     first = next(t for t in inputs if t is not None)
     device = None if interpreted else triton_driver.active.get_current_device()
-    key = (fn, static, first.device, device, *map(_signature, inputs))
+    key = (fn, static, first.device, device, _signature(inputs if keyed is None else inputs[:keyed]))
     plans = _common.launch_plans
     plan = plans.get(key, False)
     if plan:

@@ -411,8 +411,8 @@ def _group_forward(buffer, weights, alpha):
     by one program, so no concat copy and no second buffer exist. Each block's 3x3 kernel also
     computes the next block's squeeze from the output rows it stores (folds_next_squeeze). Eager
     calls replay a launch plan (kernels/plans.py)."""
-    packed = _pack_convs(weights[2::6])
-    planned(_group_forward_region, (alpha, len(packed)), [buffer, *weights, *packed])
+    packed = _pack_convs(weights[2::6])  # derived from the weights: not in the plan's signature
+    planned(_group_forward_region, (alpha, len(packed)), [buffer, *weights, *packed], keyed=1 + len(weights))
 
 
 def _group_forward_region(static, inputs):
@@ -446,12 +446,13 @@ def _chain_forward_region(static, inputs):
 
 
 def _chain_backward_region(static, inputs):
-    """The blocks' backward, last to first: inputs are the output gradient, the (z, b) saved for each
-    block, their 6 tensors each, their packed 3x3 weights (None each when b was saved) and the
-    transposed ones. Returns (the input gradient, the 6 weight and bias gradients of each block)."""
-    alpha, n_blocks = static
-    grad = inputs[0]
-    activations, weights = inputs[1:1 + 2 * n_blocks], inputs[1 + 2 * n_blocks:1 + 8 * n_blocks]
+    """The blocks' backward, last to first: inputs are the output gradient, the first block's z, the
+    6 tensors of each block, then the rest of the (z, b) saved for each block, their packed 3x3
+    weights (None each when b was saved) and the transposed ones. Returns (the input gradient, the
+    6 weight and bias gradients of each block)."""
+    alpha, n_blocks, _save_b = static
+    grad, weights = inputs[0], inputs[2:2 + 6 * n_blocks]
+    activations = [inputs[1], *inputs[2 + 6 * n_blocks:1 + 8 * n_blocks]]
     packed, packed_t = inputs[1 + 8 * n_blocks:1 + 9 * n_blocks], inputs[1 + 9 * n_blocks:]
     grads = [None] * (6 * n_blocks)
     for k in reversed(range(n_blocks)):
@@ -573,7 +574,8 @@ class _EagerDistillGroup(torch.autograd.Function):
         n_blocks = len(weights) // 6
         with direct_launches():
             packed = _pack_convs(weights[2::6])
-            z, saved = planned(_chain_forward_region, (alpha, first, save_b, n_blocks), [z, *weights, *packed])
+            z, saved = planned(_chain_forward_region, (alpha, first, save_b, n_blocks), [z, *weights, *packed],
+                               keyed=1 + len(weights))  # the packed weights follow from the weights
         ctx.save_for_backward(*saved, *weights[6 * first:])
         ctx.alpha, ctx.first = alpha, first
         # Rebuilding b (recompute) reads the packed weights again: kept, a few kB a block. (w_conv
@@ -592,8 +594,11 @@ class _EagerDistillGroup(torch.autograd.Function):
         packed = ctx.packed or [None] * n_blocks
         with direct_launches():
             packed_t = _pack_convs(weights[2::6], transpose=True)
-            grad, grads = planned(_chain_backward_region, (ctx.alpha, n_blocks),
-                                  [rows(grad), *activations, *weights, *packed, *packed_t])
+            # Keyed: the gradient, the group's input and the weights; the other saved activations
+            # and the packed weights are what the planned forward and _pack_convs made of those.
+            grad, grads = planned(_chain_backward_region, (ctx.alpha, n_blocks, ctx.packed is None),
+                                  [rows(grad), activations[0], *weights, *activations[1:], *packed, *packed_t],
+                                  keyed=2 + len(weights))
         grads = [None] * (6 * first) + grads
         # None for the scalars and absent biases; grad is now the group input's gradient.
         return (None, None, None, grad, *(g if has else None for g, has in zip(grads, ctx.present)))
