@@ -5,8 +5,10 @@ registered torch.library op and its autograd, then the public function. `registr
 kernel and the configurations it can launch with, for the ahead-of-time compile check.
 
 set_launch_options(num_warps=None, autotune=True) sets at run time what FASTDRN_NUM_WARPS and
-FASTDRN_AUTOTUNE set at the first launch (docs/launch-path.md).
+FASTDRN_AUTOTUNE set at the first launch, and set_launch_plans(enabled) what FASTDRN_LAUNCH_PLANS
+sets (docs/launch-path.md).
 """
 from ._common import set_launch_options
+from .plans import set_launch_plans
 
-__all__ = ["set_launch_options"]
+__all__ = ["set_launch_options", "set_launch_plans"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 
+from . import _common
+
 VARIANTS: dict[str, tuple[str, ...]] = {
     # tiles: 64 x 64 tiles over whole channel blocks, about 256 programs, partials stored tile-major
     #        (coalesced) and scattered into the weight's layout by the sum.
@@ -51,6 +53,7 @@ def choose(kind: str, name: str) -> str:
         raise ValueError(f"{kind!r} has no variant {name!r}; known: {VARIANTS.get(kind, ())}")
     previous = chosen(kind)
     _chosen[kind] = name
+    _common.launch_plans.clear()  # recorded with the previous variant
     return previous
 
 

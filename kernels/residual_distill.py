@@ -535,7 +535,7 @@ class _EagerResidualDistill(torch.autograd.Function):
         with direct_launches():
             out, b, a_next = planned(_block_forward_region, (alpha, save_b),
                                      [z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, a, w_squeeze_next,
-                                      b_squeeze_next])
+                                      b_squeeze_next, _pack_conv(w_conv)], keyed=10)  # the packed weight follows
         _setup_context(ctx, inputs, (out, b, a_next))
         return out, a_next
 
@@ -547,17 +547,23 @@ class _EagerResidualDistill(torch.autograd.Function):
 
 def _block_forward_region(static, inputs):
     alpha, save_b = static
-    z, *weights, a, w_squeeze_next, b_squeeze_next = inputs
-    return _forward(z, *weights, alpha, save_b, a, w_squeeze_next, b_squeeze_next)
+    z, *weights, a, w_squeeze_next, b_squeeze_next, packed = inputs
+    return _forward(z, *weights, alpha, save_b, a, w_squeeze_next, b_squeeze_next, wc_packed=packed)
 
 
 def _block_backward_region(static, inputs):
-    return _backward(*inputs, static[0])
+    grad, z, b, *weights, packed, packed_t = inputs
+    return _backward(grad, z, b, *weights, static[0], packed, packed_t)
 
 
 def _planned_backward(grad, z, b, *weights_and_alpha):
+    """_backward through a launch plan; the 3x3 weight packed outside it (the plan's signature keys
+    the weight itself), and packed forward too only where b is to be rebuilt (recompute)."""
     *weights, alpha = weights_and_alpha
-    return planned(_block_backward_region, (alpha,), [rows(grad), z, b, *weights])
+    w_conv = weights[2]
+    packed = _pack_conv(w_conv) if b.numel() == 0 else None
+    return planned(_block_backward_region, (alpha,), [rows(grad), z, b, *weights, packed,
+                                                       _pack_conv(w_conv, transpose=True)], keyed=9)
 
 
 class _EagerDistillGroup(torch.autograd.Function):

@@ -88,6 +88,46 @@ def test_replay_equals_the_launchers(case, recompute, launch_count, device):
         assert not plans.failures, plans.failures
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_single_block_replays(recompute, launch_count, device):
+    """ops.residual_distill on its own (one Function a block): forward and backward replayed, bit
+    for bit the launchers' results; D = 20, F = 12, d = 3, odd H and W."""
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    _fused_or_skip(device, dtype)
+    from test_residual_distill import make_block
+
+    z = randn(2, 20, 3, 5, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+    weights = make_block(20, 12, 3, dtype, device)
+
+    def run():
+        out = ops.residual_distill(z, *weights, recompute=recompute)
+        return [out, *torch.autograd.grad(out, [z, *weights], torch.cos(out.detach()))]
+
+    plans.set_launch_plans(False)
+    try:
+        expected = run()
+    finally:
+        plans.set_launch_plans(True)
+    for attempt in ("record", "replay"):
+        launch_count.clear()
+        for i, (g, e) in enumerate(zip(run(), expected)):
+            assert torch.equal(g, e), f"{attempt}: output {i}"
+    assert not launch_count and not plans.failures, (len(launch_count), plans.failures)
+
+
+def test_changing_a_launch_setting_forgets_the_plans():
+    """A plan holds the kernels and configs its recording launched: choosing another kernel variant,
+    or other launch options, must not replay it."""
+    from fastdrn.kernels import choices
+
+    _common.launch_plans["a plan"] = None
+    choices.choose("weight_grad", choices.chosen("weight_grad"))
+    assert not _common.launch_plans
+    _common.launch_plans["a plan"] = None
+    _common.set_launch_options()
+    assert not _common.launch_plans
+
+
 def test_inference_group_replays_in_place(launch_count, device):
     """The in-place inference group: replays write the same buffer contents as the launchers."""
     dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
