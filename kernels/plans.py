@@ -50,6 +50,14 @@ def set_launch_plans(enabled: bool) -> None:
     _common.launch_plans.clear()
 
 
+def reset() -> None:
+    """Forget every plan and failure, and read FASTDRN_LAUNCH_PLANS again at the next region (tests)."""
+    global _enabled
+    _enabled = None
+    _common.launch_plans.clear()
+    failures.clear()
+
+
 _shape, _dtype = attrgetter("shape"), attrgetter("dtype")
 _Tensor = torch.Tensor
 

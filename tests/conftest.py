@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before Triton decorates the kernels, so it is set h
 test module imports fastdrn.kernels. On a CUDA machine the kernels run on the GPU instead.
 """
 import os
+import sys
 import zlib
 
 import pytest
@@ -29,6 +30,12 @@ def _seed_and_backend(monkeypatch, request):
     # hash(), which Python salts per process (PYTHONHASHSEED).
     torch.manual_seed(seed_of(request.node.nodeid))
     monkeypatch.delenv("FASTDRN_BACKEND", raising=False)
+    # Launch plans live for the process: one recorded while an earlier test patched a launcher would
+    # replay the patched launches here. Every test records its own (if the kernels are loaded at all:
+    # some tests check what importing fastdrn loads).
+    plans = sys.modules.get("fastdrn.kernels.plans")
+    if plans is not None:
+        plans.reset()
 
 
 # A CUDA fault (an illegal address, a kernel trap) is sticky: every later CUDA call of the process
