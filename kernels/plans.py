@@ -112,12 +112,14 @@ def planned(fn, static: tuple, inputs: list, keyed: int | None = None):
 
 
 class _Slot:
-    """A tensor of the recorded region: an input (its position) or an allocation (its layout)."""
+    """A tensor of the recorded region: an input (its position), a view of one made inside the region
+    (view_of: that input's slot, at `delta` bytes from it) or an allocation (its layout)."""
 
-    __slots__ = ("number", "input", "shape", "stride", "dtype", "nbytes", "output", "used", "last", "offset")
+    __slots__ = ("number", "input", "view_of", "delta", "shape", "stride", "dtype", "nbytes", "output", "used",
+                 "last", "offset")
 
-    def __init__(self, number, t, input_index):
-        self.number, self.input = number, input_index
+    def __init__(self, number, t, input_index, view_of=None, delta=0):
+        self.number, self.input, self.view_of, self.delta = number, input_index, view_of, delta
         self.shape, self.stride, self.dtype = tuple(t.shape), tuple(t.stride()), t.dtype
         extent = 0 if t.numel() == 0 else 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
         self.nbytes = extent * t.element_size()
@@ -139,10 +141,20 @@ class Recorder:
             if t is not None and id(t) not in self.slots:
                 self._slot(t, i)
 
-    def _slot(self, t, input_index):
-        slot = self.slots[id(t)] = _Slot(len(self.slots), t, input_index)
+    def _slot(self, t, input_index, view_of=None, delta=0):
+        slot = self.slots[id(t)] = _Slot(len(self.slots), t, input_index, view_of, delta)
         self.kept.append(t)
         return slot
+
+    def _view_of_input(self, t):
+        """A slot for t where it is a view of an input with the input's dtype (the region sliced it, as
+        unbind does a stack of packed weights): its address is the input's plus a fixed offset."""
+        storage = t.untyped_storage().data_ptr()
+        for kept, slot in zip(self.kept, list(self.slots.values())):
+            if (slot.input is not None and kept.dtype == t.dtype and kept.device == t.device
+                    and kept.untyped_storage().data_ptr() == storage):
+                return self._slot(t, None, slot, t.data_ptr() - kept.data_ptr())
+        return None
 
     def fail(self, why: str) -> None:
         if self.failure is None:
@@ -155,9 +167,9 @@ class Recorder:
 
     def _value(self, value):
         if isinstance(value, torch.Tensor):
-            slot = self.slots.get(id(value))
+            slot = self.slots.get(id(value)) or self._view_of_input(value)
             if slot is None:
-                self.fail("a launch argument that is neither an input nor a tracked allocation")
+                self.fail("a launch argument that is neither an input, a view of one, nor a tracked allocation")
             return slot
         return value
 
@@ -178,13 +190,15 @@ class Recorder:
         for value in (v for _name, v in record[2]) if self.interpreted else record[3]:
             if isinstance(value, _Slot):
                 value.used, value.last = True, step
+                if value.view_of is not None:
+                    value.view_of.used = True
         self.steps.append(("launch", record))
 
     def _output(self, value):
         """The result's template: slots for tensors, the same containers, constants as they are."""
         if isinstance(value, torch.Tensor):
             slot = self.slots.get(id(value))
-            if slot is None:
+            if slot is None or slot.view_of is not None:
                 self.fail("a returned tensor that is neither an input nor a tracked allocation")
                 return None
             slot.output = True
@@ -226,6 +240,10 @@ def _pack_workspace(slots: list, steps: list) -> int:
     return size
 
 
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
 def _round_up(nbytes: int) -> int:
     return max(WORKSPACE_ALIGN, -(-nbytes // WORKSPACE_ALIGN) * WORKSPACE_ALIGN)
 
@@ -254,6 +272,15 @@ class Plan:
                 lines.append(f"    t{slot.number} = inputs[{slot.input}]")
                 if slot.used and not interpreted:
                     lines.append(f"    p{slot.number} = t{slot.number}.data_ptr()")
+        for slot in slots:
+            if slot.view_of is None:
+                continue
+            base = slot.view_of.number
+            if interpreted:
+                lines.append(f"    t{slot.number} = t{base}.as_strided({slot.shape!r}, {slot.stride!r}, "
+                             f"t{base}.storage_offset() + {slot.delta // _element_size(slot.dtype)})")
+            else:
+                lines.append(f"    p{slot.number} = p{base} + {slot.delta}")
         if workspace:
             lines.append(f"    workspace = empty_strided(({workspace},), (1,), dtype=uint8, device=device)")
             if not interpreted:

@@ -307,18 +307,26 @@ def _pack_conv(w_conv, transpose=False):
     return w_conv.permute(2, 3, 1, 0).reshape(9, w_conv.shape[1], w_conv.shape[0]).contiguous()
 
 
-def _pack_convs(w_convs, transpose=False):
-    """_pack_conv of each weight; for weights of one shape and dtype, all in one copy (three aten ops a
-    group, not three a block) whose per-block slices keep the 16-byte alignment of a fresh tensor,
-    else one by one."""
+def _pack_convs(w_convs, transpose=False) -> list:
+    """_pack_conv of each weight: for weights of one shape and dtype, all in one copy (three aten ops a
+    group, not three a block), returned as [that (n, 9, ., .) stack] (its per-block slices keep the
+    16-byte alignment of a fresh tensor); otherwise one packed tensor a weight. _packed_blocks gives
+    the per-block tensors of either."""
     first = w_convs[0]
     if len(w_convs) > 1 and first.numel() * first.element_size() % 16 == 0 and all(
             w.shape == first.shape and w.dtype == first.dtype and w.device == first.device for w in w_convs):
         f_out, f_in = first.shape[0], first.shape[1]
         if transpose:
-            return torch.stack(w_convs).permute(0, 3, 4, 1, 2).reshape(len(w_convs), 9, f_out, f_in).contiguous().unbind()
-        return torch.stack(w_convs).permute(0, 3, 4, 2, 1).reshape(len(w_convs), 9, f_in, f_out).contiguous().unbind()
+            return [torch.stack(w_convs).permute(0, 3, 4, 1, 2).reshape(len(w_convs), 9, f_out, f_in).contiguous()]
+        return [torch.stack(w_convs).permute(0, 3, 4, 2, 1).reshape(len(w_convs), 9, f_in, f_out).contiguous()]
     return [_pack_conv(w, transpose) for w in w_convs]
+
+
+def _packed_blocks(packs) -> list:
+    """Each block's packed 3x3 weight from what _pack_convs returned. Inside a planned region the
+    slices of a stack are views of its input: a replay adds their offsets to its address instead of
+    making them (10 us a group)."""
+    return list(packs[0].unbind()) if len(packs) == 1 and packs[0].dim() == 4 else list(packs)
 
 
 def _squeeze(z, z_stride, w_squeeze, b_squeeze, alpha):
@@ -411,13 +419,13 @@ def _group_forward(buffer, weights, alpha):
     by one program, so no concat copy and no second buffer exist. Each block's 3x3 kernel also
     computes the next block's squeeze from the output rows it stores (folds_next_squeeze). Eager
     calls replay a launch plan (kernels/plans.py)."""
-    packed = _pack_convs(weights[2::6])  # derived from the weights: not in the plan's signature
-    planned(_group_forward_region, (alpha, len(packed)), [buffer, *weights, *packed], keyed=1 + len(weights))
+    packs = _pack_convs(weights[2::6])  # derived from the weights: not in the plan's signature
+    planned(_group_forward_region, (alpha, len(weights) // 6), [buffer, *weights, *packs], keyed=1 + len(weights))
 
 
 def _group_forward_region(static, inputs):
     (alpha, n_blocks), buffer = static, inputs[0]
-    weights, packed = inputs[1:1 + 6 * n_blocks], inputs[1 + 6 * n_blocks:]
+    weights, packed = inputs[1:1 + 6 * n_blocks], _packed_blocks(inputs[1 + 6 * n_blocks:])
     stride = buffer.shape[1]
     a = None
     for k, i in enumerate(range(0, len(weights), 6)):
@@ -432,7 +440,7 @@ def _chain_forward_region(static, inputs):
     block, and each block's packed 3x3 weight. Returns (the last output, (z, b) of each block from
     `first` on)."""
     alpha, first, save_b, n_blocks = static
-    z, weights, packed = inputs[0], inputs[1:1 + 6 * n_blocks], inputs[1 + 6 * n_blocks:]
+    z, weights, packed = inputs[0], inputs[1:1 + 6 * n_blocks], _packed_blocks(inputs[1 + 6 * n_blocks:])
     saved = []
     a = None
     for k, i in enumerate(range(0, len(weights), 6)):
@@ -447,13 +455,16 @@ def _chain_forward_region(static, inputs):
 
 def _chain_backward_region(static, inputs):
     """The blocks' backward, last to first: inputs are the output gradient, the first block's z, the
-    6 tensors of each block, then the rest of the (z, b) saved for each block, their packed 3x3
-    weights (None each when b was saved) and the transposed ones. Returns (the input gradient, the
-    6 weight and bias gradients of each block)."""
-    alpha, n_blocks, _save_b = static
+    6 tensors of each block, then the rest of the (z, b) saved for each block, the transposed packed
+    3x3 weights (n_packs_t tensors, _pack_convs) and, where b was not saved, the forward's packed
+    weights of the whole group. Returns (the input gradient, the 6 weight and bias gradients of each
+    block)."""
+    alpha, n_blocks, first, n_packs_t = static
     grad, weights = inputs[0], inputs[2:2 + 6 * n_blocks]
     activations = [inputs[1], *inputs[2 + 6 * n_blocks:1 + 8 * n_blocks]]
-    packed, packed_t = inputs[1 + 8 * n_blocks:1 + 9 * n_blocks], inputs[1 + 9 * n_blocks:]
+    packs = inputs[1 + 8 * n_blocks:]
+    packed_t = _packed_blocks(packs[:n_packs_t])
+    packed = _packed_blocks(packs[n_packs_t:])[first:] if len(packs) > n_packs_t else [None] * n_blocks
     grads = [None] * (6 * n_blocks)
     for k in reversed(range(n_blocks)):
         grad, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = _backward(grad, *activations[2 * k:2 * k + 2],
@@ -579,14 +590,14 @@ class _EagerDistillGroup(torch.autograd.Function):
     def forward(ctx, alpha, first, save_b, z, *weights):
         n_blocks = len(weights) // 6
         with direct_launches():
-            packed = _pack_convs(weights[2::6])
-            z, saved = planned(_chain_forward_region, (alpha, first, save_b, n_blocks), [z, *weights, *packed],
+            packs = _pack_convs(weights[2::6])
+            z, saved = planned(_chain_forward_region, (alpha, first, save_b, n_blocks), [z, *weights, *packs],
                                keyed=1 + len(weights))  # the packed weights follow from the weights
         ctx.save_for_backward(*saved, *weights[6 * first:])
         ctx.alpha, ctx.first = alpha, first
         # Rebuilding b (recompute) reads the packed weights again: kept, a few kB a block. (w_conv
         # itself is saved, so changing it in place before backward still raises.)
-        ctx.packed = None if save_b else packed[first:]
+        ctx.packs = None if save_b else packs
         ctx.present = [t is not None for t in weights]
         return z
 
@@ -597,14 +608,13 @@ class _EagerDistillGroup(torch.autograd.Function):
         first, tensors = ctx.first, ctx.saved_tensors
         n_blocks = len(ctx.present) // 6 - first
         activations, weights = tensors[:2 * n_blocks], tensors[2 * n_blocks:]
-        packed = ctx.packed or [None] * n_blocks
         with direct_launches():
-            packed_t = _pack_convs(weights[2::6], transpose=True)
+            packs_t = _pack_convs(weights[2::6], transpose=True)
             # Keyed: the gradient, the group's input and the weights; the other saved activations
             # and the packed weights are what the planned forward and _pack_convs made of those.
-            grad, grads = planned(_chain_backward_region, (ctx.alpha, n_blocks, ctx.packed is None),
-                                  [rows(grad), activations[0], *weights, *activations[1:], *packed, *packed_t],
-                                  keyed=2 + len(weights))
+            grad, grads = planned(_chain_backward_region, (ctx.alpha, n_blocks, first, len(packs_t)),
+                                  [rows(grad), activations[0], *weights, *activations[1:], *packs_t,
+                                   *(ctx.packs or ())], keyed=2 + len(weights))
         grads = [None] * (6 * first) + grads
         # None for the scalars and absent biases; grad is now the group input's gradient.
         return (None, None, None, grad, *(g if has else None for g, has in zip(grads, ctx.present)))
