@@ -154,8 +154,7 @@ class DRN(reference.DRN):
         y0 = self.head(x - mean).to(dtype).contiguous(memory_format=torch.channels_last)
         y = y0
         for blocks, (w_c, b_c) in self._fused_weights(dtype):
-            z = ops.distill_group(y, blocks, self.alpha, self.recompute)
-            y = ops.compress_skip(z, w_c, b_c, y, self.alpha)
+            y = ops.distill_and_compress(y, blocks, w_c, b_c, self.alpha, self.recompute)
         y = self.upsample(y + y0)
         y = ops.pixel_shuffle(y, self.scale)
         out = self.tail(y) + mean

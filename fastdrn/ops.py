@@ -223,6 +223,32 @@ def distill_group(y, blocks, alpha=0.2, recompute=False):
     return _fused().residual_distill_group_(buffer, blocks, alpha)
 
 
+def distill_and_compress(y, blocks, w, b, alpha=0.2, recompute=False):
+    """compress_skip(distill_group(y, blocks, alpha, recompute), w, b, y, alpha): a whole residual
+    distilling group with its compression and long skip, as fastdrn.DRN runs each group. Without
+    gradients, on the fused kernels, the group's blocks and the compression run as one launch plan
+    (one host round of checks and one replay a group); otherwise as the two ops."""
+    tensors = [y, w, b, *(t for block in blocks for t in block if isinstance(block, (tuple, list)))]
+    needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    if (needs_grad or not blocks or not isinstance(y, torch.Tensor)
+            or not backend.use_triton("residual_distill", y.device, y.dtype)
+            or not backend.use_triton("compress_skip", y.device, y.dtype)):
+        return compress_skip(distill_group(y, blocks, alpha, recompute), w, b, y, alpha)
+    alpha = check_alpha("distill_group", alpha)
+    for block in blocks:
+        if len(block) != 6:
+            raise ValueError("distill_group: each block is 6 tensors (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, "
+                             f"b_expand), got {len(block)}")
+    _checked(_check_group, y, *(t for block in blocks for t in block))
+    blocks = [_dense_block(*block) for block in blocks]
+    n, c, h, width = y.shape
+    buffer = torch.empty((n, blocks[-1][4].shape[0], h, width), device=y.device, dtype=y.dtype,
+                         memory_format=torch.channels_last)
+    _checked(check_compress_skip, buffer, w, b, y)  # reads the group's output's shape, dtype and device
+    buffer[:, :c].copy_(y)
+    return _fused().residual_distill_group_(buffer, blocks, alpha, compress=(_dense(w), _dense(b), y))
+
+
 def _check_group(y, *weights) -> None:
     """distill_group's input and its blocks' weights (6 tensors a block, in order)."""
     _check_activation("distill_group", "y", y)

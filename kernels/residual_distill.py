@@ -44,6 +44,8 @@ from ._common import (KERNELS_INTERPRETED, cdiv, check_int32, direct_launches, d
                       elu_grad_from_output, is_fp64, join_alpha, launch, next_pow2, rows, split_alpha, track)
 from .gemm import (EPILOGUE_ELU, EPILOGUE_LINEAR, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, conv1x1_pair, row_align,
                    weight_grads)
+from .compress_skip import _forward as _compress_forward
+from .compress_skip import compress_skip
 from .plans import planned
 
 EPI_ELU = 0                  # mid = ELU(conv3x3(x) + bias)
@@ -412,20 +414,25 @@ def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expa
     return dz, dw_sq, db_sq, dw_c, db_c, dw_e, db_e
 
 
-def _group_forward(buffer, weights, alpha):
+def _group_forward(buffer, weights, alpha, compress=None):
     """Blocks in place over one channels_last buffer of width C + K*d; weights holds 6 tensors per
     block (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand). Block k reads channels
     [0, D_k) and writes [0, D_k + d_k) of the same pixel rows: the residual add is read and written
     by one program, so no concat copy and no second buffer exist. Each block's 3x3 kernel also
     computes the next block's squeeze from the output rows it stores (folds_next_squeeze). Eager
-    calls replay a launch plan (kernels/plans.py)."""
+    calls replay a launch plan (kernels/plans.py). compress: (w, b, skip) of the group's compression,
+    run in the same plan on the buffer: then its output is returned."""
     packs = _pack_convs(weights[2::6])  # derived from the weights: not in the plan's signature
-    planned(_group_forward_region, (alpha, len(weights) // 6), [buffer, *weights, *packs], keyed=1 + len(weights))
+    compress = tuple(compress or ())
+    return planned(_group_forward_region, (alpha, len(weights) // 6, len(compress)),
+                   [buffer, *weights, *compress, *packs], keyed=1 + len(weights) + len(compress))
 
 
 def _group_forward_region(static, inputs):
-    (alpha, n_blocks), buffer = static, inputs[0]
-    weights, packed = inputs[1:1 + 6 * n_blocks], _packed_blocks(inputs[1 + 6 * n_blocks:])
+    (alpha, n_blocks, n_compress), buffer = static, inputs[0]
+    weights = inputs[1:1 + 6 * n_blocks]
+    compress = inputs[1 + 6 * n_blocks:1 + 6 * n_blocks + n_compress]
+    packed = _packed_blocks(inputs[1 + 6 * n_blocks + n_compress:])
     stride = buffer.shape[1]
     a = None
     for k, i in enumerate(range(0, len(weights), 6)):
@@ -433,6 +440,7 @@ def _group_forward_region(static, inputs):
         next_squeeze = tuple(weights[i + 6:i + 8]) if i + 6 < len(weights) else (None, None)
         _, a = _forward_into(buffer, stride, buffer, stride, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand,
                              alpha, save_b=False, inplace=True, a=a, next_squeeze=next_squeeze, wc_packed=packed[k])
+    return _compress_forward(buffer, *compress, alpha) if compress else None
 
 
 def _chain_forward_region(static, inputs):
@@ -664,21 +672,23 @@ def residual_distill_chain(z, blocks, alpha=0.2, recompute=False):
     return z
 
 
-def residual_distill_group_(buffer, blocks, alpha=0.2):
+def residual_distill_group_(buffer, blocks, alpha=0.2, compress=None):
     """Run `blocks` (tuples of the six block tensors) in place over `buffer`, inference only.
 
     buffer: channels_last (N, C + K*d, H, W) whose first C channels hold the group's input;
     afterwards it holds the last block's output. Built and checked by fastdrn.ops.distill_group.
+    compress: (w, b, skip), checked by fastdrn.ops.distill_and_compress: the group's compression then
+    runs on the buffer in the same launch plan, and its output is returned instead of the buffer.
     """
     for block in blocks:
         _check_inner(block[0].shape[0])
     weights = [t for block in blocks for t in block]
     if eager_fast_path():
         with direct_launches():
-            residual_distill_group_op._init_fn(buffer, weights, float(alpha))
-    else:
-        residual_distill_group_op(buffer, weights, float(alpha))
-    return buffer
+            out = _group_forward(buffer, weights, float(alpha), compress)
+        return buffer if compress is None else out
+    residual_distill_group_op(buffer, weights, float(alpha))
+    return buffer if compress is None else compress_skip(buffer, *compress, float(alpha))
 
 
 # ---- ahead-of-time compile check ------------------------------------------------------------------

@@ -146,6 +146,26 @@ def test_inference_group_replays_in_place(launch_count, device):
         assert not launch_count, "the replay went through the launchers"
 
 
+def test_group_with_its_compression_is_one_plan(launch_count, device):
+    """fastdrn.DRN's inference runs each group and its compression as one region: the same numbers
+    as the two ops one after the other, bit for bit, and a replay through no launcher."""
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    _fused_or_skip(device, dtype)
+    blocks = _group_blocks(dtype, device, inners=(16, 16, 12))
+    y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True)
+    w, b = randn(24, 36, 1, 1, dtype=dtype, device=device), randn(24, dtype=dtype, device=device)
+    with torch.no_grad():
+        expected = ops.compress_skip(ops.distill_group(y, blocks), w, b, y)
+        for run in ("record", "replay"):
+            launch_count.clear()
+            assert torch.equal(ops.distill_and_compress(y, blocks, w, b), expected), run
+        assert not launch_count and not plans.failures, (len(launch_count), plans.failures)
+    # With gradients it is the two ops, each with its own autograd node.
+    y.requires_grad_()
+    out = ops.distill_and_compress(y, blocks, w, b)
+    assert torch.equal(out, expected) and type(out.grad_fn).__name__ == "_EagerCompressSkipBackward"
+
+
 def test_a_new_signature_records_a_new_plan(device):
     """Shape, dtype and alignment are part of the signature: each new one is recorded, and a replay
     never serves an input it was not recorded for."""
