@@ -464,15 +464,14 @@ def _chain_forward_region(static, inputs):
 def _chain_backward_region(static, inputs):
     """The blocks' backward, last to first: inputs are the output gradient, the first block's z, the
     6 tensors of each block, then the rest of the (z, b) saved for each block, the transposed packed
-    3x3 weights (n_packs_t tensors, _pack_convs) and, where b was not saved, the forward's packed
-    weights of the whole group. Returns (the input gradient, the 6 weight and bias gradients of each
-    block)."""
-    alpha, n_blocks, first, n_packs_t = static
+    3x3 weights (n_packs_t tensors, _pack_convs) and, where b was not saved, each block's forward
+    packed weight. Returns (the input gradient, the 6 weight and bias gradients of each block)."""
+    alpha, n_blocks, n_packs_t, _save_b = static
     grad, weights = inputs[0], inputs[2:2 + 6 * n_blocks]
     activations = [inputs[1], *inputs[2 + 6 * n_blocks:1 + 8 * n_blocks]]
     packs = inputs[1 + 8 * n_blocks:]
     packed_t = _packed_blocks(packs[:n_packs_t])
-    packed = _packed_blocks(packs[n_packs_t:])[first:] if len(packs) > n_packs_t else [None] * n_blocks
+    packed = packs[n_packs_t:] or [None] * n_blocks
     grads = [None] * (6 * n_blocks)
     for k in reversed(range(n_blocks)):
         grad, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = _backward(grad, *activations[2 * k:2 * k + 2],
@@ -620,9 +619,13 @@ class _EagerDistillGroup(torch.autograd.Function):
             packs_t = _pack_convs(weights[2::6], transpose=True)
             # Keyed: the gradient, the group's input and the weights; the other saved activations
             # and the packed weights are what the planned forward and _pack_convs made of those.
-            grad, grads = planned(_chain_backward_region, (ctx.alpha, n_blocks, first, len(packs_t)),
-                                  [rows(grad), activations[0], *weights, *activations[1:], *packs_t,
-                                   *(ctx.packs or ())], keyed=2 + len(weights))
+            # save_b is static: the b saved (or not) is one of the activations left out of the key.
+            # The forward's packed weights go in block by block (from `first`): how the forward
+            # packed them also depends on blocks before `first`, which the key does not read.
+            packed = _packed_blocks(ctx.packs)[first:] if ctx.packs is not None else []
+            grad, grads = planned(_chain_backward_region, (ctx.alpha, n_blocks, len(packs_t), ctx.packs is None),
+                                  [rows(grad), activations[0], *weights, *activations[1:], *packs_t, *packed],
+                                  keyed=2 + len(weights))
         grads = [None] * (6 * first) + grads
         # None for the scalars and absent biases; grad is now the group input's gradient.
         return (None, None, None, grad, *(g if has else None for g, has in zip(grads, ctx.present)))

@@ -128,6 +128,26 @@ def test_changing_a_launch_setting_forgets_the_plans():
     assert not _common.launch_plans
 
 
+def test_what_the_signature_leaves_out_is_in_the_key(launch_count, device):
+    """The saved b and the packed weights are not read for a backward's signature: whether b was
+    saved (recompute) must still pick another plan. The same shapes with recompute off, then on,
+    then off again in one process, each equal to the launchers' results."""
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    _fused_or_skip(device, dtype)
+    y = randn(1, 24, 3, 5, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+    blocks = _group_blocks(dtype, device, inners=(16, 16, 16))
+    w_c = randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=True)
+    b_c = randn(24, dtype=dtype, device=device, requires_grad=True)
+    plans.set_launch_plans(False)
+    try:
+        expected = {recompute: _train(y, blocks, w_c, b_c, recompute) for recompute in (False, True)}
+    finally:
+        plans.set_launch_plans(True)
+    for recompute in (False, True, False, True):
+        for i, (g, e) in enumerate(zip(_train(y, blocks, w_c, b_c, recompute), expected[recompute])):
+            assert torch.equal(g, e), f"recompute={recompute}: output {i}"
+
+
 def test_inference_group_replays_in_place(launch_count, device):
     """The in-place inference group: replays write the same buffer contents as the launchers."""
     dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
