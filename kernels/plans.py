@@ -32,6 +32,7 @@ WORKSPACE_ALIGN = 256  # bytes: every piece of the workspace starts at a multipl
 PLANS_LIMIT = 512       # signatures kept; all forgotten when full
 
 failures: dict = {}  # region function -> why its last unplannable signature was refused (for tests)
+MISMATCH = object()  # what a replay returns when an input it does not key differs from the recording
 _enabled: bool | None = None  # FASTDRN_LAUNCH_PLANS, read at the first planned call
 
 
@@ -93,11 +94,14 @@ def planned(fn, static: tuple, inputs: list, keyed: int | None = None):
     plan = plans.get(key, False)
     if plan:
         if plan.kernels_idle():
-            return plan.replay(inputs, None if interpreted else triton_driver.active.get_current_stream(device))
+            result = plan.replay(inputs, None if interpreted else triton_driver.active.get_current_stream(device))
+            if result is not MISMATCH:
+                return result
+            failures[fn] = "an input the signature does not read differs from the recorded one"
         return fn(static, inputs)
     if plan is None:  # unplannable
         return fn(static, inputs)
-    recorder = _common.recorder = Recorder(inputs, first.device, interpreted)
+    recorder = _common.recorder = Recorder(inputs, first.device, interpreted, keyed)
     try:
         result = fn(static, inputs)
     finally:
@@ -115,12 +119,12 @@ class _Slot:
     """A tensor of the recorded region: an input (its position), a view of one made inside the region
     (view_of: that input's slot, at `delta` bytes from it) or an allocation (its layout)."""
 
-    __slots__ = ("number", "input", "view_of", "delta", "shape", "stride", "dtype", "nbytes", "output", "used",
-                 "last", "offset")
+    __slots__ = ("number", "input", "view_of", "delta", "shape", "stride", "dtype", "align", "nbytes", "output",
+                 "used", "last", "offset")
 
     def __init__(self, number, t, input_index, view_of=None, delta=0):
         self.number, self.input, self.view_of, self.delta = number, input_index, view_of, delta
-        self.shape, self.stride, self.dtype = tuple(t.shape), tuple(t.stride()), t.dtype
+        self.shape, self.stride, self.dtype, self.align = tuple(t.shape), tuple(t.stride()), t.dtype, t.data_ptr() & 15
         extent = 0 if t.numel() == 0 else 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
         self.nbytes = extent * t.element_size()
         self.output = self.used = False
@@ -131,14 +135,24 @@ class _Slot:
 class Recorder:
     """What one run of a region allocated and launched, as _common.track and _common.launch report it."""
 
-    def __init__(self, inputs, device, interpreted):
+    def __init__(self, inputs, device, interpreted, keyed=None):
         self.device, self.interpreted = device, interpreted
+        self.inputs = len(inputs)
+        self.keyed = len(inputs) if keyed is None else keyed
+        # Positions the signature does not read that held None: a replay checks they still do.
+        self.unkeyed_none = [i for i in range(self.keyed, len(inputs)) if inputs[i] is None]
         self.slots: dict[int, _Slot] = {}
         self.kept = []   # every recorded tensor stays alive while recording, so ids stay unique
         self.steps = []  # ("alloc", slot) and ("launch", launch record) in program order
         self.failure = None
         for i, t in enumerate(inputs):
-            if t is not None and id(t) not in self.slots:
+            if t is None:
+                continue
+            if id(t) in self.slots:
+                # A launch argument names a tensor, not the position it came in: a later call with
+                # distinct tensors there would get this call's choice of position.
+                self.fail("one tensor came in at two input positions")
+            else:
                 self._slot(t, i)
 
     def _slot(self, t, input_index, view_of=None, delta=0):
@@ -267,9 +281,21 @@ class Plan:
         def tensor(slot):  # the tensor (interpreted) or address (compiled) a launch gets
             return f"t{slot.number}" if interpreted else f"p{slot.number}"
 
+        # What the signature does not read is checked here, so that a caller's mistake about what
+        # follows from the keyed inputs returns MISMATCH (the launchers then run), never a launch
+        # with another tensor's layout in mind.
+        names["MISMATCH"] = MISMATCH
+        lines.append(f"    if len(inputs) != {recorder.inputs}: return MISMATCH")
+        for i in recorder.unkeyed_none:
+            lines.append(f"    if inputs[{i}] is not None: return MISMATCH")
         for slot in slots:
             if slot.input is not None and (slot.used or slot.output):
                 lines.append(f"    t{slot.number} = inputs[{slot.input}]")
+                if slot.input >= recorder.keyed:
+                    lines.append(f"    if t{slot.number} is None or t{slot.number}.shape != {slot.shape!r} or "
+                                 f"t{slot.number}.stride() != {slot.stride!r} or t{slot.number}.dtype != "
+                                 f"{constant(slot.dtype)} or t{slot.number}.data_ptr() & 15 != {slot.align}: "
+                                 "return MISMATCH")
                 if slot.used and not interpreted:
                     lines.append(f"    p{slot.number} = t{slot.number}.data_ptr()")
         for slot in slots:

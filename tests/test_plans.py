@@ -228,6 +228,49 @@ def test_an_untracked_tensor_leaves_the_region_unplanned(monkeypatch, device):
     plans.failures.clear()
 
 
+def test_inputs_outside_the_signature_are_checked_at_replay(device):
+    """A region keyed on fewer inputs than it reads (the caller vouches that the rest follow): where
+    one of the rest differs from the recording after all, the replay refuses and the launchers run."""
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    _fused_or_skip(device, dtype)
+    from fastdrn.kernels import compress_skip as module
+    from fastdrn.kernels._common import direct_launches
+
+    z = randn(1, 40, 3, 3, dtype=dtype, device=device, channels_last=True)
+    results = {}
+    with torch.no_grad(), direct_launches():
+        for c_out in (24, 16):
+            w, b = randn(c_out, 40, 1, 1, dtype=dtype, device=device), randn(c_out, dtype=dtype, device=device)
+            skip = randn(1, c_out, 3, 3, dtype=dtype, device=device, channels_last=True)
+            got = plans.planned(module._forward_region, (0.2,), [z, w, b, skip], keyed=1)  # only z keyed
+            results[c_out] = (got, module._forward(z, w, b, skip, 0.2))
+    for c_out, (got, expected) in results.items():
+        assert torch.equal(got, expected), c_out
+    assert "does not read differs" in plans.failures[module._forward_region]
+
+
+def test_a_tensor_at_two_positions_is_not_planned(device):
+    """Launch arguments name tensors, not positions: a recording where one tensor came in twice
+    (here z as its own skip) would later give distinct tensors the same address; it is refused."""
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    _fused_or_skip(device, dtype)
+    from fastdrn.kernels import compress_skip as module
+
+    z = randn(1, 24, 3, 3, dtype=dtype, device=device, channels_last=True)
+    w, b = randn(24, 24, 1, 1, dtype=dtype, device=device), randn(24, dtype=dtype, device=device)
+    skip = randn(1, 24, 3, 3, dtype=dtype, device=device, channels_last=True)
+    with torch.no_grad():
+        aliased = ops.compress_skip(z, w, b, z)
+        distinct = ops.compress_skip(z, w, b, skip)  # the same signature
+        assert "two input positions" in plans.failures[module._forward_region]
+        plans.set_launch_plans(False)
+        try:
+            assert torch.equal(distinct, ops.compress_skip(z, w, b, skip))
+            assert torch.equal(aliased, ops.compress_skip(z, w, b, z))
+        finally:
+            plans.set_launch_plans(True)
+
+
 def test_workspace_reuses_the_place_of_dead_tensors():
     """First fit over lifetimes: a tensor takes the place of one whose last launch came before its
     allocation, and never overlaps one still live."""
