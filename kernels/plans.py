@@ -11,10 +11,16 @@ every tensor that lives only inside the region carved out of one workspace whose
 once their last kernel is queued (same stream, so in order). Later calls with that signature run
 that function: no argument binding, specialization keys, configs or Python per launcher.
 
+A caller may key fewer inputs than it passes (packed weights, activations a planned forward saved:
+tensors that follow from the keyed ones); a replay checks those others' shapes, strides, dtypes,
+alignment and None-ness, and on any difference returns MISMATCH and fn runs instead. A launch may
+also read a view the region made of an input (a stack of packed weights unbound): its address is
+the input's plus a fixed offset.
+
 Anything the recording cannot account for makes the signature unplannable, and it keeps running
-fn: a launch argument or returned tensor that is neither an input nor a tracked allocation (an
-untracked copy, say), a launch that did not end in a kept kernel, an allocation on another device.
-Under TRITON_INTERPRET=1 the same plans replay the interpreted kernels with views of the workspace,
+fn: a launch argument or returned tensor that is neither an input, a view of one, nor a tracked
+allocation (an untracked copy, say), a launch that did not end in a kept kernel, an allocation on
+another device, one tensor passed at two input positions. Under TRITON_INTERPRET=1 the same plans replay the interpreted kernels with views of the workspace,
 so the CPU tests check replays against the launchers bit for bit (tests/test_plans.py).
 docs/launch-path.md has the measurements.
 """
