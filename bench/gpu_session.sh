@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A lent-GPU session in two device calls of about 5 minutes each, everything written to $OUT:
-#   bash bench/gpu_session.sh one   install; kernel tests at 8 and 4 warps (every kernel variant);
+#   bash bench/gpu_session.sh one   install; launch-plan tests (plans off for the rest if they fail);
+#                                   kernel tests at 8 and 4 warps (every kernel variant);
 #                                   model, CUDA-graph and torch.compile tests; pixel-shuffle tests;
 #                                   the model benchmark without torch.compile (eager, eager in one
 #                                   CUDA graph, fastdrn, fastdrn in one CUDA graph); per-kernel profile,
@@ -45,6 +46,12 @@ bench() { local name=$1 limit=$2; shift 2; local t0=$(date +%s)
 
 kernel_tests="tests/test_compress_skip.py tests/test_residual_distill.py tests/test_hardening.py"
 if [ "$stage" = one ]; then
+  # Launch plans (kernels/plans.py) first: if their replays differ from the launchers here, the rest of
+  # the stage runs with them off, so the kernels are still tested and timed.
+  run tests-plans 8 60 tests/test_plans.py
+  if ! grep -qE "[0-9]+ passed" $OUT/tests-plans.log || grep -qE "[0-9]+ (failed|error)" $OUT/tests-plans.log; then
+    export FASTDRN_LAUNCH_PLANS=0; echo "FASTDRN_LAUNCH_PLANS=0 for the rest of this stage: tests/test_plans.py did not pass"
+  fi
   run tests-kernels-w8 8 110 $kernel_tests
   run tests-kernels-w4 4 90 $kernel_tests
   run tests-model 8 150 tests/test_model.py tests/test_graphs.py tests/test_compile.py
