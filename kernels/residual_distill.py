@@ -42,10 +42,10 @@ from torch.library import triton_op
 
 from ._common import (KERNELS_INTERPRETED, cdiv, check_int32, direct_launches, dot_precision, eager_fast_path, elu,
                       elu_grad_from_output, is_fp64, join_alpha, launch, next_pow2, rows, split_alpha, track)
-from .gemm import (EPILOGUE_ELU, EPILOGUE_LINEAR, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, conv1x1_pair, row_align,
-                   weight_grads)
 from .compress_skip import _forward as _compress_forward
 from .compress_skip import compress_skip
+from .gemm import (EPILOGUE_ELU, EPILOGUE_LINEAR, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, conv1x1_pair, row_align,
+                   weight_grads)
 from .plans import planned
 
 EPI_ELU = 0                  # mid = ELU(conv3x3(x) + bias)
