@@ -200,6 +200,20 @@ def distill_group(y, blocks, alpha=0.2, recompute=False):
     no gradient is needed and the fused kernels run, the blocks write in place into one
     channels_last buffer of the final width (no concat copies); otherwise block by block.
     """
+    return _group(y, blocks, alpha, recompute, None)
+
+
+def distill_and_compress(y, blocks, w, b, alpha=0.2, recompute=False):
+    """compress_skip(distill_group(y, blocks, alpha, recompute), w, b, y, alpha): a whole residual
+    distilling group with its compression and long skip, as fastdrn.DRN runs each group. Without
+    gradients, on the fused kernels, the group's blocks and the compression run as one launch plan
+    (one host round of checks and one replay a group); otherwise as the two ops."""
+    return _group(y, blocks, alpha, recompute, (w, b))
+
+
+def _group(y, blocks, alpha, recompute, compression):
+    """distill_group, then, with compression = (w, b), compress_skip of its output with y as the skip:
+    in the in-place inference path's launch plan where nothing needs a gradient, else as its own op."""
     alpha = check_alpha("distill_group", alpha)
     for block in blocks:
         if len(block) != 6:
@@ -211,42 +225,24 @@ def distill_group(y, blocks, alpha=0.2, recompute=False):
         z = y
         for block in blocks:
             z = residual_distill(z, *block, alpha=alpha, recompute=recompute)
-        return z
-    _checked(_check_group, y, *tensors[1:])
-    if needs_grad:  # each 3x3 kernel also computing the next block's squeeze; eager: one autograd node
-        return _fused().residual_distill_chain(y, [_dense_block(*block) for block in blocks], alpha, recompute)
-    blocks = [_dense_block(*block) for block in blocks]
-    n, c, h, w = y.shape
-    width = blocks[-1][4].shape[0]
-    buffer = torch.empty((n, width, h, w), device=y.device, dtype=y.dtype, memory_format=torch.channels_last)
-    buffer[:, :c].copy_(y)
-    return _fused().residual_distill_group_(buffer, blocks, alpha)
-
-
-def distill_and_compress(y, blocks, w, b, alpha=0.2, recompute=False):
-    """compress_skip(distill_group(y, blocks, alpha, recompute), w, b, y, alpha): a whole residual
-    distilling group with its compression and long skip, as fastdrn.DRN runs each group. Without
-    gradients, on the fused kernels, the group's blocks and the compression run as one launch plan
-    (one host round of checks and one replay a group); otherwise as the two ops."""
-    tensors = [y, w, b, *(t for block in blocks for t in block if isinstance(block, (tuple, list)))]
-    needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
-    if (needs_grad or not blocks or not isinstance(y, torch.Tensor)
-            or not backend.use_triton("residual_distill", y.device, y.dtype)
-            or not backend.use_triton("compress_skip", y.device, y.dtype)):
-        return compress_skip(distill_group(y, blocks, alpha, recompute), w, b, y, alpha)
-    alpha = check_alpha("distill_group", alpha)
-    for block in blocks:
-        if len(block) != 6:
-            raise ValueError("distill_group: each block is 6 tensors (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, "
-                             f"b_expand), got {len(block)}")
-    _checked(_check_group, y, *(t for block in blocks for t in block))
-    blocks = [_dense_block(*block) for block in blocks]
-    n, c, h, width = y.shape
-    buffer = torch.empty((n, blocks[-1][4].shape[0], h, width), device=y.device, dtype=y.dtype,
-                         memory_format=torch.channels_last)
-    _checked(check_compress_skip, buffer, w, b, y)  # reads the group's output's shape, dtype and device
-    buffer[:, :c].copy_(y)
-    return _fused().residual_distill_group_(buffer, blocks, alpha, compress=(_dense(w), _dense(b), y))
+    else:
+        _checked(_check_group, y, *tensors[1:])
+        blocks = [_dense_block(*block) for block in blocks]
+        if needs_grad:  # each 3x3 kernel also computing the next block's squeeze; eager: one autograd node
+            z = _fused().residual_distill_chain(y, blocks, alpha, recompute)
+        else:
+            n, c, h, width = y.shape
+            buffer = torch.empty((n, blocks[-1][4].shape[0], h, width), device=y.device, dtype=y.dtype,
+                                 memory_format=torch.channels_last)
+            in_plan = compression is not None and backend.use_triton("compress_skip", y.device, y.dtype) and not (
+                torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in compression))
+            buffer[:, :c].copy_(y)
+            if in_plan:  # checked against the group's output: the buffer's shape, dtype and device
+                _checked(check_compress_skip, buffer, *compression, y)
+                w, b = compression
+                return _fused().residual_distill_group_(buffer, blocks, alpha, compress=(_dense(w), _dense(b), y))
+            z = _fused().residual_distill_group_(buffer, blocks, alpha)
+    return z if compression is None else compress_skip(z, *compression, y, alpha)
 
 
 def _check_group(y, *weights) -> None:

@@ -352,8 +352,8 @@ def launch(kernel, tuned, grid, interpreter: triton.Config, **args) -> None:
     else:
         compiled = wrap_triton(kernel)[grid](**args, **config.kwargs, num_warps=config.num_warps,
                                              num_stages=config.num_stages)
-    if not (KERNELS_INTERPRETED or _wrap_triton_enabled is None or native_specialize_impl is None
-            or _wrap_triton_enabled()):  # else interpreted, traced, or a Triton too old: nothing to keep
+    # Keep what ran for the lean path; nothing to keep when interpreted, traced, or on a Triton too old.
+    if not (KERNELS_INTERPRETED or wrap_triton_enabled() or not lean_launches_possible()):
         if lean is None:
             lean = _lean_launchers[id(kernel if tuned is None else tuned)] = LeanLauncher(kernel, tuned, configs)
         lean.keep(compiled, config, args)

@@ -170,7 +170,8 @@ class Recorder:
         """A slot for t where it is a view of an input with the input's dtype (the region sliced it, as
         unbind does a stack of packed weights): its address is the input's plus a fixed offset."""
         storage = t.untyped_storage().data_ptr()
-        for kept, slot in zip(self.kept, list(self.slots.values())):
+        for kept in self.kept:
+            slot = self.slots[id(kept)]
             if (slot.input is not None and kept.dtype == t.dtype and kept.device == t.device
                     and kept.untyped_storage().data_ptr() == storage):
                 return self._slot(t, None, slot, t.data_ptr() - kept.data_ptr())
@@ -260,10 +261,6 @@ def _pack_workspace(slots: list, steps: list) -> int:
     return size
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
-
-
 def _round_up(nbytes: int) -> int:
     return max(WORKSPACE_ALIGN, -(-nbytes // WORKSPACE_ALIGN) * WORKSPACE_ALIGN)
 
@@ -310,7 +307,7 @@ class Plan:
             base = slot.view_of.number
             if interpreted:
                 lines.append(f"    t{slot.number} = t{base}.as_strided({slot.shape!r}, {slot.stride!r}, "
-                             f"t{base}.storage_offset() + {slot.delta // _element_size(slot.dtype)})")
+                             f"t{base}.storage_offset() + {slot.delta // slot.dtype.itemsize})")
             else:
                 lines.append(f"    p{slot.number} = p{base} + {slot.delta}")
         if workspace:
@@ -363,8 +360,6 @@ class Plan:
         exec(self.source, names)  # noqa: S102 - generated from the recorded launches
         self.replay = names["replay"]
         self.kernels = tuple(kernels)
-        self.launches = sum(kind == "launch" for kind, _item in recorder.steps)
-        self.workspace = workspace
 
     def kernels_idle(self) -> bool:
         """Whether no launch hook would run (a profiler), so a replay launches what the launchers would."""
