@@ -7,21 +7,26 @@ workspace, so a wrong offset, an overlap of two live tensors or a missed launch 
 results; the fake-GPU subprocess checks the compiled form, which calls the kept kernels'
 launchers with addresses.
 """
+import contextlib
+
 import pytest
 import torch
 
-from fastdrn import backend, ops
+from fastdrn import ops
 from fastdrn.kernels import _common, plans
 from helpers import randn
 from test_launch_path import run_script
-from test_residual_distill import _group_blocks
+from test_residual_distill import _eager_group_or_skip, _group_blocks
 
 
-def _fused_or_skip(device, dtype):
-    from fastdrn.kernels import residual_distill as module
-
-    if not backend.use_triton("residual_distill", torch.device(device), dtype) or not module.eager_fast_path():
-        pytest.skip("the eager fused path does not run here")
+@contextlib.contextmanager
+def plans_off():
+    """The launchers themselves, for the results a replay must equal; plans back on afterwards."""
+    plans.set_launch_plans(False)
+    try:
+        yield
+    finally:
+        plans.set_launch_plans(True)
 
 
 @pytest.fixture
@@ -64,18 +69,15 @@ def test_replay_equals_the_launchers(case, recompute, launch_count, device):
     recorded, then replayed twice, each bit for bit what the launchers give with plans off; the
     replays launch nothing through `launch` (they call the kept kernels themselves)."""
     for dtype in (torch.float64, torch.float32) if device.type == "cpu" else (torch.bfloat16, torch.float32):
-        _fused_or_skip(device, dtype)
+        _eager_group_or_skip(device, dtype)
         n, c, h, w, inners = case
         y = randn(n, c, h, w, dtype=dtype, device=device, channels_last=True, requires_grad=True)
         blocks = _group_blocks(dtype, device, inners=inners)
         width = c + 4 * len(blocks)
         w_c = randn(c, width, 1, 1, dtype=dtype, device=device, requires_grad=True)
         b_c = randn(c, dtype=dtype, device=device, requires_grad=True)
-        plans.set_launch_plans(False)
-        try:
+        with plans_off():
             expected = _train(y, blocks, w_c, b_c, recompute)
-        finally:
-            plans.set_launch_plans(True)
         for run in ("record", "replay", "replay again"):
             launch_count.clear()
             got = _train(y, blocks, w_c, b_c, recompute)
@@ -93,7 +95,7 @@ def test_single_block_replays(recompute, launch_count, device):
     """ops.residual_distill on its own (one Function a block): forward and backward replayed, bit
     for bit the launchers' results; D = 20, F = 12, d = 3, odd H and W."""
     dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
-    _fused_or_skip(device, dtype)
+    _eager_group_or_skip(device, dtype)
     from test_residual_distill import make_block
 
     z = randn(2, 20, 3, 5, dtype=dtype, device=device, channels_last=True, requires_grad=True)
@@ -103,11 +105,8 @@ def test_single_block_replays(recompute, launch_count, device):
         out = ops.residual_distill(z, *weights, recompute=recompute)
         return [out, *torch.autograd.grad(out, [z, *weights], torch.cos(out.detach()))]
 
-    plans.set_launch_plans(False)
-    try:
+    with plans_off():
         expected = run()
-    finally:
-        plans.set_launch_plans(True)
     for attempt in ("record", "replay"):
         launch_count.clear()
         for i, (g, e) in enumerate(zip(run(), expected)):
@@ -133,16 +132,13 @@ def test_what_the_signature_leaves_out_is_in_the_key(launch_count, device):
     saved (recompute) must still pick another plan. The same shapes with recompute off, then on,
     then off again in one process, each equal to the launchers' results."""
     dtype = torch.float64 if device.type == "cpu" else torch.float32
-    _fused_or_skip(device, dtype)
+    _eager_group_or_skip(device, dtype)
     y = randn(1, 24, 3, 5, dtype=dtype, device=device, channels_last=True, requires_grad=True)
     blocks = _group_blocks(dtype, device, inners=(16, 16, 16))
     w_c = randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=True)
     b_c = randn(24, dtype=dtype, device=device, requires_grad=True)
-    plans.set_launch_plans(False)
-    try:
+    with plans_off():
         expected = {recompute: _train(y, blocks, w_c, b_c, recompute) for recompute in (False, True)}
-    finally:
-        plans.set_launch_plans(True)
     for recompute in (False, True, False, True):
         for i, (g, e) in enumerate(zip(_train(y, blocks, w_c, b_c, recompute), expected[recompute])):
             assert torch.equal(g, e), f"recompute={recompute}: output {i}"
@@ -151,15 +147,12 @@ def test_what_the_signature_leaves_out_is_in_the_key(launch_count, device):
 def test_inference_group_replays_in_place(launch_count, device):
     """The in-place inference group: replays write the same buffer contents as the launchers."""
     dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
-    _fused_or_skip(device, dtype)
+    _eager_group_or_skip(device, dtype)
     blocks = _group_blocks(dtype, device, inners=(16, 16, 16))
     y = randn(2, 24, 5, 7, dtype=dtype, device=device, channels_last=True)
     with torch.no_grad():
-        plans.set_launch_plans(False)
-        try:
+        with plans_off():
             expected = ops.distill_group(y, blocks)
-        finally:
-            plans.set_launch_plans(True)
         for run in ("record", "replay"):
             launch_count.clear()
             assert torch.equal(ops.distill_group(y, blocks), expected), run
@@ -170,7 +163,7 @@ def test_group_with_its_compression_is_one_plan(launch_count, device):
     """fastdrn.DRN's inference runs each group and its compression as one region: the same numbers
     as the two ops one after the other, bit for bit, and a replay through no launcher."""
     dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
-    _fused_or_skip(device, dtype)
+    _eager_group_or_skip(device, dtype)
     blocks = _group_blocks(dtype, device, inners=(16, 16, 12))
     y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True)
     w, b = randn(24, 36, 1, 1, dtype=dtype, device=device), randn(24, dtype=dtype, device=device)
@@ -190,7 +183,7 @@ def test_a_new_signature_records_a_new_plan(device):
     """Shape, dtype and alignment are part of the signature: each new one is recorded, and a replay
     never serves an input it was not recorded for."""
     dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
-    _fused_or_skip(device, dtype)
+    _eager_group_or_skip(device, dtype)
     blocks = _group_blocks(dtype, device, inners=(16, 16, 16))
     plans.set_launch_plans(True)
     with torch.no_grad():
@@ -200,18 +193,15 @@ def test_a_new_signature_records_a_new_plan(device):
         taller = randn(1, 24, 4, 5, dtype=dtype, device=device, channels_last=True)
         got = ops.distill_group(taller, blocks)
         assert sum(plan is not None for plan in _common.launch_plans.values()) == count + 1
-        plans.set_launch_plans(False)
-        try:
+        with plans_off():
             assert torch.equal(got, ops.distill_group(taller, blocks))
-        finally:
-            plans.set_launch_plans(True)
 
 
 def test_an_untracked_tensor_leaves_the_region_unplanned(monkeypatch, device):
     """A launch argument the recording cannot account for (here: an untracked copy) makes the
     signature unplannable, with the reason kept, and the region keeps running its launchers."""
     dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
-    _fused_or_skip(device, dtype)
+    _eager_group_or_skip(device, dtype)
     from fastdrn.kernels import compress_skip as module
 
     forward = module._forward
@@ -232,7 +222,7 @@ def test_inputs_outside_the_signature_are_checked_at_replay(device):
     """A region keyed on fewer inputs than it reads (the caller vouches that the rest follow): where
     one of the rest differs from the recording after all, the replay refuses and the launchers run."""
     dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
-    _fused_or_skip(device, dtype)
+    _eager_group_or_skip(device, dtype)
     from fastdrn.kernels import compress_skip as module
     from fastdrn.kernels._common import direct_launches
 
@@ -253,7 +243,7 @@ def test_a_tensor_at_two_positions_is_not_planned(device):
     """Launch arguments name tensors, not positions: a recording where one tensor came in twice
     (here z as its own skip) would later give distinct tensors the same address; it is refused."""
     dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
-    _fused_or_skip(device, dtype)
+    _eager_group_or_skip(device, dtype)
     from fastdrn.kernels import compress_skip as module
 
     z = randn(1, 24, 3, 3, dtype=dtype, device=device, channels_last=True)
@@ -263,12 +253,9 @@ def test_a_tensor_at_two_positions_is_not_planned(device):
         aliased = ops.compress_skip(z, w, b, z)
         distinct = ops.compress_skip(z, w, b, skip)  # the same signature
         assert "two input positions" in plans.failures[module._forward_region]
-        plans.set_launch_plans(False)
-        try:
+        with plans_off():
             assert torch.equal(distinct, ops.compress_skip(z, w, b, skip))
             assert torch.equal(aliased, ops.compress_skip(z, w, b, z))
-        finally:
-            plans.set_launch_plans(True)
 
 
 def test_workspace_reuses_the_place_of_dead_tensors():
@@ -311,7 +298,7 @@ def test_compiled_replay_launches_what_the_launchers_launch():
         from fastdrn import ops
         from fastdrn.kernels import plans
         sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
-        from test_residual_distill import _group_blocks
+        from test_residual_distill import _eager_group_or_skip, _group_blocks
         _common.set_launch_options(autotune=False)
 
         def step(y, blocks, w_c, b_c):
