@@ -12,7 +12,8 @@ tiny width and image, so that arithmetic is negligible next to the host cost) ar
 process, one thread (OMP_NUM_THREADS=1), as the minimum over --reps rounds. Prints:
   - microseconds per launch: a block's largest kernel through Triton's JITFunction.run and through
     fastdrn's launch, a block's forward through fastdrn.ops, and one aten op for scale;
-  - host time of a training step (forward, L1 loss, backward) and of an inference forward, fastdrn
+  - host time of a training step (forward, L1 loss, backward, then the gradients set to None over a
+    list of the parameters, as an optimizer's zero_grad does) and of an inference forward, fastdrn
     and the reference, and their ratio;
   - kernel launches per training step: the Triton launches counted (those made by fastdrn's launchers,
     and those replayed from launch plans, kernels/plans.py), plus the aten primitives that launch a
@@ -216,7 +217,7 @@ def launch_costs(reps: int) -> dict:
 
 
 def model_costs(args) -> dict:
-    """Host seconds of a training step (forward, L1 loss, backward) and of an inference forward,
+    """Host seconds of a training step (forward, L1 loss, backward, gradients cleared) and of an inference forward,
     fastdrn and the reference with the same weights; and the launches of a warm training step."""
     import fastdrn
     from fastdrn import reference
@@ -230,11 +231,13 @@ def model_costs(args) -> dict:
     hr = torch.rand(1, 3, args.size * args.scale, args.size * args.scale)
 
     def step(model):
+        params = list(model.parameters())  # what an optimizer's zero_grad walks: not Module.parameters()
+
         def run():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast):
                 out = model(x)
             torch.nn.functional.l1_loss(out.float(), hr).backward()
-            for param in model.parameters():
+            for param in params:
                 param.grad = None
         return run
 

@@ -25,17 +25,21 @@ _PASSED: set = set()
 _PASSED_LIMIT = 4096  # signatures hold no tensors; cleared when full
 
 
-def _checked(check, *args) -> None:
+def _checked(check, *args, signature=None) -> None:
     """check(*args), unless arguments of the same signature passed it before (eager only: traced
-    once, the checks cost nothing at run time, and a set mutated while tracing breaks its guards)."""
+    once, the checks cost nothing at run time, and a set mutated while tracing breaks its guards).
+    signature: one the caller computed that holds at least each tensor's shape, dtype and device
+    (fastdrn.kernels.plans.checked_signature)."""
     if torch.compiler.is_compiling():
         check(*args)
         return
-    try:
-        signature = (check, *[None if t is None else (type(t), t.shape, t.dtype, t.device) for t in args])
-    except AttributeError:  # not tensor-like: the full check names the problem
-        check(*args)
-        return
+    if signature is None:
+        try:
+            signature = tuple(None if t is None else (type(t), t.shape, t.dtype, t.device) for t in args)
+        except AttributeError:  # not tensor-like: the full check names the problem
+            check(*args)
+            return
+    signature = (check, signature)
     if signature in _PASSED:
         return
     check(*args)
@@ -131,16 +135,22 @@ def _check_block_weights(op, like, d_in, w_squeeze, b_squeeze, w_conv, b_conv, w
 
 
 def check_compress_skip(z, w, b, skip) -> None:
-    op = "compress_skip"
-    _check_activation(op, "z", z)
+    _check_activation("compress_skip", "z", z)
+    _check_compression("compress_skip", ("z", z), "z", z.shape[1], w, b, skip)
+
+
+def _check_compression(op, named_like, source, width, w, b, skip) -> None:
+    """A compression's weights against an input (`source`) of `width` channels, shaped, placed and
+    typed like the tensor of named_like = (its name, it), and its skip."""
+    like_name, like = named_like
     _check_activation(op, "skip", skip)
     _check_conv_weight(op, "w", w, 1)
     _check_bias(op, "b", b)
-    _check_alike(op, dict(z=z, w=w, b=b, skip=skip))
-    if w.shape[1] != z.shape[1]:
-        raise ValueError(f"{op}: w expects {w.shape[1]} input channels but z has {z.shape[1]}")
+    _check_alike(op, {like_name: like, "w": w, "b": b, "skip": skip})
+    if w.shape[1] != width:
+        raise ValueError(f"{op}: w expects {w.shape[1]} input channels but {source} has {width}")
     _check_shape(op, "b", b, (w.shape[0],), "one bias per output channel")
-    n, _, h, width = z.shape
+    n, _, h, width = like.shape
     _check_shape(op, "skip", skip, (n, w.shape[0], h, width), "the skip is added to the conv's output")
 
 
@@ -166,11 +176,13 @@ def _fused():
     global _kernels
     if _kernels is None:
         from .kernels import compress_skip as cs
+        from .kernels import plans
         from .kernels import residual_distill as rd
 
         _kernels = SimpleNamespace(residual_distill=rd.residual_distill, compress_skip=cs.compress_skip,
                                    residual_distill_chain=rd.residual_distill_chain,
-                                   residual_distill_group_=rd.residual_distill_group_)
+                                   residual_distill_group_=rd.residual_distill_group_,
+                                   checked_signature=plans.checked_signature)
     return _kernels
 
 
@@ -205,15 +217,18 @@ def distill_group(y, blocks, alpha=0.2, recompute=False):
 
 def distill_and_compress(y, blocks, w, b, alpha=0.2, recompute=False):
     """compress_skip(distill_group(y, blocks, alpha, recompute), w, b, y, alpha): a whole residual
-    distilling group with its compression and long skip, as fastdrn.DRN runs each group. Without
-    gradients, on the fused kernels, the group's blocks and the compression run as one launch plan
-    (one host round of checks and one replay a group); otherwise as the two ops."""
+    distilling group with its compression and long skip, as fastdrn.DRN runs each group. On the fused
+    kernels the compression runs with the blocks: without gradients as one launch plan (one host
+    round of checks and one replay a group); with them, in eager mode, in the group's one autograd
+    node (one replay forward and one backward). Otherwise, and under torch.compile, as the two ops."""
     return _group(y, blocks, alpha, recompute, (w, b))
 
 
 def _group(y, blocks, alpha, recompute, compression):
-    """distill_group, then, with compression = (w, b), compress_skip of its output with y as the skip:
-    in the in-place inference path's launch plan where nothing needs a gradient, else as its own op."""
+    """distill_group, then, with compression = (w, b), compress_skip of its output with y as the skip.
+    On the fused kernels the compression joins the group's own work: the in-place inference path's
+    launch plan where nothing needs a gradient, the group's autograd node where something does
+    (unless only the compression needs one: then it runs as its own op after the in-place group)."""
     alpha = check_alpha("distill_group", alpha)
     for block in blocks:
         if len(block) != 6:
@@ -226,32 +241,52 @@ def _group(y, blocks, alpha, recompute, compression):
         for block in blocks:
             z = residual_distill(z, *block, alpha=alpha, recompute=recompute)
     else:
-        _checked(_check_group, y, *tensors[1:])
+        fused = _fused()
+        given = tensors + list(compression or ())
+        # Training: the same signature keys the checks and the group's launch plan (inference keys
+        # its plan by the buffer, so there the checks' own signature is cheaper).
+        signature = fused.checked_signature(given) if needs_grad else None
+        _checked(_check_group if compression is None else _check_group_and_compression, *given, signature=signature)
         blocks = [_dense_block(*block) for block in blocks]
+        fused_compression = compression is not None and backend.use_triton("compress_skip", y.device, y.dtype)
         if needs_grad:  # each 3x3 kernel also computing the next block's squeeze; eager: one autograd node
-            z = _fused().residual_distill_chain(y, blocks, alpha, recompute)
+            compress = (_dense(compression[0]), _dense(compression[1])) if fused_compression else ()
+            keyed = (y, *(t for block in blocks for t in block), *compress)
+            if len(keyed) != len(given) or not all(map(operator.is_, given, keyed)):
+                signature = None  # a dense copy was made: the group's launch plan keys the copies
+            z = fused.residual_distill_chain(y, blocks, alpha, recompute, compress, signature)
+            if fused_compression:  # eager: in the same node
+                return z
         else:
             n, c, h, width = y.shape
             buffer = torch.empty((n, blocks[-1][4].shape[0], h, width), device=y.device, dtype=y.dtype,
                                  memory_format=torch.channels_last)
-            in_plan = compression is not None and backend.use_triton("compress_skip", y.device, y.dtype) and not (
-                torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in compression))
             buffer[:, :c].copy_(y)
-            if in_plan:  # checked against the group's output: the buffer's shape, dtype and device
-                _checked(check_compress_skip, buffer, *compression, y)
+            if fused_compression and not (torch.is_grad_enabled()
+                                          and any(t is not None and t.requires_grad for t in compression)):
                 w, b = compression
                 return _fused().residual_distill_group_(buffer, blocks, alpha, compress=(_dense(w), _dense(b), y))
             z = _fused().residual_distill_group_(buffer, blocks, alpha)
     return z if compression is None else compress_skip(z, *compression, y, alpha)
 
 
-def _check_group(y, *weights) -> None:
-    """distill_group's input and its blocks' weights (6 tensors a block, in order)."""
+def _check_group(y, *weights) -> int:
+    """distill_group's input and its blocks' weights (6 tensors a block, in order); returns the
+    group's output width."""
     _check_activation("distill_group", "y", y)
     width = y.shape[1]
     for i in range(0, len(weights), 6):
         _check_block_weights("distill_group", y, width, *weights[i:i + 6])
         width = weights[i + 4].shape[0]
+    return width
+
+
+def _check_group_and_compression(y, *tensors) -> None:
+    """distill_and_compress's input, its blocks' weights, then the compression's w and b, whose skip
+    is y: one check (and one signature for _checked) for the whole group."""
+    *weights, w, b = tensors
+    width = _check_group(y, *weights)
+    _check_compression("distill_and_compress", ("y", y), "the group's output", width, w, b, y)
 
 
 def check_pixel_shuffle(x, upscale_factor):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op
 
-from ._common import direct_launches, eager_fast_path, row_stride, rows
+from ._common import direct_launches, eager_fast_path, function_apply, row_stride, rows
 from .gemm import EPILOGUE_ELU, EPILOGUE_ELU_GRAD, EPILOGUE_LINEAR, conv1x1, weight_grads
 from .plans import planned
 
@@ -98,9 +98,12 @@ def _planned_backward(grad, z, w, b, alpha):
     return planned(_backward_region, (alpha,), [rows(grad), z, w, b])
 
 
+_apply = function_apply(_EagerCompressSkip)  # apply without its Python layer (kernels/_common.py)
+
+
 # ---- public function --------------------------------------------------------------------------
 def compress_skip(z, w, b, skip, alpha=0.2):
     """ELU(conv1x1(z, w, b)) + skip through the Triton kernels (inputs checked by fastdrn.ops)."""
     if eager_fast_path():
-        return _EagerCompressSkip.apply(z, w, b, skip, float(alpha))
+        return _apply(z, w, b, skip, float(alpha))
     return compress_skip_op(z, w, b, skip, float(alpha))

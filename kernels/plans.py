@@ -14,14 +14,16 @@ that function: no argument binding, specialization keys, configs or Python per l
 A caller may key fewer inputs than it passes (packed weights, activations a planned forward saved:
 tensors that follow from the keyed ones); a replay checks those others' shapes, strides, dtypes,
 alignment and None-ness, and on any difference returns MISMATCH and fn runs instead. A launch may
-also read a view the region made of an input (a stack of packed weights unbound): its address is
-the input's plus a fixed offset.
+also read a view the region made of an input or of one of its allocations (a stack of packed
+weights unbound, a group's saved activations carved out of one tensor): its address is that
+tensor's plus a fixed offset.
 
 Anything the recording cannot account for makes the signature unplannable, and it keeps running
-fn: a launch argument or returned tensor that is neither an input, a view of one, nor a tracked
-allocation (an untracked copy, say), a launch that did not end in a kept kernel, an allocation on
-another device, one tensor passed at two input positions. Under TRITON_INTERPRET=1 the same plans replay the interpreted kernels with views of the workspace,
-so the CPU tests check replays against the launchers bit for bit (tests/test_plans.py).
+fn: a launch argument that is neither an input, a tracked allocation nor a view of one, a returned
+tensor that is neither an input nor a tracked allocation (an untracked copy, say), a launch that
+did not end in a kept kernel, an allocation on another device, one tensor passed at two input
+positions. Under TRITON_INTERPRET=1 the same plans replay the interpreted kernels with views of the
+workspace, so the CPU tests check replays against the launchers bit for bit (tests/test_plans.py).
 docs/launch-path.md has the measurements.
 """
 from __future__ import annotations
@@ -65,7 +67,7 @@ def reset() -> None:
     failures.clear()
 
 
-_shape, _dtype = attrgetter("shape"), attrgetter("dtype")
+_shape, _dtype, _device = attrgetter("shape"), attrgetter("dtype"), attrgetter("device")
 _Tensor = torch.Tensor
 
 
@@ -79,14 +81,26 @@ def _signature(tensors: list) -> tuple:
             tuple(map(_Tensor.storage_offset, present)), tuple(p & 15 for p in map(_Tensor.data_ptr, present)))
 
 
-def planned(fn, static: tuple, inputs: list, keyed: int | None = None):
+def checked_signature(tensors: list) -> tuple | None:
+    """_signature of these tensors (tensors or None) and each one's device, or None where one is not a
+    tensor. It holds everything fastdrn.ops's input checks read, so ops keys the checks it has passed
+    by it, and hands it to `planned` for the same tensors: one pass over a group's 57 tensors
+    instead of two (about 20 us a group on the host)."""
+    try:
+        return _signature(tensors), tuple(map(_device, (t for t in tensors if t is not None)))
+    except (AttributeError, TypeError):
+        return None
+
+
+def planned(fn, static: tuple, inputs: list, keyed: int | None = None, signature: tuple | None = None):
     """fn(static, inputs), replayed from its plan when this signature has one (module docstring).
 
     fn's result: tensors, None and constants in nested tuples and lists. static: hashable values fn
     depends on besides the inputs (alpha, flags). Inputs are tensors or None, all on one device; the
     signature reads the first `keyed` (default all): the caller vouches that the rest (tensors it
     derived from those, such as packed weights or activations saved by a planned region) follow
-    from them and from static."""
+    from them and from static. signature: checked_signature of those keyed inputs, if the caller
+    has it."""
     if (not plans_enabled() or _common.recorder is not None or torch.compiler.is_compiling()
             or _common.wrap_triton_enabled()):
         return fn(static, inputs)
@@ -95,7 +109,9 @@ def planned(fn, static: tuple, inputs: list, keyed: int | None = None):
         return fn(static, inputs)
     first = next(t for t in inputs if t is not None)
     device = None if interpreted else triton_driver.active.get_current_device()
-    key = (fn, static, first.device, device, _signature(inputs if keyed is None else inputs[:keyed]))
+    if signature is None:
+        signature = _signature(inputs if keyed is None else inputs[:keyed])
+    key = (fn, static, first.device, device, signature)
     plans = _common.launch_plans
     plan = plans.get(key, False)
     if plan:
@@ -122,8 +138,8 @@ def planned(fn, static: tuple, inputs: list, keyed: int | None = None):
 
 
 class _Slot:
-    """A tensor of the recorded region: an input (its position), a view of one made inside the region
-    (view_of: that input's slot, at `delta` bytes from it) or an allocation (its layout)."""
+    """A tensor of the recorded region: an input (its position), an allocation (its layout), or a view
+    of either made inside the region (view_of: that tensor's slot, at `delta` bytes from it)."""
 
     __slots__ = ("number", "input", "view_of", "delta", "shape", "stride", "dtype", "align", "nbytes", "output",
                  "used", "last", "offset")
@@ -166,13 +182,14 @@ class Recorder:
         self.kept.append(t)
         return slot
 
-    def _view_of_input(self, t):
-        """A slot for t where it is a view of an input with the input's dtype (the region sliced it, as
-        unbind does a stack of packed weights): its address is the input's plus a fixed offset."""
+    def _view_of(self, t):
+        """A slot for t where it is a view, with the same dtype, of an input or of a tracked allocation
+        (the region sliced it, as unbind does a stack of packed weights, or carved it out of one
+        allocation): its address is that tensor's plus a fixed offset."""
         storage = t.untyped_storage().data_ptr()
         for kept in self.kept:
             slot = self.slots[id(kept)]
-            if (slot.input is not None and kept.dtype == t.dtype and kept.device == t.device
+            if (slot.view_of is None and kept.dtype == t.dtype and kept.device == t.device
                     and kept.untyped_storage().data_ptr() == storage):
                 return self._slot(t, None, slot, t.data_ptr() - kept.data_ptr())
         return None
@@ -188,9 +205,9 @@ class Recorder:
 
     def _value(self, value):
         if isinstance(value, torch.Tensor):
-            slot = self.slots.get(id(value)) or self._view_of_input(value)
+            slot = self.slots.get(id(value)) or self._view_of(value)
             if slot is None:
-                self.fail("a launch argument that is neither an input, a view of one, nor a tracked allocation")
+                self.fail("a launch argument that is neither an input, a tracked allocation nor a view of one")
             return slot
         return value
 
@@ -211,8 +228,8 @@ class Recorder:
         for value in (v for _name, v in record[2]) if self.interpreted else record[3]:
             if isinstance(value, _Slot):
                 value.used, value.last = True, step
-                if value.view_of is not None:
-                    value.view_of.used = True
+                if value.view_of is not None:  # the viewed tensor lives as long as its views
+                    value.view_of.used, value.view_of.last = True, step
         self.steps.append(("launch", record))
 
     def _output(self, value):
@@ -301,15 +318,22 @@ class Plan:
                                  "return MISMATCH")
                 if slot.used and not interpreted:
                     lines.append(f"    p{slot.number} = t{slot.number}.data_ptr()")
+        views = {}  # slot number -> the views of it a launch reads
+
+        def make_views(base):
+            for slot in views.get(base.number, ()):
+                if interpreted:
+                    lines.append(f"    t{slot.number} = t{base.number}.as_strided({slot.shape!r}, {slot.stride!r}, "
+                                 f"t{base.number}.storage_offset() + {slot.delta // slot.dtype.itemsize})")
+                else:
+                    lines.append(f"    p{slot.number} = p{base.number} + {slot.delta}")
+
         for slot in slots:
-            if slot.view_of is None:
-                continue
-            base = slot.view_of.number
-            if interpreted:
-                lines.append(f"    t{slot.number} = t{base}.as_strided({slot.shape!r}, {slot.stride!r}, "
-                             f"t{base}.storage_offset() + {slot.delta // slot.dtype.itemsize})")
-            else:
-                lines.append(f"    p{slot.number} = p{base} + {slot.delta}")
+            if slot.view_of is not None and slot.used:
+                views.setdefault(slot.view_of.number, []).append(slot)
+        for slot in slots:  # views of inputs here; views of allocations after their allocation
+            if slot.input is not None:
+                make_views(slot)
         if workspace:
             lines.append(f"    workspace = empty_strided(({workspace},), (1,), dtype=uint8, device=device)")
             if not interpreted:
@@ -329,6 +353,7 @@ class Plan:
                                  f".view({dtype}).as_strided({slot.shape!r}, {slot.stride!r})")
                 elif slot.used:
                     lines.append(f"    p{slot.number} = base + {slot.offset}")
+                make_views(slot)
                 continue
             kernel, grid = item[0], item[1]
             if kernel not in kernels:

@@ -41,7 +41,9 @@ import triton.language as tl
 from torch.library import triton_op
 
 from ._common import (KERNELS_INTERPRETED, cdiv, check_int32, direct_launches, dot_precision, eager_fast_path, elu,
-                      elu_grad_from_output, is_fp64, join_alpha, launch, next_pow2, rows, split_alpha, track)
+                      elu_grad_from_output, function_apply, is_fp64, join_alpha, launch, next_pow2, rows, split_alpha,
+                      track)
+from .compress_skip import _backward as _compress_backward
 from .compress_skip import _forward as _compress_forward
 from .compress_skip import compress_skip
 from .gemm import (EPILOGUE_ELU, EPILOGUE_LINEAR, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, conv1x1_pair, row_align,
@@ -238,17 +240,21 @@ def fuses_second_gemm(block_f: int, dtype: torch.dtype) -> bool:
 
 
 # ---- launchers ---------------------------------------------------------------------------------
-def _conv3x3(x, wc_packed, bc, alpha, *, epi1, flip_taps=False, aux=None, save_mid=False, w2=None,
+def _conv3x3(x, wc_packed, bc, alpha, *, epi1, flip_taps=False, aux=None, save_mid=False, mid=None, w2=None,
              w2_transposed=False, b2=None, n2=0, res=None, res_stride=0, nres=0, out=None, out_stride=0, inplace=False,
              w3=None, b3=None):
     """Launch a 3x3 kernel over the rows of x (a channels_last (N, F, H, W) tensor); returns (mid,
-    a_next): the 3x3 stage's result when saved, and the next block's squeeze when w3 (its weight,
-    (F, n2, 1, 1)) is given and the rows are aligned (else None: the next block squeezes itself).
-    w2: the second GEMM's weight, (n2, F), or (F, n2) when w2_transposed."""
+    a_next): the 3x3 stage's result when saved (into `mid` when given, a tensor like x), and the next
+    block's squeeze when w3 (its weight, (F, n2, 1, 1)) is given and the rows are aligned (else None:
+    the next block squeezes itself). w2: the second GEMM's weight, (n2, F), or (F, n2) when
+    w2_transposed."""
     n_img, inner, height, width = x.shape
     m = n_img * height * width
     block_f = next_pow2(inner)
-    mid = track(torch.empty_like(x)) if save_mid else None
+    if save_mid and mid is None:
+        mid = track(torch.empty_like(x))
+    elif not save_mid:
+        mid = None
     # Channel counts, strides and the offsets of the tensors read or written by rows: all multiples
     # of 16 bytes is the common case (DRN's widths are multiples of 8).
     extents = [n2, nres, res_stride, out_stride]
@@ -315,8 +321,9 @@ def _pack_convs(w_convs, transpose=False) -> list:
     16-byte alignment of a fresh tensor); otherwise one packed tensor a weight. _packed_blocks gives
     the per-block tensors of either."""
     first = w_convs[0]
+    shape, dtype = first.shape, first.dtype  # devices: torch.stack refuses a mix with its own error
     if len(w_convs) > 1 and first.numel() * first.element_size() % 16 == 0 and all(
-            w.shape == first.shape and w.dtype == first.dtype and w.device == first.device for w in w_convs):
+            w.shape == shape and w.dtype == dtype for w in w_convs):
         f_out, f_in = first.shape[0], first.shape[1]
         if transpose:
             return [torch.stack(w_convs).permute(0, 3, 4, 1, 2).reshape(len(w_convs), 9, f_out, f_in).contiguous()]
@@ -336,43 +343,44 @@ def _squeeze(z, z_stride, w_squeeze, b_squeeze, alpha):
 
 
 def _forward_into(z, z_stride, out, out_stride, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
-                  save_b, inplace, a=None, next_squeeze=(None, None), wc_packed=None):
+                  save_b, inplace, a=None, next_squeeze=(None, None), wc_packed=None, b=None):
     """One block from rows of z (D channels) into rows of out (D + d channels). a: this block's
     squeeze when the previous block computed it (else it is computed here); next_squeeze: the next
     block's (w_squeeze, b_squeeze), folded into this block's 3x3 epilogue where folds_next_squeeze
-    allows; wc_packed: _pack_conv(w_conv) when the caller has it. Returns (b when saved, the next
-    block's a when folded)."""
+    allows; wc_packed: _pack_conv(w_conv) when the caller has it; b: where to save b, if the caller
+    has a place (channels_last (N, F, H, W)). Returns (b when saved, the next block's a when folded)."""
     d_in, inner = w_squeeze.shape[1], w_squeeze.shape[0]
     if wc_packed is None:
         wc_packed = _pack_conv(w_conv)
     if a is None:
         a = _squeeze(z, z_stride, w_squeeze, b_squeeze, alpha)
     if not fuses_second_gemm(next_pow2(inner), z.dtype):
-        b, _ = _conv3x3(a, wc_packed, b_conv, alpha, epi1=EPI_ELU, save_mid=True)
+        b, _ = _conv3x3(a, wc_packed, b_conv, alpha, epi1=EPI_ELU, save_mid=True, mid=b)
         conv1x1(b, inner, w_expand, False, b_expand, EPILOGUE_LINEAR, alpha, res=z, res_stride=z_stride,
                 out=out, out_stride=out_stride, n_res=d_in)
         return (b if save_b else None), None
     w3, b3 = next_squeeze
     if w3 is not None and not folds_next_squeeze(inner, z.dtype, w3.shape[0]):
         w3 = b3 = None
-    return _conv3x3(a, wc_packed, b_conv, alpha, epi1=EPI_ELU, save_mid=save_b,
+    return _conv3x3(a, wc_packed, b_conv, alpha, epi1=EPI_ELU, save_mid=save_b, mid=b,
                     w2=w_expand, b2=b_expand, n2=w_expand.shape[0],
                     res=z, res_stride=z_stride, nres=d_in, out=out, out_stride=out_stride, inplace=inplace,
                     w3=w3, b3=b3)
 
 
 def _forward(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b, a=None,
-             w_squeeze_next=None, b_squeeze_next=None, wc_packed=None):
+             w_squeeze_next=None, b_squeeze_next=None, wc_packed=None, out=None, b=None):
     """Returns (out, b or empty, the next block's a or empty). wc_packed: _pack_conv(w_conv), if the
-    caller has it."""
+    caller has it; out and b: where to write them (channels_last), if the caller has a place."""
     z = rows(z)
     n_img, d_in, height, width = z.shape
     n_out = w_expand.shape[0]
-    out = track(torch.empty((n_img, n_out, height, width), device=z.device, dtype=z.dtype,
-                            memory_format=torch.channels_last))
+    if out is None:
+        out = track(torch.empty((n_img, n_out, height, width), device=z.device, dtype=z.dtype,
+                                memory_format=torch.channels_last))
     b, a_next = _forward_into(z, d_in, out, n_out, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
                               save_b, inplace=False, a=a if a is not None and a.numel() else None,
-                              next_squeeze=(w_squeeze_next, b_squeeze_next), wc_packed=wc_packed)
+                              next_squeeze=(w_squeeze_next, b_squeeze_next), wc_packed=wc_packed, b=b)
     # Two separate empties: a custom op's outputs must not alias one another.
     return out, (b if b is not None else track(z.new_empty(0))), (a_next if a_next is not None else track(z.new_empty(0)))
 
@@ -385,7 +393,7 @@ def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expa
     if wc_packed_t is None:
         wc_packed_t = _pack_conv(w_conv, transpose=True)
     d_in, n_out = z.shape[1], w_expand.shape[0]
-    if b.numel() == 0:  # recompute=True: b was not saved; rebuild it from a first
+    if b is None or b.numel() == 0:  # recompute=True: b was not saved; rebuild it from a first
         a = _squeeze(z, d_in, w_squeeze, b_squeeze, alpha)
         b, _ = _conv3x3(a, _pack_conv(w_conv) if wc_packed is None else wc_packed, b_conv, alpha, epi1=EPI_ELU,
                         save_mid=True)
@@ -443,39 +451,90 @@ def _group_forward_region(static, inputs):
     return _compress_forward(buffer, *compress, alpha) if compress else None
 
 
+def _saved_views(arena, like, weights, compression, z_in_arena, save_b):
+    """The activations a group's backward reads, as channels_last views of one allocation (`arena`;
+    None: only its length is wanted): one tensor to allocate, save and check instead of two a block.
+    The pieces, in order: the first block's input when an earlier block made it (z_in_arena), then
+    per block its b (save_b) and its output, but the last block's only when the compression reads
+    it (else it is the group's result). like: a tensor of the group's N, H, W and dtype; weights:
+    the 6 tensors of each block from the first that needs a gradient; compression: its (w, b), or
+    nothing. Each piece starts at a multiple of 256 bytes, so it has the alignment of a fresh tensor
+    (the launchers read storage offsets). Returns (the length in elements, the views or [])."""
+    n_img, _, height, width = like.shape
+    pixels, unit = n_img * height * width, max(1, 256 // like.element_size())
+    n_blocks = len(weights) // 6
+    channels = [weights[0].shape[1] if weights else compression[0].shape[1]] if z_in_arena else []
+    for k in range(n_blocks):
+        if save_b:
+            channels.append(weights[6 * k].shape[0])
+        if k < n_blocks - 1 or compression:
+            channels.append(weights[6 * k + 4].shape[0])
+    offsets, length = [], 0
+    for c in channels:
+        offsets.append(length)
+        length += -(-pixels * c // unit) * unit
+    if arena is None:
+        return length, []
+    return length, [arena.as_strided((n_img, c, height, width), (height * width * c, 1, width * c, c), offset)
+                    for c, offset in zip(channels, offsets)]
+
+
 def _chain_forward_region(static, inputs):
     """A group's blocks forward for training (_EagerDistillGroup): inputs are z, the 6 tensors of each
-    block, and each block's packed 3x3 weight. Returns (the last output, (z, b) of each block from
-    `first` on)."""
-    alpha, first, save_b, n_blocks = static
-    z, weights, packed = inputs[0], inputs[1:1 + 6 * n_blocks], _packed_blocks(inputs[1 + 6 * n_blocks:])
-    saved = []
+    block, the compression's (w, b) when n_compress = 2, and each block's packed 3x3 weight. Returns
+    (the last output, or the compression's of it with z as the skip; what the backward reads: z when
+    `first` is 0, then the activations of _saved_views in one tensor)."""
+    alpha, first, save_b, n_blocks, n_compress = static
+    z = inputs[0]
+    weights = inputs[1:1 + 6 * n_blocks]
+    compression = inputs[1 + 6 * n_blocks:1 + 6 * n_blocks + n_compress]
+    packed = _packed_blocks(inputs[1 + 6 * n_blocks + n_compress:])
+    saved_weights = weights[6 * first:]
+    z_in_arena = 0 < first and (first < n_blocks or n_compress > 0)
+    length, _ = _saved_views(None, z, saved_weights, compression, z_in_arena, save_b)
+    arena = track(torch.empty(length, device=z.device, dtype=z.dtype))
+    views = iter(_saved_views(arena, z, saved_weights, compression, z_in_arena, save_b)[1])
     a = None
     for k, i in enumerate(range(0, len(weights), 6)):
         w_squeeze_next, b_squeeze_next = weights[i + 6:i + 8] if i + 6 < len(weights) else (None, None)
-        out, b, a = _forward(z, *weights[i:i + 6], alpha, save_b and k >= first, a, w_squeeze_next, b_squeeze_next,
-                             wc_packed=packed[k])
-        if k >= first:
-            saved += (z, b)
-        z = out
-    return z, saved
+        saves_b = save_b and k >= first
+        b = next(views) if saves_b else None
+        out = next(views) if k >= first - 1 and (k < n_blocks - 1 or compression) else None
+        z, _b, a = _forward(z, *weights[i:i + 6], alpha, saves_b, a, w_squeeze_next, b_squeeze_next,
+                            wc_packed=packed[k], out=out, b=b)
+    if compression:
+        z = _compress_forward(z, *compression, inputs[0], alpha)
+    return z, ([inputs[0]] if first == 0 else []) + [arena]
 
 
 def _chain_backward_region(static, inputs):
-    """The blocks' backward, last to first: inputs are the output gradient, the first block's z, the
-    6 tensors of each block, then the rest of the (z, b) saved for each block, the transposed packed
-    3x3 weights (n_packs_t tensors, _pack_convs) and, where b was not saved, each block's forward
-    packed weight. Returns (the input gradient, the 6 weight and bias gradients of each block)."""
-    alpha, n_blocks, n_packs_t, _save_b = static
-    grad, weights = inputs[0], inputs[2:2 + 6 * n_blocks]
-    activations = [inputs[1], *inputs[2 + 6 * n_blocks:1 + 8 * n_blocks]]
-    packs = inputs[1 + 8 * n_blocks:]
-    packed_t = _packed_blocks(packs[:n_packs_t])
+    """The backward of _chain_forward_region's blocks from `first`, and of its compression (if any)
+    before them: inputs are the output gradient, the group's input z (None when `first` > 0: then the
+    first block's input is saved with the rest), the 6 tensors of each block, the compression's
+    (w, b), the forward's saved activations (_saved_views), the transposed packed 3x3 weights
+    (n_packs_t tensors, _pack_convs) and, where b was not saved, each block's forward packed weight.
+    Returns (the gradient at the first block's input, without the long skip's; the 6 weight and bias
+    gradients of each block, then the compression's 2)."""
+    alpha, n_blocks, n_packs_t, save_b, n_compress = static
+    grad, z, weights = inputs[0], inputs[1], inputs[2:2 + 6 * n_blocks]
+    compression = inputs[2 + 6 * n_blocks:2 + 6 * n_blocks + n_compress]
+    arena = inputs[2 + 6 * n_blocks + n_compress]
+    packs = inputs[3 + 6 * n_blocks + n_compress:]
+    packed_t = _packed_blocks(packs[:n_packs_t]) if n_packs_t else []
     packed = packs[n_packs_t:] or [None] * n_blocks
+    views = iter(_saved_views(arena, grad, weights, compression, z is None, save_b)[1])
+    inputs_k, bs = [z if z is not None else next(views)], []
+    for k in range(n_blocks):
+        bs.append(next(views) if save_b else None)
+        if k < n_blocks - 1 or compression:
+            inputs_k.append(next(views))
     grads = [None] * (6 * n_blocks)
+    if compression:
+        grad, dw, db = _compress_backward(grad, inputs_k[-1], *compression, alpha)
+        grads += (dw, db)
     for k in reversed(range(n_blocks)):
-        grad, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = _backward(grad, *activations[2 * k:2 * k + 2],
-                                                               *weights[6 * k:6 * k + 6], alpha, packed[k], packed_t[k])
+        grad, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = _backward(grad, inputs_k[k], bs[k], *weights[6 * k:6 * k + 6],
+                                                               alpha, packed[k], packed_t[k])
         grads[6 * k:6 * k + 6] = dw_sq, db_sq, dw_c, db_c, dw_e, db_e
     return grad, grads
 
@@ -585,50 +644,68 @@ def _planned_backward(grad, z, b, *weights_and_alpha):
 
 
 class _EagerDistillGroup(torch.autograd.Function):
-    """A group's chain of blocks as one autograd node (eager_fast_path): per block the same _forward
-    and _backward as _EagerResidualDistill, with the same folded squeeze, saved tensors and
-    gradients, but one Function's host cost a group instead of one a block.
+    """A group's chain of blocks, and its compression, as one autograd node (eager_fast_path): per
+    block the same _forward and _backward as _EagerResidualDistill, with the same folded squeeze,
+    saved tensors and gradients, and compress_skip's, but one Function's host cost a group instead
+    of one a block and one more for the compression.
 
-    apply(alpha, first, save_b, z, *weights): weights holds 6 tensors a block (biases may be None);
-    blocks before `first` need no gradient (nothing they read requires one), so they save nothing
-    and their backward is not run, as their per-block Functions would not be recorded."""
+    apply(alpha, first, save_b, n_compress, signature, z, *weights, *compression): weights holds 6
+    tensors a block (biases may be None); compression is the group's (w, b), with z as its skip,
+    when n_compress is 2 (then the node returns the compression's output), or nothing; signature:
+    residual_distill_chain's. Blocks before `first` need no gradient (nothing they read requires
+    one), so they save nothing and their backward is not run, as their per-block Functions would
+    not be recorded."""
 
     @staticmethod
-    def forward(ctx, alpha, first, save_b, z, *weights):
+    def forward(ctx, alpha, first, save_b, n_compress, signature, z, *tensors):
+        weights, compression = tensors[:len(tensors) - n_compress], tensors[len(tensors) - n_compress:]
         n_blocks = len(weights) // 6
         with direct_launches():
             packs = _pack_convs(weights[2::6])
-            z, saved = planned(_chain_forward_region, (alpha, first, save_b, n_blocks), [z, *weights, *packs],
-                               keyed=1 + len(weights))  # the packed weights follow from the weights
-        ctx.save_for_backward(*saved, *weights[6 * first:])
-        ctx.alpha, ctx.first = alpha, first
+            out, saved = planned(_chain_forward_region, (alpha, first, save_b, n_blocks, n_compress),
+                                 [z, *weights, *compression, *packs],
+                                 keyed=1 + len(tensors), signature=signature)  # packs follow from the weights
+        ctx.save_for_backward(*saved, *weights[6 * first:], *compression)
+        ctx.alpha, ctx.first, ctx.save_b, ctx.n_compress = alpha, first, save_b, n_compress
         # Rebuilding b (recompute) reads the packed weights again: kept, a few kB a block. (w_conv
         # itself is saved, so changing it in place before backward still raises.)
         ctx.packs = None if save_b else packs
-        ctx.present = [t is not None for t in weights]
-        return z
+        ctx.present = [t is not None for t in tensors]
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():
             raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
-        first, tensors = ctx.first, ctx.saved_tensors
-        n_blocks = len(ctx.present) // 6 - first
-        activations, weights = tensors[:2 * n_blocks], tensors[2 * n_blocks:]
+        first, n_compress, tensors = ctx.first, ctx.n_compress, ctx.saved_tensors
+        n_blocks = (len(ctx.present) - n_compress) // 6 - first
+        # Saved: z (when block 0 needs a gradient) and the activations in one tensor, then the weights.
+        z, arena = (None, tensors[0]) if first else tensors[:2]
+        weights = tensors[2 - bool(first):len(tensors) - n_compress]
+        compression = tensors[len(tensors) - n_compress:]
         with direct_launches():
-            packs_t = _pack_convs(weights[2::6], transpose=True)
-            # Keyed: the gradient, the group's input and the weights; the other saved activations
-            # and the packed weights are what the planned forward and _pack_convs made of those.
-            # save_b is static: the b saved (or not) is one of the activations left out of the key.
-            # The forward's packed weights go in block by block (from `first`): how the forward
-            # packed them also depends on blocks before `first`, which the key does not read.
+            packs_t = _pack_convs(weights[2::6], transpose=True) if n_blocks else []
+            # Keyed: the gradient, z and the weights; the saved activations and the packed weights
+            # are what the planned forward and _pack_convs made of those. save_b is static: whether
+            # b was saved is also in the activations' layout. The forward's packed weights go in
+            # block by block (from `first`): how the forward packed them also depends on blocks
+            # before `first`, which the key does not read.
             packed = _packed_blocks(ctx.packs)[first:] if ctx.packs is not None else []
-            grad, grads = planned(_chain_backward_region, (ctx.alpha, n_blocks, len(packs_t), ctx.packs is None),
-                                  [rows(grad), activations[0], *weights, *activations[1:], *packs_t, *packed],
-                                  keyed=2 + len(weights))
+            grad_in, grads = planned(
+                _chain_backward_region, (ctx.alpha, n_blocks, len(packs_t), ctx.save_b, n_compress),
+                [rows(grad), z, *weights, *compression, arena, *packs_t, *packed],
+                keyed=2 + len(weights) + n_compress)
         grads = [None] * (6 * first) + grads
-        # None for the scalars and absent biases; grad is now the group input's gradient.
-        return (None, None, None, grad, *(g if has else None for g, has in zip(grads, ctx.present)))
+        if first:  # z needs no gradient (else block 0 would): grad_in is another block's input's
+            grad_in = None
+        elif n_compress:  # the long skip's share: the node's own output gradient
+            grad_in = grad_in.add_(grad)
+        # None for the scalars and absent biases.
+        return (None, None, None, None, None, grad_in, *(g if has else None for g, has in zip(grads, ctx.present)))
+
+
+# The Functions' apply without its Python layer (kernels/_common.py function_apply).
+_apply_block, _apply_group = function_apply(_EagerResidualDistill), function_apply(_EagerDistillGroup)
 
 
 # ---- public functions ----------------------------------------------------------------------------
@@ -644,7 +721,7 @@ def _block(z, block, alpha, recompute, a=None, next_squeeze=(None, None)):
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, *block))
     args = (z, *block, float(alpha), needs_grad and not recompute, a, *next_squeeze)
     if eager_fast_path():
-        return _EagerResidualDistill.apply(*args)
+        return _apply_block(*args)
     out, _b, a_next = residual_distill_op(*args)
     return out, a_next
 
@@ -654,11 +731,15 @@ def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand
     return _block(z, (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand), alpha, recompute)[0]
 
 
-def residual_distill_chain(z, blocks, alpha=0.2, recompute=False):
+def residual_distill_chain(z, blocks, alpha=0.2, recompute=False, compress=(), signature=None):
     """A group's blocks one after another (inputs checked by fastdrn.ops), each block's 3x3 kernel
     also computing the next block's squeeze (folds_next_squeeze): one launch a block forward after
-    the first. Gradients as for the blocks called one by one. Eager: one autograd Function for the
-    group (_EagerDistillGroup); traced: the registered op block by block."""
+    the first. Gradients as for the blocks called one by one. compress: the group's compression
+    (w, b), run on the last output with z as the skip; its output is returned. Eager: one autograd
+    Function for the group and its compression (_EagerDistillGroup); traced: the registered ops
+    block by block, then compress_skip. signature: plans.checked_signature of [z, the blocks'
+    tensors, compress], if the caller has it (the forward's launch plan is keyed by it)."""
+    compress = tuple(compress)
     if eager_fast_path():
         for block in blocks:
             _check_inner(block[0].shape[0])
@@ -667,12 +748,13 @@ def residual_distill_chain(z, blocks, alpha=0.2, recompute=False):
             first = next((k for k, block in enumerate(blocks)
                           if (k == 0 and z.requires_grad) or any(t is not None and t.requires_grad for t in block)),
                          first)
-        return _EagerDistillGroup.apply(float(alpha), first, not recompute, z, *(t for block in blocks for t in block))
-    a = None
+        return _apply_group(float(alpha), first, not recompute, len(compress), signature, z,
+                                        *(t for block in blocks for t in block), *compress)
+    skip, a = z, None
     for k, block in enumerate(blocks):
         next_squeeze = tuple(blocks[k + 1][:2]) if k + 1 < len(blocks) else (None, None)
         z, a = _block(z, block, alpha, recompute, a, next_squeeze)
-    return z
+    return compress_skip(z, *compress, skip, float(alpha)) if compress else z
 
 
 def residual_distill_group_(buffer, blocks, alpha=0.2, compress=None):

@@ -46,10 +46,10 @@ def launch_count(monkeypatch):
 
 
 def _train(y, blocks, w_c, b_c, recompute):
-    """A group and its compression, forward and backward: every gradient, in leaf order."""
+    """A group and its compression, forward and backward, as fastdrn.DRN runs them (one autograd
+    node, one forward and one backward region): every gradient, in leaf order."""
     leaves = [t for t in (y, *(t for block in blocks for t in block), w_c, b_c) if t is not None and t.requires_grad]
-    z = ops.distill_group(y, blocks, recompute=recompute)
-    out = ops.compress_skip(z, w_c, b_c, y)
+    out = ops.distill_and_compress(y, blocks, w_c, b_c, recompute=recompute)
     grad_out = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape).to(out.device)
     return [out, *torch.autograd.grad(out, leaves, grad_out)]
 
@@ -173,10 +173,10 @@ def test_group_with_its_compression_is_one_plan(launch_count, device):
             launch_count.clear()
             assert torch.equal(ops.distill_and_compress(y, blocks, w, b), expected), run
         assert not launch_count and not plans.failures, (len(launch_count), plans.failures)
-    # With gradients it is the two ops, each with its own autograd node.
+    # With gradients it is one autograd node (test_residual_distill checks its gradients).
     y.requires_grad_()
     out = ops.distill_and_compress(y, blocks, w, b)
-    assert torch.equal(out, expected) and type(out.grad_fn).__name__ == "_EagerCompressSkipBackward"
+    assert torch.equal(out, expected) and type(out.grad_fn).__name__ == "_EagerDistillGroupBackward"
 
 
 def test_a_new_signature_records_a_new_plan(device):
@@ -214,7 +214,7 @@ def test_an_untracked_tensor_leaves_the_region_unplanned(monkeypatch, device):
     with torch.no_grad():
         outs = [ops.compress_skip(z, w, b, skip) for _ in range(2)]
     assert torch.equal(outs[0], outs[1])
-    assert "nor a tracked allocation" in plans.failures[module._forward_region]
+    assert "neither an input, a tracked allocation nor a view of one" in plans.failures[module._forward_region]
     plans.failures.clear()
 
 
@@ -338,3 +338,35 @@ def test_compiled_replay_launches_what_the_launchers_launch():
             print(dtype, "launches", len(on))
     """)
     assert "torch.float32 launches" in stdout
+
+
+def test_training_checks_and_plan_share_one_signature(device):
+    """Training keys its input checks and the group's launch plan by one signature
+    (plans.checked_signature). After a good call has recorded, a call that differs only in one
+    weight's device or dtype still gets the checks' clear error; a 1x1 weight that is not
+    contiguous (a dense copy is made for the kernels) gives the contiguous one's results, bit for bit."""
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    _eager_group_or_skip(device, dtype)
+    y = randn(1, 24, 3, 5, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+    blocks = _group_blocks(dtype, device, inners=(16, 16, 16))
+    w_c = randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=True)
+    b_c = randn(24, dtype=dtype, device=device, requires_grad=True)
+    expected = _train(y, blocks, w_c, b_c, False)
+    for i, (g, e) in enumerate(zip(_train(y, blocks, w_c, b_c, False), expected)):  # replayed
+        assert torch.equal(g, e), f"replay: output {i}"
+    on_meta = [list(block) for block in blocks]
+    on_meta[1][2] = on_meta[1][2].detach().to("meta")
+    with pytest.raises(ValueError, match="w_conv is on meta"):
+        ops.distill_and_compress(y, [tuple(block) for block in on_meta], w_c, b_c)
+    other_dtype = torch.float32 if dtype != torch.float32 else torch.float64
+    with pytest.raises(TypeError, match="w_expand has dtype"):
+        ops.distill_and_compress(y, [blocks[0], (*blocks[1][:4], blocks[1][4].to(other_dtype), blocks[1][5]),
+                                     blocks[2]], w_c, b_c)
+    # w_squeeze of block 1 as a transposed view with the same values: not contiguous
+    strided = [list(block) for block in blocks]
+    w = blocks[1][0].detach()
+    strided[1][0] = w.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    assert not strided[1][0].is_contiguous() and torch.equal(strided[1][0], w)
+    got = _train(y, [tuple(block) for block in strided], w_c, b_c, False)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert torch.equal(g, e), f"non-contiguous w_squeeze: output {i}"

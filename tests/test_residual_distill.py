@@ -196,14 +196,18 @@ def test_in_place_group_matches_block_by_block(inner, h, w, device):
             assert torch.equal(in_place, chained)
 
 
-def saved_activation_bytes(fn, inputs, params):
-    """Bytes of the non-parameter tensors autograd keeps for backward, counted through the hooks."""
+def saved_activation_bytes(fn, inputs, params, align=1):
+    """Bytes of the non-parameter tensors autograd keeps for backward, counted through the hooks, each
+    rounded up to a multiple of `align`: a group's Function keeps its activations as 256-byte
+    aligned pieces of one tensor (kernels/residual_distill.py _saved_views), so align=256 compares it
+    with separate tensors like for like. (On a GPU the separate tensors take more: the caching
+    allocator rounds each up to 512 bytes.)"""
     param_ptrs = {p.data_ptr() for p in params}
     total = [0]
 
     def pack(t):
         if t.data_ptr() not in param_ptrs:
-            total[0] += t.numel() * t.element_size()
+            total[0] += -(-t.numel() * t.element_size() // align) * align
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -393,7 +397,8 @@ def test_group_function_equals_per_block_functions(recompute, biases, inners, de
         expected_grads = torch.autograd.grad(expected, leaves, grad_out)
         for i, (g, e) in enumerate(zip(grads, expected_grads)):
             assert torch.equal(g, e), f"{dtype} gradient of leaf {i} (recompute={recompute}, biases={biases})"
-        assert saved_activation_bytes(group, leaves, leaves[1:]) == saved_activation_bytes(chained, leaves, leaves[1:])
+        assert (saved_activation_bytes(group, leaves, leaves[1:], align=256)
+                == saved_activation_bytes(chained, leaves, leaves[1:], align=256))
         ref_leaves = float64_leaves(*leaves)
         ref = ref_leaves[0]
         weights = iter(ref_leaves[1:])
@@ -431,11 +436,55 @@ def test_group_function_with_frozen_tensors(frozen, device):
     group = lambda *_: ops.distill_group(y, blocks)  # noqa: E731
     chained = lambda *_: _chained_per_block(y, blocks, False)  # noqa: E731
     params = [t for block in blocks for t in block]
-    saved, saved_chained = saved_activation_bytes(group, [], params), saved_activation_bytes(chained, [], params)
+    saved = saved_activation_bytes(group, [], params, align=256)
+    saved_chained = saved_activation_bytes(chained, [], params, align=256)
     if frozen == "input and first block":  # a per-block Function packs z for a node autograd never records
-        assert saved == saved_chained - y.numel() * y.element_size()
+        assert saved == saved_chained - -(-y.numel() * y.element_size() // 256) * 256
     else:
         assert saved == saved_chained
+
+
+@pytest.mark.parametrize("frozen", ["nothing", "input", "input and first block", "compression", "every block"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_group_and_compression_in_one_node(frozen, recompute, device):
+    """ops.distill_and_compress in training runs the group and its compression as one autograd node:
+    output and every gradient equal the two ops (distill_group, then compress_skip) bit for bit, the
+    input's including the long skip's share; and the float64 reference within tolerance. Frozen
+    tensors move where the group's backward starts (`first`) or leave the compression without
+    weight gradients; with every block frozen only the compression learns (then it is the two ops)."""
+    for dtype in dtypes_for(device):
+        _eager_group_or_skip(device, dtype)
+        y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=frozen == "nothing")
+        blocks = _group_blocks(dtype, device)
+        w_c = randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=frozen != "compression")
+        b_c = randn(24, dtype=dtype, device=device, requires_grad=frozen != "compression")
+        if frozen == "input and first block":
+            blocks[0] = tuple(t.detach() for t in blocks[0])
+        elif frozen == "every block":
+            blocks = [tuple(t.detach() for t in block) for block in blocks]
+        elif frozen == "compression":
+            y.requires_grad_()
+        leaves = [t for t in (y, *(t for block in blocks for t in block), w_c, b_c) if t.requires_grad]
+        out = ops.distill_and_compress(y, blocks, w_c, b_c, recompute=recompute)
+        if frozen != "every block":
+            assert type(out.grad_fn).__name__ == "_EagerDistillGroupBackward", "not one node"
+        expected = ops.compress_skip(ops.distill_group(y, blocks, recompute=recompute), w_c, b_c, y)
+        assert torch.equal(out, expected), f"{dtype} output"
+        grad_out = randn(*out.shape, dtype=dtype, device=device)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        for i, (g, e) in enumerate(zip(grads, torch.autograd.grad(expected, leaves, grad_out))):
+            assert torch.equal(g, e), f"{dtype} gradient of leaf {i}"
+        ref_leaves = float64_leaves(*leaves)
+        as_ref = dict(zip(map(id, leaves), ref_leaves))
+        ref_of = lambda t: as_ref.get(id(t), t.detach().double())  # noqa: E731
+        ref = ref_of(y)
+        for block in blocks:
+            ref = reference.residual_distill(ref, *map(ref_of, block))
+        ref = reference.compress_skip(ref, ref_of(w_c), ref_of(b_c), ref_of(y))
+        fwd_tol, grad_tol = tolerance(device, dtype)
+        assert_close(out, ref, fwd_tol, f"{dtype} forward")
+        for i, (g, r) in enumerate(zip(grads, torch.autograd.grad(ref, ref_leaves, grad_out.double()))):
+            assert_close(g, r, grad_tol, f"{dtype} gradient of leaf {i}")
 
 
 def test_group_function_double_backward_raises(device):
