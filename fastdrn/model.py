@@ -152,9 +152,7 @@ class DRN(reference.DRN):
         mean = self.rgb_mean.to(x.dtype) * self.rgb_range
         x = x.contiguous(memory_format=torch.channels_last)
         y0 = self.head(x - mean).to(dtype).contiguous(memory_format=torch.channels_last)
-        y = y0
-        for blocks, (w_c, b_c) in self._fused_weights(dtype):
-            y = ops.distill_and_compress(y, blocks, w_c, b_c, self.alpha, self.recompute)
+        y = ops.distill_groups(y0, self._fused_weights(dtype), self.alpha, self.recompute)
         y = self.upsample(y + y0)
         y = ops.pixel_shuffle(y, self.scale)
         out = self.tail(y) + mean

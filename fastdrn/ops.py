@@ -23,6 +23,10 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # and for every failing call, which therefore gets its clear error every time.
 _PASSED: set = set()
 _PASSED_LIMIT = 4096  # signatures hold no tensors; cleared when full
+# Group signatures (plans.checked_signature) whose tensors were all as the kernels read them (1x1
+# weights and biases contiguous). Contiguity follows from shapes and strides, so tensors of such a
+# signature are too, and _dense (45 calls a group) is skipped for them.
+_DENSE: set = set()
 
 
 def _checked(check, *args, signature=None) -> None:
@@ -175,14 +179,15 @@ def _fused():
     imports no kernel); afterwards a global lookup, not an import statement, per call."""
     global _kernels
     if _kernels is None:
+        from .kernels import _common, plans
         from .kernels import compress_skip as cs
-        from .kernels import plans
         from .kernels import residual_distill as rd
 
         _kernels = SimpleNamespace(residual_distill=rd.residual_distill, compress_skip=cs.compress_skip,
                                    residual_distill_chain=rd.residual_distill_chain,
                                    residual_distill_group_=rd.residual_distill_group_,
-                                   checked_signature=plans.checked_signature)
+                                   checked_signature=plans.checked_signature, pack_groups=rd.pack_groups,
+                                   eager_fast_path=_common.eager_fast_path)
     return _kernels
 
 
@@ -224,11 +229,31 @@ def distill_and_compress(y, blocks, w, b, alpha=0.2, recompute=False):
     return _group(y, blocks, alpha, recompute, (w, b))
 
 
-def _group(y, blocks, alpha, recompute, compression):
+def distill_groups(y, groups, alpha=0.2, recompute=False):
+    """fastdrn.DRN's body: y = distill_and_compress(y, blocks, w, b, alpha, recompute) for each
+    (blocks, (w, b)) of `groups` in turn. On the fused kernels in eager mode the 3x3 weights of every
+    group are packed for the kernels in one copy, not one a group (a stack of the weights and a
+    transposing copy cost about 25 us a group on the host)."""
+    packs = None
+    if groups and groups[0][0] and backend.use_triton("residual_distill", y.device, y.dtype):
+        fused = _fused()
+        if fused.eager_fast_path():
+            try:
+                packs = fused.pack_groups([block[2] for blocks, _ in groups for block in blocks],
+                                          [len(blocks) for blocks, _ in groups])
+            except (AttributeError, TypeError, RuntimeError, IndexError):
+                packs = None  # a weight that is not as it should be: the group's checks name it
+    for k, (blocks, (w, b)) in enumerate(groups):
+        y = _group(y, blocks, alpha, recompute, (w, b), None if packs is None else packs[k])
+    return y
+
+
+def _group(y, blocks, alpha, recompute, compression, packs=None):
     """distill_group, then, with compression = (w, b), compress_skip of its output with y as the skip.
     On the fused kernels the compression joins the group's own work: the in-place inference path's
     launch plan where nothing needs a gradient, the group's autograd node where something does
-    (unless only the compression needs one: then it runs as its own op after the in-place group)."""
+    (unless only the compression needs one: then it runs as its own op after the in-place group).
+    packs: the blocks' 3x3 weights packed by pack_groups (distill_groups), or None."""
     alpha = check_alpha("distill_group", alpha)
     for block in blocks:
         if len(block) != 6:
@@ -247,17 +272,24 @@ def _group(y, blocks, alpha, recompute, compression):
         # its plan by the buffer, so there the checks' own signature is cheaper).
         signature = fused.checked_signature(given) if needs_grad else None
         _checked(_check_group if compression is None else _check_group_and_compression, *given, signature=signature)
-        blocks = [_dense_block(*block) for block in blocks]
         fused_compression = compression is not None and backend.use_triton("compress_skip", y.device, y.dtype)
         if needs_grad:  # each 3x3 kernel also computing the next block's squeeze; eager: one autograd node
-            compress = (_dense(compression[0]), _dense(compression[1])) if fused_compression else ()
-            keyed = (y, *(t for block in blocks for t in block), *compress)
-            if len(keyed) != len(given) or not all(map(operator.is_, given, keyed)):
-                signature = None  # a dense copy was made: the group's launch plan keys the copies
-            z = fused.residual_distill_chain(y, blocks, alpha, recompute, compress, signature)
+            compress = tuple(compression) if fused_compression else ()
+            if signature is None or signature not in _DENSE:
+                blocks = [_dense_block(*block) for block in blocks]
+                compress = tuple(map(_dense, compress))
+                keyed = (y, *(t for block in blocks for t in block), *compress)
+                if signature is not None and len(keyed) == len(given) and all(map(operator.is_, given, keyed)):
+                    if len(_DENSE) >= _PASSED_LIMIT:
+                        _DENSE.clear()
+                    _DENSE.add(signature)
+                else:
+                    signature = None  # a dense copy was made: the group's launch plan keys the copies
+            z = fused.residual_distill_chain(y, blocks, alpha, recompute, compress, signature, packs)
             if fused_compression:  # eager: in the same node
                 return z
         else:
+            blocks = [_dense_block(*block) for block in blocks]
             n, c, h, width = y.shape
             buffer = torch.empty((n, blocks[-1][4].shape[0], h, width), device=y.device, dtype=y.dtype,
                                  memory_format=torch.channels_last)
@@ -265,8 +297,9 @@ def _group(y, blocks, alpha, recompute, compression):
             if fused_compression and not (torch.is_grad_enabled()
                                           and any(t is not None and t.requires_grad for t in compression)):
                 w, b = compression
-                return _fused().residual_distill_group_(buffer, blocks, alpha, compress=(_dense(w), _dense(b), y))
-            z = _fused().residual_distill_group_(buffer, blocks, alpha)
+                return fused.residual_distill_group_(buffer, blocks, alpha, compress=(_dense(w), _dense(b), y),
+                                                     packs=packs)
+            z = fused.residual_distill_group_(buffer, blocks, alpha, packs=packs)
     return z if compression is None else compress_skip(z, *compression, y, alpha)
 
 

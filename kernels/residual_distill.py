@@ -331,6 +331,31 @@ def _pack_convs(w_convs, transpose=False) -> list:
     return [_pack_conv(w, transpose) for w in w_convs]
 
 
+def pack_groups(w_convs, lengths) -> list | None:
+    """_pack_convs of several groups' 3x3 weights in one copy (fastdrn.DRN packs a whole model's once
+    a step): w_convs, every group's in order; lengths, how many each group has. Per group [its
+    (n, 9, F_in, F_out) slice of the stack] (a block's slice keeps the 16-byte alignment of a fresh
+    tensor), or None where the weights are not all of one shape and dtype (then each group packs its
+    own). Not differentiated: the Functions compute the weights' gradients themselves."""
+    with torch.no_grad():
+        packs = _pack_convs(w_convs)
+    if len(packs) != 1 or packs[0].dim() != 4:
+        return None
+    slices, start = [], 0
+    for length in lengths:
+        slices.append([packs[0][start:start + length]])
+        start += length
+    return slices
+
+
+def _transposed_packs(packs, first=0) -> list:
+    """_pack_convs(w_convs[first:], transpose=True) from packs = _pack_convs(w_convs): each packed
+    weight with its last two dimensions swapped, in the same stacked or per-block form."""
+    if len(packs) == 1 and packs[0].dim() == 4:
+        return [packs[0][first:].transpose(-1, -2).contiguous()]
+    return [p.transpose(-1, -2).contiguous() for p in packs[first:]]
+
+
 def _packed_blocks(packs) -> list:
     """Each block's packed 3x3 weight from what _pack_convs returned. Inside a planned region the
     slices of a stack are views of its input: a replay adds their offsets to its address instead of
@@ -422,15 +447,17 @@ def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expa
     return dz, dw_sq, db_sq, dw_c, db_c, dw_e, db_e
 
 
-def _group_forward(buffer, weights, alpha, compress=None):
+def _group_forward(buffer, weights, alpha, compress=None, packs=None):
     """Blocks in place over one channels_last buffer of width C + K*d; weights holds 6 tensors per
     block (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand). Block k reads channels
     [0, D_k) and writes [0, D_k + d_k) of the same pixel rows: the residual add is read and written
     by one program, so no concat copy and no second buffer exist. Each block's 3x3 kernel also
     computes the next block's squeeze from the output rows it stores (folds_next_squeeze). Eager
     calls replay a launch plan (kernels/plans.py). compress: (w, b, skip) of the group's compression,
-    run in the same plan on the buffer: then its output is returned."""
-    packs = _pack_convs(weights[2::6])  # derived from the weights: not in the plan's signature
+    run in the same plan on the buffer: then its output is returned. packs: _pack_convs(the blocks'
+    3x3 weights), if the caller has them (pack_groups)."""
+    if packs is None:
+        packs = _pack_convs(weights[2::6])  # derived from the weights: not in the plan's signature
     compress = tuple(compress or ())
     return planned(_group_forward_region, (alpha, len(weights) // 6, len(compress)),
                    [buffer, *weights, *compress, *packs], keyed=1 + len(weights) + len(compress))
@@ -451,24 +478,25 @@ def _group_forward_region(static, inputs):
     return _compress_forward(buffer, *compress, alpha) if compress else None
 
 
-def _saved_views(arena, like, weights, compression, z_in_arena, save_b):
+def _saved_views(arena, like, w_squeezes, w_expands, compression, z_in_arena, save_b):
     """The activations a group's backward reads, as channels_last views of one allocation (`arena`;
     None: only its length is wanted): one tensor to allocate, save and check instead of two a block.
     The pieces, in order: the first block's input when an earlier block made it (z_in_arena), then
     per block its b (save_b) and its output, but the last block's only when the compression reads
-    it (else it is the group's result). like: a tensor of the group's N, H, W and dtype; weights:
-    the 6 tensors of each block from the first that needs a gradient; compression: its (w, b), or
-    nothing. Each piece starts at a multiple of 256 bytes, so it has the alignment of a fresh tensor
-    (the launchers read storage offsets). Returns (the length in elements, the views or [])."""
+    it (else it is the group's result). like: a tensor of the group's N, H, W and dtype; w_squeezes,
+    w_expands: those weights of each block from the first that needs a gradient; compression: its
+    (w, b), or nothing. Each piece starts at a multiple of 256 bytes, so it has the alignment of a
+    fresh tensor (the launchers read storage offsets). Returns (the length in elements, the views
+    or [])."""
     n_img, _, height, width = like.shape
     pixels, unit = n_img * height * width, max(1, 256 // like.element_size())
-    n_blocks = len(weights) // 6
-    channels = [weights[0].shape[1] if weights else compression[0].shape[1]] if z_in_arena else []
+    n_blocks = len(w_squeezes)
+    channels = [w_squeezes[0].shape[1] if w_squeezes else compression[0].shape[1]] if z_in_arena else []
     for k in range(n_blocks):
         if save_b:
-            channels.append(weights[6 * k].shape[0])
+            channels.append(w_squeezes[k].shape[0])
         if k < n_blocks - 1 or compression:
-            channels.append(weights[6 * k + 4].shape[0])
+            channels.append(w_expands[k].shape[0])
     offsets, length = [], 0
     for c in channels:
         offsets.append(length)
@@ -477,6 +505,15 @@ def _saved_views(arena, like, weights, compression, z_in_arena, save_b):
         return length, []
     return length, [arena.as_strided((n_img, c, height, width), (height * width * c, 1, width * c, c), offset)
                     for c, offset in zip(channels, offsets)]
+
+
+def _read_by_backward(weights, save_b) -> list:
+    """Of the 6 tensors of each block, those its backward reads: w_squeeze, b_squeeze (a is
+    recomputed), w_conv, b_conv only to rebuild b (not save_b), and w_expand; b_expand never (as
+    PyTorch's convolution saves no bias). Saving fewer tensors is less host work each way."""
+    if save_b:
+        return [t for i in range(0, len(weights), 6) for t in (*weights[i:i + 3], weights[i + 4])]
+    return [t for i in range(0, len(weights), 6) for t in weights[i:i + 5]]
 
 
 def _chain_forward_region(static, inputs):
@@ -489,11 +526,11 @@ def _chain_forward_region(static, inputs):
     weights = inputs[1:1 + 6 * n_blocks]
     compression = inputs[1 + 6 * n_blocks:1 + 6 * n_blocks + n_compress]
     packed = _packed_blocks(inputs[1 + 6 * n_blocks + n_compress:])
-    saved_weights = weights[6 * first:]
-    z_in_arena = 0 < first and (first < n_blocks or n_compress > 0)
-    length, _ = _saved_views(None, z, saved_weights, compression, z_in_arena, save_b)
+    shapes = (weights[6 * first::6], weights[6 * first + 4::6], compression, 0 < first < n_blocks or (
+        0 < first and n_compress > 0), save_b)
+    length, _ = _saved_views(None, z, *shapes)
     arena = track(torch.empty(length, device=z.device, dtype=z.dtype))
-    views = iter(_saved_views(arena, z, saved_weights, compression, z_in_arena, save_b)[1])
+    views = iter(_saved_views(arena, z, *shapes)[1])
     a = None
     for k, i in enumerate(range(0, len(weights), 6)):
         w_squeeze_next, b_squeeze_next = weights[i + 6:i + 8] if i + 6 < len(weights) else (None, None)
@@ -510,19 +547,21 @@ def _chain_forward_region(static, inputs):
 def _chain_backward_region(static, inputs):
     """The backward of _chain_forward_region's blocks from `first`, and of its compression (if any)
     before them: inputs are the output gradient, the group's input z (None when `first` > 0: then the
-    first block's input is saved with the rest), the 6 tensors of each block, the compression's
-    (w, b), the forward's saved activations (_saved_views), the transposed packed 3x3 weights
-    (n_packs_t tensors, _pack_convs) and, where b was not saved, each block's forward packed weight.
-    Returns (the gradient at the first block's input, without the long skip's; the 6 weight and bias
-    gradients of each block, then the compression's 2)."""
+    first block's input is saved with the rest), each block's tensors its backward reads
+    (_read_by_backward), the compression's (w, b), the forward's saved activations (_saved_views),
+    the transposed packed 3x3 weights (n_packs_t tensors, _pack_convs) and, where b was not saved,
+    each block's forward packed weight. Returns (the gradient at the first block's input, without the
+    long skip's; the 6 weight and bias gradients of each block, then the compression's 2)."""
     alpha, n_blocks, n_packs_t, save_b, n_compress = static
-    grad, z, weights = inputs[0], inputs[1], inputs[2:2 + 6 * n_blocks]
-    compression = inputs[2 + 6 * n_blocks:2 + 6 * n_blocks + n_compress]
-    arena = inputs[2 + 6 * n_blocks + n_compress]
-    packs = inputs[3 + 6 * n_blocks + n_compress:]
+    per_block = 4 if save_b else 5
+    grad, z, weights = inputs[0], inputs[1], inputs[2:2 + per_block * n_blocks]
+    compression = inputs[2 + per_block * n_blocks:2 + per_block * n_blocks + n_compress]
+    arena = inputs[2 + per_block * n_blocks + n_compress]
+    packs = inputs[3 + per_block * n_blocks + n_compress:]
     packed_t = _packed_blocks(packs[:n_packs_t]) if n_packs_t else []
     packed = packs[n_packs_t:] or [None] * n_blocks
-    views = iter(_saved_views(arena, grad, weights, compression, z is None, save_b)[1])
+    views = iter(_saved_views(arena, grad, weights[::per_block], weights[per_block - 1::per_block], compression,
+                              z is None, save_b)[1])
     inputs_k, bs = [z if z is not None else next(views)], []
     for k in range(n_blocks):
         bs.append(next(views) if save_b else None)
@@ -533,8 +572,10 @@ def _chain_backward_region(static, inputs):
         grad, dw, db = _compress_backward(grad, inputs_k[-1], *compression, alpha)
         grads += (dw, db)
     for k in reversed(range(n_blocks)):
-        grad, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = _backward(grad, inputs_k[k], bs[k], *weights[6 * k:6 * k + 6],
-                                                               alpha, packed[k], packed_t[k])
+        w_squeeze, b_squeeze, w_conv, *b_conv, w_expand = weights[per_block * k:per_block * (k + 1)]
+        grad, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = _backward(
+            grad, inputs_k[k], bs[k], w_squeeze, b_squeeze, w_conv, b_conv[0] if b_conv else None, w_expand, None,
+            alpha, packed[k], packed_t[k])
         grads[6 * k:6 * k + 6] = dw_sq, db_sq, dw_c, db_c, dw_e, db_e
     return grad, grads
 
@@ -649,27 +690,29 @@ class _EagerDistillGroup(torch.autograd.Function):
     saved tensors and gradients, and compress_skip's, but one Function's host cost a group instead
     of one a block and one more for the compression.
 
-    apply(alpha, first, save_b, n_compress, signature, z, *weights, *compression): weights holds 6
-    tensors a block (biases may be None); compression is the group's (w, b), with z as its skip,
-    when n_compress is 2 (then the node returns the compression's output), or nothing; signature:
-    residual_distill_chain's. Blocks before `first` need no gradient (nothing they read requires
-    one), so they save nothing and their backward is not run, as their per-block Functions would
-    not be recorded."""
+    apply(alpha, first, save_b, n_compress, signature, packs, z, *weights, *compression): weights
+    holds 6 tensors a block (biases may be None); compression is the group's (w, b), with z as its
+    skip, when n_compress is 2 (then the node returns the compression's output), or nothing;
+    signature and packs: residual_distill_chain's. Blocks before `first` need no gradient (nothing
+    they read requires one), so they save nothing and their backward is not run, as their
+    per-block Functions would not be recorded."""
 
     @staticmethod
-    def forward(ctx, alpha, first, save_b, n_compress, signature, z, *tensors):
+    def forward(ctx, alpha, first, save_b, n_compress, signature, packs, z, *tensors):
         weights, compression = tensors[:len(tensors) - n_compress], tensors[len(tensors) - n_compress:]
         n_blocks = len(weights) // 6
         with direct_launches():
-            packs = _pack_convs(weights[2::6])
+            if packs is None:
+                packs = _pack_convs(weights[2::6])
             out, saved = planned(_chain_forward_region, (alpha, first, save_b, n_blocks, n_compress),
                                  [z, *weights, *compression, *packs],
                                  keyed=1 + len(tensors), signature=signature)  # packs follow from the weights
-        ctx.save_for_backward(*saved, *weights[6 * first:], *compression)
+        ctx.save_for_backward(*saved, *_read_by_backward(weights[6 * first:], save_b), *compression)
         ctx.alpha, ctx.first, ctx.save_b, ctx.n_compress = alpha, first, save_b, n_compress
-        # Rebuilding b (recompute) reads the packed weights again: kept, a few kB a block. (w_conv
-        # itself is saved, so changing it in place before backward still raises.)
-        ctx.packs = None if save_b else packs
+        # Kept for the backward (9 F^2 values a block): its transposed packs are one copy of these
+        # (no stack of the weights again), and rebuilding b (recompute) reads them. w_conv itself is
+        # saved, so changing it in place before backward still raises.
+        ctx.packs = packs
         ctx.present = [t is not None for t in tensors]
         return out
 
@@ -679,18 +722,19 @@ class _EagerDistillGroup(torch.autograd.Function):
             raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
         first, n_compress, tensors = ctx.first, ctx.n_compress, ctx.saved_tensors
         n_blocks = (len(ctx.present) - n_compress) // 6 - first
-        # Saved: z (when block 0 needs a gradient) and the activations in one tensor, then the weights.
+        # Saved: z (when block 0 needs a gradient), the activations in one tensor, then the weights
+        # the backward reads.
         z, arena = (None, tensors[0]) if first else tensors[:2]
         weights = tensors[2 - bool(first):len(tensors) - n_compress]
         compression = tensors[len(tensors) - n_compress:]
         with direct_launches():
-            packs_t = _pack_convs(weights[2::6], transpose=True) if n_blocks else []
+            packs_t = _transposed_packs(ctx.packs, first) if n_blocks else []
             # Keyed: the gradient, z and the weights; the saved activations and the packed weights
             # are what the planned forward and _pack_convs made of those. save_b is static: whether
             # b was saved is also in the activations' layout. The forward's packed weights go in
             # block by block (from `first`): how the forward packed them also depends on blocks
             # before `first`, which the key does not read.
-            packed = _packed_blocks(ctx.packs)[first:] if ctx.packs is not None else []
+            packed = [] if ctx.save_b else _packed_blocks(ctx.packs)[first:]
             grad_in, grads = planned(
                 _chain_backward_region, (ctx.alpha, n_blocks, len(packs_t), ctx.save_b, n_compress),
                 [rows(grad), z, *weights, *compression, arena, *packs_t, *packed],
@@ -701,7 +745,8 @@ class _EagerDistillGroup(torch.autograd.Function):
         elif n_compress:  # the long skip's share: the node's own output gradient
             grad_in = grad_in.add_(grad)
         # None for the scalars and absent biases.
-        return (None, None, None, None, None, grad_in, *(g if has else None for g, has in zip(grads, ctx.present)))
+        return (None, None, None, None, None, None, grad_in,
+                *(g if has else None for g, has in zip(grads, ctx.present)))
 
 
 # The Functions' apply without its Python layer (kernels/_common.py function_apply).
@@ -731,14 +776,15 @@ def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand
     return _block(z, (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand), alpha, recompute)[0]
 
 
-def residual_distill_chain(z, blocks, alpha=0.2, recompute=False, compress=(), signature=None):
+def residual_distill_chain(z, blocks, alpha=0.2, recompute=False, compress=(), signature=None, packs=None):
     """A group's blocks one after another (inputs checked by fastdrn.ops), each block's 3x3 kernel
     also computing the next block's squeeze (folds_next_squeeze): one launch a block forward after
     the first. Gradients as for the blocks called one by one. compress: the group's compression
     (w, b), run on the last output with z as the skip; its output is returned. Eager: one autograd
     Function for the group and its compression (_EagerDistillGroup); traced: the registered ops
     block by block, then compress_skip. signature: plans.checked_signature of [z, the blocks'
-    tensors, compress], if the caller has it (the forward's launch plan is keyed by it)."""
+    tensors, compress], if the caller has it (the forward's launch plan is keyed by it); packs:
+    _pack_convs(the blocks' 3x3 weights), if the caller has them (pack_groups)."""
     compress = tuple(compress)
     if eager_fast_path():
         for block in blocks:
@@ -748,7 +794,7 @@ def residual_distill_chain(z, blocks, alpha=0.2, recompute=False, compress=(), s
             first = next((k for k, block in enumerate(blocks)
                           if (k == 0 and z.requires_grad) or any(t is not None and t.requires_grad for t in block)),
                          first)
-        return _apply_group(float(alpha), first, not recompute, len(compress), signature, z,
+        return _apply_group(float(alpha), first, not recompute, len(compress), signature, packs, z,
                                         *(t for block in blocks for t in block), *compress)
     skip, a = z, None
     for k, block in enumerate(blocks):
@@ -757,20 +803,21 @@ def residual_distill_chain(z, blocks, alpha=0.2, recompute=False, compress=(), s
     return compress_skip(z, *compress, skip, float(alpha)) if compress else z
 
 
-def residual_distill_group_(buffer, blocks, alpha=0.2, compress=None):
+def residual_distill_group_(buffer, blocks, alpha=0.2, compress=None, packs=None):
     """Run `blocks` (tuples of the six block tensors) in place over `buffer`, inference only.
 
     buffer: channels_last (N, C + K*d, H, W) whose first C channels hold the group's input;
     afterwards it holds the last block's output. Built and checked by fastdrn.ops.distill_group.
     compress: (w, b, skip), checked by fastdrn.ops.distill_and_compress: the group's compression then
     runs on the buffer in the same launch plan, and its output is returned instead of the buffer.
+    packs: _pack_convs(the blocks' 3x3 weights), if the caller has them (pack_groups).
     """
     for block in blocks:
         _check_inner(block[0].shape[0])
     weights = [t for block in blocks for t in block]
     if eager_fast_path():
         with direct_launches():
-            out = _group_forward(buffer, weights, float(alpha), compress)
+            out = _group_forward(buffer, weights, float(alpha), compress, packs)
         return buffer if compress is None else out
     residual_distill_group_op(buffer, weights, float(alpha))
     return buffer if compress is None else compress_skip(buffer, *compress, float(alpha))

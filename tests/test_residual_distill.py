@@ -487,6 +487,39 @@ def test_group_and_compression_in_one_node(frozen, recompute, device):
             assert_close(g, r, grad_tol, f"{dtype} gradient of leaf {i}")
 
 
+@pytest.mark.parametrize("inners", [(16, 16, 16), (16, 16, 12)])
+def test_distill_groups_equals_the_groups_one_by_one(inners, device):
+    """ops.distill_groups (fastdrn.DRN's body) packs every group's 3x3 weights in one copy: output
+    and every gradient equal distill_and_compress called group by group, bit for bit, in training
+    and in inference. With a narrower last block the weights differ in shape: each group packs its
+    own. A bad 3x3 weight still gets its group's clear error."""
+    dtype = dtypes_for(device)[0]
+    _eager_group_or_skip(device, dtype)
+    groups = [(_group_blocks(dtype, device, inners=inners),
+               (randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=True),
+                randn(24, dtype=dtype, device=device, requires_grad=True))) for _ in range(2)]
+    leaves = [t for blocks, compression in groups for t in (*(t for block in blocks for t in block), *compression)]
+    y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+
+    def one_by_one(y):
+        for blocks, (w, b) in groups:
+            y = ops.distill_and_compress(y, blocks, w, b)
+        return y
+
+    out, expected = ops.distill_groups(y, groups), one_by_one(y)
+    assert torch.equal(out, expected)
+    grad_out = randn(*out.shape, dtype=dtype, device=device)
+    grads = torch.autograd.grad(out, [y, *leaves], grad_out)
+    for i, (g, e) in enumerate(zip(grads, torch.autograd.grad(expected, [y, *leaves], grad_out))):
+        assert torch.equal(g, e), f"gradient of leaf {i}"
+    with torch.no_grad():
+        assert torch.equal(ops.distill_groups(y, groups), one_by_one(y))
+    blocks = [list(block) for block in groups[1][0]]
+    blocks[1][2] = blocks[1][2].detach().to("meta")
+    with pytest.raises(ValueError, match="w_conv is on meta"):
+        ops.distill_groups(y, [groups[0], ([tuple(block) for block in blocks], groups[1][1])])
+
+
 def test_group_function_double_backward_raises(device):
     dtype = dtypes_for(device)[0]
     _eager_group_or_skip(device, dtype)
