@@ -8,10 +8,14 @@ cuDNN.
 """
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import backend, ops, reference
+
+_dtype = attrgetter("dtype")
 
 
 def _memory_order(t: torch.Tensor) -> list[int] | None:
@@ -128,10 +132,11 @@ class DRN(reference.DRN):
         """
         tensors = self._weights()
         present = [t for t in tensors if t is not None]
-        if any(t.dtype != dtype for t in present):
+        dtypes = set(map(_dtype, present))
+        if dtypes != {dtype}:
             if not torch.is_grad_enabled():
                 cast = iter(_cast_all(dtype, present))
-            elif any(t.dtype != present[0].dtype for t in present):  # mixed: autograd casts each back
+            elif len(dtypes) > 1:  # mixed: autograd casts each back
                 cast = iter([t.to(dtype) for t in present])
             else:
                 cast = iter(_CastWeights.apply(dtype, *present))

@@ -211,6 +211,24 @@ def test_autocast_casts_the_fused_weights_once(device):
     assert counter.casts - before <= 10, counter.casts - before
 
 
+def test_a_parameter_of_another_dtype_is_cast_for_the_fused_ops(device):
+    """One fused weight left in float64 in a float32 model (mixed dtypes): fastdrn.DRN casts each
+    weight on its own for the fused ops, the output is the all-float32 model's, and the float64
+    parameter gets a float64 gradient equal to the float32 model's."""
+    _, fast = pair(dict(scale=2, **SMALL), device)
+    x = image(1, 4, 3, device)
+    mixed = copy.deepcopy(fast)
+    conv = mixed.groups[1].blocks[2].conv
+    conv.weight.data = conv.weight.data.double()
+    out, expected = mixed(x), fast(x)
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    grad = conv.weight.grad
+    assert grad.dtype == torch.float64
+    assert torch.equal(grad.float(), fast.groups[1].blocks[2].conv.weight.grad)
+
+
 def test_inference_under_autocast_follows_weight_changes(device):
     """The fused weights are cast under autocast by one cat and cast: every way a weight changes
     between inference calls (in place through .data, a new .data, load_state_dict, a new Parameter)
