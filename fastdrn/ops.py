@@ -6,6 +6,7 @@ every path; then `fastdrn.backend.use_triton` picks the fused kernels or the pla
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import operator
@@ -259,7 +260,8 @@ def _group(y, blocks, alpha, recompute, compression, packs=None):
         if len(block) != 6:
             raise ValueError("distill_group: each block is 6 tensors (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, "
                              f"b_expand), got {len(block)}")
-    tensors = [y, *(t for block in blocks for t in block)]
+    weights = list(itertools.chain.from_iterable(blocks))
+    tensors = [y, *weights]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if not blocks or not backend.use_triton("residual_distill", y.device, y.dtype):
         z = y
@@ -276,16 +278,16 @@ def _group(y, blocks, alpha, recompute, compression, packs=None):
         if needs_grad:  # each 3x3 kernel also computing the next block's squeeze; eager: one autograd node
             compress = tuple(compression) if fused_compression else ()
             if signature is None or signature not in _DENSE:
-                blocks = [_dense_block(*block) for block in blocks]
+                weights = [t if i % 6 == 2 else _dense(t) for i, t in enumerate(weights)]  # as _dense_block
                 compress = tuple(map(_dense, compress))
-                keyed = (y, *(t for block in blocks for t in block), *compress)
+                keyed = (y, *weights, *compress)
                 if signature is not None and len(keyed) == len(given) and all(map(operator.is_, given, keyed)):
                     if len(_DENSE) >= _PASSED_LIMIT:
                         _DENSE.clear()
                     _DENSE.add(signature)
                 else:
                     signature = None  # a dense copy was made: the group's launch plan keys the copies
-            z = fused.residual_distill_chain(y, blocks, alpha, recompute, compress, signature, packs)
+            z = fused.residual_distill_chain(y, weights, alpha, recompute, compress, signature, packs)
             if fused_compression:  # eager: in the same node
                 return z
         else:

@@ -776,27 +776,28 @@ def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand
     return _block(z, (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand), alpha, recompute)[0]
 
 
-def residual_distill_chain(z, blocks, alpha=0.2, recompute=False, compress=(), signature=None, packs=None):
-    """A group's blocks one after another (inputs checked by fastdrn.ops), each block's 3x3 kernel
-    also computing the next block's squeeze (folds_next_squeeze): one launch a block forward after
-    the first. Gradients as for the blocks called one by one. compress: the group's compression
-    (w, b), run on the last output with z as the skip; its output is returned. Eager: one autograd
-    Function for the group and its compression (_EagerDistillGroup); traced: the registered ops
-    block by block, then compress_skip. signature: plans.checked_signature of [z, the blocks'
-    tensors, compress], if the caller has it (the forward's launch plan is keyed by it); packs:
-    _pack_convs(the blocks' 3x3 weights), if the caller has them (pack_groups)."""
+def residual_distill_chain(z, weights, alpha=0.2, recompute=False, compress=(), signature=None, packs=None):
+    """A group's blocks one after another (inputs checked by fastdrn.ops; weights: the 6 tensors of
+    each block, (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand), in one flat list), each
+    block's 3x3 kernel also computing the next block's squeeze (folds_next_squeeze): one launch a
+    block forward after the first. Gradients as for the blocks called one by one. compress: the
+    group's compression (w, b), run on the last output with z as the skip; its output is returned.
+    Eager: one autograd Function for the group and its compression (_EagerDistillGroup); traced:
+    the registered ops block by block, then compress_skip. signature: plans.checked_signature of
+    [z, *weights, *compress], if the caller has it (the forward's launch plan is keyed by it);
+    packs: _pack_convs(the blocks' 3x3 weights), if the caller has them (pack_groups)."""
     compress = tuple(compress)
     if eager_fast_path():
-        for block in blocks:
-            _check_inner(block[0].shape[0])
-        first = len(blocks)  # the first block that needs a gradient (reads a tensor that requires one)
+        for w_squeeze in weights[::6]:
+            _check_inner(w_squeeze.shape[0])
+        first = len(weights) // 6  # the first block that needs a gradient (reads a tensor that requires one)
         if torch.is_grad_enabled():
-            first = next((k for k, block in enumerate(blocks)
-                          if (k == 0 and z.requires_grad) or any(t is not None and t.requires_grad for t in block)),
-                         first)
-        return _apply_group(float(alpha), first, not recompute, len(compress), signature, packs, z,
-                                        *(t for block in blocks for t in block), *compress)
+            first = next((k for k in range(first) if (k == 0 and z.requires_grad)
+                          or any(t is not None and t.requires_grad for t in weights[6 * k:6 * k + 6])), first)
+        return _apply_group(float(alpha), first, not recompute, len(compress), signature, packs, z, *weights,
+                            *compress)
     skip, a = z, None
+    blocks = [tuple(weights[i:i + 6]) for i in range(0, len(weights), 6)]
     for k, block in enumerate(blocks):
         next_squeeze = tuple(blocks[k + 1][:2]) if k + 1 < len(blocks) else (None, None)
         z, a = _block(z, block, alpha, recompute, a, next_squeeze)
