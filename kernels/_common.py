@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from threading import get_ident
 
 import torch
 import triton
@@ -319,13 +320,14 @@ _lean_launchers: dict[int, LeanLauncher] = {}
 # Launch plans (kernels/plans.py): regions of launcher code recorded once per signature, keyed by
 # it (None: that signature could not be planned). Cleared with everything that changes a launch.
 launch_plans: dict = {}
-# The plans.Recorder of the region being recorded, or None: launch() and track() report to it.
+# The plans.Recorder of the region being recorded, or None: launch() and track() report to it what
+# its own thread launches and allocates (recorder.thread); other threads' launches are theirs.
 recorder = None
 
 
 def track(t: torch.Tensor) -> torch.Tensor:
     """t, a tensor a launcher just allocated; a region being recorded notes the allocation."""
-    if recorder is not None:
+    if recorder is not None and recorder.thread == get_ident():
         recorder.allocated(t)
     return t
 
@@ -358,7 +360,7 @@ def launch(kernel, tuned, grid, interpreter: triton.Config, **args) -> None:
         device = driver.get_current_device()
         generated = lean.devices.get(device)
         if generated is not None and generated[1](grid, driver, device, args):
-            if recorder is not None:
+            if recorder is not None and recorder.thread == get_ident():
                 recorder.launched(kernel, tuned, grid, interpreter, args)
             return
     configs = [interpreter] if tuned is None else tuned.configs
@@ -374,7 +376,7 @@ def launch(kernel, tuned, grid, interpreter: triton.Config, **args) -> None:
         if lean is None:
             lean = _lean_launchers[id(kernel if tuned is None else tuned)] = LeanLauncher(kernel, tuned, configs)
         lean.keep(compiled, config, args)
-    if recorder is not None:
+    if recorder is not None and recorder.thread == get_ident():
         recorder.launched(kernel, tuned, grid, config, args)
 
 

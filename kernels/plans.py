@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from operator import attrgetter
+from threading import get_ident
 
 import torch
 from triton.runtime.driver import driver as triton_driver
@@ -159,6 +160,7 @@ class Recorder:
 
     def __init__(self, inputs, device, interpreted, keyed=None):
         self.device, self.interpreted = device, interpreted
+        self.thread = get_ident()  # what other threads launch meanwhile is not part of the region
         self.inputs = len(inputs)
         self.keyed = len(inputs) if keyed is None else keyed
         # Positions the signature does not read that held None: a replay checks they still do.

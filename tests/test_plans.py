@@ -370,3 +370,52 @@ def test_training_checks_and_plan_share_one_signature(device):
     got = _train(y, [tuple(block) for block in strided], w_c, b_c, False)
     for i, (g, e) in enumerate(zip(got, expected)):
         assert torch.equal(g, e), f"non-contiguous w_squeeze: output {i}"
+
+
+def test_a_recording_keeps_only_its_own_threads_launches(monkeypatch, device):
+    """A region recorded in one thread while another thread launches kernels (nn.DataParallel's
+    replicas, a threaded server): the recording keeps only its own thread's launches and
+    allocations, so it is planned and replays its own results; the other thread runs its launchers."""
+    import threading
+
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    _eager_group_or_skip(device, dtype)
+    from fastdrn.kernels import compress_skip as module
+    from test_residual_distill import make_block
+
+    started, resume = threading.Event(), threading.Event()
+    forward = module._forward
+
+    def forward_after_the_other_thread(*args):  # the recording pauses before its launch
+        started.set()
+        assert resume.wait(60)
+        return forward(*args)
+
+    monkeypatch.setattr(module, "_forward", forward_after_the_other_thread)
+    plans.set_launch_plans(True)
+    z = randn(1, 40, 3, 3, dtype=dtype, device=device, channels_last=True)
+    skip = randn(1, 24, 3, 3, dtype=dtype, device=device, channels_last=True)
+    w, b = randn(24, 40, 1, 1, dtype=dtype, device=device), randn(24, dtype=dtype, device=device)
+    results = {}
+
+    def record():
+        with torch.no_grad():
+            results["recorded"] = ops.compress_skip(z, w, b, skip)
+
+    recording = threading.Thread(target=record)
+    recording.start()
+    assert started.wait(60)
+    block_z = randn(2, 20, 3, 5, dtype=dtype, device=device, channels_last=True)
+    block = make_block(20, 12, 3, dtype, device)
+    with torch.no_grad():  # launches while the other thread records
+        other = ops.residual_distill(block_z, *block)
+    resume.set()
+    recording.join()
+    assert module._forward_region not in plans.failures, plans.failures
+    assert any(key[0] is module._forward_region and plan is not None for key, plan in _common.launch_plans.items())
+    with torch.no_grad():
+        replayed = ops.compress_skip(z, w, b, skip)  # now from the plan
+        with plans_off():
+            assert torch.equal(replayed, ops.compress_skip(z, w, b, skip))
+            assert torch.equal(other, ops.residual_distill(block_z, *block))
+    assert torch.equal(results["recorded"], replayed)
