@@ -8,14 +8,10 @@ cuDNN.
 """
 from __future__ import annotations
 
-from operator import attrgetter
-
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import backend, ops, reference
-
-_dtype = attrgetter("dtype")
 
 
 def _memory_order(t: torch.Tensor) -> list[int] | None:
@@ -132,7 +128,7 @@ class DRN(reference.DRN):
         """
         tensors = self._weights()
         present = [t for t in tensors if t is not None]
-        dtypes = set(map(_dtype, present))
+        dtypes = {t.dtype for t in present}  # a comprehension: torch.compile traces it (not attrgetter)
         if dtypes != {dtype}:
             if not torch.is_grad_enabled():
                 cast = iter(_cast_all(dtype, present))

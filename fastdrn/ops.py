@@ -6,7 +6,6 @@ every path; then `fastdrn.backend.use_triton` picks the fused kernels or the pla
 """
 from __future__ import annotations
 
-import itertools
 import math
 import numbers
 import operator
@@ -260,7 +259,7 @@ def _group(y, blocks, alpha, recompute, compression, packs=None):
         if len(block) != 6:
             raise ValueError("distill_group: each block is 6 tensors (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, "
                              f"b_expand), got {len(block)}")
-    weights = list(itertools.chain.from_iterable(blocks))
+    weights = [t for block in blocks for t in block]
     tensors = [y, *weights]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if not blocks or not backend.use_triton("residual_distill", y.device, y.dtype):
@@ -270,21 +269,23 @@ def _group(y, blocks, alpha, recompute, compression, packs=None):
     else:
         fused = _fused()
         given = tensors + list(compression or ())
-        # Training: the same signature keys the checks and the group's launch plan (inference keys
-        # its plan by the buffer, so there the checks' own signature is cheaper).
-        signature = fused.checked_signature(given) if needs_grad else None
-        _checked(_check_group if compression is None else _check_group_and_compression, *given, signature=signature)
+        # Training, eager: one signature, (key, pointers), keys the checks and the group's launch
+        # plan (inference keys its plan by the buffer, so there the checks' own signature is
+        # cheaper; traced, the checks run in full, once).
+        signature = fused.checked_signature(given) if needs_grad and fused.eager_fast_path() else None
+        _checked(_check_group if compression is None else _check_group_and_compression, *given,
+                 signature=None if signature is None else signature[0])
         fused_compression = compression is not None and backend.use_triton("compress_skip", y.device, y.dtype)
         if needs_grad:  # each 3x3 kernel also computing the next block's squeeze; eager: one autograd node
             compress = tuple(compression) if fused_compression else ()
-            if signature is None or signature not in _DENSE:
+            if signature is None or signature[0] not in _DENSE:
                 weights = [t if i % 6 == 2 else _dense(t) for i, t in enumerate(weights)]  # as _dense_block
                 compress = tuple(map(_dense, compress))
                 keyed = (y, *weights, *compress)
                 if signature is not None and len(keyed) == len(given) and all(map(operator.is_, given, keyed)):
                     if len(_DENSE) >= _PASSED_LIMIT:
                         _DENSE.clear()
-                    _DENSE.add(signature)
+                    _DENSE.add(signature[0])
                 else:
                     signature = None  # a dense copy was made: the group's launch plan keys the copies
             z = fused.residual_distill_chain(y, weights, alpha, recompute, compress, signature, packs)

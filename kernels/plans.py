@@ -73,22 +73,26 @@ _Tensor = torch.Tensor
 
 
 def _signature(tensors: list) -> tuple:
-    """What launchers read of these tensors besides their contents: shapes, strides, dtypes, storage
-    offsets and 16-byte alignment (where None sits, too). Attribute by attribute over the list: a
-    tuple per tensor cost a third more (55 tensors a group)."""
+    """(key, pointers): the key is what launchers read of these tensors besides their contents
+    (shapes, strides, dtypes, storage offsets and 16-byte alignment, where None sits); pointers, the
+    present tensors' addresses, read once here for the alignment and handed to a replay, which then
+    reads none of them again. Attribute by attribute over the list: a tuple per tensor cost a third
+    more (55 tensors a group)."""
     present = [t for t in tensors if t is not None]
+    pointers = tuple(map(_Tensor.data_ptr, present))
     return (tuple(t is None for t in tensors) if len(present) < len(tensors) else None,
             tuple(map(_shape, present)), tuple(map(_Tensor.stride, present)), tuple(map(_dtype, present)),
-            tuple(map(_Tensor.storage_offset, present)), tuple(p & 15 for p in map(_Tensor.data_ptr, present)))
+            tuple(map(_Tensor.storage_offset, present)), tuple(p & 15 for p in pointers)), pointers
 
 
 def checked_signature(tensors: list) -> tuple | None:
-    """_signature of these tensors (tensors or None) and each one's device, or None where one is not a
-    tensor. It holds everything fastdrn.ops's input checks read, so ops keys the checks it has passed
-    by it, and hands it to `planned` for the same tensors: one pass over a group's 57 tensors
-    instead of two (about 20 us a group on the host)."""
+    """_signature of these tensors (tensors or None) with each one's device added to its key, or
+    None where one is not a tensor. The key holds everything fastdrn.ops's input checks read, so ops
+    keys the checks it has passed by it, and hands the whole to `planned` for the same tensors: one
+    pass over a group's 57 tensors instead of two (about 20 us a group on the host)."""
     try:
-        return _signature(tensors), tuple(map(_device, (t for t in tensors if t is not None)))
+        key, pointers = _signature(tensors)
+        return (key, tuple(map(_device, (t for t in tensors if t is not None)))), pointers
     except (AttributeError, TypeError):
         return None
 
@@ -112,12 +116,13 @@ def planned(fn, static: tuple, inputs: list, keyed: int | None = None, signature
     device = None if interpreted else triton_driver.active.get_current_device()
     if signature is None:
         signature = _signature(inputs if keyed is None else inputs[:keyed])
-    key = (fn, static, first.device, device, signature)
+    key = (fn, static, first.device, device, signature[0])
     plans = _common.launch_plans
     plan = plans.get(key, False)
     if plan:
         if plan.kernels_idle():
-            result = plan.replay(inputs, None if interpreted else triton_driver.active.get_current_stream(device))
+            result = plan.replay(inputs, None if interpreted else triton_driver.active.get_current_stream(device),
+                                 signature[1])
             if result is not MISMATCH:
                 return result
             failures[fn] = "an input the signature does not read differs from the recorded one"
@@ -163,6 +168,9 @@ class Recorder:
         self.thread = get_ident()  # what other threads launch meanwhile is not part of the region
         self.inputs = len(inputs)
         self.keyed = len(inputs) if keyed is None else keyed
+        # Keyed input position -> its place in the signature's pointers (the present ones, in order).
+        present = [i for i in range(self.keyed) if inputs[i] is not None]
+        self.pointer_index = {i: j for j, i in enumerate(present)}
         # Positions the signature does not read that held None: a replay checks they still do.
         self.unkeyed_none = [i for i in range(self.keyed, len(inputs)) if inputs[i] is None]
         self.slots: dict[int, _Slot] = {}
@@ -285,11 +293,12 @@ def _round_up(nbytes: int) -> int:
 
 
 class Plan:
-    """A recorded region as generated straight-line code: replay(inputs, stream) -> the result."""
+    """A recorded region as generated straight-line code: replay(inputs, stream, pointers) -> the
+    result, pointers being the keyed inputs' addresses from their signature."""
 
     def __init__(self, recorder: Recorder, template, workspace: int):
         names = {"empty_strided": torch.empty_strided, "device": recorder.device, "uint8": torch.uint8}
-        lines = ["def replay(inputs, stream):"]
+        lines = ["def replay(inputs, stream, pointers):"]
         interpreted = recorder.interpreted
         slots = sorted(recorder.slots.values(), key=lambda slot: slot.number)
 
@@ -311,15 +320,19 @@ class Plan:
         for i in recorder.unkeyed_none:
             lines.append(f"    if inputs[{i}] is not None: return MISMATCH")
         for slot in slots:
-            if slot.input is not None and (slot.used or slot.output):
+            if slot.input is None or not (slot.used or slot.output):
+                continue
+            keyed = slot.input < recorder.keyed
+            if slot.output or interpreted or not keyed:  # the tensor itself is needed
                 lines.append(f"    t{slot.number} = inputs[{slot.input}]")
-                if slot.input >= recorder.keyed:
-                    lines.append(f"    if t{slot.number} is None or t{slot.number}.shape != {slot.shape!r} or "
-                                 f"t{slot.number}.stride() != {slot.stride!r} or t{slot.number}.dtype != "
-                                 f"{constant(slot.dtype)} or t{slot.number}.data_ptr() & 15 != {slot.align}: "
-                                 "return MISMATCH")
-                if slot.used and not interpreted:
-                    lines.append(f"    p{slot.number} = t{slot.number}.data_ptr()")
+            if not keyed:
+                lines.append(f"    if t{slot.number} is None or t{slot.number}.shape != {slot.shape!r} or "
+                             f"t{slot.number}.stride() != {slot.stride!r} or t{slot.number}.dtype != "
+                             f"{constant(slot.dtype)} or t{slot.number}.data_ptr() & 15 != {slot.align}: "
+                             "return MISMATCH")
+            if slot.used and not interpreted:
+                lines.append(f"    p{slot.number} = pointers[{recorder.pointer_index[slot.input]}]" if keyed
+                             else f"    p{slot.number} = t{slot.number}.data_ptr()")
         views = {}  # slot number -> the views of it a launch reads
 
         def make_views(base):

@@ -112,3 +112,46 @@ def test_compiled_model_in_a_train_step(torch_path):
         assert rel_err(loss, expected) <= TOL
     for (name, p), q in zip(fast.named_parameters(), eager.parameters()):
         assert rel_err(p, q) <= TOL, name
+
+
+def test_the_fused_paths_glue_traces_without_graph_breaks(monkeypatch):
+    """On a GPU the model's fused path runs fastdrn.ops's own code (checks, the group signatures,
+    the weight packing, the cast) around the registered ops while torch.compile traces it. Here the
+    fused ops are stood in for by the reference math (Triton's interpreter cannot run on the fake
+    tensors compilation traces with), the rest of the glue is fastdrn's own, and it must trace
+    with fullgraph=True, training and inference, and give the eager model's results."""
+    from types import SimpleNamespace
+
+    from fastdrn import backend, ops
+
+    def chain(z, weights, alpha, recompute, compress, signature, packs):
+        skip = z
+        for i in range(0, len(weights), 6):
+            z = reference.residual_distill(z, *weights[i:i + 6], alpha)
+        return reference.compress_skip(z, *compress, skip, alpha) if compress else z
+
+    def group_(buffer, blocks, alpha, compress=None, packs=None):
+        z = buffer[:, :blocks[0][0].shape[1]]
+        for block in blocks:
+            z = reference.residual_distill(z, *block, alpha)
+        return z if compress is None else reference.compress_skip(z, *compress, alpha)
+
+    from fastdrn.kernels import _common, plans
+    from fastdrn.kernels import residual_distill as rd
+
+    stand_in = SimpleNamespace(residual_distill_chain=chain, residual_distill_group_=group_,
+                               compress_skip=reference.compress_skip, pack_groups=rd.pack_groups,
+                               checked_signature=plans.checked_signature, eager_fast_path=_common.eager_fast_path)
+    monkeypatch.setattr(ops, "_kernels", stand_in)
+    monkeypatch.setattr(backend, "use_triton", lambda op, device, dtype=None: True)
+    fast, _ = models()
+    x = torch.rand(1, 3, 5, 4)
+    with torch.no_grad():
+        expected = fast(x)
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    assert_close(out, expected, TOL, "compiled training forward")
+    assert all(p.grad is not None for p in fast.parameters())
+    with torch.no_grad():
+        assert_close(compiled(x), expected, TOL, "compiled inference")

@@ -291,7 +291,8 @@ def test_workspace_reuses_the_place_of_dead_tensors():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fake-GPU subprocess is for machines without CUDA")
 def test_compiled_replay_launches_what_the_launchers_launch():
     """With Triton's launch path over a stand-in driver (test_launch_path.py): a group's training
-    forward and backward and the compression, in bf16 and float32. The replay calls the same
+    forward and backward with its compression (one node, the forward keyed by the checks' signature
+    and reading the inputs' addresses from it), in bf16 and float32. The replay calls the same
     compiled kernels, with the same grids and non-pointer arguments, the inputs' addresses where the
     launchers passed the inputs, and 16-byte aligned addresses for its own tensors."""
     stdout = run_script("""
@@ -302,8 +303,7 @@ def test_compiled_replay_launches_what_the_launchers_launch():
         _common.set_launch_options(autotune=False)
 
         def step(y, blocks, w_c, b_c):
-            z = ops.distill_group(y, blocks)
-            out = ops.compress_skip(z, w_c, b_c, y)
+            out = ops.distill_and_compress(y, blocks, w_c, b_c)
             out.backward(torch.ones_like(out))
 
         def pointer(value, inputs):
