@@ -235,7 +235,7 @@ def distill_groups(y, groups, alpha=0.2, recompute=False):
     group are packed for the kernels in one copy, not one a group (a stack of the weights and a
     transposing copy cost about 25 us a group on the host)."""
     packs = None
-    if groups and groups[0][0] and backend.use_triton("residual_distill", y.device, y.dtype):
+    if groups and len(groups[0]) == 2 and groups[0][0] and backend.use_triton("residual_distill", y.device, y.dtype):
         fused = _fused()
         if fused.eager_fast_path():
             try:
@@ -243,7 +243,12 @@ def distill_groups(y, groups, alpha=0.2, recompute=False):
                                           [len(blocks) for blocks, _ in groups])
             except (AttributeError, TypeError, RuntimeError, IndexError):
                 packs = None  # a weight that is not as it should be: the group's checks name it
-    for k, (blocks, (w, b)) in enumerate(groups):
+    for k, group in enumerate(groups):
+        if len(group) != 2:
+            raise ValueError(f"distill_groups: each group is (blocks, (w, b)); group {k} has {len(group)} items")
+        if len(group[1]) != 2:
+            raise ValueError(f"distill_groups: group {k}'s compression is {len(group[1])} tensors, not (w, b)")
+        (blocks, (w, b)) = group
         y = _group(y, blocks, alpha, recompute, (w, b), None if packs is None else packs[k])
     return y
 

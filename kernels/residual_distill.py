@@ -526,11 +526,12 @@ def _chain_forward_region(static, inputs):
     weights = inputs[1:1 + 6 * n_blocks]
     compression = inputs[1 + 6 * n_blocks:1 + 6 * n_blocks + n_compress]
     packed = _packed_blocks(inputs[1 + 6 * n_blocks + n_compress:])
-    shapes = (weights[6 * first::6], weights[6 * first + 4::6], compression, 0 < first < n_blocks or (
-        0 < first and n_compress > 0), save_b)
-    length, _ = _saved_views(None, z, *shapes)
+    # Block `first`'s input is an earlier block's output, saved with the rest, unless it is the result.
+    z_in_arena = 0 < first and (first < n_blocks or n_compress > 0)
+    layout = (weights[6 * first::6], weights[6 * first + 4::6], compression, z_in_arena, save_b)
+    length, _ = _saved_views(None, z, *layout)
     arena = track(torch.empty(length, device=z.device, dtype=z.dtype))
-    views = iter(_saved_views(arena, z, *shapes)[1])
+    views = iter(_saved_views(arena, z, *layout)[1])
     a = None
     for k, i in enumerate(range(0, len(weights), 6)):
         w_squeeze_next, b_squeeze_next = weights[i + 6:i + 8] if i + 6 < len(weights) else (None, None)

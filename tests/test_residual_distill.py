@@ -518,6 +518,8 @@ def test_distill_groups_equals_the_groups_one_by_one(inners, device):
     blocks[1][2] = blocks[1][2].detach().to("meta")
     with pytest.raises(ValueError, match="w_conv is on meta"):
         ops.distill_groups(y, [groups[0], ([tuple(block) for block in blocks], groups[1][1])])
+    with pytest.raises(ValueError, match="group 1's compression is 1 tensors, not"):
+        ops.distill_groups(y, [groups[0], (groups[1][0], groups[1][1][:1])])
 
 
 def test_group_function_double_backward_raises(device):
