@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from types import SimpleNamespace
 
 import torch
 
@@ -175,19 +174,15 @@ _kernels = None
 
 
 def _fused():
-    """fastdrn.kernels' fused ops, imported at the first call that runs them (importing fastdrn
-    imports no kernel); afterwards a global lookup, not an import statement, per call."""
+    """The module of the fused ops (fastdrn.kernels.residual_distill, which also holds compress_skip,
+    pack_groups, checked_signature and eager_fast_path), imported at the first call that runs them
+    (importing fastdrn imports no kernel); afterwards a global lookup, not an import statement, per
+    call. A module, not an object built here: torch.compile traces the first call too."""
     global _kernels
     if _kernels is None:
-        from .kernels import _common, plans
-        from .kernels import compress_skip as cs
-        from .kernels import residual_distill as rd
+        from .kernels import residual_distill
 
-        _kernels = SimpleNamespace(residual_distill=rd.residual_distill, compress_skip=cs.compress_skip,
-                                   residual_distill_chain=rd.residual_distill_chain,
-                                   residual_distill_group_=rd.residual_distill_group_,
-                                   checked_signature=plans.checked_signature, pack_groups=rd.pack_groups,
-                                   eager_fast_path=_common.eager_fast_path)
+        _kernels = residual_distill
     return _kernels
 
 

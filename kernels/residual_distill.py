@@ -48,7 +48,7 @@ from .compress_skip import _forward as _compress_forward
 from .compress_skip import compress_skip
 from .gemm import (EPILOGUE_ELU, EPILOGUE_LINEAR, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, conv1x1_pair, row_align,
                    weight_grads)
-from .plans import planned
+from .plans import checked_signature, planned  # noqa: F401 - checked_signature: for fastdrn.ops
 
 EPI_ELU = 0                  # mid = ELU(conv3x3(x) + bias)
 EPI_TIMES_ELU_GRAD_OF_AUX = 1  # mid = conv3x3(x) * ELU'(.) where aux = ELU(.) was saved
