@@ -34,9 +34,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+@torch.compiler.assume_constant_result
 def _kernels_mode_mismatch(interpret: bool) -> str | None:
     """Triton reads TRITON_INTERPRET once, when it decorates a kernel: kernels imported in one mode
-    cannot run in the other. None when fastdrn's kernels are not imported yet or match the mode."""
+    cannot run in the other. None when fastdrn's kernels are not imported yet or match the mode.
+
+    A constant to torch.compile: traced, it would guard on sys.modules, which the first fused call
+    changes by importing the kernels, and Dynamo failed such a guard on the frame that made it
+    (an H200 at 9e91a6a)."""
     common = sys.modules.get("fastdrn.kernels._common")
     if common is None:
         return None

@@ -143,7 +143,9 @@ def test_the_fused_paths_glue_traces_without_graph_breaks(first_call, monkeypatc
     monkeypatch.setattr(rd, "residual_distill_chain", chain)
     monkeypatch.setattr(rd, "residual_distill_group_", group_)
     monkeypatch.setattr(rd, "compress_skip", reference.compress_skip)
-    monkeypatch.setattr(backend, "use_triton", lambda op, device, dtype=None: True)
+    # The fused path chosen, through the kernels-mode check the real choice runs (traced as a constant).
+    monkeypatch.setattr(backend, "use_triton", lambda op, device, dtype=None: backend._kernels_mode_mismatch(
+        backend.interpreting()) is None)
     fast, _ = models()
     x = torch.rand(1, 3, 5, 4)
     monkeypatch.setattr(ops, "_kernels", None)
