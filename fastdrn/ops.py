@@ -229,8 +229,13 @@ def distill_groups(y, groups, alpha=0.2, recompute=False):
     (blocks, (w, b)) of `groups` in turn. On the fused kernels in eager mode the 3x3 weights of every
     group are packed for the kernels in one copy, not one a group (a stack of the weights and a
     transposing copy cost about 25 us a group on the host)."""
+    for k, group in enumerate(groups):
+        if len(group) != 2:
+            raise ValueError(f"distill_groups: each group is (blocks, (w, b)); group {k} has {len(group)} items")
+        if len(group[1]) != 2:
+            raise ValueError(f"distill_groups: group {k}'s compression is {len(group[1])} tensors, not (w, b)")
     packs = None
-    if groups and len(groups[0]) == 2 and groups[0][0] and backend.use_triton("residual_distill", y.device, y.dtype):
+    if groups and groups[0][0] and backend.use_triton("residual_distill", y.device, y.dtype):
         fused = _fused()
         if fused.eager_fast_path():
             try:
@@ -238,12 +243,7 @@ def distill_groups(y, groups, alpha=0.2, recompute=False):
                                           [len(blocks) for blocks, _ in groups])
             except (AttributeError, TypeError, RuntimeError, IndexError):
                 packs = None  # a weight that is not as it should be: the group's checks name it
-    for k, group in enumerate(groups):
-        if len(group) != 2:
-            raise ValueError(f"distill_groups: each group is (blocks, (w, b)); group {k} has {len(group)} items")
-        if len(group[1]) != 2:
-            raise ValueError(f"distill_groups: group {k}'s compression is {len(group[1])} tensors, not (w, b)")
-        (blocks, (w, b)) = group
+    for k, (blocks, (w, b)) in enumerate(groups):
         y = _group(y, blocks, alpha, recompute, (w, b), None if packs is None else packs[k])
     return y
 

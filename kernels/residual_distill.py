@@ -480,14 +480,13 @@ def _group_forward_region(static, inputs):
 
 def _saved_views(arena, like, w_squeezes, w_expands, compression, z_in_arena, save_b):
     """The activations a group's backward reads, as channels_last views of one allocation (`arena`;
-    None: only its length is wanted): one tensor to allocate, save and check instead of two a block.
+    None: allocated here): one tensor to allocate, save and check instead of two a block.
     The pieces, in order: the first block's input when an earlier block made it (z_in_arena), then
     per block its b (save_b) and its output, but the last block's only when the compression reads
     it (else it is the group's result). like: a tensor of the group's N, H, W and dtype; w_squeezes,
     w_expands: those weights of each block from the first that needs a gradient; compression: its
     (w, b), or nothing. Each piece starts at a multiple of 256 bytes, so it has the alignment of a
-    fresh tensor (the launchers read storage offsets). Returns (the length in elements, the views
-    or [])."""
+    fresh tensor (the launchers read storage offsets). Returns (arena, the views)."""
     n_img, _, height, width = like.shape
     pixels, unit = n_img * height * width, max(1, 256 // like.element_size())
     n_blocks = len(w_squeezes)
@@ -502,9 +501,9 @@ def _saved_views(arena, like, w_squeezes, w_expands, compression, z_in_arena, sa
         offsets.append(length)
         length += -(-pixels * c // unit) * unit
     if arena is None:
-        return length, []
-    return length, [arena.as_strided((n_img, c, height, width), (height * width * c, 1, width * c, c), offset)
-                    for c, offset in zip(channels, offsets)]
+        arena = track(torch.empty(length, device=like.device, dtype=like.dtype))
+    return arena, [arena.as_strided((n_img, c, height, width), (height * width * c, 1, width * c, c), offset)
+                   for c, offset in zip(channels, offsets)]
 
 
 def _read_by_backward(weights, save_b) -> list:
@@ -528,10 +527,9 @@ def _chain_forward_region(static, inputs):
     packed = _packed_blocks(inputs[1 + 6 * n_blocks + n_compress:])
     # Block `first`'s input is an earlier block's output, saved with the rest, unless it is the result.
     z_in_arena = 0 < first and (first < n_blocks or n_compress > 0)
-    layout = (weights[6 * first::6], weights[6 * first + 4::6], compression, z_in_arena, save_b)
-    length, _ = _saved_views(None, z, *layout)
-    arena = track(torch.empty(length, device=z.device, dtype=z.dtype))
-    views = iter(_saved_views(arena, z, *layout)[1])
+    arena, views = _saved_views(None, z, weights[6 * first::6], weights[6 * first + 4::6], compression, z_in_arena,
+                                save_b)
+    views = iter(views)
     a = None
     for k, i in enumerate(range(0, len(weights), 6)):
         w_squeeze_next, b_squeeze_next = weights[i + 6:i + 8] if i + 6 < len(weights) else (None, None)

@@ -54,6 +54,16 @@ def _train(y, blocks, w_c, b_c, recompute):
     return [out, *torch.autograd.grad(out, leaves, grad_out)]
 
 
+def _group_inputs(dtype, device):
+    """A group's input (1, 24, 3, 5), three blocks of F = 16 and its compression (w, b), all requiring
+    grad: (y, blocks, w_c, b_c)."""
+    y = randn(1, 24, 3, 5, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+    blocks = _group_blocks(dtype, device, inners=(16, 16, 16))
+    w_c = randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=True)
+    b_c = randn(24, dtype=dtype, device=device, requires_grad=True)
+    return y, blocks, w_c, b_c
+
+
 # (N, C, H, W, inner widths): each there for a reason
 TRAIN_CASES = [
     (2, 24, 5, 3, (16, 16, 12)),  # odd H, W; the last block narrower, so it does not fold
@@ -133,10 +143,7 @@ def test_what_the_signature_leaves_out_is_in_the_key(launch_count, device):
     then off again in one process, each equal to the launchers' results."""
     dtype = torch.float64 if device.type == "cpu" else torch.float32
     _eager_group_or_skip(device, dtype)
-    y = randn(1, 24, 3, 5, dtype=dtype, device=device, channels_last=True, requires_grad=True)
-    blocks = _group_blocks(dtype, device, inners=(16, 16, 16))
-    w_c = randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=True)
-    b_c = randn(24, dtype=dtype, device=device, requires_grad=True)
+    y, blocks, w_c, b_c = _group_inputs(dtype, device)
     with plans_off():
         expected = {recompute: _train(y, blocks, w_c, b_c, recompute) for recompute in (False, True)}
     for recompute in (False, True, False, True):
@@ -347,10 +354,7 @@ def test_training_checks_and_plan_share_one_signature(device):
     contiguous (a dense copy is made for the kernels) gives the contiguous one's results, bit for bit."""
     dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
     _eager_group_or_skip(device, dtype)
-    y = randn(1, 24, 3, 5, dtype=dtype, device=device, channels_last=True, requires_grad=True)
-    blocks = _group_blocks(dtype, device, inners=(16, 16, 16))
-    w_c = randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=True)
-    b_c = randn(24, dtype=dtype, device=device, requires_grad=True)
+    y, blocks, w_c, b_c = _group_inputs(dtype, device)
     expected = _train(y, blocks, w_c, b_c, False)
     for i, (g, e) in enumerate(zip(_train(y, blocks, w_c, b_c, False), expected)):  # replayed
         assert torch.equal(g, e), f"replay: output {i}"
