@@ -365,6 +365,29 @@ def _chained_per_block(y, blocks, recompute):
     return z
 
 
+def _reference_group(y, blocks, compression, leaves, grad_out):
+    """A group through the reference ops (its blocks, then the compression with the long skip if
+    given): the float64 output and the leaves' gradients, computed in float64 and, for the 16-bit
+    tolerance rule (helpers.assert_op_grads_close), in the leaves' own dtype (eager PyTorch)."""
+    def run(dtype):
+        copies = {id(t): t.detach().to(dtype).requires_grad_() for t in leaves}
+        of = lambda t: None if t is None else copies.get(id(t), t.detach().to(dtype))  # noqa: E731
+        out = of(y)
+        for block in blocks:
+            out = reference.residual_distill(out, *map(of, block))
+        if compression is not None:
+            out = reference.compress_skip(out, *map(of, compression), of(y))
+        return out, torch.autograd.grad(out, [copies[id(t)] for t in leaves], grad_out.to(dtype))
+
+    ref, ref_grads = run(torch.float64)
+    eager_grads = run(y.dtype)[1] if y.dtype in (torch.float16, torch.bfloat16) else ref_grads
+    return ref, ref_grads, eager_grads
+
+
+def _leaf_names(leaves):
+    return [f"leaf {i} {tuple(t.shape)}" for i, t in enumerate(leaves)]
+
+
 def _eager_group_or_skip(device, dtype):
     from fastdrn.kernels import residual_distill as module
 
@@ -399,15 +422,10 @@ def test_group_function_equals_per_block_functions(recompute, biases, inners, de
             assert torch.equal(g, e), f"{dtype} gradient of leaf {i} (recompute={recompute}, biases={biases})"
         assert (saved_activation_bytes(group, leaves, leaves[1:], align=256)
                 == saved_activation_bytes(chained, leaves, leaves[1:], align=256))
-        ref_leaves = float64_leaves(*leaves)
-        ref = ref_leaves[0]
-        weights = iter(ref_leaves[1:])
-        for block in blocks:
-            ref = reference.residual_distill(ref, *(None if t is None else next(weights) for t in block))
+        ref, ref_grads, eager_grads = _reference_group(y, blocks, None, leaves, grad_out)
         fwd_tol, grad_tol = tolerance(device, dtype)
         assert_close(out, ref, fwd_tol, f"{dtype} group forward")
-        for i, (g, r) in enumerate(zip(grads, torch.autograd.grad(ref, ref_leaves, grad_out.double()))):
-            assert_close(g, r, grad_tol, f"{dtype} group gradient of leaf {i}")
+        assert_op_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, _leaf_names(leaves), f"{dtype} group")
 
 
 @pytest.mark.parametrize("frozen", ["input and first block", "input and one weight a block", "every weight"])
@@ -474,17 +492,10 @@ def test_group_and_compression_in_one_node(frozen, recompute, device):
         grads = torch.autograd.grad(out, leaves, grad_out)
         for i, (g, e) in enumerate(zip(grads, torch.autograd.grad(expected, leaves, grad_out))):
             assert torch.equal(g, e), f"{dtype} gradient of leaf {i}"
-        ref_leaves = float64_leaves(*leaves)
-        as_ref = dict(zip(map(id, leaves), ref_leaves))
-        ref_of = lambda t: as_ref.get(id(t), t.detach().double())  # noqa: E731
-        ref = ref_of(y)
-        for block in blocks:
-            ref = reference.residual_distill(ref, *map(ref_of, block))
-        ref = reference.compress_skip(ref, ref_of(w_c), ref_of(b_c), ref_of(y))
+        ref, ref_grads, eager_grads = _reference_group(y, blocks, (w_c, b_c), leaves, grad_out)
         fwd_tol, grad_tol = tolerance(device, dtype)
         assert_close(out, ref, fwd_tol, f"{dtype} forward")
-        for i, (g, r) in enumerate(zip(grads, torch.autograd.grad(ref, ref_leaves, grad_out.double()))):
-            assert_close(g, r, grad_tol, f"{dtype} gradient of leaf {i}")
+        assert_op_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, _leaf_names(leaves), f"{dtype}")
 
 
 @pytest.mark.parametrize("inners", [(16, 16, 16), (16, 16, 12)])
