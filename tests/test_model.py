@@ -144,20 +144,33 @@ def test_compile_fullgraph_torch_path(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_compile_fullgraph_training_step_gpu():
-    """Against the float64 reference (a float32 reference on CUDA would itself carry cuDNN's TF32
-    error: 9.8e-3 on an H100), with PyTorch's own convs in float32 (helpers.pytorch_fp32_convs)."""
+@pytest.mark.parametrize("mode", [None, "reduce-overhead", "max-autotune"])
+@pytest.mark.parametrize("training", [True, False])
+def test_compile_fullgraph_on_gpu(mode, training):
+    """torch.compile(fastdrn.DRN, fullgraph=True) through the registered Triton ops, in each mode,
+    training and inference, three calls each (reduce-overhead records its CUDA graph on one and
+    replays it after), against the float64 reference. float64 because a float32 reference on CUDA
+    would itself carry cuDNN's TF32 error (9.8e-3 on an H100); PyTorch's own convs in float32
+    (helpers.pytorch_fp32_convs)."""
     ref, fast = pair(dict(scale=2, **SMALL), "cuda")
     ref64 = ref.to(torch.float64)
-    compiled = torch.compile(fast, fullgraph=True)
+    compiled = torch.compile(fast, fullgraph=True, mode=mode)
     x, target = image(2, 16, 16, "cuda"), image(2, 32, 32, "cuda")
+    fwd_tol, grad_tol = tolerance(torch.device("cuda"), torch.float32)
+    expected = ref64(x.double())
     with pytorch_fp32_convs():
-        loss = F.l1_loss(compiled(x), target)
-        loss.backward()
-    ref_loss = F.l1_loss(ref64(x.double()), target.double())
-    ref_grads = torch.autograd.grad(ref_loss, list(ref64.parameters()))
-    for (name, p), rg in zip(fast.named_parameters(), ref_grads):
-        assert_close(p.grad, rg, tolerance(torch.device("cuda"), torch.float32)[1], f"compiled step: grad of {name}")
+        for call in range(3):
+            if training:
+                fast.zero_grad(set_to_none=True)
+                F.l1_loss(compiled(x), target).backward()
+            else:
+                with torch.no_grad():
+                    out = compiled(x).clone()  # a CUDA-graph output is overwritten by the next replay
+                assert_close(out, expected, fwd_tol, f"mode={mode} call {call}: output")
+    if training:
+        ref_grads = torch.autograd.grad(F.l1_loss(expected, target.double()), list(ref64.parameters()))
+        for (name, p), rg in zip(fast.named_parameters(), ref_grads):
+            assert_close(p.grad, rg, grad_tol, f"mode={mode}, third step: grad of {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
