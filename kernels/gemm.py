@@ -170,7 +170,6 @@ def _weight_grad_program(
     for m0 in range(row_start, tl.minimum(row_start + rows_per_split, M), BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < M
-        g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         if TAPS == 9:
             h = (rm // W) % H + shift_y
             w = rm % W + shift_x
@@ -179,13 +178,16 @@ def _weight_grad_program(
         else:
             src_ok = m_ok
             src = rm
+        # g too is read only where the tap's source pixel exists: a pixel of the zero padding is no
+        # term of the sum, so a NaN of g there must not meet it as NaN * 0 (exact IEEE semantics).
+        g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :], mask=src_ok[:, None] & n_ok[None, :], other=0.0)
         x = tl.load(x_ptr + src[:, None] * stride_xm + rk[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
         bias_acc += tl.sum(g.to(acc_dtype), axis=0)
     row = seg_ptr + split * row_len
     tl.store(row + rn[:, None] * (K * TAPS) + rk[None, :] * stride_dk + tap * stride_dt, acc,
              mask=n_ok[:, None] & k_ok[None, :])
-    if (pid_k == 0) & (tap == 0):
+    if (pid_k == 0) & (tap == TAPS // 2):  # the centre tap reads every pixel of g: its sum is the bias's
         tl.store(row + N * K * TAPS + rn, bias_acc, mask=n_ok)
 
 
@@ -313,7 +315,6 @@ def _weight_grad_tile_program(
         for m0 in range(row_start, row_end, BLOCK_M):
             rm = m0 + tl.arange(0, BLOCK_M)
             m_ok = rm < row_end
-            g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
             if TAPS == 9:
                 h = (rm // W) % H + shift_y
                 w = rm % W + shift_x
@@ -322,6 +323,9 @@ def _weight_grad_tile_program(
             else:
                 src_ok = m_ok
                 src = rm
+            # Only where the source pixel exists: no NaN * 0 with the padding (see _weight_grad_program).
+            g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :], mask=src_ok[:, None] & n_ok[None, :],
+                        other=0.0)
             x = tl.load(x_ptr + src[:, None] * stride_xm + rk[None, :], mask=src_ok[:, None] & k_ok[None, :],
                         other=0.0)
             acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
