@@ -72,49 +72,81 @@ def float64_leaves(*tensors):
     return [None if t is None else t.detach().double().requires_grad_() for t in tensors]
 
 
-def assert_op_grads_close(dtype, tol, grads, eager_grads, ref_grads, names, what):
-    """One op's gradients against float64, every input and weight.
+SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+# Draws of fresh random inputs behind one 16-bit gradient check (see assert_op_grads_close).
+DRAWS_16BIT = 8
 
-    Float32 and float64: each within `tol` (docs/numerics.md's table).
 
-    16-bit: each within max(tol, 2x eager PyTorch's own error on the same inputs in the same dtype).
-    A weight behind an ELU sums over pixels whose ELU derivative (1 or alpha) flips when a rounded
-    16-bit activation crosses 0, and one flip in a few hundred values moves the sum by percent:
-    measured on this suite's shapes (bf16, reference op on the CPU, 20 seeds each), eager PyTorch's
-    own dW_squeeze, db_squeeze, dW_conv and db_conv are 2.7e-2 to 6.1e-2 from float64 in the worst
-    seed of every case, the median 3e-3 to 1.4e-2; z and the expand weights stay under 6e-3. The
-    table's 3e-2 is thus out of reach of any bf16 implementation there; the bound keeps the check
-    at eager's precision (what docs/numerics.md decides for whole-model gradients), and 3e-2 wherever
-    eager meets it.
+def _draws(dtype, draw) -> list:
+    return [draw() for _ in range(DRAWS_16BIT if dtype in SIXTEEN_BIT else 1)]
+
+
+def _mean(values) -> float:
+    return sum(values) / len(values)
+
+
+def assert_op_grads_close(dtype, tol, draw, names, what):
+    """One op's gradients against float64, every input and weight. draw() makes fresh random
+    inputs, runs its own checks and returns (grads, eager_grads, ref_grads): fastdrn's, eager
+    PyTorch's in the same dtype, and float64's. names: one per gradient, or None for "leaf i".
+
+    Float32 and float64: one draw, each gradient within `tol` (docs/numerics.md's table).
+
+    16-bit: DRAWS_16BIT draws; for each tensor the mean error over the draws within
+    max(tol, 2x eager PyTorch's mean error over the same draws). Why a mean: a weight behind an ELU
+    sums over pixels whose ELU derivative (1 or alpha) flips when a rounded 16-bit pre-activation
+    crosses 0, and on these small shapes one flip moves the sum by percent. Which pixels flip
+    differs between any two implementations, so one draw's error is noise: measured on an H200 at
+    f06ae9a (12 draws of each shape of tests/test_residual_distill.py), a single draw of fastdrn's
+    dW_squeeze, db_squeeze, dW_conv or db_conv was up to 19x eager's on the same draw in bf16 (72x in
+    fp16) and up to 5.3e-2 from float64, eager's own up to 1.7e-1; the bf16 means over the draws were
+    4.4e-3 to 1.4e-2 for fastdrn and 2.7e-3 to 2.8e-2 for eager, z and the expand weights under
+    3e-3 for both (fp16: all lower).
+    A wrong gradient is wrong on every draw, so the mean still catches it.
     """
-    for name, g, eg, rg in zip(names, grads, eager_grads, ref_grads):
-        if dtype in (torch.float16, torch.bfloat16):
-            eager_err = rel_err(eg, rg)
-            assert_close(g, rg, max(tol, 2 * eager_err), f"{what} d{name} (eager {dtype}: {eager_err:.2e})")
-        else:
+    results = _draws(dtype, draw)
+    if names is None:
+        names = [f"leaf {i} {tuple(g.shape)}" for i, g in enumerate(results[0][0])]
+    if dtype not in SIXTEEN_BIT:
+        for name, g, rg in zip(names, results[0][0], results[0][2]):
             assert_close(g, rg, tol, f"{what} d{name}")
-
-
-def assert_model_grads_close(dtype, tol, grads, eager_grads, ref_grads, names, what):
-    """A whole model's parameter gradients against float64.
-
-    Float32 and float64: every parameter's gradient within `tol` (docs/numerics.md).
-
-    16-bit: ELU's derivative jumps from 1 to alpha at 0, so a pre-activation that rounds across 0
-    flips it, and one flip among thousands of values moves a parameter's gradient by up to ~0.1.
-    Measured (fp16 autocast, interpreter, the small DRN of tests/test_model.py, 40 seeds): the worst
-    parameter is 1.3e-3 to 0.12 off for fastdrn and 1.9e-3 to 0.13 for eager PyTorch, by seed;
-    all gradients as one vector at most 4.9e-3 for fastdrn, 4.8e-3 for eager. So in 16-bit: all
-    gradients as one vector within `tol`, and each parameter within max(0.2, 2x eager's worst) -
-    a guard against a wrong gradient (off by O(1)), not a precision claim.
-    """
-    if dtype not in (torch.float16, torch.bfloat16):
-        for name, g, rg in zip(names, grads, ref_grads):
-            assert_close(g, rg, tol, f"{what} grad of {name}")
         return
+    _assert_mean_errors(results, tol, [f"d{name}" for name in names], what)
+
+
+def _assert_mean_errors(results, tol, names, what):
+    """For each tensor: its mean error over the draws within max(tol, 2x eager's mean)."""
+    for i, name in enumerate(names):
+        errs = [rel_err(grads[i], ref_grads[i]) for grads, _, ref_grads in results]
+        eager_errs = [rel_err(eager_grads[i], ref_grads[i]) for _, eager_grads, ref_grads in results]
+        bound = max(tol, 2 * _mean(eager_errs))
+        assert _mean(errs) <= bound, (
+            f"{what} {name}: mean relative error over {len(errs)} draws {_mean(errs):.3e} > {bound:.2e} "
+            f"(draws: {', '.join(f'{e:.1e}' for e in errs)}; eager: {', '.join(f'{e:.1e}' for e in eager_errs)})")
+
+
+def assert_model_grads_close(dtype, tol, draw, names, what):
+    """A whole model's parameter gradients against float64. draw() makes fresh random inputs, runs
+    its own checks and returns (grads, eager_grads, ref_grads) as assert_op_grads_close's does.
+
+    Float32 and float64: one draw, every parameter's gradient within `tol` (docs/numerics.md).
+
+    16-bit: DRAWS_16BIT draws. ELU's derivative jumps from 1 to alpha at 0, so a pre-activation that
+    rounds across 0 flips it, and one flip among thousands of values moves a parameter's gradient by
+    up to ~0.2 on these tiny images. Measured (fp16 autocast, interpreter, the small DRN of
+    tests/test_model.py, 40 seeds): the worst parameter is 1.3e-3 to 0.12 off for fastdrn and 1.9e-3
+    to 0.13 for eager PyTorch, by seed; all gradients as one vector at most 4.9e-3 for fastdrn, 4.8e-3
+    for eager; on an H200 (fp16, x3 at a 4x1 image) one squeeze bias of fastdrn 0.21 off on a draw
+    where eager's worst parameter was 1.3e-3. So in 16-bit: on every draw all gradients as one
+    vector within `tol`; each parameter's mean error over the draws within max(tol, 2x eager's mean
+    over the same draws), as for one op (assert_op_grads_close).
+    """
     flat = lambda gs: torch.cat([g.detach().double().flatten().cpu() for g in gs])  # noqa: E731
-    assert_close(flat(grads), flat(ref_grads), tol, f"{what} gradients of all parameters as one vector")
-    eager_worst = max(rel_err(eg, rg) for eg, rg in zip(eager_grads, ref_grads))
-    bound = max(0.2, 2 * eager_worst)
-    for name, g, rg in zip(names, grads, ref_grads):
-        assert_close(g, rg, bound, f"{what} grad of {name} (eager's worst parameter: {eager_worst:.2e})")
+    results = _draws(dtype, draw)
+    for k, (grads, _, ref_grads) in enumerate(results):
+        if dtype not in SIXTEEN_BIT:
+            for name, g, rg in zip(names, grads, ref_grads):
+                assert_close(g, rg, tol, f"{what} grad of {name}")
+            return
+        assert_close(flat(grads), flat(ref_grads), tol, f"{what} draw {k}: gradients of all parameters as one vector")
+    _assert_mean_errors(results, tol, [f"grad of {name}" for name in names], what)

@@ -42,21 +42,25 @@ def test_output_and_gradients_match_reference(cfg, size, device):
 
 
 def check_output_and_gradients(cfg, size, device):
+    names = [name for name, _ in fastdrn.DRN(**cfg).named_parameters()]
     for dtype in dtypes_for(device):
         fwd_tol, grad_tol = tolerance(device, dtype)
-        ref, fast = pair(cfg, device, dtype)
-        ref64 = reference.DRN(**cfg).to(device, torch.float64)
-        ref64.load_state_dict(ref.state_dict())
-        x = image(*size, device, dtype)
-        out = fast(x)
-        expected = ref64(x.double())
-        assert_close(out, expected, fwd_tol, f"{dtype} output")
-        grad = torch.randn_like(expected)
-        grads = torch.autograd.grad(out, list(fast.parameters()), grad.to(dtype))
-        eager_grads = torch.autograd.grad(ref(x), list(ref.parameters()), grad.to(dtype))
-        ref_grads = torch.autograd.grad(expected, list(ref64.parameters()), grad)
-        names = [name for name, _ in fast.named_parameters()]
-        assert_model_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, names, str(dtype))
+
+        def draw():
+            ref, fast = pair(cfg, device, dtype)
+            ref64 = reference.DRN(**cfg).to(device, torch.float64)
+            ref64.load_state_dict(ref.state_dict())
+            x = image(*size, device, dtype)
+            out = fast(x)
+            expected = ref64(x.double())
+            assert_close(out, expected, fwd_tol, f"{dtype} output")
+            grad = torch.randn_like(expected)
+            grads = torch.autograd.grad(out, list(fast.parameters()), grad.to(dtype))
+            eager_grads = torch.autograd.grad(ref(x), list(ref.parameters()), grad.to(dtype))
+            ref_grads = torch.autograd.grad(expected, list(ref64.parameters()), grad)
+            return grads, eager_grads, ref_grads
+
+        assert_model_grads_close(dtype, grad_tol, draw, names, str(dtype))
 
 
 def test_inference_path_matches_training_path(device):
@@ -179,21 +183,24 @@ def test_autocast_matches_reference(dtype, device):
     says, against eager PyTorch under the same autocast."""
     if where(device) == "interpreter" and dtype == torch.bfloat16:
         pytest.skip("Triton 3.9's interpreter computes bf16 tl.dot wrongly; bf16 is checked on a GPU")
-    ref, fast = pair(dict(scale=2, **SMALL), device)
-    x = image(2, 12, 10, device)
-    ref64 = reference.DRN(scale=2, **SMALL).to(device).double()
-    ref64.load_state_dict(ref.state_dict())
-    with torch.autocast(device.type, dtype=dtype):
-        out = fast(x)
-        eager_out = ref(x)
-    expected = ref64(x.double())
-    assert_close(out, expected, 2e-2, f"autocast {dtype} output")
-    grad = torch.randn_like(expected)
-    grads = torch.autograd.grad(out, list(fast.parameters()), grad.to(out.dtype))
-    eager_grads = torch.autograd.grad(eager_out, list(ref.parameters()), grad.to(eager_out.dtype))
-    ref_grads = torch.autograd.grad(expected, list(ref64.parameters()), grad)
-    names = [name for name, _ in fast.named_parameters()]
-    assert_model_grads_close(dtype, 3e-2, grads, eager_grads, ref_grads, names, f"autocast {dtype}")
+    def draw():
+        ref, fast = pair(dict(scale=2, **SMALL), device)
+        x = image(2, 12, 10, device)
+        ref64 = reference.DRN(scale=2, **SMALL).to(device).double()
+        ref64.load_state_dict(ref.state_dict())
+        with torch.autocast(device.type, dtype=dtype):
+            out = fast(x)
+            eager_out = ref(x)
+        expected = ref64(x.double())
+        assert_close(out, expected, 2e-2, f"autocast {dtype} output")
+        grad = torch.randn_like(expected)
+        grads = torch.autograd.grad(out, list(fast.parameters()), grad.to(out.dtype))
+        eager_grads = torch.autograd.grad(eager_out, list(ref.parameters()), grad.to(eager_out.dtype))
+        ref_grads = torch.autograd.grad(expected, list(ref64.parameters()), grad)
+        return grads, eager_grads, ref_grads
+
+    names = [name for name, _ in fastdrn.DRN(scale=2, **SMALL).named_parameters()]
+    assert_model_grads_close(dtype, 3e-2, draw, names, f"autocast {dtype}")
 
 
 def test_autocast_casts_the_fused_weights_once(device):

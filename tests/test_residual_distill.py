@@ -46,19 +46,22 @@ NAMES = ("z", "w_squeeze", "b_squeeze", "w_conv", "b_conv", "w_expand", "b_expan
 def test_forward_and_gradients_match_float64_reference(case, recompute, device):
     for dtype in dtypes_for(device):
         fwd_tol, grad_tol = tolerance(device, dtype)
-        inputs = make_inputs(case, dtype, device)
-        out = ops.residual_distill(*inputs, recompute=recompute)
-        grad_out = randn(*out.shape, dtype=dtype, device=device)
-        grads = torch.autograd.grad(out, inputs, grad_out)
 
-        ref_inputs = float64_leaves(*inputs)
-        ref = reference.residual_distill(*ref_inputs)
-        ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
-        eager_inputs = [t.detach().requires_grad_() for t in inputs]
-        eager_grads = torch.autograd.grad(reference.residual_distill(*eager_inputs), eager_inputs, grad_out)
-        assert out.dtype == dtype and out.shape == ref.shape
-        assert_close(out, ref, fwd_tol, f"{dtype} forward")
-        assert_op_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, NAMES, f"{dtype} (recompute={recompute})")
+        def draw():
+            inputs = make_inputs(case, dtype, device)
+            out = ops.residual_distill(*inputs, recompute=recompute)
+            grad_out = randn(*out.shape, dtype=dtype, device=device)
+            grads = torch.autograd.grad(out, inputs, grad_out)
+            ref_inputs = float64_leaves(*inputs)
+            ref = reference.residual_distill(*ref_inputs)
+            ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
+            eager_inputs = [t.detach().requires_grad_() for t in inputs]
+            eager_grads = torch.autograd.grad(reference.residual_distill(*eager_inputs), eager_inputs, grad_out)
+            assert out.dtype == dtype and out.shape == ref.shape
+            assert_close(out, ref, fwd_tol, f"{dtype} forward")
+            return grads, eager_grads, ref_grads
+
+        assert_op_grads_close(dtype, grad_tol, draw, NAMES, f"{dtype} (recompute={recompute})")
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -106,21 +109,25 @@ def test_without_biases(recompute, device):
     """Convs built with bias=False: every kernel's no-bias variant, gradients of z and the weights."""
     for dtype in dtypes_for(device):
         fwd_tol, grad_tol = tolerance(device, dtype)
-        z, w_sq, _, w_c, _, w_e, _ = make_inputs((2, 24, 16, 5, 3, 4, True), dtype, device)
-        inputs = [z, w_sq, None, w_c, None, w_e, None]
-        out = ops.residual_distill(*inputs, recompute=recompute)
-        grad_out = randn(*out.shape, dtype=dtype, device=device)
-        leaves = [z, w_sq, w_c, w_e]
-        grads = torch.autograd.grad(out, leaves, grad_out)
-        ref_leaves = float64_leaves(*leaves)
-        ref = reference.residual_distill(ref_leaves[0], ref_leaves[1], None, ref_leaves[2], None, ref_leaves[3], None)
-        ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
-        eager_leaves = [t.detach().requires_grad_() for t in leaves]
-        eager = reference.residual_distill(eager_leaves[0], eager_leaves[1], None, eager_leaves[2], None,
-                                           eager_leaves[3], None)
-        eager_grads = torch.autograd.grad(eager, eager_leaves, grad_out)
-        assert_close(out, ref, fwd_tol, f"{dtype} forward without biases")
-        assert_op_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, ("z", "w_squeeze", "w_conv", "w_expand"),
+
+        def draw():
+            z, w_sq, _, w_c, _, w_e, _ = make_inputs((2, 24, 16, 5, 3, 4, True), dtype, device)
+            inputs = [z, w_sq, None, w_c, None, w_e, None]
+            out = ops.residual_distill(*inputs, recompute=recompute)
+            grad_out = randn(*out.shape, dtype=dtype, device=device)
+            leaves = [z, w_sq, w_c, w_e]
+            grads = torch.autograd.grad(out, leaves, grad_out)
+            ref_leaves = float64_leaves(*leaves)
+            ref = reference.residual_distill(ref_leaves[0], ref_leaves[1], None, ref_leaves[2], None, ref_leaves[3], None)
+            ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
+            eager_leaves = [t.detach().requires_grad_() for t in leaves]
+            eager = reference.residual_distill(eager_leaves[0], eager_leaves[1], None, eager_leaves[2], None,
+                                               eager_leaves[3], None)
+            eager_grads = torch.autograd.grad(eager, eager_leaves, grad_out)
+            assert_close(out, ref, fwd_tol, f"{dtype} forward without biases")
+            return grads, eager_grads, ref_grads
+
+        assert_op_grads_close(dtype, grad_tol, draw, ("z", "w_squeeze", "w_conv", "w_expand"),
                               f"{dtype} without biases (recompute={recompute})")
 
 
@@ -261,30 +268,34 @@ def test_kernel_variants(case, kernel_variant, device):
     n, d_in, inner, distill, h, w = case
     for dtype in dtypes_for(device):
         fwd_tol, grad_tol = tolerance(device, dtype)
-        inputs = make_inputs((n, d_in, inner, distill, h, w, True), dtype, device)
-        inputs[3] = inputs[3].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-        out = ops.residual_distill(*inputs)
-        grad_out = randn(*out.shape, dtype=dtype, device=device)
-        grads = torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
-        again = torch.autograd.grad(out, inputs, grad_out)
-        ref_inputs = float64_leaves(*inputs)
-        ref = reference.residual_distill(*ref_inputs)
-        ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
-        eager_inputs = [t.detach().requires_grad_() for t in inputs]
-        eager_grads = torch.autograd.grad(reference.residual_distill(*eager_inputs), eager_inputs, grad_out)
-        assert_close(out, ref, fwd_tol, f"{kernel_variant} {dtype} forward")
-        for name, g, g2 in zip(NAMES, grads, again):
-            assert torch.equal(g, g2), f"{kernel_variant}: d{name} differs between two runs"
-        assert_op_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, NAMES, f"{kernel_variant} {dtype}")
-        assert grads[3].is_contiguous(memory_format=torch.channels_last)
-        blocks = [tuple(t.detach() for t in inputs[1:]),
-                  tuple(t.detach() for t in make_block(d_in + distill, inner, distill, dtype, device))]
-        with torch.no_grad():
-            in_place = ops.distill_group(inputs[0].detach(), blocks)
-            chained = inputs[0].detach()
-            for block in blocks:
-                chained = ops.residual_distill(chained, *block)
-        assert_close(in_place, chained.double(), fwd_tol, f"{kernel_variant} {dtype} in-place group")
+
+        def draw():
+            inputs = make_inputs((n, d_in, inner, distill, h, w, True), dtype, device)
+            inputs[3] = inputs[3].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+            out = ops.residual_distill(*inputs)
+            grad_out = randn(*out.shape, dtype=dtype, device=device)
+            grads = torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+            again = torch.autograd.grad(out, inputs, grad_out)
+            ref_inputs = float64_leaves(*inputs)
+            ref = reference.residual_distill(*ref_inputs)
+            ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
+            eager_inputs = [t.detach().requires_grad_() for t in inputs]
+            eager_grads = torch.autograd.grad(reference.residual_distill(*eager_inputs), eager_inputs, grad_out)
+            assert_close(out, ref, fwd_tol, f"{kernel_variant} {dtype} forward")
+            for name, g, g2 in zip(NAMES, grads, again):
+                assert torch.equal(g, g2), f"{kernel_variant}: d{name} differs between two runs"
+            assert grads[3].is_contiguous(memory_format=torch.channels_last)
+            blocks = [tuple(t.detach() for t in inputs[1:]),
+                      tuple(t.detach() for t in make_block(d_in + distill, inner, distill, dtype, device))]
+            with torch.no_grad():
+                in_place = ops.distill_group(inputs[0].detach(), blocks)
+                chained = inputs[0].detach()
+                for block in blocks:
+                    chained = ops.residual_distill(chained, *block)
+            assert_close(in_place, chained.double(), fwd_tol, f"{kernel_variant} {dtype} in-place group")
+            return grads, eager_grads, ref_grads
+
+        assert_op_grads_close(dtype, grad_tol, draw, NAMES, f"{kernel_variant} {dtype}")
 
 
 def test_double_backward_raises(device):
@@ -384,10 +395,6 @@ def _reference_group(y, blocks, compression, leaves, grad_out):
     return ref, ref_grads, eager_grads
 
 
-def _leaf_names(leaves):
-    return [f"leaf {i} {tuple(t.shape)}" for i, t in enumerate(leaves)]
-
-
 def _eager_group_or_skip(device, dtype):
     from fastdrn.kernels import residual_distill as module
 
@@ -406,26 +413,30 @@ def test_group_function_equals_per_block_functions(recompute, biases, inners, de
     (the same kernels in the same order)."""
     for dtype in dtypes_for(device):
         _eager_group_or_skip(device, dtype)
-        y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=True)
-        blocks = _group_blocks(dtype, device, biases, inners)
-        leaves = [t for t in (y, *(t for block in blocks for t in block)) if t is not None]
-        group = lambda y, *_: ops.distill_group(y, blocks, recompute=recompute)  # noqa: E731
-        chained = lambda y, *_: _chained_per_block(y, blocks, recompute)  # noqa: E731
-        out = group(y)
-        assert type(out.grad_fn).__name__ == "_EagerDistillGroupBackward", "the group did not run as one Function"
-        expected = chained(y)
-        assert torch.equal(out, expected), f"{dtype} output"
-        grad_out = randn(*out.shape, dtype=dtype, device=device)
-        grads = torch.autograd.grad(out, leaves, grad_out)
-        expected_grads = torch.autograd.grad(expected, leaves, grad_out)
-        for i, (g, e) in enumerate(zip(grads, expected_grads)):
-            assert torch.equal(g, e), f"{dtype} gradient of leaf {i} (recompute={recompute}, biases={biases})"
-        assert (saved_activation_bytes(group, leaves, leaves[1:], align=256)
-                == saved_activation_bytes(chained, leaves, leaves[1:], align=256))
-        ref, ref_grads, eager_grads = _reference_group(y, blocks, None, leaves, grad_out)
         fwd_tol, grad_tol = tolerance(device, dtype)
-        assert_close(out, ref, fwd_tol, f"{dtype} group forward")
-        assert_op_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, _leaf_names(leaves), f"{dtype} group")
+
+        def draw():
+            y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+            blocks = _group_blocks(dtype, device, biases, inners)
+            leaves = [t for t in (y, *(t for block in blocks for t in block)) if t is not None]
+            group = lambda y, *_: ops.distill_group(y, blocks, recompute=recompute)  # noqa: E731
+            chained = lambda y, *_: _chained_per_block(y, blocks, recompute)  # noqa: E731
+            out = group(y)
+            assert type(out.grad_fn).__name__ == "_EagerDistillGroupBackward", "the group did not run as one Function"
+            expected = chained(y)
+            assert torch.equal(out, expected), f"{dtype} output"
+            grad_out = randn(*out.shape, dtype=dtype, device=device)
+            grads = torch.autograd.grad(out, leaves, grad_out)
+            expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+            for i, (g, e) in enumerate(zip(grads, expected_grads)):
+                assert torch.equal(g, e), f"{dtype} gradient of leaf {i} (recompute={recompute}, biases={biases})"
+            assert (saved_activation_bytes(group, leaves, leaves[1:], align=256)
+                    == saved_activation_bytes(chained, leaves, leaves[1:], align=256))
+            ref, ref_grads, eager_grads = _reference_group(y, blocks, None, leaves, grad_out)
+            assert_close(out, ref, fwd_tol, f"{dtype} group forward")
+            return grads, eager_grads, ref_grads
+
+        assert_op_grads_close(dtype, grad_tol, draw, None, f"{dtype} group")
 
 
 @pytest.mark.parametrize("frozen", ["input and first block", "input and one weight a block", "every weight"])
@@ -472,30 +483,34 @@ def test_group_and_compression_in_one_node(frozen, recompute, device):
     weight gradients; with every block frozen only the compression learns (then it is the two ops)."""
     for dtype in dtypes_for(device):
         _eager_group_or_skip(device, dtype)
-        y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=frozen == "nothing")
-        blocks = _group_blocks(dtype, device)
-        w_c = randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=frozen != "compression")
-        b_c = randn(24, dtype=dtype, device=device, requires_grad=frozen != "compression")
-        if frozen == "input and first block":
-            blocks[0] = tuple(t.detach() for t in blocks[0])
-        elif frozen == "every block":
-            blocks = [tuple(t.detach() for t in block) for block in blocks]
-        elif frozen == "compression":
-            y.requires_grad_()
-        leaves = [t for t in (y, *(t for block in blocks for t in block), w_c, b_c) if t.requires_grad]
-        out = ops.distill_and_compress(y, blocks, w_c, b_c, recompute=recompute)
-        if frozen != "every block":
-            assert type(out.grad_fn).__name__ == "_EagerDistillGroupBackward", "not one node"
-        expected = ops.compress_skip(ops.distill_group(y, blocks, recompute=recompute), w_c, b_c, y)
-        assert torch.equal(out, expected), f"{dtype} output"
-        grad_out = randn(*out.shape, dtype=dtype, device=device)
-        grads = torch.autograd.grad(out, leaves, grad_out)
-        for i, (g, e) in enumerate(zip(grads, torch.autograd.grad(expected, leaves, grad_out))):
-            assert torch.equal(g, e), f"{dtype} gradient of leaf {i}"
-        ref, ref_grads, eager_grads = _reference_group(y, blocks, (w_c, b_c), leaves, grad_out)
         fwd_tol, grad_tol = tolerance(device, dtype)
-        assert_close(out, ref, fwd_tol, f"{dtype} forward")
-        assert_op_grads_close(dtype, grad_tol, grads, eager_grads, ref_grads, _leaf_names(leaves), f"{dtype}")
+
+        def draw():
+            y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=frozen == "nothing")
+            blocks = _group_blocks(dtype, device)
+            w_c = randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=frozen != "compression")
+            b_c = randn(24, dtype=dtype, device=device, requires_grad=frozen != "compression")
+            if frozen == "input and first block":
+                blocks[0] = tuple(t.detach() for t in blocks[0])
+            elif frozen == "every block":
+                blocks = [tuple(t.detach() for t in block) for block in blocks]
+            elif frozen == "compression":
+                y.requires_grad_()
+            leaves = [t for t in (y, *(t for block in blocks for t in block), w_c, b_c) if t.requires_grad]
+            out = ops.distill_and_compress(y, blocks, w_c, b_c, recompute=recompute)
+            if frozen != "every block":
+                assert type(out.grad_fn).__name__ == "_EagerDistillGroupBackward", "not one node"
+            expected = ops.compress_skip(ops.distill_group(y, blocks, recompute=recompute), w_c, b_c, y)
+            assert torch.equal(out, expected), f"{dtype} output"
+            grad_out = randn(*out.shape, dtype=dtype, device=device)
+            grads = torch.autograd.grad(out, leaves, grad_out)
+            for i, (g, e) in enumerate(zip(grads, torch.autograd.grad(expected, leaves, grad_out))):
+                assert torch.equal(g, e), f"{dtype} gradient of leaf {i}"
+            ref, ref_grads, eager_grads = _reference_group(y, blocks, (w_c, b_c), leaves, grad_out)
+            assert_close(out, ref, fwd_tol, f"{dtype} forward")
+            return grads, eager_grads, ref_grads
+
+        assert_op_grads_close(dtype, grad_tol, draw, None, f"{dtype}")
 
 
 @pytest.mark.parametrize("inners", [(16, 16, 16), (16, 16, 12)])
