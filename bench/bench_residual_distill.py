@@ -97,9 +97,6 @@ def main() -> None:
     p.add_argument("--passes", type=lambda s: s.split(","), default=["fwd", "fwd+bwd"])
     p.add_argument("--layouts", type=lambda s: s.split(","), default=["cl"], help="cl (channels_last), nchw")
     p.add_argument("--recompute", action="store_true", help="also fastdrn with recompute=True (fwd+bwd)")
-    p.add_argument("--kernels", action="append", default=[], metavar="KIND=NAME[,...]",
-                   help="also fastdrn with these kernel variants (fastdrn.kernels.choices), as the impl "
-                        "'fastdrn[KIND=NAME,...]'; repeatable")
     args = p.parse_args()
     args.custom = any(a.split("=")[0] in ("--D", "--F", "--sizes", "--dtypes", "--passes", "--layouts")
                       for a in sys.argv[1:])
@@ -107,10 +104,6 @@ def main() -> None:
     ctx = common.Context(args, "residual_distill")
     import fastdrn.ops
     from fastdrn import reference
-    from fastdrn.kernels import choices
-
-    for spec in args.kernels:
-        choices.parse(spec)  # a misspelt variant fails here, not after the first measurements
 
     device, alpha = ctx.device, 0.2
     case_list = build_cases(args)
@@ -132,22 +125,15 @@ def main() -> None:
             grad = c["pass_"] == "fwd+bwd"
             leaves, dy = make_inputs(c, device, grad, seed)
             recompute = impl == "fastdrn-recompute"
-            variants = impl[len("fastdrn["):-1] if impl.startswith("fastdrn[") else ""
             op, note = common.pick_op(
-                "fastdrn" if variants else impl, lambda *t: reference.residual_distill(*t, alpha),
+                impl, lambda *t: reference.residual_distill(*t, alpha),
                 lambda *t: fastdrn.ops.residual_distill(*t, alpha=alpha, recompute=recompute), ctx, compile_mode, device)
-            timed = common.pass_fn(op, leaves, dy if grad else None)
-
-            def fn():  # forward and backward both under the variants
-                with choices.using(variants):
-                    timed()
+            fn = common.pass_fn(op, leaves, dy if grad else None)
 
             def check():  # every impl: the baselines' own error is the yardstick
-                with torch.no_grad(), choices.using(variants):
+                with torch.no_grad():
                     out = op(*[t.detach() for t in leaves])
                 return common.rel_err(out, reference_f64(c, seed))
-            if variants:
-                note = f"kernel variants {variants}; {note}"
             return dict(fn=fn, grad_to_none=leaves if grad else None, check=check, note=note)
         return build
 
@@ -161,8 +147,7 @@ def main() -> None:
 
     def first(c):
         recompute = [("fastdrn-recompute", "candidate")] if want_recompute and c["pass_"] == "fwd+bwd" else []
-        alternatives = [(f"fastdrn[{spec}]", "candidate") for spec in args.kernels]
-        return [("eager", "baseline"), ("fastdrn", "candidate"), *alternatives, *recompute]
+        return [("eager", "baseline"), ("fastdrn", "candidate"), *recompute]
     common.sweep_op_cases(ctx, case_list, args.seed, run, first)
 
 

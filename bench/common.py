@@ -152,7 +152,7 @@ def environment(device: torch.device) -> dict:
         env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
         env["matmul_fp32_precision"] = torch.get_float32_matmul_precision()
         env["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
-    for var in ("FASTDRN_BACKEND", "FASTDRN_NUM_WARPS", "FASTDRN_AUTOTUNE", "FASTDRN_KERNELS", "TRITON_INTERPRET",
+    for var in ("FASTDRN_BACKEND", "FASTDRN_NUM_WARPS", "FASTDRN_AUTOTUNE", "TRITON_INTERPRET",
                 "TRITON_DEFAULT_FP_FUSION"):
         env[var] = os.environ.get(var)
     try:
@@ -161,12 +161,6 @@ def environment(device: torch.device) -> dict:
         env["fastdrn_backend"] = backend.describe(device)
     except Exception as exc:  # recorded, not fatal: the rows say which impl failed and why
         env["fastdrn_backend"] = f"unavailable: {exc}"
-    try:  # which kernel variants plain "fastdrn" rows ran (kernels/choices.py)
-        from fastdrn.kernels import choices
-
-        env["kernel_variants"] = {kind: choices.chosen(kind) for kind in choices.VARIANTS}
-    except Exception as exc:
-        env["kernel_variants"] = f"unavailable: {exc}"
     return env
 
 

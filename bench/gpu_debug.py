@@ -1,6 +1,6 @@
 """Localize a GPU-only fault or wrong result of residual_distill: one subprocess per (case, dtype,
-kernel variants, lean launch path on/off), each under CUDA_LAUNCH_BLOCKING=1 with every launch
-logged, so that a fault names the kernel that raised it and a wrong gradient names its variant.
+lean launch path on/off), each under CUDA_LAUNCH_BLOCKING=1 with every launch logged, so that a
+fault names the kernel that raised it.
 
     python3 bench/gpu_debug.py OUT_DIR [--jobs 14]
 Writes OUT_DIR/debug.jsonl, one row per run, and prints a table.
@@ -21,9 +21,8 @@ CASES = {  # as tests/test_residual_distill.py CASES
     "case3": (2, 328, 64, 8, 3, 5, False),
     "case5": (2, 24, 16, 5, 6, 7, False),
     "big": (4, 64, 64, 8, 48, 48, True),
-    "variants0": (2, 72, 64, 8, 9, 11, True),  # tests/test_residual_distill.py test_kernel_variants
+    "splits0": (2, 72, 64, 8, 9, 11, True),  # test_weight_gradient_splits_and_row_alignment
 }
-VARIANTS = ["", "weight_grad=split64"]
 
 
 def child(case_name: str, dtype_name: str, lean: bool) -> dict:
@@ -107,12 +106,12 @@ def main() -> None:
     parser.add_argument("--lean-both", action="store_true", help="also without the lean launch path")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    runs = [(c, dt, v, lean) for c in args.cases.split(",") for dt in args.dtypes.split(",")
-            for v in VARIANTS for lean in ((True, False) if args.lean_both else (True,))]
+    runs = [(c, dt, lean) for c in args.cases.split(",") for dt in args.dtypes.split(",")
+            for lean in ((True, False) if args.lean_both else (True,))]
 
     def run(spec):
-        case, dtype, variant, lean = spec
-        env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1", FASTDRN_KERNELS=variant, FASTDRN_AUTOTUNE="0")
+        case, dtype, lean = spec
+        env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1", FASTDRN_AUTOTUNE="0")
         try:
             proc = subprocess.run([sys.executable, __file__, "--child", case, dtype, "1" if lean else "0"],
                                   env=env, capture_output=True, text=True, timeout=240)
@@ -121,7 +120,7 @@ def main() -> None:
             text = "TIMEOUT"
         found = [line[4:] for line in text.splitlines() if line.startswith("ROW ")]
         row = json.loads(found[0]) if found else {"status": "no row: " + text[-400:]}
-        row.update(case=case, dtype=dtype, variant=variant or "default", lean=lean,
+        row.update(case=case, dtype=dtype, lean=lean,
                    warps=os.environ.get("FASTDRN_NUM_WARPS", ""))
         return row
 
@@ -132,7 +131,7 @@ def main() -> None:
             sink.flush()
             worst = max(row.get("grads", {}).items(), key=lambda kv: kv[1], default=("-", 0))
             last = row["trace"][-1] if row.get("trace") else "-"
-            print(f"{row['case']:6} {row['dtype']:8} {row['variant']:38} lean={int(row['lean'])} "
+            print(f"{row['case']:7} {row['dtype']:8} lean={int(row['lean'])} "
                   f"{row['status'][:60]:60} out={row.get('out', 0):.1e} worst d{worst[0]}={worst[1]:.1e} "
                   f"group={row.get('group', 0):.1e} last={last}", flush=True)
 

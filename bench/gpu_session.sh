@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # A lent-GPU session in two device calls of about 5 minutes each, everything written to $OUT:
 #   bash bench/gpu_session.sh one   install; launch-plan tests (plans off for the rest if they fail);
-#                                   kernel tests at 8 and 4 warps (every kernel variant);
+#                                   kernel tests at 8 and 4 warps;
 #                                   model, CUDA-graph and torch.compile tests; pixel-shuffle tests;
 #                                   the model benchmark without torch.compile (eager, eager in one
-#                                   CUDA graph, fastdrn, fastdrn in one CUDA graph); per-kernel profile,
-#                                   again with weight_grad=split64
-#   bash bench/gpu_session.sh two   install; the RDB benchmark with the kernel variants side by side,
-#                                   compress_skip; the autotune sweep (which config each kernel's
-#                                   autotuner picks); the model benchmark's torch.compile rows
+#                                   CUDA graph, fastdrn, fastdrn in one CUDA graph); per-kernel profile
+#   bash bench/gpu_session.sh two   install; the RDB benchmark, compress_skip; the autotune sweep
+#                                   (which config each kernel's autotuner picks); the model
+#                                   benchmark's torch.compile rows
 #                                   (default and reduce-overhead); Nsight Compute on one block
 #   bash bench/gpu_session.sh smoke the CPU rehearsal (CI runs it through tests/test_bench_smoke.py):
 #                                   no install, one small test file, every benchmark and the profile
@@ -59,12 +58,8 @@ if [ "$stage" = one ]; then
   bench bench-model 90 bench/bench_model.py --quick --no-compile --dtypes bf16 --time-budget 80
   t0=$(date +%s); FASTDRN_AUTOTUNE=0 timeout 90 python3 bench/profile_kernels.py $OUT > $OUT/profile.log 2>&1
   echo "profile rc=$? $(( $(date +%s) - t0 )) s"; grep -E "^== " $OUT/profile.log
-  # The weight-gradient designs side by side in kernel time (the benchmarks' eager rows are host-bound).
-  t0=$(date +%s); FASTDRN_KERNELS=weight_grad=split64 FASTDRN_AUTOTUNE=0 timeout 60 python3 bench/profile_kernels.py \
-    $OUT/split64 > $OUT/profile-split64.log 2>&1
-  echo "profile split64 rc=$? $(( $(date +%s) - t0 )) s"; grep -E "^== " $OUT/profile-split64.log
 elif [ "$stage" = two ]; then
-  bench bench-rdb 110 bench/bench_residual_distill.py --quick --kernels weight_grad=split64 --time-budget 100
+  bench bench-rdb 110 bench/bench_residual_distill.py --quick --time-budget 100
   bench bench-compress 30 bench/bench_compress_skip.py --quick --time-budget 25
   t0=$(date +%s); timeout 100 python3 bench/autotune_sweep.py --out $OUT/autotune.jsonl --time-budget 80 > $OUT/autotune.log 2>&1
   echo "autotune sweep rc=$? $(( $(date +%s) - t0 )) s"; grep -c "not the default" $OUT/autotune.log
@@ -77,7 +72,7 @@ elif [ "$stage" = two ]; then
 elif [ "$stage" = smoke ]; then
   run tests-backend 4 120 tests/test_backend.py
   bench bench-model 300 bench/bench_model.py --smoke
-  bench bench-rdb 300 bench/bench_residual_distill.py --smoke --kernels weight_grad=split64
+  bench bench-rdb 300 bench/bench_residual_distill.py --smoke
   t0=$(date +%s); timeout 120 python3 bench/autotune_sweep.py --smoke --out $OUT/autotune.jsonl > $OUT/autotune.log 2>&1
   echo "autotune sweep rc=$? $(( $(date +%s) - t0 )) s"
   t0=$(date +%s); timeout 300 python3 bench/profile_kernels.py $OUT --smoke > $OUT/profile.log 2>&1

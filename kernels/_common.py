@@ -410,14 +410,3 @@ def next_pow2(n: int, floor: int = 16) -> int:
 
 def is_fp64(t: torch.Tensor) -> bool:
     return t.dtype == torch.float64
-
-
-def grad_split(m: int, block_m: int, tiles: int) -> int:
-    """Rows per split-M partial of a weight gradient: enough programs to fill a GPU, in whole blocks.
-
-    Depends on shapes only (never on the device), so the partials - and so the sums - are the same
-    run to run. About 512 programs over tiles x splits suits a 132-SM H100 (2 to 4 waves).
-    """
-    blocks = cdiv(m, block_m)
-    splits = max(1, min(blocks, cdiv(512, max(tiles, 1))))
-    return cdiv(blocks, splits) * block_m

@@ -1,10 +1,12 @@
 """Pixel-row GEMM kernels that several fused ops share.
 
-A 1x1 convolution over channels_last activations is a GEMM over M = N*H*W pixel rows. These two
+A 1x1 convolution over channels_last activations is a GEMM over M = N*H*W pixel rows. These
 kernels carry every 1x1 product of the forward and backward passes: the squeeze of an RDB, the
-compression of a group, and the transposed products of their input gradients (`conv1x1_kernel`);
-and every weight gradient, 1x1 or 3x3, as deterministic split-M partial sums (`weight_grad_kernel`),
-added up in a fixed order, cast and laid out as nn.Conv2d's by one more launch (`sum_partials_kernel`).
+compression of a group, and the transposed products of their input gradients (`conv1x1_kernel`,
+two of them in one launch `conv1x1_pair_kernel`); and every weight gradient, 1x1 or 3x3, as
+deterministic split-M partial sums over 64 x 64 channel tiles, stored tile-major
+(`weight_grad_tiles_kernel`), added up in a fixed order, cast and scattered into nn.Conv2d's
+layout by one more launch (`sum_partials_scatter_kernel`).
 """
 from __future__ import annotations
 
@@ -12,9 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import choices
 from ._common import (KERNELS_INTERPRETED, cdiv, check_int32, dot_precision, elu, elu_grad_from_input, elu_grad_from_output,
-                      grad_split, is_fp64, join_alpha, launch, split_alpha, track)
+                      is_fp64, join_alpha, launch, split_alpha, track)
 
 EPILOGUE_LINEAR = 0   # out = acc + bias (+ res on columns < NRES)
 EPILOGUE_ELU = 1      # out = ELU(acc + bias) (+ res on columns < NRES)
@@ -137,139 +138,6 @@ def conv1x1_pair_kernel(
 
 
 @triton.jit
-def _weight_grad_program(
-    local,       # this program's index within its problem: (split, N tile, K tile, tap)
-    g_ptr,       # [M, N] gradient at the conv's output, row stride stride_gm
-    x_ptr,       # [M, K] the conv's input, row stride stride_xm
-    seg_ptr,     # this problem's segment of partial row 0: N*K*TAPS weight entries in the weight's
-                 # memory order, then N bias entries; split s writes s * row_len further on
-    row_len,     # entries in one partial row (every problem's segment)
-    M, N, K, H, W, rows_per_split, stride_gm, stride_xm,
-    stride_dk,   # entry (n, k, tap) of the segment is n * K * TAPS + k * stride_dk + tap * stride_dt:
-    stride_dt,   # (TAPS, 1) for a contiguous weight, (1, K) for a channels_last 3x3 one
-    TAPS: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    num_k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(N, BLOCK_N) * num_k_tiles * TAPS
-    split = local // per_split
-    tap = local % TAPS
-    tile = (local % per_split) // TAPS
-    pid_n = tile // num_k_tiles
-    pid_k = tile % num_k_tiles
-    shift_y = tap // 3 - 1 if TAPS == 9 else 0
-    shift_x = tap % 3 - 1 if TAPS == 9 else 0
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_ok = rn < N
-    k_ok = rk < K
-    acc_dtype = tl.float64 if IS_FP64 else tl.float32
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=acc_dtype)
-    bias_acc = tl.zeros((BLOCK_N,), dtype=acc_dtype)
-    row_start = split * rows_per_split
-    for m0 in range(row_start, tl.minimum(row_start + rows_per_split, M), BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
-        m_ok = rm < M
-        if TAPS == 9:
-            h = (rm // W) % H + shift_y
-            w = rm % W + shift_x
-            src_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            src = rm + shift_y * W + shift_x
-        else:
-            src_ok = m_ok
-            src = rm
-        # g too is read only where the tap's source pixel exists: a pixel of the zero padding is no
-        # term of the sum, so a NaN of g there must not meet it as NaN * 0 (exact IEEE semantics).
-        g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :], mask=src_ok[:, None] & n_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + src[:, None] * stride_xm + rk[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
-        bias_acc += tl.sum(g.to(acc_dtype), axis=0)
-    row = seg_ptr + split * row_len
-    tl.store(row + rn[:, None] * (K * TAPS) + rk[None, :] * stride_dk + tap * stride_dt, acc,
-             mask=n_ok[:, None] & k_ok[None, :])
-    if (pid_k == 0) & (tap == TAPS // 2):  # the centre tap reads every pixel of g: its sum is the bias's
-        tl.store(row + N * K * TAPS + rn, bias_acc, mask=n_ok)
-
-
-@triton.jit
-def weight_grad_kernel(
-    part_ptr,    # [S, row_len] partial sums (fp32, or fp64 for float64): problem p's segment of each
-                 # row starts at seg_p; every partial is written by exactly one program (no atomics)
-    g0_ptr,      # problem 0: [M, N0] gradient at the conv's output, row stride stride_g0
-    x0_ptr,      # problem 0: [M, K0] the conv's input, row stride stride_x0
-    N0, K0, stride_g0, stride_x0, seg0, stride_dk0, stride_dt0,
-    g1_ptr,      # problem 1 (PROBLEMS >= 2), as problem 0
-    x1_ptr,
-    N1, K1, stride_g1, stride_x1, seg1, stride_dk1, stride_dt1,
-    g2_ptr,      # problem 2 (PROBLEMS == 3), as problem 0
-    x2_ptr,
-    N2, K2, stride_g2, stride_x2, seg2, stride_dk2, stride_dt2,
-    M,           # pixel rows, shared by every problem
-    H,           # image height (3x3 taps only)
-    W,           # image width (3x3 taps only)
-    rows_per_split,  # pixel rows per partial, a multiple of BLOCK_M
-    row_len,     # entries in one partial row
-    PROBLEMS: tl.constexpr,  # 1 to 3 weight gradients in this launch
-    TAPS0: tl.constexpr,     # 1 for a 1x1 conv; 9 for a 3x3 conv with padding 1 (x read at the tap's shift)
-    TAPS1: tl.constexpr,
-    TAPS2: tl.constexpr,
-    IS_FP64: tl.constexpr,
-    PRECISION: tl.constexpr,  # tl.dot input_precision (see dot_precision)
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    # Programs [0, P0) run problem 0, [P0, P0 + P1) problem 1, the rest problem 2, where
-    # P = S * N tiles * K tiles * TAPS: one launch for a block's three weight gradients.
-    pid = tl.program_id(0)
-    splits = tl.cdiv(M, rows_per_split)
-    end0 = splits * tl.cdiv(N0, BLOCK_N) * tl.cdiv(K0, BLOCK_K) * TAPS0
-    end1 = end0 + splits * tl.cdiv(N1, BLOCK_N) * tl.cdiv(K1, BLOCK_K) * TAPS1
-    if pid < end0:
-        _weight_grad_program(pid, g0_ptr, x0_ptr, part_ptr + seg0, row_len, M, N0, K0, H, W, rows_per_split,
-                             stride_g0, stride_x0, stride_dk0, stride_dt0, TAPS0, IS_FP64, PRECISION,
-                             BLOCK_M, BLOCK_N, BLOCK_K)
-    elif PROBLEMS >= 2 and pid < end1:
-        _weight_grad_program(pid - end0, g1_ptr, x1_ptr, part_ptr + seg1, row_len, M, N1, K1, H, W, rows_per_split,
-                             stride_g1, stride_x1, stride_dk1, stride_dt1, TAPS1, IS_FP64, PRECISION,
-                             BLOCK_M, BLOCK_N, BLOCK_K)
-    elif PROBLEMS == 3:
-        _weight_grad_program(pid - end1, g2_ptr, x2_ptr, part_ptr + seg2, row_len, M, N2, K2, H, W, rows_per_split,
-                             stride_g2, stride_x2, stride_dk2, stride_dt2, TAPS2, IS_FP64, PRECISION,
-                             BLOCK_M, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def sum_partials_kernel(
-    part_ptr,    # [S, L] partial sums (fp32, or fp64 for float64), contiguous
-    dw0_ptr,     # entries [0, E0) of the sum, in the weight's dtype: problem 0's weight gradient
-    db0_ptr,     # entries [E0, E1): its bias gradient
-    dw1_ptr,     # [E1, E2)
-    db1_ptr,     # [E2, E3)
-    dw2_ptr,     # [E3, E4)
-    db2_ptr,     # [E4, L)
-    S,           # partials per entry
-    L,           # entries per partial
-    E0, E1, E2, E3, E4,  # segment ends (L for problems a launch does not have)
-    BLOCK: tl.constexpr,
-):
-    # One program per BLOCK entries, adding the S partials in index order: the same sum on every
-    # run (deterministic), and no atomics.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < L
-    acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
-    for s in range(1, S):
-        acc += tl.load(part_ptr + s * L + offs, mask=ok, other=0.0)
-    out = acc.to(dw0_ptr.dtype.element_ty)
-    tl.store(dw0_ptr + offs, out, mask=offs < E0)
-    tl.store(db0_ptr + (offs - E0), out, mask=(offs >= E0) & (offs < E1))
-    tl.store(dw1_ptr + (offs - E1), out, mask=(offs >= E1) & (offs < E2))
-    tl.store(db1_ptr + (offs - E2), out, mask=(offs >= E2) & (offs < E3))
-    tl.store(dw2_ptr + (offs - E3), out, mask=(offs >= E3) & (offs < E4))
-    tl.store(db2_ptr + (offs - E4), out, mask=(offs >= E4) & ok)
-
-
-@triton.jit
 def _weight_grad_tile_program(
     local,       # this program's index within its problem: (split, tile), tile = a dot tile or a bias tile
     g_ptr,       # [M, N] gradient at the conv's output, row stride stride_gm
@@ -323,7 +191,8 @@ def _weight_grad_tile_program(
             else:
                 src_ok = m_ok
                 src = rm
-            # Only where the source pixel exists: no NaN * 0 with the padding (see _weight_grad_program).
+            # g too is read only where the tap's source pixel exists: a pixel of the zero padding is
+            # no term of the sum, so a NaN of g there must not meet it as NaN * 0 (exact IEEE semantics).
             g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :], mask=src_ok[:, None] & n_ok[None, :],
                         other=0.0)
             x = tl.load(x_ptr + src[:, None] * stride_xm + rk[None, :], mask=src_ok[:, None] & k_ok[None, :],
@@ -464,28 +333,12 @@ CONV1X1_FP32_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=3),
 ]
 
-SUM_PARTIALS_BLOCK = 1024  # one fixed launch config, the same under the interpreter and on a GPU
-SUM_PARTIALS_CONFIG = triton.Config({"BLOCK": SUM_PARTIALS_BLOCK}, num_warps=4, num_stages=1)
-
-WEIGHT_GRAD_BLOCK_M_GPU = 64
-WEIGHT_GRAD_INTERPRETER = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
-# One launch carries a block's three weight gradients (three inlined bodies): on sm_80 the 4-warp
-# configs spilled at BLOCK_K 32 (16-bit) and at 3 stages (float32), and BLOCK_N 128 ran out of
-# shared memory or spilled (AOT check). BLOCK_N stays 64: it is the MMA's M, and wgmma needs 64.
-WEIGHT_GRAD_CONFIGS = [
-    triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-]
-WEIGHT_GRAD_FP32_CONFIGS = [
-    triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": WEIGHT_GRAD_BLOCK_M_GPU, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
-]
-
-
 # weight_grad_tiles_kernel: whole 64-channel blocks on both sides of the product (the MMA's M is
 # BLOCK_N, its N is BLOCK_K, its K runs over pixel rows), so g is read once per tap and K tile
 # instead of once per 16 channels, and the operand rows are 128 bytes wide (full shared-memory
-# swizzle: the 64 x 16 tiles of the first design had 6-7-way bank conflicts on an H100).
+# swizzle). The first design's 64 x 16 tiles had 6-7-way bank conflicts on an H100 and took a bf16
+# DRN x4 training step to 15.17 ms of kernel time against these tiles' 9.98 ms on an H200: deleted.
+WEIGHT_GRAD_INTERPRETER = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
 WEIGHT_GRAD_TILES_SPLIT_ROWS = 128  # rows_per_split is a multiple of this: every config's BLOCK_M divides it
 WEIGHT_GRAD_TILES_PROGRAMS = 256     # programs a launch aims at, from shapes only (about 2 per H100 SM)
 # Chosen by compiling for sm_90 and sm_80 without spills (kernels/aot_check.py). "aligned": every
@@ -521,10 +374,6 @@ def conv1x1_configs(dtype: torch.dtype) -> list:
     return CONV1X1_FP32_CONFIGS if dtype == torch.float32 else CONV1X1_CONFIGS
 
 
-def weight_grad_configs(dtype: torch.dtype) -> list:
-    return WEIGHT_GRAD_FP32_CONFIGS if dtype == torch.float32 else WEIGHT_GRAD_CONFIGS
-
-
 def row_align(dtype: torch.dtype, *extents: int) -> int:
     """The largest element count of at most 16 bytes that divides every channel count and row stride."""
     align = 128 // torch.finfo(dtype).bits
@@ -539,9 +388,6 @@ conv1x1_tuned = {fp32: triton.autotune(configs=conv1x1_configs(torch.float32 if 
 conv1x1_pair_tuned = {fp32: triton.autotune(configs=conv1x1_configs(torch.float32 if fp32 else None),
                                             key=["N0", "K0", "N1", "K1", "EPILOGUE0", "EPILOGUE1"])(conv1x1_pair_kernel)
                       for fp32 in (False, True)}
-weight_grad_tuned = {fp32: triton.autotune(configs=weight_grad_configs(torch.float32 if fp32 else None),
-                                           key=["PROBLEMS", "N0", "K0", "TAPS0", "N1", "K1", "TAPS1", "N2", "K2", "TAPS2"])(
-                                               weight_grad_kernel) for fp32 in (False, True)}
 weight_grad_tiles_tuned = {
     key: triton.autotune(configs=configs, key=["PROBLEMS", "N0", "K0", "TAPS0", "N1", "K1", "TAPS1", "N2", "K2",
                                                "TAPS2", "ROW_ALIGN"])(weight_grad_tiles_kernel)
@@ -638,9 +484,9 @@ def _grad_format(w: torch.Tensor, taps: int) -> torch.memory_format:
 
 def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Weight and bias gradients of up to three convs over the same M = N*H*W pixel rows, in two
-    launches: split-M partials of all of them (weight_grad_kernel), then one fixed-order sum that
-    writes each gradient in its weight's dtype and nn.Conv2d layout (sum_partials_kernel). Bitwise
-    reproducible run to run, no atomics.
+    launches: split-M partials of all of them (weight_grad_tiles_kernel), then one fixed-order sum
+    that writes each gradient in its weight's dtype and nn.Conv2d layout (sum_partials_scatter_kernel).
+    Bitwise reproducible run to run, no atomics.
 
     Each problem is (g, g_stride, x, x_stride, n, k, taps, weight): channels_last rows of the
     gradient at the conv's output (n channels) and of its input (k channels), every g of one
@@ -648,59 +494,6 @@ def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
     all). Returns [(dW (n, k, kh, kw), db (n,))] in the problems' order, dW in the weight's memory
     format (contiguous or channels_last): autograd then hands it to .grad without a copy.
     """
-    if choices.chosen("weight_grad") == "tiles":
-        return _weight_grads_tiles(problems)
-    g0 = problems[0][0]
-    n_img, _, height, width = g0.shape
-    m = n_img * height * width
-    block_m = WEIGHT_GRAD_INTERPRETER.kwargs["BLOCK_M"] if KERNELS_INTERPRETED else WEIGHT_GRAD_BLOCK_M_GPU
-    # One split count for every problem, from all their tiles (at the 64 x 64 tile of the default).
-    tiles = sum(cdiv(n, 64) * cdiv(k, 64) * taps for _g, _gs, _x, _xs, n, k, taps, _w in problems)
-    rows_per_split = grad_split(m, block_m, tiles)
-    splits = cdiv(m, rows_per_split)
-    acc_dtype = torch.float64 if g0.dtype == torch.float64 else torch.float32
-    segments, ends, length = [], [], 0
-    for _g, _gs, _x, _xs, n, k, taps, _w in problems:
-        segments.append(length)
-        ends += [length + n * k * taps, length + n * k * taps + n]
-        length = ends[-1]
-    partials = track(torch.empty((splits, length), device=g0.device, dtype=acc_dtype))
-    check_int32("weight gradient", partials.numel(),
-                *(m * max(gs, xs) for _g, gs, _x, xs, *_rest in problems))
-    padded = list(problems) + [problems[0]] * (3 - len(problems))  # unused slots: never read
-    formats = [_grad_format(w, taps) for _g, _gs, _x, _xs, _n, _k, taps, w in padded]
-    args = {}
-    for p, (g, g_stride, x, x_stride, n, k, taps, _w) in enumerate(padded):
-        stride_dk, stride_dt = (1, k) if formats[p] == torch.channels_last else (taps, 1)
-        args.update({f"g{p}_ptr": g, f"x{p}_ptr": x, f"N{p}": n, f"K{p}": k, f"stride_g{p}": g_stride,
-                     f"stride_x{p}": x_stride, f"seg{p}": segments[p] if p < len(problems) else 0,
-                     f"stride_dk{p}": stride_dk, f"stride_dt{p}": stride_dt, f"TAPS{p}": taps})
-
-    def grid(meta):
-        per_split = sum(cdiv(n, meta["BLOCK_N"]) * cdiv(k, meta["BLOCK_K"]) * taps
-                        for _g, _gs, _x, _xs, n, k, taps, _w in problems)
-        return (splits * per_split,)
-
-    launch(weight_grad_kernel, weight_grad_tuned[g0.dtype == torch.float32], grid, WEIGHT_GRAD_INTERPRETER,
-           part_ptr=partials, **args, M=m, H=height, W=width, rows_per_split=rows_per_split, row_len=length,
-           PROBLEMS=len(problems), IS_FP64=is_fp64(g0), PRECISION=dot_precision(g0.dtype))
-    outs = []
-    for (_g, _gs, _x, _xs, n, k, taps, w), memory_format in zip(problems, formats):
-        size = 3 if taps == 9 else 1
-        outs.append((track(torch.empty((n, k, size, size), device=g0.device, dtype=w.dtype,
-                                       memory_format=memory_format)),
-                     track(torch.empty((n,), device=g0.device, dtype=w.dtype))))
-    pointers = [t for pair in outs for t in pair]
-    pointers += [pointers[-1]] * (6 - len(pointers))  # unused outputs: their ranges are empty
-    ends += [length] * (6 - len(ends))
-    launch(sum_partials_kernel, None, lambda meta: (cdiv(length, meta["BLOCK"]),), SUM_PARTIALS_CONFIG,
-           part_ptr=partials, **dict(zip(("dw0_ptr", "db0_ptr", "dw1_ptr", "db1_ptr", "dw2_ptr", "db2_ptr"), pointers)),
-           S=splits, L=length, **dict(zip(("E0", "E1", "E2", "E3", "E4"), ends)))
-    return outs
-
-
-def _weight_grads_tiles(problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """weight_grads through weight_grad_tiles_kernel and sum_partials_scatter_kernel."""
     g0 = problems[0][0]
     n_img, _, height, width = g0.shape
     m = n_img * height * width
@@ -756,14 +549,15 @@ def _weight_grads_tiles(problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
 # Ahead-of-time compile check (kernels/registry.py, `python -m fastdrn.kernels.aot_check`).
 # ---------------------------------------------------------------------------------------------
 def aot_variants():
-    """Every way these two kernels can be compiled for a GPU, as registry.Variant records.
+    """Every way these kernels can be compiled for a GPU, as registry.Variant records.
 
     conv1x1_kernel: every EPILOGUE_* code of this module, with or without bias, with or without
     res (epilogues past EPILOGUE_ELU always read res), in both weight orientations (a launcher's
-    unit weight stride is specialized to constexpr 1 at launch); weight_grad_kernel: one 1x1
-    problem (compress_skip) and a block's three (1x1, 3x3, 1x1). Both at every autotune config and
+    unit weight stride is specialized to constexpr 1 at launch); conv1x1_pair_kernel: the pair a
+    block's backward launches; weight_grad_tiles_kernel: one 1x1 problem (compress_skip) and a
+    block's three (1x1, 3x3, 1x1), with rows aligned and not. All at every autotune config and
     every pinned config (FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE=0), for fp32, bf16 and fp16 storage.
-    IS_FP64 is always False on a GPU. sum_partials_kernel at its one fixed config.
+    IS_FP64 is always False on a GPU. sum_partials_scatter_kernel at its one fixed config.
     """
     import itertools
 
@@ -818,22 +612,6 @@ def aot_variants():
     # expand (1x1), 3x3 and squeeze (1x1). Unused problem slots repeat problem 0.
     grad_cases = [("1 problem, 1x1", {"PROBLEMS": 1, "TAPS0": 1, "TAPS1": 1, "TAPS2": 1, "IS_FP64": False}),
                   ("3 problems, 1x1 3x3 1x1", {"PROBLEMS": 3, "TAPS0": 1, "TAPS1": 9, "TAPS2": 1, "IS_FP64": False})]
-    problem_ints = [f"{name}{p}" for p in range(3) for name in ("N", "K", "stride_g", "stride_x", "seg", "stride_dk",
-                                                                "stride_dt")]
-    grad_kinds = {"part_ptr": "*fp32"}
-    for p in range(3):
-        grad_kinds.update({f"g{p}_ptr": "ptr", f"x{p}_ptr": "ptr"})
-        grad_kinds.update({f"{name}{p}": "i32" for name in ("N", "K", "stride_g", "stride_x", "seg", "stride_dk",
-                                                             "stride_dt")})
-    grad_kinds.update({name: "i32" for name in ("M", "H", "W", "rows_per_split", "row_len")})
-    grad_kinds.update({name: "constexpr" for name in ("PROBLEMS", "TAPS0", "TAPS1", "TAPS2", "IS_FP64", "PRECISION",
-                                                      "BLOCK_M", "BLOCK_N", "BLOCK_K")})
-    for dtype in AOT_DTYPES:
-        configs = weight_grad_configs(torch.float32 if dtype == "fp32" else None)
-        variants += expand(weight_grad_kernel, grad_kinds, grad_cases, launch_configs(configs), dtypes=(dtype,),
-                           div16=("M", "H", "W", "rows_per_split", "row_len", *problem_ints),
-                           aligned=("part_ptr",))  # allocated by weight_grads
-
     tiles_kinds = {"part_ptr": "*fp32"}
     for p in range(3):
         tiles_kinds.update({f"g{p}_ptr": "ptr", f"x{p}_ptr": "ptr"})
@@ -847,12 +625,13 @@ def aot_variants():
             configs = WEIGHT_GRAD_TILES_CONFIGS[(dtype == "fp32", aligned)]
             unit = (4 if dtype == "fp32" else 8) if aligned else 1
             cases = [(f"{label} align {unit}", {**values, "ROW_ALIGN": unit}) for label, values in grad_cases]
-            # part_ptr is allocated by _weight_grads_tiles; ROW_ALIGN > 1 also means every g and x
+            # part_ptr is allocated by weight_grads; ROW_ALIGN > 1 also means every g and x
             # row starts 16-byte aligned (row_align counts the storage offsets).
             pointers = ("part_ptr", *(f"{t}{p}_ptr" for p in range(3) for t in "gx")) if aligned else ("part_ptr",)
             variants += expand(weight_grad_tiles_kernel, tiles_kinds, cases, launch_configs(configs), dtypes=(dtype,),
                                div16=("M", "H", "W", "rows_per_split", "row_len", *tiles_ints), aligned=pointers)
 
+    # The weight's dtype is the storage dtype here (fastdrn.DRN casts weights to it); fp32 partials.
     scatter_kinds = {"part_ptr": "*fp32", "S": "i32", "L": "i32"}
     for p in range(3):
         scatter_kinds.update({f"dw{p}_ptr": "ptr", f"db{p}_ptr": "ptr"})
@@ -865,13 +644,4 @@ def aot_variants():
                        div16=("L",),
                        needs_mma=False, aligned=("part_ptr", "dw0_ptr", "db0_ptr", "dw1_ptr", "db1_ptr", "dw2_ptr",
                                                  "db2_ptr"))
-
-    # The weight's dtype is the storage dtype here (fastdrn.DRN casts weights to it); fp32 partials.
-    sum_kinds = {"part_ptr": "*fp32", **{name: "ptr" for name in ("dw0_ptr", "db0_ptr", "dw1_ptr", "db1_ptr",
-                                                                   "dw2_ptr", "db2_ptr")},
-                 **{name: "i32" for name in ("S", "L", "E0", "E1", "E2", "E3", "E4")}, "BLOCK": "constexpr"}
-    sum_config = triton.Config({"BLOCK": SUM_PARTIALS_BLOCK}, num_warps=4, num_stages=1)
-    variants += expand(sum_partials_kernel, sum_kinds, [("", {})], [(config_label(sum_config) + " [fixed]", sum_config)],
-                       dtypes=AOT_DTYPES, div16=("S", "L", "E0", "E1", "E2", "E3", "E4"), needs_mma=False,
-                       aligned=("part_ptr", "dw0_ptr", "db0_ptr", "dw1_ptr", "db1_ptr", "dw2_ptr", "db2_ptr"))
     return variants

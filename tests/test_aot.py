@@ -104,10 +104,8 @@ def test_registry_covers_gemm_launch_configs():
     from fastdrn.kernels import gemm
 
     variants = gemm.aot_variants()
-    cases = [(gemm.conv1x1_kernel, "fp32", gemm.CONV1X1_FP32_CONFIGS),
-             (gemm.weight_grad_kernel, "fp32", gemm.WEIGHT_GRAD_FP32_CONFIGS)]
+    cases = [(gemm.conv1x1_kernel, "fp32", gemm.CONV1X1_FP32_CONFIGS)]
     cases += [(gemm.conv1x1_kernel, dtype, gemm.CONV1X1_CONFIGS) for dtype in ("bf16", "fp16")]
-    cases += [(gemm.weight_grad_kernel, dtype, gemm.WEIGHT_GRAD_CONFIGS) for dtype in ("bf16", "fp16")]
     cases += [(gemm.weight_grad_tiles_kernel, dtype, configs) for (fp32, _aligned), configs
               in gemm.WEIGHT_GRAD_TILES_CONFIGS.items() for dtype in (("fp32",) if fp32 else ("bf16", "fp16"))]
     for kernel, dtype, configs in cases:
@@ -249,8 +247,8 @@ def test_cli_fails_on_stray_kernel_and_shared_overflow(fake_package, tmp_path):
 # ---- parsing compiler output ----------------------------------------------------------------------------
 
 PTXAS_LOG = """ptxas-blackwell info    : 0 bytes gmem
-ptxas-blackwell info    : Compiling entry function 'weight_grad_kernel' for 'sm_80'
-ptxas-blackwell info    : Function properties for weight_grad_kernel
+ptxas-blackwell info    : Compiling entry function 'weight_grad_tiles_kernel' for 'sm_80'
+ptxas-blackwell info    : Function properties for weight_grad_tiles_kernel
     384 bytes stack frame, 384 bytes spill stores, 380 bytes spill loads
 ptxas-blackwell info    : Used 255 registers, used 1 barriers, 384 bytes cumulative stack size
 ptxas-blackwell info    : Compile time = 412.133 ms

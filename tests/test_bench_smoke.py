@@ -212,8 +212,7 @@ def test_graph_rows_are_compared_with_the_strongest_baselines(bench_modules):
 
 def test_gpu_session_smoke_rehearses_the_device_script(tmp_path):
     """bench/gpu_session.sh, the script a lent GPU runs, rehearsed on the CPU: its test runner,
-    the model and block benchmarks (the kernel variants side by side), the autotune sweep and the
-    kernel profile."""
+    the model and block benchmarks, the autotune sweep and the kernel profile."""
     out = tmp_path / "session"
     proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_session.sh"), "smoke"], cwd=REPO,
                           env={**_env(), "OUT": str(out)}, capture_output=True, text=True, timeout=900)
@@ -221,8 +220,7 @@ def test_gpu_session_smoke_rehearses_the_device_script(tmp_path):
     assert "passed" in (out / "tests-backend.log").read_text()
     rows = [json.loads(line) for line in (out / "results-smoke.jsonl").read_text().splitlines() if line.strip()]
     impls = {row["impl"] for row in rows if row["status"] == "ok"}
-    assert {"eager", "fastdrn", "fastdrn[weight_grad=split64]"} <= impls, impls
-    assert all(row["env"]["kernel_variants"] == {"weight_grad": "tiles"} for row in rows)
+    assert {"eager", "fastdrn"} <= impls, impls
     assert (out / "results-smoke.md").exists()
     profile = json.loads((out / "profile.json").read_text())
     assert {"train", "infer"} <= set(profile["cases"])

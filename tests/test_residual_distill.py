@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from fastdrn import backend, ops, reference
-from fastdrn.kernels import choices
-from fastdrn.kernels.choices import VARIANTS
 from fastdrn.reference import ResidualDistillBlock
 from helpers import assert_close, assert_op_grads_close, dtypes_for, float64_leaves, randn, tolerance, where
 
@@ -248,23 +246,13 @@ def test_weight_gradients_are_bitwise_reproducible(recompute, device):
         assert torch.equal(a, b), f"d{name} differs between two backward runs"
 
 
-@pytest.fixture(params=[(kind, name) for kind, names in VARIANTS.items() for name in names],
-                ids=lambda kind_name: "=".join(kind_name))
-def kernel_variant(request):
-    kind, name = request.param
-    previous = choices.choose(kind, name)
-    yield f"{kind}={name}"
-    choices.choose(kind, previous)
-
-
 # (N, D, F, d, H, W): rows split over several partials and several tiles a program under the
 # interpreter (M > 32 rows), channel counts whose rows are 16-byte aligned (72 + 8) or not (29 + 3:
 # ROW_ALIGN 1), and F = 16 (the narrowest width).
 @pytest.mark.parametrize("case", [(2, 72, 64, 8, 9, 11), (1, 29, 16, 3, 7, 5)])
-def test_kernel_variants(case, kernel_variant, device):
-    """Every kernel design still selectable (kernels/choices.py): a block's output and every
-    gradient against float64 (a channels_last 3x3 weight too), bitwise the same on a second run,
-    and the in-place group path equal to chaining the op."""
+def test_weight_gradient_splits_and_row_alignment(case, device):
+    """A block's output and every gradient against float64 (a channels_last 3x3 weight too),
+    bitwise the same on a second run, and the in-place group path equal to chaining the op."""
     n, d_in, inner, distill, h, w = case
     for dtype in dtypes_for(device):
         fwd_tol, grad_tol = tolerance(device, dtype)
@@ -281,9 +269,9 @@ def test_kernel_variants(case, kernel_variant, device):
             ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
             eager_inputs = [t.detach().requires_grad_() for t in inputs]
             eager_grads = torch.autograd.grad(reference.residual_distill(*eager_inputs), eager_inputs, grad_out)
-            assert_close(out, ref, fwd_tol, f"{kernel_variant} {dtype} forward")
+            assert_close(out, ref, fwd_tol, f"{dtype} forward")
             for name, g, g2 in zip(NAMES, grads, again):
-                assert torch.equal(g, g2), f"{kernel_variant}: d{name} differs between two runs"
+                assert torch.equal(g, g2), f"d{name} differs between two runs"
             assert grads[3].is_contiguous(memory_format=torch.channels_last)
             blocks = [tuple(t.detach() for t in inputs[1:]),
                       tuple(t.detach() for t in make_block(d_in + distill, inner, distill, dtype, device))]
@@ -292,10 +280,10 @@ def test_kernel_variants(case, kernel_variant, device):
                 chained = inputs[0].detach()
                 for block in blocks:
                     chained = ops.residual_distill(chained, *block)
-            assert_close(in_place, chained.double(), fwd_tol, f"{kernel_variant} {dtype} in-place group")
+            assert_close(in_place, chained.double(), fwd_tol, f"{dtype} in-place group")
             return grads, eager_grads, ref_grads
 
-        assert_op_grads_close(dtype, grad_tol, draw, NAMES, f"{kernel_variant} {dtype}")
+        assert_op_grads_close(dtype, grad_tol, draw, NAMES, str(dtype))
 
 
 def test_double_backward_raises(device):
