@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# A lent-GPU session in two device calls of about 5 minutes each, everything written to $OUT:
-#   bash bench/gpu_session.sh one   install; launch-plan tests (plans off for the rest if they fail);
-#                                   kernel tests at 8 and 4 warps;
-#                                   model, CUDA-graph and torch.compile tests; pixel-shuffle tests;
-#                                   the model benchmark without torch.compile (eager, eager in one
-#                                   CUDA graph, fastdrn, fastdrn in one CUDA graph); per-kernel profile
+# A lent-GPU session in two device calls, everything written to $OUT:
+#   bash bench/gpu_session.sh one   (about 9 minutes; STAGE_SECONDS, default 530, bounds it) install;
+#                                   every GPU test: launch plans, kernels at 8 and 4 warps, model,
+#                                   CUDA graphs, torch.compile, pixel shuffle; the model benchmark in
+#                                   bf16 (eager, fastdrn, each in one CUDA graph too, torch.compile
+#                                   default, reduce-overhead and max-autotune, as far as time allows);
+#                                   per-kernel profile
 #   bash bench/gpu_session.sh two   install; the RDB benchmark, compress_skip; the autotune sweep
-#                                   (which config each kernel's autotuner picks); the model
-#                                   benchmark's torch.compile rows
-#                                   (default and reduce-overhead); Nsight Compute on one block
+#                                   (which config each kernel's autotuner picks); Nsight Compute on
+#                                   one block
 #   bash bench/gpu_session.sh smoke the CPU rehearsal (CI runs it through tests/test_bench_smoke.py):
 #                                   no install, one small test file, every benchmark and the profile
 #                                   at --smoke sizes through Triton's interpreter; OUT defaults to a
@@ -21,6 +21,7 @@ set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 stage=${1:-one}
+deadline=$(( $(date +%s) + ${STAGE_SECONDS:-530} ))
 [ "$stage" = smoke ] && : "${OUT:=$(mktemp -d)}" && export JOBS=0
 mkdir -p "$OUT"
 commit=${FASTDRN_COMMIT:-$(cat bench/.commit 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)}
@@ -45,25 +46,35 @@ bench() { local name=$1 limit=$2; shift 2; local t0=$(date +%s)
 
 kernel_tests="tests/test_compress_skip.py tests/test_residual_distill.py tests/test_hardening.py"
 if [ "$stage" = one ]; then
-  # Launch plans (kernels/plans.py) first: if their replays differ from the launchers here, the rest of
-  # the stage runs with them off, so the kernels are still tested and timed.
-  run tests-plans 8 60 tests/test_plans.py
-  if ! grep -qE "[0-9]+ passed" $OUT/tests-plans.log || grep -qE "[0-9]+ (failed|error)" $OUT/tests-plans.log; then
-    export FASTDRN_LAUNCH_PLANS=0; echo "FASTDRN_LAUNCH_PLANS=0 for the rest of this stage: tests/test_plans.py did not pass"
+  # Every GPU test at 8 warps in one pytest run, with the kernel tests at 4 warps and the pixel-shuffle
+  # tests beside it on fewer workers: Triton's first-use compiles fill the cores, and the long
+  # torch.compile tests at the end of the big run would leave them idle.
+  JOBS=4 run tests-kernels-w4 4 300 $kernel_tests &
+  JOBS=2 run tests-pixel-shuffle-gpu 4 120 -m gpu tests/test_pixel_shuffle.py &
+  JOBS=10 run tests-w8 8 320 tests/test_plans.py $kernel_tests tests/test_model.py tests/test_graphs.py tests/test_compile.py
+  wait
+  # Launch plans (kernels/plans.py): if their tests failed, the benchmarks run with them off, so the
+  # kernels are still timed.
+  if grep -qE "^FAILED tests/test_plans.py" $OUT/tests-w8.log || ! grep -qE "[0-9]+ passed" $OUT/tests-w8.log; then
+    export FASTDRN_LAUNCH_PLANS=0; echo "FASTDRN_LAUNCH_PLANS=0 for the benchmarks: tests/test_plans.py did not pass"
   fi
-  run tests-kernels-w8 8 110 $kernel_tests
-  run tests-kernels-w4 4 90 $kernel_tests
-  run tests-model 8 150 tests/test_model.py tests/test_graphs.py tests/test_compile.py
-  run tests-pixel-shuffle-gpu 4 40 -m gpu tests/test_pixel_shuffle.py
-  bench bench-model 90 bench/bench_model.py --quick --no-compile --dtypes bf16 --time-budget 80
-  t0=$(date +%s); FASTDRN_AUTOTUNE=0 timeout 90 python3 bench/profile_kernels.py $OUT > $OUT/profile.log 2>&1
-  echo "profile rc=$? $(( $(date +%s) - t0 )) s"; grep -E "^== " $OUT/profile.log
+  # The model rows, bf16: eager, fastdrn, each also in one CUDA graph, then torch.compile default,
+  # reduce-overhead and max-autotune, as far as the time left allows (the benchmark stops at its
+  # budget; the profile and the archive need about 80 s).
+  budget=$(( deadline - $(date +%s) - 80 )); [ $budget -lt 20 ] && budget=20
+  bench bench-model $(( budget + 10 )) bench/bench_model.py --quick --dtypes bf16 --max-autotune --time-budget $budget
+  t0=$(date +%s); left=$(( deadline - t0 - 10 )); [ $left -gt 60 ] && left=60
+  if [ $left -ge 15 ]; then
+    FASTDRN_AUTOTUNE=0 timeout $left python3 bench/profile_kernels.py $OUT > $OUT/profile.log 2>&1
+    echo "profile rc=$? $(( $(date +%s) - t0 )) s"; grep -E "^== " $OUT/profile.log
+  else
+    echo "profile skipped: ${left} s left before the stage's deadline"
+  fi
 elif [ "$stage" = two ]; then
   bench bench-rdb 110 bench/bench_residual_distill.py --quick --time-budget 100
   bench bench-compress 30 bench/bench_compress_skip.py --quick --time-budget 25
   t0=$(date +%s); timeout 100 python3 bench/autotune_sweep.py --out $OUT/autotune.jsonl --time-budget 80 > $OUT/autotune.log 2>&1
   echo "autotune sweep rc=$? $(( $(date +%s) - t0 )) s"; grep -c "not the default" $OUT/autotune.log
-  bench bench-model-compile 150 bench/bench_model.py --quick --dtypes bf16 --no-graphs --time-budget 140
   t0=$(date +%s)
   FASTDRN_AUTOTUNE=0 timeout 50 ncu --kernel-name regex:'conv3x3|weight_grad|sum_partials' --launch-skip 10 --launch-count 5 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
