@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from statistics import median
 
 import torch
 
@@ -81,10 +82,6 @@ def _draws(dtype, draw) -> list:
     return [draw() for _ in range(DRAWS_16BIT if dtype in SIXTEEN_BIT else 1)]
 
 
-def _mean(values) -> float:
-    return sum(values) / len(values)
-
-
 def assert_op_grads_close(dtype, tol, draw, names, what):
     """One op's gradients against float64, every input and weight. draw() makes fresh random
     inputs, runs its own checks and returns (grads, eager_grads, ref_grads): fastdrn's, eager
@@ -92,17 +89,18 @@ def assert_op_grads_close(dtype, tol, draw, names, what):
 
     Float32 and float64: one draw, each gradient within `tol` (docs/numerics.md's table).
 
-    16-bit: DRAWS_16BIT draws; for each tensor the mean error over the draws within
-    max(tol, 2x eager PyTorch's mean error over the same draws). Why a mean: a weight behind an ELU
-    sums over pixels whose ELU derivative (1 or alpha) flips when a rounded 16-bit pre-activation
-    crosses 0, and on these small shapes one flip moves the sum by percent. Which pixels flip
-    differs between any two implementations, so one draw's error is noise: measured on an H200 at
-    f06ae9a (12 draws of each shape of tests/test_residual_distill.py), a single draw of fastdrn's
-    dW_squeeze, db_squeeze, dW_conv or db_conv was up to 19x eager's on the same draw in bf16 (72x in
-    fp16) and up to 5.3e-2 from float64, eager's own up to 1.7e-1; the bf16 means over the draws were
-    4.4e-3 to 1.4e-2 for fastdrn and 2.7e-3 to 2.8e-2 for eager, z and the expand weights under
-    3e-3 for both (fp16: all lower).
-    A wrong gradient is wrong on every draw, so the mean still catches it.
+    16-bit: DRAWS_16BIT draws; for each tensor the median error over the draws within
+    max(tol, 2x eager PyTorch's median over the same draws). Why: a weight behind an ELU sums over
+    pixels whose ELU derivative (1 or alpha) flips when a rounded 16-bit pre-activation crosses 0, and
+    on these small shapes one flip moves the sum by percent. Which pixels flip differs between any
+    two implementations, so one draw's error is noise: measured on an H200 at f06ae9a (12 draws of
+    each shape of tests/test_residual_distill.py), a single draw of fastdrn's dW_squeeze,
+    db_squeeze, dW_conv or db_conv was up to 19x eager's on the same draw in bf16 (72x in fp16) and
+    up to 5.3e-2 from float64, eager's own up to 1.7e-1; the bf16 means over the draws were 4.4e-3
+    to 1.4e-2 for fastdrn and 2.7e-3 to 2.8e-2 for eager, z and the expand weights under 3e-3 for
+    both (fp16: all lower). A mean over 8 draws still carries the flips: at cc8f6fb three group tests
+    (30 pixels) missed it by 0.3% to 1.2%, their worst draws 8.2e-2 to 1.9e-1. The median leaves the
+    rare flip out, and a wrong gradient, wrong on every draw, still moves it.
     """
     results = _draws(dtype, draw)
     if names is None:
@@ -111,17 +109,17 @@ def assert_op_grads_close(dtype, tol, draw, names, what):
         for name, g, rg in zip(names, results[0][0], results[0][2]):
             assert_close(g, rg, tol, f"{what} d{name}")
         return
-    _assert_mean_errors(results, tol, [f"d{name}" for name in names], what)
+    _assert_median_errors(results, tol, [f"d{name}" for name in names], what)
 
 
-def _assert_mean_errors(results, tol, names, what):
-    """For each tensor: its mean error over the draws within max(tol, 2x eager's mean)."""
+def _assert_median_errors(results, tol, names, what):
+    """For each tensor: its median error over the draws within max(tol, 2x eager's median)."""
     for i, name in enumerate(names):
         errs = [rel_err(grads[i], ref_grads[i]) for grads, _, ref_grads in results]
         eager_errs = [rel_err(eager_grads[i], ref_grads[i]) for _, eager_grads, ref_grads in results]
-        bound = max(tol, 2 * _mean(eager_errs))
-        assert _mean(errs) <= bound, (
-            f"{what} {name}: mean relative error over {len(errs)} draws {_mean(errs):.3e} > {bound:.2e} "
+        bound = max(tol, 2 * median(eager_errs))
+        assert median(errs) <= bound, (
+            f"{what} {name}: median relative error over {len(errs)} draws {median(errs):.3e} > {bound:.2e} "
             f"(draws: {', '.join(f'{e:.1e}' for e in errs)}; eager: {', '.join(f'{e:.1e}' for e in eager_errs)})")
 
 
@@ -138,9 +136,9 @@ def assert_model_grads_close(dtype, tol, draw, names, what):
     to 0.13 for eager PyTorch, by seed; all gradients as one vector at most 4.9e-3 for fastdrn, 4.8e-3
     for eager; on an H200 (fp16, x3 at a 4x1 image) one squeeze bias of fastdrn 0.21 off on a draw
     where eager's worst parameter was 1.3e-3. So in 16-bit: on every draw all gradients as one
-    vector within `tol` (the precision claim); each parameter's mean error over the draws within
-    max(0.1, 2x eager's mean over the same draws), a guard against a wrong gradient (off by O(1) on
-    every draw) that one flip a draw, 0.2 / 8, stays well inside.
+    vector within `tol` (the precision claim); each parameter's median error over the draws within
+    max(0.1, 2x eager's median over the same draws), a guard against a wrong gradient (off by O(1) on
+    every draw), not a precision claim.
     """
     flat = lambda gs: torch.cat([g.detach().double().flatten().cpu() for g in gs])  # noqa: E731
     results = _draws(dtype, draw)
@@ -150,4 +148,4 @@ def assert_model_grads_close(dtype, tol, draw, names, what):
                 assert_close(g, rg, tol, f"{what} grad of {name}")
             return
         assert_close(flat(grads), flat(ref_grads), tol, f"{what} draw {k}: gradients of all parameters as one vector")
-    _assert_mean_errors(results, max(tol, 0.1), [f"grad of {name}" for name in names], what)
+    _assert_median_errors(results, max(tol, 0.1), [f"grad of {name}" for name in names], what)

@@ -11,8 +11,8 @@ import torch
 
 import fastdrn
 from fastdrn import backend, ops, reference
-from helpers import (DRAWS_16BIT, SIXTEEN_BIT, assert_close, assert_op_grads_close, dtypes_for, pytorch_fp32_convs,
-                     randn, rel_err, tolerance, where)
+from helpers import (DRAWS_16BIT, SIXTEEN_BIT, assert_close, assert_op_grads_close, dtypes_for, median,
+                     pytorch_fp32_convs, randn, rel_err, tolerance, where)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -279,7 +279,7 @@ def _assert_same_non_finite(out, ref, what, tol=1e-4):
 def _check_poisoned_draws(device, dtype, what, draw):
     """draw() poisons fresh random inputs and returns [(name, out, ref)]. Each: non-finite exactly
     where the reference is (_same_non_finite), on every draw; the finite elements within
-    _finite_part_tol: on the one draw in float32 and float64, as a mean over DRAWS_16BIT draws in
+    _finite_part_tol: on the one draw in float32 and float64, as the median over DRAWS_16BIT draws in
     16-bit. One ELU derivative flipped by 16-bit rounding moves a gradient of these 40-pixel tensors
     by up to ~0.1 (measured in fp16 through the interpreter, the NaN-pixel case's dz on one draw:
     1.06e-1 with the NaN, 9.3e-2 on the same draw with none), so one draw's error is noise there
@@ -290,9 +290,8 @@ def _check_poisoned_draws(device, dtype, what, draw):
         for name, out, ref in draw():
             errors.setdefault(name, []).append(_same_non_finite(out, ref, f"{what} {name}"))
     for name, errs in errors.items():
-        mean = sum(errs) / len(errs)
-        assert mean <= tol, (f"{what} {name} (finite elements): mean relative error over {len(errs)} draws "
-                             f"{mean:.3e} > {tol:.0e} ({', '.join(f'{e:.1e}' for e in errs)})")
+        assert median(errs) <= tol, (f"{what} {name} (finite elements): median relative error over {len(errs)} "
+                                     f"draws {median(errs):.3e} > {tol:.0e} ({', '.join(f'{e:.1e}' for e in errs)})")
 
 
 @pytest.mark.parametrize("recompute", [False, True])

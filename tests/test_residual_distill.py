@@ -364,6 +364,9 @@ def _chained_per_block(y, blocks, recompute):
     return z
 
 
+# The group tests that compare with float64 run 2 x 7 x 9 pixels, not the 2 x 5 x 3 of the bitwise-only
+# ones: on 30 pixels the bf16 weight gradients were 3.5e-2 to 1.9e-1 off in 3 or 4 of 8 draws (ELU
+# flips; H200, cc8f6fb), which measures the flips rather than the group.
 def _reference_group(y, blocks, compression, leaves, grad_out):
     """A group through the reference ops (its blocks, then the compression with the long skip if
     given): the float64 output and the leaves' gradients, computed in float64 and, for the 16-bit
@@ -404,7 +407,7 @@ def test_group_function_equals_per_block_functions(recompute, biases, inners, de
         fwd_tol, grad_tol = tolerance(device, dtype)
 
         def draw():
-            y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+            y = randn(2, 24, 7, 9, dtype=dtype, device=device, channels_last=True, requires_grad=True)
             blocks = _group_blocks(dtype, device, biases, inners)
             leaves = [t for t in (y, *(t for block in blocks for t in block)) if t is not None]
             group = lambda y, *_: ops.distill_group(y, blocks, recompute=recompute)  # noqa: E731
@@ -474,7 +477,7 @@ def test_group_and_compression_in_one_node(frozen, recompute, device):
         fwd_tol, grad_tol = tolerance(device, dtype)
 
         def draw():
-            y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=frozen == "nothing")
+            y = randn(2, 24, 7, 9, dtype=dtype, device=device, channels_last=True, requires_grad=frozen == "nothing")
             blocks = _group_blocks(dtype, device)
             w_c = randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=frozen != "compression")
             b_c = randn(24, dtype=dtype, device=device, requires_grad=frozen != "compression")
