@@ -7,7 +7,8 @@
 #                                   default, reduce-overhead and max-autotune, as far as time allows);
 #                                   per-kernel profile
 #   bash bench/gpu_session.sh two   (the same bound) install; the bf16 model rows with every
-#                                   torch.compile mode; the RDB benchmark, compress_skip; Nsight
+#                                   torch.compile mode; the RDB, compress_skip and pixel-shuffle
+#                                   benchmarks; Nsight
 #                                   Compute on one block; the autotune sweep (which config each
 #                                   kernel's autotuner picks) with the time left
 #   bash bench/gpu_session.sh smoke the CPU rehearsal (CI runs it through tests/test_bench_smoke.py):
@@ -78,6 +79,7 @@ elif [ "$stage" = two ]; then
   bench bench-model $(( budget + 10 )) bench/bench_model.py --quick --dtypes bf16 --max-autotune --time-budget $budget
   bench bench-rdb 100 bench/bench_residual_distill.py --quick --time-budget 90
   bench bench-compress 30 bench/bench_compress_skip.py --quick --time-budget 25
+  bench bench-pixel-shuffle 30 bench/bench_pixel_shuffle.py --quick --time-budget 25
   t0=$(date +%s)
   FASTDRN_AUTOTUNE=0 timeout 50 ncu --kernel-name regex:'conv3x3|weight_grad|sum_partials' --launch-skip 10 --launch-count 5 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
