@@ -8,9 +8,8 @@
 #                                   per-kernel profile
 #   bash bench/gpu_session.sh two   (the same bound) install; the bf16 model rows with every
 #                                   torch.compile mode; the RDB, compress_skip and pixel-shuffle
-#                                   benchmarks; Nsight
-#                                   Compute on one block; the autotune sweep (which config each
-#                                   kernel's autotuner picks) with the time left
+#                                   benchmarks; Nsight Compute on one block; the autotune sweep
+#                                   (which config each kernel's autotuner picks) with the time left
 #   bash bench/gpu_session.sh smoke the CPU rehearsal (CI runs it through tests/test_bench_smoke.py):
 #                                   no install, one small test file, every benchmark and the profile
 #                                   at --smoke sizes through Triton's interpreter; OUT defaults to a
