@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from statistics import median
 
 import torch
@@ -113,9 +114,13 @@ def assert_op_grads_close(dtype, tol, draw, names, what):
 
 
 def _assert_median_errors(results, tol, names, what):
-    """For each tensor: its median error over the draws within max(tol, 2x eager's median)."""
+    """For each tensor: finite wherever the reference is, on every draw (a NaN fails at any
+    tolerance, and a median would hide one draw's); its median error over the draws within
+    max(tol, 2x eager's median)."""
     for i, name in enumerate(names):
         errs = [rel_err(grads[i], ref_grads[i]) for grads, _, ref_grads in results]
+        bad = [k for k, e in enumerate(errs) if not math.isfinite(e)]
+        assert not bad, f"{what} {name}: NaN or Inf where the reference is finite, on draw(s) {bad}"
         eager_errs = [rel_err(eager_grads[i], ref_grads[i]) for _, eager_grads, ref_grads in results]
         bound = max(tol, 2 * median(eager_errs))
         assert median(errs) <= bound, (
