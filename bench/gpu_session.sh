@@ -4,7 +4,7 @@
 #                                   every GPU test: launch plans, kernels at 8 and 4 warps, model,
 #                                   CUDA graphs, torch.compile, pixel shuffle; the model benchmark in
 #                                   bf16 (eager, fastdrn, each in one CUDA graph too, torch.compile
-#                                   default, reduce-overhead and max-autotune, as far as time allows);
+#                                   reduce-overhead, default and max-autotune, as far as time allows);
 #                                   per-kernel profile
 #   bash bench/gpu_session.sh two   (the same bound) install; the bf16 model rows with every
 #                                   torch.compile mode; the RDB, compress_skip and pixel-shuffle
@@ -59,9 +59,9 @@ if [ "$stage" = one ]; then
   if grep -qE "^FAILED tests/test_plans.py" $OUT/tests-w8.log || ! grep -qE "[0-9]+ passed" $OUT/tests-w8.log; then
     export FASTDRN_LAUNCH_PLANS=0; echo "FASTDRN_LAUNCH_PLANS=0 for the benchmarks: tests/test_plans.py did not pass"
   fi
-  # The model rows, bf16: eager, fastdrn, each also in one CUDA graph, then torch.compile default,
-  # reduce-overhead and max-autotune, as far as the time left allows (the benchmark stops at its
-  # budget; the profile and the archive need about 80 s).
+  # The model rows, bf16: eager, fastdrn, each also in one CUDA graph, then torch.compile
+  # reduce-overhead, default and max-autotune, as far as the time left allows (the benchmark stops at
+  # its budget; the profile and the archive need about 80 s).
   budget=$(( deadline - $(date +%s) - 80 )); [ $budget -lt 20 ] && budget=20
   bench bench-model $(( budget + 10 )) bench/bench_model.py --quick --dtypes bf16 --max-autotune --time-budget $budget
   t0=$(date +%s); left=$(( deadline - t0 - 10 )); [ $left -gt 60 ] && left=60
@@ -73,7 +73,7 @@ if [ "$stage" = one ]; then
   fi
 elif [ "$stage" = two ]; then
   # The model rows again with every torch.compile mode in one run (stage one's deadline usually cuts
-  # them after the default mode): reduce-overhead and max-autotune are the strongest baselines.
+  # the later ones): reduce-overhead and max-autotune are the strongest baselines.
   budget=$(( deadline - $(date +%s) - 200 )); [ $budget -gt 300 ] && budget=300; [ $budget -lt 60 ] && budget=60
   bench bench-model $(( budget + 10 )) bench/bench_model.py --quick --dtypes bf16 --max-autotune --time-budget $budget
   bench bench-rdb 100 bench/bench_residual_distill.py --quick --time-budget 90
