@@ -79,7 +79,8 @@ SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 DRAWS_16BIT = 8
 
 
-def _draws(dtype, draw) -> list:
+def draws(dtype, draw) -> list:
+    """draw() called once, or DRAWS_16BIT times in 16-bit (fresh random inputs each)."""
     return [draw() for _ in range(DRAWS_16BIT if dtype in SIXTEEN_BIT else 1)]
 
 
@@ -103,7 +104,7 @@ def assert_op_grads_close(dtype, tol, draw, names, what):
     (30 pixels) missed it by 0.3% to 1.2%, their worst draws 8.2e-2 to 1.9e-1. The median leaves the
     rare flip out, and a wrong gradient, wrong on every draw, still moves it.
     """
-    results = _draws(dtype, draw)
+    results = draws(dtype, draw)
     if names is None:
         names = [f"leaf {i} {tuple(g.shape)}" for i, g in enumerate(results[0][0])]
     if dtype not in SIXTEEN_BIT:
@@ -146,7 +147,7 @@ def assert_model_grads_close(dtype, tol, draw, names, what):
     every draw), not a precision claim.
     """
     flat = lambda gs: torch.cat([g.detach().double().flatten().cpu() for g in gs])  # noqa: E731
-    results = _draws(dtype, draw)
+    results = draws(dtype, draw)
     for k, (grads, _, ref_grads) in enumerate(results):
         if dtype not in SIXTEEN_BIT:
             for name, g, rg in zip(names, grads, ref_grads):

@@ -11,8 +11,8 @@ import torch
 
 import fastdrn
 from fastdrn import backend, ops, reference
-from helpers import (DRAWS_16BIT, SIXTEEN_BIT, assert_close, assert_op_grads_close, dtypes_for, median,
-                     pytorch_fp32_convs, randn, rel_err, tolerance, where)
+from helpers import (assert_close, assert_op_grads_close, draws, dtypes_for, median, pytorch_fp32_convs, randn,
+                     rel_err, tolerance, where)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -286,8 +286,8 @@ def _check_poisoned_draws(device, dtype, what, draw):
     (helpers.assert_op_grads_close)."""
     tol = _finite_part_tol(device, dtype)
     errors = {}
-    for _ in range(DRAWS_16BIT if dtype in SIXTEEN_BIT else 1):
-        for name, out, ref in draw():
+    for pieces in draws(dtype, draw):
+        for name, out, ref in pieces:
             errors.setdefault(name, []).append(_same_non_finite(out, ref, f"{what} {name}"))
     for name, errs in errors.items():
         assert median(errs) <= tol, (f"{what} {name} (finite elements): median relative error over {len(errs)} "

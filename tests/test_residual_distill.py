@@ -7,7 +7,8 @@ import torch
 
 from fastdrn import backend, ops, reference
 from fastdrn.reference import ResidualDistillBlock
-from helpers import assert_close, assert_op_grads_close, dtypes_for, float64_leaves, randn, tolerance, where
+from helpers import (SIXTEEN_BIT, assert_close, assert_op_grads_close, dtypes_for, float64_leaves, randn, tolerance,
+                     where)
 
 # (N, D, F, d, H, W, channels_last), each there for a reason:
 CASES = [
@@ -39,6 +40,25 @@ def make_inputs(case, dtype, device):
 NAMES = ("z", "w_squeeze", "b_squeeze", "w_conv", "b_conv", "w_expand", "b_expand")
 
 
+def _reference(y, blocks, compression, leaves, grad_out):
+    """Blocks (None for a missing bias) through the reference ops, then the compression with the long
+    skip if given: the float64 output and the leaves' gradients, computed in float64 and, for the
+    16-bit tolerance rule (helpers.assert_op_grads_close), in the leaves' own dtype (eager PyTorch)."""
+    def run(dtype):
+        copies = {id(t): t.detach().to(dtype).requires_grad_() for t in leaves}
+        of = lambda t: None if t is None else copies.get(id(t), t.detach().to(dtype))  # noqa: E731
+        out = of(y)
+        for block in blocks:
+            out = reference.residual_distill(out, *map(of, block))
+        if compression is not None:
+            out = reference.compress_skip(out, *map(of, compression), of(y))
+        return out, torch.autograd.grad(out, [copies[id(t)] for t in leaves], grad_out.to(dtype))
+
+    ref, ref_grads = run(torch.float64)
+    eager_grads = run(y.dtype)[1] if y.dtype in SIXTEEN_BIT else ref_grads
+    return ref, ref_grads, eager_grads
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("case", CASES)
 def test_forward_and_gradients_match_float64_reference(case, recompute, device):
@@ -50,11 +70,7 @@ def test_forward_and_gradients_match_float64_reference(case, recompute, device):
             out = ops.residual_distill(*inputs, recompute=recompute)
             grad_out = randn(*out.shape, dtype=dtype, device=device)
             grads = torch.autograd.grad(out, inputs, grad_out)
-            ref_inputs = float64_leaves(*inputs)
-            ref = reference.residual_distill(*ref_inputs)
-            ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
-            eager_inputs = [t.detach().requires_grad_() for t in inputs]
-            eager_grads = torch.autograd.grad(reference.residual_distill(*eager_inputs), eager_inputs, grad_out)
+            ref, ref_grads, eager_grads = _reference(inputs[0], [inputs[1:]], None, inputs, grad_out)
             assert out.dtype == dtype and out.shape == ref.shape
             assert_close(out, ref, fwd_tol, f"{dtype} forward")
             return grads, eager_grads, ref_grads
@@ -115,13 +131,7 @@ def test_without_biases(recompute, device):
             grad_out = randn(*out.shape, dtype=dtype, device=device)
             leaves = [z, w_sq, w_c, w_e]
             grads = torch.autograd.grad(out, leaves, grad_out)
-            ref_leaves = float64_leaves(*leaves)
-            ref = reference.residual_distill(ref_leaves[0], ref_leaves[1], None, ref_leaves[2], None, ref_leaves[3], None)
-            ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
-            eager_leaves = [t.detach().requires_grad_() for t in leaves]
-            eager = reference.residual_distill(eager_leaves[0], eager_leaves[1], None, eager_leaves[2], None,
-                                               eager_leaves[3], None)
-            eager_grads = torch.autograd.grad(eager, eager_leaves, grad_out)
+            ref, ref_grads, eager_grads = _reference(z, [inputs[1:]], None, leaves, grad_out)
             assert_close(out, ref, fwd_tol, f"{dtype} forward without biases")
             return grads, eager_grads, ref_grads
 
@@ -264,11 +274,7 @@ def test_weight_gradient_splits_and_row_alignment(case, device):
             grad_out = randn(*out.shape, dtype=dtype, device=device)
             grads = torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
             again = torch.autograd.grad(out, inputs, grad_out)
-            ref_inputs = float64_leaves(*inputs)
-            ref = reference.residual_distill(*ref_inputs)
-            ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
-            eager_inputs = [t.detach().requires_grad_() for t in inputs]
-            eager_grads = torch.autograd.grad(reference.residual_distill(*eager_inputs), eager_inputs, grad_out)
+            ref, ref_grads, eager_grads = _reference(inputs[0], [inputs[1:]], None, inputs, grad_out)
             assert_close(out, ref, fwd_tol, f"{dtype} forward")
             for name, g, g2 in zip(NAMES, grads, again):
                 assert torch.equal(g, g2), f"d{name} differs between two runs"
@@ -364,28 +370,6 @@ def _chained_per_block(y, blocks, recompute):
     return z
 
 
-# The group tests that compare with float64 run 2 x 7 x 9 pixels, not the 2 x 5 x 3 of the bitwise-only
-# ones: on 30 pixels the bf16 weight gradients were 3.5e-2 to 1.9e-1 off in 3 or 4 of 8 draws (ELU
-# flips; H200, cc8f6fb), which measures the flips rather than the group.
-def _reference_group(y, blocks, compression, leaves, grad_out):
-    """A group through the reference ops (its blocks, then the compression with the long skip if
-    given): the float64 output and the leaves' gradients, computed in float64 and, for the 16-bit
-    tolerance rule (helpers.assert_op_grads_close), in the leaves' own dtype (eager PyTorch)."""
-    def run(dtype):
-        copies = {id(t): t.detach().to(dtype).requires_grad_() for t in leaves}
-        of = lambda t: None if t is None else copies.get(id(t), t.detach().to(dtype))  # noqa: E731
-        out = of(y)
-        for block in blocks:
-            out = reference.residual_distill(out, *map(of, block))
-        if compression is not None:
-            out = reference.compress_skip(out, *map(of, compression), of(y))
-        return out, torch.autograd.grad(out, [copies[id(t)] for t in leaves], grad_out.to(dtype))
-
-    ref, ref_grads = run(torch.float64)
-    eager_grads = run(y.dtype)[1] if y.dtype in (torch.float16, torch.bfloat16) else ref_grads
-    return ref, ref_grads, eager_grads
-
-
 def _eager_group_or_skip(device, dtype):
     from fastdrn.kernels import residual_distill as module
 
@@ -395,6 +379,9 @@ def _eager_group_or_skip(device, dtype):
         pytest.skip("this torch has no direct-launch switch: the group runs block by block through the op")
 
 
+# The group tests that compare with float64 run 2 x 7 x 9 pixels, not the 2 x 5 x 3 of the bitwise-only
+# ones: on 30 pixels the bf16 weight gradients were 3.5e-2 to 1.9e-1 off in 3 or 4 of 8 draws (ELU
+# flips; H200, cc8f6fb), which measures the flips rather than the group.
 @pytest.mark.parametrize("inners", [(16, 16, 16), (16, 16, 12)])
 @pytest.mark.parametrize("biases", [True, False])
 @pytest.mark.parametrize("recompute", [False, True])
@@ -423,7 +410,7 @@ def test_group_function_equals_per_block_functions(recompute, biases, inners, de
                 assert torch.equal(g, e), f"{dtype} gradient of leaf {i} (recompute={recompute}, biases={biases})"
             assert (saved_activation_bytes(group, leaves, leaves[1:], align=256)
                     == saved_activation_bytes(chained, leaves, leaves[1:], align=256))
-            ref, ref_grads, eager_grads = _reference_group(y, blocks, None, leaves, grad_out)
+            ref, ref_grads, eager_grads = _reference(y, blocks, None, leaves, grad_out)
             assert_close(out, ref, fwd_tol, f"{dtype} group forward")
             return grads, eager_grads, ref_grads
 
@@ -497,7 +484,7 @@ def test_group_and_compression_in_one_node(frozen, recompute, device):
             grads = torch.autograd.grad(out, leaves, grad_out)
             for i, (g, e) in enumerate(zip(grads, torch.autograd.grad(expected, leaves, grad_out))):
                 assert torch.equal(g, e), f"{dtype} gradient of leaf {i}"
-            ref, ref_grads, eager_grads = _reference_group(y, blocks, (w_c, b_c), leaves, grad_out)
+            ref, ref_grads, eager_grads = _reference(y, blocks, (w_c, b_c), leaves, grad_out)
             assert_close(out, ref, fwd_tol, f"{dtype} forward")
             return grads, eager_grads, ref_grads
 
