@@ -131,42 +131,61 @@ def pinned_config(configs: list, warps: int) -> triton.Config:
 
 
 # ---- launch settings ------------------------------------------------------------------------
+WEIGHT_GRAD_BLOCKS = (1, 2, 3)  # blocks whose weight gradients one launch may compute (gemm: 9 problems)
+
+
+def _check_weight_grad_blocks(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in WEIGHT_GRAD_BLOCKS:
+        raise ValueError(f"{name}={value!r}: the weight gradients of 1, 2 or 3 blocks go in one launch")
+    return value
+
+
 class LaunchOptions:
     """How GPU launches pick their config: `num_warps` pins pinned_config(configs, num_warps) (None:
-    no pin), `autotune` False runs the default (the first listed config) instead of autotuning."""
+    no pin), `autotune` False runs the default (the first listed config) instead of autotuning.
+    `weight_grad_blocks`: how many consecutive blocks of a group's backward share one weight-gradient
+    launch and one sum (1: each block its own two, the schedule before; 3: a DRN group of 9 blocks
+    launches 24 kernels backward instead of 36, and keeps three blocks' backward intermediates
+    alive at once instead of one's)."""
 
-    def __init__(self, num_warps: int | None, autotune: bool):
+    def __init__(self, num_warps: int | None, autotune: bool, weight_grad_blocks: int = 3):
         self.num_warps = num_warps
         self.autotune = autotune
+        self.weight_grad_blocks = weight_grad_blocks
 
     @classmethod
     def from_environment(cls) -> "LaunchOptions":
         warps = os.environ.get("FASTDRN_NUM_WARPS", "").strip()
         if warps and (not warps.isdigit() or int(warps) not in (1, 2, 4, 8, 16, 32)):
             raise ValueError(f"FASTDRN_NUM_WARPS={warps!r} is not a power of two from 1 to 32")
-        return cls(int(warps) if warps else None, os.environ.get("FASTDRN_AUTOTUNE", "1").strip() != "0")
+        blocks = os.environ.get("FASTDRN_WEIGHT_GRAD_BLOCKS", "3").strip()
+        blocks = _check_weight_grad_blocks(int(blocks) if blocks.isdigit() else blocks, "FASTDRN_WEIGHT_GRAD_BLOCKS")
+        return cls(int(warps) if warps else None, os.environ.get("FASTDRN_AUTOTUNE", "1").strip() != "0", blocks)
 
 
 _options: LaunchOptions | None = None  # read from the environment at the first launch
 
 
 def launch_options() -> LaunchOptions:
-    """The launch settings in force: FASTDRN_NUM_WARPS and FASTDRN_AUTOTUNE as they were at the first
-    launch of the process, unless set_launch_options changed them since."""
+    """The launch settings in force: FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE and FASTDRN_WEIGHT_GRAD_BLOCKS
+    as they were at the first launch of the process, unless set_launch_options changed them since."""
     global _options
     if _options is None:
         _options = LaunchOptions.from_environment()
     return _options
 
 
-def set_launch_options(num_warps: int | None = None, autotune: bool = True) -> None:
-    """Set what FASTDRN_NUM_WARPS and FASTDRN_AUTOTUNE set (those are read once, at the first launch):
-    num_warps pins that many warps where a kernel lists a config with them, autotune=False runs each
-    kernel's default config. Takes effect at the next launch; forgets every launch remembered so far."""
+def set_launch_options(num_warps: int | None = None, autotune: bool = True, weight_grad_blocks: int = 3) -> None:
+    """Set what FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE and FASTDRN_WEIGHT_GRAD_BLOCKS set (those are read
+    once, at the first launch): num_warps pins that many warps where a kernel lists a config with
+    them, autotune=False runs each kernel's default config, weight_grad_blocks (1 to 3) is how many
+    blocks of a group's backward share one weight-gradient launch. Takes effect at the next launch;
+    forgets every launch remembered so far."""
     global _options
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"num_warps={num_warps!r} is not a power of two from 1 to 32")
-    _options = LaunchOptions(num_warps, bool(autotune))
+    _options = LaunchOptions(num_warps, bool(autotune), _check_weight_grad_blocks(weight_grad_blocks,
+                                                                                  "weight_grad_blocks"))
     for lean in _lean_launchers.values():
         lean.forget()
     launch_plans.clear()  # they hold the forgotten kernels

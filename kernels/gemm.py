@@ -212,6 +212,13 @@ def _weight_grad_tile_program(
 
 
 @triton.jit
+def _tiles_end(start, splits, N, K, TAPS: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    # The first program after a problem's that begin at `start`: S * (N tiles * K tiles * TAPS + N tiles).
+    return start + splits * tl.cdiv(N * ROW_ALIGN, BLOCK_N) * (tl.cdiv(K * ROW_ALIGN, BLOCK_K) * TAPS + 1)
+
+
+@triton.jit
 def weight_grad_tiles_kernel(
     part_ptr,    # [S, row_len] partial sums (fp32, or fp64 for float64): problem p's segment of each
                  # row starts at seg_p; every partial is written by exactly one program (no atomics)
@@ -219,21 +226,25 @@ def weight_grad_tiles_kernel(
     x0_ptr,      # problem 0: [M, K0] the conv's input, row stride stride_x0 * ROW_ALIGN
     N0, K0, stride_g0, stride_x0,  # problem 0's channel counts and row strides / ROW_ALIGN
     seg0,        # problem 0's segment of a partial row
-    g1_ptr,      # problem 1 (PROBLEMS >= 2), as problem 0
-    x1_ptr,
-    N1, K1, stride_g1, stride_x1, seg1,
-    g2_ptr,      # problem 2 (PROBLEMS == 3), as problem 0
-    x2_ptr,
-    N2, K2, stride_g2, stride_x2, seg2,
+    # Problems 1 to 8 (read when PROBLEMS is above their number), as problem 0. A block's backward
+    # has 3 (expand, 3x3, squeeze); a launch for several blocks (weight_grad_blocks) 3 a block.
+    g1_ptr, x1_ptr, N1, K1, stride_g1, stride_x1, seg1,
+    g2_ptr, x2_ptr, N2, K2, stride_g2, stride_x2, seg2,
+    g3_ptr, x3_ptr, N3, K3, stride_g3, stride_x3, seg3,
+    g4_ptr, x4_ptr, N4, K4, stride_g4, stride_x4, seg4,
+    g5_ptr, x5_ptr, N5, K5, stride_g5, stride_x5, seg5,
+    g6_ptr, x6_ptr, N6, K6, stride_g6, stride_x6, seg6,
+    g7_ptr, x7_ptr, N7, K7, stride_g7, stride_x7, seg7,
+    g8_ptr, x8_ptr, N8, K8, stride_g8, stride_x8, seg8,
     M,           # pixel rows, shared by every problem
     H,           # image height (3x3 taps only)
     W,           # image width (3x3 taps only)
     rows_per_split,  # pixel rows per partial, a multiple of BLOCK_M
     row_len,     # entries in one partial row
-    PROBLEMS: tl.constexpr,  # 1 to 3 weight gradients in this launch
+    PROBLEMS: tl.constexpr,  # 1 to 9 weight gradients in this launch
     TAPS0: tl.constexpr,     # 1 for a 1x1 conv; 9 for a 3x3 conv with padding 1 (x read at the tap's shift)
-    TAPS1: tl.constexpr,
-    TAPS2: tl.constexpr,
+    TAPS1: tl.constexpr, TAPS2: tl.constexpr, TAPS3: tl.constexpr, TAPS4: tl.constexpr,  # problems 1 to 8
+    TAPS5: tl.constexpr, TAPS6: tl.constexpr, TAPS7: tl.constexpr, TAPS8: tl.constexpr,
     IS_FP64: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input_precision (see dot_precision)
     ROW_ALIGN: tl.constexpr,  # every channel count and row stride is a multiple of this many elements
@@ -244,12 +255,19 @@ def weight_grad_tiles_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # Programs [0, P0) run problem 0, [P0, P0 + P1) problem 1, the rest problem 2, where
-    # P = S * (N tiles * K tiles * TAPS + N tiles).
+    # Programs [0, end0) run problem 0, [end0, end1) problem 1, and so on. Each problem's body is
+    # compiled only where PROBLEMS reaches it, so a 3-problem launch is the same code as before
+    # there were more slots.
     pid = tl.program_id(0)
     splits = tl.cdiv(M, rows_per_split)
-    end0 = splits * tl.cdiv(N0 * ROW_ALIGN, BLOCK_N) * (tl.cdiv(K0 * ROW_ALIGN, BLOCK_K) * TAPS0 + 1)
-    end1 = end0 + splits * tl.cdiv(N1 * ROW_ALIGN, BLOCK_N) * (tl.cdiv(K1 * ROW_ALIGN, BLOCK_K) * TAPS1 + 1)
+    end0 = _tiles_end(0, splits, N0, K0, TAPS0, ROW_ALIGN, BLOCK_N, BLOCK_K)
+    end1 = _tiles_end(end0, splits, N1, K1, TAPS1, ROW_ALIGN, BLOCK_N, BLOCK_K)
+    end2 = _tiles_end(end1, splits, N2, K2, TAPS2, ROW_ALIGN, BLOCK_N, BLOCK_K)
+    end3 = _tiles_end(end2, splits, N3, K3, TAPS3, ROW_ALIGN, BLOCK_N, BLOCK_K)
+    end4 = _tiles_end(end3, splits, N4, K4, TAPS4, ROW_ALIGN, BLOCK_N, BLOCK_K)
+    end5 = _tiles_end(end4, splits, N5, K5, TAPS5, ROW_ALIGN, BLOCK_N, BLOCK_K)
+    end6 = _tiles_end(end5, splits, N6, K6, TAPS6, ROW_ALIGN, BLOCK_N, BLOCK_K)
+    end7 = _tiles_end(end6, splits, N7, K7, TAPS7, ROW_ALIGN, BLOCK_N, BLOCK_K)
     if pid < end0:
         _weight_grad_tile_program(pid, g0_ptr, x0_ptr, part_ptr + seg0, row_len, M, H, W, rows_per_split,
                                   N0, K0, stride_g0, stride_x0, TAPS0, IS_FP64, PRECISION, ROW_ALIGN,
@@ -258,31 +276,58 @@ def weight_grad_tiles_kernel(
         _weight_grad_tile_program(pid - end0, g1_ptr, x1_ptr, part_ptr + seg1, row_len, M, H, W, rows_per_split,
                                   N1, K1, stride_g1, stride_x1, TAPS1, IS_FP64, PRECISION, ROW_ALIGN,
                                   BLOCK_M, BLOCK_N, BLOCK_K)
-    elif PROBLEMS == 3:
+    elif PROBLEMS >= 3 and pid < end2:
         _weight_grad_tile_program(pid - end1, g2_ptr, x2_ptr, part_ptr + seg2, row_len, M, H, W, rows_per_split,
                                   N2, K2, stride_g2, stride_x2, TAPS2, IS_FP64, PRECISION, ROW_ALIGN,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
+    elif PROBLEMS >= 4 and pid < end3:
+        _weight_grad_tile_program(pid - end2, g3_ptr, x3_ptr, part_ptr + seg3, row_len, M, H, W, rows_per_split,
+                                  N3, K3, stride_g3, stride_x3, TAPS3, IS_FP64, PRECISION, ROW_ALIGN,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
+    elif PROBLEMS >= 5 and pid < end4:
+        _weight_grad_tile_program(pid - end3, g4_ptr, x4_ptr, part_ptr + seg4, row_len, M, H, W, rows_per_split,
+                                  N4, K4, stride_g4, stride_x4, TAPS4, IS_FP64, PRECISION, ROW_ALIGN,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
+    elif PROBLEMS >= 6 and pid < end5:
+        _weight_grad_tile_program(pid - end4, g5_ptr, x5_ptr, part_ptr + seg5, row_len, M, H, W, rows_per_split,
+                                  N5, K5, stride_g5, stride_x5, TAPS5, IS_FP64, PRECISION, ROW_ALIGN,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
+    elif PROBLEMS >= 7 and pid < end6:
+        _weight_grad_tile_program(pid - end5, g6_ptr, x6_ptr, part_ptr + seg6, row_len, M, H, W, rows_per_split,
+                                  N6, K6, stride_g6, stride_x6, TAPS6, IS_FP64, PRECISION, ROW_ALIGN,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
+    elif PROBLEMS >= 8 and pid < end7:
+        _weight_grad_tile_program(pid - end6, g7_ptr, x7_ptr, part_ptr + seg7, row_len, M, H, W, rows_per_split,
+                                  N7, K7, stride_g7, stride_x7, TAPS7, IS_FP64, PRECISION, ROW_ALIGN,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
+    elif PROBLEMS == 9:
+        _weight_grad_tile_program(pid - end7, g8_ptr, x8_ptr, part_ptr + seg8, row_len, M, H, W, rows_per_split,
+                                  N8, K8, stride_g8, stride_x8, TAPS8, IS_FP64, PRECISION, ROW_ALIGN,
                                   BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
-def _scatter_segment(total, offs, seg, N, K, TAPS, stride_dn, stride_dk, stride_dt, dw_ptr, db_ptr):
+def _scatter_segment(total, offs, start, seg, N, K, TAPS, stride_dn, stride_dk, stride_dt, dw_ptr, db_ptr,
+                     BLOCK: tl.constexpr):
     # Entries [seg, seg + TAPS*N*K) of a partial row are (tap, n, k), k fastest: element
     # (n, k, tap) of the weight gradient is at n * stride_dn + k * stride_dk + tap * stride_dt.
-    # The next N entries are the bias gradient.
-    r = offs - seg
+    # The next N entries are the bias gradient. A program whose entries [start, start + BLOCK) miss
+    # the segment skips it (a launch for several blocks has up to 9 segments, a program meets 1 or 2).
     nk = N * K
-    tap = r // nk
-    n = (r % nk) // K
-    k = r % K
-    tl.store(dw_ptr + n * stride_dn + k * stride_dk + tap * stride_dt, total.to(dw_ptr.dtype.element_ty),
-             mask=(r >= 0) & (r < TAPS * nk))
-    rb = r - TAPS * nk
-    tl.store(db_ptr + rb, total.to(db_ptr.dtype.element_ty), mask=(rb >= 0) & (rb < N))
+    if (seg < start + BLOCK) & (start < seg + TAPS * nk + N):
+        r = offs - seg
+        tap = r // nk
+        n = (r % nk) // K
+        k = r % K
+        tl.store(dw_ptr + n * stride_dn + k * stride_dk + tap * stride_dt, total.to(dw_ptr.dtype.element_ty),
+                 mask=(r >= 0) & (r < TAPS * nk))
+        rb = r - TAPS * nk
+        tl.store(db_ptr + rb, total.to(db_ptr.dtype.element_ty), mask=(rb >= 0) & (rb < N))
 
 
 # Strides of 1, splits of 1 and the rest are ordinary values here: no launch-time specialization,
 # so one compile serves every weight layout (the kernel moves a few hundred KB).
-@triton.jit(do_not_specialize=["S", *(f"{name}{p}" for p in range(3)
+@triton.jit(do_not_specialize=["S", *(f"{name}{p}" for p in range(9)
                                      for name in ("seg", "N", "K", "T", "sdn", "sdk", "sdt"))])
 def sum_partials_scatter_kernel(
     part_ptr,    # [S, L] partial sums (fp32, or fp64 for float64), contiguous, as weight_grad_tiles_kernel wrote
@@ -291,27 +336,43 @@ def sum_partials_scatter_kernel(
     dw0_ptr,     # problem 0's weight gradient (weight dtype), element (n, k, tap) at
     db0_ptr,     # n * sdn0 + k * sdk0 + tap * sdt0; its bias gradient [N0]
     seg0, N0, K0, T0, sdn0, sdk0, sdt0,
-    dw1_ptr,     # problem 1 (PROBLEMS >= 2), as problem 0
-    db1_ptr,
-    seg1, N1, K1, T1, sdn1, sdk1, sdt1,
-    dw2_ptr,     # problem 2 (PROBLEMS == 3), as problem 0
-    db2_ptr,
-    seg2, N2, K2, T2, sdn2, sdk2, sdt2,
+    # Problems 1 to 8 (read when PROBLEMS is above their number), as problem 0.
+    dw1_ptr, db1_ptr, seg1, N1, K1, T1, sdn1, sdk1, sdt1,
+    dw2_ptr, db2_ptr, seg2, N2, K2, T2, sdn2, sdk2, sdt2,
+    dw3_ptr, db3_ptr, seg3, N3, K3, T3, sdn3, sdk3, sdt3,
+    dw4_ptr, db4_ptr, seg4, N4, K4, T4, sdn4, sdk4, sdt4,
+    dw5_ptr, db5_ptr, seg5, N5, K5, T5, sdn5, sdk5, sdt5,
+    dw6_ptr, db6_ptr, seg6, N6, K6, T6, sdn6, sdk6, sdt6,
+    dw7_ptr, db7_ptr, seg7, N7, K7, T7, sdn7, sdk7, sdt7,
+    dw8_ptr, db8_ptr, seg8, N8, K8, T8, sdn8, sdk8, sdt8,
     PROBLEMS: tl.constexpr,
     BLOCK: tl.constexpr,  # entries per program
 ):
     # One program per BLOCK entries, adding the S partials in index order: the same sum on every
     # run (deterministic), no atomics; reads are coalesced, the scattered writes are the small gradient.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.program_id(0) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     ok = offs < L
     total = tl.load(part_ptr + offs, mask=ok, other=0.0)
     for s in range(1, S):
         total += tl.load(part_ptr + s * L + offs, mask=ok, other=0.0)
-    _scatter_segment(total, offs, seg0, N0, K0, T0, sdn0, sdk0, sdt0, dw0_ptr, db0_ptr)
+    _scatter_segment(total, offs, start, seg0, N0, K0, T0, sdn0, sdk0, sdt0, dw0_ptr, db0_ptr, BLOCK)
     if PROBLEMS >= 2:
-        _scatter_segment(total, offs, seg1, N1, K1, T1, sdn1, sdk1, sdt1, dw1_ptr, db1_ptr)
-    if PROBLEMS == 3:
-        _scatter_segment(total, offs, seg2, N2, K2, T2, sdn2, sdk2, sdt2, dw2_ptr, db2_ptr)
+        _scatter_segment(total, offs, start, seg1, N1, K1, T1, sdn1, sdk1, sdt1, dw1_ptr, db1_ptr, BLOCK)
+    if PROBLEMS >= 3:
+        _scatter_segment(total, offs, start, seg2, N2, K2, T2, sdn2, sdk2, sdt2, dw2_ptr, db2_ptr, BLOCK)
+    if PROBLEMS >= 4:
+        _scatter_segment(total, offs, start, seg3, N3, K3, T3, sdn3, sdk3, sdt3, dw3_ptr, db3_ptr, BLOCK)
+    if PROBLEMS >= 5:
+        _scatter_segment(total, offs, start, seg4, N4, K4, T4, sdn4, sdk4, sdt4, dw4_ptr, db4_ptr, BLOCK)
+    if PROBLEMS >= 6:
+        _scatter_segment(total, offs, start, seg5, N5, K5, T5, sdn5, sdk5, sdt5, dw5_ptr, db5_ptr, BLOCK)
+    if PROBLEMS >= 7:
+        _scatter_segment(total, offs, start, seg6, N6, K6, T6, sdn6, sdk6, sdt6, dw6_ptr, db6_ptr, BLOCK)
+    if PROBLEMS >= 8:
+        _scatter_segment(total, offs, start, seg7, N7, K7, T7, sdn7, sdk7, sdt7, dw7_ptr, db7_ptr, BLOCK)
+    if PROBLEMS == 9:
+        _scatter_segment(total, offs, start, seg8, N8, K8, T8, sdn8, sdk8, sdt8, dw8_ptr, db8_ptr, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +402,7 @@ CONV1X1_FP32_CONFIGS = [
 WEIGHT_GRAD_INTERPRETER = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
 WEIGHT_GRAD_TILES_SPLIT_ROWS = 128  # rows_per_split is a multiple of this: every config's BLOCK_M divides it
 WEIGHT_GRAD_TILES_PROGRAMS = 256     # programs a launch aims at, from shapes only (about 2 per H100 SM)
+WEIGHT_GRAD_MAX_PROBLEMS = 9  # weight gradients one launch computes: three blocks' (weight_grad_blocks)
 # Chosen by compiling for sm_90 and sm_80 without spills (kernels/aot_check.py). "aligned": every
 # channel count and row stride a multiple of 16 bytes (ROW_ALIGN > 1): loads vectorize and
 # pipeline (cp.async, 3 stages); otherwise (odd channel counts) they cannot, and need 8 warps or
@@ -389,8 +451,9 @@ conv1x1_pair_tuned = {fp32: triton.autotune(configs=conv1x1_configs(torch.float3
                                             key=["N0", "K0", "N1", "K1", "EPILOGUE0", "EPILOGUE1"])(conv1x1_pair_kernel)
                       for fp32 in (False, True)}
 weight_grad_tiles_tuned = {
-    key: triton.autotune(configs=configs, key=["PROBLEMS", "N0", "K0", "TAPS0", "N1", "K1", "TAPS1", "N2", "K2",
-                                               "TAPS2", "ROW_ALIGN"])(weight_grad_tiles_kernel)
+    key: triton.autotune(configs=configs, key=["PROBLEMS", *(f"{name}{p}" for p in range(WEIGHT_GRAD_MAX_PROBLEMS)
+                                                             for name in ("N", "K", "TAPS")), "ROW_ALIGN"])(
+        weight_grad_tiles_kernel)
     for key, configs in WEIGHT_GRAD_TILES_CONFIGS.items()}
 
 
@@ -432,7 +495,7 @@ def conv1x1(x: torch.Tensor, x_stride: int, w: torch.Tensor, transpose_w: bool, 
 def _numbered(*names: str) -> tuple:
     """The keyword names of each problem slot of a multi-problem kernel ("x{}_ptr" -> x0_ptr, x1_ptr,
     x2_ptr), built once: formatting them at every launch cost microseconds of host time."""
-    return tuple(tuple(name.format(p) for name in names) for p in range(3))
+    return tuple(tuple(name.format(p) for name in names) for p in range(WEIGHT_GRAD_MAX_PROBLEMS))
 
 
 _PAIR_ARG_NAMES = _numbered("x{}_ptr", "w{}_ptr", "bias{}_ptr", "res{}_ptr", "out{}_ptr", "N{}", "K{}", "stride_x{}",
@@ -483,7 +546,7 @@ def _grad_format(w: torch.Tensor, taps: int) -> torch.memory_format:
 
 
 def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Weight and bias gradients of up to three convs over the same M = N*H*W pixel rows, in two
+    """Weight and bias gradients of up to nine convs (three blocks') over the same M = N*H*W pixel rows, in two
     launches: split-M partials of all of them (weight_grad_tiles_kernel), then one fixed-order sum
     that writes each gradient in its weight's dtype and nn.Conv2d layout (sum_partials_scatter_kernel).
     Bitwise reproducible run to run, no atomics.
@@ -510,7 +573,9 @@ def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
         length += taps * n * k + n
     partials = track(torch.empty((splits, length), device=g0.device, dtype=acc_dtype))
     check_int32("weight gradient", partials.numel(), *(m * max(gs, xs) for _g, gs, _x, xs, *_rest in problems))
-    padded = list(problems) + [problems[0]] * (3 - len(problems))  # unused slots: never read
+    if not 1 <= len(problems) <= WEIGHT_GRAD_MAX_PROBLEMS:
+        raise ValueError(f"weight_grads: 1 to {WEIGHT_GRAD_MAX_PROBLEMS} problems a launch, got {len(problems)}")
+    padded = list(problems) + [problems[0]] * (WEIGHT_GRAD_MAX_PROBLEMS - len(problems))  # unused slots: never read
     # Storage offsets too: the allocator aligns every block, so a view's rows are aligned when its offset is.
     align = row_align(g0.dtype, *(v for g, gs, x, xs, n, k, _t, _w in problems
                                   for v in (gs, xs, n, k, g.storage_offset(), x.storage_offset())))
@@ -554,9 +619,9 @@ def aot_variants():
     conv1x1_kernel: every EPILOGUE_* code of this module, with or without bias, with or without
     res (epilogues past EPILOGUE_ELU always read res), in both weight orientations (a launcher's
     unit weight stride is specialized to constexpr 1 at launch); conv1x1_pair_kernel: the pair a
-    block's backward launches; weight_grad_tiles_kernel: one 1x1 problem (compress_skip) and a
-    block's three (1x1, 3x3, 1x1), with rows aligned and not. All at every autotune config and
-    every pinned config (FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE=0), for fp32, bf16 and fp16 storage.
+    block's backward launches; weight_grad_tiles_kernel: one 1x1 problem (compress_skip), a block's
+    three (1x1, 3x3, 1x1) and two or three blocks' (6 and 9 problems), with rows aligned and not. All
+    at every autotune config and every pinned config (FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE=0), for fp32, bf16 and fp16 storage.
     IS_FP64 is always False on a GPU. sum_partials_scatter_kernel at its one fixed config.
     """
     import itertools
@@ -609,17 +674,24 @@ def aot_variants():
                            aligned=("out0_ptr", "out1_ptr"))
 
     # The launches weight_grads makes: compress_skip's one 1x1; a residual distilling block's
-    # expand (1x1), 3x3 and squeeze (1x1). Unused problem slots repeat problem 0.
-    grad_cases = [("1 problem, 1x1", {"PROBLEMS": 1, "TAPS0": 1, "TAPS1": 1, "TAPS2": 1, "IS_FP64": False}),
-                  ("3 problems, 1x1 3x3 1x1", {"PROBLEMS": 3, "TAPS0": 1, "TAPS1": 9, "TAPS2": 1, "IS_FP64": False})]
+    # expand (1x1), 3x3 and squeeze (1x1); two or three blocks' in one launch (weight_grad_blocks).
+    # Unused problem slots repeat problem 0.
+    slots = range(WEIGHT_GRAD_MAX_PROBLEMS)
+    block_taps = (1, 9, 1)
+    grad_cases = [("1 problem, 1x1", {"PROBLEMS": 1, **{f"TAPS{p}": 1 for p in slots}})]
+    for blocks in (1, 2, 3):
+        taps = {f"TAPS{p}": block_taps[p % 3] if p < 3 * blocks else 1 for p in slots}
+        grad_cases.append((f"{3 * blocks} problems, {blocks} block{'s' if blocks > 1 else ''}",
+                           {"PROBLEMS": 3 * blocks, **taps}))
+    grad_cases = [(label, {**values, "IS_FP64": False}) for label, values in grad_cases]
     tiles_kinds = {"part_ptr": "*fp32"}
-    for p in range(3):
+    for p in slots:
         tiles_kinds.update({f"g{p}_ptr": "ptr", f"x{p}_ptr": "ptr"})
         tiles_kinds.update({f"{name}{p}": "i32" for name in ("N", "K", "stride_g", "stride_x", "seg")})
     tiles_kinds.update({name: "i32" for name in ("M", "H", "W", "rows_per_split", "row_len")})
-    tiles_kinds.update({name: "constexpr" for name in ("PROBLEMS", "TAPS0", "TAPS1", "TAPS2", "IS_FP64", "PRECISION",
-                                                       "ROW_ALIGN", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
-    tiles_ints = [f"{name}{p}" for p in range(3) for name in ("N", "K", "stride_g", "stride_x", "seg")]
+    tiles_kinds.update({name: "constexpr" for name in ("PROBLEMS", *(f"TAPS{p}" for p in slots), "IS_FP64",
+                                                       "PRECISION", "ROW_ALIGN", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
+    tiles_ints = [f"{name}{p}" for p in slots for name in ("N", "K", "stride_g", "stride_x", "seg")]
     for dtype in AOT_DTYPES:
         for aligned in (True, False):
             configs = WEIGHT_GRAD_TILES_CONFIGS[(dtype == "fp32", aligned)]
@@ -627,21 +699,21 @@ def aot_variants():
             cases = [(f"{label} align {unit}", {**values, "ROW_ALIGN": unit}) for label, values in grad_cases]
             # part_ptr is allocated by weight_grads; ROW_ALIGN > 1 also means every g and x
             # row starts 16-byte aligned (row_align counts the storage offsets).
-            pointers = ("part_ptr", *(f"{t}{p}_ptr" for p in range(3) for t in "gx")) if aligned else ("part_ptr",)
+            pointers = ("part_ptr", *(f"{t}{p}_ptr" for p in slots for t in "gx")) if aligned else ("part_ptr",)
             variants += expand(weight_grad_tiles_kernel, tiles_kinds, cases, launch_configs(configs), dtypes=(dtype,),
                                div16=("M", "H", "W", "rows_per_split", "row_len", *tiles_ints), aligned=pointers)
 
     # The weight's dtype is the storage dtype here (fastdrn.DRN casts weights to it); fp32 partials.
     scatter_kinds = {"part_ptr": "*fp32", "S": "i32", "L": "i32"}
-    for p in range(3):
+    for p in slots:
         scatter_kinds.update({f"dw{p}_ptr": "ptr", f"db{p}_ptr": "ptr"})
         scatter_kinds.update({f"{name}{p}": "i32" for name in ("seg", "N", "K", "T", "sdn", "sdk", "sdt")})
     scatter_kinds.update(PROBLEMS="constexpr", BLOCK="constexpr")
     scatter_config = triton.Config({"BLOCK": SUM_PARTIALS_SCATTER_BLOCK}, num_warps=4, num_stages=1)
     variants += expand(sum_partials_scatter_kernel, scatter_kinds,
-                       [(f"{problems} problem{'s' if problems > 1 else ''}", {"PROBLEMS": problems}) for problems in (1, 3)],
+                       [(f"{problems} problem{'s' if problems > 1 else ''}", {"PROBLEMS": problems})
+                        for problems in (1, 3, 6, 9)],
                        [(config_label(scatter_config) + " [fixed]", scatter_config)], dtypes=AOT_DTYPES,
-                       div16=("L",),
-                       needs_mma=False, aligned=("part_ptr", "dw0_ptr", "db0_ptr", "dw1_ptr", "db1_ptr", "dw2_ptr",
-                                                 "db2_ptr"))
+                       div16=("L",), needs_mma=False,
+                       aligned=("part_ptr", *(f"d{t}{p}_ptr" for p in slots for t in "wb")))
     return variants

@@ -41,8 +41,8 @@ import triton.language as tl
 from torch.library import triton_op
 
 from ._common import (KERNELS_INTERPRETED, cdiv, check_int32, direct_launches, dot_precision, eager_fast_path, elu,
-                      elu_grad_from_output, function_apply, is_fp64, join_alpha, launch, next_pow2, rows, split_alpha,
-                      track)
+                      elu_grad_from_output, function_apply, is_fp64, join_alpha, launch, launch_options, next_pow2, rows,
+                      split_alpha, track)
 from .compress_skip import _backward as _compress_backward
 from .compress_skip import _forward as _compress_forward
 from .compress_skip import compress_skip
@@ -412,8 +412,25 @@ def _forward(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
 
 def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, wc_packed=None,
               wc_packed_t=None):
-    """wc_packed, wc_packed_t: _pack_conv(w_conv) (read only to rebuild b) and _pack_conv(w_conv,
+    """dz and the six weight and bias gradients (dz, dW_sq, db_sq, dW_c, db_c, dW_e, db_e).
+    wc_packed, wc_packed_t: _pack_conv(w_conv) (read only to rebuild b) and _pack_conv(w_conv,
     transpose=True), if the caller has them."""
+    dz, problems = _backward_input(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, alpha, wc_packed,
+                                   wc_packed_t)
+    return (dz, *_block_weight_grads(weight_grads(*problems)))
+
+
+def _block_weight_grads(grads) -> tuple:
+    """(dW_sq, db_sq, dW_c, db_c, dW_e, db_e) from weight_grads' results for a block's problems."""
+    (dw_e, db_e), (dw_c, db_c), (dw_sq, db_sq) = grads
+    return dw_sq, db_sq, dw_c, db_c, dw_e, db_e
+
+
+def _backward_input(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, alpha, wc_packed=None,
+                    wc_packed_t=None):
+    """A block's backward up to its weight gradients: (dz, the block's three weight_grads problems:
+    expand, 3x3, squeeze). Two launches (pair, 3x3); the caller launches the weight gradients, of this
+    block alone or together with its neighbours' (weight_grad_blocks)."""
     grad, z = rows(grad), rows(z)
     if wc_packed_t is None:
         wc_packed_t = _pack_conv(w_conv, transpose=True)
@@ -440,11 +457,9 @@ def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expa
         g_a, _ = _conv3x3(g_b, wc_packed_t, None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
                           flip_taps=True, aux=a, save_mid=True)
         dz = conv1x1(g_a, inner, w_squeeze, True, None, EPILOGUE_LINEAR, alpha, res=grad, res_stride=n_out)
-    (dw_e, db_e), (dw_c, db_c), (dw_sq, db_sq) = weight_grads(
-        (grad, n_out, b, inner, n_out, inner, 1, w_expand),
-        (g_b, inner, a, inner, inner, inner, 9, w_conv),
-        (g_a, inner, z, d_in, inner, d_in, 1, w_squeeze))
-    return dz, dw_sq, db_sq, dw_c, db_c, dw_e, db_e
+    return dz, ((grad, n_out, b, inner, n_out, inner, 1, w_expand),
+                (g_b, inner, a, inner, inner, inner, 9, w_conv),
+                (g_a, inner, z, d_in, inner, d_in, 1, w_squeeze))
 
 
 def _group_forward(buffer, weights, alpha, compress=None, packs=None):
@@ -570,12 +585,19 @@ def _chain_backward_region(static, inputs):
     if compression:
         grad, dw, db = _compress_backward(grad, inputs_k[-1], *compression, alpha)
         grads += (dw, db)
+    # The weight gradients of up to weight_grad_blocks consecutive blocks (from the last) share one
+    # launch and one sum: their problems wait in `pending` until then.
+    window, pending = launch_options().weight_grad_blocks, []
     for k in reversed(range(n_blocks)):
         w_squeeze, b_squeeze, w_conv, *b_conv, w_expand = weights[per_block * k:per_block * (k + 1)]
-        grad, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = _backward(
-            grad, inputs_k[k], bs[k], w_squeeze, b_squeeze, w_conv, b_conv[0] if b_conv else None, w_expand, None,
-            alpha, packed[k], packed_t[k])
-        grads[6 * k:6 * k + 6] = dw_sq, db_sq, dw_c, db_c, dw_e, db_e
+        grad, problems = _backward_input(grad, inputs_k[k], bs[k], w_squeeze, b_squeeze, w_conv,
+                                         b_conv[0] if b_conv else None, w_expand, alpha, packed[k], packed_t[k])
+        pending.append((k, problems))
+        if len(pending) == window or k == 0:
+            results = weight_grads(*(problem for _k, problems in pending for problem in problems))
+            for j, (block, _problems) in enumerate(pending):
+                grads[6 * block:6 * block + 6] = _block_weight_grads(results[3 * j:3 * j + 3])
+            pending = []
     return grad, grads
 
 

@@ -62,6 +62,20 @@ def pytorch_fp32_convs():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@contextlib.contextmanager
+def weight_grad_blocks(blocks: int):
+    """Run with `blocks` blocks a weight-gradient launch in a group's backward, the other launch
+    settings (a GPU run's FASTDRN_NUM_WARPS pin) as they were; the settings in force restored after."""
+    from fastdrn.kernels import _common
+
+    before = _common.launch_options()
+    _common.set_launch_options(before.num_warps, before.autotune, blocks)
+    try:
+        yield
+    finally:
+        _common.set_launch_options(before.num_warps, before.autotune, before.weight_grad_blocks)
+
+
 def randn(*shape, dtype, device, scale: float = 1.0, channels_last: bool = False, requires_grad: bool = False):
     t = (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
     if channels_last and t.dim() == 4:

@@ -418,3 +418,52 @@ def test_a_recording_keeps_only_its_own_threads_launches(monkeypatch, device):
             assert torch.equal(replayed, ops.compress_skip(z, w, b, skip))
             assert torch.equal(other, ops.residual_distill(block_z, *block))
     assert torch.equal(results["recorded"], replayed)
+
+
+@pytest.mark.parametrize("blocks_a_launch, backward_limit", [
+    (1, 4.0),  # each block's weight gradients and their sum in launches of their own
+    (3, 3.0),  # the default: three blocks a weight-gradient launch, 24 launches a group of 9 backward
+])
+def test_triton_launches_per_block_over_a_model(blocks_a_launch, backward_limit, launch_count, monkeypatch,
+                                                device):
+    """Launches through the launchers (plans off, so each is counted) over DRN's 6 groups of 9 blocks,
+    narrow: a forward with autograd and one without at most 1.5 a block, a backward at most
+    backward_limit a block, the compressions' own backward launches not counted."""
+    import fastdrn
+    from fastdrn.kernels import residual_distill
+    from helpers import weight_grad_blocks
+
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    _eager_group_or_skip(device, dtype)
+    compression_launches = []
+    compress_backward = residual_distill._compress_backward
+
+    def counted_compress_backward(*args):
+        before = len(launch_count)
+        result = compress_backward(*args)
+        compression_launches.append(len(launch_count) - before)
+        return result
+
+    monkeypatch.setattr(residual_distill, "_compress_backward", counted_compress_backward)
+    torch.manual_seed(0)
+    model = fastdrn.DRN(scale=2, n_feats=8, inner=16, distill=4).to(device, dtype)
+    blocks = sum(len(group.blocks) for group in model.groups)
+    assert blocks == 54
+    x = torch.rand(1, 3, 3, 5, dtype=dtype, device=device)
+    with plans_off(), weight_grad_blocks(blocks_a_launch):
+        with torch.no_grad():
+            launch_count.clear()
+            model(x)
+            no_grad = len(launch_count)
+        launch_count.clear()
+        out = model(x)
+        forward = len(launch_count)
+        launch_count.clear()
+        out.square().sum().backward()
+        backward = len(launch_count) - sum(compression_launches)
+    print(f"per block: forward {forward / blocks:.2f}, without grad {no_grad / blocks:.2f}, "
+          f"backward {backward / blocks:.2f} (compressions: {compression_launches})")
+    assert len(compression_launches) == len(model.groups)
+    assert forward / blocks <= 1.5 and no_grad / blocks <= 1.5, (forward, no_grad)
+    assert backward / blocks <= backward_limit, backward
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
