@@ -5,8 +5,9 @@ kernels carry every 1x1 product of the forward and backward passes: the squeeze 
 compression of a group, and the transposed products of their input gradients (`conv1x1_kernel`,
 two of them in one launch `conv1x1_pair_kernel`); and every weight gradient, 1x1 or 3x3, as
 deterministic split-M partial sums over 64 x 64 channel tiles, stored tile-major
-(`weight_grad_tiles_kernel`), added up in a fixed order, cast and scattered into nn.Conv2d's
-layout by one more launch (`sum_partials_scatter_kernel`).
+(`weight_grad_tiles_kernel` for a block's, `weight_grad_blocks_kernel` for several blocks' in one
+launch), added up in a fixed order, cast and scattered into nn.Conv2d's layout by one more launch
+(`sum_partials_scatter_kernel`).
 """
 from __future__ import annotations
 
@@ -150,7 +151,9 @@ def _weight_grad_tile_program(
     k_units,
     stride_g_units,
     stride_x_units,
-    TAPS: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    TAPS,            # 1 or 9 (3x3, padding 1): a constant, or (SHIFTED) a run-time value
+    SHIFTED: tl.constexpr,  # read x at the tap's shift: TAPS == 9 where TAPS is a constant, else always
+    IS_FP64: tl.constexpr, PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     N = n_units * ROW_ALIGN
@@ -173,8 +176,9 @@ def _weight_grad_tile_program(
         tap = tile % TAPS
         pid_n = (tile // TAPS) // num_k_tiles
         pid_k = (tile // TAPS) % num_k_tiles
-        shift_y = tap // 3 - 1 if TAPS == 9 else 0
-        shift_x = tap % 3 - 1 if TAPS == 9 else 0
+        if SHIFTED:  # a 1x1 problem run shifted (TAPS 1, tap 0) reads at shift 0
+            shift_y = (tap // 3 - 1) * (TAPS // 9)
+            shift_x = (tap % 3 - 1) * (TAPS // 9)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         n_ok = rn < N
@@ -183,7 +187,7 @@ def _weight_grad_tile_program(
         for m0 in range(row_start, row_end, BLOCK_M):
             rm = m0 + tl.arange(0, BLOCK_M)
             m_ok = rm < row_end
-            if TAPS == 9:
+            if SHIFTED:
                 h = (rm // W) % H + shift_y
                 w = rm % W + shift_x
                 src_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
@@ -212,13 +216,6 @@ def _weight_grad_tile_program(
 
 
 @triton.jit
-def _tiles_end(start, splits, N, K, TAPS: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-    # The first program after a problem's that begin at `start`: S * (N tiles * K tiles * TAPS + N tiles).
-    return start + splits * tl.cdiv(N * ROW_ALIGN, BLOCK_N) * (tl.cdiv(K * ROW_ALIGN, BLOCK_K) * TAPS + 1)
-
-
-@triton.jit
 def weight_grad_tiles_kernel(
     part_ptr,    # [S, row_len] partial sums (fp32, or fp64 for float64): problem p's segment of each
                  # row starts at seg_p; every partial is written by exactly one program (no atomics)
@@ -226,25 +223,21 @@ def weight_grad_tiles_kernel(
     x0_ptr,      # problem 0: [M, K0] the conv's input, row stride stride_x0 * ROW_ALIGN
     N0, K0, stride_g0, stride_x0,  # problem 0's channel counts and row strides / ROW_ALIGN
     seg0,        # problem 0's segment of a partial row
-    # Problems 1 to 8 (read when PROBLEMS is above their number), as problem 0. A block's backward
-    # has 3 (expand, 3x3, squeeze); a launch for several blocks (weight_grad_blocks) 3 a block.
-    g1_ptr, x1_ptr, N1, K1, stride_g1, stride_x1, seg1,
-    g2_ptr, x2_ptr, N2, K2, stride_g2, stride_x2, seg2,
-    g3_ptr, x3_ptr, N3, K3, stride_g3, stride_x3, seg3,
-    g4_ptr, x4_ptr, N4, K4, stride_g4, stride_x4, seg4,
-    g5_ptr, x5_ptr, N5, K5, stride_g5, stride_x5, seg5,
-    g6_ptr, x6_ptr, N6, K6, stride_g6, stride_x6, seg6,
-    g7_ptr, x7_ptr, N7, K7, stride_g7, stride_x7, seg7,
-    g8_ptr, x8_ptr, N8, K8, stride_g8, stride_x8, seg8,
+    g1_ptr,      # problem 1 (PROBLEMS >= 2), as problem 0
+    x1_ptr,
+    N1, K1, stride_g1, stride_x1, seg1,
+    g2_ptr,      # problem 2 (PROBLEMS == 3), as problem 0
+    x2_ptr,
+    N2, K2, stride_g2, stride_x2, seg2,
     M,           # pixel rows, shared by every problem
     H,           # image height (3x3 taps only)
     W,           # image width (3x3 taps only)
     rows_per_split,  # pixel rows per partial, a multiple of BLOCK_M
     row_len,     # entries in one partial row
-    PROBLEMS: tl.constexpr,  # 1 to 9 weight gradients in this launch
+    PROBLEMS: tl.constexpr,  # 1 to 3 weight gradients in this launch
     TAPS0: tl.constexpr,     # 1 for a 1x1 conv; 9 for a 3x3 conv with padding 1 (x read at the tap's shift)
-    TAPS1: tl.constexpr, TAPS2: tl.constexpr, TAPS3: tl.constexpr, TAPS4: tl.constexpr,  # problems 1 to 8
-    TAPS5: tl.constexpr, TAPS6: tl.constexpr, TAPS7: tl.constexpr, TAPS8: tl.constexpr,
+    TAPS1: tl.constexpr,
+    TAPS2: tl.constexpr,
     IS_FP64: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input_precision (see dot_precision)
     ROW_ALIGN: tl.constexpr,  # every channel count and row stride is a multiple of this many elements
@@ -255,55 +248,112 @@ def weight_grad_tiles_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # Programs [0, end0) run problem 0, [end0, end1) problem 1, and so on. Each problem's body is
-    # compiled only where PROBLEMS reaches it, so a 3-problem launch is the same code as before
-    # there were more slots.
+    # Programs [0, P0) run problem 0, [P0, P0 + P1) problem 1, the rest problem 2, where
+    # P = S * (N tiles * K tiles * TAPS + N tiles).
     pid = tl.program_id(0)
     splits = tl.cdiv(M, rows_per_split)
-    end0 = _tiles_end(0, splits, N0, K0, TAPS0, ROW_ALIGN, BLOCK_N, BLOCK_K)
-    end1 = _tiles_end(end0, splits, N1, K1, TAPS1, ROW_ALIGN, BLOCK_N, BLOCK_K)
-    end2 = _tiles_end(end1, splits, N2, K2, TAPS2, ROW_ALIGN, BLOCK_N, BLOCK_K)
-    end3 = _tiles_end(end2, splits, N3, K3, TAPS3, ROW_ALIGN, BLOCK_N, BLOCK_K)
-    end4 = _tiles_end(end3, splits, N4, K4, TAPS4, ROW_ALIGN, BLOCK_N, BLOCK_K)
-    end5 = _tiles_end(end4, splits, N5, K5, TAPS5, ROW_ALIGN, BLOCK_N, BLOCK_K)
-    end6 = _tiles_end(end5, splits, N6, K6, TAPS6, ROW_ALIGN, BLOCK_N, BLOCK_K)
-    end7 = _tiles_end(end6, splits, N7, K7, TAPS7, ROW_ALIGN, BLOCK_N, BLOCK_K)
+    end0 = splits * tl.cdiv(N0 * ROW_ALIGN, BLOCK_N) * (tl.cdiv(K0 * ROW_ALIGN, BLOCK_K) * TAPS0 + 1)
+    end1 = end0 + splits * tl.cdiv(N1 * ROW_ALIGN, BLOCK_N) * (tl.cdiv(K1 * ROW_ALIGN, BLOCK_K) * TAPS1 + 1)
     if pid < end0:
         _weight_grad_tile_program(pid, g0_ptr, x0_ptr, part_ptr + seg0, row_len, M, H, W, rows_per_split,
-                                  N0, K0, stride_g0, stride_x0, TAPS0, IS_FP64, PRECISION, ROW_ALIGN,
-                                  BLOCK_M, BLOCK_N, BLOCK_K)
+                                  N0, K0, stride_g0, stride_x0, TAPS0, TAPS0 == 9, IS_FP64, PRECISION,
+                                  ROW_ALIGN, BLOCK_M, BLOCK_N, BLOCK_K)
     elif PROBLEMS >= 2 and pid < end1:
         _weight_grad_tile_program(pid - end0, g1_ptr, x1_ptr, part_ptr + seg1, row_len, M, H, W, rows_per_split,
-                                  N1, K1, stride_g1, stride_x1, TAPS1, IS_FP64, PRECISION, ROW_ALIGN,
-                                  BLOCK_M, BLOCK_N, BLOCK_K)
-    elif PROBLEMS >= 3 and pid < end2:
+                                  N1, K1, stride_g1, stride_x1, TAPS1, TAPS1 == 9, IS_FP64, PRECISION,
+                                  ROW_ALIGN, BLOCK_M, BLOCK_N, BLOCK_K)
+    elif PROBLEMS == 3:
         _weight_grad_tile_program(pid - end1, g2_ptr, x2_ptr, part_ptr + seg2, row_len, M, H, W, rows_per_split,
-                                  N2, K2, stride_g2, stride_x2, TAPS2, IS_FP64, PRECISION, ROW_ALIGN,
-                                  BLOCK_M, BLOCK_N, BLOCK_K)
-    elif PROBLEMS >= 4 and pid < end3:
-        _weight_grad_tile_program(pid - end2, g3_ptr, x3_ptr, part_ptr + seg3, row_len, M, H, W, rows_per_split,
-                                  N3, K3, stride_g3, stride_x3, TAPS3, IS_FP64, PRECISION, ROW_ALIGN,
-                                  BLOCK_M, BLOCK_N, BLOCK_K)
-    elif PROBLEMS >= 5 and pid < end4:
-        _weight_grad_tile_program(pid - end3, g4_ptr, x4_ptr, part_ptr + seg4, row_len, M, H, W, rows_per_split,
-                                  N4, K4, stride_g4, stride_x4, TAPS4, IS_FP64, PRECISION, ROW_ALIGN,
-                                  BLOCK_M, BLOCK_N, BLOCK_K)
-    elif PROBLEMS >= 6 and pid < end5:
-        _weight_grad_tile_program(pid - end4, g5_ptr, x5_ptr, part_ptr + seg5, row_len, M, H, W, rows_per_split,
-                                  N5, K5, stride_g5, stride_x5, TAPS5, IS_FP64, PRECISION, ROW_ALIGN,
-                                  BLOCK_M, BLOCK_N, BLOCK_K)
-    elif PROBLEMS >= 7 and pid < end6:
-        _weight_grad_tile_program(pid - end5, g6_ptr, x6_ptr, part_ptr + seg6, row_len, M, H, W, rows_per_split,
-                                  N6, K6, stride_g6, stride_x6, TAPS6, IS_FP64, PRECISION, ROW_ALIGN,
-                                  BLOCK_M, BLOCK_N, BLOCK_K)
-    elif PROBLEMS >= 8 and pid < end7:
-        _weight_grad_tile_program(pid - end6, g7_ptr, x7_ptr, part_ptr + seg7, row_len, M, H, W, rows_per_split,
-                                  N7, K7, stride_g7, stride_x7, TAPS7, IS_FP64, PRECISION, ROW_ALIGN,
-                                  BLOCK_M, BLOCK_N, BLOCK_K)
-    elif PROBLEMS == 9:
-        _weight_grad_tile_program(pid - end7, g8_ptr, x8_ptr, part_ptr + seg8, row_len, M, H, W, rows_per_split,
-                                  N8, K8, stride_g8, stride_x8, TAPS8, IS_FP64, PRECISION, ROW_ALIGN,
-                                  BLOCK_M, BLOCK_N, BLOCK_K)
+                                  N2, K2, stride_g2, stride_x2, TAPS2, TAPS2 == 9, IS_FP64, PRECISION,
+                                  ROW_ALIGN, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _tiles_end(start, splits, N, K, taps, ROW_ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The first program after those of a problem that begin at `start`: S * (N tiles * (K tiles * taps + 1)).
+    return start + splits * tl.cdiv(N * ROW_ALIGN, BLOCK_N) * (tl.cdiv(K * ROW_ALIGN, BLOCK_K) * taps + 1)
+
+
+# taps are 1 or 9 and picked at run time: not specialized, so one compile serves every block pattern.
+@triton.jit(do_not_specialize=[f"taps{p}" for p in range(9)])
+def weight_grad_blocks_kernel(
+    part_ptr,    # [S, row_len] partial sums, as weight_grad_tiles_kernel's
+    g0_ptr,      # problem 0: [M, N0] gradient at the conv's output, row stride stride_g0 * ROW_ALIGN
+    x0_ptr,      # problem 0: [M, K0] the conv's input, row stride stride_x0 * ROW_ALIGN
+    N0, K0, stride_g0, stride_x0,  # problem 0's channel counts and row strides / ROW_ALIGN
+    seg0,        # problem 0's segment of a partial row
+    taps0,       # problem 0's taps: 1 (1x1 conv) or 9 (3x3 conv with padding 1)
+    # Problems 1 to 8 (read when PROBLEMS is above their number), as problem 0: three a block.
+    g1_ptr, x1_ptr, N1, K1, stride_g1, stride_x1, seg1, taps1,
+    g2_ptr, x2_ptr, N2, K2, stride_g2, stride_x2, seg2, taps2,
+    g3_ptr, x3_ptr, N3, K3, stride_g3, stride_x3, seg3, taps3,
+    g4_ptr, x4_ptr, N4, K4, stride_g4, stride_x4, seg4, taps4,
+    g5_ptr, x5_ptr, N5, K5, stride_g5, stride_x5, seg5, taps5,
+    g6_ptr, x6_ptr, N6, K6, stride_g6, stride_x6, seg6, taps6,
+    g7_ptr, x7_ptr, N7, K7, stride_g7, stride_x7, seg7, taps7,
+    g8_ptr, x8_ptr, N8, K8, stride_g8, stride_x8, seg8, taps8,
+    M,           # pixel rows, shared by every problem
+    H,           # image height
+    W,           # image width
+    rows_per_split,  # pixel rows per partial, a multiple of BLOCK_M
+    row_len,     # entries in one partial row
+    PROBLEMS: tl.constexpr,  # 4 to 9 weight gradients in this launch (fewer: weight_grad_tiles_kernel)
+    IS_FP64: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input_precision (see dot_precision)
+    ROW_ALIGN: tl.constexpr,  # as weight_grad_tiles_kernel's
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # The weight gradients of several blocks (weight_grad_blocks) in one launch: programs [0, end0)
+    # run problem 0, [end0, end1) problem 1, and so on. The problem's pointers and sizes are picked
+    # at run time and one tile body runs them all: one body inlined per problem (as
+    # weight_grad_tiles_kernel does for its three) gets shared memory of its own each, which at 6
+    # and 9 problems passed the limit on sm_90 and sm_80 (AOT check).
+    pid = tl.program_id(0)
+    splits = tl.cdiv(M, rows_per_split)
+    local, g_ptr, x_ptr, n, k, stride_g, stride_x, seg, taps = (
+        pid, g0_ptr, x0_ptr, N0, K0, stride_g0, stride_x0, seg0, taps0)
+    end = _tiles_end(0, splits, N0, K0, taps0, ROW_ALIGN, BLOCK_N, BLOCK_K)
+    if pid >= end:
+        local, g_ptr, x_ptr, n, k, stride_g, stride_x, seg, taps = (
+            pid - end, g1_ptr, x1_ptr, N1, K1, stride_g1, stride_x1, seg1, taps1)
+    end = _tiles_end(end, splits, N1, K1, taps1, ROW_ALIGN, BLOCK_N, BLOCK_K)
+    if pid >= end:
+        local, g_ptr, x_ptr, n, k, stride_g, stride_x, seg, taps = (
+            pid - end, g2_ptr, x2_ptr, N2, K2, stride_g2, stride_x2, seg2, taps2)
+    end = _tiles_end(end, splits, N2, K2, taps2, ROW_ALIGN, BLOCK_N, BLOCK_K)
+    if pid >= end:
+        local, g_ptr, x_ptr, n, k, stride_g, stride_x, seg, taps = (
+            pid - end, g3_ptr, x3_ptr, N3, K3, stride_g3, stride_x3, seg3, taps3)
+    if PROBLEMS >= 5:
+        end = _tiles_end(end, splits, N3, K3, taps3, ROW_ALIGN, BLOCK_N, BLOCK_K)
+        if pid >= end:
+            local, g_ptr, x_ptr, n, k, stride_g, stride_x, seg, taps = (
+                pid - end, g4_ptr, x4_ptr, N4, K4, stride_g4, stride_x4, seg4, taps4)
+    if PROBLEMS >= 6:
+        end = _tiles_end(end, splits, N4, K4, taps4, ROW_ALIGN, BLOCK_N, BLOCK_K)
+        if pid >= end:
+            local, g_ptr, x_ptr, n, k, stride_g, stride_x, seg, taps = (
+                pid - end, g5_ptr, x5_ptr, N5, K5, stride_g5, stride_x5, seg5, taps5)
+    if PROBLEMS >= 7:
+        end = _tiles_end(end, splits, N5, K5, taps5, ROW_ALIGN, BLOCK_N, BLOCK_K)
+        if pid >= end:
+            local, g_ptr, x_ptr, n, k, stride_g, stride_x, seg, taps = (
+                pid - end, g6_ptr, x6_ptr, N6, K6, stride_g6, stride_x6, seg6, taps6)
+    if PROBLEMS >= 8:
+        end = _tiles_end(end, splits, N6, K6, taps6, ROW_ALIGN, BLOCK_N, BLOCK_K)
+        if pid >= end:
+            local, g_ptr, x_ptr, n, k, stride_g, stride_x, seg, taps = (
+                pid - end, g7_ptr, x7_ptr, N7, K7, stride_g7, stride_x7, seg7, taps7)
+    if PROBLEMS == 9:
+        end = _tiles_end(end, splits, N7, K7, taps7, ROW_ALIGN, BLOCK_N, BLOCK_K)
+        if pid >= end:
+            local, g_ptr, x_ptr, n, k, stride_g, stride_x, seg, taps = (
+                pid - end, g8_ptr, x8_ptr, N8, K8, stride_g8, stride_x8, seg8, taps8)
+    _weight_grad_tile_program(local, g_ptr, x_ptr, part_ptr + seg, row_len, M, H, W, rows_per_split,
+                              n, k, stride_g, stride_x, taps, True, IS_FP64, PRECISION, ROW_ALIGN,
+                              BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -451,9 +501,13 @@ conv1x1_pair_tuned = {fp32: triton.autotune(configs=conv1x1_configs(torch.float3
                                             key=["N0", "K0", "N1", "K1", "EPILOGUE0", "EPILOGUE1"])(conv1x1_pair_kernel)
                       for fp32 in (False, True)}
 weight_grad_tiles_tuned = {
+    key: triton.autotune(configs=configs, key=["PROBLEMS", "N0", "K0", "TAPS0", "N1", "K1", "TAPS1", "N2", "K2",
+                                               "TAPS2", "ROW_ALIGN"])(weight_grad_tiles_kernel)
+    for key, configs in WEIGHT_GRAD_TILES_CONFIGS.items()}
+weight_grad_blocks_tuned = {
     key: triton.autotune(configs=configs, key=["PROBLEMS", *(f"{name}{p}" for p in range(WEIGHT_GRAD_MAX_PROBLEMS)
-                                                             for name in ("N", "K", "TAPS")), "ROW_ALIGN"])(
-        weight_grad_tiles_kernel)
+                                                             for name in ("N", "K", "taps")), "ROW_ALIGN"])(
+        weight_grad_blocks_kernel)
     for key, configs in WEIGHT_GRAD_TILES_CONFIGS.items()}
 
 
@@ -502,6 +556,7 @@ _PAIR_ARG_NAMES = _numbered("x{}_ptr", "w{}_ptr", "bias{}_ptr", "res{}_ptr", "ou
                             "stride_wn{}", "stride_wk{}", "stride_r{}", "stride_o{}", "HAS_BIAS{}", "HAS_RES{}",
                             "EPILOGUE{}")
 _TILES_ARG_NAMES = _numbered("g{}_ptr", "x{}_ptr", "N{}", "K{}", "stride_g{}", "stride_x{}", "seg{}", "TAPS{}")
+_BLOCKS_ARG_NAMES = _numbered("g{}_ptr", "x{}_ptr", "N{}", "K{}", "stride_g{}", "stride_x{}", "seg{}", "taps{}")
 _SCATTER_ARG_NAMES = _numbered("dw{}_ptr", "db{}_ptr", "seg{}", "N{}", "K{}", "T{}", "sdn{}", "sdk{}", "sdt{}")
 
 
@@ -546,8 +601,9 @@ def _grad_format(w: torch.Tensor, taps: int) -> torch.memory_format:
 
 
 def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Weight and bias gradients of up to nine convs (three blocks') over the same M = N*H*W pixel rows, in two
-    launches: split-M partials of all of them (weight_grad_tiles_kernel), then one fixed-order sum
+    """Weight and bias gradients of up to nine convs (three blocks') over the same M = N*H*W pixel
+    rows, in two launches: split-M partials of all of them (weight_grad_tiles_kernel, or
+    weight_grad_blocks_kernel for more than three), then one fixed-order sum
     that writes each gradient in its weight's dtype and nn.Conv2d layout (sum_partials_scatter_kernel).
     Bitwise reproducible run to run, no atomics.
 
@@ -575,15 +631,19 @@ def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
     check_int32("weight gradient", partials.numel(), *(m * max(gs, xs) for _g, gs, _x, xs, *_rest in problems))
     if not 1 <= len(problems) <= WEIGHT_GRAD_MAX_PROBLEMS:
         raise ValueError(f"weight_grads: 1 to {WEIGHT_GRAD_MAX_PROBLEMS} problems a launch, got {len(problems)}")
-    padded = list(problems) + [problems[0]] * (WEIGHT_GRAD_MAX_PROBLEMS - len(problems))  # unused slots: never read
+    # Up to 3 problems (a block's): weight_grad_tiles_kernel, one body per problem; more (several
+    # blocks'): weight_grad_blocks_kernel, one body for all. Unused slots repeat problem 0: never read.
+    several = len(problems) > 3
+    padded = list(problems) + [problems[0]] * (WEIGHT_GRAD_MAX_PROBLEMS - len(problems))
     # Storage offsets too: the allocator aligns every block, so a view's rows are aligned when its offset is.
     align = row_align(g0.dtype, *(v for g, gs, x, xs, n, k, _t, _w in problems
                                   for v in (gs, xs, n, k, g.storage_offset(), x.storage_offset())))
     args, sum_args, outs = {}, {}, []
     for p, (g, g_stride, x, x_stride, n, k, taps, w) in enumerate(padded):
         seg = segments[p] if p < len(problems) else 0
-        args.update(zip(_TILES_ARG_NAMES[p], (g, x, n // align, k // align, g_stride // align, x_stride // align, seg,
-                                              taps)))
+        if several or p < 3:
+            args.update(zip((_BLOCKS_ARG_NAMES if several else _TILES_ARG_NAMES)[p],
+                            (g, x, n // align, k // align, g_stride // align, x_stride // align, seg, taps)))
         if p < len(problems):
             size = 3 if taps == 9 else 1
             memory_format = _grad_format(w, taps)
@@ -601,10 +661,11 @@ def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
                         for _g, _gs, _x, _xs, n, k, taps, _w in problems)
         return (splits * per_split,)
 
-    launch(weight_grad_tiles_kernel, weight_grad_tiles_tuned[(g0.dtype == torch.float32, align > 1)], grid,
-           WEIGHT_GRAD_INTERPRETER, part_ptr=partials, **args, M=m, H=height, W=width, rows_per_split=rows_per_split,
-           row_len=length, PROBLEMS=len(problems), IS_FP64=is_fp64(g0), PRECISION=dot_precision(g0.dtype),
-           ROW_ALIGN=align)
+    kernel, tuned = ((weight_grad_blocks_kernel, weight_grad_blocks_tuned) if several else
+                     (weight_grad_tiles_kernel, weight_grad_tiles_tuned))
+    launch(kernel, tuned[(g0.dtype == torch.float32, align > 1)], grid, WEIGHT_GRAD_INTERPRETER, part_ptr=partials,
+           **args, M=m, H=height, W=width, rows_per_split=rows_per_split, row_len=length, PROBLEMS=len(problems),
+           IS_FP64=is_fp64(g0), PRECISION=dot_precision(g0.dtype), ROW_ALIGN=align)
     launch(sum_partials_scatter_kernel, None, lambda meta: (cdiv(length, meta["BLOCK"]),), SUM_PARTIALS_SCATTER_CONFIG,
            part_ptr=partials, S=splits, L=length, **sum_args, PROBLEMS=len(problems))
     return outs
@@ -619,10 +680,11 @@ def aot_variants():
     conv1x1_kernel: every EPILOGUE_* code of this module, with or without bias, with or without
     res (epilogues past EPILOGUE_ELU always read res), in both weight orientations (a launcher's
     unit weight stride is specialized to constexpr 1 at launch); conv1x1_pair_kernel: the pair a
-    block's backward launches; weight_grad_tiles_kernel: one 1x1 problem (compress_skip), a block's
-    three (1x1, 3x3, 1x1) and two or three blocks' (6 and 9 problems), with rows aligned and not. All
-    at every autotune config and every pinned config (FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE=0), for fp32, bf16 and fp16 storage.
-    IS_FP64 is always False on a GPU. sum_partials_scatter_kernel at its one fixed config.
+    block's backward launches; weight_grad_tiles_kernel: one 1x1 problem (compress_skip) and a
+    block's three (1x1, 3x3, 1x1); weight_grad_blocks_kernel: two or three blocks' (6 and 9
+    problems); both with rows aligned and not. All at every autotune config and every pinned config
+    (FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE=0), for fp32, bf16 and fp16 storage. IS_FP64 is always
+    False on a GPU. sum_partials_scatter_kernel at its one fixed config, for 1, 3, 6 and 9 problems.
     """
     import itertools
 
@@ -673,37 +735,49 @@ def aot_variants():
                            div16=("M", *(n for n, k in pair_kinds.items() if k == "i32" and n != "M")),
                            aligned=("out0_ptr", "out1_ptr"))
 
-    # The launches weight_grads makes: compress_skip's one 1x1; a residual distilling block's
-    # expand (1x1), 3x3 and squeeze (1x1); two or three blocks' in one launch (weight_grad_blocks).
-    # Unused problem slots repeat problem 0.
-    slots = range(WEIGHT_GRAD_MAX_PROBLEMS)
-    block_taps = (1, 9, 1)
-    grad_cases = [("1 problem, 1x1", {"PROBLEMS": 1, **{f"TAPS{p}": 1 for p in slots}})]
-    for blocks in (1, 2, 3):
-        taps = {f"TAPS{p}": block_taps[p % 3] if p < 3 * blocks else 1 for p in slots}
-        grad_cases.append((f"{3 * blocks} problems, {blocks} block{'s' if blocks > 1 else ''}",
-                           {"PROBLEMS": 3 * blocks, **taps}))
-    grad_cases = [(label, {**values, "IS_FP64": False}) for label, values in grad_cases]
-    tiles_kinds = {"part_ptr": "*fp32"}
-    for p in slots:
-        tiles_kinds.update({f"g{p}_ptr": "ptr", f"x{p}_ptr": "ptr"})
-        tiles_kinds.update({f"{name}{p}": "i32" for name in ("N", "K", "stride_g", "stride_x", "seg")})
-    tiles_kinds.update({name: "i32" for name in ("M", "H", "W", "rows_per_split", "row_len")})
-    tiles_kinds.update({name: "constexpr" for name in ("PROBLEMS", *(f"TAPS{p}" for p in slots), "IS_FP64",
-                                                       "PRECISION", "ROW_ALIGN", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
-    tiles_ints = [f"{name}{p}" for p in slots for name in ("N", "K", "stride_g", "stride_x", "seg")]
-    for dtype in AOT_DTYPES:
-        for aligned in (True, False):
-            configs = WEIGHT_GRAD_TILES_CONFIGS[(dtype == "fp32", aligned)]
-            unit = (4 if dtype == "fp32" else 8) if aligned else 1
-            cases = [(f"{label} align {unit}", {**values, "ROW_ALIGN": unit}) for label, values in grad_cases]
-            # part_ptr is allocated by weight_grads; ROW_ALIGN > 1 also means every g and x
-            # row starts 16-byte aligned (row_align counts the storage offsets).
-            pointers = ("part_ptr", *(f"{t}{p}_ptr" for p in slots for t in "gx")) if aligned else ("part_ptr",)
-            variants += expand(weight_grad_tiles_kernel, tiles_kinds, cases, launch_configs(configs), dtypes=(dtype,),
-                               div16=("M", "H", "W", "rows_per_split", "row_len", *tiles_ints), aligned=pointers)
+    # The launches weight_grads makes: compress_skip's one 1x1 and a residual distilling block's
+    # expand (1x1), 3x3 and squeeze (1x1) through weight_grad_tiles_kernel (unused problem slots
+    # repeat problem 0); two or three blocks' in one launch (weight_grad_blocks) through
+    # weight_grad_blocks_kernel, whose taps are run-time values.
+    def tiles_kinds(slots, taps_kind):
+        kinds = {"part_ptr": "*fp32"}
+        for p in range(slots):
+            kinds.update({f"g{p}_ptr": "ptr", f"x{p}_ptr": "ptr"})
+            kinds.update({f"{name}{p}": "i32" for name in ("N", "K", "stride_g", "stride_x", "seg")})
+            if taps_kind == "i32":  # after each problem's arguments, else with the constexprs
+                kinds[f"taps{p}"] = "i32"
+        kinds.update({name: "i32" for name in ("M", "H", "W", "rows_per_split", "row_len")})
+        kinds["PROBLEMS"] = "constexpr"
+        if taps_kind == "constexpr":
+            kinds.update({f"TAPS{p}": "constexpr" for p in range(slots)})
+        kinds.update({name: "constexpr" for name in ("IS_FP64", "PRECISION", "ROW_ALIGN", "BLOCK_M", "BLOCK_N",
+                                                     "BLOCK_K")})
+        return kinds
+
+    kernels = [
+        (weight_grad_tiles_kernel, 3, tiles_kinds(3, "constexpr"),
+         [("1 problem, 1x1", {"PROBLEMS": 1, "TAPS0": 1, "TAPS1": 1, "TAPS2": 1}),
+          ("3 problems, 1x1 3x3 1x1", {"PROBLEMS": 3, "TAPS0": 1, "TAPS1": 9, "TAPS2": 1})]),
+        (weight_grad_blocks_kernel, WEIGHT_GRAD_MAX_PROBLEMS, tiles_kinds(WEIGHT_GRAD_MAX_PROBLEMS, "i32"),
+         [(f"{3 * blocks} problems, {blocks} blocks", {"PROBLEMS": 3 * blocks}) for blocks in (2, 3)]),
+    ]
+    for kernel, slots, kinds, cases in kernels:
+        ints = [f"{name}{p}" for p in range(slots) for name in ("N", "K", "stride_g", "stride_x", "seg")]
+        for dtype in AOT_DTYPES:
+            for aligned in (True, False):
+                configs = WEIGHT_GRAD_TILES_CONFIGS[(dtype == "fp32", aligned)]
+                unit = (4 if dtype == "fp32" else 8) if aligned else 1
+                labelled = [(f"{label} align {unit}", {**values, "IS_FP64": False, "ROW_ALIGN": unit})
+                            for label, values in cases]
+                # part_ptr is allocated by weight_grads; ROW_ALIGN > 1 also means every g and x
+                # row starts 16-byte aligned (row_align counts the storage offsets).
+                pointers = ("part_ptr", *(f"{t}{p}_ptr" for p in range(slots) for t in "gx")) if aligned else (
+                    "part_ptr",)
+                variants += expand(kernel, kinds, labelled, launch_configs(configs), dtypes=(dtype,),
+                                   div16=("M", "H", "W", "rows_per_split", "row_len", *ints), aligned=pointers)
 
     # The weight's dtype is the storage dtype here (fastdrn.DRN casts weights to it); fp32 partials.
+    slots = range(WEIGHT_GRAD_MAX_PROBLEMS)
     scatter_kinds = {"part_ptr": "*fp32", "S": "i32", "L": "i32"}
     for p in slots:
         scatter_kinds.update({f"dw{p}_ptr": "ptr", f"db{p}_ptr": "ptr"})

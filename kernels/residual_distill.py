@@ -28,7 +28,9 @@ Backward (dy has D + d channels), deterministic, no atomics:
     g_a  = convT3x3(g_b) * ELU'(a)              conv3x3_fused_kernel with flipped, transposed W_c,
     dz   = g_a W_sq + dy[:, :D]                   and the squeeze transpose in its second GEMM
     dW_e, dW_c, dW_sq and the biases            split-M partials of all three in one launch
-                                                (kernels/gemm.py weight_grads), then one fixed-order sum
+                                                (kernels/gemm.py weight_grads), then one fixed-order sum;
+                                                in a group, up to three blocks' in those two launches
+                                                (FASTDRN_WEIGHT_GRAD_BLOCKS)
 
 Saved for backward: z and b by default (D + F values a pixel, against the reference's D + 4F);
 z alone with recompute=True.

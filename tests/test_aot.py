@@ -106,8 +106,9 @@ def test_registry_covers_gemm_launch_configs():
     variants = gemm.aot_variants()
     cases = [(gemm.conv1x1_kernel, "fp32", gemm.CONV1X1_FP32_CONFIGS)]
     cases += [(gemm.conv1x1_kernel, dtype, gemm.CONV1X1_CONFIGS) for dtype in ("bf16", "fp16")]
-    cases += [(gemm.weight_grad_tiles_kernel, dtype, configs) for (fp32, _aligned), configs
-              in gemm.WEIGHT_GRAD_TILES_CONFIGS.items() for dtype in (("fp32",) if fp32 else ("bf16", "fp16"))]
+    cases += [(kernel, dtype, configs) for (fp32, _aligned), configs in gemm.WEIGHT_GRAD_TILES_CONFIGS.items()
+              for dtype in (("fp32",) if fp32 else ("bf16", "fp16"))
+              for kernel in (gemm.weight_grad_tiles_kernel, gemm.weight_grad_blocks_kernel)]
     for kernel, dtype, configs in cases:
         mine = [v for v in variants if v.kernel is kernel and v.dtype == dtype]
         for config in configs:
