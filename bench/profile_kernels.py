@@ -9,8 +9,9 @@ channels_last, FASTDRN_AUTOTUNE as set by the caller):
   block     one block's forward + backward at 16x48x48, D = 64 and 136, F = 64: the mean of CUDA-
             graph replays (the kernel issue's target is 60 us)
   group     a group of 9 blocks (D = 64 to 136, F = 64) forward + backward at 16x48x48, graph
-            replays, with FASTDRN_WEIGHT_GRAD_BLOCKS 1 and 3 (each block's weight gradients in their
-            own launch, or three blocks' in one)
+            replays, in three backward schedules: FASTDRN_WEIGHT_GRAD_BLOCKS 1 (each block's weight
+            gradients in launches of their own), 3 (three blocks' in one), and 3 with
+            FASTDRN_FOLD_BACKWARD=1 (a saved, each block's g_b computed by the next block's kernel)
 
 Writes <out>/profile.json (every kernel: name, calls, total and mean us per step) and prints the
 top kernels of each case.
@@ -63,6 +64,15 @@ def profile(fn, steps: int, device) -> list[dict]:
     if device.type == "cuda" and not table:  # no device events: show what the profiler did see
         print(prof.key_averages().table(sort_by="device_time_total", row_limit=25))
     return table
+
+
+def save(result: dict, out: str) -> None:
+    """profile.json with the cases measured so far (a time limit that stops the script keeps them),
+    written to a temporary name and renamed."""
+    path = os.path.join(out, "profile.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
 
 
 def graph_replay_us(fn) -> float:
@@ -127,6 +137,7 @@ def main() -> None:
         table = profile(fn, 1 if args.smoke else 3, device)
         total = sum(r["us_per_step"] for r in table)
         result["cases"][name] = {"kernel_us_per_step": total, "kernels": table}
+        save(result, args.out)
         print(f"\n== {name}: {total / 1000:.3f} ms of kernel time a step, {len(table)} kernels "
               f"({time.perf_counter() - t0:.0f} s)")
         for r in table[:14]:
@@ -157,14 +168,14 @@ def main() -> None:
         if cuda:
             entry["graph_replay_us"] = graph_replay_us(block)
         result["cases"][label] = entry
+        save(result, args.out)
         print(f"\n== {label}: kernels {entry['kernel_us_per_step']:.1f} us; graph replay "
               f"{entry.get('graph_replay_us', float('nan')):.1f} us (target 60)")
         for r in table[:10]:
             print(f"  {r['us_per_step']:9.1f} us  {r['calls_per_step']:6.1f} calls  {r['kernel'][:90]}")
 
-    # A group of blocks (D = 64 growing to 136, F = 64) forward + backward, with each block's weight
-    # gradients in launches of their own and with three blocks' sharing one (weight_grad_blocks):
-    # the schedules the kernel issue keeps side by side until a GPU has timed both.
+    # A group of blocks (D = 64 growing to 136, F = 64) forward + backward in each backward schedule
+    # (weight_grad_blocks, fold_backward) the kernel issue keeps side by side until a GPU has timed them.
     from fastdrn.kernels import _common
 
     n_blocks, inner, distill, c = (3, 8, 4, 8) if args.smoke else (9, 64, 8, 64)
@@ -184,24 +195,23 @@ def main() -> None:
         torch.autograd.backward(ops.distill_group(y, blocks), dy, inputs=leaves)
 
     before = _common.launch_options()
-    for blocks_a_launch in (1, 3):
-        _common.set_launch_options(before.num_warps, before.autotune, blocks_a_launch)
-        label = f"group of {n_blocks} blocks F{inner}, weight_grad_blocks {blocks_a_launch}"
+    for blocks_a_launch, fold in ((1, False), (3, False), (3, True)):
+        _common.set_launch_options(before.num_warps, before.autotune, blocks_a_launch, fold)
+        label = (f"group of {n_blocks} blocks F{inner}, weight_grad_blocks {blocks_a_launch}"
+                 f"{', fold_backward' if fold else ''}")
         table = profile(group, 1 if args.smoke else 5, device)
         entry = {"kernel_us_per_step": sum(r["us_per_step"] for r in table), "kernels": table,
                  "launches": sum(r["calls_per_step"] for r in table)}
         if cuda:
             entry["graph_replay_us"] = graph_replay_us(group)
         result["cases"][label] = entry
+        save(result, args.out)
         print(f"\n== {label}: kernels {entry['kernel_us_per_step']:.1f} us ({entry['launches']:.0f} launches); "
               f"graph replay {entry.get('graph_replay_us', float('nan')):.1f} us, "
               f"{entry.get('graph_replay_us', float('nan')) / n_blocks:.1f} us a block")
         for r in table[:8]:
             print(f"  {r['us_per_step']:9.1f} us  {r['calls_per_step']:6.1f} calls  {r['kernel'][:90]}")
-    _common.set_launch_options(before.num_warps, before.autotune, before.weight_grad_blocks)
-
-    with open(os.path.join(args.out, "profile.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    _common.set_launch_options(before.num_warps, before.autotune, before.weight_grad_blocks, before.fold_backward)
 
 
 if __name__ == "__main__":

@@ -143,15 +143,20 @@ def _check_weight_grad_blocks(value, name: str) -> int:
 class LaunchOptions:
     """How GPU launches pick their config: `num_warps` pins pinned_config(configs, num_warps) (None:
     no pin), `autotune` False runs the default (the first listed config) instead of autotuning.
-    `weight_grad_blocks`: how many consecutive blocks of a group's backward share one weight-gradient
-    launch and one sum (1: each block its own two, the schedule before; 3: a DRN group of 9 blocks
-    launches 24 kernels backward instead of 36, and keeps three blocks' backward intermediates
-    alive at once instead of one's)."""
+    How a group's training backward is scheduled (docs/kernels.md): `weight_grad_blocks`, how many
+    consecutive blocks share one weight-gradient launch and one sum (1: each block its own two, the
+    schedule before; 3: a DRN group of 9 blocks launches 24 kernels backward instead of 36, and
+    keeps three blocks' backward intermediates alive at once instead of one's); `fold_backward`,
+    whether the forward saves each block's squeeze output a (F values a pixel more) so that each
+    block's input-gradient kernel also computes the previous block's g_b and the pair kernel goes
+    (16 launches a group of 9)."""
 
-    def __init__(self, num_warps: int | None, autotune: bool, weight_grad_blocks: int = 3):
+    def __init__(self, num_warps: int | None, autotune: bool, weight_grad_blocks: int = 3,
+                 fold_backward: bool = False):
         self.num_warps = num_warps
         self.autotune = autotune
         self.weight_grad_blocks = weight_grad_blocks
+        self.fold_backward = fold_backward
 
     @classmethod
     def from_environment(cls) -> "LaunchOptions":
@@ -160,32 +165,43 @@ class LaunchOptions:
             raise ValueError(f"FASTDRN_NUM_WARPS={warps!r} is not a power of two from 1 to 32")
         blocks = os.environ.get("FASTDRN_WEIGHT_GRAD_BLOCKS", "3").strip()
         blocks = _check_weight_grad_blocks(int(blocks) if blocks.isdigit() else blocks, "FASTDRN_WEIGHT_GRAD_BLOCKS")
-        return cls(int(warps) if warps else None, os.environ.get("FASTDRN_AUTOTUNE", "1").strip() != "0", blocks)
+        fold = os.environ.get("FASTDRN_FOLD_BACKWARD", "0").strip()
+        if fold not in ("0", "1"):
+            raise ValueError(f"FASTDRN_FOLD_BACKWARD={fold!r}: 0 (the default) or 1")
+        return cls(int(warps) if warps else None, os.environ.get("FASTDRN_AUTOTUNE", "1").strip() != "0", blocks,
+                   fold == "1")
 
 
 _options: LaunchOptions | None = None  # read from the environment at the first launch
 
 
 def launch_options() -> LaunchOptions:
-    """The launch settings in force: FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE and FASTDRN_WEIGHT_GRAD_BLOCKS
-    as they were at the first launch of the process, unless set_launch_options changed them since."""
+    """The launch settings in force: FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE, FASTDRN_WEIGHT_GRAD_BLOCKS
+    and FASTDRN_FOLD_BACKWARD as they were at the first launch of the process, unless
+    set_launch_options changed them since."""
     global _options
     if _options is None:
         _options = LaunchOptions.from_environment()
     return _options
 
 
-def set_launch_options(num_warps: int | None = None, autotune: bool = True, weight_grad_blocks: int = 3) -> None:
-    """Set what FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE and FASTDRN_WEIGHT_GRAD_BLOCKS set (those are read
-    once, at the first launch): num_warps pins that many warps where a kernel lists a config with
-    them, autotune=False runs each kernel's default config, weight_grad_blocks (1 to 3) is how many
-    blocks of a group's backward share one weight-gradient launch. Takes effect at the next launch;
+def set_launch_options(num_warps: int | None = None, autotune: bool = True, weight_grad_blocks: int = 3,
+                       fold_backward: bool = False) -> None:
+    """Set what FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE, FASTDRN_WEIGHT_GRAD_BLOCKS and FASTDRN_FOLD_BACKWARD
+    set (those are read once, at the first launch): num_warps pins that many warps where a kernel
+    lists a config with them, autotune=False runs each kernel's default config, weight_grad_blocks
+    (1 to 3) is how many blocks of a group's backward share one weight-gradient launch,
+    fold_backward=True saves each block's a for a backward without the pair kernel. Takes effect at
+    the next launch (a group's forward and its backward: a forward run before keeps its schedule);
     forgets every launch remembered so far."""
     global _options
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"num_warps={num_warps!r} is not a power of two from 1 to 32")
+    if not isinstance(fold_backward, bool):
+        raise ValueError(f"fold_backward={fold_backward!r}: True or False")
     _options = LaunchOptions(num_warps, bool(autotune), _check_weight_grad_blocks(weight_grad_blocks,
-                                                                                  "weight_grad_blocks"))
+                                                                                  "weight_grad_blocks"),
+                             fold_backward)
     for lean in _lean_launchers.values():
         lean.forget()
     launch_plans.clear()  # they hold the forgotten kernels

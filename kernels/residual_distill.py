@@ -67,9 +67,12 @@ def conv3x3_fused_kernel(
     b2_ptr,      # [N2] second bias, read when HAS_BIAS2
     res_ptr,     # residual rows added to output columns < NRES, row stride stride_rm
     out_ptr,     # [M, N2] output rows, row stride stride_om; may alias res_ptr (in-place group path)
-    w3_ptr,      # the next block's squeeze weight (F, N2): element (f, n) at f * N2 + n, read when HAS_NEXT
+    w3_ptr,      # HAS_NEXT: the next block's squeeze weight (F, N2), element (f, n) at f * N2 + n; with
+                 # NEXT_GRAD, the previous block's expand weight (N2, F), element (n, f) at n * F + f
     b3_ptr,      # [F] the next block's squeeze bias, read when HAS_NEXT and HAS_BIAS3
-    next_ptr,    # [M, F] the next block's a = ELU(out W3^T + b3), written when HAS_NEXT
+    aux3_ptr,    # [M, F] the previous block's saved b, read when NEXT_GRAD
+    next_ptr,    # [M, F] written when HAS_NEXT: the next block's a = ELU(out W3^T + b3), or with
+                 # NEXT_GRAD the previous block's g_b = (dz W3) * ELU'(its b)
     M,           # pixel rows, N * H * W
     H,           # image height
     W,           # image width
@@ -90,6 +93,7 @@ def conv3x3_fused_kernel(
     W2_TRANSPOSED: tl.constexpr,  # the second weight is (F, N2) (the squeeze, in the input gradient)
     HAS_NEXT: tl.constexpr,   # also compute the next block's squeeze from the output rows in registers
     HAS_BIAS3: tl.constexpr,
+    NEXT_GRAD: tl.constexpr,  # backward: the third GEMM is the previous block's g_b from this block's dz
     IS_FP64: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input_precision (see dot_precision)
     ROW_ALIGN: tl.constexpr,  # N2, NRES and the row strides are multiples of this (gemm.row_align)
@@ -130,23 +134,24 @@ def conv3x3_fused_kernel(
                          mask=k_ok[:, None] & f_ok[None, :], other=0.0)
             acc = tl.dot(x, wt, acc, input_precision=PRECISION)
     _conv3x3_epilogue(acc, rm, m_ok, rf, f_ok, bc_ptr, aux_ptr, mid_ptr, w2_ptr, b2_ptr, res_ptr, out_ptr, w3_ptr,
-                      b3_ptr, next_ptr, N2 * ROW_ALIGN, NRES * ROW_ALIGN, stride_rm * ROW_ALIGN, stride_om * ROW_ALIGN,
-                      join_alpha(alpha_hi, alpha_lo, IS_FP64), F, EPI1, HAS_BIAS1, SAVE_MID, HAS_SECOND, HAS_BIAS2,
-                      W2_TRANSPOSED, HAS_NEXT, HAS_BIAS3, PRECISION, BLOCK_M, BLOCK_N)
+                      b3_ptr, aux3_ptr, next_ptr, N2 * ROW_ALIGN, NRES * ROW_ALIGN, stride_rm * ROW_ALIGN,
+                      stride_om * ROW_ALIGN, join_alpha(alpha_hi, alpha_lo, IS_FP64), F, EPI1, HAS_BIAS1, SAVE_MID,
+                      HAS_SECOND, HAS_BIAS2, W2_TRANSPOSED, HAS_NEXT, HAS_BIAS3, NEXT_GRAD, PRECISION, BLOCK_M,
+                      BLOCK_N)
 
 
 @triton.jit
 def _conv3x3_epilogue(acc, rm, m_ok, rf, f_ok, bc_ptr, aux_ptr, mid_ptr, w2_ptr, b2_ptr, res_ptr, out_ptr, w3_ptr,
-                      b3_ptr, next_ptr, N2, NRES, stride_rm, stride_om, alpha,
+                      b3_ptr, aux3_ptr, next_ptr, N2, NRES, stride_rm, stride_om, alpha,
                       F: tl.constexpr, EPI1: tl.constexpr, HAS_BIAS1: tl.constexpr, SAVE_MID: tl.constexpr,
                       HAS_SECOND: tl.constexpr, HAS_BIAS2: tl.constexpr, W2_TRANSPOSED: tl.constexpr,
-                      HAS_NEXT: tl.constexpr,
-                      HAS_BIAS3: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+                      HAS_NEXT: tl.constexpr, HAS_BIAS3: tl.constexpr, NEXT_GRAD: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Both 3x3 kernels' epilogue on one [BLOCK_M, BLOCK_F] tile of 3x3 products: bias, ELU or the
     # gradient through it, the optional stored copy, the second (1x1) GEMM with the residual add,
-    # and (HAS_NEXT) the next block's squeeze, a third GEMM over the output chunks as they are
-    # stored, so the next block's input is never read back for it.
+    # and (HAS_NEXT) a third GEMM over the output chunks as they are stored, so the output is never
+    # read back for it: forward, the next block's squeeze; backward (NEXT_GRAD), the previous
+    # block's g_b from this block's dz, which is that block's output gradient.
     acc_dtype = acc.dtype
     if HAS_BIAS1:
         acc += tl.load(bc_ptr + rf, mask=f_ok, other=0.0).to(acc_dtype)[None, :]
@@ -178,13 +183,22 @@ def _conv3x3_epilogue(acc, rm, m_ok, rf, f_ok, bc_ptr, aux_ptr, mid_ptr, w2_ptr,
             c_store = c.to(out_ptr.dtype.element_ty)
             tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], c_store, mask=m_ok[:, None] & n_ok[None, :])
             if HAS_NEXT:
-                w3 = tl.load(w3_ptr + rf[None, :] * N2 + rn[:, None], mask=n_ok[:, None] & f_ok[None, :], other=0.0)
+                if NEXT_GRAD:
+                    w3 = tl.load(w3_ptr + rn[:, None] * F + rf[None, :], mask=n_ok[:, None] & f_ok[None, :],
+                                 other=0.0)
+                else:
+                    w3 = tl.load(w3_ptr + rf[None, :] * N2 + rn[:, None], mask=n_ok[:, None] & f_ok[None, :],
+                                 other=0.0)
                 next_acc = tl.dot(c_store, w3, next_acc, input_precision=PRECISION)
         if HAS_NEXT:
-            if HAS_BIAS3:
-                next_acc += tl.load(b3_ptr + rf, mask=f_ok, other=0.0).to(acc_dtype)[None, :]
-            tl.store(next_ptr + rm[:, None] * F + rf[None, :], elu(next_acc, alpha).to(next_ptr.dtype.element_ty),
-                     mask=mf_ok)
+            if NEXT_GRAD:
+                aux3 = tl.load(aux3_ptr + rm[:, None] * F + rf[None, :], mask=mf_ok, other=0.0)
+                next_val = next_acc * elu_grad_from_output(aux3, alpha, acc_dtype)
+            else:
+                if HAS_BIAS3:
+                    next_acc += tl.load(b3_ptr + rf, mask=f_ok, other=0.0).to(acc_dtype)[None, :]
+                next_val = elu(next_acc, alpha)
+            tl.store(next_ptr + rm[:, None] * F + rf[None, :], next_val.to(next_ptr.dtype.element_ty), mask=mf_ok)
 
 
 # ---- launch configurations (keyed by BLOCK_F; every entry is in the AOT check) --------------------
@@ -244,12 +258,14 @@ def fuses_second_gemm(block_f: int, dtype: torch.dtype) -> bool:
 # ---- launchers ---------------------------------------------------------------------------------
 def _conv3x3(x, wc_packed, bc, alpha, *, epi1, flip_taps=False, aux=None, save_mid=False, mid=None, w2=None,
              w2_transposed=False, b2=None, n2=0, res=None, res_stride=0, nres=0, out=None, out_stride=0, inplace=False,
-             w3=None, b3=None):
+             w3=None, b3=None, aux3=None, next_out=None):
     """Launch a 3x3 kernel over the rows of x (a channels_last (N, F, H, W) tensor); returns (mid,
     a_next): the 3x3 stage's result when saved (into `mid` when given, a tensor like x), and the next
     block's squeeze when w3 (its weight, (F, n2, 1, 1)) is given and the rows are aligned (else None:
-    the next block squeezes itself). w2: the second GEMM's weight, (n2, F), or (F, n2) when
-    w2_transposed."""
+    the next block squeezes itself). With aux3 (the previous block's saved b), w3 is that block's
+    expand weight (n2, F, 1, 1) and a_next its g_b = (out W3) * ELU'(aux3) (the backward's fold).
+    next_out: where to write a_next (a tensor like x), if the caller has a place. w2: the second
+    GEMM's weight, (n2, F), or (F, n2) when w2_transposed."""
     n_img, inner, height, width = x.shape
     m = n_img * height * width
     block_f = next_pow2(inner)
@@ -262,9 +278,9 @@ def _conv3x3(x, wc_packed, bc, alpha, *, epi1, flip_taps=False, aux=None, save_m
     extents = [n2, nres, res_stride, out_stride]
     extents += [t.storage_offset() for t in (res, out, w2, w3) if t is not None]
     align = row_align(x.dtype, *extents) if w2 is not None else 1
-    if align == 1:  # the folded squeeze's extra accumulator only fits with aligned rows (AOT)
-        w3 = b3 = None
-    a_next = track(torch.empty_like(x)) if w3 is not None else None
+    if align == 1:  # the folded GEMM's extra accumulator only fits with aligned rows (AOT)
+        w3 = b3 = aux3 = None
+    a_next = None if w3 is None else next_out if next_out is not None else track(torch.empty_like(x))
     check_int32("residual_distill", m * max(inner, out_stride, res_stride), wc_packed.numel())
     alpha_hi, alpha_lo = split_alpha(alpha)
     kernel, tuned = conv3x3_fused_kernel, conv3x3_tuned[(block_f, x.dtype == torch.float32, inplace)]
@@ -277,12 +293,13 @@ def _conv3x3(x, wc_packed, bc, alpha, *, epi1, flip_taps=False, aux=None, save_m
         w2_ptr=w2 if w2 is not None else wc_packed, b2_ptr=b2 if b2 is not None else wc_packed,
         res_ptr=res if res is not None else x, out_ptr=out if out is not None else x,
         w3_ptr=w3 if w3 is not None else wc_packed, b3_ptr=b3 if b3 is not None else wc_packed,
-        next_ptr=a_next if a_next is not None else x,
+        aux3_ptr=aux3 if aux3 is not None else x, next_ptr=a_next if a_next is not None else x,
         M=m, H=height, W=width, F=inner, N2=n2 // align, NRES=nres // align, stride_rm=res_stride // align,
         stride_om=out_stride // align,
         alpha_hi=alpha_hi, alpha_lo=alpha_lo,
         FLIP_TAPS=flip_taps, EPI1=epi1, HAS_BIAS1=bc is not None, SAVE_MID=save_mid, HAS_SECOND=w2 is not None,
         HAS_BIAS2=b2 is not None, W2_TRANSPOSED=w2_transposed, HAS_NEXT=w3 is not None, HAS_BIAS3=b3 is not None,
+        NEXT_GRAD=aux3 is not None,
         IS_FP64=is_fp64(x), PRECISION=dot_precision(x.dtype), ROW_ALIGN=align, BLOCK_F=block_f,
     )
     return mid, a_next
@@ -365,22 +382,25 @@ def _packed_blocks(packs) -> list:
     return list(packs[0].unbind()) if len(packs) == 1 and packs[0].dim() == 4 else list(packs)
 
 
-def _squeeze(z, z_stride, w_squeeze, b_squeeze, alpha):
-    return conv1x1(z, z_stride, w_squeeze, False, b_squeeze, EPILOGUE_ELU, alpha)
+def _squeeze(z, z_stride, w_squeeze, b_squeeze, alpha, out=None):
+    return conv1x1(z, z_stride, w_squeeze, False, b_squeeze, EPILOGUE_ELU, alpha, out=out,
+                   out_stride=None if out is None else out.shape[1])
 
 
 def _forward_into(z, z_stride, out, out_stride, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
-                  save_b, inplace, a=None, next_squeeze=(None, None), wc_packed=None, b=None):
+                  save_b, inplace, a=None, next_squeeze=(None, None), wc_packed=None, b=None, a_out=None,
+                  next_out=None):
     """One block from rows of z (D channels) into rows of out (D + d channels). a: this block's
-    squeeze when the previous block computed it (else it is computed here); next_squeeze: the next
-    block's (w_squeeze, b_squeeze), folded into this block's 3x3 epilogue where folds_next_squeeze
-    allows; wc_packed: _pack_conv(w_conv) when the caller has it; b: where to save b, if the caller
-    has a place (channels_last (N, F, H, W)). Returns (b when saved, the next block's a when folded)."""
+    squeeze when the previous block computed it (else it is computed here, into a_out if given);
+    next_squeeze: the next block's (w_squeeze, b_squeeze), folded into this block's 3x3 epilogue
+    where folds_next_squeeze allows (into next_out if given); wc_packed: _pack_conv(w_conv) when the
+    caller has it; b: where to save b, if the caller has a place (channels_last (N, F, H, W)).
+    Returns (b when saved, the next block's a when folded)."""
     d_in, inner = w_squeeze.shape[1], w_squeeze.shape[0]
     if wc_packed is None:
         wc_packed = _pack_conv(w_conv)
     if a is None:
-        a = _squeeze(z, z_stride, w_squeeze, b_squeeze, alpha)
+        a = _squeeze(z, z_stride, w_squeeze, b_squeeze, alpha, out=a_out)
     if not fuses_second_gemm(next_pow2(inner), z.dtype):
         b, _ = _conv3x3(a, wc_packed, b_conv, alpha, epi1=EPI_ELU, save_mid=True, mid=b)
         conv1x1(b, inner, w_expand, False, b_expand, EPILOGUE_LINEAR, alpha, res=z, res_stride=z_stride,
@@ -392,13 +412,14 @@ def _forward_into(z, z_stride, out, out_stride, w_squeeze, b_squeeze, w_conv, b_
     return _conv3x3(a, wc_packed, b_conv, alpha, epi1=EPI_ELU, save_mid=save_b, mid=b,
                     w2=w_expand, b2=b_expand, n2=w_expand.shape[0],
                     res=z, res_stride=z_stride, nres=d_in, out=out, out_stride=out_stride, inplace=inplace,
-                    w3=w3, b3=b3)
+                    w3=w3, b3=b3, next_out=next_out)
 
 
 def _forward(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b, a=None,
-             w_squeeze_next=None, b_squeeze_next=None, wc_packed=None, out=None, b=None):
+             w_squeeze_next=None, b_squeeze_next=None, wc_packed=None, out=None, b=None, a_out=None, next_out=None):
     """Returns (out, b or empty, the next block's a or empty). wc_packed: _pack_conv(w_conv), if the
-    caller has it; out and b: where to write them (channels_last), if the caller has a place."""
+    caller has it; out and b: where to write them (channels_last), if the caller has a place; a_out
+    and next_out: where this block's squeeze and the next block's go (_forward_into)."""
     z = rows(z)
     n_img, d_in, height, width = z.shape
     n_out = w_expand.shape[0]
@@ -407,7 +428,8 @@ def _forward(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
                                 memory_format=torch.channels_last))
     b, a_next = _forward_into(z, d_in, out, n_out, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha,
                               save_b, inplace=False, a=a if a is not None and a.numel() else None,
-                              next_squeeze=(w_squeeze_next, b_squeeze_next), wc_packed=wc_packed, b=b)
+                              next_squeeze=(w_squeeze_next, b_squeeze_next), wc_packed=wc_packed, b=b, a_out=a_out,
+                              next_out=next_out)
     # Two separate empties: a custom op's outputs must not alias one another.
     return out, (b if b is not None else track(z.new_empty(0))), (a_next if a_next is not None else track(z.new_empty(0)))
 
@@ -417,8 +439,8 @@ def _backward(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expa
     """dz and the six weight and bias gradients (dz, dW_sq, db_sq, dW_c, db_c, dW_e, db_e).
     wc_packed, wc_packed_t: _pack_conv(w_conv) (read only to rebuild b) and _pack_conv(w_conv,
     transpose=True), if the caller has them."""
-    dz, problems = _backward_input(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, alpha, wc_packed,
-                                   wc_packed_t)
+    dz, problems, _ = _backward_input(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, alpha, wc_packed,
+                                      wc_packed_t)
     return (dz, *_block_weight_grads(weight_grads(*problems)))
 
 
@@ -429,15 +451,23 @@ def _block_weight_grads(grads) -> tuple:
 
 
 def _backward_input(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, alpha, wc_packed=None,
-                    wc_packed_t=None):
+                    wc_packed_t=None, a=None, g_b=None, previous=None):
     """A block's backward up to its weight gradients: (dz, the block's three weight_grads problems:
-    expand, 3x3, squeeze). Two launches (pair, 3x3); the caller launches the weight gradients, of this
-    block alone or together with its neighbours' (weight_grad_blocks)."""
+    expand, 3x3, squeeze, the previous block's g_b or None). Two launches (pair, 3x3); the caller
+    launches the weight gradients, of this block alone or together with its neighbours'
+    (weight_grad_blocks). With fold_backward: a, this block's squeeze as the forward saved it; g_b,
+    this block's as the next block's kernel computed it (else one 1x1 launch here); previous, the
+    previous block's (w_expand, saved b), whose g_b this block's 3x3 kernel then computes from dz
+    where the rows allow (_conv3x3), so a block is one launch."""
     grad, z = rows(grad), rows(z)
     if wc_packed_t is None:
         wc_packed_t = _pack_conv(w_conv, transpose=True)
     d_in, n_out = z.shape[1], w_expand.shape[0]
-    if b is None or b.numel() == 0:  # recompute=True: b was not saved; rebuild it from a first
+    if a is not None:  # saved by the forward (fold_backward), and so is b
+        if g_b is None:
+            g_b = conv1x1(grad, n_out, w_expand, True, None, EPILOGUE_TIMES_ELU_GRAD_OF_RES, alpha,
+                          res=b, res_stride=b.shape[1])
+    elif b is None or b.numel() == 0:  # recompute=True: b was not saved; rebuild it from a first
         a = _squeeze(z, d_in, w_squeeze, b_squeeze, alpha)
         b, _ = _conv3x3(a, _pack_conv(w_conv) if wc_packed is None else wc_packed, b_conv, alpha, epi1=EPI_ELU,
                         save_mid=True)
@@ -450,18 +480,20 @@ def _backward_input(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, 
                  epilogue=EPILOGUE_TIMES_ELU_GRAD_OF_RES, res=b, res_stride=b.shape[1]),
             alpha)
     inner = a.shape[1]
+    g_b_previous = None
     if fuses_second_gemm(next_pow2(inner), z.dtype):
         dz = track(torch.empty_like(z))
-        g_a, _ = _conv3x3(g_b, wc_packed_t, None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
-                          flip_taps=True, aux=a, save_mid=True, w2=w_squeeze, w2_transposed=True, n2=d_in,
-                          res=grad, res_stride=n_out, nres=d_in, out=dz, out_stride=d_in)
+        w3, aux3 = previous if previous is not None else (None, None)
+        g_a, g_b_previous = _conv3x3(g_b, wc_packed_t, None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
+                                     flip_taps=True, aux=a, save_mid=True, w2=w_squeeze, w2_transposed=True, n2=d_in,
+                                     res=grad, res_stride=n_out, nres=d_in, out=dz, out_stride=d_in, w3=w3, aux3=aux3)
     else:
         g_a, _ = _conv3x3(g_b, wc_packed_t, None, alpha, epi1=EPI_TIMES_ELU_GRAD_OF_AUX,
                           flip_taps=True, aux=a, save_mid=True)
         dz = conv1x1(g_a, inner, w_squeeze, True, None, EPILOGUE_LINEAR, alpha, res=grad, res_stride=n_out)
     return dz, ((grad, n_out, b, inner, n_out, inner, 1, w_expand),
                 (g_b, inner, a, inner, inner, inner, 9, w_conv),
-                (g_a, inner, z, d_in, inner, d_in, 1, w_squeeze))
+                (g_a, inner, z, d_in, inner, d_in, 1, w_squeeze)), g_b_previous
 
 
 def _group_forward(buffer, weights, alpha, compress=None, packs=None):
@@ -495,11 +527,11 @@ def _group_forward_region(static, inputs):
     return _compress_forward(buffer, *compress, alpha) if compress else None
 
 
-def _saved_views(arena, like, w_squeezes, w_expands, compression, z_in_arena, save_b):
+def _saved_views(arena, like, w_squeezes, w_expands, compression, z_in_arena, save_b, save_a=False):
     """The activations a group's backward reads, as channels_last views of one allocation (`arena`;
     None: allocated here): one tensor to allocate, save and check instead of two a block.
     The pieces, in order: the first block's input when an earlier block made it (z_in_arena), then
-    per block its b (save_b) and its output, but the last block's only when the compression reads
+    per block its b (save_b), its a (save_a: fold_backward) and its output, but the last block's only when the compression reads
     it (else it is the group's result). like: a tensor of the group's N, H, W and dtype; w_squeezes,
     w_expands: those weights of each block from the first that needs a gradient; compression: its
     (w, b), or nothing. Each piece starts at a multiple of 256 bytes, so it has the alignment of a
@@ -509,8 +541,7 @@ def _saved_views(arena, like, w_squeezes, w_expands, compression, z_in_arena, sa
     n_blocks = len(w_squeezes)
     channels = [w_squeezes[0].shape[1] if w_squeezes else compression[0].shape[1]] if z_in_arena else []
     for k in range(n_blocks):
-        if save_b:
-            channels.append(w_squeezes[k].shape[0])
+        channels += [w_squeezes[k].shape[0]] * (save_b + save_a)
         if k < n_blocks - 1 or compression:
             channels.append(w_expands[k].shape[0])
     offsets, length = [], 0
@@ -536,8 +567,10 @@ def _chain_forward_region(static, inputs):
     """A group's blocks forward for training (_EagerDistillGroup): inputs are z, the 6 tensors of each
     block, the compression's (w, b) when n_compress = 2, and each block's packed 3x3 weight. Returns
     (the last output, or the compression's of it with z as the skip; what the backward reads: z when
-    `first` is 0, then the activations of _saved_views in one tensor)."""
-    alpha, first, save_b, n_blocks, n_compress = static
+    `first` is 0, then the activations of _saved_views in one tensor). save_a (fold_backward): each
+    block's a is saved too, written where the backward reads it by its own squeeze or, folded, by
+    the previous block's kernel."""
+    alpha, first, save_b, save_a, n_blocks, n_compress = static
     z = inputs[0]
     weights = inputs[1:1 + 6 * n_blocks]
     compression = inputs[1 + 6 * n_blocks:1 + 6 * n_blocks + n_compress]
@@ -545,16 +578,21 @@ def _chain_forward_region(static, inputs):
     # Block `first`'s input is an earlier block's output, saved with the rest, unless it is the result.
     z_in_arena = 0 < first and (first < n_blocks or n_compress > 0)
     arena, views = _saved_views(None, z, weights[6 * first::6], weights[6 * first + 4::6], compression, z_in_arena,
-                                save_b)
+                                save_b, save_a)
     views = iter(views)
+    bs, a_saved, outs = [None] * n_blocks, [None] * (n_blocks + 1), [None] * n_blocks
+    for k in range(n_blocks):  # in _saved_views' order
+        if k == first - 1 and (k < n_blocks - 1 or compression):  # z_in_arena
+            outs[k] = next(views)
+        if k >= first:
+            bs[k] = next(views) if save_b else None
+            a_saved[k] = next(views) if save_a else None
+            outs[k] = next(views) if k < n_blocks - 1 or compression else None
     a = None
     for k, i in enumerate(range(0, len(weights), 6)):
         w_squeeze_next, b_squeeze_next = weights[i + 6:i + 8] if i + 6 < len(weights) else (None, None)
-        saves_b = save_b and k >= first
-        b = next(views) if saves_b else None
-        out = next(views) if k >= first - 1 and (k < n_blocks - 1 or compression) else None
-        z, _b, a = _forward(z, *weights[i:i + 6], alpha, saves_b, a, w_squeeze_next, b_squeeze_next,
-                            wc_packed=packed[k], out=out, b=b)
+        z, _b, a = _forward(z, *weights[i:i + 6], alpha, save_b and k >= first, a, w_squeeze_next, b_squeeze_next,
+                            wc_packed=packed[k], out=outs[k], b=bs[k], a_out=a_saved[k], next_out=a_saved[k + 1])
     if compression:
         z = _compress_forward(z, *compression, inputs[0], alpha)
     return z, ([inputs[0]] if first == 0 else []) + [arena]
@@ -567,8 +605,10 @@ def _chain_backward_region(static, inputs):
     (_read_by_backward), the compression's (w, b), the forward's saved activations (_saved_views),
     the transposed packed 3x3 weights (n_packs_t tensors, _pack_convs) and, where b was not saved,
     each block's forward packed weight. Returns (the gradient at the first block's input, without the
-    long skip's; the 6 weight and bias gradients of each block, then the compression's 2)."""
-    alpha, n_blocks, n_packs_t, save_b, n_compress = static
+    long skip's; the 6 weight and bias gradients of each block, then the compression's 2). save_a
+    (fold_backward): each block's a was saved, and each block's input-gradient kernel computes the
+    previous block's g_b where folds_next_squeeze allows."""
+    alpha, n_blocks, n_packs_t, save_b, save_a, n_compress = static
     per_block = 4 if save_b else 5
     grad, z, weights = inputs[0], inputs[1], inputs[2:2 + per_block * n_blocks]
     compression = inputs[2 + per_block * n_blocks:2 + per_block * n_blocks + n_compress]
@@ -577,10 +617,11 @@ def _chain_backward_region(static, inputs):
     packed_t = _packed_blocks(packs[:n_packs_t]) if n_packs_t else []
     packed = packs[n_packs_t:] or [None] * n_blocks
     views = iter(_saved_views(arena, grad, weights[::per_block], weights[per_block - 1::per_block], compression,
-                              z is None, save_b)[1])
-    inputs_k, bs = [z if z is not None else next(views)], []
+                              z is None, save_b, save_a)[1])
+    inputs_k, bs, a_saved = [z if z is not None else next(views)], [], []
     for k in range(n_blocks):
         bs.append(next(views) if save_b else None)
+        a_saved.append(next(views) if save_a else None)
         if k < n_blocks - 1 or compression:
             inputs_k.append(next(views))
     grads = [None] * (6 * n_blocks)
@@ -589,11 +630,16 @@ def _chain_backward_region(static, inputs):
         grads += (dw, db)
     # The weight gradients of up to weight_grad_blocks consecutive blocks (from the last) share one
     # launch and one sum: their problems wait in `pending` until then.
-    window, pending = launch_options().weight_grad_blocks, []
+    window, pending, g_b = launch_options().weight_grad_blocks, [], None
     for k in reversed(range(n_blocks)):
         w_squeeze, b_squeeze, w_conv, *b_conv, w_expand = weights[per_block * k:per_block * (k + 1)]
-        grad, problems = _backward_input(grad, inputs_k[k], bs[k], w_squeeze, b_squeeze, w_conv,
-                                         b_conv[0] if b_conv else None, w_expand, alpha, packed[k], packed_t[k])
+        previous = None
+        if save_a and k > 0 and folds_next_squeeze(weights[per_block * (k - 1)].shape[0], grad.dtype,
+                                                   w_squeeze.shape[0]):
+            previous = (weights[per_block * k - 1], bs[k - 1])  # block k-1's w_expand and saved b
+        grad, problems, g_b = _backward_input(grad, inputs_k[k], bs[k], w_squeeze, b_squeeze, w_conv,
+                                              b_conv[0] if b_conv else None, w_expand, alpha, packed[k], packed_t[k],
+                                              a=a_saved[k], g_b=g_b, previous=previous)
         pending.append((k, problems))
         if len(pending) == window or k == 0:
             results = weight_grads(*(problem for _k, problems in pending for problem in problems))
@@ -727,11 +773,13 @@ class _EagerDistillGroup(torch.autograd.Function):
         with direct_launches():
             if packs is None:
                 packs = _pack_convs(weights[2::6])
-            out, saved = planned(_chain_forward_region, (alpha, first, save_b, n_blocks, n_compress),
+            # fold_backward: a saved too (F values a pixel a block), so the backward has no pair kernel.
+            save_a = save_b and launch_options().fold_backward
+            out, saved = planned(_chain_forward_region, (alpha, first, save_b, save_a, n_blocks, n_compress),
                                  [z, *weights, *compression, *packs],
                                  keyed=1 + len(tensors), signature=signature)  # packs follow from the weights
         ctx.save_for_backward(*saved, *_read_by_backward(weights[6 * first:], save_b), *compression)
-        ctx.alpha, ctx.first, ctx.save_b, ctx.n_compress = alpha, first, save_b, n_compress
+        ctx.alpha, ctx.first, ctx.save_b, ctx.save_a, ctx.n_compress = alpha, first, save_b, save_a, n_compress
         # Kept for the backward (9 F^2 values a block): its transposed packs are one copy of these
         # (no stack of the weights again), and rebuilding b (recompute) reads them. w_conv itself is
         # saved, so changing it in place before backward still raises.
@@ -759,7 +807,7 @@ class _EagerDistillGroup(torch.autograd.Function):
             # before `first`, which the key does not read.
             packed = [] if ctx.save_b else _packed_blocks(ctx.packs)[first:]
             grad_in, grads = planned(
-                _chain_backward_region, (ctx.alpha, n_blocks, len(packs_t), ctx.save_b, n_compress),
+                _chain_backward_region, (ctx.alpha, n_blocks, len(packs_t), ctx.save_b, ctx.save_a, n_compress),
                 [rows(grad), z, *weights, *compression, arena, *packs_t, *packed],
                 keyed=2 + len(weights) + n_compress)
         grads = [None] * (6 * first) + grads
@@ -860,13 +908,13 @@ def aot_variants():
     from .registry import AOT_DTYPES, expand, launch_configs
 
     kinds = {name: "ptr" for name in ("x_ptr", "wc_ptr", "bc_ptr", "aux_ptr", "mid_ptr", "w2_ptr", "b2_ptr",
-                                       "res_ptr", "out_ptr", "w3_ptr", "b3_ptr", "next_ptr")}
+                                       "res_ptr", "out_ptr", "w3_ptr", "b3_ptr", "aux3_ptr", "next_ptr")}
     kinds.update({name: "i32" for name in ("M", "H", "W", "N2", "NRES", "stride_rm", "stride_om")})
     kinds.update(alpha_hi="fp32", alpha_lo="fp32")
     kinds.update({name: "constexpr" for name in ("F", "FLIP_TAPS", "EPI1", "HAS_BIAS1", "SAVE_MID", "HAS_SECOND", "HAS_BIAS2",
-                                                  "W2_TRANSPOSED", "HAS_NEXT", "HAS_BIAS3", "IS_FP64", "PRECISION",
-                                                  "ROW_ALIGN", "BLOCK_M", "BLOCK_F", "BLOCK_K", "BLOCK_N")})
-    no_next = dict(HAS_NEXT=False, HAS_BIAS3=False)
+                                                  "W2_TRANSPOSED", "HAS_NEXT", "HAS_BIAS3", "NEXT_GRAD", "IS_FP64",
+                                                  "PRECISION", "ROW_ALIGN", "BLOCK_M", "BLOCK_F", "BLOCK_K", "BLOCK_N")})
+    no_next = dict(HAS_NEXT=False, HAS_BIAS3=False, NEXT_GRAD=False)
     forward = dict(FLIP_TAPS=False, EPI1=EPI_ELU, HAS_BIAS1=True, HAS_SECOND=True, HAS_BIAS2=True, W2_TRANSPOSED=False)
     fused_passes = [
         ("forward", dict(forward, SAVE_MID=False, **no_next)),
@@ -876,8 +924,13 @@ def aot_variants():
     ]
     # With the next block's squeeze folded in (folds_next_squeeze, aligned rows only).
     folded_passes = [
-        ("forward + next squeeze", dict(forward, SAVE_MID=False, HAS_NEXT=True, HAS_BIAS3=True)),
-        ("forward save b + next squeeze", dict(forward, SAVE_MID=True, HAS_NEXT=True, HAS_BIAS3=True)),
+        ("forward + next squeeze", dict(forward, SAVE_MID=False, HAS_NEXT=True, HAS_BIAS3=True, NEXT_GRAD=False)),
+        ("forward save b + next squeeze", dict(forward, SAVE_MID=True, HAS_NEXT=True, HAS_BIAS3=True,
+                                               NEXT_GRAD=False)),
+        # The backward's fold (fold_backward): the previous block's g_b from this block's dz.
+        ("input grad + previous g_b", dict(FLIP_TAPS=True, EPI1=EPI_TIMES_ELU_GRAD_OF_AUX, HAS_BIAS1=False,
+                                           SAVE_MID=True, HAS_SECOND=True, HAS_BIAS2=False, W2_TRANSPOSED=True,
+                                           HAS_NEXT=True, HAS_BIAS3=False, NEXT_GRAD=True)),
     ]
     # The 3x3 alone: rebuilding b (recompute=True), and both passes where the 1x1 is not fused.
     alone = dict(HAS_SECOND=False, HAS_BIAS2=False, W2_TRANSPOSED=False, ROW_ALIGN=1, **no_next)
@@ -888,7 +941,7 @@ def aot_variants():
     ints = ("M", "H", "W", "N2", "NRES", "stride_rm", "stride_om")
     # Allocated by the launchers (a, g_b, packed weights, mid, out or the group buffer, the next a),
     # so 16-byte aligned; with ROW_ALIGN > 1 the launcher has also checked res, out and the weights.
-    own = ("x_ptr", "wc_ptr", "aux_ptr", "mid_ptr", "out_ptr", "next_ptr")
+    own = ("x_ptr", "wc_ptr", "aux_ptr", "aux3_ptr", "mid_ptr", "out_ptr", "next_ptr")
     checked = own + ("res_ptr", "w2_ptr", "w3_ptr")
 
     def compile_cases(block_f, dtype, fused, folded, configs):

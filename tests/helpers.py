@@ -63,17 +63,19 @@ def pytorch_fp32_convs():
 
 
 @contextlib.contextmanager
-def weight_grad_blocks(blocks: int):
-    """Run with `blocks` blocks a weight-gradient launch in a group's backward, the other launch
-    settings (a GPU run's FASTDRN_NUM_WARPS pin) as they were; the settings in force restored after."""
+def launch_settings(**changes):
+    """Run with fastdrn.kernels.set_launch_options(**changes), the other launch settings (a GPU run's
+    FASTDRN_NUM_WARPS pin) as they were; the settings in force restored after."""
     from fastdrn.kernels import _common
 
     before = _common.launch_options()
-    _common.set_launch_options(before.num_warps, before.autotune, blocks)
+    settings = dict(num_warps=before.num_warps, autotune=before.autotune,
+                    weight_grad_blocks=before.weight_grad_blocks, fold_backward=before.fold_backward)
+    _common.set_launch_options(**{**settings, **changes})
     try:
         yield
     finally:
-        _common.set_launch_options(before.num_warps, before.autotune, before.weight_grad_blocks)
+        _common.set_launch_options(**settings)
 
 
 def randn(*shape, dtype, device, scale: float = 1.0, channels_last: bool = False, requires_grad: bool = False):

@@ -420,18 +420,19 @@ def test_a_recording_keeps_only_its_own_threads_launches(monkeypatch, device):
     assert torch.equal(results["recorded"], replayed)
 
 
-@pytest.mark.parametrize("blocks_a_launch, backward_limit", [
-    (1, 4.0),  # each block's weight gradients and their sum in launches of their own
-    (3, 3.0),  # the default: three blocks a weight-gradient launch, 24 launches a group of 9 backward
+@pytest.mark.parametrize("blocks_a_launch, fold, backward_limit", [
+    (1, False, 4.0),  # each block's weight gradients and their sum in launches of their own
+    (3, False, 3.0),  # the default: three blocks a weight-gradient launch, 24 launches a group of 9
+    (3, True, 2.0),   # fold_backward: no pair kernel, 16 launches a group of 9
 ])
-def test_triton_launches_per_block_over_a_model(blocks_a_launch, backward_limit, launch_count, monkeypatch,
+def test_triton_launches_per_block_over_a_model(blocks_a_launch, fold, backward_limit, launch_count, monkeypatch,
                                                 device):
     """Launches through the launchers (plans off, so each is counted) over DRN's 6 groups of 9 blocks,
     narrow: a forward with autograd and one without at most 1.5 a block, a backward at most
     backward_limit a block, the compressions' own backward launches not counted."""
     import fastdrn
     from fastdrn.kernels import residual_distill
-    from helpers import weight_grad_blocks
+    from helpers import launch_settings
 
     dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
     _eager_group_or_skip(device, dtype)
@@ -450,7 +451,7 @@ def test_triton_launches_per_block_over_a_model(blocks_a_launch, backward_limit,
     blocks = sum(len(group.blocks) for group in model.groups)
     assert blocks == 54
     x = torch.rand(1, 3, 3, 5, dtype=dtype, device=device)
-    with plans_off(), weight_grad_blocks(blocks_a_launch):
+    with plans_off(), launch_settings(weight_grad_blocks=blocks_a_launch, fold_backward=fold):
         with torch.no_grad():
             launch_count.clear()
             model(x)

@@ -8,7 +8,7 @@ import torch
 from fastdrn import backend, ops, reference
 from fastdrn.reference import ResidualDistillBlock
 from helpers import (SIXTEEN_BIT, assert_close, assert_op_grads_close, dtypes_for, float64_leaves, randn, tolerance,
-                     weight_grad_blocks, where)
+                     launch_settings, where)
 
 # (N, D, F, d, H, W, channels_last), each there for a reason:
 CASES = [
@@ -408,7 +408,7 @@ def test_group_function_equals_per_block_functions(blocks_a_launch, recompute, b
             leaves = [t for t in (y, *(t for block in blocks for t in block)) if t is not None]
             group = lambda y, *_: ops.distill_group(y, blocks, recompute=recompute)  # noqa: E731
             chained = lambda y, *_: _chained_per_block(y, blocks, recompute)  # noqa: E731
-            with weight_grad_blocks(blocks_a_launch):
+            with launch_settings(weight_grad_blocks=blocks_a_launch):
                 out = group(y)
                 assert type(out.grad_fn).__name__ == "_EagerDistillGroupBackward", "the group did not run as one Function"
                 expected = chained(y)
@@ -427,6 +427,54 @@ def test_group_function_equals_per_block_functions(blocks_a_launch, recompute, b
             return grads, eager_grads, ref_grads
 
         assert_op_grads_close(dtype, grad_tol, draw, None, f"{dtype} group")
+
+
+# (inner widths, biases, recompute, frozen leading block): each there for a reason
+FOLD_CASES = [
+    ((16, 16, 16), True, False, False),   # every block's g_b from the next block's kernel
+    ((16, 12, 12), False, False, False),  # block 0 narrower: its g_b is a 1x1 launch of its own
+    ((16, 16, 16), True, False, True),    # block 0 needs no gradient: its a is not saved, block 1's is
+    ((16, 16, 16), True, True, False),    # recompute: nothing to fold, the schedule without the fold
+]
+
+
+@pytest.mark.parametrize("inners, biases, recompute, frozen", FOLD_CASES)
+def test_group_backward_fold(inners, biases, recompute, frozen, device):
+    """fold_backward: the forward saves each block's a (F values a pixel more; with recompute,
+    nothing more), the output is bitwise the one without the fold, and every gradient matches
+    float64 (the fold adds up the previous block's g_b in another order, so not bit for bit)."""
+    for dtype in dtypes_for(device):
+        _eager_group_or_skip(device, dtype)
+        fwd_tol, grad_tol = tolerance(device, dtype)
+
+        def draw():
+            y = randn(2, 24, 7, 9, dtype=dtype, device=device, channels_last=True, requires_grad=not frozen)
+            blocks = _group_blocks(dtype, device, biases, inners)
+            if frozen:
+                blocks[0] = tuple(None if t is None else t.detach() for t in blocks[0])
+            leaves = [t for t in (y, *(t for block in blocks for t in block)) if t is not None and t.requires_grad]
+            group = lambda y, *_: ops.distill_group(y, blocks, recompute=recompute)  # noqa: E731
+            with launch_settings(fold_backward=False):
+                plain = group(y)
+                plain_bytes = saved_activation_bytes(group, [y], leaves, align=256)
+            with launch_settings(fold_backward=True):
+                out = group(y)
+                grad_out = randn(*out.shape, dtype=dtype, device=device)
+                grads = torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+                again = torch.autograd.grad(out, leaves, grad_out)
+                fold_bytes = saved_activation_bytes(group, [y], leaves, align=256)
+            assert torch.equal(out, plain), f"{dtype} output"
+            for i, (g, g2) in enumerate(zip(grads, again)):
+                assert torch.equal(g, g2), f"{dtype} gradient of leaf {i} differs between two backward runs"
+            n, _, h, w = y.shape
+            saved_a = 0 if recompute else sum(-(-n * h * w * f * y.element_size() // 256) * 256
+                                              for f in inners[int(frozen):])
+            assert fold_bytes == plain_bytes + saved_a, (fold_bytes, plain_bytes, saved_a)
+            ref, ref_grads, eager_grads = _reference(y, blocks, None, leaves, grad_out)
+            assert_close(out, ref, fwd_tol, f"{dtype} group forward")
+            return grads, eager_grads, ref_grads
+
+        assert_op_grads_close(dtype, grad_tol, draw, None, f"{dtype} group, fold_backward")
 
 
 @pytest.mark.parametrize("frozen", ["input and first block", "input and one weight a block", "every weight"])
