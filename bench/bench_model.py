@@ -70,8 +70,12 @@ def impl_plan(args) -> list[list[tuple[str, str, str]]]:
         sweep = [("eager", dt, "baseline"), ("fastdrn", dt, "candidate")]
         if args.recompute:
             sweep.append(("fastdrn-recompute", dt, "candidate"))
+        if args.fold_backward:
+            sweep.append(("fastdrn-fold", dt, "candidate"))
         if not args.no_graphs:
             sweep += [("eager-graph", dt, "baseline"), ("fastdrn-graph", dt, "candidate")]
+            if args.fold_backward:
+                sweep.append(("fastdrn-fold-graph", dt, "candidate"))
         sweeps.append(sweep)
         if not args.no_compile and dt in cdt:
             sweeps.append([("compile-reduce-overhead", dt, "baseline")])
@@ -95,6 +99,8 @@ def main() -> None:
     p.add_argument("--compile-dtypes", type=common.dtype_list, default=None,
                    help="dtypes of the compile baselines (default: --dtypes; --quick: bf16)")
     p.add_argument("--recompute", action="store_true", help="also fastdrn.DRN(recompute=True)")
+    p.add_argument("--fold-backward", action="store_true",
+                   help="also fastdrn with FASTDRN_FOLD_BACKWARD's schedule (rows fastdrn-fold, fastdrn-fold-graph)")
     p.add_argument("--no-graphs", action="store_true",
                    help="skip eager-graph and fastdrn-graph (fastdrn.make_train_step / make_upscaler: the "
                         "whole step captured in a CUDA graph and replayed)")
@@ -231,6 +237,8 @@ def main() -> None:
     def run(c, impl, dt, role, seed):
         if ctx.smoke and c["kind"] == "train" and (dt == "bf16" or impl.startswith("compile")):
             return  # smoke: slow on the CPU, and the inference rows already run these set-ups
+        if "-fold" in impl and c["kind"] != "train":
+            return  # the fold changes the training backward only
         pixels = c["n"] * c["h"] * c["w"]
         flop = pixels * common.drn_flop_per_lr_pixel(c["scale"], **config)
         if c["kind"] == "train":
@@ -242,10 +250,22 @@ def main() -> None:
             variant = "fp32" if ctx.smoke else "fp32 (TF32 convs)"
         if c["kind"] == "train":
             variant += "; L1 + Adam step"
-        ctx.measure(op=op_name, pass_="train_step" if c["kind"] == "train" else "inference",
-                    shape=dict(scale=c["scale"], N=c["n"], H=c["h"], W=c["w"], **config), shape_str=shape_str,
-                    layout="model", dtype=dt, impl=impl, role=role, build=builder(c, impl, dt, seed),
-                    flop=flop, min_bytes=None, variant=variant)
+        # The fold's rows run with it set (set_launch_options: kernels.md), the others as the process was.
+        from fastdrn.kernels import _common
+
+        before = _common.launch_options()
+        if "-fold" in impl:
+            _common.set_launch_options(before.num_warps, before.autotune, before.weight_grad_blocks, True)
+            variant += "; FASTDRN_FOLD_BACKWARD=1"
+        try:
+            ctx.measure(op=op_name, pass_="train_step" if c["kind"] == "train" else "inference",
+                        shape=dict(scale=c["scale"], N=c["n"], H=c["h"], W=c["w"], **config), shape_str=shape_str,
+                        layout="model", dtype=dt, impl=impl, role=role, build=builder(c, impl, dt, seed),
+                        flop=flop, min_bytes=None, variant=variant)
+        finally:
+            if "-fold" in impl:
+                _common.set_launch_options(before.num_warps, before.autotune, before.weight_grad_blocks,
+                                           before.fold_backward)
 
     seeds = [args.seed + 1000 * i for i in range(len(cases))]
     sweeps = impl_plan(args)

@@ -7,7 +7,7 @@
 #                                   reduce-overhead, default and max-autotune, as far as time allows);
 #                                   per-kernel profile, a group under both backward schedules
 #   bash bench/gpu_session.sh two   (the same bound) install; the bf16 model rows with every
-#                                   torch.compile mode; the RDB, compress_skip and pixel-shuffle
+#                                   torch.compile mode, then with the backward fold; the RDB, compress_skip and pixel-shuffle
 #                                   benchmarks; Nsight Compute on one block; the autotune sweep
 #                                   (which config each kernel's autotuner picks) with the time left
 #   bash bench/gpu_session.sh smoke the CPU rehearsal (CI runs it through tests/test_bench_smoke.py):
@@ -76,8 +76,10 @@ if [ "$stage" = one ]; then
 elif [ "$stage" = two ]; then
   # The model rows again with every torch.compile mode in one run (stage one's deadline usually cuts
   # the later ones): reduce-overhead and max-autotune are the strongest baselines.
-  budget=$(( deadline - $(date +%s) - 200 )); [ $budget -gt 300 ] && budget=300; [ $budget -lt 60 ] && budget=60
+  budget=$(( deadline - $(date +%s) - 280 )); [ $budget -gt 300 ] && budget=300; [ $budget -lt 60 ] && budget=60
   bench bench-model $(( budget + 10 )) bench/bench_model.py --quick --dtypes bf16 --max-autotune --time-budget $budget
+  # The backward fold (FASTDRN_FOLD_BACKWARD, off by default until timed) beside the default schedule.
+  bench bench-model-fold 80 bench/bench_model.py --quick --dtypes bf16 --no-compile --fold-backward --time-budget 70
   bench bench-rdb 100 bench/bench_residual_distill.py --quick --time-budget 90
   bench bench-compress 30 bench/bench_compress_skip.py --quick --time-budget 25
   bench bench-pixel-shuffle 30 bench/bench_pixel_shuffle.py --quick --time-budget 25

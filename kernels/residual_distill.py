@@ -416,7 +416,8 @@ def _forward_into(z, z_stride, out, out_stride, w_squeeze, b_squeeze, w_conv, b_
 
 
 def _forward(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha, save_b, a=None,
-             w_squeeze_next=None, b_squeeze_next=None, wc_packed=None, out=None, b=None, a_out=None, next_out=None):
+             w_squeeze_next=None, b_squeeze_next=None, wc_packed=None, out=None, b=None, a_out=None,
+             next_out=None):
     """Returns (out, b or empty, the next block's a or empty). wc_packed: _pack_conv(w_conv), if the
     caller has it; out and b: where to write them (channels_last), if the caller has a place; a_out
     and next_out: where this block's squeeze and the next block's go (_forward_into)."""
@@ -531,8 +532,8 @@ def _saved_views(arena, like, w_squeezes, w_expands, compression, z_in_arena, sa
     """The activations a group's backward reads, as channels_last views of one allocation (`arena`;
     None: allocated here): one tensor to allocate, save and check instead of two a block.
     The pieces, in order: the first block's input when an earlier block made it (z_in_arena), then
-    per block its b (save_b), its a (save_a: fold_backward) and its output, but the last block's only when the compression reads
-    it (else it is the group's result). like: a tensor of the group's N, H, W and dtype; w_squeezes,
+    per block its b (save_b), its a (save_a: fold_backward) and its output, but the last block's
+    only when the compression reads it (else it is the group's result). like: a tensor of the group's N, H, W and dtype; w_squeezes,
     w_expands: those weights of each block from the first that needs a gradient; compression: its
     (w, b), or nothing. Each piece starts at a multiple of 256 bytes, so it has the alignment of a
     fresh tensor (the launchers read storage offsets). Returns (arena, the views)."""
