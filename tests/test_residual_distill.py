@@ -477,6 +477,39 @@ def test_group_backward_fold(inners, biases, recompute, frozen, device):
         assert_op_grads_close(dtype, grad_tol, draw, None, f"{dtype} group, fold_backward")
 
 
+# (N, C, d, H, W, inner widths, fold_backward): odd channel counts (rows not 16-byte aligned:
+# ROW_ALIGN 1, and nothing folds) and an image of one row, through the shared weight-gradient launch.
+ODD_GROUP_CASES = [
+    (1, 29, 3, 5, 13, (12, 12, 12), False),  # 29 + 3k channels: unaligned rows
+    (1, 29, 3, 5, 13, (12, 12, 12), True),   # the same with the fold asked for: each g_b its own launch
+    (2, 16, 8, 1, 5, (16, 16), True),        # H = 1, aligned rows, two blocks: one folds into the other
+]
+
+
+@pytest.mark.parametrize("n, c, distill, h, w, inners, fold", ODD_GROUP_CASES)
+def test_group_backward_at_odd_sizes(n, c, distill, h, w, inners, fold, device):
+    """A group's training path (weight gradients of its blocks in one shared launch) against float64
+    at channel counts and image sizes that are not the common case."""
+    for dtype in dtypes_for(device):
+        _eager_group_or_skip(device, dtype)
+        fwd_tol, grad_tol = tolerance(device, dtype)
+
+        def draw():
+            y = randn(n, c, h, w, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+            blocks = [tuple(make_block(c + k * distill, inner, distill, dtype, device))
+                      for k, inner in enumerate(inners)]
+            leaves = [y, *(t for block in blocks for t in block)]
+            with launch_settings(fold_backward=fold):
+                out = ops.distill_group(y, blocks)
+                grad_out = randn(*out.shape, dtype=dtype, device=device)
+                grads = torch.autograd.grad(out, leaves, grad_out)
+            ref, ref_grads, eager_grads = _reference(y, blocks, None, leaves, grad_out)
+            assert_close(out, ref, fwd_tol, f"{dtype} group forward")
+            return grads, eager_grads, ref_grads
+
+        assert_op_grads_close(dtype, grad_tol, draw, None, f"{dtype} group at {n}x{c}x{h}x{w}, fold {fold}")
+
+
 @pytest.mark.parametrize("frozen", ["input and first block", "input and one weight a block", "every weight"])
 def test_group_function_with_frozen_tensors(frozen, device):
     """Tensors that do not require grad (frozen blocks, an input that needs no gradient): the group
