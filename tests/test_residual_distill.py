@@ -159,7 +159,7 @@ def test_group_folds_the_next_squeeze(inner, grad, monkeypatch, device):
 
     squeezes = []
     squeeze = module._squeeze
-    monkeypatch.setattr(module, "_squeeze", lambda *args: squeezes.append(1) or squeeze(*args))
+    monkeypatch.setattr(module, "_squeeze", lambda *args, **kwargs: squeezes.append(1) or squeeze(*args, **kwargs))
     dtype = dtypes_for(device)[0]  # float64 in the interpreter, float32 on a GPU
     if not backend.use_triton("residual_distill", torch.device(device), dtype):
         pytest.skip("the fused op does not run here")
