@@ -98,7 +98,7 @@ elif [ "$stage" = two ]; then
   fi
 elif [ "$stage" = smoke ]; then
   run tests-backend 4 120 tests/test_backend.py
-  bench bench-model 300 bench/bench_model.py --smoke
+  bench bench-model 300 bench/bench_model.py --smoke --fold-backward
   bench bench-rdb 300 bench/bench_residual_distill.py --smoke
   t0=$(date +%s); timeout 120 python3 bench/autotune_sweep.py --smoke --out $OUT/autotune.jsonl > $OUT/autotune.log 2>&1
   echo "autotune sweep rc=$? $(( $(date +%s) - t0 )) s"
