@@ -14,7 +14,7 @@ import torch
 
 from fastdrn import ops
 from fastdrn.kernels import _common, plans
-from helpers import randn
+from helpers import launch_settings, randn
 from test_launch_path import run_script
 from test_residual_distill import _eager_group_or_skip, _group_blocks
 
@@ -72,12 +72,22 @@ TRAIN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("recompute", [False, True])
+# recompute, fold_backward: the default schedule, b rebuilt, and a saved with each g_b folded (the
+# arena holds a too, and the forward's kernels write into it)
+SCHEDULES = [(False, False), (True, False), (False, True)]
+
+
+@pytest.mark.parametrize("recompute, fold", SCHEDULES)
 @pytest.mark.parametrize("case", TRAIN_CASES)
-def test_replay_equals_the_launchers(case, recompute, launch_count, device):
+def test_replay_equals_the_launchers(case, recompute, fold, launch_count, device):
     """Training (a group's blocks forward and backward, the compression forward and backward):
     recorded, then replayed twice, each bit for bit what the launchers give with plans off; the
     replays launch nothing through `launch` (they call the kept kernels themselves)."""
+    with launch_settings(fold_backward=fold):
+        _replay_equals_the_launchers(case, recompute, launch_count, device)
+
+
+def _replay_equals_the_launchers(case, recompute, launch_count, device):
     for dtype in (torch.float64, torch.float32) if device.type == "cpu" else (torch.bfloat16, torch.float32):
         _eager_group_or_skip(device, dtype)
         n, c, h, w, inners = case
@@ -432,8 +442,6 @@ def test_triton_launches_per_block_over_a_model(blocks_a_launch, fold, backward_
     backward_limit a block, the compressions' own backward launches not counted."""
     import fastdrn
     from fastdrn.kernels import residual_distill
-    from helpers import launch_settings
-
     dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
     _eager_group_or_skip(device, dtype)
     compression_launches = []
