@@ -189,3 +189,19 @@ def test_launch_settings_are_checked(monkeypatch):
         _common.LaunchOptions.from_environment()
     with pytest.raises(ValueError, match="num_warps=3"):
         _common.set_launch_options(num_warps=3)
+    monkeypatch.delenv("FASTDRN_NUM_WARPS")
+    for value in ("4", "0", "three"):
+        monkeypatch.setenv("FASTDRN_WEIGHT_GRAD_BLOCKS", value)
+        with pytest.raises(ValueError, match="FASTDRN_WEIGHT_GRAD_BLOCKS=.*1, 2 or 3 blocks"):
+            _common.LaunchOptions.from_environment()
+    monkeypatch.setenv("FASTDRN_WEIGHT_GRAD_BLOCKS", "2")
+    monkeypatch.setenv("FASTDRN_FOLD_BACKWARD", "yes")
+    with pytest.raises(ValueError, match="FASTDRN_FOLD_BACKWARD='yes'"):
+        _common.LaunchOptions.from_environment()
+    monkeypatch.setenv("FASTDRN_FOLD_BACKWARD", "1")
+    options = _common.LaunchOptions.from_environment()
+    assert (options.weight_grad_blocks, options.fold_backward) == (2, True)
+    with pytest.raises(ValueError, match="weight_grad_blocks=4"):
+        _common.set_launch_options(weight_grad_blocks=4)
+    with pytest.raises(ValueError, match="fold_backward='1'"):
+        _common.set_launch_options(fold_backward="1")
