@@ -251,21 +251,16 @@ def main() -> None:
         if c["kind"] == "train":
             variant += "; L1 + Adam step"
         # The fold's rows run with it set (set_launch_options: kernels.md), the others as the process was.
-        from fastdrn.kernels import _common
+        from fastdrn.kernels._common import launch_settings
 
-        before = _common.launch_options()
-        if "-fold" in impl:
-            _common.set_launch_options(before.num_warps, before.autotune, before.weight_grad_blocks, True)
+        fold = "-fold" in impl
+        if fold:
             variant += "; FASTDRN_FOLD_BACKWARD=1"
-        try:
+        with launch_settings(**({"fold_backward": True} if fold else {})):
             ctx.measure(op=op_name, pass_="train_step" if c["kind"] == "train" else "inference",
                         shape=dict(scale=c["scale"], N=c["n"], H=c["h"], W=c["w"], **config), shape_str=shape_str,
                         layout="model", dtype=dt, impl=impl, role=role, build=builder(c, impl, dt, seed),
                         flop=flop, min_bytes=None, variant=variant)
-        finally:
-            if "-fold" in impl:
-                _common.set_launch_options(before.num_warps, before.autotune, before.weight_grad_blocks,
-                                           before.fold_backward)
 
     seeds = [args.seed + 1000 * i for i in range(len(cases))]
     sweeps = impl_plan(args)

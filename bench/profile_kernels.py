@@ -176,7 +176,7 @@ def main() -> None:
 
     # A group of blocks (D = 64 growing to 136, F = 64) forward + backward in each backward schedule
     # (weight_grad_blocks, fold_backward) the kernel issue keeps side by side until a GPU has timed them.
-    from fastdrn.kernels import _common
+    from fastdrn.kernels._common import launch_settings
 
     n_blocks, inner, distill, c = (3, 8, 4, 8) if args.smoke else (9, 64, 8, 64)
     y = torch.randn(n, c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -194,16 +194,15 @@ def main() -> None:
     def group():
         torch.autograd.backward(ops.distill_group(y, blocks), dy, inputs=leaves)
 
-    before = _common.launch_options()
     for blocks_a_launch, fold in ((1, False), (3, False), (3, True)):
-        _common.set_launch_options(before.num_warps, before.autotune, blocks_a_launch, fold)
         label = (f"group of {n_blocks} blocks F{inner}, weight_grad_blocks {blocks_a_launch}"
                  f"{', fold_backward' if fold else ''}")
-        table = profile(group, 1 if args.smoke else 5, device)
-        entry = {"kernel_us_per_step": sum(r["us_per_step"] for r in table), "kernels": table,
-                 "launches": sum(r["calls_per_step"] for r in table)}
-        if cuda:
-            entry["graph_replay_us"] = graph_replay_us(group)
+        with launch_settings(weight_grad_blocks=blocks_a_launch, fold_backward=fold):
+            table = profile(group, 1 if args.smoke else 5, device)
+            entry = {"kernel_us_per_step": sum(r["us_per_step"] for r in table), "kernels": table,
+                     "launches": sum(r["calls_per_step"] for r in table)}
+            if cuda:
+                entry["graph_replay_us"] = graph_replay_us(group)
         result["cases"][label] = entry
         save(result, args.out)
         print(f"\n== {label}: kernels {entry['kernel_us_per_step']:.1f} us ({entry['launches']:.0f} launches); "
@@ -211,7 +210,6 @@ def main() -> None:
               f"{entry.get('graph_replay_us', float('nan')) / n_blocks:.1f} us a block")
         for r in table[:8]:
             print(f"  {r['us_per_step']:9.1f} us  {r['calls_per_step']:6.1f} calls  {r['kernel'][:90]}")
-    _common.set_launch_options(before.num_warps, before.autotune, before.weight_grad_blocks, before.fold_backward)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 (`launch`, lean once warm: docs/launch-path.md), layout and index checks."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from threading import get_ident
@@ -205,6 +206,20 @@ def set_launch_options(num_warps: int | None = None, autotune: bool = True, weig
     for lean in _lean_launchers.values():
         lean.forget()
     launch_plans.clear()  # they hold the forgotten kernels
+
+
+@contextlib.contextmanager
+def launch_settings(**changes):
+    """set_launch_options(**changes) for the body of a with statement, every setting not named kept
+    as it was (a GPU run's FASTDRN_NUM_WARPS pin, say); the settings before restored after."""
+    before = launch_options()
+    settings = dict(num_warps=before.num_warps, autotune=before.autotune,
+                    weight_grad_blocks=before.weight_grad_blocks, fold_backward=before.fold_backward)
+    set_launch_options(**{**settings, **changes})
+    try:
+        yield
+    finally:
+        set_launch_options(**settings)
 
 
 def fixed_config(interpreter: triton.Config, configs: list) -> triton.Config | None:

@@ -613,6 +613,8 @@ def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
     all). Returns [(dW (n, k, kh, kw), db (n,))] in the problems' order, dW in the weight's memory
     format (contiguous or channels_last): autograd then hands it to .grad without a copy.
     """
+    if not 1 <= len(problems) <= WEIGHT_GRAD_MAX_PROBLEMS:
+        raise ValueError(f"weight_grads: 1 to {WEIGHT_GRAD_MAX_PROBLEMS} problems a launch, got {len(problems)}")
     g0 = problems[0][0]
     n_img, _, height, width = g0.shape
     m = n_img * height * width
@@ -629,8 +631,6 @@ def weight_grads(*problems) -> list[tuple[torch.Tensor, torch.Tensor]]:
         length += taps * n * k + n
     partials = track(torch.empty((splits, length), device=g0.device, dtype=acc_dtype))
     check_int32("weight gradient", partials.numel(), *(m * max(gs, xs) for _g, gs, _x, xs, *_rest in problems))
-    if not 1 <= len(problems) <= WEIGHT_GRAD_MAX_PROBLEMS:
-        raise ValueError(f"weight_grads: 1 to {WEIGHT_GRAD_MAX_PROBLEMS} problems a launch, got {len(problems)}")
     # Up to 3 problems (a block's): weight_grad_tiles_kernel, one body per problem; more (several
     # blocks'): weight_grad_blocks_kernel, one body for all. Unused slots repeat problem 0: never read.
     several = len(problems) > 3

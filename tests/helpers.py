@@ -62,20 +62,11 @@ def pytorch_fp32_convs():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@contextlib.contextmanager
 def launch_settings(**changes):
-    """Run with fastdrn.kernels.set_launch_options(**changes), the other launch settings (a GPU run's
-    FASTDRN_NUM_WARPS pin) as they were; the settings in force restored after."""
-    from fastdrn.kernels import _common
+    """fastdrn.kernels._common.launch_settings, imported at the call: importing helpers imports no kernel."""
+    from fastdrn.kernels._common import launch_settings as settings
 
-    before = _common.launch_options()
-    settings = dict(num_warps=before.num_warps, autotune=before.autotune,
-                    weight_grad_blocks=before.weight_grad_blocks, fold_backward=before.fold_backward)
-    _common.set_launch_options(**{**settings, **changes})
-    try:
-        yield
-    finally:
-        _common.set_launch_options(**settings)
+    return settings(**changes)
 
 
 def randn(*shape, dtype, device, scale: float = 1.0, channels_last: bool = False, requires_grad: bool = False):
