@@ -362,12 +362,18 @@ def test_training_step_replays_from_a_cuda_graph():
     assert max(apart) <= 1e-5, apart
 
 
-def _ddp_worker(rank, world, cfg, state, batch, target, result_path):
+def _ddp_worker(rank, world, cfg, state, batch, target, store_path, result_path):
+    from datetime import timedelta
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["FASTDRN_TEST_PORT"])
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store needs no port (a probed free port can be taken before the store binds it), and
+    # gloo on the loopback device does not depend on what the host name resolves to. The group's
+    # timeout bounds every collective, so a lost peer is an error, never a wait.
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
     model = fastdrn.DRN(**cfg)
     model.load_state_dict(state)
@@ -382,7 +388,7 @@ def _ddp_worker(rank, world, cfg, state, batch, target, result_path):
 
 
 def test_ddp_gloo_two_processes_match_one(tmp_path):
-    import socket
+    import time
 
     import torch.multiprocessing as mp
 
@@ -391,11 +397,16 @@ def test_ddp_gloo_two_processes_match_one(tmp_path):
     batch, target = torch.rand(4, 3, 5, 5), torch.rand(4, 3, 10, 10)
     F.l1_loss(model(batch), target).backward()
     single = [p.grad for p in model.parameters()]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ["FASTDRN_TEST_PORT"] = str(port)
     result = tmp_path / "ddp_grads.pt"
-    mp.spawn(_ddp_worker, args=(2, cfg, model.state_dict(), batch, target, str(result)), nprocs=2, join=True)
+    workers = mp.spawn(_ddp_worker, nprocs=2, join=False,
+                       args=(2, cfg, model.state_dict(), batch, target, str(tmp_path / "store"), str(result)))
+    # A worker's exception is raised by join(); a hang fails here, with the workers stopped, instead of
+    # holding the test run until CI's own limit.
+    deadline = time.monotonic() + 300
+    while not workers.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in workers.processes:
+                proc.kill()
+            pytest.fail("two gloo workers did not finish within 300 s")
     for g, h in zip(torch.load(result, weights_only=True), single):
         assert rel_err(g, h) <= 1e-5
