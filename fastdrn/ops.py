@@ -234,26 +234,30 @@ def distill_groups(y, groups, alpha=0.2, recompute=False):
             raise ValueError(f"distill_groups: each group is (blocks, (w, b)); group {k} has {len(group)} items")
         if len(group[1]) != 2:
             raise ValueError(f"distill_groups: group {k}'s compression is {len(group[1])} tensors, not (w, b)")
-    packs = None
+    packs = packs_t = None
     if groups and groups[0][0] and backend.use_triton("residual_distill", y.device, y.dtype):
         fused = _fused()
         if fused.eager_fast_path():
+            w_convs = [block[2] for blocks, _ in groups for block in blocks]
+            # Training: the backward's transposed packs too, in one copy for all groups (where only
+            # some other weight needs a gradient, each group's backward transposes its own).
+            backward = torch.is_grad_enabled() and (y.requires_grad or any(w.requires_grad for w in w_convs))
             try:
-                packs = fused.pack_groups([block[2] for blocks, _ in groups for block in blocks],
-                                          [len(blocks) for blocks, _ in groups])
+                packs, packs_t = fused.pack_groups(w_convs, [len(blocks) for blocks, _ in groups], backward)
             except (AttributeError, TypeError, RuntimeError, IndexError):
-                packs = None  # a weight that is not as it should be: the group's checks name it
+                packs = packs_t = None  # a weight that is not as it should be: the group's checks name it
     for k, (blocks, (w, b)) in enumerate(groups):
-        y = _group(y, blocks, alpha, recompute, (w, b), None if packs is None else packs[k])
+        y = _group(y, blocks, alpha, recompute, (w, b), None if packs is None else packs[k],
+                   None if packs_t is None else packs_t[k])
     return y
 
 
-def _group(y, blocks, alpha, recompute, compression, packs=None):
+def _group(y, blocks, alpha, recompute, compression, packs=None, packs_t=None):
     """distill_group, then, with compression = (w, b), compress_skip of its output with y as the skip.
     On the fused kernels the compression joins the group's own work: the in-place inference path's
     launch plan where nothing needs a gradient, the group's autograd node where something does
     (unless only the compression needs one: then it runs as its own op after the in-place group).
-    packs: the blocks' 3x3 weights packed by pack_groups (distill_groups), or None."""
+    packs, packs_t: the blocks' 3x3 weights packed by pack_groups (distill_groups), or None."""
     alpha = check_alpha("distill_group", alpha)
     for block in blocks:
         if len(block) != 6:
@@ -288,7 +292,7 @@ def _group(y, blocks, alpha, recompute, compression, packs=None):
                     _DENSE.add(signature[0])
                 else:
                     signature = None  # a dense copy was made: the group's launch plan keys the copies
-            z = fused.residual_distill_chain(y, weights, alpha, recompute, compress, signature, packs)
+            z = fused.residual_distill_chain(y, weights, alpha, recompute, compress, signature, packs, packs_t)
             if fused_compression:  # eager: in the same node
                 return z
         else:

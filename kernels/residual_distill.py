@@ -339,32 +339,47 @@ def _pack_convs(w_convs, transpose=False) -> list:
     group, not three a block), returned as [that (n, 9, ., .) stack] (its per-block slices keep the
     16-byte alignment of a fresh tensor); otherwise one packed tensor a weight. _packed_blocks gives
     the per-block tensors of either."""
-    first = w_convs[0]
-    shape, dtype = first.shape, first.dtype  # devices: torch.stack refuses a mix with its own error
-    if len(w_convs) > 1 and first.numel() * first.element_size() % 16 == 0 and all(
-            w.shape == shape and w.dtype == dtype for w in w_convs):
-        f_out, f_in = first.shape[0], first.shape[1]
-        if transpose:
-            return [torch.stack(w_convs).permute(0, 3, 4, 1, 2).reshape(len(w_convs), 9, f_out, f_in).contiguous()]
-        return [torch.stack(w_convs).permute(0, 3, 4, 2, 1).reshape(len(w_convs), 9, f_in, f_out).contiguous()]
+    if _stackable(w_convs):
+        return [_pack_stack(torch.stack(w_convs), transpose)]
     return [_pack_conv(w, transpose) for w in w_convs]
 
 
-def pack_groups(w_convs, lengths) -> list | None:
+def _stackable(w_convs) -> bool:
+    first = w_convs[0]
+    shape, dtype = first.shape, first.dtype  # devices: torch.stack refuses a mix with its own error
+    return len(w_convs) > 1 and first.numel() * first.element_size() % 16 == 0 and all(
+        w.shape == shape and w.dtype == dtype for w in w_convs)
+
+
+def _pack_stack(stack, transpose):
+    """_pack_conv of each (F_out, F_in, 3, 3) weight of an (n, F_out, F_in, 3, 3) stack, in one copy."""
+    n, f_out, f_in = stack.shape[:3]
+    if transpose:
+        return stack.permute(0, 3, 4, 1, 2).reshape(n, 9, f_out, f_in).contiguous()
+    return stack.permute(0, 3, 4, 2, 1).reshape(n, 9, f_in, f_out).contiguous()
+
+
+def pack_groups(w_convs, lengths, transposed=False) -> tuple:
     """_pack_convs of several groups' 3x3 weights in one copy (fastdrn.DRN packs a whole model's once
-    a step): w_convs, every group's in order; lengths, how many each group has. Per group [its
-    (n, 9, F_in, F_out) slice of the stack] (a block's slice keeps the 16-byte alignment of a fresh
-    tensor), or None where the weights are not all of one shape and dtype (then each group packs its
-    own). Not differentiated: the Functions compute the weights' gradients themselves."""
+    a step): w_convs, every group's in order; lengths, how many each group has. Returns (packs,
+    packs_t): per group [its (n, 9, F_in, F_out) slice of the stack] (a block's slice keeps the
+    16-byte alignment of a fresh tensor), and with `transposed` (training) the same of the transposed
+    packs its backward reads, from the same stack in one more copy for the whole model (else each
+    group's backward transposes its own: one copy a group); (None, None) where the weights are not
+    all of one shape and dtype (then each group packs its own). Not differentiated: the Functions
+    compute the weights' gradients themselves."""
+    if not _stackable(w_convs):
+        return None, None
     with torch.no_grad():
-        packs = _pack_convs(w_convs)
-    if len(packs) != 1 or packs[0].dim() != 4:
-        return None
-    slices, start = [], 0
-    for length in lengths:
-        slices.append([packs[0][start:start + length]])
-        start += length
-    return slices
+        stack = torch.stack(w_convs)
+        whole = [_pack_stack(stack, False)] + ([_pack_stack(stack, True)] if transposed else [])
+    per_group = [[], []]
+    for packed, slices in zip(whole, per_group):
+        start = 0
+        for length in lengths:
+            slices.append([packed[start:start + length]])
+            start += length
+    return per_group[0], per_group[1] if transposed else None
 
 
 def _transposed_packs(packs, first=0) -> list:
@@ -760,15 +775,15 @@ class _EagerDistillGroup(torch.autograd.Function):
     saved tensors and gradients, and compress_skip's, but one Function's host cost a group instead
     of one a block and one more for the compression.
 
-    apply(alpha, first, save_b, n_compress, signature, packs, z, *weights, *compression): weights
+    apply(alpha, first, save_b, n_compress, signature, packs, packs_t, z, *weights, *compression): weights
     holds 6 tensors a block (biases may be None); compression is the group's (w, b), with z as its
     skip, when n_compress is 2 (then the node returns the compression's output), or nothing;
-    signature and packs: residual_distill_chain's. Blocks before `first` need no gradient (nothing
+    signature, packs and packs_t: residual_distill_chain's. Blocks before `first` need no gradient (nothing
     they read requires one), so they save nothing and their backward is not run, as their
     per-block Functions would not be recorded."""
 
     @staticmethod
-    def forward(ctx, alpha, first, save_b, n_compress, signature, packs, z, *tensors):
+    def forward(ctx, alpha, first, save_b, n_compress, signature, packs, packs_t, z, *tensors):
         weights, compression = tensors[:len(tensors) - n_compress], tensors[len(tensors) - n_compress:]
         n_blocks = len(weights) // 6
         with direct_launches():
@@ -781,10 +796,10 @@ class _EagerDistillGroup(torch.autograd.Function):
                                  keyed=1 + len(tensors), signature=signature)  # packs follow from the weights
         ctx.save_for_backward(*saved, *_read_by_backward(weights[6 * first:], save_b), *compression)
         ctx.alpha, ctx.first, ctx.save_b, ctx.save_a, ctx.n_compress = alpha, first, save_b, save_a, n_compress
-        # Kept for the backward (9 F^2 values a block): its transposed packs are one copy of these
-        # (no stack of the weights again), and rebuilding b (recompute) reads them. w_conv itself is
-        # saved, so changing it in place before backward still raises.
-        ctx.packs = packs
+        # Kept for the backward (9 F^2 values a block): without packs_t its transposed packs are one
+        # copy of these (no stack of the weights again), and rebuilding b (recompute) reads them.
+        # w_conv itself is saved, so changing it in place before backward still raises.
+        ctx.packs, ctx.packs_t = packs, packs_t
         ctx.present = [t is not None for t in tensors]
         return out
 
@@ -800,7 +815,12 @@ class _EagerDistillGroup(torch.autograd.Function):
         weights = tensors[2 - bool(first):len(tensors) - n_compress]
         compression = tensors[len(tensors) - n_compress:]
         with direct_launches():
-            packs_t = _transposed_packs(ctx.packs, first) if n_blocks else []
+            if not n_blocks:
+                packs_t = []
+            elif ctx.packs_t is not None:
+                packs_t = [ctx.packs_t[0][first:]]
+            else:
+                packs_t = _transposed_packs(ctx.packs, first)
             # Keyed: the gradient, z and the weights; the saved activations and the packed weights
             # are what the planned forward and _pack_convs made of those. save_b is static: whether
             # b was saved is also in the activations' layout. The forward's packed weights go in
@@ -817,7 +837,7 @@ class _EagerDistillGroup(torch.autograd.Function):
         elif n_compress:  # the long skip's share: the node's own output gradient
             grad_in = grad_in.add_(grad)
         # None for the scalars and absent biases.
-        return (None, None, None, None, None, None, grad_in,
+        return (None, None, None, None, None, None, None, grad_in,
                 *(g if has else None for g, has in zip(grads, ctx.present)))
 
 
@@ -848,7 +868,8 @@ def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand
     return _block(z, (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand), alpha, recompute)[0]
 
 
-def residual_distill_chain(z, weights, alpha=0.2, recompute=False, compress=(), signature=None, packs=None):
+def residual_distill_chain(z, weights, alpha=0.2, recompute=False, compress=(), signature=None, packs=None,
+                           packs_t=None):
     """A group's blocks one after another (inputs checked by fastdrn.ops; weights: the 6 tensors of
     each block, (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand), in one flat list), each
     block's 3x3 kernel also computing the next block's squeeze (folds_next_squeeze): one launch a
@@ -857,7 +878,8 @@ def residual_distill_chain(z, weights, alpha=0.2, recompute=False, compress=(), 
     Eager: one autograd Function for the group and its compression (_EagerDistillGroup); traced:
     the registered ops block by block, then compress_skip. signature: plans.checked_signature of
     [z, *weights, *compress], if the caller has it (the forward's launch plan is keyed by it);
-    packs: _pack_convs(the blocks' 3x3 weights), if the caller has them (pack_groups)."""
+    packs: _pack_convs(the blocks' 3x3 weights), if the caller has them (pack_groups), and packs_t
+    the same transposed (pack_groups(..., transposed=True)), for the backward."""
     compress = tuple(compress)
     if eager_fast_path():
         for w_squeeze in weights[::6]:
@@ -866,8 +888,8 @@ def residual_distill_chain(z, weights, alpha=0.2, recompute=False, compress=(), 
         if torch.is_grad_enabled():
             first = next((k for k in range(first) if (k == 0 and z.requires_grad)
                           or any(t is not None and t.requires_grad for t in weights[6 * k:6 * k + 6])), first)
-        return _apply_group(float(alpha), first, not recompute, len(compress), signature, packs, z, *weights,
-                            *compress)
+        return _apply_group(float(alpha), first, not recompute, len(compress), signature, packs, packs_t, z,
+                            *weights, *compress)
     skip, a = z, None
     blocks = [tuple(weights[i:i + 6]) for i in range(0, len(weights), 6)]
     for k, block in enumerate(blocks):

@@ -125,7 +125,7 @@ def test_the_fused_paths_glue_traces_without_graph_breaks(first_call, monkeypatc
     of the kernels (it failed there on an H200 at 6ef71f3)."""
     from fastdrn import backend, ops
 
-    def chain(z, weights, alpha, recompute, compress, signature, packs):
+    def chain(z, weights, alpha, recompute, compress, signature, packs, packs_t):
         skip = z
         for i in range(0, len(weights), 6):
             z = reference.residual_distill(z, *weights[i:i + 6], alpha)

@@ -619,6 +619,52 @@ def test_distill_groups_equals_the_groups_one_by_one(inners, device):
         ops.distill_groups(y, [groups[0], (groups[1][0], groups[1][1][:1])])
 
 
+# frozen: the input and the first group's first block need no gradient, so that group's backward
+# starts at its second block and reads its transposed packs from there.
+@pytest.mark.parametrize("frozen", [False, True])
+def test_distill_groups_transposes_the_3x3_weights_once_a_step(frozen, device, monkeypatch):
+    """In training, distill_groups packs every group's transposed 3x3 weights (what the backward's
+    input gradient reads) in the same one copy as the forward's: each block's slice equals its own
+    transposed pack, no group's backward transposes its own, and the gradients are those of the
+    groups called one by one, bit for bit."""
+    from fastdrn.kernels import residual_distill as rd
+
+    dtype = dtypes_for(device)[0]
+    _eager_group_or_skip(device, dtype)
+    groups = [(_group_blocks(dtype, device, inners=(16, 16, 16)),
+               (randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=True),
+                randn(24, dtype=dtype, device=device, requires_grad=True))) for _ in range(2)]
+    w_convs = [block[2] for blocks, _ in groups for block in blocks]
+    packs, packs_t = rd.pack_groups(w_convs, [3, 3], transposed=True)
+    for k, (forward, backward) in enumerate(zip(packs, packs_t)):
+        for i in range(3):
+            assert torch.equal(forward[0][i], rd._pack_conv(w_convs[3 * k + i]))
+            assert torch.equal(backward[0][i], rd._pack_conv(w_convs[3 * k + i], transpose=True))
+    assert rd.pack_groups(w_convs, [3, 3])[1] is None  # inference: no transposed packs
+
+    y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=not frozen)
+    if frozen:
+        for t in groups[0][0][0]:
+            t.requires_grad_(False)
+    expected = ops.distill_and_compress(ops.distill_and_compress(y, *_flat(groups[0])), *_flat(groups[1]))
+    grad_out = randn(*expected.shape, dtype=dtype, device=device)
+    leaves = [t for t in (y, *w_convs) if t.requires_grad]
+    expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a group's backward transposed its own 3x3 weights")
+
+    monkeypatch.setattr(rd, "_transposed_packs", refuse)
+    out = ops.distill_groups(y, groups)
+    for i, (g, e) in enumerate(zip(torch.autograd.grad(out, leaves, grad_out), expected_grads)):
+        assert torch.equal(g, e), f"gradient of leaf {i}"
+
+
+def _flat(group):
+    blocks, (w, b) = group
+    return blocks, w, b
+
+
 def test_group_function_double_backward_raises(device):
     dtype = dtypes_for(device)[0]
     _eager_group_or_skip(device, dtype)
