@@ -12,6 +12,9 @@ channels_last, FASTDRN_AUTOTUNE as set by the caller):
             replays, in three backward schedules: FASTDRN_WEIGHT_GRAD_BLOCKS 1 (each block's weight
             gradients in launches of their own), 3 (three blocks' in one), and 3 with
             FASTDRN_FOLD_BACKWARD=1 (a saved, each block's g_b computed by the next block's kernel)
+  3x3       every launch config of the 3x3 kernel at F = 64, timed by Triton's autotuner on the
+            launches a group of 2 blocks makes: forward and input gradient at 16x48x48, and the
+            in-place inference forward at 1x270x480 (the default config is the first listed)
 
 Writes <out>/profile.json (every kernel: name, calls, total and mean us per step) and prints the
 top kernels of each case.
@@ -97,6 +100,55 @@ def graph_replay_us(fn) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1000 / reps
+
+
+def conv3x3_launches(run) -> list[tuple]:
+    """The 3x3 kernel's launches that run() makes, as (autotuner, grid, arguments): the first of
+    each pass (forward or input gradient: EPI1), autotuner (in place or not) and size M."""
+    from fastdrn.kernels import residual_distill as rd
+
+    seen, launches, real_launch = set(), [], rd.launch
+
+    def capture(kernel, tuned, grid, interpreter, **args):
+        if kernel is rd.conv3x3_fused_kernel:
+            key = (id(tuned), args["EPI1"], args["M"])
+            if key not in seen:
+                seen.add(key)
+                launches.append((tuned, grid, dict(args)))
+        real_launch(kernel, tuned, grid, interpreter, **args)
+
+    rd.launch = capture
+    try:
+        run()
+    finally:
+        rd.launch = real_launch
+    return launches
+
+
+def config_timings(launches) -> list[dict]:
+    """Each launch autotuned over every config of its list (Triton's do_bench median per config)."""
+    from fastdrn.kernels._common import KERNELS_INTERPRETED
+
+    rows = []
+    for tuned, grid, args in launches:
+        key = {name: args[name] for name in ("M", *tuned.keys, "HAS_NEXT", "SAVE_MID")}
+        key["in_place"] = args["out_ptr"] is args["res_ptr"]
+        if KERNELS_INTERPRETED:  # nothing autotunes under the interpreter
+            rows.append({"key": key, "timings_us": {}})
+            continue
+        tuned.cache.clear()
+        try:
+            tuned[grid](**args)
+        except Exception as error:  # noqa: BLE001 - a config that fails is a result: recorded, and on
+            rows.append({"key": key, "timings_us": {}, "error": f"{type(error).__name__}: {error}"[:500]})
+            continue
+        timings = {}
+        for config, ms in getattr(tuned, "configs_timings", {}).items():
+            meta = ",".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
+            label = f"{meta},warps={config.num_warps},stages={config.num_stages}"
+            timings[label] = 1000 * (ms[0] if isinstance(ms, (list, tuple)) else ms)
+        rows.append({"key": key, "timings_us": timings, "default": next(iter(timings), None)})
+    return rows
 
 
 def main() -> None:
@@ -210,6 +262,31 @@ def main() -> None:
               f"{entry.get('graph_replay_us', float('nan')) / n_blocks:.1f} us a block")
         for r in table[:8]:
             print(f"  {r['us_per_step']:9.1f} us  {r['calls_per_step']:6.1f} calls  {r['kernel'][:90]}")
+
+    # Every 3x3 config at DRN's width, on the launches the training and inference sizes make (the
+    # larger pixel tiles are candidates: the first config stays the default until one wins here).
+    t0 = time.perf_counter()
+    pair = [[t.detach().requires_grad_(True) for t in block] for block in blocks[:2]]
+    y2 = y[:, :c].detach().requires_grad_(True)
+    dy2 = dy[:, :c + 2 * distill].contiguous(memory_format=torch.channels_last)
+    big_y = torch.randn(1, c, ih, iw, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+    def two_blocks():
+        torch.autograd.backward(ops.distill_group(y2, pair), dy2, inputs=[y2, *(t for b in pair for t in b)])
+        with torch.no_grad():
+            ops.distill_group(big_y, [[t.detach() for t in b] for b in pair])
+
+    launches = conv3x3_launches(two_blocks)
+    rows = config_timings(launches)
+    result["cases"][f"3x3 configs F{inner}"] = {"launches": rows}
+    save(result, args.out)
+    print(f"\n== 3x3 configs, F = {inner}: {len(rows)} launches timed ({time.perf_counter() - t0:.0f} s)")
+    for row in rows:
+        key = ",".join(f"{k}={v}" for k, v in row["key"].items())
+        timings = row["timings_us"]
+        best = min(timings, key=timings.get) if timings else None
+        print(f"  {key}: default {timings.get(row.get('default'), float('nan')):.1f} us, best "
+              f"{timings.get(best, float('nan')):.1f} us ({best}){' ' + row['error'] if 'error' in row else ''}")
 
 
 if __name__ == "__main__":

@@ -215,7 +215,12 @@ def _config(block_m, block_n, block_k, warps, stages):
 CONV3X3_CONFIGS = {
     16: [_config(64, 64, 16, 4, 3), _config(128, 64, 16, 8, 3)],
     32: [_config(64, 32, 32, 4, 3), _config(128, 64, 32, 8, 3)],
-    64: [_config(64, 32, 32, 4, 3), _config(64, 64, 32, 8, 3), _config(128, 32, 32, 8, 3)],
+    # DRN's width. After the first three, larger pixel tiles that read the 9 F^2 weights for more
+    # rows (docs/kernels.md: the 3x3's L2 traffic) and whole-F steps, for the autotuner and the GPU
+    # profile to time against the default before any of them becomes it.
+    64: [_config(64, 32, 32, 4, 3), _config(64, 64, 32, 8, 3), _config(128, 32, 32, 8, 3),
+         _config(128, 32, 64, 8, 3), _config(128, 64, 64, 8, 3), _config(256, 32, 32, 8, 2),
+         _config(128, 32, 32, 4, 3), _config(64, 32, 64, 4, 4)],
     128: [_config(64, 64, 32, 8, 3), _config(64, 32, 32, 8, 3)],
     256: [_config(64, 16, 32, 8, 2)],  # BLOCK_N 32 spilled 8-16 bytes on sm_80 in the input-gradient pass
 }

@@ -224,5 +224,9 @@ def test_gpu_session_smoke_rehearses_the_device_script(tmp_path):
     assert (out / "results-smoke.md").exists()
     profile = json.loads((out / "profile.json").read_text())
     assert {"train", "infer"} <= set(profile["cases"])
+    # The 3x3 configs case found the forward and input-gradient launches at the training size and
+    # the in-place forward at the inference size (under the interpreter it times none of them).
+    launches = profile["cases"]["3x3 configs F8"]["launches"]
+    assert [(row["key"]["EPI1"], row["key"]["in_place"]) for row in launches] == [(0, False), (1, False), (0, True)]
     # The autotune sweep ran its case; under the interpreter nothing autotunes, so it wrote no rows.
     assert "nothing autotunes under the interpreter" in (out / "autotune.log").read_text()
