@@ -5,8 +5,8 @@
 #                                   CUDA graphs, torch.compile, pixel shuffle; the model benchmark in
 #                                   bf16 (eager, fastdrn, each in one CUDA graph too, torch.compile
 #                                   reduce-overhead, default and max-autotune, as far as time allows);
-#                                   per-kernel profile, a group in each backward schedule, every
-#                                   3x3 launch config at F = 64
+#                                   per-kernel profile, a group in each backward schedule, the RDB
+#                                   forward against the matrix peak, every 3x3 launch config at F = 64
 #   bash bench/gpu_session.sh two   (the same bound) install; the bf16 model rows with every
 #                                   torch.compile mode, then with the backward fold; the RDB, compress_skip and pixel-shuffle
 #                                   benchmarks; Nsight Compute on one block; the autotune sweep
@@ -67,7 +67,8 @@ if [ "$stage" = one ]; then
   bench bench-model $(( budget + 10 )) bench/bench_model.py --quick --dtypes bf16 --max-autotune --time-budget $budget
   # The profile writes each case as it finishes: train, infer, one block, then a group of 9 blocks
   # in the backward schedules the kernel issue compares (FASTDRN_WEIGHT_GRAD_BLOCKS 1 and 3, and 3
-  # with FASTDRN_FOLD_BACKWARD), and last every 3x3 config at F = 64 (about 24 compiles).
+  # with FASTDRN_FOLD_BACKWARD), the RDB forward at 1x540x960 against the bf16 matrix peak, and last
+  # every 3x3 config at F = 64 (about 24 compiles).
   t0=$(date +%s); left=$(( deadline - t0 - 10 )); [ $left -gt 110 ] && left=110
   if [ $left -ge 15 ]; then
     FASTDRN_AUTOTUNE=0 timeout $left python3 bench/profile_kernels.py $OUT > $OUT/profile.log 2>&1

@@ -12,6 +12,8 @@ channels_last, FASTDRN_AUTOTUNE as set by the caller):
             replays, in three backward schedules: FASTDRN_WEIGHT_GRAD_BLOCKS 1 (each block's weight
             gradients in launches of their own), 3 (three blocks' in one), and 3 with
             FASTDRN_FOLD_BACKWARD=1 (a saved, each block's g_b computed by the next block's kernel)
+  rdb       one block's forward (no gradient) at 1x540x960, D = 64, F = 64: its TFLOP/s against a
+            bf16 matrix product measured in the same run (the kernel issue's target is 50%)
   3x3       every launch config of the 3x3 kernel at F = 64, timed by Triton's autotuner on the
             launches a group of 2 blocks makes: forward and input gradient at 16x48x48, and the
             in-place inference forward at 1x270x480 (the default config is the first listed)
@@ -262,6 +264,25 @@ def main() -> None:
               f"{entry.get('graph_replay_us', float('nan')) / n_blocks:.1f} us a block")
         for r in table[:8]:
             print(f"  {r['us_per_step']:9.1f} us  {r['calls_per_step']:6.1f} calls  {r['kernel'][:90]}")
+
+    # One block's forward at the inference size, against the bf16 matrix peak of this run.
+    t0 = time.perf_counter()
+    rn, rh, rw = (1, 6, 6) if args.smoke else (1, 540, 960)
+    d_in = c
+    rz = torch.randn(rn, d_in, rh, rw, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    rdb_weights = [t.detach() for t in blocks[0]]
+    with torch.no_grad():
+        forward_ms = common.time_fn(lambda: ops.residual_distill(rz, *rdb_weights, alpha=0.2), device)
+    ceilings = common.measure_ceilings(device)
+    tflops = rn * rh * rw * common.rdb_flop_per_pixel(d_in, inner, distill) / forward_ms / 1e9
+    entry = {"size": [rn, rh, rw], "D": d_in, "F": inner, "d": distill, "forward_ms": forward_ms,
+             "tflops": tflops, "matmul_tflops": ceilings["matmul_tflops"],
+             "fraction_of_matmul": tflops / ceilings["matmul_tflops"]}
+    result["cases"][f"rdb forward {rn}x{rh}x{rw} D{d_in} F{inner}"] = entry
+    save(result, args.out)
+    print(f"\n== rdb forward {rn}x{rh}x{rw} D{d_in} F{inner}: {forward_ms * 1000:.1f} us, {tflops:.1f} TFLOP/s, "
+          f"{100 * entry['fraction_of_matmul']:.0f}% of the {ceilings['matmul_tflops']:.0f} TFLOP/s bf16 matrix "
+          f"product (target 50%) ({time.perf_counter() - t0:.0f} s)")
 
     # Every 3x3 config at DRN's width, on the launches the training and inference sizes make (the
     # larger pixel tiles are candidates: the first config stays the default until one wins here).
