@@ -665,6 +665,64 @@ def _flat(group):
     return blocks, w, b
 
 
+def _conv3x3_configs_16bit():
+    from fastdrn.kernels import residual_distill as module
+
+    return module.conv3x3_configs(64, torch.bfloat16)
+
+
+# index: each 16-bit config of the 3x3 kernel at F = 64 (DRN's width). The GPU tests otherwise run
+# only the first and the first 8-warp one (FASTDRN_NUM_WARPS 4 and 8); autotuning may pick any.
+@pytest.mark.parametrize("index", range(len(_conv3x3_configs_16bit())))
+def test_every_3x3_config_at_drn_width_matches_float64(index, device, monkeypatch):
+    """Each listed 16-bit 3x3 config at F = 64, forced: a group of two blocks with 8-aligned widths
+    (so the forward folds the next squeeze) at 2 x 13 x 5 pixels (M = 130, no multiple of any
+    tile), output and every gradient against float64, and the in-place inference path's output."""
+    import triton
+
+    from fastdrn.kernels import _common, plans
+    from fastdrn.kernels import residual_distill as module
+
+    if device.type != "cuda":
+        pytest.skip("the interpreter runs one config of its own (CONV3X3_INTERPRETER)")
+    config = _conv3x3_configs_16bit()[index]
+    forced = {}
+    for inplace in (False, True):
+        forced[inplace] = triton.autotune(configs=[config], key=module._TUNE_KEY,
+                                          restore_value=["out_ptr"] if inplace else None)(module.conv3x3_fused_kernel)
+        monkeypatch.setitem(module.conv3x3_tuned, (64, False, inplace), forced[inplace])
+
+    def forget():  # plans and lean launchers hold compiled kernels by autotuner: none may outlive the test
+        plans.reset()
+        for tuner in forced.values():
+            _common._lean_launchers.pop(id(tuner), None)
+
+    forget()
+    try:
+        for dtype in dtypes_for(device):
+            if dtype not in SIXTEEN_BIT:
+                continue
+            fwd_tol, grad_tol = tolerance(device, dtype)
+
+            def draw():
+                y = randn(2, 16, 13, 5, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+                blocks = [tuple(make_block(16 + 8 * k, 64, 8, dtype, device)) for k in range(2)]
+                leaves = [y, *(t for block in blocks for t in block)]
+                out = ops.distill_group(y, blocks)
+                grad_out = randn(*out.shape, dtype=dtype, device=device)
+                grads = torch.autograd.grad(out, leaves, grad_out)
+                ref, ref_grads, eager_grads = _reference(y, blocks, None, leaves, grad_out)
+                assert_close(out, ref, fwd_tol, f"{dtype} forward, {config}")
+                with torch.no_grad():
+                    assert_close(ops.distill_group(y.detach(), [[t.detach() for t in b] for b in blocks]), ref,
+                                 fwd_tol, f"{dtype} in-place forward, {config}")
+                return grads, eager_grads, ref_grads
+
+            assert_op_grads_close(dtype, grad_tol, draw, None, f"{dtype} {config}")
+    finally:
+        forget()
+
+
 def test_group_function_double_backward_raises(device):
     dtype = dtypes_for(device)[0]
     _eager_group_or_skip(device, dtype)
