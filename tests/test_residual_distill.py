@@ -665,19 +665,27 @@ def _flat(group):
     return blocks, w, b
 
 
-def _conv3x3_configs_16bit():
+def _unpinned_conv3x3_configs() -> list:
+    """(F, config) for each 16-bit 3x3 config that neither FASTDRN_NUM_WARPS=4 nor 8 runs."""
+    from fastdrn.kernels import _common
     from fastdrn.kernels import residual_distill as module
 
-    return module.conv3x3_configs(64, torch.bfloat16)
+    found = []
+    for block_f in module.CONV3X3_CONFIGS:
+        configs = module.conv3x3_configs(block_f, torch.bfloat16)
+        pinned = [_common.pinned_config(configs, warps) for warps in (4, 8)]
+        found += [(block_f, config) for config in configs if not any(config is p for p in pinned)]
+    return found
 
 
-# index: each 16-bit config of the 3x3 kernel at F = 64 (DRN's width). The GPU tests otherwise run
-# only the first and the first 8-warp one (FASTDRN_NUM_WARPS 4 and 8); autotuning may pick any.
-@pytest.mark.parametrize("index", range(len(_conv3x3_configs_16bit())))
-def test_every_3x3_config_at_drn_width_matches_float64(index, device, monkeypatch):
-    """Each listed 16-bit 3x3 config at F = 64, forced: a group of two blocks with 8-aligned widths
-    (so the forward folds the next squeeze) at 2 x 13 x 5 pixels (M = 130, no multiple of any
-    tile), output and every gradient against float64, and the in-place inference path's output."""
+# Each 16-bit 3x3 config that the GPU tests' warp pins (FASTDRN_NUM_WARPS 4 and 8) do not run:
+# autotuning may launch any listed config.
+@pytest.mark.parametrize("inner,config", _unpinned_conv3x3_configs(), ids=lambda v: v if isinstance(v, int) else (
+    "M{BLOCK_M}N{BLOCK_N}K{BLOCK_K}".format(**v.kwargs) + f"w{v.num_warps}s{v.num_stages}"))
+def test_every_3x3_config_matches_float64(inner, config, device, monkeypatch):
+    """Each such config, forced: a group of two blocks with 8-aligned widths (so the forward folds
+    the next squeeze where F <= 64) at 2 x 13 x 5 pixels (M = 130, no multiple of any tile), output
+    and every gradient against float64, and the in-place inference path's output."""
     import triton
 
     from fastdrn.kernels import _common, plans
@@ -685,12 +693,12 @@ def test_every_3x3_config_at_drn_width_matches_float64(index, device, monkeypatc
 
     if device.type != "cuda":
         pytest.skip("the interpreter runs one config of its own (CONV3X3_INTERPRETER)")
-    config = _conv3x3_configs_16bit()[index]
+    block_f = module.next_pow2(inner)
     forced = {}
     for inplace in (False, True):
         forced[inplace] = triton.autotune(configs=[config], key=module._TUNE_KEY,
                                           restore_value=["out_ptr"] if inplace else None)(module.conv3x3_fused_kernel)
-        monkeypatch.setitem(module.conv3x3_tuned, (64, False, inplace), forced[inplace])
+        monkeypatch.setitem(module.conv3x3_tuned, (block_f, False, inplace), forced[inplace])
 
     def forget():  # plans and lean launchers hold compiled kernels by autotuner: none may outlive the test
         plans.reset()
@@ -706,7 +714,7 @@ def test_every_3x3_config_at_drn_width_matches_float64(index, device, monkeypatc
 
             def draw():
                 y = randn(2, 16, 13, 5, dtype=dtype, device=device, channels_last=True, requires_grad=True)
-                blocks = [tuple(make_block(16 + 8 * k, 64, 8, dtype, device)) for k in range(2)]
+                blocks = [tuple(make_block(16 + 8 * k, inner, 8, dtype, device)) for k in range(2)]
                 leaves = [y, *(t for block in blocks for t in block)]
                 out = ops.distill_group(y, blocks)
                 grad_out = randn(*out.shape, dtype=dtype, device=device)
