@@ -349,17 +349,31 @@ def test_sigterm_during_training_saves_and_exits_143(trained, tmp_path):
     cmd = [sys.executable, "-m", "fastdrn.cli", "train", "--hr-dir", str(hr), "--scale", "2", "--out", str(out),
            "--steps", "100000", "--save-every", "100000", "--patch-size", "8", "--batch-size", "2",
            "--workers", "0", "--log-every", "1", "--device", "cpu", *TINY_TRAIN]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        for line in proc.stderr:               # progress lines: "[---...] 3/100000 loss ..."
-            if " 3/100000 " in line or time.monotonic() > deadline:
-                break
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # stdout to a file and stderr read by a thread: no pipe fills, and no read blocks past the
+    # deadline if the trainer goes quiet.
+    with open(tmp_path / "stdout.txt", "w") as stdout_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout_file, stderr=subprocess.PIPE, text=True)
+        stderr, third_step = [], threading.Event()
+
+        def read_stderr():
+            for line in proc.stderr:           # progress lines: "[---...] 3/100000 loss ..."
+                stderr.append(line)
+                if " 3/100000 " in line:
+                    third_step.set()
+
+        reader = threading.Thread(target=read_stderr, daemon=True)
+        reader.start()
+        try:
+            third_step.wait(timeout=240)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        reader.join(timeout=10)
+    stdout, stderr = (tmp_path / "stdout.txt").read_text(), "".join(stderr)
+    assert third_step.is_set(), "no third training step within 240 s: " + stderr[-2000:]
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "stopped by SIGTERM" in stdout
     ckpt = torch.load(out / "last.pt", weights_only=True)
