@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
+import subprocess
 from statistics import median
 
+import pytest
 import torch
 
 from fastdrn.backend import interpreting
@@ -162,3 +166,20 @@ def assert_model_grads_close(dtype, tol, draw, names, what):
             return
         assert_close(flat(grads), flat(ref_grads), tol, f"{what} draw {k}: gradients of all parameters as one vector")
     _assert_median_errors(results, max(tol, 0.1), [f"grad of {name}" for name in names], what)
+
+
+def run_bounded(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True, **kwargs), in a session of its own: past
+    `timeout` seconds every process of it is killed and the test fails with what it printed.
+    (subprocess.run kills only cmd itself: its children, a process pool or torchrun's workers, would
+    live on, holding the CPU and their ports while the rest of the run goes on.)"""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd))[:300]} did not finish within {timeout} s:\n{stdout[-3000:]}\n"
+                    f"{stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

@@ -17,6 +17,7 @@ import textwrap
 import pytest
 import triton
 from fastdrn.kernels import aot_check, registry
+from helpers import run_bounded
 
 
 def _toolchain_missing() -> str | None:
@@ -43,8 +44,7 @@ def _env(**extra) -> dict:
 
 
 def _run_check(*args, env=None, timeout=3600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fastdrn.kernels.aot_check", *args], env=env or _env(),
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return run_bounded([sys.executable, "-m", "fastdrn.kernels.aot_check", *args], timeout, env=env or _env())
 
 
 # ---- the full check ------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import run_bounded
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "bench")
@@ -44,9 +44,8 @@ def smoke(tmp_path_factory):
     dummy.mkdir()
     (dummy / "test_dummy.py").write_text(
         "import os\n\ndef test_warps():\n    assert os.environ['FASTDRN_NUM_WARPS'] in ('4', '8')\n")
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_check.py"), str(out), "--smoke",
-                           "--pytest-target", str(dummy)],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = run_bounded([sys.executable, os.path.join(BENCH, "gpu_check.py"), str(out), "--smoke",
+                        "--pytest-target", str(dummy)], 600, cwd=REPO, env=_env())
     rows = []
     if (out / "results.jsonl").exists():
         rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
@@ -139,9 +138,8 @@ def test_plot_without_matplotlib_says_so(monkeypatch, capsys, bench_modules):
 
 def test_one_script_alone(tmp_path):
     out, md = tmp_path / "r.jsonl", tmp_path / "r.md"
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_pixel_shuffle.py"), "--smoke", "--no-compile",
-                           "--out", str(out), "--md", str(md)],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = run_bounded([sys.executable, os.path.join(BENCH, "bench_pixel_shuffle.py"), "--smoke", "--no-compile",
+                        "--out", str(out), "--md", str(md)], 300, cwd=REPO, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert LABEL in proc.stdout and LABEL in md.read_text()
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -177,8 +175,8 @@ def test_host_launches_counts_a_training_step():
     launches and both models, and counts launches; once warm, no launch goes through Triton's run."""
     env = {k: v for k, v in _env().items() if k not in ("TRITON_INTERPRET", "FASTDRN_NUM_WARPS", "FASTDRN_AUTOTUNE")}
     env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])  # this checkout's fastdrn
-    out = subprocess.run([sys.executable, os.path.join(BENCH, "host_launches.py"), "--scale", "2", "--small",
-                          "--reps", "2"], capture_output=True, text=True, timeout=300, check=False, env=env)
+    out = run_bounded([sys.executable, os.path.join(BENCH, "host_launches.py"), "--scale", "2", "--small",
+                       "--reps", "2"], 300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     for what in ("Triton's JITFunction.run", "fastdrn launch (lean path", "block's forward", "aten add"):
@@ -214,8 +212,8 @@ def test_gpu_session_smoke_rehearses_the_device_script(tmp_path):
     """bench/gpu_session.sh, the script a lent GPU runs, rehearsed on the CPU: its test runner,
     the model and block benchmarks, the autotune sweep and the kernel profile."""
     out = tmp_path / "session"
-    proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_session.sh"), "smoke"], cwd=REPO,
-                          env={**_env(), "OUT": str(out)}, capture_output=True, text=True, timeout=900)
+    proc = run_bounded(["bash", os.path.join(BENCH, "gpu_session.sh"), "smoke"], 900, cwd=REPO,
+                       env={**_env(), "OUT": str(out)})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "passed" in (out / "tests-backend.log").read_text()
     rows = [json.loads(line) for line in (out / "results-smoke.jsonl").read_text().splitlines() if line.strip()]

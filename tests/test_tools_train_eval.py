@@ -4,7 +4,6 @@ import io
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -20,6 +19,7 @@ from fastdrn.tools.checkpoint import load_model
 from fastdrn.tools.data import StreamBatchSampler, TrainPatches, find_pairs, make_lr
 from fastdrn.tools.metrics import psnr, ssim
 from fastdrn.tools.train import TrainConfig, Trainer, default_workers, train
+from helpers import run_bounded
 
 TINY = dict(n_feats=8, n_groups=1, n_blocks=2, inner=8, distill=4)
 
@@ -264,9 +264,10 @@ def test_ddp_two_gloo_processes_match_one(synth, tmp_path):
     # The workers run this file as a script: this checkout's fastdrn first, not another installed one.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo on loopback, whatever the host name resolves to
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
            __file__, str(synth), str(two)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    r = run_bounded(cmd, 240, env=env)  # torchrun's workers are stopped with it at the limit
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     g1 = torch.load(one / "grads_w1.pt", weights_only=True)
     g2 = torch.load(two / "grads_w2.pt", weights_only=True)
