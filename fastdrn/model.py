@@ -148,6 +148,11 @@ class DRN(reference.DRN):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.n_colors:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"DRN expects an (N, {self.n_colors}, H, W) image batch, got {shape}")
+        if x.numel() == 0 or x.device.type == "meta":
+            # Nothing to compute: an empty batch (N = 0) or shapes only (meta tensors, as deferred
+            # initialization and model summaries use). The reference's own forward gives what
+            # nn.Conv2d gives, the empty output or its shape, or the same error for H or W of 0.
+            return super().forward(x)
         channels_last_in = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         dtype = self._compute_dtype(x)
         mean = self.rgb_mean.to(x.dtype) * self.rgb_range

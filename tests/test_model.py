@@ -124,6 +124,19 @@ def test_bad_image_is_named():
         fast(torch.rand(1, 4, 5, 5))
 
 
+def test_an_empty_batch_and_meta_tensors_give_the_references_output(device):
+    """Nothing to compute: N = 0 gives the empty output the reference gives (as nn.Conv2d does), and
+    a model and input on the meta device give the output's shape (deferred initialization, model
+    summaries); neither reaches a kernel."""
+    ref, fast = pair(dict(scale=2, **SMALL), device, dtypes_for(device)[-1])
+    empty = image(0, 4, 5, device, dtypes_for(device)[-1])
+    with torch.no_grad():
+        out = fast(empty)
+        assert out.shape == ref(empty).shape == (0, 3, 8, 10)
+    meta = fastdrn.DRN(scale=2, **SMALL).to("meta")
+    assert meta(torch.empty(2, 3, 4, 5, device="meta")).shape == (2, 3, 8, 10)
+
+
 def test_recompute_option_gives_the_same_gradients(device):
     dtype = dtypes_for(device)[-1]
     ref, fast = pair(dict(scale=2, **SMALL), device, dtype)
