@@ -14,8 +14,8 @@ channels_last, FASTDRN_AUTOTUNE as set by the caller):
             FASTDRN_FOLD_BACKWARD=1 (a saved, each block's g_b computed by the next block's kernel)
   rdb       one block's forward (no gradient) at 1x540x960, D = 64, F = 64: its TFLOP/s against a
             bf16 matrix product measured in the same run (the kernel issue's target is 50%)
-  3x3       every launch config of the 3x3 kernel at F = 64, timed by Triton's autotuner on the
-            launches a group of 2 blocks makes: forward and input gradient at 16x48x48, and the
+  3x3       every launch config of the 3x3 kernel at F = 64, listed or candidate, timed by Triton's
+            autotuner on the launches a group of 2 blocks makes: forward and input gradient at 16x48x48, and the
             in-place inference forward at 1x270x480 (the default config is the first listed)
 
 Writes <out>/profile.json (every kernel: name, calls, total and mean us per step) and prints the
@@ -128,17 +128,24 @@ def conv3x3_launches(run) -> list[tuple]:
 
 
 def config_timings(launches) -> list[dict]:
-    """Each launch autotuned over every config of its list (Triton's do_bench median per config)."""
+    """Each launch autotuned over every config of its list and the candidates beside it
+    (CONV3X3_CANDIDATES): Triton's do_bench median per config, the default first."""
+    import triton
+
+    from fastdrn.kernels import residual_distill as rd
     from fastdrn.kernels._common import KERNELS_INTERPRETED
 
     rows = []
-    for tuned, grid, args in launches:
-        key = {name: args[name] for name in ("M", *tuned.keys, "HAS_NEXT", "SAVE_MID")}
+    for listed, grid, args in launches:
+        key = {name: args[name] for name in ("M", *listed.keys, "HAS_NEXT", "SAVE_MID")}
         key["in_place"] = args["out_ptr"] is args["res_ptr"]
         if KERNELS_INTERPRETED:  # nothing autotunes under the interpreter
             rows.append({"key": key, "timings_us": {}})
             continue
-        tuned.cache.clear()
+        sixteen_bit = args["x_ptr"].dtype in (torch.bfloat16, torch.float16)
+        candidates = rd.CONV3X3_CANDIDATES.get(args["BLOCK_F"], []) if sixteen_bit else []
+        tuned = triton.autotune(configs=[*listed.configs, *candidates], key=listed.keys,
+                                restore_value=["out_ptr"] if key["in_place"] else None)(rd.conv3x3_fused_kernel)
         try:
             tuned[grid](**args)
         except Exception as error:  # noqa: BLE001 - a config that fails is a result: recorded, and on

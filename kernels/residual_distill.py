@@ -215,12 +215,7 @@ def _config(block_m, block_n, block_k, warps, stages):
 CONV3X3_CONFIGS = {
     16: [_config(64, 64, 16, 4, 3), _config(128, 64, 16, 8, 3)],
     32: [_config(64, 32, 32, 4, 3), _config(128, 64, 32, 8, 3)],
-    # DRN's width. After the first three, larger pixel tiles that read the 9 F^2 weights for more
-    # rows (docs/kernels.md: the 3x3's L2 traffic) and whole-F steps, for the autotuner and the GPU
-    # profile to time against the default before any of them becomes it.
-    64: [_config(64, 32, 32, 4, 3), _config(64, 64, 32, 8, 3), _config(128, 32, 32, 8, 3),
-         _config(128, 32, 64, 8, 3), _config(128, 64, 64, 8, 3), _config(256, 32, 32, 8, 2),
-         _config(128, 32, 32, 4, 3), _config(64, 32, 64, 4, 4)],
+    64: [_config(64, 32, 32, 4, 3), _config(64, 64, 32, 8, 3), _config(128, 32, 32, 8, 3)],
     128: [_config(64, 64, 32, 8, 3), _config(64, 32, 32, 8, 3)],
     256: [_config(64, 16, 32, 8, 2)],  # BLOCK_N 32 spilled 8-16 bytes on sm_80 in the input-gradient pass
 }
@@ -230,6 +225,14 @@ CONV3X3_FP32_CONFIGS = {
     64: [_config(64, 16, 16, 8, 3)],
     128: [_config(64, 16, 16, 8, 3)],
     256: [_config(64, 16, 16, 8, 2)],
+}
+# 16-bit candidates at DRN's width, neither launched nor autotuned: larger pixel tiles that read the
+# 9 F^2 weights for more rows (docs/kernels.md: the 3x3's L2 traffic) and whole-F steps.
+# bench/profile_kernels.py times them beside the configs above and a GPU test checks each against
+# float64; one joins CONV3X3_CONFIGS when a GPU run shows it wins. In the AOT check like the others.
+CONV3X3_CANDIDATES = {
+    64: [_config(128, 32, 64, 8, 3), _config(128, 64, 64, 8, 3), _config(256, 32, 32, 8, 2),
+         _config(128, 32, 32, 4, 3), _config(64, 32, 64, 4, 4)],
 }
 CONV3X3_INTERPRETER = _config(32, 32, 32, 4, 1)
 # Per BLOCK_F, with BLOCK_K no wider than BLOCK_F (built once: a Config per launch costs host time).
@@ -933,7 +936,7 @@ def aot_variants():
     (ROW_ALIGN 1, integers not divisible by 16). F is a compile-time constant, compiled here at F =
     BLOCK_F (DRN's widths, 16 to 256); another F compiles its own variant at launch, with the same
     tiles and masks."""
-    from .registry import AOT_DTYPES, expand, launch_configs
+    from .registry import AOT_DTYPES, config_label, expand, launch_configs
 
     kinds = {name: "ptr" for name in ("x_ptr", "wc_ptr", "bc_ptr", "aux_ptr", "mid_ptr", "w2_ptr", "b2_ptr",
                                        "res_ptr", "out_ptr", "w3_ptr", "b3_ptr", "aux3_ptr", "next_ptr")}
@@ -972,7 +975,8 @@ def aot_variants():
     own = ("x_ptr", "wc_ptr", "aux_ptr", "aux3_ptr", "mid_ptr", "out_ptr", "next_ptr")
     checked = own + ("res_ptr", "w2_ptr", "w3_ptr")
 
-    def compile_cases(block_f, dtype, fused, folded, configs):
+    def compile_cases(block_f, dtype, fused, folded, listed, candidates):
+        configs = launch_configs(listed) + [(f"{config_label(c)} [candidate]", c) for c in candidates]
         unit = 4 if dtype == "fp32" else 8
         label = lambda text, align: f"F{block_f} {text} align {align}"  # noqa: E731
         common = {"F": block_f, "BLOCK_F": block_f, "IS_FP64": False}
@@ -981,10 +985,10 @@ def aot_variants():
         alone_cases = [(f"F{block_f} {text}", {**values, **common}) for text, values in
                        (alone_passes[:1] if fused else alone_passes)]
         kernel, dtypes = conv3x3_fused_kernel, (dtype,)
-        return (expand(kernel, kinds, aligned, launch_configs(configs), dtypes=dtypes, div16=ints, aligned=checked)
-                + expand(kernel, kinds, unaligned + alone_cases, launch_configs(configs), dtypes=dtypes,
+        return (expand(kernel, kinds, aligned, configs, dtypes=dtypes, div16=ints, aligned=checked)
+                + expand(kernel, kinds, unaligned + alone_cases, configs, dtypes=dtypes,
                          div16=ints, aligned=own, specializations=("plain",))
-                + expand(kernel, kinds, alone_cases, launch_configs(configs), dtypes=dtypes, div16=ints,
+                + expand(kernel, kinds, alone_cases, configs, dtypes=dtypes, div16=ints,
                          aligned=own, specializations=("div16",)))
 
     variants = []
@@ -993,5 +997,6 @@ def aot_variants():
             torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
             fused = fused_passes if fuses_second_gemm(block_f, torch_dtype) else []
             folded = folded_passes if folds_on_gpu(block_f, torch_dtype) else []
-            variants += compile_cases(block_f, dtype, fused, folded, conv3x3_configs(block_f, torch_dtype))
+            candidates = CONV3X3_CANDIDATES.get(block_f, []) if torch_dtype != torch.float32 else []
+            variants += compile_cases(block_f, dtype, fused, folded, conv3x3_configs(block_f, torch_dtype), candidates)
     return variants

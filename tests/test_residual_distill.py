@@ -666,7 +666,8 @@ def _flat(group):
 
 
 def _unpinned_conv3x3_configs() -> list:
-    """(F, config) for each 16-bit 3x3 config that neither FASTDRN_NUM_WARPS=4 nor 8 runs."""
+    """(F, config) for each 16-bit 3x3 config that neither FASTDRN_NUM_WARPS=4 nor 8 runs, and each
+    candidate (CONV3X3_CANDIDATES)."""
     from fastdrn.kernels import _common
     from fastdrn.kernels import residual_distill as module
 
@@ -675,11 +676,12 @@ def _unpinned_conv3x3_configs() -> list:
         configs = module.conv3x3_configs(block_f, torch.bfloat16)
         pinned = [_common.pinned_config(configs, warps) for warps in (4, 8)]
         found += [(block_f, config) for config in configs if not any(config is p for p in pinned)]
+        found += [(block_f, config) for config in module.CONV3X3_CANDIDATES.get(block_f, [])]
     return found
 
 
-# Each 16-bit 3x3 config that the GPU tests' warp pins (FASTDRN_NUM_WARPS 4 and 8) do not run:
-# autotuning may launch any listed config.
+# Each 16-bit 3x3 config that the GPU tests' warp pins (FASTDRN_NUM_WARPS 4 and 8) do not run
+# (autotuning may launch any listed config), and each candidate the GPU profile times.
 @pytest.mark.parametrize("inner,config", _unpinned_conv3x3_configs(), ids=lambda v: v if isinstance(v, int) else (
     "M{BLOCK_M}N{BLOCK_N}K{BLOCK_K}".format(**v.kwargs) + f"w{v.num_warps}s{v.num_stages}"))
 def test_every_3x3_config_matches_float64(inner, config, device, monkeypatch):
