@@ -621,8 +621,9 @@ def test_distill_groups_equals_the_groups_one_by_one(inners, device):
 
 # frozen: the input and the first group's first block need no gradient, so that group's backward
 # starts at its second block and reads its transposed packs from there.
+@pytest.mark.parametrize("fold", [False, True])  # FASTDRN_FOLD_BACKWARD: the input-gradient kernels read them too
 @pytest.mark.parametrize("frozen", [False, True])
-def test_distill_groups_transposes_the_3x3_weights_once_a_step(frozen, device, monkeypatch):
+def test_distill_groups_transposes_the_3x3_weights_once_a_step(frozen, fold, device, monkeypatch):
     """In training, distill_groups packs every group's transposed 3x3 weights (what the backward's
     input gradient reads) in the same one copy as the forward's: each block's slice equals its own
     transposed pack, no group's backward transposes its own, and the gradients are those of the
@@ -646,18 +647,20 @@ def test_distill_groups_transposes_the_3x3_weights_once_a_step(frozen, device, m
     if frozen:
         for t in groups[0][0][0]:
             t.requires_grad_(False)
-    expected = ops.distill_and_compress(ops.distill_and_compress(y, *_flat(groups[0])), *_flat(groups[1]))
-    grad_out = randn(*expected.shape, dtype=dtype, device=device)
+    grad_out = randn(2, 24, 5, 3, dtype=dtype, device=device)
     leaves = [t for t in (y, *w_convs) if t.requires_grad]
-    expected_grads = torch.autograd.grad(expected, leaves, grad_out)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a group's backward transposed its own 3x3 weights")
 
-    monkeypatch.setattr(rd, "_transposed_packs", refuse)
-    out = ops.distill_groups(y, groups)
-    for i, (g, e) in enumerate(zip(torch.autograd.grad(out, leaves, grad_out), expected_grads)):
-        assert torch.equal(g, e), f"gradient of leaf {i}"
+    with launch_settings(fold_backward=fold):
+        expected = ops.distill_and_compress(ops.distill_and_compress(y, *_flat(groups[0])), *_flat(groups[1]))
+        expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+        monkeypatch.setattr(rd, "_transposed_packs", refuse)
+        out = ops.distill_groups(y, groups)
+        assert torch.equal(out, expected)
+        for i, (g, e) in enumerate(zip(torch.autograd.grad(out, leaves, grad_out), expected_grads)):
+            assert torch.equal(g, e), f"gradient of leaf {i}"
 
 
 def _flat(group):
