@@ -132,10 +132,9 @@ def conv3x3_launches(run) -> list[tuple]:
 def config_timings(launches) -> list[dict]:
     """Each launch autotuned over every config of its list and the candidates beside it
     (CONV3X3_CANDIDATES): Triton's do_bench median per config, the default first."""
-    import triton
-
     from fastdrn.kernels import residual_distill as rd
     from fastdrn.kernels._common import KERNELS_INTERPRETED
+    from fastdrn.kernels.registry import config_label
 
     rows = []
     for listed, grid, args in launches:
@@ -146,8 +145,7 @@ def config_timings(launches) -> list[dict]:
             continue
         sixteen_bit = args["x_ptr"].dtype in (torch.bfloat16, torch.float16)
         candidates = rd.CONV3X3_CANDIDATES.get(args["BLOCK_F"], []) if sixteen_bit else []
-        tuned = triton.autotune(configs=[*listed.configs, *candidates], key=listed.keys,
-                                restore_value=["out_ptr"] if key["in_place"] else None)(rd.conv3x3_fused_kernel)
+        tuned = rd.conv3x3_autotuner([*listed.configs, *candidates], key["in_place"])
         try:
             tuned[grid](**args)
         except Exception as error:  # noqa: BLE001 - a config that fails is a result: recorded, and on
@@ -155,9 +153,7 @@ def config_timings(launches) -> list[dict]:
             continue
         timings = {}
         for config, ms in getattr(tuned, "configs_timings", {}).items():
-            meta = ",".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
-            label = f"{meta},warps={config.num_warps},stages={config.num_stages}"
-            timings[label] = 1000 * (ms[0] if isinstance(ms, (list, tuple)) else ms)
+            timings[config_label(config)] = 1000 * (ms[0] if isinstance(ms, (list, tuple)) else ms)
         rows.append({"key": key, "timings_us": timings, "default": next(iter(timings), None)})
     return rows
 

@@ -245,12 +245,18 @@ def conv3x3_configs(block_f: int, dtype: torch.dtype) -> list:
 
 
 _TUNE_KEY = ["F", "N2", "NRES", "EPI1", "HAS_SECOND", "ROW_ALIGN"]
-# Keyed by (BLOCK_F, float32?, in place?). The in-place group path writes over its own residual, so
-# every autotuning trial must start from it (restore_value).
-conv3x3_tuned = {
-    (block_f, fp32, inplace): triton.autotune(configs=conv3x3_configs(block_f, torch.float32 if fp32 else None),
-                                              key=_TUNE_KEY, restore_value=["out_ptr"] if inplace else None)(
+
+
+def conv3x3_autotuner(configs: list, inplace: bool):
+    """The 3x3 kernel autotuned over `configs`. The in-place group path writes over its own
+    residual, so there every autotuning trial must start from it (restore_value)."""
+    return triton.autotune(configs=configs, key=_TUNE_KEY, restore_value=["out_ptr"] if inplace else None)(
         conv3x3_fused_kernel)
+
+
+# Keyed by (BLOCK_F, float32?, in place?).
+conv3x3_tuned = {
+    (block_f, fp32, inplace): conv3x3_autotuner(conv3x3_configs(block_f, torch.float32 if fp32 else None), inplace)
     for block_f in CONV3X3_CONFIGS for fp32 in (False, True) for inplace in (False, True)
 }
 MAX_INNER = max(CONV3X3_CONFIGS)
@@ -378,16 +384,14 @@ def pack_groups(w_convs, lengths, transposed=False) -> tuple:
     compute the weights' gradients themselves."""
     if not _stackable(w_convs):
         return None, None
+    starts = [sum(lengths[:k]) for k in range(len(lengths))]
+
+    def per_group(packed):
+        return [[packed[start:start + length]] for start, length in zip(starts, lengths)]
+
     with torch.no_grad():
         stack = torch.stack(w_convs)
-        whole = [_pack_stack(stack, False)] + ([_pack_stack(stack, True)] if transposed else [])
-    per_group = [[], []]
-    for packed, slices in zip(whole, per_group):
-        start = 0
-        for length in lengths:
-            slices.append([packed[start:start + length]])
-            start += length
-    return per_group[0], per_group[1] if transposed else None
+        return per_group(_pack_stack(stack, False)), per_group(_pack_stack(stack, True)) if transposed else None
 
 
 def _transposed_packs(packs, first=0) -> list:

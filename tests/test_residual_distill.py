@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastdrn import backend, ops, reference
+from fastdrn.kernels.registry import config_label
 from fastdrn.reference import ResidualDistillBlock
 from helpers import (SIXTEEN_BIT, assert_close, assert_op_grads_close, dtypes_for, float64_leaves, randn, tolerance,
                      launch_settings, where)
@@ -685,14 +686,12 @@ def _unpinned_conv3x3_configs() -> list:
 
 # Each 16-bit 3x3 config that the GPU tests' warp pins (FASTDRN_NUM_WARPS 4 and 8) do not run
 # (autotuning may launch any listed config), and each candidate the GPU profile times.
-@pytest.mark.parametrize("inner,config", _unpinned_conv3x3_configs(), ids=lambda v: v if isinstance(v, int) else (
-    "M{BLOCK_M}N{BLOCK_N}K{BLOCK_K}".format(**v.kwargs) + f"w{v.num_warps}s{v.num_stages}"))
+@pytest.mark.parametrize("inner,config", _unpinned_conv3x3_configs(),
+                         ids=lambda v: v if isinstance(v, int) else config_label(v).replace(" ", ""))
 def test_every_3x3_config_matches_float64(inner, config, device, monkeypatch):
     """Each such config, forced: a group of two blocks with 8-aligned widths (so the forward folds
     the next squeeze where F <= 64) at 2 x 13 x 5 pixels (M = 130, no multiple of any tile), output
     and every gradient against float64, and the in-place inference path's output."""
-    import triton
-
     from fastdrn.kernels import _common, plans
     from fastdrn.kernels import residual_distill as module
 
@@ -701,8 +700,7 @@ def test_every_3x3_config_matches_float64(inner, config, device, monkeypatch):
     block_f = module.next_pow2(inner)
     forced = {}
     for inplace in (False, True):
-        forced[inplace] = triton.autotune(configs=[config], key=module._TUNE_KEY,
-                                          restore_value=["out_ptr"] if inplace else None)(module.conv3x3_fused_kernel)
+        forced[inplace] = module.conv3x3_autotuner([config], inplace)
         monkeypatch.setitem(module.conv3x3_tuned, (block_f, False, inplace), forced[inplace])
 
     def forget():  # plans and lean launchers hold compiled kernels by autotuner: none may outlive the test
