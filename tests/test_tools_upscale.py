@@ -1,6 +1,7 @@
 """Checkpoint loading, image I/O and ``fastdrn upscale`` (fastdrn.tools.checkpoint, image_io, infer, upscale)."""
 import io
 import os
+import re
 import struct
 import zlib
 
@@ -144,6 +145,44 @@ def test_atomic_write_never_leaves_half_files(tmp_path):
     assert os.listdir(tmp_path) == ["out.bin"]
     atomic_write(dst, lambda tmp: open(tmp, "wb").close() or None)
     assert dst.read_bytes() == b"" and os.listdir(tmp_path) == ["out.bin"]
+
+
+
+def test_atomic_write_errors_name_the_destination_not_the_temporary_file(tmp_path, weights, capsys):
+    (tmp_path / "a_file").write_bytes(b"x")
+    (tmp_path / "a_folder.png").mkdir()
+    writes = []
+
+    def write(tmp):
+        writes.append(tmp)
+        open(tmp, "wb").close()
+
+    blocked = tmp_path / "a_file" / "sub" / "out.png"
+    with pytest.raises(OSError, match="^" + re.escape(f"{blocked}: cannot write: {tmp_path / 'a_file'} is a file, not a folder")
+                       + "$"):
+        atomic_write(blocked, write)
+    with pytest.raises(IsADirectoryError, match="a_folder.png: cannot write: it is a folder$"):
+        atomic_write(tmp_path / "a_folder.png", write)
+    assert not writes                                   # refused before anything was written
+
+    def failing(tmp):
+        raise PermissionError(13, "Permission denied", tmp)
+
+    with pytest.raises(PermissionError, match="^" + re.escape(f"{tmp_path / 'out.png'}: cannot write: Permission denied")
+                       + "$") as e:
+        atomic_write(tmp_path / "out.png", failing)
+    assert e.value.errno == 13
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "a_folder.png", "drn_x2.pt"]   # no temporary file left
+    # the command line reports it by the output's name, for each input
+    PILImage.new("RGB", (5, 4)).save(tmp_path / "in.png")
+    PILImage.new("L", (5, 4)).save(tmp_path / "in2.png")
+    capsys.readouterr()
+    assert cli.main(["upscale", str(tmp_path / "in.png"), str(tmp_path / "in2.png"), "-o", str(tmp_path / "a_file"),
+                     "--weights", weights[0]]) == 1
+    err = capsys.readouterr().err
+    for name in ("in.png", "in2.png"):
+        assert f"{tmp_path / 'a_file' / name}: cannot write: {tmp_path / 'a_file'} is a file, not a folder" in err
+    assert "Errno" not in err and ".tmp" not in err
 
 
 # --------------------------------------------------------------------------------- tiling, ensemble

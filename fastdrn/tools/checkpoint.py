@@ -426,10 +426,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    if os.path.isdir(path):        # found before writing, not by os.replace after a long write
+        raise IsADirectoryError(f"{path}: cannot write: it is a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise _write_error(path, e, _file_in_the_way(folder)) from None
     base = os.path.basename(path)
     stem, ext = os.path.splitext(base)
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=folder)
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         try:
             os.fchmod(fd, 0o666 & ~current_umask())
@@ -439,12 +447,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):   # named by the destination, not by the temporary name
+            raise _write_error(path, e) from None
         raise
+
+
+def _file_in_the_way(folder: str) -> str | None:
+    """The nearest existing ancestor of ``folder`` when it is a file (so no folder can be made there)."""
+    while folder and not os.path.exists(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+    return folder if os.path.exists(folder) and not os.path.isdir(folder) else None
+
+
+def _write_error(path: str, e: OSError, blocker: str | None = None) -> OSError:
+    """An OSError of the same kind whose message names the file being written and why it failed."""
+    why = f"{blocker} is a file, not a folder" if blocker else (e.strerror or str(e))
+    err = type(e)(f"{path}: cannot write: {why}") if type(e).__module__ == "builtins" else OSError(
+        f"{path}: cannot write: {why}")
+    err.errno = e.errno
+    return err
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
