@@ -28,6 +28,13 @@ def _positive(v: str) -> int:
     return i
 
 
+def _quality(v: str) -> int:
+    i = int(v)
+    if not 0 <= i <= 100:
+        raise argparse.ArgumentTypeError(f"expected a quality from 0 to 100, got {v}")
+    return i
+
+
 def _model_overrides(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (read from the checkpoint's shapes; these override or check)")
     g.add_argument("--scale", type=int, help="expected upscaling factor (an error if the checkpoint differs)")
@@ -80,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_args(up)
     up.add_argument("--format", choices=("png", "jpeg", "webp"), default=None,
                     help="output format (default: the input's, PNG for others)")
-    up.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
+    up.add_argument("--quality", type=_quality, default=95, help="JPEG/WebP quality, 0 to 100")
     up.add_argument("--suffix", default="", help="added to output file names, e.g. _x4")
     _model_overrides(up)
 

@@ -351,6 +351,35 @@ def test_upscale_single_file_formats_and_tiles(tmp_path, weights):
     assert cli.main(["upscale", src, "-o", str(tmp_path), "--weights", wpath, "--device", "cpu"]) == 1
 
 
+def test_output_options_that_cannot_be_honoured_are_refused(tmp_path, weights, capsys):
+    """An output that would not be what was asked for is a usage error naming the option, and
+    nothing is written: a file extension fastdrn cannot write (not a folder of that name), a
+    --format that contradicts the output file's extension, a --suffix that leaves the output
+    folder, a --quality out of range."""
+    wpath, _ = weights
+    src = _save(tmp_path / "a.png", (_texture(6, 7) * 255).astype(np.uint8))
+    out = tmp_path / "out"
+    out.mkdir()
+    cases = [(["-o", str(out / "b.bmp")], "b.bmp: cannot write .bmp images"),
+             (["-o", str(out / "b.TIF")], "b.TIF: cannot write .tif images"),
+             (["-o", str(out / "b.png"), "--format", "jpeg"], "--format jpeg does not match the output file"),
+             (["-o", str(out / "c"), "--suffix", "/../x"], "--suffix '/../x': a suffix of file names cannot hold"),
+             ]
+    for args, message in cases:
+        capsys.readouterr()
+        assert cli.main(["upscale", src, *args, "--weights", wpath]) == 2, args
+        assert message in capsys.readouterr().err
+        assert os.listdir(out) == [] and sorted(os.listdir(tmp_path)) == ["a.png", "drn_x2.pt", "out"]
+    with pytest.raises(SystemExit):
+        cli.main(["upscale", src, "-o", str(out / "b.jpg"), "--quality", "500", "--weights", wpath])
+    assert "--quality: expected a quality from 0 to 100" in capsys.readouterr().err
+    # what matches is written: a .jpeg file with --format jpeg, and a folder named like an image
+    assert cli.main(["upscale", src, "-o", str(out / "b.jpeg"), "--format", "jpeg", "--weights", wpath]) == 0
+    (out / "d.bmp").mkdir()
+    assert cli.main(["upscale", src, "-o", str(out / "d.bmp"), "--weights", wpath]) == 0
+    assert PILImage.open(out / "b.jpeg").format == "JPEG" and os.listdir(out / "d.bmp") == ["a.png"]
+
+
 def test_bad_inputs_are_named_and_skipped(tmp_path, weights, capsys):
     wpath, _ = weights
     src = tmp_path / "in"

@@ -20,7 +20,7 @@ import torch
 
 from ..graphs import make_upscaler
 from .checkpoint import load_model
-from .image_io import DEFAULT_MAX_PIXELS, WRITE_FORMATS, ImageReadError, list_images, read_image, write_image
+from .image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTS, WRITE_FORMATS, ImageReadError, list_images, read_image, write_image
 from .infer import prepare, receptive_radius, upscale_image
 
 __all__ = ["upscale", "output_paths"]
@@ -33,7 +33,14 @@ def output_paths(inputs: list[str], output: str, fmt: str | None = None, suffix:
     and it has an image extension, else a folder. Folders are expanded (not recursively)."""
     files = list_images(inputs)
     single = len(inputs) == 1 and not Path(inputs[0]).is_dir() and len(files) == 1
-    if Path(output).suffix.lower() in WRITE_FORMATS and not Path(output).is_dir():
+    if os.sep in suffix or (os.altsep and os.altsep in suffix):
+        raise ValueError(f"--suffix {suffix!r}: a suffix of file names cannot hold a path separator")
+    ext = Path(output).suffix.lower()
+    if ext in IMAGE_EXTS and ext not in WRITE_FORMATS and not Path(output).is_dir():
+        raise ValueError(f"{output}: cannot write {ext} images: name a .png, .jpg, .jpeg or .webp file, or a folder")
+    if ext in WRITE_FORMATS and not Path(output).is_dir():
+        if fmt and WRITE_FORMATS[FORMAT_EXT[fmt]] != WRITE_FORMATS[ext]:
+            raise ValueError(f"--format {fmt} does not match the output file {output}: change one of them")
         if single:
             return [(files[0], output)]
         raise ValueError(f"{output} names a file but there are {len(files)} input images: give a folder")
