@@ -107,6 +107,52 @@ def test_load_refuses_code_corruption_and_foreign_files(tmp_path):
         fastdrn.load(tmp_path / "absent.pt")
 
 
+
+class _RunsCode:
+    """Unpickling this calls os.system: a checkpoint holding it must be refused without running it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_load_says_what_a_file_that_is_not_a_checkpoint_is(tmp_path, capsys):
+    """torch's own message for these leads with advice to load with weights_only=False (which would
+    run the file's code) and hides the reason; the errors say what the file is instead."""
+    import pickle
+    marker = tmp_path / "code_ran"
+    torch.save({"params": _ref().state_dict(), "hook": _RunsCode(marker)}, tmp_path / "code.pth")
+    with open(tmp_path / "code_raw.pkl", "wb") as f:
+        pickle.dump({"params": _RunsCode(marker)}, f, protocol=4)
+    torch.save(_ref().state_dict(), tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) * 2 // 3])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    PILImage.new("RGB", (4, 4)).save(tmp_path / "photo.pth", format="PNG")
+    (tmp_path / "notes.pt").write_text("these are not weights\n")
+    cases = {"code.pth": "refused: it holds a Python object (posix.system) that loading would have to run",
+             "code_raw.pkl": "refused: a pickle that torch.load(weights_only=True) cannot read",
+             "cut.pt": "the checkpoint is truncated or damaged: a zip file without the directory at its end",
+             "empty.pt": "the file is empty",
+             "photo.pth": "not a checkpoint: a PNG image, neither a PyTorch file",
+             "notes.pt": "not a checkpoint: neither a PyTorch file"}
+    for name, message in cases.items():
+        with pytest.raises(CheckpointError) as e:
+            fastdrn.load(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: {message}"), str(e.value)
+        assert "weights_only` set to `False`" not in str(e.value)
+    assert not marker.exists()                                   # nothing ran
+    with pytest.raises(CheckpointError, match="a folder, not a checkpoint file"):
+        fastdrn.load(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["upscale", str(tmp_path / "photo.pth"), "-o", str(tmp_path / "o.png"),
+                     "--weights", str(tmp_path / "cut.pt")]) == 2
+    assert "cut.pt: the checkpoint is truncated or damaged" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists() and not marker.exists()
+
+
 def test_load_safetensors_with_config_and_without_the_package(tmp_path, monkeypatch):
     st = pytest.importorskip("safetensors.torch")
     ref = _ref(alpha=0.25)

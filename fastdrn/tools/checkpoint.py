@@ -227,6 +227,8 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     A shipped weight name is resolved to its file first."""
     from fastdrn.pretrained import resolve
     path = resolve(os.fspath(path))
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     if _is_safetensors(path):
@@ -235,8 +237,42 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError, RuntimeError for corrupt zip files, ...
-        raise CheckpointError(f"{path}: cannot be loaded safely (torch.load weights_only=True): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise CheckpointError(f"{path}: {_why_not_loaded(path, e)}") from e
+
+
+# First bytes of files that get passed as checkpoints by mistake.
+_OTHER_FORMATS = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+                  b"RIFF": "a RIFF (WebP?) file", b"\x1f\x8b": "a gzip file", b"{": "a JSON text",
+                  b"\x93NUMPY": "a NumPy .npy file", b"\x89HDF": "an HDF5 (Keras?) file"}
+
+
+def _why_not_loaded(path: str, e: Exception) -> str:
+    """Why torch.load(weights_only=True) failed, in words: torch's own message leads with advice
+    to load with weights_only=False, which would run any code the file holds."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        return ("the checkpoint is truncated or damaged: a zip file without the directory at its end "
+                "(an interrupted save or copy)")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):   # torch.save writes a zip, or a pickle of protocol >= 2
+        kind = next((v for k, v in _OTHER_FORMATS.items() if head.startswith(k)), None)
+        return ("not a checkpoint: " + (f"{kind}, " if kind else "")
+                + "neither a PyTorch file (torch.save's zip or pickle) nor a safetensors file")
+    text = str(e)
+    blocked = re.search(r"GLOBAL ([\w.]+)", text)
+    if blocked:
+        return (f"refused: it holds a Python object ({blocked.group(1)}) that loading would have to run, and only "
+                "tensors, numbers, strings and containers are loaded (torch.load weights_only=True); "
+                "export the weights as a plain state_dict")
+    opcode = re.search(r"Unsupported operand (\d+)", text)
+    if opcode:
+        return (f"refused: a pickle that torch.load(weights_only=True) cannot read (opcode {opcode.group(1)}): "
+                "not written by torch.save, and loading it any other way could run code")
+    detail = re.search(r"WeightsUnpickler error: ?\s*([^\n]+)", text)
+    first = detail.group(1).strip() if detail else (text.splitlines()[0] if text else "")
+    return f"cannot be loaded safely (torch.load weights_only=True): {type(e).__name__}: {first}"
 
 
 def load_model(source: str | os.PathLike | Mapping, overrides: Mapping | None = None,
