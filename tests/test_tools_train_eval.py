@@ -113,6 +113,44 @@ def test_resume_is_exact_and_checkpoint_is_safe(synth, tmp_path):
     assert cfg["scale"] == 2 and cfg["n_feats"] == 8
 
 
+
+@pytest.mark.parametrize("option, value", [("steps", 0), ("steps", -3), ("epochs", 0), ("batch_size", 0),
+                                           ("patch_size", -4), ("lr_step", 0), ("save_every", 0),
+                                           ("val_every", 0), ("val_max", 0), ("log_every", 0)])
+def test_counts_below_one_are_refused_by_name(synth, tmp_path, option, value, capsys):
+    """--batch-size 0, --patch-size -4 and --lr-step 0 ended in tracebacks from the DataLoader, the
+    model and StepLR; --steps 0 claimed a last.pt it never wrote; --save-every 0, --val-every 0 and
+    --val-max 0 were silently read as their defaults."""
+    out = tmp_path / "run"
+    flag = "--" + option.replace("_", "-")
+    argv = ["train", "--hr-dir", str(synth / "DIV2K_train_HR"), "--scale", "2", "--out", str(out), "--no-progress",
+            "--patch-size", "8", "--device", "cpu", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()],
+            *([] if option in ("steps", "epochs") else ["--steps", "1"]), f"{flag}={value}"]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} {value}: must be a whole number of at least 1" in err and "Traceback" not in err
+    assert not out.exists() or os.listdir(out) == []
+
+
+def test_out_that_is_a_file_and_resuming_at_another_scale_or_past_the_end(synth, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="--out .*a_file: exists and is not a folder"):
+        train(_cfg(synth, tmp_path / "a_file", steps=1))
+    out = tmp_path / "run"
+    assert train(_cfg(synth, out, steps=1)) == 0
+    with pytest.raises(fastdrn.tools.CheckpointError,
+                       match=re.escape(f"{out / 'last.pt'}: the checkpoint is of scale 2, --scale is 3")):
+        train(_cfg(synth, out, steps=2, scale=3, resume="auto"))
+    # resumed at its last step, a run trains nothing and says so, not that it wrote a checkpoint
+    other = tmp_path / "other"
+    capsys.readouterr()
+    assert train(_cfg(synth, other, steps=1, resume=str(out / "last.pt"))) == 0
+    printed = capsys.readouterr().out
+    assert "nothing to train: the run is at step 1, and it has 1 steps" in printed and "checkpoint" not in printed
+    assert os.listdir(other) == []
+
+
 def test_init_takes_another_scales_body_and_refuses_another_architecture(synth, tmp_path, capsys):
     from fastdrn.reference import DRN
     from fastdrn.tools.checkpoint import CheckpointError

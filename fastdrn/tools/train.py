@@ -215,6 +215,21 @@ def check_training_checkpoint(ckpt, path: str) -> None:
         raise CheckpointError(f"{path}: {e}") from None
 
 
+# Options that count something and must be at least 1 (None: their default); 0 would train nothing,
+# divide by zero, or be silently read as the default.
+COUNTS = ("steps", "epochs", "batch_size", "patch_size", "lr_step", "save_every", "val_every", "val_max",
+          "log_every")
+
+
+def check_counts(cfg: TrainConfig) -> None:
+    """Refuse, with ValueError naming the option, a count below 1 (a batch of 0, a patch of -4, ...)."""
+    bad = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in COUNTS
+           if getattr(cfg, k) is not None and (isinstance(getattr(cfg, k), bool) or not isinstance(getattr(cfg, k), int)
+                                               or getattr(cfg, k) < 1)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: must be a whole number of at least 1")
+
+
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -339,6 +354,7 @@ class Trainer:
             raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {self.world} processes")
         if not 0 <= cfg.ema < 1:
             raise ValueError(f"--ema must be a decay in [0, 1) (0: off), got {cfg.ema}")
+        check_counts(cfg)
         self.errors: list[str] = []
         if self.main:
             remove_stale_temp_files(cfg.out, self.log)
@@ -368,7 +384,8 @@ class Trainer:
             self.model_cfg = {k: getattr(cfg, k) for k in MODEL_ARGS}
             self.model_cfg["rgb_mean"] = list(fastdrn.reference.DIV2K_RGB_MEAN)
         if self.model_cfg["scale"] != cfg.scale:
-            raise CheckpointError(f"checkpoint scale is {self.model_cfg['scale']}, --scale is {cfg.scale}")
+            raise CheckpointError(f"{path}: the checkpoint is of scale {self.model_cfg['scale']}, --scale is "
+                                  f"{cfg.scale}: resume at its scale, or start a new run with --init {path}")
         mk = dict(self.model_cfg)
         with _loading(path, "config"):
             mk["rgb_mean"] = tuple(mk["rgb_mean"])
@@ -631,6 +648,7 @@ class Trainer:
                                   every=cfg.log_every, interval=cfg.log_interval)
         loss_sum, loss_n = torch.zeros((), device=self.device), 0
         stopped_by = None
+        first_step = self.step
         try:
             with StopRequest() as stop:
                 for lr, hr in self.loader:
@@ -667,6 +685,8 @@ class Trainer:
         if stopped_by is not None:
             self.log(f"stopped by {signal.Signals(stopped_by).name}: saved step {self.step} to "
                      f"{os.path.join(cfg.out, 'last.pt')} (resume with --resume auto)")
+        elif self.step == first_step:             # resumed at or past the end: nothing trained, nothing saved
+            self.log(f"nothing to train: the run is at step {self.step}, and it has {self.total} steps")
         else:
             self.log(f"done: {self.step} steps; checkpoint {os.path.join(cfg.out, 'last.pt')}")
         if self.world > 1:
@@ -697,6 +717,8 @@ def train(cfg: TrainConfig | None = None, log: Callable[[str], None] | None = No
         cfg = TrainConfig(**kwargs)
     elif kwargs:
         cfg = dataclasses.replace(cfg, **kwargs)
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"--out {cfg.out}: exists and is not a folder")
     os.makedirs(cfg.out, exist_ok=True)
     trainer = Trainer(cfg, log=log)
     try:
