@@ -76,6 +76,33 @@ def test_pairs_and_generated_lr_match_files(synth):
         assert lr.shape == (3, 12, 12) and hr.shape == (3, 24, 24)
 
 
+
+def test_images_that_share_a_name_are_kept_apart(tmp_path, capsys):
+    """a.png and a.bmp were both named "a": validation scored the second one twice (its decoded data
+    and bicubic score were keyed by the name), and eval --save-dir wrote one over the other."""
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    img = _texture(36, 40, 7)
+    PILImage.fromarray(img).save(hr / "a.png")
+    PILImage.fromarray(255 - img).save(hr / "a.bmp")
+    PILImage.fromarray(img[::-1]).save(hr / "b.png")
+    pairs, _ = find_pairs(str(hr), None, 2)
+    assert [p.name for p in pairs] == ["a.bmp", "a.png", "b"]
+    trainer = Trainer(_cfg(tmp_path, tmp_path / "run", hr_dir=str(hr), val_hr_dir=str(hr), steps=1,
+                           patch_size=8), log=lambda m: None)
+    from fastdrn.tools.evaluate import evaluate_pairs
+    model = trainer.model.eval()
+    kept = evaluate_pairs(model, trainer.model_cfg, trainer.val_pairs, loaded=trainer.val_data,
+                          bicubic_cache=trainer.val_bicubic, log=lambda m: None)["images"]
+    fresh = evaluate_pairs(model, trainer.model_cfg, find_pairs(str(hr), None, 2)[0], log=lambda m: None)["images"]
+    assert [(r["name"], r["psnr"]) for r in kept] == [(r["name"], r["psnr"]) for r in fresh]
+    assert kept[0]["psnr"] != kept[1]["psnr"]
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    assert cli.main(["eval", "--weights", str(tmp_path / "w.pt"), "--hr-dir", str(hr),
+                     "--save-dir", str(tmp_path / "saved")]) == 0
+    assert sorted(os.listdir(tmp_path / "saved")) == ["a.bmp_x2.png", "a.png_x2.png", "b_x2.png"]
+
+
 def test_sampler_shards_the_global_batch():
     one = list(StreamBatchSampler(5, 4, 6, seed=3))
     r0 = list(StreamBatchSampler(5, 4, 6, seed=3, rank=0, world_size=2))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -48,8 +49,13 @@ def find_pairs(hr_dir: str, lr_dir: str | None, scale: int) -> tuple[list[Pair],
     if not Path(hr_dir).is_dir():
         raise FileNotFoundError(f"{hr_dir}: not a folder")
     hrs = list_images([hr_dir])
+    stems = [Path(h).stem for h in hrs]
+    # A pair's name keys its results, saved image and cached data: files that share a stem
+    # (a.png, a.jpg) are named by their whole file name, or one would stand for the other.
+    shared = {stem for stem, n in Counter(stems).items() if n > 1}
+    names = [Path(h).name if stem in shared else stem for h, stem in zip(hrs, stems)]
     if lr_dir is None:
-        return [Pair(Path(h).stem, h) for h in hrs], []
+        return [Pair(name, h) for name, h in zip(names, hrs)], []
     folder = _lr_folder(lr_dir, scale)
     if not folder.is_dir():
         raise FileNotFoundError(f"{lr_dir}: not a folder")
@@ -57,11 +63,11 @@ def find_pairs(hr_dir: str, lr_dir: str | None, scale: int) -> tuple[list[Pair],
     for f in list_images([folder]):
         by_stem.setdefault(Path(f).stem.lower(), f)
     pairs, errors = [], []
-    for h in hrs:
+    for h, name in zip(hrs, names):
         stem = Path(h).stem
         for cand in (f"{stem}x{scale}", stem, f"{stem}_x{scale}", f"{stem}_lr"):
             if cand.lower() in by_stem:
-                pairs.append(Pair(stem, h, by_stem[cand.lower()]))
+                pairs.append(Pair(name, h, by_stem[cand.lower()]))
                 break
         else:
             errors.append(f"{h}: no LR image {stem}x{scale}.* or {stem}.* in {folder}")
