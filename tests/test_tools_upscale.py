@@ -380,6 +380,23 @@ def test_output_options_that_cannot_be_honoured_are_refused(tmp_path, weights, c
     assert PILImage.open(out / "b.jpeg").format == "JPEG" and os.listdir(out / "d.bmp") == ["a.png"]
 
 
+@pytest.mark.parametrize("device, message", [("foo", "is not a device (cpu, cuda, cuda:1, ...)"),
+                                             ("cuda:x", "is not a device"),
+                                             ("cuda:999", "cannot be used on this machine"),
+                                             ("meta", "cannot be used: meta tensors hold no data")])
+def test_a_device_that_cannot_be_used_is_a_usage_error(tmp_path, weights, capsys, device, message):
+    """These ended in tracebacks from torch.device or Module.to (an AssertionError without CUDA)."""
+    src = _save(tmp_path / "a.png", (_texture(6, 7) * 255).astype(np.uint8))
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    _save(hr / "b.png", (_texture(20, 20) * 255).astype(np.uint8))
+    for argv in (["upscale", src, "-o", str(tmp_path / "b.png")], ["eval", "--hr-dir", str(hr)]):
+        capsys.readouterr()
+        assert cli.main([*argv, "--weights", weights[0], "--device", device]) == 2
+        assert f"fastdrn: error: --device {device!r} {message}" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists()
+
+
 def test_bad_inputs_are_named_and_skipped(tmp_path, weights, capsys):
     wpath, _ = weights
     src = tmp_path / "in"
