@@ -264,6 +264,22 @@ def test_export_to_basicsr_plain_and_safetensors(tmp_path, capsys):
     assert cli.main(["export", "--weights", str(tmp_path / "absent.pt"), "-o", str(tmp_path / "x.pth")]) == 2
 
 
+
+def test_export_never_writes_over_the_checkpoint_it_reads(tmp_path, capsys):
+    """`export --weights last.pt -o last.pt --format plain` replaced a training checkpoint (optimizer,
+    EMA, step) with a bare state_dict; through a symbolic link as well."""
+    _training_checkpoint(tmp_path / "last.pt")
+    before = (tmp_path / "last.pt").read_bytes()
+    os.symlink(tmp_path / "last.pt", tmp_path / "link.pt")
+    for out in ("last.pt", "link.pt"):
+        capsys.readouterr()
+        assert cli.main(["export", "--weights", str(tmp_path / "last.pt"), "-o", str(tmp_path / out),
+                         "--format", "plain"]) == 2
+        assert "the output is the checkpoint being exported" in capsys.readouterr().err
+    assert (tmp_path / "last.pt").read_bytes() == before and os.path.islink(tmp_path / "link.pt")
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "link.pt"]
+
+
 def test_export_in_fp16_halves_the_file_and_loads_as_float32(tmp_path, capsys):
     raw, avg = _training_checkpoint(tmp_path / "last.pt")
     args = ["export", "--weights", str(tmp_path / "last.pt"), "--key", "params_ema"]

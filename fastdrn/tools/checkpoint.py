@@ -384,6 +384,11 @@ def export(source: str | os.PathLike, path: str | os.PathLike, fmt: str | None =
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     name = os.fspath(source)
+    from fastdrn.pretrained import resolve
+    src = resolve(name)
+    if os.path.exists(path) and os.path.exists(src) and os.path.samefile(src, path):
+        raise CheckpointError(f"{path}: the output is the checkpoint being exported ({name}); writing it would "
+                              "replace the file it is read from: give another output")
     obj = load_checkpoint(source)
     entries = [k for k in WRAPPERS if isinstance(obj, Mapping) and isinstance(obj.get(k), Mapping)]
     if key is not None or "params_ema" not in entries:
