@@ -178,6 +178,28 @@ def test_out_that_is_a_file_and_resuming_at_another_scale_or_past_the_end(synth,
     assert os.listdir(other) == []
 
 
+
+def test_resuming_with_other_model_options_or_an_empty_validation_folder_says_so(synth, tmp_path, capsys):
+    """--n-feats 16 or --alpha 0.3 on resume were silently ignored (the checkpoint's model went on);
+    a --val-hr-dir without images silently meant no validation and no best.pt."""
+    out = tmp_path / "run"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert train(_cfg(synth, out, steps=1, val_hr_dir=str(empty))) == 0
+    assert f"warning: --val-hr-dir {empty} holds no images: no validation, no best.pt" in capsys.readouterr().out
+    with pytest.raises(fastdrn.tools.CheckpointError,
+                       match=re.escape("resuming continues the checkpoint's model, not the one asked for: "
+                                       "--n-feats 16 (it has 8), --alpha 0.3 (it has 0.2)")):
+        train(_cfg(synth, out, steps=2, resume="auto", n_feats=16, alpha=0.3))
+    # the options it was trained with, or the defaults, resume
+    assert train(_cfg(synth, out, steps=2, resume="auto")) == 0
+    assert train(TrainConfig(hr_dir=str(synth / "DIV2K_train_HR"), out=str(out), scale=2, steps=3, resume="auto",
+                             patch_size=12, batch_size=4, workers=0, progress=False, iters_per_epoch=2,
+                             device="cpu")) == 0
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
+
+
 def test_init_takes_another_scales_body_and_refuses_another_architecture(synth, tmp_path, capsys):
     from fastdrn.reference import DRN
     from fastdrn.tools.checkpoint import CheckpointError

@@ -380,6 +380,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if ckpt is not None:
             self.model_cfg = dict(ckpt["config"])
+            # The checkpoint decides the model; an option set to something else (not left at its
+            # default) asks for another model, which resuming cannot give.
+            asked = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (it has {self.model_cfg.get(k)})" for k in MODEL_ARGS
+                     if k != "scale" and getattr(cfg, k) != TrainConfig.__dataclass_fields__[k].default
+                     and getattr(cfg, k) != self.model_cfg.get(k)]
+            if asked:
+                raise CheckpointError(f"{path}: resuming continues the checkpoint's model, not the one asked for: "
+                                      f"{', '.join(asked)}; drop these options, or start a new run")
         else:
             self.model_cfg = {k: getattr(cfg, k) for k in MODEL_ARGS}
             self.model_cfg["rgb_mean"] = list(fastdrn.reference.DIV2K_RGB_MEAN)
@@ -478,6 +486,8 @@ class Trainer:
             vp, vmissing = find_pairs(cfg.val_hr_dir, cfg.val_lr_dir, cfg.scale)
             for m in vmissing:
                 self._error(m)
+            if not vp and not vmissing:
+                self.log(f"warning: --val-hr-dir {cfg.val_hr_dir} holds no images: no validation, no best.pt")
             for p in vp[: cfg.val_max or None]:
                 try:
                     self.val_data[p.name] = load_pair(p, cfg.scale)
