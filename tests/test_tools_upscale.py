@@ -334,6 +334,38 @@ def test_upscale_kinds_of_images(tmp_path, weights):
     assert PILImage.open(out / "photo.webp").format == "WEBP"
 
 
+def _profile(space: bytes) -> bytes:
+    """Bytes that stand for an ICC profile of a colour space (the header's bytes 16-20)."""
+    return bytes(16) + space + bytes(range(60))
+
+
+def test_colour_profiles_are_kept(tmp_path, weights):
+    """The ICC profile was dropped, which shifts the colours of a wide-gamut (Display P3, Adobe RGB)
+    photograph. It is written back when it describes the pixels as written (RGB, or GRAY for a
+    greyscale image), in every format, 16-bit PNGs included; a CMYK profile on a JPEG that was
+    converted to RGB is not."""
+    from fastdrn.tools.image_io import write_image
+    from fastdrn.tools.png16 import read_icc
+    wpath, _ = weights
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    rgb8 = (_texture(6, 7) * 255).astype(np.uint8)
+    rgb_icc, gray_icc = _profile(b"RGB "), _profile(b"GRAY")
+    _save(src / "a.png", rgb8, icc_profile=rgb_icc)
+    _save(src / "b.jpg", rgb8, icc_profile=rgb_icc)
+    _save(src / "c.webp", rgb8, icc_profile=rgb_icc)
+    _save(src / "d.png", rgb8[:, :, 0], icc_profile=gray_icc)
+    (src / "e.png").write_bytes(png16.encode((_texture(6, 7) * 65535).astype(np.uint16), rgb_icc))
+    PILImage.fromarray(rgb8).convert("CMYK").save(src / "f.jpg", icc_profile=_profile(b"CMYK"))
+    _save(src / "g.png", rgb8[:, :, 0], icc_profile=rgb_icc)     # a profile of another space: dropped
+    assert PILImage.open(src / "e.png").info["icc_profile"] == rgb_icc     # png16 writes a valid iCCP
+    assert cli.main(["upscale", str(src), "-o", str(out), "--weights", wpath]) == 0
+    kept = {name: PILImage.open(out / name).info.get("icc_profile") for name in sorted(os.listdir(out))}
+    assert kept == {"a.png": rgb_icc, "b.jpg": rgb_icc, "c.webp": rgb_icc, "d.png": gray_icc, "e.png": rgb_icc,
+                    "f.jpg": None, "g.png": None}
+    assert read_icc((out / "e.png").read_bytes()) == rgb_icc and read_image(out / "e.png").bits == 16
+
+
 def test_upscale_single_file_formats_and_tiles(tmp_path, weights):
     wpath, m = weights
     rgb8 = (_texture(30, 26) * 255).round().astype(np.uint8)

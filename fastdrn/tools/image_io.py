@@ -45,6 +45,7 @@ class Image:
     gray: bool = False                # the file was greyscale: convert back when writing
     bits: int = 8                     # 8 or 16 bits per channel
     path: str = ""
+    icc: bytes | None = None          # the file's ICC colour profile: written back, or colours shift
 
     @property
     def size(self) -> tuple[int, int]:
@@ -112,25 +113,15 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
             header = png16.read_header(data)
             _check_size(path, header["width"], header["height"], max_pixels)
             arr = png16.decode(data)
-            return _from_array(arr, 65535.0, arr.shape[2] in (1, 2), path, 16)
+            img = _from_array(arr, 65535.0, arr.shape[2] in (1, 2), path, 16)
+            return img.with_(icc=_matching_icc(png16.read_icc(data), img))
         _allow_in_pillow(max_pixels)
         im = PILImage.open(buffer)                 # reads the header only
         _check_size(path, im.size[0], im.size[1], max_pixels)
         im.load()                                  # decode now: truncated files fail here
-        im = ImageOps.exif_transpose(im)
-        mode = im.mode
-        if mode.startswith("I;16") or mode == "I":
-            arr = np.clip(np.asarray(im, dtype=np.int64), 0, 65535).astype(np.uint16)
-            return _from_array(arr, 65535.0, True, path, 16)
-        if mode in ("1", "L"):
-            return _from_array(np.asarray(im.convert("L")), 255.0, True, path, 8)
-        if mode in ("LA", "La"):
-            return _from_array(np.asarray(im.convert("LA")), 255.0, True, path, 8)
-        if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
-            return _from_array(np.asarray(im.convert("RGBA")), 255.0, False, path, 8)
-        if mode == "F":
-            raise ImageReadError(f"{path}: floating-point images are not supported")
-        return _from_array(np.asarray(im.convert("RGB")), 255.0, False, path, 8)
+        icc = im.info.get("icc_profile")
+        img = _decoded(ImageOps.exif_transpose(im), path)
+        return img.with_(icc=_matching_icc(icc, img))
     except ImageReadError:
         raise
     except PILImage.DecompressionBombError:      # past twice Pillow's own limit
@@ -142,6 +133,31 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         msg = msg.replace(repr(buffer), "the file").replace(str(buffer), "the file")
         raise ImageReadError(f"{path}: cannot decode image: {msg}") from None
+
+
+def _decoded(im: PILImage.Image, path: str) -> Image:
+    """A decoded Pillow image -> :class:`Image` (greyscale, alpha and 16 bits kept)."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.clip(np.asarray(im, dtype=np.int64), 0, 65535).astype(np.uint16)
+        return _from_array(arr, 65535.0, True, path, 16)
+    if mode in ("1", "L"):
+        return _from_array(np.asarray(im.convert("L")), 255.0, True, path, 8)
+    if mode in ("LA", "La"):
+        return _from_array(np.asarray(im.convert("LA")), 255.0, True, path, 8)
+    if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
+        return _from_array(np.asarray(im.convert("RGBA")), 255.0, False, path, 8)
+    if mode == "F":
+        raise ImageReadError(f"{path}: floating-point images are not supported")
+    return _from_array(np.asarray(im.convert("RGB")), 255.0, False, path, 8)
+
+
+def _matching_icc(icc: bytes | None, img: Image) -> bytes | None:
+    """``icc`` when its colour space (header bytes 16-20) is that of the pixels as written: RGB, or
+    GRAY for greyscale; a CMYK profile no longer describes pixels converted to RGB."""
+    if not icc or len(icc) < 20:
+        return None
+    return icc if icc[16:20] == (b"GRAY" if img.gray else b"RGB ") else None
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -184,15 +200,16 @@ def write_image(path: str | os.PathLike, img: Image, quality: int = 95) -> list[
     if img.bits == 16 and bits == 8:
         warnings.append(f"{path}: {fmt} is 8-bit: 16-bit image reduced to 8 bits")
     arr = _quant(planes, bits)
+    icc = {"icc_profile": img.icc} if img.icc else {}
     if bits == 16:
         if arr.shape[2] == 1:
-            writer = lambda tmp: PILImage.fromarray(arr[:, :, 0]).save(tmp, format="PNG")  # noqa: E731
+            writer = lambda tmp: PILImage.fromarray(arr[:, :, 0]).save(tmp, format="PNG", **icc)  # noqa: E731
         else:
-            data = png16.encode(arr)
+            data = png16.encode(arr, img.icc)
             writer = lambda tmp: Path(tmp).write_bytes(data)  # noqa: E731
     else:
         pil = PILImage.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
-        kw = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+        kw = {"quality": quality, **icc} if fmt in ("JPEG", "WEBP") else icc
         writer = lambda tmp: pil.save(tmp, format=fmt, **kw)  # noqa: E731
     atomic_write(path, writer)
     return warnings

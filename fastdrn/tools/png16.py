@@ -97,12 +97,39 @@ def decode(data: bytes) -> np.ndarray:
     return px.reshape(h, w * bpp).view(">u2").reshape(h, w, ch).astype(np.uint16)
 
 
+MAX_ICC_BYTES = 16 << 20     # colour profiles are kilobytes; a bigger one is not inflated
+
+
+def read_icc(data: bytes) -> bytes | None:
+    """The ICC colour profile of a PNG's iCCP chunk (name, 0, method 0, zlib data), or None."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        if ctype in (b"IDAT", b"IEND"):          # iCCP comes before the image data
+            return None
+        if ctype == b"iCCP":
+            body = data[pos + 8:pos + 8 + length]
+            name_end = body.find(b"\0")
+            if name_end < 0 or body[name_end + 1:name_end + 2] != b"\0":
+                raise PNGError("PNG iCCP chunk is malformed")
+            try:
+                icc = zlib.decompressobj().decompress(body[name_end + 2:], MAX_ICC_BYTES + 1)
+            except zlib.error as e:
+                raise PNGError(f"PNG colour profile is corrupt: {e}") from None
+            if len(icc) > MAX_ICC_BYTES:
+                raise PNGError("PNG colour profile is larger than 16 MiB")
+            return icc
+        pos += 12 + length
+    return None
+
+
 def _chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
 
-def encode(arr: np.ndarray) -> bytes:
-    """uint16 array (H, W) or (H, W, C) with C in 1..4 -> PNG bytes (filter 'Up' on every row)."""
+def encode(arr: np.ndarray, icc: bytes | None = None) -> bytes:
+    """uint16 array (H, W) or (H, W, C) with C in 1..4 -> PNG bytes (filter 'Up' on every row),
+    with ``icc`` as its colour profile (an iCCP chunk) when given."""
     arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -115,5 +142,6 @@ def encode(arr: np.ndarray) -> bytes:
     rows[0, 0] = 0                                     # first row: no row above, filter None
     rows[0, 1:] = be[0]
     ihdr = struct.pack(">IIBBBBB", w, h, 16, ctype, 0, 0, 0)
-    return (SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+    profile = _chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(icc)) if icc else b""
+    return (SIGNATURE + _chunk(b"IHDR", ihdr) + profile + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
             + _chunk(b"IEND", b""))
