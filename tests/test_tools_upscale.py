@@ -366,6 +366,24 @@ def test_colour_profiles_are_kept(tmp_path, weights):
     assert read_icc((out / "e.png").read_bytes()) == rgb_icc and read_image(out / "e.png").bits == 16
 
 
+def test_an_animation_is_said_to_be_upscaled_by_its_first_frame(tmp_path, weights, capsys):
+    """An animated GIF or PNG, or a multi-page TIFF, became a still of its first frame without a word."""
+    rgb8 = (_texture(6, 7) * 255).astype(np.uint8)
+    frames = [PILImage.fromarray(rgb8), PILImage.fromarray(255 - rgb8), PILImage.fromarray(rgb8[::-1])]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "b.png", save_all=True, append_images=frames[1:2])
+    frames[0].save(tmp_path / "c.tif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "d.gif")
+    capsys.readouterr()
+    assert cli.main(["upscale", *(str(tmp_path / n) for n in ("a.gif", "b.png", "c.tif", "d.gif")),
+                     "-o", str(tmp_path / "out"), "--weights", weights[0]]) == 0
+    err = capsys.readouterr().err
+    for name, n in (("a.gif", 3), ("b.png", 2), ("c.tif", 3)):
+        assert f"warning: {tmp_path / name}: has {n} frames (an animation or pages): only the first is upscaled" in err
+    assert "d.gif" not in err
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.png", "b.png", "c.png", "d.png"]
+
+
 def test_upscale_single_file_formats_and_tiles(tmp_path, weights):
     wpath, m = weights
     rgb8 = (_texture(30, 26) * 255).round().astype(np.uint8)

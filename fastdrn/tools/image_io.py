@@ -46,6 +46,7 @@ class Image:
     bits: int = 8                     # 8 or 16 bits per channel
     path: str = ""
     icc: bytes | None = None          # the file's ICC colour profile: written back, or colours shift
+    frames: int = 1                   # frames in the file (animated GIF/PNG/WebP, multi-page TIFF); the first is read
 
     @property
     def size(self) -> tuple[int, int]:
@@ -121,7 +122,7 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         im.load()                                  # decode now: truncated files fail here
         icc = im.info.get("icc_profile")
         img = _decoded(ImageOps.exif_transpose(im), path)
-        return img.with_(icc=_matching_icc(icc, img))
+        return img.with_(icc=_matching_icc(icc, img), frames=int(getattr(im, "n_frames", 1)))
     except ImageReadError:
         raise
     except PILImage.DecompressionBombError:      # past twice Pillow's own limit

@@ -131,6 +131,8 @@ def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = N
                 raise ValueError(f"{src}: output {dst} was already written from another input with the same name")
             taken.add(os.path.realpath(dst))
             img = read_image(src, max_pixels=max_pixels)
+            if img.frames > 1:
+                log(f"warning: {src}: has {img.frames} frames (an animation or pages): only the first is upscaled")
             out = _upscale_fitting(model, cfg, img, tile, tile_overlap, self_ensemble, dtype, log)
             for w in write_image(dst, out, quality=quality):
                 log(f"warning: {w}")
