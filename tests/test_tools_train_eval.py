@@ -200,6 +200,26 @@ def test_resuming_with_other_model_options_or_an_empty_validation_folder_says_so
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
 
 
+
+def test_validation_images_too_small_for_ssim_are_left_out_once(synth, tmp_path, capsys):
+    """They were scored every validation as "PSNR nan dB (Y, 2 images)", and best.pt never came."""
+    val = tmp_path / "val"
+    val.mkdir()
+    PILImage.fromarray(_texture(10, 12, 3)).save(val / "tiny.png")
+    capsys.readouterr()
+    assert train(_cfg(synth, tmp_path / "tiny_only", steps=2, val_every=1, val_hr_dir=str(val))) == 0
+    printed = capsys.readouterr().out
+    assert (f"warning: {val / 'tiny.png'}: 12x10 is too small to validate on (SSIM's 11x11 window needs "
+            "15 pixels a side with the 2-pixel border cropped): not used") in printed
+    assert f"warning: --val-hr-dir {val}: no usable images: no validation, no best.pt" in printed
+    assert "nan" not in printed and printed.count("too small") == 1
+    PILImage.fromarray(_texture(24, 26, 4)).save(val / "big.png")
+    assert train(_cfg(synth, tmp_path / "mixed", steps=1, val_every=1, val_hr_dir=str(val))) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"step 1: validation PSNR \d+\.\d+ dB, bicubic \d+\.\d+ dB \(Y, 1 images\) \(best\)", printed)
+    assert (tmp_path / "mixed" / "best.pt").exists()
+
+
 def test_init_takes_another_scales_body_and_refuses_another_architecture(synth, tmp_path, capsys):
     from fastdrn.reference import DRN
     from fastdrn.tools.checkpoint import CheckpointError

@@ -52,6 +52,7 @@ from .image_io import ImageReadError
 from .data import StreamBatchSampler, TrainPatches, estimate_bytes, find_pairs, load_pair
 from .evaluate import evaluate_pairs
 from .infer import resolve_device
+from .metrics import SSIM_WINDOW
 from .progress import Progress
 
 __all__ = ["TrainConfig", "Trainer", "train", "rng_state", "set_rng_state", "init_distributed", "init_weights"]
@@ -490,10 +491,20 @@ class Trainer:
                 self.log(f"warning: --val-hr-dir {cfg.val_hr_dir} holds no images: no validation, no best.pt")
             for p in vp[: cfg.val_max or None]:
                 try:
-                    self.val_data[p.name] = load_pair(p, cfg.scale)
-                    self.val_pairs.append(p)
+                    lr, hr = load_pair(p, cfg.scale)
                 except OSError as e:
                     self._error(str(e))
+                    continue
+                # validation measures with the scale cropped as border, as eval does by default
+                if min(hr.shape[:2]) - 2 * cfg.scale < SSIM_WINDOW:
+                    self.log(f"warning: {p.hr}: {hr.shape[1]}x{hr.shape[0]} is too small to validate on (SSIM's "
+                             f"{SSIM_WINDOW}x{SSIM_WINDOW} window needs {SSIM_WINDOW + 2 * cfg.scale} pixels a side "
+                             f"with the {cfg.scale}-pixel border cropped): not used")
+                    continue
+                self.val_data[p.name] = (lr, hr)
+                self.val_pairs.append(p)
+            if vp and not self.val_pairs:
+                self.log(f"warning: --val-hr-dir {cfg.val_hr_dir}: no usable images: no validation, no best.pt")
 
         # --- DDP, compile
         self.net = self.model
