@@ -421,6 +421,23 @@ def test_eval_table_json_layouts_and_bad_images(synth, tmp_path, capsys):
     assert "scale: checkpoint has 2, expected 4" in capsys.readouterr().err
 
 
+
+def test_eval_refuses_to_save_into_the_folder_it_measures(synth, tmp_path, capsys):
+    """--save-dir equal to --hr-dir put NAME_x2.png beside the HR images: the next eval measured them
+    as HR images too (and an HR image of that name was replaced)."""
+    torch.save(fastdrn.reference.DRN(scale=2, **TINY).state_dict(), tmp_path / "w.pt")
+    hr = synth / "DIV2K_train_HR"
+    before = sorted(os.listdir(hr))
+    for save in (hr, str(hr) + "/", synth / "DIV2K_train_HR" / ".." / "DIV2K_train_HR"):
+        capsys.readouterr()
+        assert cli.main(["eval", "--weights", str(tmp_path / "w.pt"), "--hr-dir", str(hr), "--save-dir", str(save)]) == 2
+        assert "is the --hr-dir folder: the upscaled images would join the images being measured" in capsys.readouterr().err
+    assert sorted(os.listdir(hr)) == before
+    assert cli.main(["eval", "--weights", str(tmp_path / "w.pt"), "--hr-dir", str(hr),
+                     "--save-dir", str(tmp_path / "sr")]) == 0
+    assert sorted(os.listdir(tmp_path / "sr")) == [f"{n[:-4]}_x2.png" for n in before]
+
+
 def test_eval_crop_border_and_rgb_switches_and_what_it_prints(synth, tmp_path, capsys):
     train(_cfg(synth, tmp_path / "run", steps=1))
     weights = str(tmp_path / "run" / "last.pt")

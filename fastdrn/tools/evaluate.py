@@ -145,6 +145,10 @@ def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int
     """Load ``weights``, score it on ``hr_dir`` (and ``lr_dir``), print a table, optionally write JSON.
 
     ``cuda_graph``: as in :func:`fastdrn.make_upscaler` (None: replay captured graphs on a GPU)."""
+    for folder, option in ((hr_dir, "--hr-dir"), (lr_dir, "--lr-dir")):
+        if save_dir and folder and os.path.isdir(save_dir) and os.path.isdir(folder) and os.path.samefile(save_dir, folder):
+            raise ValueError(f"--save-dir {save_dir} is the {option} folder: the upscaled images would join the "
+                             "images being measured (and could replace one); give another folder")
     t0 = time.perf_counter()
     model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale}, key=key, log=log)
     module = prepare(model, device, dtype)
