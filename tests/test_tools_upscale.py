@@ -447,6 +447,23 @@ def test_a_device_that_cannot_be_used_is_a_usage_error(tmp_path, weights, capsys
     assert not (tmp_path / "b.png").exists()
 
 
+def test_a_model_of_other_colour_channels_is_refused_before_any_image(tmp_path, capsys):
+    """A 1-channel DRN loaded, then failed on every image with "DRN expects an (N, 1, H, W) image
+    batch, got (1, 3, 9, 11)", naming neither the file nor the cause."""
+    torch.save(_model(n_colors=1, rgb_mean=(0.5,)).state_dict(), tmp_path / "gray.pt")
+    src = _save(tmp_path / "a.png", (_texture(6, 7)[:, :, 0] * 255).astype(np.uint8))
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    _save(hr / "b.png", (_texture(20, 20) * 255).astype(np.uint8))
+    for argv in (["upscale", src, "-o", str(tmp_path / "out.png")], ["eval", "--hr-dir", str(hr)]):
+        capsys.readouterr()
+        assert cli.main([*argv, "--weights", str(tmp_path / "gray.pt")]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'gray.pt'} does not fit" in err and "n_colors: checkpoint has 1, expected 3" in err
+        assert "image batch" not in err
+    assert not (tmp_path / "out.png").exists()
+
+
 def test_bad_inputs_are_named_and_skipped(tmp_path, weights, capsys):
     wpath, _ = weights
     src = tmp_path / "in"

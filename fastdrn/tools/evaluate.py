@@ -150,7 +150,8 @@ def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int
             raise ValueError(f"--save-dir {save_dir} is the {option} folder: the upscaled images would join the "
                              "images being measured (and could replace one); give another folder")
     t0 = time.perf_counter()
-    model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale}, key=key, log=log)
+    # images are RGB here: a model of other colour channels is refused by name, not per image
+    model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale, "n_colors": 3}, key=key, log=log)
     module = prepare(model, device, dtype)
     dev = next(module.parameters()).device
     log(f"device {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")

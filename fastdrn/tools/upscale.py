@@ -106,7 +106,8 @@ def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = N
     ``key``: the checkpoint entry to read (see :func:`fastdrn.tools.checkpoint.select_weights`);
     ``max_pixels``: larger input images are refused before they are decoded (None: no limit);
     ``cuda_graph``: as in :func:`fastdrn.make_upscaler` (None: replay captured graphs on a GPU)."""
-    model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale}, key=key, log=log)
+    # images are RGB here: a model of other colour channels is refused by name, not per image
+    model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale, "n_colors": 3}, key=key, log=log)
     model = make_upscaler(prepare(model, device, dtype), cuda_graph=cuda_graph)
     radius = receptive_radius(cfg)
     if tile and tile_overlap is not None and tile_overlap < radius:
