@@ -438,6 +438,26 @@ def test_eval_refuses_to_save_into_the_folder_it_measures(synth, tmp_path, capsy
     assert sorted(os.listdir(tmp_path / "sr")) == [f"{n[:-4]}_x2.png" for n in before]
 
 
+
+def test_a_folder_where_a_result_file_goes_is_found_before_the_work(synth, tmp_path, capsys):
+    """A folder named last.pt in --out failed the first save, after an epoch of training; a folder
+    named like --json failed after every image was measured."""
+    out = tmp_path / "run"
+    (out / "last.pt").mkdir(parents=True)
+    log = []
+    with pytest.raises(ValueError, match="last.pt there is a folder, where the checkpoint is to be written"):
+        train(_cfg(synth, out, steps=1), log=log.append)
+    assert log == []                                               # before any image was read
+    torch.save(fastdrn.reference.DRN(scale=2, **TINY).state_dict(), tmp_path / "w.pt")
+    (tmp_path / "report.json").mkdir()
+    capsys.readouterr()
+    assert cli.main(["eval", "--weights", str(tmp_path / "w.pt"), "--hr-dir", str(synth / "DIV2K_train_HR"),
+                     "--json", str(tmp_path / "report.json")]) == 2
+    captured = capsys.readouterr()
+    assert "--json " + str(tmp_path / "report.json") + ": a folder, where the report file is to be written" in captured.err
+    assert "PSNR" not in captured.out
+
+
 def test_eval_crop_border_and_rgb_switches_and_what_it_prints(synth, tmp_path, capsys):
     train(_cfg(synth, tmp_path / "run", steps=1))
     weights = str(tmp_path / "run" / "last.pt")

@@ -149,6 +149,8 @@ def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int
         if save_dir and folder and os.path.isdir(save_dir) and os.path.isdir(folder) and os.path.samefile(save_dir, folder):
             raise ValueError(f"--save-dir {save_dir} is the {option} folder: the upscaled images would join the "
                              "images being measured (and could replace one); give another folder")
+    if json_path and os.path.isdir(json_path):   # found before the images are measured, not after
+        raise ValueError(f"--json {json_path}: a folder, where the report file is to be written")
     t0 = time.perf_counter()
     # images are RGB here: a model of other colour channels is refused by name, not per image
     model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale, "n_colors": 3}, key=key, log=log)
