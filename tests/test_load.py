@@ -280,6 +280,19 @@ def test_export_never_writes_over_the_checkpoint_it_reads(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["last.pt", "link.pt"]
 
 
+
+def test_export_format_must_match_a_torch_or_safetensors_extension(tmp_path, capsys):
+    """--format plain -o w.safetensors wrote a pickle under a safetensors name (and the reverse),
+    which other tools then fail to read."""
+    torch.save(_ref().state_dict(), tmp_path / "w.pth")
+    for out, fmt in (("e.safetensors", "plain"), ("e.safetensors", "basicsr"), ("e.pth", "safetensors"),
+                     ("e.pt", "safetensors")):
+        capsys.readouterr()
+        assert cli.main(["export", "--weights", str(tmp_path / "w.pth"), "-o", str(tmp_path / out), "--format", fmt]) == 2
+        assert f"--format {fmt} does not match the output file {tmp_path / out}" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["w.pth"]
+
+
 def test_export_in_fp16_halves_the_file_and_loads_as_float32(tmp_path, capsys):
     raw, avg = _training_checkpoint(tmp_path / "last.pt")
     args = ["export", "--weights", str(tmp_path / "last.pt"), "--key", "params_ema"]

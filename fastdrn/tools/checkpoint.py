@@ -378,9 +378,13 @@ def export(source: str | os.PathLike, path: str | os.PathLike, fmt: str | None =
     back to the model's float32. Returns the config.
     """
     path = os.fspath(path)
-    fmt = fmt or ("safetensors" if path.endswith(".safetensors") else "basicsr")
+    ext = os.path.splitext(path)[1].lower()
+    fmt = fmt or ("safetensors" if ext == ".safetensors" else "basicsr")
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    if (ext == ".safetensors") != (fmt == "safetensors") and ext in (".safetensors", ".pt", ".pth"):
+        raise ValueError(f"--format {fmt} does not match the output file {path}: a {ext} file would hold "
+                         f"{'a torch.save pickle' if fmt != 'safetensors' else 'safetensors data'}; change one of them")
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     name = os.fspath(source)
