@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("upscale", "eval"):
         from .tools.image_io import DEFAULT_MAX_PIXELS
         max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
+        if args.tile_overlap is not None and not args.tile:
+            log("warning: --tile-overlap has no effect without --tile (the whole image is run at once)")
     try:
         if args.command == "upscale":
             from .tools.upscale import upscale

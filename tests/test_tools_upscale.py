@@ -423,6 +423,10 @@ def test_output_options_that_cannot_be_honoured_are_refused(tmp_path, weights, c
     with pytest.raises(SystemExit):
         cli.main(["upscale", src, "-o", str(out / "b.jpg"), "--quality", "500", "--weights", wpath])
     assert "--quality: expected a quality from 0 to 100" in capsys.readouterr().err
+    # an option that does nothing here is said to
+    assert cli.main(["upscale", src, "-o", str(out / "t.png"), "--tile-overlap", "3", "--weights", wpath]) == 0
+    assert "warning: --tile-overlap has no effect without --tile" in capsys.readouterr().err
+    os.unlink(out / "t.png")
     # what matches is written: a .jpeg file with --format jpeg, and a folder named like an image
     assert cli.main(["upscale", src, "-o", str(out / "b.jpeg"), "--format", "jpeg", "--weights", wpath]) == 0
     (out / "d.bmp").mkdir()
