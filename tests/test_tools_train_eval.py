@@ -180,7 +180,8 @@ def test_out_that_is_a_file_and_resuming_at_another_scale_or_past_the_end(synth,
 
 
 def test_resuming_with_other_model_options_or_an_empty_validation_folder_says_so(synth, tmp_path, capsys):
-    """--n-feats 16 or --alpha 0.3 on resume were silently ignored (the checkpoint's model went on);
+    """--n-feats 16, --alpha 0.3 or --lr 0.5 on resume were silently ignored (the checkpoint's model
+    and optimizer went on);
     a --val-hr-dir without images silently meant no validation and no best.pt."""
     out = tmp_path / "run"
     empty = tmp_path / "empty"
@@ -189,9 +190,12 @@ def test_resuming_with_other_model_options_or_an_empty_validation_folder_says_so
     assert train(_cfg(synth, out, steps=1, val_hr_dir=str(empty))) == 0
     assert f"warning: --val-hr-dir {empty} holds no images: no validation, no best.pt" in capsys.readouterr().out
     with pytest.raises(fastdrn.tools.CheckpointError,
-                       match=re.escape("resuming continues the checkpoint's model, not the one asked for: "
-                                       "--n-feats 16 (it has 8), --alpha 0.3 (it has 0.2)")):
+                       match=re.escape("resuming continues the checkpoint's model, optimizer and schedule, not the "
+                                       "ones asked for: --n-feats 16 (it has 8), --alpha 0.3 (it has 0.2)")):
         train(_cfg(synth, out, steps=2, resume="auto", n_feats=16, alpha=0.3))
+    # a new learning rate was not used either, while the checkpoint's record of the options said it was
+    with pytest.raises(fastdrn.tools.CheckpointError, match=re.escape("--lr 0.5 (it has 0.001), --lr-gamma 0.1 (it has 0.5)")):
+        train(_cfg(synth, out, steps=2, resume="auto", lr=0.5, lr_gamma=0.1))
     # the options it was trained with, or the defaults, resume
     assert train(_cfg(synth, out, steps=2, resume="auto")) == 0
     assert train(TrainConfig(hr_dir=str(synth / "DIV2K_train_HR"), out=str(out), scale=2, steps=3, resume="auto",

@@ -58,6 +58,8 @@ from .progress import Progress
 __all__ = ["TrainConfig", "Trainer", "train", "rng_state", "set_rng_state", "init_distributed", "init_weights"]
 
 MODEL_ARGS = ("scale", "n_feats", "n_groups", "n_blocks", "inner", "distill", "alpha", "rgb_range")
+# What a resumed run takes from its checkpoint's optimizer and scheduler states, not from the options.
+SCHEDULE_ARGS = ("lr", "lr_step", "lr_gamma", "beta1", "beta2", "eps", "iters_per_epoch")
 
 
 @dataclass
@@ -383,12 +385,17 @@ class Trainer:
             self.model_cfg = dict(ckpt["config"])
             # The checkpoint decides the model; an option set to something else (not left at its
             # default) asks for another model, which resuming cannot give.
-            asked = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (it has {self.model_cfg.get(k)})" for k in MODEL_ARGS
-                     if k != "scale" and getattr(cfg, k) != TrainConfig.__dataclass_fields__[k].default
-                     and getattr(cfg, k) != self.model_cfg.get(k)]
+            # So do the optimizer and schedule, whose states it holds (a new --lr would not be used, and
+            # the checkpoint's record of the run's options would say it was).
+            was = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+            theirs = {**{k: was.get(k) for k in SCHEDULE_ARGS if k in was}, **self.model_cfg}
+            asked = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (it has {theirs[k]})" for k in (*MODEL_ARGS, *SCHEDULE_ARGS)
+                     if k != "scale" and k in theirs and getattr(cfg, k) != TrainConfig.__dataclass_fields__[k].default
+                     and getattr(cfg, k) != theirs[k]]
             if asked:
-                raise CheckpointError(f"{path}: resuming continues the checkpoint's model, not the one asked for: "
-                                      f"{', '.join(asked)}; drop these options, or start a new run")
+                raise CheckpointError(f"{path}: resuming continues the checkpoint's model, optimizer and schedule, not "
+                                      f"the ones asked for: {', '.join(asked)}; drop these options, or start a new run "
+                                      f"(--init {path} starts one from its weights)")
         else:
             self.model_cfg = {k: getattr(cfg, k) for k in MODEL_ARGS}
             self.model_cfg["rgb_mean"] = list(fastdrn.reference.DIV2K_RGB_MEAN)
