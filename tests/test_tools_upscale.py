@@ -432,6 +432,11 @@ def test_output_options_that_cannot_be_honoured_are_refused(tmp_path, weights, c
     (out / "d.bmp").mkdir()
     assert cli.main(["upscale", src, "-o", str(out / "d.bmp"), "--weights", wpath]) == 0
     assert PILImage.open(out / "b.jpeg").format == "JPEG" and os.listdir(out / "d.bmp") == ["a.png"]
+    # a trailing separator names a folder to make, even with an image extension
+    for name in ("e.png", "f.bmp"):
+        capsys.readouterr()
+        assert cli.main(["upscale", src, "-o", str(out / name) + os.sep, "--weights", wpath]) == 0, capsys.readouterr()
+        assert os.listdir(out / name) == ["a.png"]
 
 
 @pytest.mark.parametrize("device, message", [("foo", "is not a device (cpu, cuda, cuda:1, ...)"),

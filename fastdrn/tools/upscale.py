@@ -36,9 +36,11 @@ def output_paths(inputs: list[str], output: str, fmt: str | None = None, suffix:
     if os.sep in suffix or (os.altsep and os.altsep in suffix):
         raise ValueError(f"--suffix {suffix!r}: a suffix of file names cannot hold a path separator")
     ext = Path(output).suffix.lower()
-    if ext in IMAGE_EXTS and ext not in WRITE_FORMATS and not Path(output).is_dir():
+    # a trailing separator says folder, whatever the name looks like
+    folder = Path(output).is_dir() or output.endswith(os.sep) or bool(os.altsep and output.endswith(os.altsep))
+    if ext in IMAGE_EXTS and ext not in WRITE_FORMATS and not folder:
         raise ValueError(f"{output}: cannot write {ext} images: name a .png, .jpg, .jpeg or .webp file, or a folder")
-    if ext in WRITE_FORMATS and not Path(output).is_dir():
+    if ext in WRITE_FORMATS and not folder:
         if fmt and WRITE_FORMATS[FORMAT_EXT[fmt]] != WRITE_FORMATS[ext]:
             raise ValueError(f"--format {fmt} does not match the output file {output}: change one of them")
         if single:
