@@ -185,6 +185,19 @@ def test_atomic_write_errors_name_the_destination_not_the_temporary_file(tmp_pat
     assert "Errno" not in err and ".tmp" not in err
 
 
+
+def test_atomic_write_takes_any_name_the_file_system_takes(tmp_path):
+    """The temporary name held the whole stem plus 15 characters: a legal 249-character name failed
+    with 'File name too long'. Stale temporary files of such a name are still recognised."""
+    from fastdrn.tools.checkpoint import temp_name_pattern
+    for stem in ("a" * 245, "é" * 120):                       # 249 characters; 244 bytes in UTF-8
+        dst = tmp_path / (stem + ".png")
+        seen = []
+        atomic_write(dst, lambda tmp: seen.append(os.path.basename(tmp)) or open(tmp, "wb").close())
+        assert dst.exists() and temp_name_pattern(dst).fullmatch(seen[0])
+    assert sorted(os.listdir(tmp_path)) == sorted(["a" * 245 + ".png", "é" * 120 + ".png"])
+
+
 # --------------------------------------------------------------------------------- tiling, ensemble
 
 def test_receptive_radius_is_tight():

@@ -459,7 +459,12 @@ def temp_name_pattern(path: str | os.PathLike) -> re.Pattern:
     """What :func:`atomic_write`'s temporary files for ``path`` are called (mkstemp's 8 random
     characters between the stem and ``.tmp`` plus the extension): to clean up after a killed writer."""
     stem, ext = os.path.splitext(os.path.basename(os.fspath(path)))
-    return re.compile(re.escape(f".{stem}.") + r"[A-Za-z0-9_]{8}" + re.escape(f".tmp{ext}"))
+    return re.compile(re.escape(f".{stem[:TEMP_STEM_CHARS]}.") + r"[A-Za-z0-9_]{8}" + re.escape(f".tmp{ext}"))
+
+
+# The temporary name holds this much of the file's stem: with the whole of a long one it could pass
+# the file system's limit on a name (255 bytes) that the final name itself keeps to.
+TEMP_STEM_CHARS = 32
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -480,7 +485,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     base = os.path.basename(path)
     stem, ext = os.path.splitext(base)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem[:TEMP_STEM_CHARS]}.", suffix=f".tmp{ext}", dir=folder)
     except OSError as e:
         raise _write_error(path, e) from None
     try:
