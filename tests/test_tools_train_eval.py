@@ -103,6 +103,25 @@ def test_images_that_share_a_name_are_kept_apart(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "saved")) == ["a.bmp_x2.png", "a.png_x2.png", "b_x2.png"]
 
 
+
+def test_the_disk_cache_takes_images_with_long_names(tmp_path):
+    """A legal 240-character image name made a cache file name past 255 bytes: training with
+    --cache disk stopped with 'File name too long'."""
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    long_name = "p" * 236 + ".png"
+    PILImage.fromarray(_texture(20, 24, 5)).save(hr / long_name)
+    PILImage.fromarray(_texture(20, 24, 6)).save(hr / ("p" * 236 + ".bmp"))   # same first 64 characters
+    pairs, _ = find_pairs(str(hr), None, 2)
+    errors = []
+    data = TrainPatches(pairs, 2, patch=8, cache="disk", cache_dir=str(tmp_path / "cache"), on_error=errors.append)
+    assert errors == [] and len(data) == 2
+    assert len(os.listdir(tmp_path / "cache")) == 4
+    lr0, _ = data[(0, [0, 0])]
+    lr1, _ = data[(1, [0, 0])]
+    assert not torch.equal(lr0, lr1)
+
+
 def test_sampler_shards_the_global_batch():
     one = list(StreamBatchSampler(5, 4, 6, seed=3))
     r0 = list(StreamBatchSampler(5, 4, 6, seed=3, rank=0, world_size=2))

@@ -155,7 +155,8 @@ class _Store:
         key = repr((os.path.abspath(p.hr), p.lr and os.path.abspath(p.lr), self.scale,
                     [(s.st_size, s.st_mtime_ns) for s in st]))
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-        base = os.path.join(self.cache_dir, f"{p.name}_x{self.scale}_{digest}")
+        # the digest tells files apart; the name, cut short, keeps a long one under the 255-byte limit
+        base = os.path.join(self.cache_dir, f"{p.name[:64]}_x{self.scale}_{digest}")
         return base + "_lr.npy", base + "_hr.npy"
 
     def _cached(self, p: Pair):
