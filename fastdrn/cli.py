@@ -18,6 +18,7 @@ after saving ``last.pt``.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -35,11 +36,18 @@ def _quality(v: str) -> int:
     return i
 
 
+def _finite_positive(v: str) -> float:
+    x = float(v)
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {v}")
+    return x
+
+
 def _model_overrides(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (read from the checkpoint's shapes; these override or check)")
     g.add_argument("--scale", type=int, help="expected upscaling factor (an error if the checkpoint differs)")
-    g.add_argument("--alpha", type=float, help="ELU alpha (default: checkpoint's, else 0.2)")
-    g.add_argument("--rgb-range", type=float, help="value of white (default: checkpoint's, else 1.0)")
+    g.add_argument("--alpha", type=_finite_positive, help="ELU alpha (default: checkpoint's, else 0.2)")
+    g.add_argument("--rgb-range", type=_finite_positive, help="value of white (default: checkpoint's, else 1.0)")
 
 
 def _weights_args(p: argparse.ArgumentParser) -> None:
@@ -142,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-blocks", type=int, default=9)
     g.add_argument("--inner", type=int, default=64)
     g.add_argument("--distill", type=int, default=8)
-    g.add_argument("--alpha", type=float, default=0.2)
-    g.add_argument("--rgb-range", type=float, default=1.0)
+    g.add_argument("--alpha", type=_finite_positive, default=0.2)
+    g.add_argument("--rgb-range", type=_finite_positive, default=1.0)
     tr.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     tr.add_argument("--compile", action="store_true", help="torch.compile the model")
     tr.add_argument("--ema", type=float, default=0.0, metavar="DECAY",

@@ -436,6 +436,15 @@ def test_output_options_that_cannot_be_honoured_are_refused(tmp_path, weights, c
     with pytest.raises(SystemExit):
         cli.main(["upscale", src, "-o", str(out / "b.jpg"), "--quality", "500", "--weights", wpath])
     assert "--quality: expected a quality from 0 to 100" in capsys.readouterr().err
+    # --rgb-range inf wrote an image of NaN cast to bytes; nan and 0 blamed the checkpoint
+    for option, value in (("--rgb-range", "inf"), ("--rgb-range", "0"), ("--alpha", "nan")):
+        with pytest.raises(SystemExit):
+            cli.main(["upscale", src, "-o", str(out / "b.png"), option, value, "--weights", wpath])
+        assert f"{option}: expected a finite number > 0, got {value}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--hr-dir", str(tmp_path), "--out", str(out), "--scale", "2", "--rgb-range", "inf"])
+    assert "--rgb-range: expected a finite number > 0, got inf" in capsys.readouterr().err
+    assert os.listdir(out) == []
     # an option that does nothing here is said to
     assert cli.main(["upscale", src, "-o", str(out / "t.png"), "--tile-overlap", "3", "--weights", wpath]) == 0
     assert "warning: --tile-overlap has no effect without --tile" in capsys.readouterr().err
