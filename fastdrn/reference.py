@@ -81,8 +81,8 @@ def check_config(scale, n_colors, n_feats, n_groups, n_blocks, inner, distill, a
         raise TypeError(f"DRN: alpha must be a real number, got {type(alpha).__name__} {alpha!r}")
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"DRN: alpha must be finite and > 0, got {alpha}")
-    if not rgb_range > 0:
-        raise ValueError(f"DRN: rgb_range must be > 0, got {rgb_range}")
+    if not (math.isfinite(rgb_range) and rgb_range > 0):      # inf: every pixel NaN after the divide
+        raise ValueError(f"DRN: rgb_range must be finite and > 0, got {rgb_range}")
 
 
 class DRN(nn.Module):

@@ -153,6 +153,18 @@ def test_load_says_what_a_file_that_is_not_a_checkpoint_is(tmp_path, capsys):
     assert not (tmp_path / "o.png").exists() and not marker.exists()
 
 
+
+def test_a_checkpoint_recording_an_infinite_rgb_range_is_refused(tmp_path):
+    """It loaded, and every upscaled pixel came out NaN (written to the image file as bytes)."""
+    sd = _ref().state_dict()
+    for value in (float("inf"), float("nan"), 0.0):
+        torch.save({"state_dict": sd, "config": {"rgb_range": value}}, tmp_path / "w.pt")
+        with pytest.raises(CheckpointError, match=re.escape(f"DRN: rgb_range must be finite and > 0, got {value}")):
+            fastdrn.load(tmp_path / "w.pt")
+    with pytest.raises(ValueError, match="rgb_range must be finite"):
+        fastdrn.DRN(scale=2, n_feats=8, n_groups=1, n_blocks=1, rgb_range=float("inf"))
+
+
 def test_load_safetensors_with_config_and_without_the_package(tmp_path, monkeypatch):
     st = pytest.importorskip("safetensors.torch")
     ref = _ref(alpha=0.25)
