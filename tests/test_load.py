@@ -165,6 +165,21 @@ def test_a_checkpoint_recording_an_infinite_rgb_range_is_refused(tmp_path):
         fastdrn.DRN(scale=2, n_feats=8, n_groups=1, n_blocks=1, rgb_range=float("inf"))
 
 
+def test_weights_with_nan_or_inf_are_refused_by_name(tmp_path, capsys):
+    """A diverged run's last.pt (NaN weights) loaded, and upscale wrote images of NaN cast to bytes."""
+    sd = _ref().state_dict()
+    sd["groups.0.blocks.0.conv.bias"][1] = float("nan")
+    sd["tail.weight"][0, 0, 0, 0] = float("-inf")
+    torch.save(sd, tmp_path / "diverged.pt")
+    with pytest.raises(CheckpointError, match=re.escape("diverged.pt: its weights hold NaN or infinite values "
+                                                        "(groups.0.blocks.0.conv.bias, tail.weight)")):
+        fastdrn.load(tmp_path / "diverged.pt")
+    PILImage.new("RGB", (5, 4)).save(tmp_path / "a.png")
+    assert cli.main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "b.png"),
+                     "--weights", str(tmp_path / "diverged.pt")]) == 2
+    assert "NaN or infinite" in capsys.readouterr().err and not (tmp_path / "b.png").exists()
+
+
 def test_load_safetensors_with_config_and_without_the_package(tmp_path, monkeypatch):
     st = pytest.importorskip("safetensors.torch")
     ref = _ref(alpha=0.25)

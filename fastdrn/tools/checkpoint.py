@@ -298,6 +298,11 @@ def load_model(source: str | os.PathLike | Mapping, overrides: Mapping | None = 
     if used is not None and (others or key is not None):
         also = f" (it also holds {', '.join(repr(o) for o in others)}; choose with key)" if others else ""
         (log or _stderr)(f"{name}: using the weights under {used!r}{also}")
+    nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:       # e.g. the last.pt of a run whose loss went NaN: every output pixel would be NaN
+        shown = ", ".join(nonfinite[:6]) + (f" and {len(nonfinite) - 6} more" if len(nonfinite) > 6 else "")
+        raise CheckpointError(f"{name}: its weights hold NaN or infinite values ({shown}): a training run that "
+                              "diverged? Use an earlier checkpoint")
     cfg = {k: v for k, v in stored.items() if k in CONFIG_KEYS}
     try:
         inferred = infer_config(sd)
