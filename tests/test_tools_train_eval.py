@@ -243,6 +243,24 @@ def test_validation_images_too_small_for_ssim_are_left_out_once(synth, tmp_path,
     assert (tmp_path / "mixed" / "best.pt").exists()
 
 
+
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(synth, tmp_path, capsys):
+    """At --lr 1e30 the weights went NaN by step 2; the run went on, overwrote last.pt with them and
+    said "done" with exit code 0."""
+    out = tmp_path / "run"
+    argv = ["train", "--hr-dir", str(synth / "DIV2K_train_HR"), "--scale", "2", "--out", str(out), "--no-progress",
+            "--patch-size", "8", "--batch-size", "4", "--device", "cpu", "--steps", "4", "--save-every", "1",
+            "--lr", "1e30", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"step (\d+): the weights became NaN or infinite \(.+\): the training diverged; "
+                     + re.escape(str(out / "last.pt")) + r" was not overwritten \(it holds step (\d+)\)", err), err
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert f"it holds step {ckpt['step']})" in err and os.listdir(out) == ["last.pt"]
+
+
 def test_init_takes_another_scales_body_and_refuses_another_architecture(synth, tmp_path, capsys):
     from fastdrn.reference import DRN
     from fastdrn.tools.checkpoint import CheckpointError

@@ -426,6 +426,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step = 0
         self.best_psnr = -math.inf
+        self._saved: dict[str, int] = {}          # checkpoint name -> the step it holds, as written by this run
 
         # --- data
         pairs, missing = find_pairs(cfg.hr_dir, cfg.lr_dir, cfg.scale)
@@ -640,9 +641,20 @@ class Trainer:
         }
 
     def save(self, name: str = "last.pt") -> str:
+        """Write a checkpoint; weights that went NaN or infinite (a diverged run) stop training
+        instead, with ValueError, and the checkpoint already there is kept."""
         path = os.path.join(self.cfg.out, name)
+        models = [self.model] + ([self.ema_model] if self.ema_model is not None else [])
+        bad = [k for m in models for k, v in m.state_dict().items()
+               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            kept = f"{path} was not overwritten" + (f" (it holds step {self._saved[name]})" if name in self._saved else "")
+            raise ValueError(f"step {self.step}: the weights became NaN or infinite ({bad[0]}"
+                             + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+                             + f"): the training diverged; {kept}. Try a lower --lr")
         if self.main:
             atomic_save(self.state_dict(), path)
+        self._saved[name] = self.step
         return path
 
     @torch.no_grad()
