@@ -188,6 +188,9 @@ def test_out_that_is_a_file_and_resuming_at_another_scale_or_past_the_end(synth,
     with pytest.raises(fastdrn.tools.CheckpointError,
                        match=re.escape(f"{out / 'last.pt'}: the checkpoint is of scale 2, --scale is 3")):
         train(_cfg(synth, out, steps=2, scale=3, resume="auto"))
+    # validation LR images without their HR images were ignored without a word
+    with pytest.raises(ValueError, match="--val-lr-dir .* needs --val-hr-dir"):
+        train(_cfg(synth, out, steps=1, val_lr_dir=str(synth / "DIV2K_train_LR_bicubic")))
     # resumed at its last step, a run trains nothing and says so, not that it wrote a checkpoint
     other = tmp_path / "other"
     capsys.readouterr()

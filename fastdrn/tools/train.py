@@ -358,6 +358,8 @@ class Trainer:
         if not 0 <= cfg.ema < 1:
             raise ValueError(f"--ema must be a decay in [0, 1) (0: off), got {cfg.ema}")
         check_counts(cfg)
+        if cfg.val_lr_dir and not cfg.val_hr_dir:
+            raise ValueError(f"--val-lr-dir {cfg.val_lr_dir} needs --val-hr-dir (the HR images it pairs with)")
         self.errors: list[str] = []
         if self.main:
             remove_stale_temp_files(cfg.out, self.log)
