@@ -178,6 +178,17 @@ def test_weights_with_nan_or_inf_are_refused_by_name(tmp_path, capsys):
     assert cli.main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "b.png"),
                      "--weights", str(tmp_path / "diverged.pt")]) == 2
     assert "NaN or infinite" in capsys.readouterr().err and not (tmp_path / "b.png").exists()
+    # nor does training start from them, by --init or --resume
+    from fastdrn.tools.train import TrainConfig, Trainer, check_training_checkpoint
+    cfg = TrainConfig(hr_dir=str(tmp_path), out=str(tmp_path / "run"), scale=2, n_feats=8, n_groups=2, n_blocks=2,
+                      inner=8, distill=4, init=str(tmp_path / "diverged.pt"), device="cpu")
+    with pytest.raises(CheckpointError, match="diverged.pt: its weights hold NaN or infinite values"):
+        Trainer(cfg, log=lambda m: None)
+    ckpt = {"format": FORMAT, "step": 3, "config": {**ARCH, "alpha": 0.2, "rgb_range": 1.0, "rgb_mean": [0.5] * 3},
+            "model": sd, "optimizer": {"state": {}, "param_groups": []},
+            "scheduler": {}, "rng": {"torch": 0, "numpy": 0, "python": 0}}
+    with pytest.raises(CheckpointError, match="last.pt: its weights hold NaN or infinite values"):
+        check_training_checkpoint(ckpt, "last.pt")
 
 
 def test_load_safetensors_with_config_and_without_the_package(tmp_path, monkeypatch):

@@ -33,8 +33,8 @@ import fastdrn.reference
 
 __all__ = ["CheckpointError", "build_model", "infer_config", "extract_state_dict", "select_weights",
            "load_checkpoint", "load_model", "export", "EXPORT_FORMATS", "EXPORT_DTYPES", "atomic_write",
-           "atomic_write_text", "atomic_save", "check_dense", "verify_zip", "current_umask", "temp_name_pattern",
-           "CONFIG_KEYS", "FORMAT"]
+           "atomic_write_text", "atomic_save", "check_dense", "check_finite", "verify_zip", "current_umask",
+           "temp_name_pattern", "CONFIG_KEYS", "FORMAT"]
 
 FORMAT = "fastdrn-train-v1"
 CONFIG_KEYS = ("scale", "n_colors", "n_feats", "n_groups", "n_blocks", "inner", "distill", "alpha",
@@ -69,6 +69,16 @@ def check_dense(sd: Mapping[str, torch.Tensor]) -> None:
         shown = bad[:10] + ([f"... and {len(bad) - 10} more"] if len(bad) > 10 else [])
         raise CheckpointError("only dense real-valued tensors can be weights; the checkpoint holds "
                               + ", ".join(shown))
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], name: str) -> None:
+    """Refuse weights holding NaN or infinite values (e.g. the last.pt of a run that diverged: every
+    output pixel would be NaN), naming the tensors."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+        raise CheckpointError(f"{name}: its weights hold NaN or infinite values ({shown}): a training run that "
+                              "diverged? Use an earlier checkpoint")
 
 
 def select_weights(obj: Any, key: str | None = None) -> tuple[dict[str, torch.Tensor], dict, str | None, list[str]]:
@@ -298,11 +308,7 @@ def load_model(source: str | os.PathLike | Mapping, overrides: Mapping | None = 
     if used is not None and (others or key is not None):
         also = f" (it also holds {', '.join(repr(o) for o in others)}; choose with key)" if others else ""
         (log or _stderr)(f"{name}: using the weights under {used!r}{also}")
-    nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if nonfinite:       # e.g. the last.pt of a run whose loss went NaN: every output pixel would be NaN
-        shown = ", ".join(nonfinite[:6]) + (f" and {len(nonfinite) - 6} more" if len(nonfinite) > 6 else "")
-        raise CheckpointError(f"{name}: its weights hold NaN or infinite values ({shown}): a training run that "
-                              "diverged? Use an earlier checkpoint")
+    check_finite(sd, name)
     cfg = {k: v for k, v in stored.items() if k in CONFIG_KEYS}
     try:
         inferred = infer_config(sd)

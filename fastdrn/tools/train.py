@@ -47,7 +47,7 @@ import fastdrn.reference
 
 from ..graphs import capture_unavailable, make_train_step
 from .checkpoint import (ARCH_KEYS, FORMAT, CheckpointError, _mismatches, atomic_save, build_model, check_dense,
-                         infer_config, load_checkpoint, select_weights, temp_name_pattern)
+                         check_finite, infer_config, load_checkpoint, select_weights, temp_name_pattern)
 from .image_io import ImageReadError
 from .data import StreamBatchSampler, TrainPatches, estimate_bytes, find_pairs, load_pair
 from .evaluate import evaluate_pairs
@@ -216,6 +216,9 @@ def check_training_checkpoint(ckpt, path: str) -> None:
         check_dense(ckpt["model"])
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    check_finite(ckpt["model"], path)
+    if isinstance(ckpt.get("params_ema"), dict):
+        check_finite(ckpt["params_ema"], f"{path} (params_ema)")
 
 
 # Options that count something and must be at least 1 (None: their default); 0 would train nothing,
@@ -290,6 +293,7 @@ def init_weights(model: torch.nn.Module, source: str, log: Callable[[str], None]
     names of the tensors left as initialised (none when the scales agree)."""
     try:
         sd, stored, _, _ = select_weights(load_checkpoint(source))
+        check_finite(sd, source)
         theirs = infer_config(sd)
     except CheckpointError as e:
         raise CheckpointError(f"--init {source}: {e}") from None
