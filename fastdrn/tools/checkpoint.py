@@ -275,7 +275,7 @@ def _why_not_loaded(path: str, e: Exception) -> str:
     if blocked:
         return (f"refused: it holds a Python object ({blocked.group(1)}) that loading would have to run, and only "
                 "tensors, numbers, strings and containers are loaded (torch.load weights_only=True); "
-                "export the weights as a plain state_dict")
+                "save the weights as a plain state_dict instead: torch.save(model.state_dict(), path)")
     opcode = re.search(r"Unsupported operand (\d+)", text)
     if opcode:
         return (f"refused: a pickle that torch.load(weights_only=True) cannot read (opcode {opcode.group(1)}): "
