@@ -183,6 +183,8 @@ def test_out_that_is_a_file_and_resuming_at_another_scale_or_past_the_end(synth,
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ValueError, match="--out .*a_file: exists and is not a folder"):
         train(_cfg(synth, tmp_path / "a_file", steps=1))
+    with pytest.raises(OSError, match=r"^--out .*a_file/run: cannot create the folder: Not a directory$"):
+        train(_cfg(synth, tmp_path / "a_file" / "run", steps=1))
     out = tmp_path / "run"
     assert train(_cfg(synth, out, steps=1)) == 0
     with pytest.raises(fastdrn.tools.CheckpointError,

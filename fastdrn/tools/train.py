@@ -765,10 +765,13 @@ def train(cfg: TrainConfig | None = None, log: Callable[[str], None] | None = No
         cfg = dataclasses.replace(cfg, **kwargs)
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"--out {cfg.out}: exists and is not a folder")
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as e:
+        raise type(e)(f"--out {cfg.out}: cannot create the folder: {e.strerror or e}") from None
     for name in CHECKPOINT_NAMES:          # found now, not at the first save after an epoch of training
         if os.path.isdir(os.path.join(cfg.out, name)):
             raise ValueError(f"--out {cfg.out}: {name} there is a folder, where the checkpoint is to be written")
-    os.makedirs(cfg.out, exist_ok=True)
     trainer = Trainer(cfg, log=log)
     try:
         t0 = time.perf_counter()
