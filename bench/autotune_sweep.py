@@ -28,6 +28,7 @@ import triton  # noqa: E402
 from fastdrn import ops  # noqa: E402
 from fastdrn.kernels import compress_skip as compress_skip_kernels  # noqa: E402
 from fastdrn.kernels import gemm, residual_distill, set_launch_options  # noqa: E402
+from fastdrn.kernels.registry import config_label  # noqa: E402
 
 # (N, H, W, D, F, d): DRN's training patches and its inference sizes, at the paper's widths.
 CASES = [(16, 48, 48, d_in, inner, 8) for d_in in (64, 136) for inner in (64, 256)]
@@ -46,11 +47,6 @@ def autotuners() -> list[tuple[str, object]]:
                     label = f"{module.__name__.rsplit('.', 1)[-1]}.{name}" + ("" if key is None else f"[{key}]")
                     found.append((label, tuner))
     return found
-
-
-def config_text(config) -> str:
-    meta = ",".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
-    return f"{meta},warps={config.num_warps},stages={config.num_stages}"
 
 
 def run_case(case, dtype, device) -> None:
@@ -96,10 +92,10 @@ def main() -> None:
         last_key = next(reversed(tuner.cache), None)
         for key, best in tuner.cache.items():
             rows.append({"kernel": label, "key": [str(k) for k in key], "key_names": list(tuner.keys),
-                         "best": config_text(best), "default": config_text(tuner.configs[0]),
+                         "best": config_label(best), "default": config_label(tuner.configs[0]),
                          "best_is_default": best is tuner.configs[0],
                          # Triton keeps the timings of the last key it tuned only
-                         "timings_ms_of_last_key": {config_text(c): t for c, t in timings.items()}
+                         "timings_ms_of_last_key": {config_label(c): t for c, t in timings.items()}
                          if key == last_key else None,
                          "dtype": str(dtype).removeprefix("torch."), "env": env})
     with open(args.out, "a") as sink:

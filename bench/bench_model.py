@@ -70,21 +70,25 @@ def impl_plan(args) -> list[list[tuple[str, str, str]]]:
         sweep = [("eager", dt, "baseline"), ("fastdrn", dt, "candidate")]
         if args.recompute:
             sweep.append(("fastdrn-recompute", dt, "candidate"))
-        if args.fold_backward:
-            sweep.append(("fastdrn-fold", dt, "candidate"))
+        if args.unfolded:
+            sweep.append(("fastdrn-unfolded", dt, "candidate"))
         if not args.no_graphs:
             sweep += [("eager-graph", dt, "baseline"), ("fastdrn-graph", dt, "candidate")]
-            if args.fold_backward:
-                sweep.append(("fastdrn-fold-graph", dt, "candidate"))
+            if args.unfolded:
+                sweep.append(("fastdrn-unfolded-graph", dt, "candidate"))
         sweeps.append(sweep)
         if not args.no_compile and dt in cdt:
             sweeps.append([("compile-reduce-overhead", dt, "baseline")])
             sweeps.append([("compile", dt, "baseline")])
         if args.max_autotune and dt in cdt:
             sweeps.append([("compile-max-autotune", dt, "baseline")])
+    if args.impls:
+        sweeps = [kept for kept in ([row for row in sweep if row[0] in args.impls] for sweep in sweeps) if kept]
     return sweeps
 
 
+IMPLS = ("eager", "fastdrn", "fastdrn-recompute", "fastdrn-unfolded", "eager-graph", "fastdrn-graph",
+         "fastdrn-unfolded-graph", "compile-reduce-overhead", "compile", "compile-max-autotune")
 COMPILE_MODES = {"compile": None, "compile-reduce-overhead": "reduce-overhead", "compile-max-autotune": "max-autotune"}
 
 
@@ -99,12 +103,16 @@ def main() -> None:
     p.add_argument("--compile-dtypes", type=common.dtype_list, default=None,
                    help="dtypes of the compile baselines (default: --dtypes; --quick: bf16)")
     p.add_argument("--recompute", action="store_true", help="also fastdrn.DRN(recompute=True)")
-    p.add_argument("--fold-backward", action="store_true",
-                   help="also fastdrn with FASTDRN_FOLD_BACKWARD's schedule (rows fastdrn-fold, fastdrn-fold-graph)")
+    p.add_argument("--unfolded", action="store_true",
+                   help="also fastdrn with FASTDRN_FOLD_BACKWARD=0 (rows fastdrn-unfolded, fastdrn-unfolded-graph)")
+    p.add_argument("--impls", type=lambda s: s.split(","), default=None,
+                   help="only these rows (comma list of impl names, e.g. fastdrn-graph,compile-max-autotune)")
     p.add_argument("--no-graphs", action="store_true",
                    help="skip eager-graph and fastdrn-graph (fastdrn.make_train_step / make_upscaler: the "
                         "whole step captured in a CUDA graph and replayed)")
     args = p.parse_args()
+    if args.impls and set(args.impls) - set(IMPLS):
+        p.error(f"--impls: unknown {sorted(set(args.impls) - set(IMPLS))}; known: {', '.join(IMPLS)}")
     args.custom = any(a.split("=")[0] in ("--train", "--infer") for a in sys.argv[1:])
     if args.quick and args.compile_dtypes is None:
         args.compile_dtypes = ["bf16"]
@@ -237,7 +245,7 @@ def main() -> None:
     def run(c, impl, dt, role, seed):
         if ctx.smoke and c["kind"] == "train" and (dt == "bf16" or impl.startswith("compile")):
             return  # smoke: slow on the CPU, and the inference rows already run these set-ups
-        if "-fold" in impl and c["kind"] != "train":
+        if "-unfolded" in impl and c["kind"] != "train":
             return  # the fold changes the training backward only
         pixels = c["n"] * c["h"] * c["w"]
         flop = pixels * common.drn_flop_per_lr_pixel(c["scale"], **config)
@@ -250,13 +258,13 @@ def main() -> None:
             variant = "fp32" if ctx.smoke else "fp32 (TF32 convs)"
         if c["kind"] == "train":
             variant += "; L1 + Adam step"
-        # The fold's rows run with it set (set_launch_options: kernels.md), the others as the process was.
+        # The unfolded rows run with the fold off (set_launch_options: kernels.md), the others as the process was.
         from fastdrn.kernels._common import launch_settings
 
-        fold = "-fold" in impl
-        if fold:
-            variant += "; FASTDRN_FOLD_BACKWARD=1"
-        with launch_settings(**({"fold_backward": True} if fold else {})):
+        unfolded = "-unfolded" in impl
+        if unfolded:
+            variant += "; FASTDRN_FOLD_BACKWARD=0"
+        with launch_settings(**({"fold_backward": False} if unfolded else {})):
             ctx.measure(op=op_name, pass_="train_step" if c["kind"] == "train" else "inference",
                         shape=dict(scale=c["scale"], N=c["n"], H=c["h"], W=c["w"], **config), shape_str=shape_str,
                         layout="model", dtype=dt, impl=impl, role=role, build=builder(c, impl, dt, seed),

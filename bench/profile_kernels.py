@@ -9,9 +9,9 @@ channels_last, FASTDRN_AUTOTUNE as set by the caller):
   block     one block's forward + backward at 16x48x48, D = 64 and 136, F = 64: the mean of CUDA-
             graph replays (the kernel issue's target is 60 us)
   group     a group of 9 blocks (D = 64 to 136, F = 64) forward + backward at 16x48x48, graph
-            replays, in three backward schedules: FASTDRN_WEIGHT_GRAD_BLOCKS 1 (each block's weight
-            gradients in launches of their own), 3 (three blocks' in one), and 3 with
-            FASTDRN_FOLD_BACKWARD=1 (a saved, each block's g_b computed by the next block's kernel)
+            replays: without the backward fold, with it (the default), and with it at 512 and 1024
+            weight-gradient programs a launch instead of gemm.WEIGHT_GRAD_TILES_PROGRAMS (256: 0.4 of
+            a wave on an H200 under Nsight Compute at 0211768)
   rdb       one block's forward (no gradient) at 1x540x960, D = 64, F = 64: its TFLOP/s against a
             bf16 matrix product measured in the same run (the kernel issue's target is 50%)
   3x3       every launch config of the 3x3 kernel at F = 64, listed or candidate, timed by Triton's
@@ -235,8 +235,10 @@ def main() -> None:
         for r in table[:10]:
             print(f"  {r['us_per_step']:9.1f} us  {r['calls_per_step']:6.1f} calls  {r['kernel'][:90]}")
 
-    # A group of blocks (D = 64 growing to 136, F = 64) forward + backward in each backward schedule
-    # (weight_grad_blocks, fold_backward) the kernel issue keeps side by side until a GPU has timed them.
+    # A group of blocks (D = 64 growing to 136, F = 64) forward + backward, without and with the
+    # backward fold, and with the fold at more weight-gradient programs a launch: a bench-only
+    # experiment on the module constant (launch_settings forgets the plans and kernels that hold it).
+    from fastdrn.kernels import gemm
     from fastdrn.kernels._common import launch_settings
 
     n_blocks, inner, distill, c = (3, 8, 4, 8) if args.smoke else (9, 64, 8, 64)
@@ -255,15 +257,20 @@ def main() -> None:
     def group():
         torch.autograd.grad(ops.distill_group(y, blocks), leaves, dy)
 
-    for blocks_a_launch, fold in ((1, False), (3, False), (3, True)):
-        label = (f"group of {n_blocks} blocks F{inner}, weight_grad_blocks {blocks_a_launch}"
-                 f"{', fold_backward' if fold else ''}")
-        with launch_settings(weight_grad_blocks=blocks_a_launch, fold_backward=fold):
-            table = profile(group, 1 if args.smoke else 5, device)
-            entry = {"kernel_us_per_step": sum(r["us_per_step"] for r in table), "kernels": table,
-                     "launches": sum(r["calls_per_step"] for r in table)}
-            if cuda:
-                entry["graph_replay_us"] = graph_replay_us(group)
+    listed_programs = gemm.WEIGHT_GRAD_TILES_PROGRAMS
+    for fold, programs in ((False, listed_programs), (True, listed_programs), (True, 512), (True, 1024)):
+        label = (f"group of {n_blocks} blocks F{inner}, {'fold_backward' if fold else 'unfolded'}, "
+                 f"{programs} weight-gradient programs")
+        gemm.WEIGHT_GRAD_TILES_PROGRAMS = programs
+        try:
+            with launch_settings(fold_backward=fold):
+                table = profile(group, 1 if args.smoke else 5, device)
+                entry = {"kernel_us_per_step": sum(r["us_per_step"] for r in table), "kernels": table,
+                         "launches": sum(r["calls_per_step"] for r in table)}
+                if cuda:
+                    entry["graph_replay_us"] = graph_replay_us(group)
+        finally:
+            gemm.WEIGHT_GRAD_TILES_PROGRAMS = listed_programs
         result["cases"][label] = entry
         save(result, args.out)
         print(f"\n== {label}: kernels {entry['kernel_us_per_step']:.1f} us ({entry['launches']:.0f} launches); "

@@ -215,7 +215,9 @@ def _config(block_m, block_n, block_k, warps, stages):
 CONV3X3_CONFIGS = {
     16: [_config(64, 64, 16, 4, 3), _config(128, 64, 16, 8, 3)],
     32: [_config(64, 32, 32, 4, 3), _config(128, 64, 32, 8, 3)],
-    64: [_config(64, 32, 32, 4, 3), _config(64, 64, 32, 8, 3), _config(128, 32, 32, 8, 3)],
+    # H200, 0211768 (bench/results/2026-11-28c-h200): 128 x 32 x 64 at 8 warps was fastest forward,
+    # 64 x 64 x 32 on the input gradient, 64 x 32 x 64 at 4 warps in place at inference.
+    64: [_config(128, 32, 64, 8, 3), _config(64, 64, 32, 8, 3), _config(64, 32, 64, 4, 4)],
     128: [_config(64, 64, 32, 8, 3), _config(64, 32, 32, 8, 3)],
     256: [_config(64, 16, 32, 8, 2)],  # BLOCK_N 32 spilled 8-16 bytes on sm_80 in the input-gradient pass
 }
@@ -226,13 +228,13 @@ CONV3X3_FP32_CONFIGS = {
     128: [_config(64, 16, 16, 8, 3)],
     256: [_config(64, 16, 16, 8, 2)],
 }
-# 16-bit candidates at DRN's width, neither launched nor autotuned: larger pixel tiles that read the
-# 9 F^2 weights for more rows (docs/kernels.md: the 3x3's L2 traffic) and whole-F steps.
-# bench/profile_kernels.py times them beside the configs above and a GPU test checks each against
-# float64; one joins CONV3X3_CONFIGS when a GPU run shows it wins. In the AOT check like the others.
+# 16-bit candidates at DRN's width, neither launched nor autotuned. bench/profile_kernels.py times
+# them beside the configs above and a GPU test checks each against float64; one joins
+# CONV3X3_CONFIGS when a GPU run shows it wins. In the AOT check like the others. Whole-F steps
+# (BLOCK_K 64) won at 0211768; this one tries a fourth stage. 256 x 32 x 64 at 8 warps and
+# 128 x 32 x 64 at 4 spilled 4 to 240 bytes in the unaligned input-gradient pass (sm_90, sm_80).
 CONV3X3_CANDIDATES = {
-    64: [_config(128, 32, 64, 8, 3), _config(128, 64, 64, 8, 3), _config(256, 32, 32, 8, 2),
-         _config(128, 32, 32, 4, 3), _config(64, 32, 64, 4, 4)],
+    64: [_config(128, 32, 64, 8, 4)],
 }
 CONV3X3_INTERPRETER = _config(32, 32, 32, 4, 1)
 # Per BLOCK_F, with BLOCK_K no wider than BLOCK_F (built once: a Config per launch costs host time).

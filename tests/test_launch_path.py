@@ -198,9 +198,11 @@ def test_launch_settings_are_checked(monkeypatch):
     monkeypatch.setenv("FASTDRN_FOLD_BACKWARD", "yes")
     with pytest.raises(ValueError, match="FASTDRN_FOLD_BACKWARD='yes'"):
         _common.LaunchOptions.from_environment()
-    monkeypatch.setenv("FASTDRN_FOLD_BACKWARD", "1")
+    monkeypatch.delenv("FASTDRN_FOLD_BACKWARD")
+    assert _common.LaunchOptions.from_environment().fold_backward, "the fold is the default"
+    monkeypatch.setenv("FASTDRN_FOLD_BACKWARD", "0")
     options = _common.LaunchOptions.from_environment()
-    assert (options.weight_grad_blocks, options.fold_backward) == (2, True)
+    assert (options.weight_grad_blocks, options.fold_backward) == (2, False)
     with pytest.raises(ValueError, match="weight_grad_blocks=4"):
         _common.set_launch_options(weight_grad_blocks=4)
     with pytest.raises(ValueError, match="fold_backward='1'"):

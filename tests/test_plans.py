@@ -72,8 +72,8 @@ TRAIN_CASES = [
 ]
 
 
-# recompute, fold_backward: the default schedule, b rebuilt, and a saved with each g_b folded (the
-# arena holds a too, and the forward's kernels write into it)
+# recompute, fold_backward: the unfolded schedule, b rebuilt, and the default: a saved with each g_b
+# folded (the arena holds a too, and the forward's kernels write into it)
 SCHEDULES = [(False, False), (True, False), (False, True)]
 
 
@@ -432,8 +432,8 @@ def test_a_recording_keeps_only_its_own_threads_launches(monkeypatch, device):
 
 @pytest.mark.parametrize("blocks_a_launch, fold, backward_limit", [
     (1, False, 4.0),  # each block's weight gradients and their sum in launches of their own
-    (3, False, 3.0),  # the default: three blocks a weight-gradient launch, 24 launches a group of 9
-    (3, True, 2.0),   # fold_backward: no pair kernel, 16 launches a group of 9
+    (3, False, 3.0),  # three blocks a weight-gradient launch, 24 launches a group of 9
+    (3, True, 2.0),   # the default, fold_backward as well: no pair kernel, 16 launches a group of 9
 ])
 def test_triton_launches_per_block_over_a_model(blocks_a_launch, fold, backward_limit, launch_count, monkeypatch,
                                                 device):

@@ -409,7 +409,7 @@ def test_group_function_equals_per_block_functions(blocks_a_launch, recompute, b
             leaves = [t for t in (y, *(t for block in blocks for t in block)) if t is not None]
             group = lambda y, *_: ops.distill_group(y, blocks, recompute=recompute)  # noqa: E731
             chained = lambda y, *_: _chained_per_block(y, blocks, recompute)  # noqa: E731
-            with launch_settings(weight_grad_blocks=blocks_a_launch):
+            with launch_settings(weight_grad_blocks=blocks_a_launch, fold_backward=False):  # the per-block schedule
                 out = group(y)
                 assert type(out.grad_fn).__name__ == "_EagerDistillGroupBackward", "the group did not run as one Function"
                 expected = chained(y)
@@ -418,11 +418,11 @@ def test_group_function_equals_per_block_functions(blocks_a_launch, recompute, b
                 grads = torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
                 again = torch.autograd.grad(out, leaves, grad_out)
                 expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+                assert (saved_activation_bytes(group, leaves, leaves[1:], align=256)
+                        == saved_activation_bytes(chained, leaves, leaves[1:], align=256))
             bitwise = expected_grads if blocks_a_launch == 1 else (expected_grads[0], *again[1:])
             for i, (g, e) in enumerate(zip(grads, bitwise)):
                 assert torch.equal(g, e), f"{dtype} gradient of leaf {i} (recompute={recompute}, biases={biases})"
-            assert (saved_activation_bytes(group, leaves, leaves[1:], align=256)
-                    == saved_activation_bytes(chained, leaves, leaves[1:], align=256))
             ref, ref_grads, eager_grads = _reference(y, blocks, None, leaves, grad_out)
             assert_close(out, ref, fwd_tol, f"{dtype} group forward")
             return grads, eager_grads, ref_grads
@@ -528,10 +528,10 @@ def test_group_function_with_frozen_tensors(frozen, device):
         y.requires_grad_()
         blocks = [tuple(t.detach() for t in block) for block in blocks]
     leaves = [t for t in (y, *(t for block in blocks for t in block)) if t.requires_grad]
-    # Bit for bit only with each block's weight gradients in a launch of their own, as the per-block
-    # Functions run them: a shared launch sums in another order (at 8 warps on an H200, the last bit
-    # of a bias gradient differed).
-    with launch_settings(weight_grad_blocks=1):
+    # Bit for bit only in the per-block Functions' schedule: each block's weight gradients in a launch
+    # of their own (a shared launch sums in another order: at 8 warps on an H200, the last bit of a
+    # bias gradient differed) and a recomputed, not saved (the fold sums g_b in another order).
+    with launch_settings(weight_grad_blocks=1, fold_backward=False):
         out = ops.distill_group(y, blocks)
         expected = _chained_per_block(y, blocks, False)
         assert torch.equal(out, expected)
@@ -539,11 +539,11 @@ def test_group_function_with_frozen_tensors(frozen, device):
         for i, (g, e) in enumerate(zip(torch.autograd.grad(out, leaves, grad_out),
                                        torch.autograd.grad(expected, leaves, grad_out))):
             assert torch.equal(g, e), f"gradient of leaf {i}"
-    group = lambda *_: ops.distill_group(y, blocks)  # noqa: E731
-    chained = lambda *_: _chained_per_block(y, blocks, False)  # noqa: E731
-    params = [t for block in blocks for t in block]
-    saved = saved_activation_bytes(group, [], params, align=256)
-    saved_chained = saved_activation_bytes(chained, [], params, align=256)
+        group = lambda *_: ops.distill_group(y, blocks)  # noqa: E731
+        chained = lambda *_: _chained_per_block(y, blocks, False)  # noqa: E731
+        params = [t for block in blocks for t in block]
+        saved = saved_activation_bytes(group, [], params, align=256)
+        saved_chained = saved_activation_bytes(chained, [], params, align=256)
     if frozen == "input and first block":  # a per-block Function packs z for a node autograd never records
         assert saved == saved_chained - -(-y.numel() * y.element_size() // 256) * 256
     else:
