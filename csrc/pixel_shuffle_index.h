@@ -88,6 +88,24 @@ inline GatherPlan<index_t> make_plan(const ShuffleShape<index_t>& g, bool to_shu
   return plan;
 }
 
+// The unshuffled channel c*s*s + i*s + j of a pixel shuffle's destination element, as a weight per
+// digit of the plan's radix (the C, I and J digits weigh s*s, s and 1; the others 0), so that a
+// kernel reads it off the cursor's digits instead of dividing the source offset.
+template <typename index_t>
+struct ChannelWeights {
+  index_t weight[kAxes];
+};
+
+template <typename index_t>
+inline ChannelWeights<index_t> make_channel_weights(const ShuffleShape<index_t>& g, bool channels_last) {
+  const index_t axis_weight[kAxes] = {0, g.s * g.s, g.s, 1, 0, 0};  // indexed by Axis
+  int order[kAxes];
+  memory_order(/*shuffled=*/true, channels_last, order);
+  ChannelWeights<index_t> weights;
+  for (int k = 0; k < kAxes; ++k) weights.weight[k] = axis_weight[order[k]];
+  return weights;
+}
+
 // Walks the destination in memory order and keeps the matching source offset. Unravelling costs
 // five divisions, so a kernel does it once per run of elements and then steps with advance().
 template <typename index_t>
@@ -104,6 +122,15 @@ struct SourceCursor {
     }
     digit[0] = linear;
     offset += linear * plan.src_stride[0];
+  }
+
+  // The unshuffled channel of the current destination element (pixel shuffle only). The loop
+  // indexes the digits with constants once unrolled, so they stay in registers.
+  FASTDRN_HOST_DEVICE index_t channel(const ChannelWeights<index_t>& weights) const {
+    index_t channel = 0;
+    FASTDRN_UNROLL
+    for (int k = 0; k < kAxes; ++k) channel += digit[k] * weights.weight[k];
+    return channel;
   }
 
   // Moves to the next destination element. The offset never leaves [0, numel), even past the

@@ -1,4 +1,5 @@
-"""The C++/CUDA extension (csrc/): torch.ops.fastdrn_ext.pixel_shuffle and .pixel_unshuffle.
+"""The C++/CUDA extension (csrc/): torch.ops.fastdrn_ext.pixel_shuffle, .pixel_unshuffle and
+.pixel_shuffle_bias (pixel_shuffle(x + bias.view(1, -1, 1, 1)) in one pass).
 
 Importing this module builds nothing and queries no device. The first call that needs the ops
 (`load_error`, `unavailable_reason`) imports the prebuilt `fastdrn._C` when setup.py built it, and
@@ -225,9 +226,11 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 # ---- autograd and fake implementations ----------------------------------------------------------
-def _fake(x: torch.Tensor, factor: int, to_shuffled: bool) -> torch.Tensor:
+def _fake(x: torch.Tensor, factor: int, to_shuffled: bool, op: str | None = None) -> torch.Tensor:
     """The output's shape, dtype and strides, checked as the C++ op checks (same error types)."""
-    op, factor_name = ("pixel_shuffle", "upscale_factor") if to_shuffled else ("pixel_unshuffle", "downscale_factor")
+    default_op, factor_name = (("pixel_shuffle", "upscale_factor") if to_shuffled
+                               else ("pixel_unshuffle", "downscale_factor"))
+    op = op or default_op
     torch._check_value(x.dim() == 4, lambda: f"{op}: x must be a 4-D tensor (N, C, H, W), got shape {tuple(x.shape)}")
     torch._check_value(factor >= 1, lambda: f"{op}: {factor_name} must be >= 1, got {factor}")
     torch._check_type(x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
@@ -247,6 +250,18 @@ def _fake(x: torch.Tensor, factor: int, to_shuffled: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format)
 
 
+def _check_shuffle_bias(x: torch.Tensor, bias: torch.Tensor) -> None:
+    """pixel_shuffle_bias's checks of bias against x, as the C++ op makes them (same error types)."""
+    op = "pixel_shuffle_bias"
+    torch._check_value(bias.device == x.device, lambda: f"{op}: bias is on {bias.device} but x is on {x.device}")
+    torch._check_type(bias.dtype == x.dtype, lambda: f"{op}: bias has dtype {bias.dtype} but x has {x.dtype}")
+    torch._check_value(bias.dim() == 1, lambda: f"{op}: bias must be a 1-D tensor (C*s*s,), got shape "
+                                                f"{tuple(bias.shape)}")
+    if x.dim() == 4:  # _fake names an x that is not 4-D
+        torch._check_value(bias.shape[0] == x.shape[1], lambda: f"{op}: bias has {bias.shape[0]} elements, expected "
+                                                                f"one per channel of x (C*s*s = {x.shape[1]})")
+
+
 def _pixel_shuffle_fake(x, upscale_factor):
     return _fake(x, upscale_factor, to_shuffled=True)
 
@@ -255,8 +270,17 @@ def _pixel_unshuffle_fake(x, downscale_factor):
     return _fake(x, downscale_factor, to_shuffled=False)
 
 
+def _pixel_shuffle_bias_fake(x, bias, upscale_factor):
+    _check_shuffle_bias(x, bias)
+    return _fake(x, upscale_factor, to_shuffled=True, op="pixel_shuffle_bias")
+
+
 def _save_factor(ctx, inputs, output):
     ctx.factor = inputs[1]
+
+
+def _save_bias_factor(ctx, inputs, output):
+    ctx.factor = inputs[2]
 
 
 # Each op only moves elements, so its backward moves the gradient back with the other one.
@@ -268,11 +292,28 @@ def _pixel_unshuffle_backward(ctx, grad):
     return torch.ops.fastdrn_ext.pixel_shuffle(grad, ctx.factor), None
 
 
+def _pixel_shuffle_bias_backward(ctx, grad):
+    """grad_x: the gradient moved back; grad_bias: that summed over (N, H, W), accumulated in float32
+    (float64 for float64) and rounded once to bias's dtype, as torch's own bias gradients are."""
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        unshuffled = torch.ops.fastdrn_ext.pixel_unshuffle(grad, ctx.factor)
+        if ctx.needs_input_grad[0]:
+            grad_x = unshuffled
+        if ctx.needs_input_grad[1]:
+            accumulate = torch.float64 if grad.dtype == torch.float64 else torch.float32
+            grad_bias = unshuffled.sum(dim=(0, 2, 3), dtype=accumulate).to(grad.dtype)
+    return grad_x, grad_bias, None
+
+
 def _register_python_parts() -> None:
     for op, fake, backward in (("pixel_shuffle", _pixel_shuffle_fake, _pixel_shuffle_backward),
                                ("pixel_unshuffle", _pixel_unshuffle_fake, _pixel_unshuffle_backward)):
         torch.library.register_fake(f"{LIBRARY}::{op}", fake)
         torch.library.register_autograd(f"{LIBRARY}::{op}", backward, setup_context=_save_factor)
+    torch.library.register_fake(f"{LIBRARY}::pixel_shuffle_bias", _pixel_shuffle_bias_fake)
+    torch.library.register_autograd(f"{LIBRARY}::pixel_shuffle_bias", _pixel_shuffle_bias_backward,
+                                    setup_context=_save_bias_factor)
 
 
 # The C++ library names this module (set_python_module) as the home of its fake implementations,

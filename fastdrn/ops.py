@@ -364,3 +364,32 @@ def pixel_shuffle(x, upscale_factor):
         if choice == "triton":
             raise RuntimeError(f"FASTDRN_BACKEND=triton but pixel_shuffle cannot run fastdrn's kernel: {reason}")
     return torch.nn.functional.pixel_shuffle(x, factor)
+
+
+def _check_pixel_shuffle_bias(x, bias, upscale_factor):
+    """_pixel_shuffle_bias's checks: pixel_shuffle's, then bias, one per channel of x; returns the factor."""
+    factor = check_pixel_shuffle(x, upscale_factor)
+    op = "pixel_shuffle_bias"
+    _check_tensor(op, "bias", bias, "(C*s*s,)", 1)
+    _check_alike(op, dict(x=x, bias=bias))
+    if bias.shape[0] != x.shape[1]:
+        raise ValueError(f"{op}: bias has {bias.shape[0]} elements, expected one per channel of x "
+                         f"(C*s*s = {x.shape[1]})")
+    return factor
+
+
+def _pixel_shuffle_bias(x, bias, upscale_factor):
+    """pixel_shuffle(x + bias.view(1, -1, 1, 1), upscale_factor), the bias of the conv before the
+    shuffle added as the shuffle gathers (one pass over x instead of two). Internal: not used by
+    fastdrn.DRN yet (bench/profile_kernels.py times it). Routed as pixel_shuffle is."""
+    factor = _check_pixel_shuffle_bias(x, bias, upscale_factor)
+    from . import extension
+
+    choice = backend.requested()
+    if choice == "triton" or (choice == "auto" and x.device.type == "cuda"):
+        reason = extension.unavailable_reason(x.device)
+        if reason is None:
+            return torch.ops.fastdrn_ext.pixel_shuffle_bias(x, bias, factor)
+        if choice == "triton":
+            raise RuntimeError(f"FASTDRN_BACKEND=triton but pixel_shuffle_bias cannot run fastdrn's kernel: {reason}")
+    return reference.pixel_shuffle_bias(x, bias, factor)

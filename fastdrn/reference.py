@@ -34,6 +34,11 @@ def pixel_shuffle(x, upscale_factor):
     return F.pixel_shuffle(x, upscale_factor)
 
 
+def pixel_shuffle_bias(x, bias, upscale_factor):
+    """The conv's bias added to its (N, C*s*s, H, W) output, then the pixel shuffle."""
+    return F.pixel_shuffle(x + bias.view(1, -1, 1, 1), upscale_factor)
+
+
 class ResidualDistillBlock(nn.Module):
     def __init__(self, in_channels: int, inner: int, distill: int, alpha: float):
         super().__init__()

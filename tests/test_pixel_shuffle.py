@@ -1,4 +1,5 @@
-"""fastdrn.ops.pixel_shuffle and the C++/CUDA extension behind it (csrc/, fastdrn/extension.py).
+"""fastdrn.ops.pixel_shuffle and the C++/CUDA extension behind it (csrc/, fastdrn/extension.py),
+and the internal pixel_shuffle_bias (the conv's bias added as the shuffle gathers).
 
 The op only moves elements, so every comparison with torch.nn.functional.pixel_shuffle is bitwise
 (the bits of every element, NaN, Inf and -0.0 included), and so is every gradient. The CPU kernel
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastdrn import extension, ops
+from fastdrn import extension, ops, reference
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
@@ -328,6 +329,173 @@ def test_compile_fullgraph(monkeypatch, forced):
     out.sum().backward()
     ref.sum().backward()
     assert_bitwise_equal(x.grad, ref_x.grad)
+
+
+# ---- pixel_shuffle_bias: pixel_shuffle(x + bias.view(1, -1, 1, 1)) in one pass ---------------------
+# The add is rounded once from the op-math type, as torch's is, so results are bitwise equal to the
+# reference; the bias gradient is a sum, compared with float64 autograd within its rounding bound.
+BIAS_SHAPES = [  # (N, C, H, W): C channels after the shuffle (C*s*s before), H, W before it
+    pytest.param((2, 3, 5, 13), id="3ch-5x13"),
+    pytest.param((1, 5, 1, 5), id="5ch-h1"),
+    pytest.param((3, 3, 13, 1), id="3ch-w1"),
+    pytest.param((1, 5, 13, 5), id="5ch-13x5"),
+]
+BIAS_SCALES = [1, 2, 3, 4]
+
+
+def bias_grad_bound(grad64: torch.Tensor, ref: torch.Tensor, s: int, dtype: torch.dtype) -> torch.Tensor:
+    """How far the bias gradient may be from float64's: the sum of n = N*H*W gradient elements (exact
+    in the accumulator) accumulated in float32 (float64 for float64) errs by at most n * u_acc * sum|g|
+    in the worst (recursive) order, and the one rounding to the bias's dtype adds u_dtype * |ref|."""
+    abs_sum = F.pixel_unshuffle(grad64.abs(), s).sum(dim=(0, 2, 3))
+    n = grad64.shape[0] * grad64.shape[2] * grad64.shape[3] // (s * s)
+    u_acc = 2.0 ** -53 if dtype == torch.float64 else 2.0 ** -24
+    return torch.finfo(dtype).eps / 2 * ref.abs() + 2 * n * u_acc * abs_sum
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("s", BIAS_SCALES)
+@pytest.mark.parametrize("shape", BIAS_SHAPES)
+def test_bias_forward_and_backward_match_reference(forced, shape, s, dtype, channels_last, device):
+    x = sample(shuffle_input_shape(shape, s), dtype, device, channels_last, specials=False).requires_grad_()
+    bias = sample((x.shape[1],), dtype, device, specials=False).requires_grad_()
+    with RecordOps() as record:
+        out = ops._pixel_shuffle_bias(x, bias, s)
+    assert "fastdrn_ext::pixel_shuffle_bias" in record.names
+    assert_bitwise_equal(out, reference.pixel_shuffle_bias(x.detach(), bias.detach(), s))
+    assert out.stride() == strides_in_format_of(x, out.shape)
+
+    x64 = x.detach().double().requires_grad_()
+    bias64 = bias.detach().double().requires_grad_()
+    ref64 = reference.pixel_shuffle_bias(x64, bias64, s)
+    grad = sample(out.shape, dtype, device, channels_last=not channels_last, specials=False)
+    out.backward(grad)
+    ref64.backward(grad.double())
+    assert_bitwise_equal(x.grad, x64.grad.to(dtype))  # moved, not computed: exact
+    assert bias.grad.dtype == dtype
+    error = (bias.grad.double() - bias64.grad).abs()
+    assert bool((error <= bias_grad_bound(grad.double(), bias64.grad, s, dtype)).all()), error.max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ODD_LAYOUTS)
+def test_bias_any_strides(forced, layout, device):
+    x = layout(torch.randn(3, 18, 18, 10, device=device))
+    bias = torch.randn(x.shape[1], device=device)
+    out = ops._pixel_shuffle_bias(x, bias, 3)
+    assert_bitwise_equal(out, reference.pixel_shuffle_bias(x, bias, 3))
+    assert out.stride() == strides_in_format_of(x, out.shape)
+    strided_bias = torch.randn(2 * x.shape[1], device=device)[::2]  # not dense: made dense first
+    assert_bitwise_equal(ops._pixel_shuffle_bias(x, strided_bias, 3), reference.pixel_shuffle_bias(x, strided_bias, 3))
+
+
+@pytest.mark.parametrize("channels_last", FORMATS)
+def test_bias_gradcheck_float64(forced, channels_last):
+    x = sample((2, 18, 3, 4), torch.float64, "cpu", channels_last, specials=False).requires_grad_()
+    bias = sample((18,), torch.float64, "cpu", specials=False).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t, b: ops._pixel_shuffle_bias(t, b, 3), (x, bias))
+    assert torch.autograd.gradgradcheck(lambda t, b: ops._pixel_shuffle_bias(t, b, 3), (x, bias))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bias_backward_computes_only_requested_gradients(forced, device):
+    x = sample((2, 12, 3, 5), torch.float32, device, specials=False)
+    bias = sample((12,), torch.float32, device, specials=False)
+    for needs_x, needs_bias in ((True, False), (False, True)):
+        x_leaf, bias_leaf = x.clone().requires_grad_(needs_x), bias.clone().requires_grad_(needs_bias)
+        out = ops._pixel_shuffle_bias(x_leaf, bias_leaf, 2)
+        with RecordOps() as record:
+            out.backward(torch.randn_like(out))
+        assert ("aten::sum" in record.names) == needs_bias
+        assert (x_leaf.grad is not None) == needs_x and (bias_leaf.grad is not None) == needs_bias
+
+
+BIAS_BAD_INPUTS = [
+    pytest.param(lambda: (torch.randn(1, 8, 2, 2), torch.randn(4), 2), ValueError, "bias has 4 elements",
+                 id="bias-wrong-size"),
+    pytest.param(lambda: (torch.randn(1, 8, 2, 2), torch.randn(8, dtype=torch.float64), 2), TypeError,
+                 "bias has dtype", id="bias-wrong-dtype"),
+    pytest.param(lambda: (torch.randn(1, 8, 2, 2), torch.randn(2, 4), 2), ValueError, "1-D", id="bias-2-D"),
+    pytest.param(lambda: (torch.randn(1, 8, 2, 2), torch.empty(8, device="meta"), 2), ValueError,
+                 "bias is on meta", id="bias-wrong-device"),
+    pytest.param(lambda: (torch.randn(1, 6, 2, 2), torch.randn(6), 2), ValueError, "not divisible",
+                 id="x-channels-not-divisible"),
+    pytest.param(lambda: (torch.randn(1, 8, 2, 2), torch.randn(8), 0), ValueError, ">= 1", id="factor-0"),
+]
+
+
+@pytest.mark.parametrize("choice", ["torch", "auto", "triton"])
+@pytest.mark.parametrize("make, error, match", BIAS_BAD_INPUTS)
+def test_bias_bad_input(monkeypatch, choice, make, error, match):
+    monkeypatch.setenv("FASTDRN_BACKEND", choice)
+    with pytest.raises(error, match=match):
+        ops._pixel_shuffle_bias(*make())
+
+
+@pytest.mark.parametrize("make, error, match", BIAS_BAD_INPUTS)
+def test_bias_op_bad_input(ext, make, error, match):
+    """The C++ op (or, for a meta tensor, its fake) checks for itself, with the same error types."""
+    with pytest.raises(error, match=match):
+        ext.pixel_shuffle_bias(*make())
+
+
+def test_bias_routing_on_cpu(monkeypatch, ext):
+    x, bias = torch.randn(2, 8, 3, 3), torch.randn(8)
+    for choice, runs_extension in (("torch", False), ("auto", False), ("triton", True)):
+        monkeypatch.setenv("FASTDRN_BACKEND", choice)
+        with RecordOps() as record:
+            out = ops._pixel_shuffle_bias(x, bias, 2)
+        assert_bitwise_equal(out, reference.pixel_shuffle_bias(x, bias, 2))
+        assert ("fastdrn_ext::pixel_shuffle_bias" in record.names) == runs_extension
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bias_forced_backend_raises_when_extension_cannot_load(monkeypatch, broken_extension, device):
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match=r"FASTDRN_BACKEND=triton but pixel_shuffle_bias .*no C\+\+ compiler"):
+        ops._pixel_shuffle_bias(torch.randn(1, 4, 2, 2, device=device), torch.randn(4, device=device), 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", FORMATS)
+def test_bias_opcheck(ext, channels_last, device):
+    """Schema, autograd registration and fake implementation agree with the kernel."""
+    x = sample((2, 12, 3, 5), torch.float32, device, channels_last, specials=False).requires_grad_()
+    bias = sample((12,), torch.float32, device, specials=False).requires_grad_()
+    torch.library.opcheck(ext.pixel_shuffle_bias.default, (x, bias, 2))
+
+
+@pytest.mark.slow  # a few seconds of tracing
+def test_bias_compile_fullgraph(forced):
+    """torch.compile traces a function calling _pixel_shuffle_bias with no graph break, forward and
+    backward (AOT autograd traces the fake and the registered backward)."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def record_graph(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    def f(x, bias):
+        return ops._pixel_shuffle_bias(x * 2, bias, 2).sin()
+
+    compiled = torch.compile(f, fullgraph=True, backend=record_graph)
+    x = torch.randn(2, 12, 3, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    bias = torch.randn(12).requires_grad_()
+    ref_x, ref_bias = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    out = compiled(x, bias)
+    (graph,) = graphs
+    assert any("fastdrn_ext.pixel_shuffle_bias" in str(node.target) for node in graph.graph.nodes)
+    ref = f(ref_x, ref_bias)
+    assert_bitwise_equal(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    assert_bitwise_equal(x.grad, ref_x.grad)
+    assert_bitwise_equal(bias.grad, ref_bias.grad)
 
 
 # ---- CUDA only -----------------------------------------------------------------------------------
