@@ -14,6 +14,9 @@ channels_last, FASTDRN_AUTOTUNE as set by the caller):
             a wave on an H200 under Nsight Compute at 0211768)
   rdb       one block's forward (no gradient) at 1x540x960, D = 64, F = 64: its TFLOP/s against a
             bf16 matrix product measured in the same run (the kernel issue's target is 50%)
+  upsampler the x4 upsampler conv, 64 -> 1024 channels at 1x270x480, then the pixel shuffle:
+            conv with bias then ops.pixel_shuffle, against conv without bias then
+            ops._pixel_shuffle_bias (the bias added by the shuffle's gather)
   3x3       every launch config of the 3x3 kernel at F = 64, listed or candidate, timed by Triton's
             autotuner on the launches a group of 2 blocks makes: forward and input gradient at 16x48x48, and the
             in-place inference forward at 1x270x480 (the default config is the first listed)
@@ -297,6 +300,35 @@ def main() -> None:
     print(f"\n== rdb forward {rn}x{rh}x{rw} D{d_in} F{inner}: {forward_ms * 1000:.1f} us, {tflops:.1f} TFLOP/s, "
           f"{100 * entry['fraction_of_matmul']:.0f}% of the {ceilings['matmul_tflops']:.0f} TFLOP/s bf16 matrix "
           f"product (target 50%) ({time.perf_counter() - t0:.0f} s)")
+
+    # The upsampler conv's bias (C -> 16C channels, x4): added by PyTorch after cuDNN as a separate
+    # broadcast, then the shuffle; or added by the shuffle's gather (ops._pixel_shuffle_bias, which
+    # fastdrn.DRN does not use until this case has timed both on a GPU).
+    t0 = time.perf_counter()
+    un, uh, uw = (1, 6, 6) if args.smoke else (1, 270, 480)
+    up_y = torch.randn(un, c, uh, uw, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    up_w = (torch.randn(16 * c, c, 3, 3, device=device, dtype=dtype) * 0.05).contiguous(
+        memory_format=torch.channels_last)
+    up_b = torch.randn(16 * c, device=device, dtype=dtype)
+
+    def conv_bias_then_shuffle():
+        return ops.pixel_shuffle(F.conv2d(up_y, up_w, up_b, padding=1), 4)
+
+    def shuffle_adds_bias():
+        return ops._pixel_shuffle_bias(F.conv2d(up_y, up_w, None, padding=1), up_b, 4)
+
+    with torch.no_grad():
+        separate_ms = common.time_fn(conv_bias_then_shuffle, device)
+        fused_ms = common.time_fn(shuffle_adds_bias, device)
+        max_difference = (conv_bias_then_shuffle().float() - shuffle_adds_bias().float()).abs().max().item()
+    label = f"upsampler bias {un}x{c}x{uh}x{uw} -> {16 * c} channels"
+    result["cases"][label] = {"size": [un, c, uh, uw], "out_channels": 16 * c,
+                              "conv_bias_then_shuffle_us": separate_ms * 1000, "shuffle_adds_bias_us": fused_ms * 1000,
+                              "max_abs_difference": max_difference}
+    save(result, args.out)
+    print(f"\n== {label}: conv with bias then pixel_shuffle {separate_ms * 1000:.1f} us, conv then "
+          f"_pixel_shuffle_bias {fused_ms * 1000:.1f} us (max |difference| {max_difference:.3g}) "
+          f"({time.perf_counter() - t0:.0f} s)")
 
     # Every 3x3 config at DRN's width, on the launches the training and inference sizes make (the
     # larger pixel tiles are candidates: the first config stays the default until one wins here).
