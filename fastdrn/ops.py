@@ -354,16 +354,24 @@ def pixel_shuffle(x, upscale_factor):
     of torch.nn.functional.pixel_shuffle. CUDA tensors (and every tensor under FASTDRN_BACKEND=triton)
     go through the C++/CUDA extension (fastdrn.extension), which is built on first use if needed."""
     factor = check_pixel_shuffle(x, upscale_factor)
+    if _use_extension("pixel_shuffle", x):
+        return torch.ops.fastdrn_ext.pixel_shuffle(x, factor)
+    return torch.nn.functional.pixel_shuffle(x, factor)
+
+
+def _use_extension(op, x) -> bool:
+    """Whether `op` runs the C++/CUDA extension on x: CUDA tensors under FASTDRN_BACKEND=auto, every
+    tensor under triton (which raises, naming why, where the extension cannot run)."""
     from . import extension
 
     choice = backend.requested()
     if choice == "triton" or (choice == "auto" and x.device.type == "cuda"):
         reason = extension.unavailable_reason(x.device)
         if reason is None:
-            return torch.ops.fastdrn_ext.pixel_shuffle(x, factor)
+            return True
         if choice == "triton":
-            raise RuntimeError(f"FASTDRN_BACKEND=triton but pixel_shuffle cannot run fastdrn's kernel: {reason}")
-    return torch.nn.functional.pixel_shuffle(x, factor)
+            raise RuntimeError(f"FASTDRN_BACKEND=triton but {op} cannot run fastdrn's kernel: {reason}")
+    return False
 
 
 def _check_pixel_shuffle_bias(x, bias, upscale_factor):
@@ -383,13 +391,6 @@ def _pixel_shuffle_bias(x, bias, upscale_factor):
     shuffle added as the shuffle gathers (one pass over x instead of two). Internal: not used by
     fastdrn.DRN yet (bench/profile_kernels.py times it). Routed as pixel_shuffle is."""
     factor = _check_pixel_shuffle_bias(x, bias, upscale_factor)
-    from . import extension
-
-    choice = backend.requested()
-    if choice == "triton" or (choice == "auto" and x.device.type == "cuda"):
-        reason = extension.unavailable_reason(x.device)
-        if reason is None:
-            return torch.ops.fastdrn_ext.pixel_shuffle_bias(x, bias, factor)
-        if choice == "triton":
-            raise RuntimeError(f"FASTDRN_BACKEND=triton but pixel_shuffle_bias cannot run fastdrn's kernel: {reason}")
+    if _use_extension("pixel_shuffle_bias", x):
+        return torch.ops.fastdrn_ext.pixel_shuffle_bias(x, bias, factor)
     return reference.pixel_shuffle_bias(x, bias, factor)
