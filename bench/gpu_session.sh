@@ -92,8 +92,9 @@ if [ "$stage" = one ]; then
   bench bench-model $(( budget + 10 )) bench/bench_model.py --quick --dtypes bf16 --time-budget $budget
   # The profile writes each case as it finishes: train, infer, one block, then a group of 9 blocks
   # in the backward schedules the kernel issue compares (FASTDRN_WEIGHT_GRAD_BLOCKS 1 and 3, and 3
-  # with FASTDRN_FOLD_BACKWARD), the RDB forward at 1x540x960 against the bf16 matrix peak, and last
-  # every 3x3 config at F = 64 (about 24 compiles).
+  # with FASTDRN_FOLD_BACKWARD), the RDB forward at 1x540x960 against the bf16 matrix peak, the
+  # upsampler's bias, every 3x3 config at F = 64 (about 24 compiles), and last every weight-gradient
+  # config at 256, 512 and 1024 programs (about 10 compiles).
   t0=$(date +%s); left=$(( deadline - t0 - 5 )); [ $left -gt 110 ] && left=110
   if [ $left -ge 15 ]; then
     FASTDRN_AUTOTUNE=0 timeout $left python3 bench/profile_kernels.py $OUT > $OUT/profile.log 2>&1

@@ -20,6 +20,9 @@ channels_last, FASTDRN_AUTOTUNE as set by the caller):
   3x3       every launch config of the 3x3 kernel at F = 64, listed or candidate, timed by Triton's
             autotuner on the launches a group of 2 blocks makes: forward and input gradient at 16x48x48, and the
             in-place inference forward at 1x270x480 (the default config is the first listed)
+  wgrad     every weight-gradient config, listed or candidate (gemm.WEIGHT_GRAD_CANDIDATES), timed
+            the same way on one block's and a group's weight-gradient launches at 16x48x48, at 256,
+            512 and 1024 programs a launch
 
 Writes <out>/profile.json (every kernel: name, calls, total and mean us per step) and prints the
 top kernels of each case.
@@ -109,46 +112,51 @@ def graph_replay_us(fn) -> float:
     return start.elapsed_time(end) * 1000 / reps
 
 
-def conv3x3_launches(run) -> list[tuple]:
-    """The 3x3 kernel's launches that run() makes, as (autotuner, grid, arguments): the first of
-    each pass (forward or input gradient: EPI1), autotuner (in place or not) and size M."""
-    from fastdrn.kernels import residual_distill as rd
+def captured_launches(module, kernels, run, key) -> list[tuple]:
+    """The launches of `kernels` that run() makes through module.launch, as (autotuner, grid,
+    arguments): the first of each key(autotuner, arguments). Launch plans are forgotten first: a
+    plan's replay would not pass through module.launch."""
+    from fastdrn.kernels._common import launch_settings
 
-    seen, launches, real_launch = set(), [], rd.launch
+    seen, launches, real_launch = set(), [], module.launch
 
     def capture(kernel, tuned, grid, interpreter, **args):
-        if kernel is rd.conv3x3_fused_kernel:
-            key = (id(tuned), args["EPI1"], args["M"])
-            if key not in seen:
-                seen.add(key)
-                launches.append((tuned, grid, dict(args)))
+        if kernel in kernels and key(tuned, args) not in seen:
+            seen.add(key(tuned, args))
+            launches.append((tuned, grid, dict(args)))
         real_launch(kernel, tuned, grid, interpreter, **args)
 
-    rd.launch = capture
+    module.launch = capture
     try:
-        run()
+        with launch_settings():
+            run()
     finally:
-        rd.launch = real_launch
+        module.launch = real_launch
     return launches
 
 
-def config_timings(launches) -> list[dict]:
-    """Each launch autotuned over every config of its list and the candidates beside it
-    (CONV3X3_CANDIDATES): Triton's do_bench median per config, the default first."""
+def conv3x3_launches(run) -> list[tuple]:
+    """The 3x3 kernel's launches that run() makes: the first of each pass (forward or input
+    gradient: EPI1), autotuner (in place or not) and size M."""
     from fastdrn.kernels import residual_distill as rd
+
+    return captured_launches(rd, (rd.conv3x3_fused_kernel,), run, lambda tuned, args: (id(tuned), args["EPI1"], args["M"]))
+
+
+def config_timings(launches, key_names, configs_for, autotuner_for) -> list[dict]:
+    """Each launch autotuned over configs_for(listed autotuner, arguments) (its list and the
+    candidates beside it) by autotuner_for(configs, arguments): Triton's do_bench median per config,
+    the default first. Rows keyed by the launch's arguments named in key_names and its autotuner's keys."""
     from fastdrn.kernels._common import KERNELS_INTERPRETED
     from fastdrn.kernels.registry import config_label
 
     rows = []
     for listed, grid, args in launches:
-        key = {name: args[name] for name in ("M", *listed.keys, "HAS_NEXT", "SAVE_MID")}
-        key["in_place"] = args["out_ptr"] is args["res_ptr"]
+        key = {name: args[name] for name in (*key_names, *listed.keys) if name in args}
         if KERNELS_INTERPRETED:  # nothing autotunes under the interpreter
             rows.append({"key": key, "timings_us": {}})
             continue
-        sixteen_bit = args["x_ptr"].dtype in (torch.bfloat16, torch.float16)
-        candidates = rd.CONV3X3_CANDIDATES.get(args["BLOCK_F"], []) if sixteen_bit else []
-        tuned = rd.conv3x3_autotuner([*listed.configs, *candidates], key["in_place"])
+        tuned = autotuner_for(configs_for(listed, args), args)
         try:
             tuned[grid](**args)
         except Exception as error:  # noqa: BLE001 - a config that fails is a result: recorded, and on
@@ -159,6 +167,50 @@ def config_timings(launches) -> list[dict]:
             timings[config_label(config)] = 1000 * (ms[0] if isinstance(ms, (list, tuple)) else ms)
         rows.append({"key": key, "timings_us": timings, "default": next(iter(timings), None)})
     return rows
+
+
+def conv3x3_config_timings(launches) -> list[dict]:
+    """The 3x3 launches over their list and CONV3X3_CANDIDATES (16-bit)."""
+    from fastdrn.kernels import residual_distill as rd
+
+    def configs_for(listed, args):
+        sixteen_bit = args["x_ptr"].dtype in (torch.bfloat16, torch.float16)
+        return [*listed.configs, *(rd.CONV3X3_CANDIDATES.get(args["BLOCK_F"], []) if sixteen_bit else [])]
+
+    def autotuner_for(configs, args):
+        return rd.conv3x3_autotuner(configs, args["out_ptr"] is args["res_ptr"])
+
+    rows = config_timings(launches, ("M", "HAS_NEXT", "SAVE_MID"), configs_for, autotuner_for)
+    for row, (_listed, _grid, args) in zip(rows, launches):
+        row["key"]["in_place"] = args["out_ptr"] is args["res_ptr"]
+    return rows
+
+
+def weight_grad_config_timings(launches, programs: int) -> list[dict]:
+    """The weight-gradient launches over their list and, where 16-bit with aligned rows,
+    gemm.WEIGHT_GRAD_CANDIDATES; each row says how many programs a launch aimed at."""
+    from fastdrn.kernels import gemm
+
+    def configs_for(listed, args):
+        aligned = args["g0_ptr"].dtype in (torch.bfloat16, torch.float16) and args["ROW_ALIGN"] > 1
+        return [*listed.configs, *(gemm.WEIGHT_GRAD_CANDIDATES if aligned else [])]
+
+    def autotuner_for(configs, args):
+        return gemm.weight_grad_autotuner(configs, args["PROBLEMS"] > 3)
+
+    rows = config_timings(launches, ("M", "PROBLEMS", "rows_per_split"), configs_for, autotuner_for)
+    for row in rows:
+        row["key"]["programs_aimed_at"] = programs
+    return rows
+
+
+def print_config_rows(rows) -> None:
+    for row in rows:
+        key = ",".join(f"{k}={v}" for k, v in row["key"].items())
+        timings = row["timings_us"]
+        best = min(timings, key=timings.get) if timings else None
+        print(f"  {key}: default {timings.get(row.get('default'), float('nan')):.1f} us, best "
+              f"{timings.get(best, float('nan')):.1f} us ({best}){' ' + row['error'] if 'error' in row else ''}")
 
 
 def main() -> None:
@@ -344,16 +396,36 @@ def main() -> None:
             ops.distill_group(big_y, [[t.detach() for t in b] for b in pair])
 
     launches = conv3x3_launches(two_blocks)
-    rows = config_timings(launches)
+    rows = conv3x3_config_timings(launches)
     result["cases"][f"3x3 configs F{inner}"] = {"launches": rows}
     save(result, args.out)
     print(f"\n== 3x3 configs, F = {inner}: {len(rows)} launches timed ({time.perf_counter() - t0:.0f} s)")
-    for row in rows:
-        key = ",".join(f"{k}={v}" for k, v in row["key"].items())
-        timings = row["timings_us"]
-        best = min(timings, key=timings.get) if timings else None
-        print(f"  {key}: default {timings.get(row.get('default'), float('nan')):.1f} us, best "
-              f"{timings.get(best, float('nan')):.1f} us ({best}){' ' + row['error'] if 'error' in row else ''}")
+    print_config_rows(rows)
+
+    # Every weight-gradient config, listed or candidate, on the launches one block's backward (3
+    # problems) and a group's (three blocks' 9 a launch) make, at each number of programs a launch
+    # aims at: which tile, pipeline depth and grid fill the SMs best (gemm.WEIGHT_GRAD_CANDIDATES).
+    t0 = time.perf_counter()
+
+    def one_block_and_group():
+        block = [t.detach().requires_grad_(True) for t in blocks[0]]
+        torch.autograd.grad(ops.residual_distill(y2, *block, alpha=0.2), [y2, *block],
+                            dy[:, :c + distill].contiguous(memory_format=torch.channels_last))
+        group()
+
+    rows = []
+    for programs in (listed_programs,) if args.smoke else (listed_programs, 512, 1024):  # smoke: the path, once
+        gemm.WEIGHT_GRAD_TILES_PROGRAMS = programs
+        try:
+            launches = captured_launches(gemm, (gemm.weight_grad_tiles_kernel, gemm.weight_grad_blocks_kernel),
+                                         one_block_and_group, lambda tuned, a: (id(tuned), a["PROBLEMS"], a["M"]))
+            rows += weight_grad_config_timings(launches, programs)
+        finally:
+            gemm.WEIGHT_GRAD_TILES_PROGRAMS = listed_programs
+        result["cases"]["weight-gradient configs"] = {"launches": rows}
+        save(result, args.out)
+    print(f"\n== weight-gradient configs: {len(rows)} launches timed ({time.perf_counter() - t0:.0f} s)")
+    print_config_rows(rows)
 
 
 if __name__ == "__main__":

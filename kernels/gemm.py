@@ -478,6 +478,18 @@ WEIGHT_GRAD_TILES_CONFIGS = {
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
     ],
 }
+# 16-bit, aligned candidates, neither launched nor autotuned: bench/profile_kernels.py times them
+# beside the configs above at 256, 512 and 1024 programs a launch, and a GPU test checks each against
+# float64; one joins the list when a GPU run shows it wins. Nsight Compute saw the default fill 0.4
+# of a wave at 11.6% achieved occupancy (H200, 0211768): latency, not bandwidth, bounds it, so these
+# keep more loads in flight a program: four stages, at the default's tile or at half its row step
+# (the same 33.8 KB of shared memory a program as the default in the blocks kernel on sm_90, so as
+# many programs an SM). 64 x 64 x 64 at 3 stages (4 and 8 warps) spilled 8 bytes in the one-block
+# kernel on sm_80 (AOT check) and is not a candidate.
+WEIGHT_GRAD_CANDIDATES = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+]
 SUM_PARTIALS_SCATTER_BLOCK = 256  # entries per program: ~180 programs for a DRN block (45 at 1024)
 SUM_PARTIALS_SCATTER_CONFIG = triton.Config({"BLOCK": SUM_PARTIALS_SCATTER_BLOCK}, num_warps=4, num_stages=1)
 
@@ -500,15 +512,24 @@ conv1x1_tuned = {fp32: triton.autotune(configs=conv1x1_configs(torch.float32 if 
 conv1x1_pair_tuned = {fp32: triton.autotune(configs=conv1x1_configs(torch.float32 if fp32 else None),
                                             key=["N0", "K0", "N1", "K1", "EPILOGUE0", "EPILOGUE1"])(conv1x1_pair_kernel)
                       for fp32 in (False, True)}
-weight_grad_tiles_tuned = {
-    key: triton.autotune(configs=configs, key=["PROBLEMS", "N0", "K0", "TAPS0", "N1", "K1", "TAPS1", "N2", "K2",
-                                               "TAPS2", "ROW_ALIGN"])(weight_grad_tiles_kernel)
-    for key, configs in WEIGHT_GRAD_TILES_CONFIGS.items()}
-weight_grad_blocks_tuned = {
-    key: triton.autotune(configs=configs, key=["PROBLEMS", *(f"{name}{p}" for p in range(WEIGHT_GRAD_MAX_PROBLEMS)
-                                                             for name in ("N", "K", "taps")), "ROW_ALIGN"])(
-        weight_grad_blocks_kernel)
-    for key, configs in WEIGHT_GRAD_TILES_CONFIGS.items()}
+
+
+def weight_grad_autotuner(configs: list, several: bool):
+    """weight_grad_blocks_kernel (several blocks' problems) or weight_grad_tiles_kernel, autotuned
+    over `configs`."""
+    if several:
+        return triton.autotune(configs=configs, key=["PROBLEMS", *(f"{name}{p}" for p in range(WEIGHT_GRAD_MAX_PROBLEMS)
+                                                                   for name in ("N", "K", "taps")), "ROW_ALIGN"])(
+            weight_grad_blocks_kernel)
+    return triton.autotune(configs=configs, key=["PROBLEMS", "N0", "K0", "TAPS0", "N1", "K1", "TAPS1", "N2", "K2",
+                                                 "TAPS2", "ROW_ALIGN"])(weight_grad_tiles_kernel)
+
+
+# Keyed by (float32 storage?, rows aligned?).
+weight_grad_tiles_tuned = {key: weight_grad_autotuner(configs, False)
+                           for key, configs in WEIGHT_GRAD_TILES_CONFIGS.items()}
+weight_grad_blocks_tuned = {key: weight_grad_autotuner(configs, True)
+                            for key, configs in WEIGHT_GRAD_TILES_CONFIGS.items()}
 
 
 def conv1x1(x: torch.Tensor, x_stride: int, w: torch.Tensor, transpose_w: bool, bias: torch.Tensor | None,
@@ -765,7 +786,9 @@ def aot_variants():
         ints = [f"{name}{p}" for p in range(slots) for name in ("N", "K", "stride_g", "stride_x", "seg")]
         for dtype in AOT_DTYPES:
             for aligned in (True, False):
-                configs = WEIGHT_GRAD_TILES_CONFIGS[(dtype == "fp32", aligned)]
+                configs = launch_configs(WEIGHT_GRAD_TILES_CONFIGS[(dtype == "fp32", aligned)])
+                if dtype != "fp32" and aligned:
+                    configs += [(f"{config_label(c)} [candidate]", c) for c in WEIGHT_GRAD_CANDIDATES]
                 unit = (4 if dtype == "fp32" else 8) if aligned else 1
                 labelled = [(f"{label} align {unit}", {**values, "IS_FP64": False, "ROW_ALIGN": unit})
                             for label, values in cases]
@@ -773,7 +796,7 @@ def aot_variants():
                 # row starts 16-byte aligned (row_align counts the storage offsets).
                 pointers = ("part_ptr", *(f"{t}{p}_ptr" for p in range(slots) for t in "gx")) if aligned else (
                     "part_ptr",)
-                variants += expand(kernel, kinds, labelled, launch_configs(configs), dtypes=(dtype,),
+                variants += expand(kernel, kinds, labelled, configs, dtypes=(dtype,),
                                    div16=("M", "H", "W", "rows_per_split", "row_len", *ints), aligned=pointers)
 
     # The weight's dtype is the storage dtype here (fastdrn.DRN casts weights to it); fp32 partials.

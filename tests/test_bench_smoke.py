@@ -226,5 +226,8 @@ def test_gpu_session_smoke_rehearses_the_device_script(tmp_path):
     # the in-place forward at the inference size (under the interpreter it times none of them).
     launches = profile["cases"]["3x3 configs F8"]["launches"]
     assert [(row["key"]["EPI1"], row["key"]["in_place"]) for row in launches] == [(0, False), (1, False), (0, True)]
+    # The weight-gradient configs case found one block's launch (3 problems) and the group's (9).
+    launches = profile["cases"]["weight-gradient configs"]["launches"]
+    assert [row["key"]["PROBLEMS"] for row in launches] == [3, 9]
     # The autotune sweep ran its case; under the interpreter nothing autotunes, so it wrote no rows.
     assert "nothing autotunes under the interpreter" in (out / "autotune.log").read_text()

@@ -739,6 +739,59 @@ def test_every_3x3_config_matches_float64(inner, config, device, monkeypatch):
         forget()
 
 
+def _unpinned_weight_grad_configs() -> list:
+    """Each 16-bit weight-gradient config for aligned rows that neither FASTDRN_NUM_WARPS=4 nor 8
+    runs, and each candidate (WEIGHT_GRAD_CANDIDATES)."""
+    from fastdrn.kernels import _common, gemm
+
+    configs = gemm.WEIGHT_GRAD_TILES_CONFIGS[(False, True)]
+    pinned = [_common.pinned_config(configs, warps) for warps in (4, 8)]
+    return [c for c in configs if not any(c is p for p in pinned)] + list(gemm.WEIGHT_GRAD_CANDIDATES)
+
+
+# Each such config (autotuning may launch any listed config; the GPU profile times the candidates).
+@pytest.mark.parametrize("config", _unpinned_weight_grad_configs(), ids=lambda c: config_label(c).replace(" ", ""))
+def test_every_weight_grad_config_matches_float64(config, device, monkeypatch):
+    """Each such config, forced in both weight-gradient kernels: one block (weight_grad_tiles_kernel,
+    3 problems) and a group of three (weight_grad_blocks_kernel, 9 problems in one launch), widths
+    8-aligned so the rows are 16-byte aligned, at 2 x 13 x 5 pixels (M = 130: two partial splits,
+    the second 2 rows long); every gradient against float64."""
+    from fastdrn.kernels import _common, gemm, plans
+
+    if device.type != "cuda":
+        pytest.skip("the interpreter runs one config of its own (WEIGHT_GRAD_INTERPRETER)")
+    forced = {"tiles": gemm.weight_grad_autotuner([config], False), "blocks": gemm.weight_grad_autotuner([config], True)}
+    monkeypatch.setitem(gemm.weight_grad_tiles_tuned, (False, True), forced["tiles"])
+    monkeypatch.setitem(gemm.weight_grad_blocks_tuned, (False, True), forced["blocks"])
+
+    def forget():  # plans and lean launchers hold compiled kernels by autotuner: none may outlive the test
+        plans.reset()
+        for tuner in forced.values():
+            _common._lean_launchers.pop(id(tuner), None)
+
+    forget()
+    try:
+        for dtype in dtypes_for(device):
+            if dtype not in SIXTEEN_BIT:
+                continue
+            _fwd_tol, grad_tol = tolerance(device, dtype)
+            for n_blocks in (1, 3):
+                def draw():
+                    y = randn(2, 16, 13, 5, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+                    blocks = [tuple(make_block(16 + 8 * k, 64, 8, dtype, device)) for k in range(n_blocks)]
+                    leaves = [y, *(t for block in blocks for t in block)]
+                    out = ops.distill_group(y, blocks)
+                    grad_out = randn(*out.shape, dtype=dtype, device=device)
+                    grads = torch.autograd.grad(out, leaves, grad_out)
+                    _ref, ref_grads, eager_grads = _reference(y, blocks, None, leaves, grad_out)
+                    return grads, eager_grads, ref_grads
+
+                with _common.launch_settings(weight_grad_blocks=3):
+                    assert_op_grads_close(dtype, grad_tol, draw, None, f"{dtype} {n_blocks} blocks {config}")
+    finally:
+        forget()
+
+
 def test_group_function_double_backward_raises(device):
     dtype = dtypes_for(device)[0]
     _eager_group_or_skip(device, dtype)
