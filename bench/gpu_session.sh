@@ -141,7 +141,7 @@ elif [ "$stage" = smoke ]; then
   bench bench-rdb 300 bench/bench_residual_distill.py --smoke
   t0=$(date +%s); timeout 120 python3 bench/autotune_sweep.py --smoke --out $OUT/autotune.jsonl > $OUT/autotune.log 2>&1
   echo "autotune sweep rc=$? $(( $(date +%s) - t0 )) s"
-  t0=$(date +%s); timeout 300 python3 bench/profile_kernels.py $OUT --smoke > $OUT/profile.log 2>&1
+  t0=$(date +%s); timeout 420 python3 bench/profile_kernels.py $OUT --smoke > $OUT/profile.log 2>&1
   echo "profile rc=$? $(( $(date +%s) - t0 )) s"; grep -E "^== " $OUT/profile.log
 else
   echo "unknown stage $stage (one, two or smoke)"; exit 2
