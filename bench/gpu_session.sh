@@ -51,7 +51,7 @@ fi
 
 run() { local name=$1 warps=$2 limit=$3; shift 3; local t0=$(date +%s)
   local jobs=${JOBS:-14}; [ "$jobs" = 0 ] && jobs="" || jobs="-n $jobs"  # JOBS=0: no pytest-xdist
-  FASTDRN_NUM_WARPS=$warps timeout $limit python3 -m pytest -q -p no:cacheprovider -rf $jobs "$@" > $OUT/$name.log 2>&1
+  FASTDRN_NUM_WARPS=$warps timeout $limit python3 -m pytest -q -p no:cacheprovider -rf --durations=20 $jobs "$@" > $OUT/$name.log 2>&1
   echo "$name (FASTDRN_NUM_WARPS=$warps) rc=$? $(( $(date +%s) - t0 )) s"; grep -E "passed|failed|^FAILED|relative error|Error" $OUT/$name.log | head -12; }
 bench() { local name=$1 limit=$2; shift 2; local t0=$(date +%s)
   FASTDRN_AUTOTUNE=0 timeout $limit python3 "$@" --out $OUT/results-$stage.jsonl > $OUT/$name.log 2>&1
