@@ -156,6 +156,35 @@ def test_image_errors_name_the_file_not_a_buffer(tmp_path):
     assert str(junk) in str(info.value) and "BytesIO" not in str(info.value)
 
 
+def test_a_fifo_or_a_device_is_refused_not_read_without_end(tmp_path, weights, capsys):
+    """A FIFO given as the image waited forever for a writer (and /dev/zero would be read until the
+    memory ran out); a FIFO as --weights was 'no such checkpoint file'. A path that is not a regular
+    file is refused by name, for images and checkpoints alike; /dev/null stands for the devices."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    done = {}
+    run = threading.Thread(target=lambda: done.update(rc=_upscale(fifo, "-o", tmp_path / "out.png",
+                                                                   "--weights", weights)), daemon=True)
+    run.start()
+    run.join(60)
+    blocked = run.is_alive()
+    if blocked:                      # release the reader that waits for a writer, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        run.join()
+    err = capsys.readouterr().err
+    assert not blocked, "reading the FIFO blocked"
+    assert done["rc"] == 1
+    assert f"error: {fifo}: a FIFO (named pipe), not a regular file: refused" in err
+    assert _upscale("/dev/null", "-o", tmp_path / "out.png", "--weights", weights) == 1
+    assert "error: /dev/null: a character device, not a regular file: refused" in capsys.readouterr().err
+    for source in (fifo, "/dev/null"):
+        assert _upscale(_png(tmp_path / "a.png"), "-o", tmp_path / "out.png", "--weights", source) == 2
+        assert "not a regular file: refused" in capsys.readouterr().err
+        with pytest.raises(CheckpointError, match="not a regular file: refused"):
+            load_model(str(source))
+    assert not (tmp_path / "out.png").exists()
+
+
 # ---- item 5: a stale extension build lock --------------------------------------------------------
 
 def test_a_stale_build_lock_times_out_with_its_name(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import tempfile
 import threading
@@ -34,7 +35,7 @@ import fastdrn.reference
 __all__ = ["CheckpointError", "build_model", "infer_config", "extract_state_dict", "select_weights",
            "load_checkpoint", "load_model", "export", "EXPORT_FORMATS", "EXPORT_DTYPES", "atomic_write",
            "atomic_write_text", "atomic_save", "check_dense", "check_finite", "verify_zip", "current_umask",
-           "temp_name_pattern", "CONFIG_KEYS", "FORMAT"]
+           "temp_name_pattern", "open_regular", "NotRegularFileError", "CONFIG_KEYS", "FORMAT"]
 
 FORMAT = "fastdrn-train-v1"
 CONFIG_KEYS = ("scale", "n_colors", "n_feats", "n_groups", "n_blocks", "inner", "distill", "alpha",
@@ -185,6 +186,34 @@ def _mismatches(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> list[
     return lines
 
 
+class NotRegularFileError(OSError):
+    """A path to read that is not a regular file; the message names it and says what it is."""
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def open_regular(path: str | os.PathLike):
+    """``open(path, "rb")`` for a regular file (symbolic links followed). Anything else raises
+    NotRegularFileError naming it: a FIFO, /dev/stdin or /dev/zero is read without end or waits
+    forever for a writer. The open itself does not wait (O_NONBLOCK), and the kind of file is that
+    of the file opened, not of a name that could be swapped between a check and the open."""
+    path = os.fspath(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+            raise NotRegularFileError(f"{path}: {what}, not a regular file: refused (reading it could "
+                                      "block or never end)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _is_safetensors(path: str) -> bool:
     """A safetensors file starts with its JSON header's length (8 bytes, little-endian), then '{'."""
     with open(path, "rb") as f:
@@ -234,13 +263,20 @@ def verify_zip(path: str) -> None:
 def load_checkpoint(path: str | os.PathLike) -> Any:
     """``torch.load(path, map_location='cpu', weights_only=True)`` with readable errors, after
     :func:`verify_zip`; a safetensors file comes back as ``{"state_dict": tensors, "config": ...}``.
-    A shipped weight name is resolved to its file first."""
+    A shipped weight name is resolved to its file first. A path that is not a regular file (a FIFO,
+    a device) is refused as :func:`open_regular` refuses it, before anything reads it."""
     from fastdrn.pretrained import resolve
     path = resolve(os.fspath(path))
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: a folder, not a checkpoint file")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        open_regular(path).close()
+    except NotRegularFileError as e:
+        raise CheckpointError(str(e)) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
     if _is_safetensors(path):
         return _load_safetensors(path)
     verify_zip(path)

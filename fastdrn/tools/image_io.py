@@ -7,7 +7,8 @@ reduces 16-bit RGB(A) to 8 bits; those are read here instead: PNGs through :mod:
 PPMs (any maxval above 255) with numpy, TIFFs by decoding twice through Pillow, once for the high byte
 of every sample and once for the low one. A file of more than 8 bits per sample that is still read at 8
 (an interlaced PNG, a planar TIFF) says so in ``Image.file_bits``. Every failure (missing, unreadable,
-truncated) raises :class:`ImageReadError` naming the file. Files are written atomically (temporary
+truncated, not a regular file: a FIFO or a device would be read without end) raises
+:class:`ImageReadError` naming the file. Files are written atomically (temporary
 name + os.replace).
 
 An image of more than ``max_pixels`` pixels (default :data:`DEFAULT_MAX_PIXELS`, Pillow's own
@@ -28,7 +29,7 @@ import torch
 from PIL import Image as PILImage, ImageOps
 
 from . import png16
-from .checkpoint import atomic_write
+from .checkpoint import NotRegularFileError, atomic_write, open_regular
 
 __all__ = ["Image", "ImageReadError", "read_image", "write_image", "to_uint8", "list_images",
            "IMAGE_EXTS", "WRITE_FORMATS", "DEFAULT_MAX_PIXELS"]
@@ -111,8 +112,10 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     Images of more than ``max_pixels`` pixels are refused before decoding (None: no limit)."""
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = f.read()
+    except NotRegularFileError as e:
+        raise ImageReadError(str(e)) from None
     except OSError as e:
         raise ImageReadError(f"{path}: cannot read: {e.strerror or e}") from None
     buffer = io.BytesIO(data)
