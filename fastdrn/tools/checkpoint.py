@@ -27,6 +27,11 @@ import threading
 import zipfile
 from typing import Any, Callable, Mapping
 
+try:
+    import fcntl
+except ImportError:      # no advisory locks (Windows): no temporary file is taken for abandoned
+    fcntl = None
+
 import torch
 
 import fastdrn
@@ -35,7 +40,7 @@ import fastdrn.reference
 __all__ = ["CheckpointError", "build_model", "infer_config", "extract_state_dict", "select_weights",
            "load_checkpoint", "load_model", "export", "EXPORT_FORMATS", "EXPORT_DTYPES", "atomic_write",
            "atomic_write_text", "atomic_save", "check_dense", "check_finite", "verify_zip", "current_umask",
-           "temp_name_pattern", "open_regular", "NotRegularFileError", "CONFIG_KEYS", "FORMAT"]
+           "temp_name_pattern", "remove_if_abandoned", "open_regular", "NotRegularFileError", "CONFIG_KEYS", "FORMAT"]
 
 FORMAT = "fastdrn-train-v1"
 CONFIG_KEYS = ("scale", "n_colors", "n_feats", "n_groups", "n_blocks", "inner", "distill", "alpha",
@@ -503,10 +508,43 @@ def current_umask() -> int:
 
 
 def temp_name_pattern(path: str | os.PathLike) -> re.Pattern:
-    """What :func:`atomic_write`'s temporary files for ``path`` are called (mkstemp's 8 random
-    characters between the stem and ``.tmp`` plus the extension): to clean up after a killed writer."""
+    """What :func:`atomic_write`'s temporary files for ``path`` are called (the writer's process id,
+    group 1, and mkstemp's 8 random characters between the stem and ``.tmp`` plus the extension): to
+    clean up after a killed writer with :func:`remove_if_abandoned`."""
     stem, ext = os.path.splitext(os.path.basename(os.fspath(path)))
-    return re.compile(re.escape(f".{stem[:TEMP_STEM_CHARS]}.") + r"[A-Za-z0-9_]{8}" + re.escape(f".tmp{ext}"))
+    return re.compile(re.escape(f".{stem[:TEMP_STEM_CHARS]}.") + r"(\d+)\.[A-Za-z0-9_]{8}" + re.escape(f".tmp{ext}"))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:      # alive, another user's
+        return True
+    return True
+
+
+def remove_if_abandoned(path: str | os.PathLike, pid: int) -> bool:
+    """Delete ``path``, a temporary file of :func:`atomic_write` made by process ``pid``, if its
+    writer is gone; returns whether it was deleted. A writer is gone when ``pid`` is no live process
+    here (nor this one) and no process holds the file's lock: a writer holds it from the file's
+    creation to its rename, which also covers one on another machine sharing the folder."""
+    if fcntl is None or pid == os.getpid() or _process_alive(pid):
+        return False
+    try:
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_NONBLOCK", 0))   # read-write: NFS locks need it
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:              # held by a live writer, or no locks on this file system: leave it
+        return False
+    else:
+        os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
 
 
 # The temporary name holds this much of the file's stem: with the whole of a long one it could pass
@@ -518,8 +556,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` on a temporary name in the destination folder, then ``os.replace`` it.
 
     A crash or an exception leaves the old file (if any) untouched and no partial file behind.
-    The temporary name keeps the extension, so writers that look at it still work. The file gets
-    the mode a plain ``open(path, "w")`` would give it (0o666 less the umask), not mkstemp's 0o600.
+    The temporary name keeps the extension, so writers that look at it still work, and holds the
+    process id; the process holds a lock on the file until the rename, so that a run cleaning up
+    after killed writers in the same folder (:func:`remove_if_abandoned`) leaves it alone. The file
+    gets the mode a plain ``open(path, "w")`` would give it (0o666 less the umask), not mkstemp's 0o600.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -532,14 +572,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     base = os.path.basename(path)
     stem, ext = os.path.splitext(base)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{stem[:TEMP_STEM_CHARS]}.", suffix=f".tmp{ext}", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem[:TEMP_STEM_CHARS]}.{os.getpid()}.", suffix=f".tmp{ext}",
+                                   dir=folder)
     except OSError as e:
         raise _write_error(path, e) from None
     try:
-        try:
-            os.fchmod(fd, 0o666 & ~current_umask())
-        finally:
-            os.close(fd)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:      # no locks on this file system: the process id still tells
+                pass
+        os.fchmod(fd, 0o666 & ~current_umask())
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -552,6 +595,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if isinstance(e, OSError):   # named by the destination, not by the temporary name
             raise _write_error(path, e) from None
         raise
+    finally:
+        os.close(fd)                 # releases the lock, after the rename
 
 
 def _file_in_the_way(folder: str) -> str | None:
