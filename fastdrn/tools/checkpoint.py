@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 
 try:
     import fcntl
-except ImportError:      # no advisory locks (Windows): no temporary file is taken for abandoned
+except ImportError:      # no advisory locks (Windows): a temporary file is then never taken for abandoned
     fcntl = None
 
 import torch
@@ -521,7 +521,7 @@ def _process_alive(pid: int) -> bool:
     except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:      # alive, another user's
-        return True
+        pass
     return True
 
 
@@ -541,7 +541,10 @@ def remove_if_abandoned(path: str | os.PathLike, pid: int) -> bool:
     except OSError:              # held by a live writer, or no locks on this file system: leave it
         return False
     else:
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:    # another cleaner was first
+            return False
         return True
     finally:
         os.close(fd)

@@ -6,7 +6,7 @@ that writing can give back the same kind of file. Pillow reads 16-bit greyscale 
 reduces 16-bit RGB(A) to 8 bits; those are read here instead: PNGs through :mod:`fastdrn.tools.png16`,
 PPMs (any maxval above 255) with numpy, TIFFs by decoding twice through Pillow, once for the high byte
 of every sample and once for the low one. A file of more than 8 bits per sample that is still read at 8
-(an interlaced PNG, a planar TIFF) says so in ``Image.file_bits``. Every failure (missing, unreadable,
+(an interlaced PNG) says so in ``Image.file_bits``. Every failure (missing, unreadable,
 truncated, not a regular file: a FIFO or a device would be read without end) raises
 :class:`ImageReadError` naming the file. Files are written atomically (temporary
 name + os.replace).
@@ -188,7 +188,7 @@ def _deep(im: PILImage.Image, tile: list, data: bytes, path: str) -> Image | Non
             arr = np.array(text.split()[:3 * w * h], dtype=np.int64)
             if arr.size < 3 * w * h:
                 raise ImageReadError(f"{path}: cannot decode image: PPM file is truncated")
-        arr = np.minimum(arr.reshape(h, w, 3), maxval)
+        arr = np.minimum(arr.reshape(h, w, 3), maxval)      # a sample above maxval (malformed) is clipped
         return _from_array(arr, float(maxval), False, path, 16)
     if im.format == "TIFF" and tile and all(t.args and t.args[0] in _LOW_BYTE for t in tile):
         low = PILImage.open(io.BytesIO(data))
