@@ -1,6 +1,7 @@
 """The ``fastdrn`` tools as a hostile user would drive them (issue 14): outputs aimed at inputs,
 decompression bombs, damaged and malformed checkpoints, a stale build lock, images too small for
 SSIM, file modes, and signals during training. All on the CPU, through plain PyTorch math."""
+import fcntl
 import json
 import os
 import signal
@@ -19,8 +20,9 @@ from PIL import Image as PILImage
 import fastdrn.reference
 from fastdrn import cli, extension
 from fastdrn.tools import png16
-from fastdrn.tools.checkpoint import CheckpointError, atomic_save, atomic_write_text, load_model
+from fastdrn.tools.checkpoint import CheckpointError, atomic_save, atomic_write, atomic_write_text, load_model
 from fastdrn.tools.image_io import Image, ImageReadError, read_image, write_image
+from fastdrn.tools.train import remove_stale_temp_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = dict(scale=2, n_feats=4, n_groups=1, n_blocks=1, inner=4, distill=2)
@@ -154,6 +156,35 @@ def test_image_errors_name_the_file_not_a_buffer(tmp_path):
     with pytest.raises(ImageReadError) as info:
         read_image(junk)
     assert str(junk) in str(info.value) and "BytesIO" not in str(info.value)
+
+
+def test_a_fifo_or_a_device_is_refused_not_read_without_end(tmp_path, weights, capsys):
+    """A FIFO given as the image waited forever for a writer (and /dev/zero would be read until the
+    memory ran out); a FIFO as --weights was 'no such checkpoint file'. A path that is not a regular
+    file is refused by name, for images and checkpoints alike; /dev/null stands for the devices."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    done = {}
+    run = threading.Thread(target=lambda: done.update(rc=_upscale(fifo, "-o", tmp_path / "out.png",
+                                                                   "--weights", weights)), daemon=True)
+    run.start()
+    run.join(60)
+    blocked = run.is_alive()
+    if blocked:                      # release the reader that waits for a writer, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        run.join()
+    err = capsys.readouterr().err
+    assert not blocked, "reading the FIFO blocked"
+    assert done["rc"] == 1
+    assert f"error: {fifo}: a FIFO (named pipe), not a regular file: refused" in err
+    assert _upscale("/dev/null", "-o", tmp_path / "out.png", "--weights", weights) == 1
+    assert "error: /dev/null: a character device, not a regular file: refused" in capsys.readouterr().err
+    for source in (fifo, "/dev/null"):
+        assert _upscale(_png(tmp_path / "a.png"), "-o", tmp_path / "out.png", "--weights", source) == 2
+        assert "not a regular file: refused" in capsys.readouterr().err
+        with pytest.raises(CheckpointError, match="not a regular file: refused"):
+            load_model(str(source))
+    assert not (tmp_path / "out.png").exists()
 
 
 # ---- item 5: a stale extension build lock --------------------------------------------------------
@@ -380,12 +411,18 @@ def test_sigterm_during_training_saves_and_exits_143(trained, tmp_path):
     assert ckpt["step"] >= 3
 
 
+# Above Linux's largest pid_max (2**22): the process id of no process, as that of a killed run.
+DEAD_PID = 2 ** 22 + 1
+
+
 def test_stale_temporary_checkpoints_are_removed_on_start(trained, tmp_path):
     hr, _last, args = trained
     out = tmp_path / "run"
     out.mkdir()
-    stale = [out / ".last.k3j_9x2a.tmp.pt", out / ".best.AbCd1234.tmp.pt"]
-    kept = [out / ".other.k3j_9x2a.tmp.pt", out / "notes.tmp.pt", out / ".last.short.tmp.pt"]
+    stale = [out / f".last.{DEAD_PID}.k3j_9x2a.tmp.pt", out / f".best.{DEAD_PID}.AbCd1234.tmp.pt"]
+    # other names, and one without a process id (made before temporary names held one)
+    kept = [out / f".other.{DEAD_PID}.k3j_9x2a.tmp.pt", out / "notes.tmp.pt", out / ".last.short.tmp.pt",
+            out / ".last.k3j_9x2a.tmp.pt"]
     for p in stale + kept:
         p.write_bytes(b"partial")
     run = [a if a != str(_last.parent) else str(out) for a in args]
@@ -394,3 +431,33 @@ def test_stale_temporary_checkpoints_are_removed_on_start(trained, tmp_path):
     assert all(p.exists() for p in kept)
     assert not [n for n in os.listdir(out) if n.startswith((".last.", ".best.")) and n not in
                 {p.name for p in kept}]
+
+
+def test_a_temporary_checkpoint_of_a_run_still_writing_is_left_alone(trained, tmp_path):
+    """A run starting in the --out folder of another run deleted every temporary last.pt/best.pt file
+    there, the other run's file in the middle of its save included: that save then failed. Only the
+    files of writers that are gone are deleted: a writer's process id is in the name, and it holds a
+    lock on the file (which tells across machines sharing the folder, where process ids do not)."""
+    hr, _last, args = trained
+    out = tmp_path / "run"
+    out.mkdir()
+    removed = []
+
+    def save_while_another_run_starts(tmp):
+        torch.save({"step": 1}, tmp)
+        removed.extend(remove_stale_temp_files(str(out), print))
+
+    atomic_write(out / "last.pt", save_while_another_run_starts)       # a run of this process
+    assert removed == [] and torch.load(out / "last.pt", weights_only=True) == {"step": 1}
+    # a run on another machine: a process id that is no process here, and the lock it holds
+    elsewhere = out / f".best.{DEAD_PID}.Qx7_mm2Z.tmp.pt"
+    elsewhere.write_bytes(b"half written")
+    # a run of another process on this machine (the one that started pytest), without the lock
+    here = out / f".last.{os.getppid()}.Pp3_kk9a.tmp.pt"
+    here.write_bytes(b"half written")
+    with open(elsewhere, "rb+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert cli.main([a if a != str(_last.parent) else str(out) for a in args]) == 0
+        assert elsewhere.read_bytes() == b"half written" and here.exists()
+    assert remove_stale_temp_files(str(out), print) == [str(elsewhere)]   # lock released: abandoned
+    assert here.exists()

@@ -477,12 +477,43 @@ def test_eval_refuses_to_save_into_the_folder_it_measures(synth, tmp_path, capsy
     for save in (hr, str(hr) + "/", synth / "DIV2K_train_HR" / ".." / "DIV2K_train_HR"):
         capsys.readouterr()
         assert cli.main(["eval", "--weights", str(tmp_path / "w.pt"), "--hr-dir", str(hr), "--save-dir", str(save)]) == 2
-        assert "is the --hr-dir folder: the upscaled images would join the images being measured" in capsys.readouterr().err
+        assert (f"is the --hr-dir folder {hr}: the upscaled images would join the images being measured"
+                in capsys.readouterr().err)
     assert sorted(os.listdir(hr)) == before
     assert cli.main(["eval", "--weights", str(tmp_path / "w.pt"), "--hr-dir", str(hr),
                      "--save-dir", str(tmp_path / "sr")]) == 0
     assert sorted(os.listdir(tmp_path / "sr")) == [f"{n[:-4]}_x2.png" for n in before]
 
+
+
+def test_eval_refuses_to_save_into_the_lr_folder_it_reads(synth, tmp_path, capsys, monkeypatch):
+    """--lr-dir D is read from D/X2 (BasicSR's layout) at scale 2; --save-dir D/X2 was not caught, and
+    NAME_x2.png, a name the LR lookup takes, joined the LR images. Refused however it is spelled (a
+    symbolic link, a relative path with '..'), and for a flat D too, where saving would create the
+    D/X2 that the next run reads instead of D."""
+    torch.save(fastdrn.reference.DRN(scale=2, **TINY).state_dict(), tmp_path / "w.pt")
+    hr, lr = synth / "DIV2K_train_HR", synth / "DIV2K_train_LR_bicubic"
+    before = sorted(os.listdir(lr / "X2"))
+    (tmp_path / "link").symlink_to(lr / "X2")
+    monkeypatch.chdir(synth)
+    for save in (lr / "X2", tmp_path / "link", "DIV2K_train_LR_bicubic/X2/../X2"):
+        capsys.readouterr()
+        assert cli.main(["eval", "--weights", str(tmp_path / "w.pt"), "--hr-dir", str(hr), "--lr-dir", str(lr),
+                         "--save-dir", str(save)]) == 2
+        err = capsys.readouterr().err
+        assert (f"--save-dir {save} is {lr / 'X2'}, the folder LR images are read from for --lr-dir {lr} at "
+                "scale 2 when it exists: the upscaled images would join the images being measured") in err
+    assert sorted(os.listdir(lr / "X2")) == before
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in before:
+        (flat / name).write_bytes((lr / "X2" / name).read_bytes())
+    assert cli.main(["eval", "--weights", str(tmp_path / "w.pt"), "--hr-dir", str(hr), "--lr-dir", str(flat),
+                     "--save-dir", str(flat / "X2")]) == 2
+    assert f"--save-dir {flat / 'X2'} is {flat / 'X2'}, the folder LR images are read from" in capsys.readouterr().err
+    assert not (flat / "X2").exists()
+    assert cli.main(["eval", "--weights", str(tmp_path / "w.pt"), "--hr-dir", str(hr), "--lr-dir", str(lr),
+                     "--save-dir", str(lr / "sr")]) == 0                  # a folder eval does not read
 
 
 def test_a_folder_where_a_result_file_goes_is_found_before_the_work(synth, tmp_path, capsys):

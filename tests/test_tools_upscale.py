@@ -347,6 +347,75 @@ def test_upscale_kinds_of_images(tmp_path, weights):
     assert PILImage.open(out / "photo.webp").format == "WEBP"
 
 
+def _tiff16(arr: np.ndarray, order: str = "<", deflate: bool = False) -> bytes:
+    """A one-strip TIFF of 16-bit RGB or RGBA samples (Pillow cannot write one); ``deflate`` makes
+    Pillow decode it through libtiff instead of its own raw decoder."""
+    h, w, ch = arr.shape
+    data = arr.astype(order + "u2").tobytes()
+    data = zlib.compress(data) if deflate else data
+    bits_at = 8 + len(data)
+    tags = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, ch, bits_at), (259, 3, 1, 8 if deflate else 1),
+            (262, 3, 1, 2), (273, 4, 1, 8), (277, 3, 1, ch), (278, 3, 1, h), (279, 4, 1, len(data)),
+            (284, 3, 1, 1)] + ([(338, 3, 1, 2)] if ch == 4 else [])       # 338: alpha, not premultiplied
+    ifd_at = bits_at + 2 * ch
+    head = (b"II*\0" if order == "<" else b"MM\0*") + struct.pack(order + "I", ifd_at)
+    ifd = struct.pack(order + "H", len(tags)) + b"".join(
+        struct.pack(order + "HHI", tag, kind, n) + (struct.pack(order + "HH", v, 0) if kind == 3 and n == 1
+                                                    else struct.pack(order + "I", v)) for tag, kind, n, v in tags)
+    return head + data + struct.pack(order + f"{ch}H", *[16] * ch) + ifd + struct.pack(order + "I", 0)
+
+
+def test_16_bit_ppm_and_tiff_come_out_16_bit(tmp_path, weights, capsys):
+    """Pillow reads 16-bit RGB PPM and TIFF files as 8-bit: the upscaled PNG was 8-bit without a word.
+    They are read at full precision and written as 16-bit PNGs; a 16-bit file still read at 8 bits
+    (an interlaced PNG, which png16 does not read) says so."""
+    wpath, m = weights
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    tex = _texture(9, 11)                             # odd sizes: rows and columns are not mixed up
+    rgb16 = (tex * 65535).round().astype(np.uint16)
+    rgba16 = np.dstack([rgb16, rgb16[..., :1] // 3 + 1000])
+    (src / "p6.ppm").write_bytes(b"P6\n11 9\n65535\n" + rgb16.astype(">u2").tobytes())
+    # P3 (decimal) with a comment and maxval 4095 (12-bit): scaled by the maxval, not by 65535
+    rgb12 = (tex * 4095).round().astype(np.uint16)
+    (src / "p3.ppm").write_bytes(b"P3\n# 12-bit\n11 9\n4095\n" + " ".join(map(str, rgb12.ravel())).encode())
+    (src / "le.tif").write_bytes(_tiff16(rgb16, "<"))
+    (src / "be.tif").write_bytes(_tiff16(rgb16, ">"))
+    (src / "deflate.tif").write_bytes(_tiff16(rgb16, "<", deflate=True))
+    (src / "rgba.tif").write_bytes(_tiff16(rgba16, "<"))
+    (src / "grey.pgm").write_bytes(b"P5\n11 9\n65535\n" + rgb16[..., 1].astype(">u2").tobytes())
+    for name in ("p6.ppm", "le.tif", "be.tif", "deflate.tif", "rgba.tif", "grey.pgm"):
+        img = read_image(src / name)
+        assert img.bits == img.file_bits == 16, name
+        assert (torch.round(img.rgb * 65535).numpy().transpose(1, 2, 0)
+                == (rgb16[..., 1:2] if name == "grey.pgm" else rgb16)).all(), name
+    assert (torch.round(read_image(src / "rgba.tif").alpha[0] * 65535).numpy() == rgba16[..., 3]).all()
+    assert (torch.round(read_image(src / "p3.ppm").rgb * 4095).numpy().transpose(1, 2, 0) == rgb12).all()
+    capsys.readouterr()
+    assert cli.main(["upscale", str(src), "-o", str(out), "--weights", wpath, "--device", "cpu"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    want16 = _expected_rgb(m, rgb16 / 65535.0).permute(1, 2, 0).numpy() * 65535
+    for name in ("p6.png", "le.png", "be.png", "deflate.png", "rgba.png"):
+        got = png16.decode((out / name).read_bytes())
+        assert got.shape == (18, 22, 4 if name == "rgba.png" else 3), name
+        assert np.abs(got[..., :3] - want16).max() <= 1.0, name
+    got = png16.decode((out / "p3.png").read_bytes())
+    assert np.abs(got - _expected_rgb(m, rgb12 / 4095.0).permute(1, 2, 0).numpy() * 65535).max() <= 1.0
+    grey = PILImage.open(out / "grey.png")
+    assert grey.mode.startswith("I") and np.asarray(grey).max() > 255
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    # 1 x 1: Adam7's first pass holds the only pixel, so the data is that of a plain PNG
+    (tmp_path / "interlaced.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 16, 2, 0, 0, 1))
+        + chunk(b"IDAT", zlib.compress(b"\0" + rgb16[0, :1].astype(">u2").tobytes())) + chunk(b"IEND", b""))
+    assert cli.main(["upscale", str(tmp_path / "interlaced.png"), "-o", str(tmp_path / "il.png"),
+                     "--weights", wpath, "--device", "cpu"]) == 0
+    assert (f"warning: {tmp_path / 'interlaced.png'}: has 16-bit samples, read at 8 bits (this layout is not read "
+            "at full precision): the output is 8-bit") in capsys.readouterr().err
+
+
 def _profile(space: bytes) -> bytes:
     """Bytes that stand for an ICC profile of a colour space (the header's bytes 16-20)."""
     return bytes(16) + space + bytes(range(60))

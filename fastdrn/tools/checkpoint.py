@@ -20,11 +20,17 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import tempfile
 import threading
 import zipfile
 from typing import Any, Callable, Mapping
+
+try:
+    import fcntl
+except ImportError:      # no advisory locks (Windows): a temporary file is then never taken for abandoned
+    fcntl = None
 
 import torch
 
@@ -34,7 +40,7 @@ import fastdrn.reference
 __all__ = ["CheckpointError", "build_model", "infer_config", "extract_state_dict", "select_weights",
            "load_checkpoint", "load_model", "export", "EXPORT_FORMATS", "EXPORT_DTYPES", "atomic_write",
            "atomic_write_text", "atomic_save", "check_dense", "check_finite", "verify_zip", "current_umask",
-           "temp_name_pattern", "CONFIG_KEYS", "FORMAT"]
+           "temp_name_pattern", "remove_if_abandoned", "open_regular", "NotRegularFileError", "CONFIG_KEYS", "FORMAT"]
 
 FORMAT = "fastdrn-train-v1"
 CONFIG_KEYS = ("scale", "n_colors", "n_feats", "n_groups", "n_blocks", "inner", "distill", "alpha",
@@ -185,6 +191,34 @@ def _mismatches(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> list[
     return lines
 
 
+class NotRegularFileError(OSError):
+    """A path to read that is not a regular file; the message names it and says what it is."""
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def open_regular(path: str | os.PathLike):
+    """``open(path, "rb")`` for a regular file (symbolic links followed). Anything else raises
+    NotRegularFileError naming it: a FIFO, /dev/stdin or /dev/zero is read without end or waits
+    forever for a writer. The open itself does not wait (O_NONBLOCK), and the kind of file is that
+    of the file opened, not of a name that could be swapped between a check and the open."""
+    path = os.fspath(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+            raise NotRegularFileError(f"{path}: {what}, not a regular file: refused (reading it could "
+                                      "block or never end)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _is_safetensors(path: str) -> bool:
     """A safetensors file starts with its JSON header's length (8 bytes, little-endian), then '{'."""
     with open(path, "rb") as f:
@@ -234,13 +268,20 @@ def verify_zip(path: str) -> None:
 def load_checkpoint(path: str | os.PathLike) -> Any:
     """``torch.load(path, map_location='cpu', weights_only=True)`` with readable errors, after
     :func:`verify_zip`; a safetensors file comes back as ``{"state_dict": tensors, "config": ...}``.
-    A shipped weight name is resolved to its file first."""
+    A shipped weight name is resolved to its file first. A path that is not a regular file (a FIFO,
+    a device) is refused as :func:`open_regular` refuses it, before anything reads it."""
     from fastdrn.pretrained import resolve
     path = resolve(os.fspath(path))
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: a folder, not a checkpoint file")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        open_regular(path).close()
+    except NotRegularFileError as e:
+        raise CheckpointError(str(e)) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
     if _is_safetensors(path):
         return _load_safetensors(path)
     verify_zip(path)
@@ -467,10 +508,46 @@ def current_umask() -> int:
 
 
 def temp_name_pattern(path: str | os.PathLike) -> re.Pattern:
-    """What :func:`atomic_write`'s temporary files for ``path`` are called (mkstemp's 8 random
-    characters between the stem and ``.tmp`` plus the extension): to clean up after a killed writer."""
+    """What :func:`atomic_write`'s temporary files for ``path`` are called (the writer's process id,
+    group 1, and mkstemp's 8 random characters between the stem and ``.tmp`` plus the extension): to
+    clean up after a killed writer with :func:`remove_if_abandoned`."""
     stem, ext = os.path.splitext(os.path.basename(os.fspath(path)))
-    return re.compile(re.escape(f".{stem[:TEMP_STEM_CHARS]}.") + r"[A-Za-z0-9_]{8}" + re.escape(f".tmp{ext}"))
+    return re.compile(re.escape(f".{stem[:TEMP_STEM_CHARS]}.") + r"(\d+)\.[A-Za-z0-9_]{8}" + re.escape(f".tmp{ext}"))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:      # alive, another user's
+        pass
+    return True
+
+
+def remove_if_abandoned(path: str | os.PathLike, pid: int) -> bool:
+    """Delete ``path``, a temporary file of :func:`atomic_write` made by process ``pid``, if its
+    writer is gone; returns whether it was deleted. A writer is gone when ``pid`` is no live process
+    here (nor this one) and no process holds the file's lock: a writer holds it from the file's
+    creation to its rename, which also covers one on another machine sharing the folder."""
+    if fcntl is None or pid == os.getpid() or _process_alive(pid):
+        return False
+    try:
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_NONBLOCK", 0))   # read-write: NFS locks need it
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:              # held by a live writer, or no locks on this file system: leave it
+        return False
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:    # another cleaner was first
+            return False
+        return True
+    finally:
+        os.close(fd)
 
 
 # The temporary name holds this much of the file's stem: with the whole of a long one it could pass
@@ -482,8 +559,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` on a temporary name in the destination folder, then ``os.replace`` it.
 
     A crash or an exception leaves the old file (if any) untouched and no partial file behind.
-    The temporary name keeps the extension, so writers that look at it still work. The file gets
-    the mode a plain ``open(path, "w")`` would give it (0o666 less the umask), not mkstemp's 0o600.
+    The temporary name keeps the extension, so writers that look at it still work, and holds the
+    process id; the process holds a lock on the file until the rename, so that a run cleaning up
+    after killed writers in the same folder (:func:`remove_if_abandoned`) leaves it alone. The file
+    gets the mode a plain ``open(path, "w")`` would give it (0o666 less the umask), not mkstemp's 0o600.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -496,14 +575,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     base = os.path.basename(path)
     stem, ext = os.path.splitext(base)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{stem[:TEMP_STEM_CHARS]}.", suffix=f".tmp{ext}", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem[:TEMP_STEM_CHARS]}.{os.getpid()}.", suffix=f".tmp{ext}",
+                                   dir=folder)
     except OSError as e:
         raise _write_error(path, e) from None
     try:
-        try:
-            os.fchmod(fd, 0o666 & ~current_umask())
-        finally:
-            os.close(fd)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:      # no locks on this file system: the process id still tells
+                pass
+        os.fchmod(fd, 0o666 & ~current_umask())
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -516,6 +598,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if isinstance(e, OSError):   # named by the destination, not by the temporary name
             raise _write_error(path, e) from None
         raise
+    finally:
+        os.close(fd)                 # releases the lock, after the rename
 
 
 def _file_in_the_way(folder: str) -> str | None:

@@ -135,6 +135,32 @@ def _strict_json(value):
     return value
 
 
+def _same_folder(a: str, b: str) -> bool:
+    """Whether two paths lead to the same folder (symbolic links and relative parts resolved), the
+    folder existing or not."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+
+
+def _check_save_dir(save_dir: str, hr_dir: str, lr_dir: str | None, scale: int) -> None:
+    """Refuse a --save-dir that is a folder eval reads images from: --hr-dir, --lr-dir, or the
+    X<scale> / x<scale> subfolder of --lr-dir that it reads instead when one exists (or will read,
+    once saving there has made it). The saved NAME_x<scale>.png images would join the images
+    measured by the next run (an LR subfolder would even pair them with the HR images), and could
+    replace one."""
+    folders = [(hr_dir, f"the --hr-dir folder {hr_dir}")]
+    if lr_dir:
+        folders.append((lr_dir, f"the --lr-dir folder {lr_dir}"))
+        for sub in (f"X{scale}", f"x{scale}"):
+            folders.append((os.path.join(lr_dir, sub), f"{os.path.join(lr_dir, sub)}, the folder LR images are "
+                            f"read from for --lr-dir {lr_dir} at scale {scale} when it exists"))
+    for folder, what in folders:
+        if _same_folder(save_dir, folder):
+            raise ValueError(f"--save-dir {save_dir} is {what}: the upscaled images would join the images being "
+                             "measured (and could replace one); give another folder")
+
+
 def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int | None = None,
              self_ensemble: bool = False, json_path: str | None = None, tile: int | None = None,
              tile_overlap: int | None = None, dtype: str = "fp32", device=None, fail_fast: bool = False,
@@ -145,15 +171,13 @@ def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int
     """Load ``weights``, score it on ``hr_dir`` (and ``lr_dir``), print a table, optionally write JSON.
 
     ``cuda_graph``: as in :func:`fastdrn.make_upscaler` (None: replay captured graphs on a GPU)."""
-    for folder, option in ((hr_dir, "--hr-dir"), (lr_dir, "--lr-dir")):
-        if save_dir and folder and os.path.isdir(save_dir) and os.path.isdir(folder) and os.path.samefile(save_dir, folder):
-            raise ValueError(f"--save-dir {save_dir} is the {option} folder: the upscaled images would join the "
-                             "images being measured (and could replace one); give another folder")
     if json_path and os.path.isdir(json_path):   # found before the images are measured, not after
         raise ValueError(f"--json {json_path}: a folder, where the report file is to be written")
     t0 = time.perf_counter()
     # images are RGB here: a model of other colour channels is refused by name, not per image
     model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale, "n_colors": 3}, key=key, log=log)
+    if save_dir:
+        _check_save_dir(save_dir, hr_dir, lr_dir, cfg["scale"])
     module = prepare(model, device, dtype)
     dev = next(module.parameters()).device
     log(f"device {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")

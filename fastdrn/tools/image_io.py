@@ -2,9 +2,14 @@
 
 Reading gives an :class:`Image`: RGB as a (3, H, W) float32 tensor in [0, 1] (greyscale replicated to
 three channels, remembered in ``gray``), the alpha channel separately, and the bit depth (8 or 16) so
-that writing can give back the same kind of file. 16-bit RGB(A) PNGs, which Pillow reduces to 8 bits,
-go through :mod:`fastdrn.tools.png16`. Every failure (missing, unreadable, truncated) raises
-:class:`ImageReadError` naming the file. Files are written atomically (temporary name + os.replace).
+that writing can give back the same kind of file. Pillow reads 16-bit greyscale at full precision but
+reduces 16-bit RGB(A) to 8 bits; those are read here instead: PNGs through :mod:`fastdrn.tools.png16`,
+PPMs (any maxval above 255) with numpy, TIFFs by decoding twice through Pillow, once for the high byte
+of every sample and once for the low one. A file of more than 8 bits per sample that is still read at 8
+(an interlaced PNG) says so in ``Image.file_bits``. Every failure (missing, unreadable,
+truncated, not a regular file: a FIFO or a device would be read without end) raises
+:class:`ImageReadError` naming the file. Files are written atomically (temporary
+name + os.replace).
 
 An image of more than ``max_pixels`` pixels (default :data:`DEFAULT_MAX_PIXELS`, Pillow's own
 decompression-bomb limit) is refused from its header, before any pixel is decoded, whatever reads
@@ -14,6 +19,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,7 +29,7 @@ import torch
 from PIL import Image as PILImage, ImageOps
 
 from . import png16
-from .checkpoint import atomic_write
+from .checkpoint import NotRegularFileError, atomic_write, open_regular
 
 __all__ = ["Image", "ImageReadError", "read_image", "write_image", "to_uint8", "list_images",
            "IMAGE_EXTS", "WRITE_FORMATS", "DEFAULT_MAX_PIXELS"]
@@ -47,6 +54,7 @@ class Image:
     path: str = ""
     icc: bytes | None = None          # the file's ICC colour profile: written back, or colours shift
     frames: int = 1                   # frames in the file (animated GIF/PNG/WebP, multi-page TIFF); the first is read
+    file_bits: int = 8                # bits per sample in the file: above ``bits`` when precision was lost reading it
 
     @property
     def size(self) -> tuple[int, int]:
@@ -104,8 +112,10 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     Images of more than ``max_pixels`` pixels are refused before decoding (None: no limit)."""
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = f.read()
+    except NotRegularFileError as e:
+        raise ImageReadError(str(e)) from None
     except OSError as e:
         raise ImageReadError(f"{path}: cannot read: {e.strerror or e}") from None
     buffer = io.BytesIO(data)
@@ -119,10 +129,12 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         _allow_in_pillow(max_pixels)
         im = PILImage.open(buffer)                 # reads the header only
         _check_size(path, im.size[0], im.size[1], max_pixels)
+        tile = list(im.tile)                       # how the pixels are stored; load() clears it
         im.load()                                  # decode now: truncated files fail here
         icc = im.info.get("icc_profile")
-        img = _decoded(ImageOps.exif_transpose(im), path)
-        return img.with_(icc=_matching_icc(icc, img), frames=int(getattr(im, "n_frames", 1)))
+        img = _deep(im, tile, data, path) or _decoded(ImageOps.exif_transpose(im), path)
+        return img.with_(icc=_matching_icc(icc, img), frames=int(getattr(im, "n_frames", 1)),
+                         file_bits=max(img.bits, _file_bits(im, tile, data)))
     except ImageReadError:
         raise
     except PILImage.DecompressionBombError:      # past twice Pillow's own limit
@@ -134,6 +146,58 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         msg = msg.replace(repr(buffer), "the file").replace(str(buffer), "the file")
         raise ImageReadError(f"{path}: cannot decode image: {msg}") from None
+
+
+def _file_bits(im: PILImage.Image, tile: list, data: bytes) -> int:
+    """Bits per sample the file holds (a PNG's bit depth, a TIFF's BitsPerSample, 16 for a PPM whose
+    maxval passes 255), whatever Pillow decoded it to."""
+    if im.format == "PNG":
+        return png16.read_header(data)["bit_depth"]
+    if im.format == "TIFF":
+        bits = im.tag_v2.get(258, 8)
+        return max(bits) if isinstance(bits, tuple) else int(bits)
+    if im.format == "PPM" and _ppm_maxval(tile) > 255:
+        return 16
+    return 8
+
+
+def _ppm_maxval(tile: list) -> int:
+    """A PPM's maxval where Pillow's PPM decoders scale its samples to 8 bits (0 otherwise: a
+    16-bit PGM that Pillow reads as 16-bit samples)."""
+    return tile[0].args[1] if tile and tile[0].codec_name in ("ppm", "ppm_plain") else 0
+
+
+# Pillow decodes a TIFF's 16-bit samples to their high byte; read as the other byte order, the same
+# data gives the low byte. "N" is the machine's own order.
+_OTHER_ORDER = {"L": "B", "B": "L", "N": "B" if sys.byteorder == "little" else "L"}
+_LOW_BYTE = {f"{m};16{o}": f"{m};16{_OTHER_ORDER[o]}" for m in ("RGB", "RGBA") for o in "LBN"}
+
+
+def _deep(im: PILImage.Image, tile: list, data: bytes, path: str) -> Image | None:
+    """A PPM or TIFF of 16-bit (or PPM maxval > 255) RGB(A) samples at full precision, which Pillow
+    (``im``, decoded from ``tile``) reduces to 8 bits; None for any other image."""
+    if im.format == "PPM" and im.mode == "RGB" and _ppm_maxval(tile) > 255:
+        maxval, offset, (w, h) = _ppm_maxval(tile), tile[0].offset, im.size
+        if tile[0].codec_name == "ppm":               # P6: big-endian 16-bit samples
+            raw = data[offset:offset + 6 * w * h]
+            if len(raw) < 6 * w * h:
+                raise ImageReadError(f"{path}: cannot decode image: PPM file is truncated")
+            arr = np.frombuffer(raw, ">u2")
+        else:                                         # P3: decimal numbers, comments allowed
+            text = re.sub(rb"#[^\n]*", b" ", data[offset:])
+            arr = np.array(text.split()[:3 * w * h], dtype=np.int64)
+            if arr.size < 3 * w * h:
+                raise ImageReadError(f"{path}: cannot decode image: PPM file is truncated")
+        arr = np.minimum(arr.reshape(h, w, 3), maxval)      # a sample above maxval (malformed) is clipped
+        return _from_array(arr, float(maxval), False, path, 16)
+    if im.format == "TIFF" and tile and all(t.args and t.args[0] in _LOW_BYTE for t in tile):
+        low = PILImage.open(io.BytesIO(data))
+        low.tile = [t._replace(args=(_LOW_BYTE[t.args[0]], *t.args[1:])) for t in low.tile]
+        low.load()
+        high = np.asarray(ImageOps.exif_transpose(im)).astype(np.uint16)
+        arr = (high << 8) | np.asarray(ImageOps.exif_transpose(low)).astype(np.uint16)
+        return _from_array(arr, 65535.0, False, path, 16)
+    return None
 
 
 def _decoded(im: PILImage.Image, path: str) -> Image:

@@ -47,7 +47,8 @@ import fastdrn.reference
 
 from ..graphs import capture_unavailable, make_train_step
 from .checkpoint import (ARCH_KEYS, FORMAT, CheckpointError, _mismatches, atomic_save, build_model, check_dense,
-                         check_finite, infer_config, load_checkpoint, select_weights, temp_name_pattern)
+                         check_finite, infer_config, load_checkpoint, remove_if_abandoned, select_weights,
+                         temp_name_pattern)
 from .image_io import ImageReadError
 from .data import StreamBatchSampler, TrainPatches, estimate_bytes, find_pairs, load_pair
 from .evaluate import evaluate_pairs
@@ -242,18 +243,16 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 def remove_stale_temp_files(folder: str, log: Callable[[str], None]) -> list[str]:
     """Delete the temporary files a killed run left beside its checkpoints (atomic_write's names for
-    last.pt and best.pt, nothing else); returns their paths."""
+    last.pt and best.pt, nothing else); returns their paths. Those of a run still writing into the
+    same folder are left alone (see remove_if_abandoned)."""
     if not os.path.isdir(folder):
         return []
     patterns = [temp_name_pattern(name) for name in CHECKPOINT_NAMES]
     removed = []
     for entry in sorted(os.listdir(folder)):
-        if any(p.fullmatch(entry) for p in patterns):
-            path = os.path.join(folder, entry)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                continue
+        match = next((m for m in (p.fullmatch(entry) for p in patterns) if m), None)
+        path = os.path.join(folder, entry)
+        if match and remove_if_abandoned(path, int(match.group(1))):
             removed.append(path)
             log(f"removed {path}, a temporary checkpoint file left by an interrupted run")
     return removed

@@ -1,7 +1,8 @@
 """``fastdrn upscale``: image files or folders in, upscaled image files out.
 
 Greyscale images are replicated to RGB for the model and converted back; an alpha channel is upscaled
-separately with MATLAB bicubic; 16-bit PNGs stay 16-bit. Big images can be processed in tiles with
+separately with MATLAB bicubic; 16-bit PNG, TIFF and PPM images come out as 16-bit PNGs (JPEG and
+WebP outputs are 8-bit, with a warning). Big images can be processed in tiles with
 overlap (seamless when the overlap is at least the receptive-field radius, the default). A file that
 cannot be read is reported by name and skipped (or stops everything with ``fail_fast``).
 
@@ -136,6 +137,9 @@ def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = N
             img = read_image(src, max_pixels=max_pixels)
             if img.frames > 1:
                 log(f"warning: {src}: has {img.frames} frames (an animation or pages): only the first is upscaled")
+            if img.file_bits > img.bits:
+                log(f"warning: {src}: has {img.file_bits}-bit samples, read at {img.bits} bits (this layout is "
+                    f"not read at full precision): the output is {img.bits}-bit")
             out = _upscale_fitting(model, cfg, img, tile, tile_overlap, self_ensemble, dtype, log)
             for w in write_image(dst, out, quality=quality):
                 log(f"warning: {w}")
