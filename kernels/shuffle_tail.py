@@ -173,7 +173,11 @@ def check_shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype) -> None:
     for name, t in (("b_up", b_up), ("w_tail", w_tail), ("b_tail", b_tail), ("mean", mean)):
         if t.device != u.device:
             raise ValueError(f"shuffle_tail: {name} is on {t.device} but u is on {u.device}")
-        if t.dtype not in (u.dtype, torch.float32):
+        if name == "mean":  # added to the accumulator, whatever its dtype
+            if t.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"shuffle_tail: mean has dtype {t.dtype}; supported: float16, bfloat16, float32, "
+                                "float64")
+        elif t.dtype not in (u.dtype, torch.float32):
             raise TypeError(f"shuffle_tail: {name} has dtype {t.dtype} but u has {u.dtype}; parameters are u's dtype "
                             "or float32 (as autocast leaves them: the kernel casts them)")
     if out_dtype not in SUPPORTED_DTYPES:
