@@ -15,6 +15,8 @@ Implementations (the dtype column says fp32 or bf16):
   compile-max-autotune   mode="max-autotune": opt-in with --max-autotune (slow to compile)
   fastdrn  fp32 / bf16   fastdrn.DRN with the same state_dict (bf16: autocast + channels_last)
   fastdrn-graph   fastdrn.DRN through fastdrn.make_train_step / make_upscaler, as eager-graph
+  fastdrn-fused-tail[-graph]  inference only, opt-in with --fused-tail: fastdrn.DRN with the launch
+                  option fuse_tail (FASTDRN_FUSE_TAIL=1: the pixel shuffle and the tail conv in one kernel)
 If fastdrn.DRN does not exist yet its rows are 'skipped', with the reason. The graph rows are the
 library's API as a user calls it: its warm-up calls and the capture happen before the timing, and
 an upscaler's output is a copy the caller owns. In --smoke (CPU) the same API runs eagerly.
@@ -72,10 +74,14 @@ def impl_plan(args) -> list[list[tuple[str, str, str]]]:
             sweep.append(("fastdrn-recompute", dt, "candidate"))
         if args.unfolded:
             sweep.append(("fastdrn-unfolded", dt, "candidate"))
+        if args.fused_tail:
+            sweep.append(("fastdrn-fused-tail", dt, "candidate"))
         if not args.no_graphs:
             sweep += [("eager-graph", dt, "baseline"), ("fastdrn-graph", dt, "candidate")]
             if args.unfolded:
                 sweep.append(("fastdrn-unfolded-graph", dt, "candidate"))
+            if args.fused_tail:
+                sweep.append(("fastdrn-fused-tail-graph", dt, "candidate"))
         sweeps.append(sweep)
         if not args.no_compile and dt in cdt:
             sweeps.append([("compile-reduce-overhead", dt, "baseline")])
@@ -87,8 +93,9 @@ def impl_plan(args) -> list[list[tuple[str, str, str]]]:
     return sweeps
 
 
-IMPLS = ("eager", "fastdrn", "fastdrn-recompute", "fastdrn-unfolded", "eager-graph", "fastdrn-graph",
-         "fastdrn-unfolded-graph", "compile-reduce-overhead", "compile", "compile-max-autotune")
+IMPLS = ("eager", "fastdrn", "fastdrn-recompute", "fastdrn-unfolded", "fastdrn-fused-tail", "eager-graph",
+         "fastdrn-graph", "fastdrn-unfolded-graph", "fastdrn-fused-tail-graph", "compile-reduce-overhead", "compile",
+         "compile-max-autotune")
 COMPILE_MODES = {"compile": None, "compile-reduce-overhead": "reduce-overhead", "compile-max-autotune": "max-autotune"}
 
 
@@ -105,6 +112,9 @@ def main() -> None:
     p.add_argument("--recompute", action="store_true", help="also fastdrn.DRN(recompute=True)")
     p.add_argument("--unfolded", action="store_true",
                    help="also fastdrn with FASTDRN_FOLD_BACKWARD=0 (rows fastdrn-unfolded, fastdrn-unfolded-graph)")
+    p.add_argument("--fused-tail", action="store_true",
+                   help="also fastdrn inference with FASTDRN_FUSE_TAIL=1 (rows fastdrn-fused-tail, "
+                        "fastdrn-fused-tail-graph)")
     p.add_argument("--impls", type=lambda s: s.split(","), default=None,
                    help="only these rows (comma list of impl names, e.g. fastdrn-graph,compile-max-autotune)")
     p.add_argument("--no-graphs", action="store_true",
@@ -247,6 +257,8 @@ def main() -> None:
             return  # smoke: slow on the CPU, and the inference rows already run these set-ups
         if "-unfolded" in impl and c["kind"] != "train":
             return  # the fold changes the training backward only
+        if "-fused-tail" in impl and c["kind"] != "inference":
+            return  # the fused tail runs only where no gradient is needed
         pixels = c["n"] * c["h"] * c["w"]
         flop = pixels * common.drn_flop_per_lr_pixel(c["scale"], **config)
         if c["kind"] == "train":
@@ -258,13 +270,18 @@ def main() -> None:
             variant = "fp32" if ctx.smoke else "fp32 (TF32 convs)"
         if c["kind"] == "train":
             variant += "; L1 + Adam step"
-        # The unfolded rows run with the fold off (set_launch_options: kernels.md), the others as the process was.
+        # The unfolded rows run with the fold off, the fused-tail rows with fuse_tail on (set_launch_options:
+        # kernels.md), the others as the process was.
         from fastdrn.kernels._common import launch_settings
 
-        unfolded = "-unfolded" in impl
-        if unfolded:
+        settings = {}
+        if "-unfolded" in impl:
             variant += "; FASTDRN_FOLD_BACKWARD=0"
-        with launch_settings(**({"fold_backward": False} if unfolded else {})):
+            settings["fold_backward"] = False
+        if "-fused-tail" in impl:
+            variant += "; FASTDRN_FUSE_TAIL=1"
+            settings["fuse_tail"] = True
+        with launch_settings(**settings):
             ctx.measure(op=op_name, pass_="train_step" if c["kind"] == "train" else "inference",
                         shape=dict(scale=c["scale"], N=c["n"], H=c["h"], W=c["w"], **config), shape_str=shape_str,
                         layout="model", dtype=dt, impl=impl, role=role, build=builder(c, impl, dt, seed),

@@ -17,6 +17,9 @@ channels_last, FASTDRN_AUTOTUNE as set by the caller):
   upsampler the x4 upsampler conv, 64 -> 1024 channels at 1x270x480, then the pixel shuffle:
             conv with bias then ops.pixel_shuffle, against conv without bias then
             ops._pixel_shuffle_bias (the bias added by the shuffle's gather)
+  tail      the same conv and the rest of DRN's output stage: with bias, ops.pixel_shuffle, the tail
+            conv (64 -> 3 at 1080x1920) and + mean, against conv without bias then shuffle_tail
+            (kernels/shuffle_tail.py, the launch option fuse_tail)
   3x3       every launch config of the 3x3 kernel at F = 64, listed or candidate, timed by Triton's
             autotuner on the launches a group of 2 blocks makes: forward and input gradient at 16x48x48, and the
             in-place inference forward at 1x270x480 (the default config is the first listed)
@@ -43,7 +46,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fastdrn  # noqa: E402
-from fastdrn import ops  # noqa: E402
+from fastdrn import ops, reference  # noqa: E402
 
 
 def kernel_table(prof, steps: int) -> list[dict]:
@@ -380,6 +383,37 @@ def main() -> None:
     save(result, args.out)
     print(f"\n== {label}: conv with bias then pixel_shuffle {separate_ms * 1000:.1f} us, conv then "
           f"_pixel_shuffle_bias {fused_ms * 1000:.1f} us (max |difference| {max_difference:.3g}) "
+          f"({time.perf_counter() - t0:.0f} s)")
+
+    # The whole output stage after the upsampler's conv, x4 as fastdrn.DRN runs it under bf16 autocast
+    # (mean float32, so the output is float32): today's conv with bias, ops.pixel_shuffle, the tail
+    # conv with bias and + mean, against the conv without bias then shuffle_tail, one kernel for the
+    # rest (the launch option fuse_tail, off until this case has timed both on a GPU).
+    from fastdrn.kernels.shuffle_tail import shuffle_tail
+
+    t0 = time.perf_counter()
+    tail_w = (torch.randn(3, c, 3, 3, device=device, dtype=dtype) * 0.05).contiguous(memory_format=torch.channels_last)
+    tail_b = torch.randn(3, device=device, dtype=dtype)
+    mean = torch.tensor(reference.DIV2K_RGB_MEAN, device=device).view(1, 3, 1, 1)
+
+    def tail_today():
+        v = ops.pixel_shuffle(F.conv2d(up_y, up_w, up_b, padding=1), 4)
+        return F.conv2d(v, tail_w, tail_b, padding=1) + mean
+
+    def tail_fused():
+        return shuffle_tail(F.conv2d(up_y, up_w, None, padding=1), up_b, tail_w, tail_b, mean, 4,
+                            out_dtype=torch.float32, channels_last=True)
+
+    with torch.no_grad():
+        today_ms = common.time_fn(tail_today, device)
+        fused_ms = common.time_fn(tail_fused, device)
+        max_difference = (tail_today() - tail_fused()).abs().max().item()
+    label = f"tail {un}x{c}x{uh}x{uw} x4 -> 3 colors"
+    result["cases"][label] = {"size": [un, c, uh, uw], "scale": 4, "conv_shuffle_tail_us": today_ms * 1000,
+                              "conv_then_shuffle_tail_us": fused_ms * 1000, "max_abs_difference": max_difference}
+    save(result, args.out)
+    print(f"\n== {label}: conv with bias, pixel_shuffle, tail conv + mean {today_ms * 1000:.1f} us; conv then "
+          f"shuffle_tail {fused_ms * 1000:.1f} us (max |difference| {max_difference:.3g}) "
           f"({time.perf_counter() - t0:.0f} s)")
 
     # Every 3x3 config at DRN's width, on the launches the training and inference sizes make (the

@@ -144,6 +144,32 @@ class DRN(reference.DRN):
             start = end + 2
         return groups
 
+    def _fuses_tail(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether the pixel shuffle and the tail run as one Triton kernel (kernels/shuffle_tail.py):
+        on the fused backend, with the launch option fuse_tail (FASTDRN_FUSE_TAIL=1) on, and where
+        no gradient is needed (the kernel has no backward)."""
+        if not backend.use_triton("shuffle_tail", x.device, dtype):
+            return False
+        from .kernels._common import launch_options
+
+        if not launch_options().fuse_tail:
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+
+    def _shuffle_tail(self, features: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype,
+                      channels_last: bool) -> torch.Tensor:
+        """tail(pixel_shuffle(upsample(features))) + mean with the shuffle, both biases, the tail and
+        the mean in one kernel; the upsampler conv alone through cuDNN (autocast casts for it). The
+        output's dtype is what `tail(v) + mean` gives; float32 parameters stay float32 (the kernel
+        casts them as autocast would), others are cast to the compute dtype."""
+        from .kernels.shuffle_tail import shuffle_tail
+
+        u = self.upsample._conv_forward(features, self.upsample.weight, None)
+        params = [t if t.dtype in (dtype, torch.float32) else t.to(dtype)
+                  for t in (self.upsample.bias, self.tail.weight, self.tail.bias)]
+        return shuffle_tail(u, params[0], params[1], params[2], mean, self.scale,
+                            out_dtype=torch.promote_types(dtype, mean.dtype), channels_last=channels_last)
+
     def forward(self, x):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.n_colors:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -159,6 +185,8 @@ class DRN(reference.DRN):
         x = x.contiguous(memory_format=torch.channels_last)
         y0 = self.head(x - mean).to(dtype).contiguous(memory_format=torch.channels_last)
         y = ops.distill_groups(y0, self._fused_weights(dtype), self.alpha, self.recompute)
+        if self._fuses_tail(x, dtype):
+            return self._shuffle_tail(y + y0, mean, dtype, channels_last_in)
         y = self.upsample(y + y0)
         y = ops.pixel_shuffle(y, self.scale)
         out = self.tail(y) + mean

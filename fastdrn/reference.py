@@ -39,6 +39,12 @@ def pixel_shuffle_bias(x, bias, upscale_factor):
     return F.pixel_shuffle(x + bias.view(1, -1, 1, 1), upscale_factor)
 
 
+def shuffle_tail(u, b_up, w_tail, b_tail, mean, upscale_factor):
+    """DRN's output stage after the upsampler conv (u, without its bias b_up): the pixel shuffle,
+    then the tail conv, plus the rgb mean."""
+    return F.conv2d(pixel_shuffle_bias(u, b_up, upscale_factor), w_tail, b_tail, padding=1) + mean
+
+
 class ResidualDistillBlock(nn.Module):
     def __init__(self, in_channels: int, inner: int, distill: int, alpha: float):
         super().__init__()

@@ -151,14 +151,18 @@ class LaunchOptions:
     whether the forward saves each block's squeeze output a (F values a pixel more) so that each
     block's input-gradient kernel also computes the previous block's g_b and the pair kernel goes
     (16 launches a group of 9). Both defaults won on an H200 (bench/results/2026-11-28c-h200): the
-    fold took 6.6% off a graphed DRN training step, at 25% more peak memory without graphs."""
+    fold took 6.6% off a graphed DRN training step, at 25% more peak memory without graphs.
+    `fuse_tail`, whether fastdrn.DRN's inference runs its pixel shuffle and tail conv as one Triton
+    kernel (kernels/shuffle_tail.py) where no gradient is needed; off by default until a GPU has
+    timed it."""
 
     def __init__(self, num_warps: int | None, autotune: bool, weight_grad_blocks: int = 3,
-                 fold_backward: bool = True):
+                 fold_backward: bool = True, fuse_tail: bool = False):
         self.num_warps = num_warps
         self.autotune = autotune
         self.weight_grad_blocks = weight_grad_blocks
         self.fold_backward = fold_backward
+        self.fuse_tail = fuse_tail
 
     @classmethod
     def from_environment(cls) -> "LaunchOptions":
@@ -170,16 +174,19 @@ class LaunchOptions:
         fold = os.environ.get("FASTDRN_FOLD_BACKWARD", "1").strip()
         if fold not in ("0", "1"):
             raise ValueError(f"FASTDRN_FOLD_BACKWARD={fold!r}: 1 (the default) or 0")
+        tail = os.environ.get("FASTDRN_FUSE_TAIL", "0").strip()
+        if tail not in ("0", "1"):
+            raise ValueError(f"FASTDRN_FUSE_TAIL={tail!r}: 0 (the default) or 1")
         return cls(int(warps) if warps else None, os.environ.get("FASTDRN_AUTOTUNE", "1").strip() != "0", blocks,
-                   fold == "1")
+                   fold == "1", tail == "1")
 
 
 _options: LaunchOptions | None = None  # read from the environment at the first launch
 
 
 def launch_options() -> LaunchOptions:
-    """The launch settings in force: FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE, FASTDRN_WEIGHT_GRAD_BLOCKS
-    and FASTDRN_FOLD_BACKWARD as they were at the first launch of the process, unless
+    """The launch settings in force: FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE, FASTDRN_WEIGHT_GRAD_BLOCKS,
+    FASTDRN_FOLD_BACKWARD and FASTDRN_FUSE_TAIL as they were at the first launch of the process, unless
     set_launch_options changed them since."""
     global _options
     if _options is None:
@@ -188,22 +195,27 @@ def launch_options() -> LaunchOptions:
 
 
 def set_launch_options(num_warps: int | None = None, autotune: bool = True, weight_grad_blocks: int = 3,
-                       fold_backward: bool = True) -> None:
-    """Set what FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE, FASTDRN_WEIGHT_GRAD_BLOCKS and FASTDRN_FOLD_BACKWARD
-    set (those are read once, at the first launch): num_warps pins that many warps where a kernel
-    lists a config with them, autotune=False runs each kernel's default config, weight_grad_blocks
-    (1 to 3) is how many blocks of a group's backward share one weight-gradient launch,
-    fold_backward=False recomputes each block's a in the backward (the pair kernel) instead of
-    saving it. Takes effect at the next launch (a group's forward and its backward: a forward run
-    before keeps its schedule); forgets every launch remembered so far."""
+                       fold_backward: bool = True, fuse_tail: bool = False) -> None:
+    """Set what FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE, FASTDRN_WEIGHT_GRAD_BLOCKS, FASTDRN_FOLD_BACKWARD
+    and FASTDRN_FUSE_TAIL set (those are read once, at the first launch): num_warps pins that many
+    warps where a kernel lists a config with them, autotune=False runs each kernel's default config,
+    weight_grad_blocks (1 to 3) is how many blocks of a group's backward share one weight-gradient
+    launch, fold_backward=False recomputes each block's a in the backward (the pair kernel) instead
+    of saving it, fuse_tail=True runs fastdrn.DRN's pixel shuffle and tail conv as one kernel
+    (kernels/shuffle_tail.py) at inference, where no gradient is needed (the upsampler conv then
+    runs without its bias, which the kernel adds). Takes effect at the next launch (a group's
+    forward and its backward: a forward run before keeps its schedule); forgets every launch
+    remembered so far."""
     global _options
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"num_warps={num_warps!r} is not a power of two from 1 to 32")
     if not isinstance(fold_backward, bool):
         raise ValueError(f"fold_backward={fold_backward!r}: True or False")
+    if not isinstance(fuse_tail, bool):
+        raise ValueError(f"fuse_tail={fuse_tail!r}: True or False")
     _options = LaunchOptions(num_warps, bool(autotune), _check_weight_grad_blocks(weight_grad_blocks,
                                                                                   "weight_grad_blocks"),
-                             fold_backward)
+                             fold_backward, fuse_tail)
     for lean in _lean_launchers.values():
         lean.forget()
     launch_plans.clear()  # they hold the forgotten kernels
@@ -215,7 +227,8 @@ def launch_settings(**changes):
     as it was (a GPU run's FASTDRN_NUM_WARPS pin, say); the settings before restored after."""
     before = launch_options()
     settings = dict(num_warps=before.num_warps, autotune=before.autotune,
-                    weight_grad_blocks=before.weight_grad_blocks, fold_backward=before.fold_backward)
+                    weight_grad_blocks=before.weight_grad_blocks, fold_backward=before.fold_backward,
+                    fuse_tail=before.fuse_tail)
     set_launch_options(**{**settings, **changes})
     try:
         yield

@@ -43,6 +43,7 @@ PACKAGE = "fastdrn.kernels"
 KERNEL_MODULES: tuple[str, ...] = (
     "fastdrn.kernels.gemm",
     "fastdrn.kernels.residual_distill",
+    "fastdrn.kernels.shuffle_tail",
 )
 
 # Storage dtypes a GPU launch can see (float64 runs only under the interpreter: not compiled here).

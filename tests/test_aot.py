@@ -118,6 +118,24 @@ def test_registry_covers_gemm_launch_configs():
     assert epilogues == {value for name, value in vars(gemm).items() if name.startswith("EPILOGUE_")}
 
 
+def test_registry_covers_shuffle_tail_launch_configs():
+    """Every config the shuffle_tail launcher can run, at every storage dtype, at DRN's scales and
+    both output formats, with parameters in u's dtype and (16-bit, autocast) in float32."""
+    from fastdrn.kernels import shuffle_tail
+
+    variants = shuffle_tail.aot_variants()
+    for dtype, configs in (("fp32", shuffle_tail.FP32_CONFIGS), ("bf16", shuffle_tail.CONFIGS),
+                           ("fp16", shuffle_tail.CONFIGS)):
+        for config in configs:
+            mine = [v for v in variants if v.dtype == dtype and v.num_warps == config.num_warps
+                    and v.num_stages == config.num_stages
+                    and all(v.constexprs[k] == val for k, val in config.kwargs.items())]
+            assert {(v.constexprs["SCALE"], v.constexprs["OUT_CL"]) for v in mine} == {
+                (s, cl) for s in (2, 3, 4) for cl in (False, True)}, (dtype, config)
+            if dtype != "fp32":
+                assert any(v.signature["w_ptr"] == "*fp32" for v in mine), (dtype, config)
+
+
 def test_signature_helper():
     sig = registry.signature({"x_ptr": "ptr", "acc_ptr": "*fp32", "n": "i32", "a": "fp32", "B": "constexpr"}, "bf16")
     assert sig == {"x_ptr": "*bf16", "acc_ptr": "*fp32", "n": "i32", "a": "fp32", "B": "constexpr"}

@@ -222,6 +222,9 @@ def test_gpu_session_smoke_rehearses_the_device_script(tmp_path):
     assert (out / "results-smoke.md").exists()
     profile = json.loads((out / "profile.json").read_text())
     assert {"train", "infer"} <= set(profile["cases"])
+    # The output stage timed both ways (today's path and shuffle_tail), and they agree.
+    tail = [case for label, case in profile["cases"].items() if label.startswith("tail ")]
+    assert len(tail) == 1 and tail[0]["max_abs_difference"] < 1e-4, tail
     # The 3x3 configs case found the forward and input-gradient launches at the training size and
     # the in-place forward at the inference size (under the interpreter it times none of them).
     launches = profile["cases"]["3x3 configs F8"]["launches"]

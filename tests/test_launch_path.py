@@ -207,3 +207,11 @@ def test_launch_settings_are_checked(monkeypatch):
         _common.set_launch_options(weight_grad_blocks=4)
     with pytest.raises(ValueError, match="fold_backward='1'"):
         _common.set_launch_options(fold_backward="1")
+    assert not _common.LaunchOptions.from_environment().fuse_tail, "the fused tail is opt-in"
+    monkeypatch.setenv("FASTDRN_FUSE_TAIL", "on")
+    with pytest.raises(ValueError, match="FASTDRN_FUSE_TAIL='on'"):
+        _common.LaunchOptions.from_environment()
+    monkeypatch.setenv("FASTDRN_FUSE_TAIL", "1")
+    assert _common.LaunchOptions.from_environment().fuse_tail
+    with pytest.raises(ValueError, match="fuse_tail=1"):
+        _common.set_launch_options(fuse_tail=1)

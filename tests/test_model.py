@@ -423,3 +423,83 @@ def test_ddp_gloo_two_processes_match_one(tmp_path):
             pytest.fail("two gloo workers did not finish within 300 s")
     for g, h in zip(torch.load(result, weights_only=True), single):
         assert rel_err(g, h) <= 1e-5
+
+
+# ---- the fused output stage (launch option fuse_tail: kernels/shuffle_tail.py) ------------------
+TINY = dict(n_feats=8, n_groups=1, n_blocks=2, inner=8, distill=4)
+
+
+def _count_fused_tail(monkeypatch) -> list:
+    """Calls of the fused output stage, counted (it runs as before)."""
+    from fastdrn import backend
+    from fastdrn.kernels import shuffle_tail as module
+
+    if backend.triton_unavailable_reason(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None:
+        pytest.skip("the fused kernels do not run here")
+    calls, original = [], module.shuffle_tail
+    monkeypatch.setattr(module, "shuffle_tail", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("scale,size,channels_last", [
+    (2, (2, 5, 3), False),   # x2, batch 2, odd H and W, NCHW in and out
+    (3, (1, 1, 7), True),    # x3 with H = 1, channels_last in and out
+])
+def test_fused_tail_option_matches_reference(scale, size, channels_last, device, monkeypatch):
+    """With fuse_tail on and no gradient wanted, the upsampler runs without its bias and one kernel
+    does the shuffle, both biases, the tail and the mean: the reference's output, in the input's
+    memory format."""
+    from helpers import launch_settings
+
+    calls = _count_fused_tail(monkeypatch)
+    cfg = dict(scale=scale, **TINY)
+    with pytorch_fp32_convs():
+        for dtype in dtypes_for(device):
+            ref, fast = pair(cfg, device, dtype)
+            ref64 = reference.DRN(**cfg).to(device, torch.float64)
+            ref64.load_state_dict(ref.state_dict())
+            x = image(*size, device, dtype, channels_last=channels_last)
+            with launch_settings(fuse_tail=True), torch.no_grad():
+                out = fast(x)
+            assert calls, "the fused tail did not run"
+            calls.clear()
+            assert out.dtype == dtype
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            assert out.is_contiguous(memory_format=fmt)
+            assert_close(out, ref64(x.double()), tolerance(device, dtype)[0], f"{dtype} fused tail")
+
+
+def test_fused_tail_option_keeps_the_autograd_path(device, monkeypatch):
+    """Where a gradient is wanted the option changes nothing: the conv with its bias, the pixel
+    shuffle and the tail run as before, and the gradients match the reference's."""
+    from helpers import launch_settings
+
+    calls = _count_fused_tail(monkeypatch)
+    cfg = dict(scale=2, **TINY)
+    with pytorch_fp32_convs(), launch_settings(fuse_tail=True):
+        check_output_and_gradients(cfg, (1, 3, 5), device)
+        assert not calls
+        # Parameters frozen but the input wanting its gradient: still the autograd path.
+        _, fast = pair(cfg, device, dtypes_for(device)[0])
+        fast.requires_grad_(False)
+        x = image(1, 3, 5, device, dtypes_for(device)[0]).requires_grad_()
+        torch.autograd.grad(fast(x).sum(), x)
+        assert not calls
+
+
+def test_fused_tail_under_autocast(device, monkeypatch):
+    """float16 autocast: the upsampler's output in float16, the kernel casting the float32 parameters
+    itself; the output float32 as the reference's tail(v) + mean."""
+    from helpers import launch_settings
+
+    calls = _count_fused_tail(monkeypatch)
+    cfg = dict(scale=3, **TINY)
+    ref, fast = pair(cfg, device)
+    ref64 = reference.DRN(**cfg).to(device).double()
+    ref64.load_state_dict(ref.state_dict())
+    x = image(1, 5, 4, device)
+    with launch_settings(fuse_tail=True), torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
+        out = fast(x)
+        eager = ref(x)
+    assert calls and out.dtype == eager.dtype == torch.float32
+    assert_close(out, ref64(x.double()), 2e-2, "autocast float16 fused tail")
