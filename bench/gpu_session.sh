@@ -10,9 +10,9 @@
 #                                   schedule, the RDB forward against the matrix peak, every 3x3
 #                                   launch config at F = 64) with the 60 s kept for it
 #   bash bench/gpu_session.sh two   (the same bound) install, unless stage one installed this commit
-#                                   on the same warm machine; the bf16 training rows with
-#                                   torch.compile max-autotune and without the backward fold beside
-#                                   fastdrn's graph; the RDB benchmark; Nsight Compute on one block;
+#                                   on the same warm machine; the bf16 rows with torch.compile
+#                                   max-autotune, without the backward fold (training) and with the
+#                                   fused output stage (inference) beside fastdrn's graph; the RDB benchmark; Nsight Compute on one block;
 #                                   the compress_skip and pixel-shuffle benchmarks; the autotune sweep
 #                                   (which config each kernel's autotuner picks), each step within
 #                                   the time left
@@ -109,11 +109,12 @@ elif [ "$stage" = two ]; then
     [ $left -gt $want ] && left=$want
     if [ $left -lt 20 ]; then echo "$name skipped: ${left} s left before the stage's deadline"; return; fi
     bench $name $left "$@" --time-budget $(( left - 10 )); }
-  # The model rows beside torch.compile's max-autotune (stage one has its other modes) and without the
-  # backward fold (on by default), with eager's and fastdrn's graphs as the common reference.
+  # The model rows beside torch.compile's max-autotune (stage one has its other modes), without the
+  # backward fold (on by default) and with the fused output stage (off by default: inference rows),
+  # with eager's and fastdrn's graphs as the common reference.
   budget=$(( deadline - $(date +%s) - 60 )); [ $budget -gt 300 ] && budget=300
-  within bench-model $budget bench/bench_model.py --quick --dtypes bf16 --max-autotune --unfolded \
-    --impls eager-graph,fastdrn-graph,fastdrn-unfolded,fastdrn-unfolded-graph,compile-max-autotune
+  within bench-model $budget bench/bench_model.py --quick --dtypes bf16 --max-autotune --unfolded --fused-tail \
+    --impls eager-graph,fastdrn-graph,fastdrn-unfolded,fastdrn-unfolded-graph,fastdrn-fused-tail-graph,compile-max-autotune
   within bench-rdb 100 bench/bench_residual_distill.py --quick
   left=$(( deadline - $(date +%s) - 10 )); [ $left -gt 50 ] && left=50
   if [ $left -ge 20 ]; then
