@@ -763,6 +763,14 @@ def test_every_weight_grad_config_matches_float64(config, device, monkeypatch):
     forced = {"tiles": gemm.weight_grad_autotuner([config], False), "blocks": gemm.weight_grad_autotuner([config], True)}
     monkeypatch.setitem(gemm.weight_grad_tiles_tuned, (False, True), forced["tiles"])
     monkeypatch.setitem(gemm.weight_grad_blocks_tuned, (False, True), forced["blocks"])
+    launched = []  # the autotuners launched: the forced ones must be (rows not aligned would run others)
+    real_launch = gemm.launch
+
+    def spy(kernel, tuned, *args, **kwargs):
+        launched.append(tuned)
+        return real_launch(kernel, tuned, *args, **kwargs)
+
+    monkeypatch.setattr(gemm, "launch", spy)
 
     def forget():  # plans and lean launchers hold compiled kernels by autotuner: none may outlive the test
         plans.reset()
@@ -786,8 +794,11 @@ def test_every_weight_grad_config_matches_float64(config, device, monkeypatch):
                     _ref, ref_grads, eager_grads = _reference(y, blocks, None, leaves, grad_out)
                     return grads, eager_grads, ref_grads
 
+                launched.clear()
                 with _common.launch_settings(weight_grad_blocks=3):
                     assert_op_grads_close(dtype, grad_tol, draw, None, f"{dtype} {n_blocks} blocks {config}")
+                kernel = forced["blocks" if n_blocks == 3 else "tiles"]
+                assert any(tuned is kernel for tuned in launched), f"{n_blocks} blocks: the forced config never ran"
     finally:
         forget()
 
