@@ -144,17 +144,20 @@ class DRN(reference.DRN):
             start = end + 2
         return groups
 
-    def _fuses_tail(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    def _fuses_tail(self, features: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether the pixel shuffle and the tail run as one Triton kernel (kernels/shuffle_tail.py):
         on the fused backend, with the launch option fuse_tail (FASTDRN_FUSE_TAIL=1) on, and where
-        no gradient is needed (the kernel has no backward)."""
-        if not backend.use_triton("shuffle_tail", x.device, dtype):
+        none of the kernel's inputs needs a gradient (it has no backward). The features carry the
+        input's and every earlier parameter's need, so four tensors answer it, not a walk over all
+        the model's parameters."""
+        if not backend.use_triton("shuffle_tail", features.device, dtype):
             return False
         from .kernels._common import launch_options
 
         if not launch_options().fuse_tail:
             return False
-        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in (
+            features, self.upsample.weight, self.upsample.bias, self.tail.weight, self.tail.bias)))
 
     def _shuffle_tail(self, features: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype,
                       channels_last: bool) -> torch.Tensor:
@@ -185,9 +188,10 @@ class DRN(reference.DRN):
         x = x.contiguous(memory_format=torch.channels_last)
         y0 = self.head(x - mean).to(dtype).contiguous(memory_format=torch.channels_last)
         y = ops.distill_groups(y0, self._fused_weights(dtype), self.alpha, self.recompute)
-        if self._fuses_tail(x, dtype):
-            return self._shuffle_tail(y + y0, mean, dtype, channels_last_in)
-        y = self.upsample(y + y0)
+        features = y + y0
+        if self._fuses_tail(features, dtype):
+            return self._shuffle_tail(features, mean, dtype, channels_last_in)
+        y = self.upsample(features)
         y = ops.pixel_shuffle(y, self.scale)
         out = self.tail(y) + mean
         return out if channels_last_in else out.contiguous()

@@ -485,6 +485,19 @@ def test_fused_tail_option_keeps_the_autograd_path(device, monkeypatch):
         x = image(1, 3, 5, device, dtypes_for(device)[0]).requires_grad_()
         torch.autograd.grad(fast(x).sum(), x)
         assert not calls
+        # Only the tail learning (a fine-tune of the output stage): the autograd path, its gradient
+        # the reference's; the rest of the model frozen with it gives the fused kernel again.
+        ref, fast = pair(cfg, device, dtypes_for(device)[0])
+        for model in (ref, fast):
+            model.requires_grad_(False)
+            model.tail.requires_grad_()
+        x = image(1, 3, 5, device, dtypes_for(device)[0])
+        grad, expected = (torch.autograd.grad(model(x).sum(), model.tail.weight)[0] for model in (fast, ref))
+        assert not calls
+        assert_close(grad, expected, tolerance(device, x.dtype)[1], "tail weight gradient, the rest frozen")
+        fast.tail.requires_grad_(False)
+        fast(x)
+        assert calls
 
 
 def test_fused_tail_under_autocast(device, monkeypatch):
