@@ -165,12 +165,10 @@ class DRN(reference.DRN):
         the mean in one kernel; the upsampler conv alone through cuDNN (autocast casts for it). The
         output's dtype is what `tail(v) + mean` gives; float32 parameters stay float32 (the kernel
         casts them as autocast would), others are cast to the compute dtype."""
-        from .kernels.shuffle_tail import shuffle_tail
-
         u = self.upsample._conv_forward(features, self.upsample.weight, None)
         params = [t if t.dtype in (dtype, torch.float32) else t.to(dtype)
                   for t in (self.upsample.bias, self.tail.weight, self.tail.bias)]
-        return shuffle_tail(u, params[0], params[1], params[2], mean, self.scale,
+        return ops._shuffle_tail(u, params[0], params[1], params[2], mean, self.scale,
                             out_dtype=torch.promote_types(dtype, mean.dtype), channels_last=channels_last)
 
     def forward(self, x):

@@ -15,6 +15,10 @@ import torch
 from . import backend, reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# shuffle_tail's kernel: output channels (n_colors) padded to one 16-wide tl.dot (its NP), and s*s
+# sub-positions of a low-resolution pixel that fit in every config's BLOCK_M (64 at s = 8).
+SHUFFLE_TAIL_MAX_COLORS = 16
+SHUFFLE_TAIL_MAX_SCALE = 8
 
 # Argument signatures that passed a check. The checks read nothing but each argument's type, shape,
 # dtype and device, so arguments with the signature of ones that passed pass too: the full checks
@@ -394,3 +398,72 @@ def _pixel_shuffle_bias(x, bias, upscale_factor):
     if _use_extension("pixel_shuffle_bias", x):
         return torch.ops.fastdrn_ext.pixel_shuffle_bias(x, bias, factor)
     return reference.pixel_shuffle_bias(x, bias, factor)
+
+
+def check_shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype) -> None:
+    """Every input of _shuffle_tail, each problem named (shape, dtype, device, channel count).
+    Parameters may be u's dtype or float32 (as autocast leaves them), so not _check_alike."""
+    op = "shuffle_tail"
+    _check_tensor(op, "u", u, "(N, C*s*s, H, W)", 4)
+    if u.numel() == 0:
+        raise ValueError(f"{op}: u is empty (shape {tuple(u.shape)}); N, C*s*s, H and W must all be >= 1")
+    if u.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: u has dtype {u.dtype}; supported: float16, bfloat16, float32, float64")
+    if isinstance(scale, bool) or not isinstance(scale, int):
+        raise TypeError(f"{op}: scale must be an int, got {type(scale).__name__}")
+    if not 1 <= scale <= SHUFFLE_TAIL_MAX_SCALE:
+        raise ValueError(f"{op}: scale must be from 1 to {SHUFFLE_TAIL_MAX_SCALE}, got {scale}")
+    if u.shape[1] % (scale * scale):
+        raise ValueError(f"{op}: u has {u.shape[1]} channels, which is not divisible by scale**2 = {scale * scale}")
+    channels = u.shape[1] // (scale * scale)
+    _check_tensor(op, "w_tail", w_tail, "(n_colors, C, 3, 3)", 4)
+    if tuple(w_tail.shape[1:]) != (channels, 3, 3):
+        raise ValueError(f"{op}: w_tail has shape {tuple(w_tail.shape)}, expected (n_colors, {channels}, 3, 3): "
+                         f"a 3x3 conv over the {channels} channels u's {u.shape[1]} shuffle to at scale {scale}")
+    colors = w_tail.shape[0]
+    if not 1 <= colors <= SHUFFLE_TAIL_MAX_COLORS:
+        raise ValueError(f"{op}: w_tail has {colors} output channels; the kernel computes 1 to "
+                         f"{SHUFFLE_TAIL_MAX_COLORS}")
+    _check_tensor(op, "b_up", b_up, "(C*s*s,)", 1)
+    if b_up.shape[0] != u.shape[1]:
+        raise ValueError(f"{op}: b_up has {b_up.shape[0]} elements, expected one per channel of u ({u.shape[1]})")
+    _check_tensor(op, "b_tail", b_tail, "(n_colors,)", 1)
+    if b_tail.shape[0] != colors:
+        raise ValueError(f"{op}: b_tail has {b_tail.shape[0]} elements, expected one per output channel ({colors})")
+    if not isinstance(mean, torch.Tensor):
+        raise TypeError(f"{op}: mean must be a torch.Tensor, got {type(mean).__name__}")
+    if tuple(mean.shape) not in ((colors,), (1, colors, 1, 1)):
+        raise ValueError(f"{op}: mean has shape {tuple(mean.shape)}, expected ({colors},) or (1, {colors}, 1, 1): "
+                         "one value per output channel")
+    for name, t in (("b_up", b_up), ("w_tail", w_tail), ("b_tail", b_tail), ("mean", mean)):
+        if t.device != u.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but u is on {u.device}")
+        if name == "mean":  # added to the accumulator, whatever its dtype
+            if t.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"{op}: mean has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+        elif t.dtype not in (u.dtype, torch.float32):
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but u has {u.dtype}; parameters are u's dtype "
+                            "or float32 (as autocast leaves them: the kernel casts them)")
+    if out_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: out_dtype {out_dtype} is not one of float16, bfloat16, float32, float64")
+
+
+def _shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype=None, channels_last=False):
+    """conv3x3(pixel_shuffle(u + b_up, scale), w_tail, b_tail, padding=1) + mean: DRN's output stage
+    after the upsampler conv, in one Triton kernel (fastdrn.kernels.shuffle_tail) that never writes
+    the shuffled image. Internal: fastdrn.DRN runs it under the launch option fuse_tail. Inference
+    only (RuntimeError where a gradient would be needed). out_dtype: the output's dtype (default the
+    promotion of u's and mean's, as `tail(v) + mean` gives); channels_last: the output's format.
+    Where the Triton kernels do not run, the reference's ops give the same result."""
+    if out_dtype is None and isinstance(u, torch.Tensor) and isinstance(mean, torch.Tensor):
+        out_dtype = torch.promote_types(u.dtype, mean.dtype)
+    check_shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, b_up, w_tail, b_tail, mean)):
+        raise RuntimeError("shuffle_tail is inference-only (it has no backward): call it under torch.no_grad() "
+                           "or with inputs that do not require grad")
+    if backend.use_triton("shuffle_tail", u.device, u.dtype):
+        from .kernels.shuffle_tail import shuffle_tail
+
+        return shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype, channels_last)
+    out = reference.shuffle_tail(u, b_up.to(u.dtype), w_tail.to(u.dtype), b_tail.to(u.dtype), mean, scale)
+    return out.to(out_dtype).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -23,11 +23,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ..ops import SHUFFLE_TAIL_MAX_COLORS
 from ._common import (cdiv, check_int32, direct_launches, dot_precision, eager_fast_path, is_fp64, launch, next_pow2,
                       rows, track)
 
-NP = 16          # output channels computed: n_colors padded to the smallest tl.dot width
-MAX_SCALE = 8    # s*s = 64 sub-positions: a sub-block fits in every config's BLOCK_M
+# Output channels computed: n_colors padded to the smallest tl.dot width (ops checks n_colors against it).
+NP = SHUFFLE_TAIL_MAX_COLORS
 
 
 @triton.jit
@@ -117,7 +118,6 @@ FP32_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_K": 16}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_K": 16}, num_warps=8, num_stages=2),
 ]
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def configs_for(dtype: torch.dtype) -> list:
@@ -130,67 +130,8 @@ shuffle_tail_tuned = {fp32: triton.autotune(configs=configs_for(torch.float32 if
                       for fp32 in (False, True)}
 
 
-def _tensor(name: str, t, dims: int, hint: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"shuffle_tail: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dims:
-        raise ValueError(f"shuffle_tail: {name} must be a {dims}-D tensor {hint}, got shape {tuple(t.shape)}")
-
-
-def check_shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype) -> None:
-    """Every input of shuffle_tail, each problem named (shape, dtype, device, channel count)."""
-    _tensor("u", u, 4, "(N, C*s*s, H, W)")
-    if u.numel() == 0:
-        raise ValueError(f"shuffle_tail: u is empty (shape {tuple(u.shape)}); N, C*s*s, H and W must all be >= 1")
-    if u.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"shuffle_tail: u has dtype {u.dtype}; supported: float16, bfloat16, float32, float64")
-    if isinstance(scale, bool) or not isinstance(scale, int):
-        raise TypeError(f"shuffle_tail: scale must be an int, got {type(scale).__name__}")
-    if not 1 <= scale <= MAX_SCALE:
-        raise ValueError(f"shuffle_tail: scale must be from 1 to {MAX_SCALE}, got {scale}")
-    if u.shape[1] % (scale * scale):
-        raise ValueError(f"shuffle_tail: u has {u.shape[1]} channels, which is not divisible by scale**2 = "
-                         f"{scale * scale}")
-    channels = u.shape[1] // (scale * scale)
-    _tensor("w_tail", w_tail, 4, "(n_colors, C, 3, 3)")
-    if tuple(w_tail.shape[1:]) != (channels, 3, 3):
-        raise ValueError(f"shuffle_tail: w_tail has shape {tuple(w_tail.shape)}, expected (n_colors, {channels}, 3, 3): "
-                         f"a 3x3 conv over the {channels} channels u's {u.shape[1]} shuffle to at scale {scale}")
-    colors = w_tail.shape[0]
-    if not 1 <= colors <= NP:
-        raise ValueError(f"shuffle_tail: w_tail has {colors} output channels; the kernel computes 1 to {NP}")
-    _tensor("b_up", b_up, 1, "(C*s*s,)")
-    if b_up.shape[0] != u.shape[1]:
-        raise ValueError(f"shuffle_tail: b_up has {b_up.shape[0]} elements, expected one per channel of u "
-                         f"({u.shape[1]})")
-    _tensor("b_tail", b_tail, 1, "(n_colors,)")
-    if b_tail.shape[0] != colors:
-        raise ValueError(f"shuffle_tail: b_tail has {b_tail.shape[0]} elements, expected one per output channel "
-                         f"({colors})")
-    if not isinstance(mean, torch.Tensor):
-        raise TypeError(f"shuffle_tail: mean must be a torch.Tensor, got {type(mean).__name__}")
-    if tuple(mean.shape) not in ((colors,), (1, colors, 1, 1)):
-        raise ValueError(f"shuffle_tail: mean has shape {tuple(mean.shape)}, expected ({colors},) or "
-                         f"(1, {colors}, 1, 1): one value per output channel")
-    for name, t in (("b_up", b_up), ("w_tail", w_tail), ("b_tail", b_tail), ("mean", mean)):
-        if t.device != u.device:
-            raise ValueError(f"shuffle_tail: {name} is on {t.device} but u is on {u.device}")
-        if name == "mean":  # added to the accumulator, whatever its dtype
-            if t.dtype not in SUPPORTED_DTYPES:
-                raise TypeError(f"shuffle_tail: mean has dtype {t.dtype}; supported: float16, bfloat16, float32, "
-                                "float64")
-        elif t.dtype not in (u.dtype, torch.float32):
-            raise TypeError(f"shuffle_tail: {name} has dtype {t.dtype} but u has {u.dtype}; parameters are u's dtype "
-                            "or float32 (as autocast leaves them: the kernel casts them)")
-    if out_dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"shuffle_tail: out_dtype {out_dtype} is not one of float16, bfloat16, float32, float64")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, b_up, w_tail, b_tail, mean)):
-        raise RuntimeError("shuffle_tail is inference-only (it has no backward): call it under torch.no_grad() "
-                           "or with inputs that do not require grad")
-
-
 def _shuffle_tail(u, b_up, w_tail, b_tail, mean, scale: int, out_dtype: torch.dtype, channels_last: bool):
-    """Allocate the output and launch shuffle_tail_kernel (inputs checked by check_shuffle_tail)."""
+    """Allocate the output and launch shuffle_tail_kernel (inputs checked by fastdrn.ops.check_shuffle_tail)."""
     u = rows(u)  # a copy only when u is not channels_last: the kernel reads rows of C*s*s channels
     n_img, css, height, width = u.shape
     colors = w_tail.shape[0]
@@ -218,16 +159,11 @@ def shuffle_tail_op(u: torch.Tensor, b_up: torch.Tensor, w_tail: torch.Tensor, b
 
 
 # ---- public function ----------------------------------------------------------------------------
-def shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype=None, channels_last=False):
-    """conv3x3(pixel_shuffle(u + b_up, scale), w_tail, b_tail, padding=1) + mean in one kernel,
-    without autograd (RuntimeError where a gradient would be needed).
-
-    u: (N, C*s*s, H, W), best channels_last (else copied to it). out_dtype: the output's dtype
-    (default: the promotion of u's and mean's, as `tail(v) + mean` gives). channels_last: write the
-    output channels_last instead of NCHW-contiguous."""
-    if out_dtype is None and isinstance(u, torch.Tensor) and isinstance(mean, torch.Tensor):
-        out_dtype = torch.promote_types(u.dtype, mean.dtype)
-    check_shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype)
+def shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype, channels_last=False):
+    """conv3x3(pixel_shuffle(u + b_up, scale), w_tail, b_tail, padding=1) + mean in one kernel, no
+    autograd. Inputs as fastdrn.ops.check_shuffle_tail passes them (fastdrn.ops._shuffle_tail checks
+    and calls this). u: (N, C*s*s, H, W), best channels_last (else copied to it); out_dtype: the
+    output's dtype; channels_last: write the output channels_last instead of NCHW-contiguous."""
     if eager_fast_path():
         with direct_launches():
             return _shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype, bool(channels_last))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastdrn import backend, reference
+from fastdrn import backend, ops, reference
 from helpers import assert_close, dtypes_for, randn, tolerance, where
 
 # (N, C, n_colors, s, H, W): C channels after the shuffle (u has C*s*s), each there for a reason:
@@ -23,9 +23,8 @@ def _triton_runs(device):
 
 
 def shuffle_tail(*args, **kwargs):
-    from fastdrn.kernels.shuffle_tail import shuffle_tail as fused
-
-    return fused(*args, **kwargs)
+    """The checked entry, which runs the kernel here (the fixture above skips where it cannot)."""
+    return ops._shuffle_tail(*args, **kwargs)
 
 
 def make_inputs(shape, dtype, device, param_dtype=None):
@@ -112,7 +111,7 @@ def test_registered_op_and_eager_path_agree(monkeypatch, device):
     results = []
     for fast in (True, False):
         monkeypatch.setattr(module, "eager_fast_path", lambda fast=fast: fast)
-        results.append(module.shuffle_tail(*inputs, 2, channels_last=True))
+        results.append(module.shuffle_tail(*inputs, 2, inputs[0].dtype, channels_last=True))
     assert torch.equal(*results)
 
 
@@ -152,3 +151,22 @@ def test_inference_only(device):
         shuffle_tail(*args, 2)
     with torch.no_grad():  # no gradient wanted: it runs
         assert shuffle_tail(*args, 2).shape == (2, 3, 6, 6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_backend_runs_the_reference_ops(channels_last, monkeypatch, device):
+    """FASTDRN_BACKEND=torch: no kernel launch, the reference ops' result in the dtype and memory
+    format asked for (float32 parameters under 16-bit u cast as the kernel casts them)."""
+    from fastdrn.kernels import shuffle_tail as module
+
+    monkeypatch.setenv("FASTDRN_BACKEND", "torch")
+    monkeypatch.setattr(module, "shuffle_tail", lambda *a, **k: pytest.fail("the kernel ran under the torch backend"))
+    dtype = dtypes_for(device)[-1]
+    inputs = make_inputs((1, 5, 3, 3, 2, 3), dtype, device, param_dtype=torch.float32)
+    out = shuffle_tail(*inputs, 3, out_dtype=dtype, channels_last=channels_last)
+    assert out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    u, b_up, w_tail, b_tail, mean = inputs
+    cast = [t.to(dtype).double() for t in (b_up, w_tail, b_tail)]
+    expected = reference.shuffle_tail(u.double(), *cast, mean.double(), 3)
+    assert_close(out, expected, tolerance(device, dtype)[0], "torch backend")
