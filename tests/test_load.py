@@ -107,6 +107,34 @@ def test_load_refuses_code_corruption_and_foreign_files(tmp_path):
         fastdrn.load(tmp_path / "absent.pt")
 
 
+@pytest.mark.parametrize("kind", ["zip", "safetensors", "refused"])  # the three ways a load ends
+def test_a_checkpoint_file_is_opened_once(kind, tmp_path, monkeypatch):
+    """Every check (the kind of file, safetensors or zip, the CRCs, why torch.load refused it) reads
+    the one open file that is loaded: a path opened again could by then name another file."""
+    from fastdrn.tools import checkpoint
+
+    path = tmp_path / "w.pt"
+    if kind == "safetensors":
+        st = pytest.importorskip("safetensors.torch")
+        st.save_file({"w": torch.randn(2, 3)}, str(path), metadata={"fastdrn.config": '{"scale": 2}'})
+    else:
+        torch.save({"w": torch.randn(2, 3)} if kind == "zip" else {"x": np.arange(3)}, path)
+    opened = []
+    real_os_open, real_open = os.open, open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append(os.fspath(p)) or real_os_open(p, *a, **k))
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: opened.append(os.fspath(p)) or real_open(p, *a, **k))
+    if kind == "refused":
+        with pytest.raises(CheckpointError, match="weights_only=True"):
+            checkpoint.load_checkpoint(path)
+    else:
+        obj = checkpoint.load_checkpoint(path)
+        tensors = obj["state_dict"] if kind == "safetensors" else obj
+        assert tensors["w"].shape == (2, 3)
+        if kind == "safetensors":
+            assert obj["config"] == {"scale": 2}
+    assert opened.count(str(path)) == 1, opened
+
+
 
 class _RunsCode:
     """Unpickling this calls os.system: a checkpoint holding it must be refused without running it."""

@@ -219,27 +219,27 @@ def open_regular(path: str | os.PathLike):
         raise
 
 
-def _is_safetensors(path: str) -> bool:
+def _is_safetensors(f) -> bool:
     """A safetensors file starts with its JSON header's length (8 bytes, little-endian), then '{'."""
-    with open(path, "rb") as f:
-        head = f.read(9)
+    f.seek(0)
+    head = f.read(9)
     if len(head) < 9 or head[8:9] != b"{":
         return False
-    return int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8
+    return int.from_bytes(head[:8], "little") <= os.fstat(f.fileno()).st_size - 8
 
 
-def _load_safetensors(path: str) -> dict:
+def _load_safetensors(path: str, f) -> dict:
     try:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        from safetensors.torch import load
     except ImportError:
         raise CheckpointError(f"{path} is a safetensors file: reading it needs the optional package "
                               "safetensors (pip install safetensors)") from None
+    f.seek(0)
+    data = f.read()
     try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(path, device="cpu")
-    except Exception as e:  # SafetensorError for a damaged header or data, OSError, ...
+        tensors = load(data)
+        metadata = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+    except Exception as e:  # SafetensorError for a damaged header or data, ...
         raise CheckpointError(f"{path}: cannot be read as safetensors: {type(e).__name__}: {e}") from e
     obj: dict = {"state_dict": tensors}
     if "fastdrn.config" in metadata:
@@ -250,18 +250,20 @@ def _load_safetensors(path: str) -> dict:
     return obj
 
 
-def verify_zip(path: str) -> None:
+def verify_zip(source, name: str | None = None) -> None:
     """Check every member of a zip checkpoint against the CRC-32 its directory records (torch's own
-    reader does not): a file with flipped bytes raises CheckpointError. Other files pass unchecked."""
-    if not zipfile.is_zipfile(path):
+    reader does not): a file with flipped bytes raises CheckpointError. Other files pass unchecked.
+    source: a path, or a binary file open for reading (then `name` names it in errors)."""
+    name = name or os.fspath(source)
+    if not zipfile.is_zipfile(source):
         return
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(source) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
-        raise CheckpointError(f"{path}: the checkpoint is corrupt (its zip structure does not read: {e})") from None
+        raise CheckpointError(f"{name}: the checkpoint is corrupt (its zip structure does not read: {e})") from None
     if bad is not None:
-        raise CheckpointError(f"{path}: the checkpoint is corrupt: {bad} does not match its CRC-32 checksum "
+        raise CheckpointError(f"{name}: the checkpoint is corrupt: {bad} does not match its CRC-32 checksum "
                               "(a damaged copy or an interrupted transfer)")
 
 
@@ -269,7 +271,8 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     """``torch.load(path, map_location='cpu', weights_only=True)`` with readable errors, after
     :func:`verify_zip`; a safetensors file comes back as ``{"state_dict": tensors, "config": ...}``.
     A shipped weight name is resolved to its file first. A path that is not a regular file (a FIFO,
-    a device) is refused as :func:`open_regular` refuses it, before anything reads it."""
+    a device) is refused as :func:`open_regular` refuses it, before anything reads it. The path is
+    opened once: every check reads the file that is loaded, not one that could replace it."""
     from fastdrn.pretrained import resolve
     path = resolve(os.fspath(path))
     if os.path.isdir(path):
@@ -277,18 +280,20 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        open_regular(path).close()
+        f = open_regular(path)
     except NotRegularFileError as e:
         raise CheckpointError(str(e)) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-    if _is_safetensors(path):
-        return _load_safetensors(path)
-    verify_zip(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError, RuntimeError for corrupt zip files, ...
-        raise CheckpointError(f"{path}: {_why_not_loaded(path, e)}") from e
+    with f:
+        if _is_safetensors(f):
+            return _load_safetensors(path, f)
+        verify_zip(f, path)
+        f.seek(0)
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle.UnpicklingError, RuntimeError for corrupt zip files, ...
+            raise CheckpointError(f"{path}: {_why_not_loaded(f, e)}") from e
 
 
 # First bytes of files that get passed as checkpoints by mistake.
@@ -297,14 +302,14 @@ _OTHER_FORMATS = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"
                   b"\x93NUMPY": "a NumPy .npy file", b"\x89HDF": "an HDF5 (Keras?) file"}
 
 
-def _why_not_loaded(path: str, e: Exception) -> str:
-    """Why torch.load(weights_only=True) failed, in words: torch's own message leads with advice
-    to load with weights_only=False, which would run any code the file holds."""
-    with open(path, "rb") as f:
-        head = f.read(8)
+def _why_not_loaded(f, e: Exception) -> str:
+    """Why torch.load(weights_only=True) failed on the open file f, in words: torch's own message
+    leads with advice to load with weights_only=False, which would run any code the file holds."""
+    f.seek(0)
+    head = f.read(8)
     if not head:
         return "the file is empty"
-    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(f):
         return ("the checkpoint is truncated or damaged: a zip file without the directory at its end "
                 "(an interrupted save or copy)")
     if not head.startswith((b"PK\x03\x04", b"\x80")):   # torch.save writes a zip, or a pickle of protocol >= 2
