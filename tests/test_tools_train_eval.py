@@ -594,3 +594,42 @@ def test_training_on_photos_beats_bicubic(tmp_path, capsys):
 
 if __name__ == "__main__":
     _ddp_worker(sys.argv[1:])
+
+
+def _interlaced_png16(rgb16: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG with Adam7 interlacing: a layout read through Pillow's 8-bit decoder."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w, _ = rgb16.shape
+    raw = b""
+    for y0, x0, dy, dx in ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2),
+                           (1, 0, 2, 1)):
+        sub = rgb16[y0::dy, x0::dx]
+        if sub.size:  # an empty pass has no scanlines at all
+            raw += b"".join(b"\0" + row.astype(">u2").tobytes() for row in sub)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 1))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_train_and_eval_warn_of_images_read_at_fewer_bits(synth, tmp_path, capsys):
+    """An image whose file holds 16-bit samples in a layout read at 8 bits (interlaced PNG): train,
+    its validation and eval each say so, naming the file, as upscale does; the run goes on."""
+    hr = synth / "DIV2K_train_HR"
+    rgb8 = _texture(44, 48, 7)
+    deep = hr / "0005.png"
+    deep.write_bytes(_interlaced_png16(rgb8.astype(np.uint16) * 257))
+    assert np.array_equal(np.asarray(PILImage.open(deep).convert("RGB")), rgb8)  # Pillow reads it, at 8 bits
+    warning = f"warning: {deep}: has 16-bit samples, read at 8 bits (this layout is not read at full precision)"
+    assert cli.main(["train", "--hr-dir", str(hr), "--scale", "2", "--out", str(tmp_path / "run"), "--steps", "1",
+                     "--patch-size", "12", "--batch-size", "2", "--workers", "0", "--no-progress", "--device", "cpu",
+                     "--n-feats", "8", "--n-groups", "1", "--n-blocks", "1", "--inner", "8",
+                     "--val-hr-dir", str(hr), "--val-every", "1"]) == 0
+    assert capsys.readouterr().err.count(warning) == 2  # the training set, then the validation set
+    assert cli.main(["eval", "--weights", str(tmp_path / "run" / "last.pt"), "--device", "cpu",
+                     "--hr-dir", str(hr)]) == 0
+    assert warning in capsys.readouterr().err
+

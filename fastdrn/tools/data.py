@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .image_io import DEFAULT_MAX_PIXELS, ImageReadError, list_images, read_image
+from .image_io import DEFAULT_MAX_PIXELS, ImageReadError, list_images, precision_lost, read_image
 from .imresize import downsample
 
 __all__ = ["Pair", "find_pairs", "load_pair", "TrainPatches", "StreamBatchSampler", "estimate_bytes"]
@@ -89,14 +89,23 @@ def make_lr(hr: np.ndarray, scale: int) -> np.ndarray:
     return np.ascontiguousarray(lr.astype(hr.dtype))
 
 
-def load_pair(pair: Pair, scale: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
+def load_pair(pair: Pair, scale: int, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+              on_warning: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode one pair -> (lr, hr) (H, W, 3) integer arrays with hr exactly ``scale`` times lr.
 
     Without an LR file, HR is cropped to a multiple of ``scale`` and LR is made by MATLAB bicubic.
     With one, HR is cropped to ``scale`` x the LR size (the usual "mod crop"). Raises ImageReadError
     (also for an image of more than ``max_pixels`` pixels, refused before it is decoded).
+    ``on_warning`` is told of each image read at fewer bits than its file holds.
     """
-    hr_img = read_image(pair.hr, max_pixels=max_pixels)
+    def read(path):
+        img = read_image(path, max_pixels=max_pixels)
+        lost = precision_lost(img, path)
+        if lost and on_warning:
+            on_warning(lost)
+        return img
+
+    hr_img = read(pair.hr)
     hr = _to_array(hr_img)
     if pair.lr is None:
         h, w = (hr.shape[0] // scale) * scale, (hr.shape[1] // scale) * scale
@@ -104,7 +113,7 @@ def load_pair(pair: Pair, scale: int, max_pixels: int | None = DEFAULT_MAX_PIXEL
             raise ImageReadError(f"{pair.hr}: smaller than the scale {scale}")
         hr = np.ascontiguousarray(hr[:h, :w])
         return make_lr(hr, scale), hr
-    lr_img = read_image(pair.lr, max_pixels=max_pixels)
+    lr_img = read(pair.lr)
     lr = _to_array(lr_img)
     if lr.dtype != hr.dtype:
         lr = (lr.astype(np.float64) * (257.0 if hr.dtype == np.uint16 else 1 / 257.0)).round().astype(hr.dtype)
@@ -133,12 +142,12 @@ class _Store:
     """Decoded pairs: in memory, as .npy files on disk (memory-mapped), or decoded on every use."""
 
     def __init__(self, pairs: list[Pair], scale: int, mode: str, cache_dir: str | None,
-                 on_error: Callable[[str], None], patch: int):
+                 on_error: Callable[[str], None], patch: int, on_warning: Callable[[str], None] | None = None):
         self.scale, self.mode, self.cache_dir = scale, mode, cache_dir
         self.pairs, self.mem, self.files = [], [], []
         for p in pairs:
             try:
-                lr, hr = self._cached(p) if mode == "disk" else load_pair(p, scale)
+                lr, hr = self._cached(p, on_warning) if mode == "disk" else load_pair(p, scale, on_warning=on_warning)
                 if min(lr.shape[:2]) < patch:
                     raise ImageReadError(f"{p.hr}: LR image {lr.shape[1]}x{lr.shape[0]} is smaller than "
                                          f"the {patch}x{patch} patch")
@@ -159,11 +168,11 @@ class _Store:
         base = os.path.join(self.cache_dir, f"{p.name[:64]}_x{self.scale}_{digest}")
         return base + "_lr.npy", base + "_hr.npy"
 
-    def _cached(self, p: Pair):
+    def _cached(self, p: Pair, on_warning: Callable[[str], None] | None = None):
         from .checkpoint import atomic_write
         lr_path, hr_path = self._cache_paths(p)
         if not (os.path.exists(lr_path) and os.path.exists(hr_path)):
-            lr, hr = load_pair(p, self.scale)
+            lr, hr = load_pair(p, self.scale, on_warning=on_warning)
             atomic_write(hr_path, lambda tmp: np.save(tmp, hr))
             atomic_write(lr_path, lambda tmp: np.save(tmp, lr))
         return np.load(lr_path, mmap_mode="r"), np.load(hr_path, mmap_mode="r")
@@ -188,7 +197,7 @@ class TrainPatches(Dataset):
 
     def __init__(self, pairs: list[Pair], scale: int, patch: int = 48, augment: bool = True,
                  cache: str = "memory", cache_dir: str | None = None, rgb_range: float = 1.0,
-                 on_error: Callable[[str], None] | None = None):
+                 on_error: Callable[[str], None] | None = None, on_warning: Callable[[str], None] | None = None):
         if cache not in ("memory", "disk", "none"):
             raise ValueError(f"cache must be memory, disk or none, got {cache!r}")
         if cache == "disk" and not cache_dir:
@@ -200,7 +209,7 @@ class TrainPatches(Dataset):
             if on_error:
                 on_error(msg)
 
-        self.store = _Store(pairs, scale, cache, cache_dir, err, patch)
+        self.store = _Store(pairs, scale, cache, cache_dir, err, patch, on_warning)
         self.scale, self.patch, self.augment, self.rgb_range = scale, patch, augment, rgb_range
 
     def __len__(self):

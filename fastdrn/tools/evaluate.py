@@ -64,7 +64,10 @@ def evaluate_pairs(model: torch.nn.Module | Upscaler, cfg: dict, pairs: Iterable
     rows, failed, skipped = [], [], []
     for pair in pairs:
         try:
-            lr, hr = loaded[pair.name] if loaded and pair.name in loaded else load_pair(pair, scale, max_pixels)
+            if loaded and pair.name in loaded:
+                lr, hr = loaded[pair.name]
+            else:
+                lr, hr = load_pair(pair, scale, max_pixels, on_warning=lambda msg: log(f"warning: {msg}"))
         except ImageReadError as e:
             log(f"error: {e}")
             failed.append({"name": pair.name, "error": str(e)})

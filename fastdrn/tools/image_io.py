@@ -148,6 +148,15 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         raise ImageReadError(f"{path}: cannot decode image: {msg}") from None
 
 
+def precision_lost(img: Image, path: str) -> str | None:
+    """What reading lost, in words, when the file holds more bits per sample than were read (a layout
+    read through Pillow's 8-bit decoders, such as an interlaced 16-bit PNG); None when nothing was."""
+    if img.file_bits <= img.bits:
+        return None
+    return (f"{path}: has {img.file_bits}-bit samples, read at {img.bits} bits (this layout is not read at full "
+            "precision)")
+
+
 def _file_bits(im: PILImage.Image, tile: list, data: bytes) -> int:
     """Bits per sample the file holds (a PNG's bit depth, a TIFF's BitsPerSample, 16 for a PPM whose
     maxval passes 255), whatever Pillow decoded it to."""

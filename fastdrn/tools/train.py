@@ -442,7 +442,7 @@ class Trainer:
             cache = "memory" if estimate_bytes(pairs, cfg.scale) < 4 << 30 else "disk"
         self.dataset = TrainPatches(pairs, cfg.scale, cfg.patch_size, cfg.augment, cache,
                                     cfg.cache_dir or os.path.join(cfg.out, "cache"), cfg.rgb_range,
-                                    on_error=self._error)
+                                    on_error=self._error, on_warning=lambda msg: self.log(f"warning: {msg}"))
         if len(self.dataset) == 0:
             raise ValueError(f"{cfg.hr_dir}: no usable training images")
         self.log(f"{len(self.dataset)} training images ({'LR files' if cfg.lr_dir else 'LR by MATLAB bicubic'}, "
@@ -504,7 +504,7 @@ class Trainer:
                 self.log(f"warning: --val-hr-dir {cfg.val_hr_dir} holds no images: no validation, no best.pt")
             for p in vp[: cfg.val_max or None]:
                 try:
-                    lr, hr = load_pair(p, cfg.scale)
+                    lr, hr = load_pair(p, cfg.scale, on_warning=lambda msg: self.log(f"warning: {msg}"))
                 except OSError as e:
                     self._error(str(e))
                     continue

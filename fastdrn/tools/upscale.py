@@ -21,7 +21,8 @@ import torch
 
 from ..graphs import make_upscaler
 from .checkpoint import load_model
-from .image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTS, WRITE_FORMATS, ImageReadError, list_images, read_image, write_image
+from .image_io import (DEFAULT_MAX_PIXELS, IMAGE_EXTS, WRITE_FORMATS, ImageReadError, list_images, precision_lost,
+                       read_image, write_image)
 from .infer import prepare, receptive_radius, upscale_image
 
 __all__ = ["upscale", "output_paths"]
@@ -137,9 +138,9 @@ def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = N
             img = read_image(src, max_pixels=max_pixels)
             if img.frames > 1:
                 log(f"warning: {src}: has {img.frames} frames (an animation or pages): only the first is upscaled")
-            if img.file_bits > img.bits:
-                log(f"warning: {src}: has {img.file_bits}-bit samples, read at {img.bits} bits (this layout is "
-                    f"not read at full precision): the output is {img.bits}-bit")
+            lost = precision_lost(img, src)
+            if lost:
+                log(f"warning: {lost}: the output is {img.bits}-bit")
             out = _upscale_fitting(model, cfg, img, tile, tile_overlap, self_ensemble, dtype, log)
             for w in write_image(dst, out, quality=quality):
                 log(f"warning: {w}")
