@@ -1,5 +1,6 @@
 """The fused residual distilling block against the float64 reference: forward, every gradient,
 both memory policies, the in-place group path, saved memory, determinism and bad input."""
+import contextlib
 import math
 
 import pytest
@@ -674,19 +675,41 @@ def _flat(group):
     return blocks, w, b
 
 
-def _unpinned_conv3x3_configs() -> list:
-    """(F, config) for each 16-bit 3x3 config that neither FASTDRN_NUM_WARPS=4 nor 8 runs, and each
-    candidate (CONV3X3_CANDIDATES)."""
+def _unpinned(configs) -> list:
+    """The configs of a list that neither FASTDRN_NUM_WARPS=4 nor 8 (the GPU tests' warp pins) runs."""
     from fastdrn.kernels import _common
+
+    pinned = [_common.pinned_config(configs, warps) for warps in (4, 8)]
+    return [config for config in configs if not any(config is p for p in pinned)]
+
+
+@contextlib.contextmanager
+def _forced_autotuners(monkeypatch, *slots):
+    """Each (table, key, autotuner) of `slots` put in its table for the block. Launch plans and lean
+    launchers hold compiled kernels by autotuner: forgotten before and after, so none outlives it."""
+    from fastdrn.kernels import _common, plans
+
+    def forget():
+        plans.reset()
+        for _table, _key, tuner in slots:
+            _common._lean_launchers.pop(id(tuner), None)
+
+    for table, key, tuner in slots:
+        monkeypatch.setitem(table, key, tuner)
+    forget()
+    try:
+        yield
+    finally:
+        forget()
+
+
+def _unpinned_conv3x3_configs() -> list:
+    """(F, config) for each unpinned 16-bit 3x3 config, and each candidate (CONV3X3_CANDIDATES)."""
     from fastdrn.kernels import residual_distill as module
 
-    found = []
-    for block_f in module.CONV3X3_CONFIGS:
-        configs = module.conv3x3_configs(block_f, torch.bfloat16)
-        pinned = [_common.pinned_config(configs, warps) for warps in (4, 8)]
-        found += [(block_f, config) for config in configs if not any(config is p for p in pinned)]
-        found += [(block_f, config) for config in module.CONV3X3_CANDIDATES.get(block_f, [])]
-    return found
+    return [(block_f, config) for block_f in module.CONV3X3_CONFIGS
+            for config in (_unpinned(module.conv3x3_configs(block_f, torch.bfloat16))
+                           + module.CONV3X3_CANDIDATES.get(block_f, []))]
 
 
 # Each 16-bit 3x3 config that the GPU tests' warp pins (FASTDRN_NUM_WARPS 4 and 8) do not run
@@ -697,24 +720,13 @@ def test_every_3x3_config_matches_float64(inner, config, device, monkeypatch):
     """Each such config, forced: a group of two blocks with 8-aligned widths (so the forward folds
     the next squeeze where F <= 64) at 2 x 13 x 5 pixels (M = 130, no multiple of any tile), output
     and every gradient against float64, and the in-place inference path's output."""
-    from fastdrn.kernels import _common, plans
     from fastdrn.kernels import residual_distill as module
 
     if device.type != "cuda":
         pytest.skip("the interpreter runs one config of its own (CONV3X3_INTERPRETER)")
     block_f = module.next_pow2(inner)
-    forced = {}
-    for inplace in (False, True):
-        forced[inplace] = module.conv3x3_autotuner([config], inplace)
-        monkeypatch.setitem(module.conv3x3_tuned, (block_f, False, inplace), forced[inplace])
-
-    def forget():  # plans and lean launchers hold compiled kernels by autotuner: none may outlive the test
-        plans.reset()
-        for tuner in forced.values():
-            _common._lean_launchers.pop(id(tuner), None)
-
-    forget()
-    try:
+    with _forced_autotuners(monkeypatch, *((module.conv3x3_tuned, (block_f, False, inplace),
+                                            module.conv3x3_autotuner([config], inplace)) for inplace in (False, True))):
         for dtype in dtypes_for(device):
             if dtype not in SIXTEEN_BIT:
                 continue
@@ -735,18 +747,14 @@ def test_every_3x3_config_matches_float64(inner, config, device, monkeypatch):
                 return grads, eager_grads, ref_grads
 
             assert_op_grads_close(dtype, grad_tol, draw, None, f"{dtype} {config}")
-    finally:
-        forget()
 
 
 def _unpinned_weight_grad_configs() -> list:
-    """Each 16-bit weight-gradient config for aligned rows that neither FASTDRN_NUM_WARPS=4 nor 8
-    runs, and each candidate (WEIGHT_GRAD_CANDIDATES)."""
-    from fastdrn.kernels import _common, gemm
+    """Each unpinned 16-bit weight-gradient config for aligned rows, and each candidate
+    (WEIGHT_GRAD_CANDIDATES)."""
+    from fastdrn.kernels import gemm
 
-    configs = gemm.WEIGHT_GRAD_TILES_CONFIGS[(False, True)]
-    pinned = [_common.pinned_config(configs, warps) for warps in (4, 8)]
-    return [c for c in configs if not any(c is p for p in pinned)] + list(gemm.WEIGHT_GRAD_CANDIDATES)
+    return _unpinned(gemm.WEIGHT_GRAD_TILES_CONFIGS[(False, True)]) + list(gemm.WEIGHT_GRAD_CANDIDATES)
 
 
 # Each such config (autotuning may launch any listed config; the GPU profile times the candidates).
@@ -756,13 +764,11 @@ def test_every_weight_grad_config_matches_float64(config, device, monkeypatch):
     3 problems) and a group of three (weight_grad_blocks_kernel, 9 problems in one launch), widths
     8-aligned so the rows are 16-byte aligned, at 2 x 13 x 5 pixels (M = 130: two partial splits,
     the second 2 rows long); every gradient against float64."""
-    from fastdrn.kernels import _common, gemm, plans
+    from fastdrn.kernels import _common, gemm
 
     if device.type != "cuda":
         pytest.skip("the interpreter runs one config of its own (WEIGHT_GRAD_INTERPRETER)")
     forced = {"tiles": gemm.weight_grad_autotuner([config], False), "blocks": gemm.weight_grad_autotuner([config], True)}
-    monkeypatch.setitem(gemm.weight_grad_tiles_tuned, (False, True), forced["tiles"])
-    monkeypatch.setitem(gemm.weight_grad_blocks_tuned, (False, True), forced["blocks"])
     launched = []  # the autotuners launched: the forced ones must be (rows not aligned would run others)
     real_launch = gemm.launch
 
@@ -772,13 +778,8 @@ def test_every_weight_grad_config_matches_float64(config, device, monkeypatch):
 
     monkeypatch.setattr(gemm, "launch", spy)
 
-    def forget():  # plans and lean launchers hold compiled kernels by autotuner: none may outlive the test
-        plans.reset()
-        for tuner in forced.values():
-            _common._lean_launchers.pop(id(tuner), None)
-
-    forget()
-    try:
+    with _forced_autotuners(monkeypatch, (gemm.weight_grad_tiles_tuned, (False, True), forced["tiles"]),
+                            (gemm.weight_grad_blocks_tuned, (False, True), forced["blocks"])):
         for dtype in dtypes_for(device):
             if dtype not in SIXTEEN_BIT:
                 continue
@@ -799,8 +800,6 @@ def test_every_weight_grad_config_matches_float64(config, device, monkeypatch):
                     assert_op_grads_close(dtype, grad_tol, draw, None, f"{dtype} {n_blocks} blocks {config}")
                 kernel = forced["blocks" if n_blocks == 3 else "tiles"]
                 assert any(tuned is kernel for tuned in launched), f"{n_blocks} blocks: the forced config never ran"
-    finally:
-        forget()
 
 
 def test_group_function_double_backward_raises(device):
