@@ -457,7 +457,11 @@ def _shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype=None, channels
     Where the Triton kernels do not run, the reference's ops give the same result."""
     if out_dtype is None and isinstance(u, torch.Tensor) and isinstance(mean, torch.Tensor):
         out_dtype = torch.promote_types(u.dtype, mean.dtype)
-    check_shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype)
+    tensors = (u, b_up, w_tail, b_tail, mean)
+    signature = None  # _checked's own (tensors only) cannot hold scale and out_dtype
+    if isinstance(scale, int) and all(isinstance(t, torch.Tensor) for t in tensors):
+        signature = (*((t.shape, t.dtype, t.device) for t in tensors), type(scale), scale, out_dtype)
+    _checked(check_shuffle_tail, *tensors, scale, out_dtype, signature=signature)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (u, b_up, w_tail, b_tail, mean)):
         raise RuntimeError("shuffle_tail is inference-only (it has no backward): call it under torch.no_grad() "
                            "or with inputs that do not require grad")
