@@ -84,6 +84,16 @@ def _graphs_on(cuda_graph: bool | None, device: torch.device) -> bool:
     return bool(cuda_graph)
 
 
+def _check_batch(name: str, t) -> None:
+    """A float tensor, or a TypeError naming the argument (not an AttributeError, or a failure deep
+    inside the model: an integer image would even have its mean subtracted in its own dtype)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor image batch, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (values in [0, rgb_range]), got {t.dtype}: "
+                        f"convert an 8-bit image with {name}.float() / 255")
+
+
 def _check_amp_dtype(amp_dtype) -> None:
     if amp_dtype is not None and amp_dtype not in AMP_DTYPES:
         raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
@@ -341,6 +351,8 @@ class TrainStep:
             p.grad = g
 
     def __call__(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        _check_batch("lr", lr)
+        _check_batch("hr", hr)
         if not self.cuda_graph:
             return self._eager(lr, hr)
         _check_device(self.device, self._graph_device, "fastdrn.make_train_step")
@@ -407,6 +419,7 @@ class Upscaler:
         return self._forward(lr.to(self.device, non_blocking=True))
 
     def __call__(self, lr: torch.Tensor) -> torch.Tensor:
+        _check_batch("lr", lr)
         if not self.cuda_graph:
             return self._eager(lr)
         p0 = self._first_param
@@ -463,7 +476,7 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     hr)`` outside autocast with ``sr`` cast to ``hr``'s dtype, backward (through ``grad_scaler`` when
     one is given and enabled) and ``optimizer.step()`` (``grad_scaler.step`` and ``update``), and
     returns the loss as a 0-d tensor on the model's device: nothing waits for the GPU unless the
-    caller reads it. ``lr`` and ``hr`` may live on any device; they are copied to the model's.
+    caller reads it. ``lr`` and ``hr`` are float tensors on any device; they are copied to the model's.
 
     ``cuda_graph``: None (default) captures where it can (a CUDA model, Triton not interpreted),
     True captures or raises, False runs eagerly. Capturing needs an optimizer built with
@@ -479,8 +492,9 @@ def make_upscaler(model: torch.nn.Module, *, amp_dtype=None, cuda_graph: bool | 
                   max_graphs: int = 8) -> Upscaler:
     """``up(lr) -> sr``: the model's forward without autograd, from a CUDA graph per input shape on a GPU.
 
-    ``sr`` is a new tensor on the model's device that the caller owns. ``amp_dtype``: run under
-    ``torch.autocast`` in torch.bfloat16 or torch.float16 (for a model stored in float32); a model
+    ``lr`` is a float tensor on any device (copied to the model's); ``sr`` is a new tensor on the
+    model's device that the caller owns. ``amp_dtype``: run under ``torch.autocast`` in
+    torch.bfloat16 or torch.float16 (for a model stored in float32); a model
     already cast to a 16-bit dtype takes inputs of that dtype and needs none. The model's mode is
     the caller's (``model.eval()`` for inference). ``cuda_graph`` as in :func:`make_train_step`;
     ``max_graphs`` shapes stay captured (least recently used out).

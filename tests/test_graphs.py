@@ -209,6 +209,32 @@ def test_graph_cache_warms_up_then_keeps_the_most_recent():
     assert len(cache.warm) == 8 * cache.max_graphs
 
 
+# -------------------------------------------------- CPU: what a user can get wrong, refused by name
+
+def tiny_step(loss_fn=F.l1_loss, **kw):
+    model, = twins(TINY, "cpu", 1)
+    return model, fastdrn.make_train_step(model, torch.optim.Adam(model.parameters(), lr=1e-2), loss_fn, **kw)
+
+
+def assert_unchanged(model, before, what):
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)), f"{what} changed the parameters"
+
+
+def test_inputs_that_are_not_float_tensors_are_refused_by_name(torch_math):
+    """A list, an array, None or an integer image (uint8, as image readers give) in place of a float
+    batch: a TypeError naming the argument, not an AttributeError or a failure inside the model."""
+    model, step = tiny_step()
+    up = fastdrn.make_upscaler(model)
+    lr, hr = batch(2, 5, 7, 2, "cpu")
+    for bad_lr, bad_hr, name in (([lr], hr, "lr"), (lr.numpy(), hr, "lr"), (lr, None, "hr"),
+                                 ((lr * 255).to(torch.uint8), hr, "lr"), (lr, (hr * 255).to(torch.uint8), "hr")):
+        with pytest.raises(TypeError, match=rf"\b{name}\b"):
+            step(bad_lr, bad_hr)
+    for bad in ([lr], lr.numpy(), (lr * 255).to(torch.uint8)):
+        with pytest.raises(TypeError, match=r"\blr\b"):
+            up(bad)
+
+
 # ----------------------------------------------------------------------------------- tiling
 
 @pytest.mark.parametrize("size,tile,overlap", [(45, 11, 7), (38, 11, 7), (20, 16, 3), (7, 3, 0), (24, 5, 20),
