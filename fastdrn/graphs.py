@@ -353,6 +353,9 @@ class TrainStep:
     def __call__(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         _check_batch("lr", lr)
         _check_batch("hr", hr)
+        if lr.numel() == 0 or hr.numel() == 0:
+            raise ValueError(f"lr {tuple(lr.shape)} and hr {tuple(hr.shape)}: an empty batch has no loss to "
+                             f"take a training step on")
         if not self.cuda_graph:
             return self._eager(lr, hr)
         _check_device(self.device, self._graph_device, "fastdrn.make_train_step")

@@ -235,6 +235,19 @@ def test_inputs_that_are_not_float_tensors_are_refused_by_name(torch_math):
             up(bad)
 
 
+def test_empty_batch_is_refused_by_the_train_step(torch_math):
+    """An empty batch (N, H or W of 0) has no loss to step on: a ValueError before the model runs, not
+    pixel_shuffle's backward failing on it. The upscaler gives the empty output, as the model does."""
+    model, step = tiny_step()
+    before = [p.detach().clone() for p in model.parameters()]
+    lr, hr = batch(2, 5, 7, 2, "cpu")
+    for bad_lr, bad_hr in ((lr[:0], hr[:0]), (lr[:, :, :0], hr[:, :, :0])):
+        with pytest.raises(ValueError, match="empty"):
+            step(bad_lr, bad_hr)
+    assert_unchanged(model, before, "an empty batch")
+    assert fastdrn.make_upscaler(model)(lr[:0]).shape == (0, 3, 10, 14)
+
+
 # ----------------------------------------------------------------------------------- tiling
 
 @pytest.mark.parametrize("size,tile,overlap", [(45, 11, 7), (38, 11, 7), (20, 16, 3), (7, 3, 0), (24, 5, 20),
