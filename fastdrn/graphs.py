@@ -249,6 +249,9 @@ class TrainStep:
         backward and the optimizer step; gradients must be None on entry."""
         with _autocast(self.device, self.amp_dtype):
             sr = self.model(lr)
+        if sr.shape != hr.shape:  # else the loss broadcasts a batch of one or an image without N, or fails
+            raise ValueError(f"hr has shape {tuple(hr.shape)}, but the model's output for lr {tuple(lr.shape)} "
+                             f"has shape {tuple(sr.shape)}: the target must have the output's shape")
         loss = self.loss_fn(sr if sr.dtype == hr.dtype else sr.to(hr.dtype), hr)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
@@ -479,7 +482,8 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     hr)`` outside autocast with ``sr`` cast to ``hr``'s dtype, backward (through ``grad_scaler`` when
     one is given and enabled) and ``optimizer.step()`` (``grad_scaler.step`` and ``update``), and
     returns the loss as a 0-d tensor on the model's device: nothing waits for the GPU unless the
-    caller reads it. ``lr`` and ``hr`` are float tensors on any device; they are copied to the model's.
+    caller reads it. ``lr`` and ``hr`` are float tensors on any device (copied to the model's), ``hr``
+    of ``sr``'s shape.
 
     ``cuda_graph``: None (default) captures where it can (a CUDA model, Triton not interpreted),
     True captures or raises, False runs eagerly. Capturing needs an optimizer built with

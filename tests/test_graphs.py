@@ -248,6 +248,21 @@ def test_empty_batch_is_refused_by_the_train_step(torch_math):
     assert fastdrn.make_upscaler(model)(lr[:0]).shape == (0, 3, 10, 14)
 
 
+@pytest.mark.parametrize("hr_shape", [
+    (1, 3, 10, 14),   # one target for a batch of two: l1_loss broadcasts it, with only a warning
+    (3, 10, 14),      # a target without its batch dimension: broadcast too
+    (2, 3, 15, 21),   # the target of a x3 model for this x2 one
+    (2, 3, 10, 15),   # one column too many (an odd HR crop)
+])
+def test_target_not_shaped_like_the_output_is_refused(torch_math, hr_shape):
+    model, step = tiny_step()
+    before = [p.detach().clone() for p in model.parameters()]
+    lr = torch.rand(2, 3, 5, 7)
+    with pytest.raises(ValueError, match=r"hr.*\(2, 3, 10, 14\)"):
+        step(lr, torch.rand(*hr_shape))
+    assert_unchanged(model, before, "a mismatched target")
+
+
 # ----------------------------------------------------------------------------------- tiling
 
 @pytest.mark.parametrize("size,tile,overlap", [(45, 11, 7), (38, 11, 7), (20, 16, 3), (7, 3, 0), (24, 5, 20),
