@@ -253,6 +253,15 @@ class TrainStep:
             raise ValueError(f"hr has shape {tuple(hr.shape)}, but the model's output for lr {tuple(lr.shape)} "
                              f"has shape {tuple(sr.shape)}: the target must have the output's shape")
         loss = self.loss_fn(sr if sr.dtype == hr.dtype else sr.to(hr.dtype), hr)
+        # Checked before backward and the optimizer step, so a refused loss changes nothing.
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"loss_fn must return the loss as a tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"loss_fn must return one value, got a tensor of shape {tuple(loss.shape)}: "
+                             f"reduce it (e.g. reduction='mean')")
+        if not loss.requires_grad:
+            raise ValueError("loss_fn returned a loss without autograd history (detached, or not computed from "
+                             "sr): there is nothing to differentiate")
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.step(self.optimizer)
@@ -260,7 +269,7 @@ class TrainStep:
         else:
             loss.backward()
             self.optimizer.step()
-        return loss.detach()
+        return loss.detach().reshape(())
 
     def _clear_grads(self) -> None:
         for p in self._params:

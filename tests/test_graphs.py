@@ -263,6 +263,27 @@ def test_target_not_shaped_like_the_output_is_refused(torch_math, hr_shape):
     assert_unchanged(model, before, "a mismatched target")
 
 
+def test_loss_fn_results_that_are_not_a_loss_are_refused_by_name(torch_math):
+    """loss_fn returning a float, a tuple, an unreduced loss or a loss cut from autograd: an error
+    naming loss_fn and what it returned, before any optimizer step. A one-element loss of shape (1,)
+    is a loss, returned 0-d as documented."""
+    lr, hr = batch(2, 5, 7, 2, "cpu")
+    for loss_fn, error, what in ((lambda sr, hr: 1.0, TypeError, "float"),
+                                 (lambda sr, hr: (F.l1_loss(sr, hr), 0), TypeError, "tuple"),
+                                 (lambda sr, hr: F.l1_loss(sr, hr, reduction="none"), ValueError, r"\(2, 3, 10, 14\)"),
+                                 (lambda sr, hr: F.l1_loss(sr, hr).detach(), ValueError, "autograd")):
+        model, step = tiny_step(loss_fn)
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(error, match=f"loss_fn.*{what}"):
+            step(lr, hr)
+        assert_unchanged(model, before, "a refused loss")
+    stepped, looped = twins(TINY, "cpu")
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (stepped, looped)]
+    loss = fastdrn.make_train_step(stepped, opts[0], lambda sr, hr: F.l1_loss(sr, hr).reshape(1))(lr, hr)
+    assert loss.dim() == 0 and rel_err(loss, hand_step(looped, opts[1], lr, hr)) <= FLOAT32_ROUNDING
+    assert_same_params(stepped, looped, FLOAT32_ROUNDING, "a loss of shape (1,)")
+
+
 # ----------------------------------------------------------------------------------- tiling
 
 @pytest.mark.parametrize("size,tile,overlap", [(45, 11, 7), (38, 11, 7), (20, 16, 3), (7, 3, 0), (24, 5, 20),
