@@ -365,6 +365,9 @@ class TrainStep:
     def __call__(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         _check_batch("lr", lr)
         _check_batch("hr", hr)
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            raise RuntimeError("the training step needs autograd, but it was called under torch.no_grad() or "
+                               "torch.inference_mode(): call it outside them")
         if lr.numel() == 0 or hr.numel() == 0:
             raise ValueError(f"lr {tuple(lr.shape)} and hr {tuple(hr.shape)}: an empty batch has no loss to "
                              f"take a training step on")

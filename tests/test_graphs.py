@@ -284,6 +284,16 @@ def test_loss_fn_results_that_are_not_a_loss_are_refused_by_name(torch_math):
     assert_same_params(stepped, looped, FLOAT32_ROUNDING, "a loss of shape (1,)")
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_train_step_without_autograd_is_refused(torch_math, mode):
+    """A step called inside torch.no_grad() or torch.inference_mode() (an evaluation block around the
+    loop) cannot compute gradients: said so, not "element 0 of tensors does not require grad"."""
+    model, step = tiny_step()
+    lr, hr = batch(2, 5, 7, 2, "cpu")
+    with mode(), pytest.raises(RuntimeError, match=mode.__name__):
+        step(lr, hr)
+
+
 # ----------------------------------------------------------------------------------- tiling
 
 @pytest.mark.parametrize("size,tile,overlap", [(45, 11, 7), (38, 11, 7), (20, 16, 3), (7, 3, 0), (24, 5, 20),
