@@ -20,8 +20,9 @@ What the graph bakes in, and so what a caller must not change after a shape was 
 
 - the model's parameters and buffers: their storage, not their values. ``load_state_dict`` and
   in-place updates are fine; new storage for the parameters (``model.half()``, ``p.data = ...``) is
-  detected and the shapes are captured again, a move to another device raises, and a replaced
-  module, parameter or buffer is not detected (make a new step);
+  detected and the shapes are captured again, and so are parameters frozen or unfrozen
+  (``requires_grad``); a move to another device raises, and a replaced module, parameter or buffer
+  is not detected (make a new step);
 - the optimizer's float hyperparameters: a float ``lr`` is a constant of the graph, so a
   learning-rate scheduler needs the lr as a tensor on the device, ``torch.optim.Adam(params,
   lr=torch.tensor(1e-4, device="cuda"), capturable=True)``: the scheduler then updates that tensor
@@ -29,8 +30,9 @@ What the graph bakes in, and so what a caller must not change after a shape was 
   ``step.reset()`` drops the graphs on purpose. ``optimizer.load_state_dict`` is detected and the
   shapes are captured again.
 
-Gradients: every call computes fresh gradients (``.grad`` is set to None before each step, so
-calls never accumulate); after a call ``.grad`` holds that step's gradients until the next call.
+Gradients: every call computes fresh gradients (``.grad`` is set to None before each step for the
+model's parameters and any others the optimizer steps, so calls never accumulate); after a call
+``.grad`` holds that step's gradients until the next call.
 Not thread-safe; DistributedDataParallel is not captured (use ``cuda_graph=False``).
 """
 from __future__ import annotations
@@ -226,8 +228,8 @@ class TrainStep:
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.amp_dtype = amp_dtype
         self.grad_scaler = grad_scaler if scaling else None
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        if not self._params:
+        self._params = self._parameters()
+        if not any(p.requires_grad for p in self._params):
             raise ValueError(f"{type(model).__name__} has no trainable parameters")
         self.cuda_graph = _graphs_on(cuda_graph, self.device)
         self._graph_device = self.device
@@ -271,7 +273,23 @@ class TrainStep:
             self.optimizer.step()
         return loss.detach().reshape(())
 
+    def _parameters(self) -> list:
+        """Whose .grad each call sets to None: the model's parameters, frozen ones too (they may be
+        unfrozen later), then those the optimizer steps that the model does not hold (a learnable loss
+        weight), as the eager loop's optimizer.zero_grad() reaches them."""
+        params = list(self.model.parameters())
+        held = {id(p) for p in params}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in held:
+                    held.add(id(p))
+                    params.append(p)
+        self._groups = len(self.optimizer.param_groups)
+        return params
+
     def _clear_grads(self) -> None:
+        if len(self.optimizer.param_groups) != self._groups:  # optimizer.add_param_group
+            self._params = self._parameters()
         for p in self._params:
             p.grad = None
 
@@ -310,7 +328,8 @@ class TrainStep:
     def _bake(self) -> dict:
         first = self.optimizer.param_groups[0]["params"][0]
         return dict(param_ptr=self._params[0].data_ptr(), state=self.optimizer.state.get(first),
-                    groups=len(self.optimizer.param_groups), hyper=self._hyperparameters())
+                    groups=len(self.optimizer.param_groups), hyper=self._hyperparameters(),
+                    trainable=[p.requires_grad for p in self._params])
 
     def _check_unchanged(self) -> None:
         """Cheap checks of what the graphs baked in; drops them where re-capturing is right, raises where not."""
@@ -318,8 +337,11 @@ class TrainStep:
         p0 = self._params[0]
         first = self.optimizer.param_groups[0]["params"][0]
         if (p0.data_ptr() != baked["param_ptr"] or self.optimizer.state.get(first) is not baked["state"]
-                or len(self.optimizer.param_groups) != baked["groups"]):
-            self.reset()  # new parameter storage or optimizer state (model.to, optimizer.load_state_dict)
+                or len(self.optimizer.param_groups) != baked["groups"]
+                or [p.requires_grad for p in self._params] != baked["trainable"]):
+            # new parameter storage or optimizer state (model.to, optimizer.load_state_dict), or parameters
+            # frozen or unfrozen: the graphs' backward computes the gradients of those trainable at capture
+            self.reset()
             return
         now = self._hyperparameters()
         if now != baked["hyper"]:

@@ -294,6 +294,33 @@ def test_train_step_without_autograd_is_refused(torch_math, mode):
         step(lr, hr)
 
 
+def test_gradients_never_accumulate_for_parameters_unfrozen_later_or_outside_the_model(torch_math):
+    """Fine-tuning: the head frozen when the step is made and unfrozen halfway; and a learnable loss
+    weight that the optimizer steps but the model does not hold. Every call starts from no gradients
+    for both, as opt.zero_grad(set_to_none=True) in the eager loop does."""
+    stepped, looped = twins(TINY, "cpu")
+    weights = [torch.nn.Parameter(torch.tensor(1.5)) for _ in range(2)]
+    for m in (stepped, looped):
+        m.head.requires_grad_(False)
+    opts = [torch.optim.SGD([*m.parameters(), w], lr=0.1, momentum=0.9) for m, w in zip((stepped, looped), weights)]
+    step = fastdrn.make_train_step(stepped, opts[0], lambda sr, hr: weights[0] * F.l1_loss(sr, hr))
+    for i in range(4):
+        if i == 2:
+            for m in (stepped, looped):
+                m.head.requires_grad_(True)
+        lr, hr = batch(2, 5, 7, 2, "cpu")
+        loss = step(lr, hr)
+        opts[1].zero_grad(set_to_none=True)
+        expected = weights[1] * F.l1_loss(looped(lr), hr)
+        expected.backward()
+        opts[1].step()
+        assert rel_err(loss, expected) <= FLOAT32_ROUNDING, f"step {i}"
+        assert rel_err(weights[0].grad, weights[1].grad) <= FLOAT32_ROUNDING, f"step {i}: the loss weight's gradient"
+    assert_same_grads(stepped, looped, FLOAT32_ROUNDING, "after unfreezing the head")
+    assert_same_params(stepped, looped, FLOAT32_ROUNDING, "after unfreezing the head")
+    assert rel_err(weights[0], weights[1]) <= FLOAT32_ROUNDING
+
+
 # ----------------------------------------------------------------------------------- tiling
 
 @pytest.mark.parametrize("size,tile,overlap", [(45, 11, 7), (38, 11, 7), (20, 16, 3), (7, 3, 0), (24, 5, 20),
@@ -506,6 +533,27 @@ def test_new_parameter_storage_and_loaded_optimizer_state_are_recaptured():
     run_pair(graphed, eager, step_g, step_e, batches(graphs.WARMUP_CALLS + 1))
     assert step_g.num_graphs == 1
     assert_same_params(graphed, eager, 1e-5, "after new parameter storage")
+
+
+@cuda
+def test_parameters_unfrozen_after_capture_are_recaptured():
+    """The head frozen while the shape is captured, then unfrozen: the graph's backward has no
+    gradients for it, so the step captures again and the head trains as in the eager twin."""
+    graphed, eager = twins(SMALL, "cuda")
+    for m in (graphed, eager):
+        m.head.requires_grad_(False)
+    step_g = fastdrn.make_train_step(graphed, capturable(torch.optim.Adam, graphed), F.l1_loss)
+    step_e = fastdrn.make_train_step(eager, capturable(torch.optim.Adam, eager), F.l1_loss, cuda_graph=False)
+    n = graphs.WARMUP_CALLS + 1
+    run_pair(graphed, eager, step_g, step_e, [batch(2, 8, 8, 2, "cuda") for _ in range(n)], grads=False)
+    assert step_g.num_graphs == 1 and graphed.head.weight.grad is None
+    head = graphed.head.weight.detach().clone()
+    for m in (graphed, eager):
+        m.head.requires_grad_(True)
+    run_pair(graphed, eager, step_g, step_e, [batch(2, 8, 8, 2, "cuda") for _ in range(n + 1)])
+    assert step_g.num_graphs == 1
+    assert not torch.equal(graphed.head.weight, head), "the unfrozen head did not train"
+    assert_same_params(graphed, eager, 1e-5, "after unfreezing the head")
 
 
 @cuda
