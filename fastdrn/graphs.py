@@ -78,6 +78,8 @@ def capture_unavailable(device: torch.device | str) -> str | None:
 
 def _graphs_on(cuda_graph: bool | None, device: torch.device) -> bool:
     """Whether to capture: None means on where possible; True where it cannot run raises."""
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):  # "False" is truthy: it would capture
+        raise TypeError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
     why_not = capture_unavailable(device)
     if cuda_graph is None:
         return why_not is None

@@ -321,6 +321,19 @@ def test_gradients_never_accumulate_for_parameters_unfrozen_later_or_outside_the
     assert rel_err(weights[0], weights[1]) <= FLOAT32_ROUNDING
 
 
+@pytest.mark.parametrize("cuda_graph", [
+    "False",  # truthy: on a GPU it would capture, against what it says
+    "no",     # the same, and on the CPU it raised as cuda_graph=True
+    0.0,      # falsy: ran eagerly by accident of its value
+])
+def test_cuda_graph_that_is_not_a_bool_is_refused(cuda_graph):
+    model = fastdrn.DRN(**TINY)
+    with pytest.raises(TypeError, match="cuda_graph"):
+        fastdrn.make_train_step(model, torch.optim.Adam(model.parameters()), F.l1_loss, cuda_graph=cuda_graph)
+    with pytest.raises(TypeError, match="cuda_graph"):
+        fastdrn.make_upscaler(model, cuda_graph=cuda_graph)
+
+
 # ----------------------------------------------------------------------------------- tiling
 
 @pytest.mark.parametrize("size,tile,overlap", [(45, 11, 7), (38, 11, 7), (20, 16, 3), (7, 3, 0), (24, 5, 20),
