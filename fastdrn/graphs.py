@@ -158,7 +158,7 @@ class _GraphCache:
     """Captured graphs by key, least recently used first out, and the eager calls of keys not yet captured."""
 
     def __init__(self, max_graphs: int):
-        if not isinstance(max_graphs, int) or max_graphs < 1:
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:  # True is 1
             raise ValueError(f"max_graphs must be a positive integer, got {max_graphs!r}")
         self.max_graphs = max_graphs
         self.graphs: OrderedDict = OrderedDict()

@@ -334,6 +334,15 @@ def test_cuda_graph_that_is_not_a_bool_is_refused(cuda_graph):
         fastdrn.make_upscaler(model, cuda_graph=cuda_graph)
 
 
+def test_max_graphs_true_is_refused():
+    """True is an int (1) to isinstance: it would keep one graph."""
+    model = fastdrn.DRN(**TINY)
+    with pytest.raises(ValueError, match="max_graphs"):
+        fastdrn.make_upscaler(model, max_graphs=True)
+    with pytest.raises(ValueError, match="max_graphs"):
+        fastdrn.make_train_step(model, torch.optim.Adam(model.parameters()), F.l1_loss, max_graphs=True)
+
+
 # ----------------------------------------------------------------------------------- tiling
 
 @pytest.mark.parametrize("size,tile,overlap", [(45, 11, 7), (38, 11, 7), (20, 16, 3), (7, 3, 0), (24, 5, 20),
