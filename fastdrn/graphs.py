@@ -223,6 +223,8 @@ class TrainStep:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (e.g. torch.nn.functional.l1_loss), got {type(loss_fn).__name__}")
         _check_amp_dtype(amp_dtype)
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler or None, got {type(grad_scaler).__name__}")
         scaling = grad_scaler is not None and grad_scaler.is_enabled()
         if amp_dtype == torch.float16 and not scaling:
             raise ValueError("amp_dtype=torch.float16 needs an enabled grad_scaler (torch.amp.GradScaler): "

@@ -343,6 +343,14 @@ def test_max_graphs_true_is_refused():
         fastdrn.make_train_step(model, torch.optim.Adam(model.parameters()), F.l1_loss, max_graphs=True)
 
 
+def test_grad_scaler_that_is_not_a_grad_scaler_is_refused():
+    model = fastdrn.DRN(**TINY)
+    for scaler in ("dynamic", 2.0 ** 16):
+        with pytest.raises(TypeError, match="grad_scaler"):
+            fastdrn.make_train_step(model, torch.optim.Adam(model.parameters()), F.l1_loss,
+                                    amp_dtype=torch.float16, grad_scaler=scaler)
+
+
 # ----------------------------------------------------------------------------------- tiling
 
 @pytest.mark.parametrize("size,tile,overlap", [(45, 11, 7), (38, 11, 7), (20, 16, 3), (7, 3, 0), (24, 5, 20),
