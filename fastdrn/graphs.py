@@ -331,7 +331,10 @@ class TrainStep:
 
     def _bake(self) -> dict:
         first = self.optimizer.param_groups[0]["params"][0]
-        return dict(param_ptr=self._params[0].data_ptr(), state=self.optimizer.state.get(first),
+        # optimizer.state itself: load_state_dict replaces it, which its first parameter's state (None
+        # while that parameter is frozen) cannot show
+        return dict(param_ptr=self._params[0].data_ptr(), states=self.optimizer.state,
+                    state=self.optimizer.state.get(first),
                     groups=len(self.optimizer.param_groups), hyper=self._hyperparameters(),
                     trainable=[p.requires_grad for p in self._params])
 
@@ -340,7 +343,8 @@ class TrainStep:
         baked = self._baked
         p0 = self._params[0]
         first = self.optimizer.param_groups[0]["params"][0]
-        if (p0.data_ptr() != baked["param_ptr"] or self.optimizer.state.get(first) is not baked["state"]
+        if (p0.data_ptr() != baked["param_ptr"] or self.optimizer.state is not baked["states"]
+                or self.optimizer.state.get(first) is not baked["state"]
                 or len(self.optimizer.param_groups) != baked["groups"]
                 or [p.requires_grad for p in self._params] != baked["trainable"]):
             # new parameter storage or optimizer state (model.to, optimizer.load_state_dict), or parameters

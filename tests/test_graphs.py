@@ -351,6 +351,30 @@ def test_grad_scaler_that_is_not_a_grad_scaler_is_refused():
                                     amp_dtype=torch.float16, grad_scaler=scaler)
 
 
+def test_what_the_graphs_baked_in_is_checked_before_each_replay(torch_math):
+    """The checks a captured step runs before each replay, driven on the CPU through the step's own
+    bake (no graph needed): optimizer.load_state_dict when the optimizer's first parameter is frozen
+    (it has no state to tell a reload by), and parameters unfrozen, each drop the graphs; nothing
+    changed keeps them."""
+    model, = twins(TINY, "cpu", 1)
+    model.head.requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    step = fastdrn.make_train_step(model, opt, F.l1_loss)
+    for _ in range(2):
+        step(*batch(2, 5, 7, 2, "cpu"))
+    saved = copy.deepcopy(opt.state_dict())
+    step._baked = step._bake()
+    step._check_unchanged()
+    assert step._baked is not None, "dropped with nothing changed"
+    opt.load_state_dict(saved)
+    step._check_unchanged()
+    assert step._baked is None, "optimizer.load_state_dict not noticed"
+    step._baked = step._bake()
+    model.head.requires_grad_(True)
+    step._check_unchanged()
+    assert step._baked is None, "the unfrozen head not noticed"
+
+
 # ----------------------------------------------------------------------------------- tiling
 
 @pytest.mark.parametrize("size,tile,overlap", [(45, 11, 7), (38, 11, 7), (20, 16, 3), (7, 3, 0), (24, 5, 20),
