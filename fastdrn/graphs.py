@@ -232,9 +232,14 @@ class TrainStep:
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.amp_dtype = amp_dtype
         self.grad_scaler = grad_scaler if scaling else None
-        self._params = self._parameters()
-        if not any(p.requires_grad for p in self._params):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
             raise ValueError(f"{type(model).__name__} has no trainable parameters")
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not any(id(p) in stepped for p in trainable):  # each call would train nothing
+            raise ValueError(f"the optimizer steps none of the {type(model).__name__}'s trainable parameters: "
+                             f"build it over this model's parameters (after any copy of the model)")
+        self._params = self._parameters()
         self.cuda_graph = _graphs_on(cuda_graph, self.device)
         self._graph_device = self.device
         self._cache = _GraphCache(max_graphs)

@@ -375,6 +375,16 @@ def test_what_the_graphs_baked_in_is_checked_before_each_replay(torch_math):
     assert step._baked is None, "the unfrozen head not noticed"
 
 
+def test_optimizer_of_another_model_is_refused(torch_math):
+    """An optimizer built over a copy of the model (made before a deepcopy, or for another model)
+    steps none of this model's parameters: every call would train nothing, silently."""
+    model, other = twins(TINY, "cpu")
+    with pytest.raises(ValueError, match="optimizer.*none of"):
+        fastdrn.make_train_step(model, torch.optim.Adam(other.parameters()), F.l1_loss)
+    model.head.requires_grad_(False)       # the trainable parameters it steps are enough
+    fastdrn.make_train_step(model, torch.optim.Adam([*model.head.parameters(), *model.tail.parameters()]), F.l1_loss)
+
+
 # ----------------------------------------------------------------------------------- tiling
 
 @pytest.mark.parametrize("size,tile,overlap", [(45, 11, 7), (38, 11, 7), (20, 16, 3), (7, 3, 0), (24, 5, 20),
