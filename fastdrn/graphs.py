@@ -222,6 +222,8 @@ class TrainStep:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (e.g. torch.nn.functional.l1_loss), got {type(loss_fn).__name__}")
+        if isinstance(loss_fn, type) and issubclass(loss_fn, torch.nn.Module):  # callable, but makes a module
+            raise TypeError(f"loss_fn is the class {loss_fn.__name__}: pass an instance, {loss_fn.__name__}()")
         _check_amp_dtype(amp_dtype)
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler or None, got {type(grad_scaler).__name__}")

@@ -385,6 +385,15 @@ def test_optimizer_of_another_model_is_refused(torch_math):
     fastdrn.make_train_step(model, torch.optim.Adam([*model.head.parameters(), *model.tail.parameters()]), F.l1_loss)
 
 
+def test_loss_class_in_place_of_a_loss_is_refused():
+    """loss_fn=torch.nn.L1Loss (the class, not L1Loss()) is callable: each call built an L1Loss with
+    sr and hr as its legacy size_average and reduce, failing with "Boolean value of Tensor with more
+    than one value is ambiguous"."""
+    model = fastdrn.DRN(**TINY)
+    with pytest.raises(TypeError, match=r"L1Loss\(\)"):
+        fastdrn.make_train_step(model, torch.optim.Adam(model.parameters()), torch.nn.L1Loss)
+
+
 # ----------------------------------------------------------------------------------- tiling
 
 @pytest.mark.parametrize("size,tile,overlap", [(45, 11, 7), (38, 11, 7), (20, 16, 3), (7, 3, 0), (24, 5, 20),
