@@ -33,7 +33,8 @@ What the graph bakes in, and so what a caller must not change after a shape was 
 Gradients: every call computes fresh gradients (``.grad`` is set to None before each step for the
 model's parameters and any others the optimizer steps, so calls never accumulate); after a call
 ``.grad`` holds that step's gradients until the next call.
-Not thread-safe; DistributedDataParallel is not captured (use ``cuda_graph=False``).
+Not thread-safe; a DistributedDataParallel model is not captured (it runs eagerly; ``cuda_graph=True``
+raises).
 """
 from __future__ import annotations
 
@@ -76,11 +77,12 @@ def capture_unavailable(device: torch.device | str) -> str | None:
     return None
 
 
-def _graphs_on(cuda_graph: bool | None, device: torch.device) -> bool:
-    """Whether to capture: None means on where possible; True where it cannot run raises."""
+def _graphs_on(cuda_graph: bool | None, device: torch.device, why_not_here: str | None = None) -> bool:
+    """Whether to capture: None means on where possible; True where it cannot run raises.
+    `why_not_here`: a reason of the caller's own that rules capture out."""
     if cuda_graph is not None and not isinstance(cuda_graph, bool):  # "False" is truthy: it would capture
         raise TypeError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
-    why_not = capture_unavailable(device)
+    why_not = capture_unavailable(device) or why_not_here
     if cuda_graph is None:
         return why_not is None
     if cuda_graph and why_not is not None:
@@ -242,7 +244,11 @@ class TrainStep:
             raise ValueError(f"the optimizer steps none of the {type(model).__name__}'s trainable parameters: "
                              f"build it over this model's parameters (after any copy of the model)")
         self._params = self._parameters()
-        self.cuda_graph = _graphs_on(cuda_graph, self.device)
+        # DDP is not captured (as documented): torch's recipe for capturing it (NCCL async error handling
+        # off, DDP built on a side stream, 11 eager iterations first) is not what this step does.
+        ddp = isinstance(getattr(model, "_orig_mod", model), torch.nn.parallel.DistributedDataParallel)
+        why_not = "the model is wrapped in DistributedDataParallel, which is not captured" if ddp else None
+        self.cuda_graph = _graphs_on(cuda_graph, self.device, why_not)
         self._graph_device = self.device
         self._cache = _GraphCache(max_graphs)
         self._pool = None

@@ -394,6 +394,26 @@ def test_loss_class_in_place_of_a_loss_is_refused():
         fastdrn.make_train_step(model, torch.optim.Adam(model.parameters()), torch.nn.L1Loss)
 
 
+def test_ddp_model_is_not_captured(monkeypatch, tmp_path):
+    """The docs say DistributedDataParallel is not captured: with cuda_graph=None a DDP model runs
+    eagerly, and cuda_graph=True raises, where a graph would be captured (pretended here, as above;
+    the process group is one gloo process)."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(graphs, "capture_unavailable", lambda device: None)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = fastdrn.DRN(**TINY)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.Adam(model.parameters(), capturable=True)
+        assert fastdrn.make_train_step(model, opt, F.l1_loss).cuda_graph
+        assert not fastdrn.make_train_step(ddp, opt, F.l1_loss).cuda_graph
+        with pytest.raises(ValueError, match="DistributedDataParallel"):
+            fastdrn.make_train_step(ddp, opt, F.l1_loss, cuda_graph=True)
+    finally:
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------------- tiling
 
 @pytest.mark.parametrize("size,tile,overlap", [(45, 11, 7), (38, 11, 7), (20, 16, 3), (7, 3, 0), (24, 5, 20),
