@@ -20,8 +20,9 @@ What the graph bakes in, and so what a caller must not change after a shape was 
 
 - the model's parameters and buffers: their storage, not their values. ``load_state_dict`` and
   in-place updates are fine; new storage for the parameters (``model.half()``, ``p.data = ...``) is
-  detected and the shapes are captured again, a move to another device raises, and a replaced
-  module, parameter or buffer is not detected (make a new step);
+  detected and the shapes are captured again, and so are parameters frozen or unfrozen
+  (``requires_grad``); a move to another device raises, and a replaced module, parameter or buffer
+  is not detected (make a new step);
 - the optimizer's float hyperparameters: a float ``lr`` is a constant of the graph, so a
   learning-rate scheduler needs the lr as a tensor on the device, ``torch.optim.Adam(params,
   lr=torch.tensor(1e-4, device="cuda"), capturable=True)``: the scheduler then updates that tensor
@@ -29,9 +30,11 @@ What the graph bakes in, and so what a caller must not change after a shape was 
   ``step.reset()`` drops the graphs on purpose. ``optimizer.load_state_dict`` is detected and the
   shapes are captured again.
 
-Gradients: every call computes fresh gradients (``.grad`` is set to None before each step, so
-calls never accumulate); after a call ``.grad`` holds that step's gradients until the next call.
-Not thread-safe; DistributedDataParallel is not captured (use ``cuda_graph=False``).
+Gradients: every call computes fresh gradients (``.grad`` is set to None before each step for the
+model's parameters and any others the optimizer steps, so calls never accumulate); after a call
+``.grad`` holds that step's gradients until the next call.
+Not thread-safe; a DistributedDataParallel model is not captured (it runs eagerly; ``cuda_graph=True``
+raises).
 """
 from __future__ import annotations
 
@@ -74,14 +77,27 @@ def capture_unavailable(device: torch.device | str) -> str | None:
     return None
 
 
-def _graphs_on(cuda_graph: bool | None, device: torch.device) -> bool:
-    """Whether to capture: None means on where possible; True where it cannot run raises."""
-    why_not = capture_unavailable(device)
+def _graphs_on(cuda_graph: bool | None, device: torch.device, why_not_here: str | None = None) -> bool:
+    """Whether to capture: None means on where possible; True where it cannot run raises.
+    `why_not_here`: a reason of the caller's own that rules capture out."""
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):  # "False" is truthy: it would capture
+        raise TypeError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
+    why_not = capture_unavailable(device) or why_not_here
     if cuda_graph is None:
         return why_not is None
     if cuda_graph and why_not is not None:
         raise ValueError(f"cuda_graph=True, but {why_not}; pass cuda_graph=None (capture where possible) or False")
     return bool(cuda_graph)
+
+
+def _check_batch(name: str, t) -> None:
+    """A float tensor, or a TypeError naming the argument (not an AttributeError, or a failure deep
+    inside the model: an integer image would even have its mean subtracted in its own dtype)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor image batch, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (values in [0, rgb_range]), got {t.dtype}: "
+                        f"convert an 8-bit image with {name}.float() / 255")
 
 
 def _check_amp_dtype(amp_dtype) -> None:
@@ -144,7 +160,7 @@ class _GraphCache:
     """Captured graphs by key, least recently used first out, and the eager calls of keys not yet captured."""
 
     def __init__(self, max_graphs: int):
-        if not isinstance(max_graphs, int) or max_graphs < 1:
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:  # True is 1
             raise ValueError(f"max_graphs must be a positive integer, got {max_graphs!r}")
         self.max_graphs = max_graphs
         self.graphs: OrderedDict = OrderedDict()
@@ -208,7 +224,11 @@ class TrainStep:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (e.g. torch.nn.functional.l1_loss), got {type(loss_fn).__name__}")
+        if isinstance(loss_fn, type) and issubclass(loss_fn, torch.nn.Module):  # callable, but makes a module
+            raise TypeError(f"loss_fn is the class {loss_fn.__name__}: pass an instance, {loss_fn.__name__}()")
         _check_amp_dtype(amp_dtype)
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler or None, got {type(grad_scaler).__name__}")
         scaling = grad_scaler is not None and grad_scaler.is_enabled()
         if amp_dtype == torch.float16 and not scaling:
             raise ValueError("amp_dtype=torch.float16 needs an enabled grad_scaler (torch.amp.GradScaler): "
@@ -216,10 +236,19 @@ class TrainStep:
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.amp_dtype = amp_dtype
         self.grad_scaler = grad_scaler if scaling else None
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        if not self._params:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
             raise ValueError(f"{type(model).__name__} has no trainable parameters")
-        self.cuda_graph = _graphs_on(cuda_graph, self.device)
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not any(id(p) in stepped for p in trainable):  # each call would train nothing
+            raise ValueError(f"the optimizer steps none of the {type(model).__name__}'s trainable parameters: "
+                             f"build it over this model's parameters (after any copy of the model)")
+        self._params = self._parameters()
+        # DDP is not captured (as documented): torch's recipe for capturing it (NCCL async error handling
+        # off, DDP built on a side stream, 11 eager iterations first) is not what this step does.
+        ddp = isinstance(getattr(model, "_orig_mod", model), torch.nn.parallel.DistributedDataParallel)
+        why_not = "the model is wrapped in DistributedDataParallel, which is not captured" if ddp else None
+        self.cuda_graph = _graphs_on(cuda_graph, self.device, why_not)
         self._graph_device = self.device
         self._cache = _GraphCache(max_graphs)
         self._pool = None
@@ -239,7 +268,19 @@ class TrainStep:
         backward and the optimizer step; gradients must be None on entry."""
         with _autocast(self.device, self.amp_dtype):
             sr = self.model(lr)
+        if sr.shape != hr.shape:  # else the loss broadcasts a batch of one or an image without N, or fails
+            raise ValueError(f"hr has shape {tuple(hr.shape)}, but the model's output for lr {tuple(lr.shape)} "
+                             f"has shape {tuple(sr.shape)}: the target must have the output's shape")
         loss = self.loss_fn(sr if sr.dtype == hr.dtype else sr.to(hr.dtype), hr)
+        # Checked before backward and the optimizer step, so a refused loss changes nothing.
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"loss_fn must return the loss as a tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"loss_fn must return one value, got a tensor of shape {tuple(loss.shape)}: "
+                             f"reduce it (e.g. reduction='mean')")
+        if not loss.requires_grad:
+            raise ValueError("loss_fn returned a loss without autograd history (detached, or not computed from "
+                             "sr): there is nothing to differentiate")
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.step(self.optimizer)
@@ -247,9 +288,25 @@ class TrainStep:
         else:
             loss.backward()
             self.optimizer.step()
-        return loss.detach()
+        return loss.detach().reshape(())
+
+    def _parameters(self) -> list:
+        """Whose .grad each call sets to None: the model's parameters, frozen ones too (they may be
+        unfrozen later), then those the optimizer steps that the model does not hold (a learnable loss
+        weight), as the eager loop's optimizer.zero_grad() reaches them."""
+        params = list(self.model.parameters())
+        held = {id(p) for p in params}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in held:
+                    held.add(id(p))
+                    params.append(p)
+        self._groups = len(self.optimizer.param_groups)
+        return params
 
     def _clear_grads(self) -> None:
+        if len(self.optimizer.param_groups) != self._groups:  # optimizer.add_param_group
+            self._params = self._parameters()
         for p in self._params:
             p.grad = None
 
@@ -287,17 +344,25 @@ class TrainStep:
 
     def _bake(self) -> dict:
         first = self.optimizer.param_groups[0]["params"][0]
-        return dict(param_ptr=self._params[0].data_ptr(), state=self.optimizer.state.get(first),
-                    groups=len(self.optimizer.param_groups), hyper=self._hyperparameters())
+        # optimizer.state itself: load_state_dict replaces it, which its first parameter's state (None
+        # while that parameter is frozen) cannot show
+        return dict(param_ptr=self._params[0].data_ptr(), states=self.optimizer.state,
+                    state=self.optimizer.state.get(first),
+                    groups=len(self.optimizer.param_groups), hyper=self._hyperparameters(),
+                    trainable=[p.requires_grad for p in self._params])
 
     def _check_unchanged(self) -> None:
         """Cheap checks of what the graphs baked in; drops them where re-capturing is right, raises where not."""
         baked = self._baked
         p0 = self._params[0]
         first = self.optimizer.param_groups[0]["params"][0]
-        if (p0.data_ptr() != baked["param_ptr"] or self.optimizer.state.get(first) is not baked["state"]
-                or len(self.optimizer.param_groups) != baked["groups"]):
-            self.reset()  # new parameter storage or optimizer state (model.to, optimizer.load_state_dict)
+        if (p0.data_ptr() != baked["param_ptr"] or self.optimizer.state is not baked["states"]
+                or self.optimizer.state.get(first) is not baked["state"]
+                or len(self.optimizer.param_groups) != baked["groups"]
+                or [p.requires_grad for p in self._params] != baked["trainable"]):
+            # new parameter storage or optimizer state (model.to, optimizer.load_state_dict), or parameters
+            # frozen or unfrozen: the graphs' backward computes the gradients of those trainable at capture
+            self.reset()
             return
         now = self._hyperparameters()
         if now != baked["hyper"]:
@@ -341,6 +406,14 @@ class TrainStep:
             p.grad = g
 
     def __call__(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        _check_batch("lr", lr)
+        _check_batch("hr", hr)
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            raise RuntimeError("the training step needs autograd, but it was called under torch.no_grad() or "
+                               "torch.inference_mode(): call it outside them")
+        if lr.numel() == 0 or hr.numel() == 0:
+            raise ValueError(f"lr {tuple(lr.shape)} and hr {tuple(hr.shape)}: an empty batch has no loss to "
+                             f"take a training step on")
         if not self.cuda_graph:
             return self._eager(lr, hr)
         _check_device(self.device, self._graph_device, "fastdrn.make_train_step")
@@ -407,6 +480,7 @@ class Upscaler:
         return self._forward(lr.to(self.device, non_blocking=True))
 
     def __call__(self, lr: torch.Tensor) -> torch.Tensor:
+        _check_batch("lr", lr)
         if not self.cuda_graph:
             return self._eager(lr)
         p0 = self._first_param
@@ -463,7 +537,8 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     hr)`` outside autocast with ``sr`` cast to ``hr``'s dtype, backward (through ``grad_scaler`` when
     one is given and enabled) and ``optimizer.step()`` (``grad_scaler.step`` and ``update``), and
     returns the loss as a 0-d tensor on the model's device: nothing waits for the GPU unless the
-    caller reads it. ``lr`` and ``hr`` may live on any device; they are copied to the model's.
+    caller reads it. ``lr`` and ``hr`` are float tensors on any device (copied to the model's), ``hr``
+    of ``sr``'s shape.
 
     ``cuda_graph``: None (default) captures where it can (a CUDA model, Triton not interpreted),
     True captures or raises, False runs eagerly. Capturing needs an optimizer built with
@@ -479,8 +554,9 @@ def make_upscaler(model: torch.nn.Module, *, amp_dtype=None, cuda_graph: bool | 
                   max_graphs: int = 8) -> Upscaler:
     """``up(lr) -> sr``: the model's forward without autograd, from a CUDA graph per input shape on a GPU.
 
-    ``sr`` is a new tensor on the model's device that the caller owns. ``amp_dtype``: run under
-    ``torch.autocast`` in torch.bfloat16 or torch.float16 (for a model stored in float32); a model
+    ``lr`` is a float tensor on any device (copied to the model's); ``sr`` is a new tensor on the
+    model's device that the caller owns. ``amp_dtype``: run under ``torch.autocast`` in
+    torch.bfloat16 or torch.float16 (for a model stored in float32); a model
     already cast to a 16-bit dtype takes inputs of that dtype and needs none. The model's mode is
     the caller's (``model.eval()`` for inference). ``cuda_graph`` as in :func:`make_train_step`;
     ``max_graphs`` shapes stay captured (least recently used out).

@@ -209,6 +209,211 @@ def test_graph_cache_warms_up_then_keeps_the_most_recent():
     assert len(cache.warm) == 8 * cache.max_graphs
 
 
+# -------------------------------------------------- CPU: what a user can get wrong, refused by name
+
+def tiny_step(loss_fn=F.l1_loss, **kw):
+    model, = twins(TINY, "cpu", 1)
+    return model, fastdrn.make_train_step(model, torch.optim.Adam(model.parameters(), lr=1e-2), loss_fn, **kw)
+
+
+def assert_unchanged(model, before, what):
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)), f"{what} changed the parameters"
+
+
+def test_inputs_that_are_not_float_tensors_are_refused_by_name(torch_math):
+    """A list, an array, None or an integer image (uint8, as image readers give) in place of a float
+    batch: a TypeError naming the argument, not an AttributeError or a failure inside the model."""
+    model, step = tiny_step()
+    up = fastdrn.make_upscaler(model)
+    lr, hr = batch(2, 5, 7, 2, "cpu")
+    for bad_lr, bad_hr, name in (([lr], hr, "lr"), (lr.numpy(), hr, "lr"), (lr, None, "hr"),
+                                 ((lr * 255).to(torch.uint8), hr, "lr"), (lr, (hr * 255).to(torch.uint8), "hr")):
+        with pytest.raises(TypeError, match=rf"\b{name}\b"):
+            step(bad_lr, bad_hr)
+    for bad in ([lr], lr.numpy(), (lr * 255).to(torch.uint8)):
+        with pytest.raises(TypeError, match=r"\blr\b"):
+            up(bad)
+
+
+def test_empty_batch_is_refused_by_the_train_step(torch_math):
+    """An empty batch (N, H or W of 0) has no loss to step on: a ValueError before the model runs, not
+    pixel_shuffle's backward failing on it. The upscaler gives the empty output, as the model does."""
+    model, step = tiny_step()
+    before = [p.detach().clone() for p in model.parameters()]
+    lr, hr = batch(2, 5, 7, 2, "cpu")
+    for bad_lr, bad_hr in ((lr[:0], hr[:0]), (lr[:, :, :0], hr[:, :, :0])):
+        with pytest.raises(ValueError, match="empty"):
+            step(bad_lr, bad_hr)
+    assert_unchanged(model, before, "an empty batch")
+    assert fastdrn.make_upscaler(model)(lr[:0]).shape == (0, 3, 10, 14)
+
+
+@pytest.mark.parametrize("hr_shape", [
+    (1, 3, 10, 14),   # one target for a batch of two: l1_loss broadcasts it, with only a warning
+    (3, 10, 14),      # a target without its batch dimension: broadcast too
+    (2, 3, 15, 21),   # the target of a x3 model for this x2 one
+    (2, 3, 10, 15),   # one column too many (an odd HR crop)
+])
+def test_target_not_shaped_like_the_output_is_refused(torch_math, hr_shape):
+    model, step = tiny_step()
+    before = [p.detach().clone() for p in model.parameters()]
+    lr = torch.rand(2, 3, 5, 7)
+    with pytest.raises(ValueError, match=r"hr.*\(2, 3, 10, 14\)"):
+        step(lr, torch.rand(*hr_shape))
+    assert_unchanged(model, before, "a mismatched target")
+
+
+def test_loss_fn_results_that_are_not_a_loss_are_refused_by_name(torch_math):
+    """loss_fn returning a float, a tuple, an unreduced loss or a loss cut from autograd: an error
+    naming loss_fn and what it returned, before any optimizer step. A one-element loss of shape (1,)
+    is a loss, returned 0-d as documented."""
+    lr, hr = batch(2, 5, 7, 2, "cpu")
+    for loss_fn, error, what in ((lambda sr, hr: 1.0, TypeError, "float"),
+                                 (lambda sr, hr: (F.l1_loss(sr, hr), 0), TypeError, "tuple"),
+                                 (lambda sr, hr: F.l1_loss(sr, hr, reduction="none"), ValueError, r"\(2, 3, 10, 14\)"),
+                                 (lambda sr, hr: F.l1_loss(sr, hr).detach(), ValueError, "autograd")):
+        model, step = tiny_step(loss_fn)
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(error, match=f"loss_fn.*{what}"):
+            step(lr, hr)
+        assert_unchanged(model, before, "a refused loss")
+    stepped, looped = twins(TINY, "cpu")
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (stepped, looped)]
+    loss = fastdrn.make_train_step(stepped, opts[0], lambda sr, hr: F.l1_loss(sr, hr).reshape(1))(lr, hr)
+    assert loss.dim() == 0 and rel_err(loss, hand_step(looped, opts[1], lr, hr)) <= FLOAT32_ROUNDING
+    assert_same_params(stepped, looped, FLOAT32_ROUNDING, "a loss of shape (1,)")
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_train_step_without_autograd_is_refused(torch_math, mode):
+    """A step called inside torch.no_grad() or torch.inference_mode() (an evaluation block around the
+    loop) cannot compute gradients: said so, not "element 0 of tensors does not require grad"."""
+    model, step = tiny_step()
+    lr, hr = batch(2, 5, 7, 2, "cpu")
+    with mode(), pytest.raises(RuntimeError, match=mode.__name__):
+        step(lr, hr)
+
+
+def test_gradients_never_accumulate_for_parameters_unfrozen_later_or_outside_the_model(torch_math):
+    """Fine-tuning: the head frozen when the step is made and unfrozen halfway; and a learnable loss
+    weight that the optimizer steps but the model does not hold. Every call starts from no gradients
+    for both, as opt.zero_grad(set_to_none=True) in the eager loop does."""
+    stepped, looped = twins(TINY, "cpu")
+    weights = [torch.nn.Parameter(torch.tensor(1.5)) for _ in range(2)]
+    for m in (stepped, looped):
+        m.head.requires_grad_(False)
+    opts = [torch.optim.SGD([*m.parameters(), w], lr=0.1, momentum=0.9) for m, w in zip((stepped, looped), weights)]
+    step = fastdrn.make_train_step(stepped, opts[0], lambda sr, hr: weights[0] * F.l1_loss(sr, hr))
+    for i in range(4):
+        if i == 2:
+            for m in (stepped, looped):
+                m.head.requires_grad_(True)
+        lr, hr = batch(2, 5, 7, 2, "cpu")
+        loss = step(lr, hr)
+        opts[1].zero_grad(set_to_none=True)
+        expected = weights[1] * F.l1_loss(looped(lr), hr)
+        expected.backward()
+        opts[1].step()
+        assert rel_err(loss, expected) <= FLOAT32_ROUNDING, f"step {i}"
+        assert rel_err(weights[0].grad, weights[1].grad) <= FLOAT32_ROUNDING, f"step {i}: the loss weight's gradient"
+    assert_same_grads(stepped, looped, FLOAT32_ROUNDING, "after unfreezing the head")
+    assert_same_params(stepped, looped, FLOAT32_ROUNDING, "after unfreezing the head")
+    assert rel_err(weights[0], weights[1]) <= FLOAT32_ROUNDING
+
+
+@pytest.mark.parametrize("cuda_graph", [
+    "False",  # truthy: on a GPU it would capture, against what it says
+    "no",     # the same, and on the CPU it raised as cuda_graph=True
+    0.0,      # falsy: ran eagerly by accident of its value
+])
+def test_cuda_graph_that_is_not_a_bool_is_refused(cuda_graph):
+    model = fastdrn.DRN(**TINY)
+    with pytest.raises(TypeError, match="cuda_graph"):
+        fastdrn.make_train_step(model, torch.optim.Adam(model.parameters()), F.l1_loss, cuda_graph=cuda_graph)
+    with pytest.raises(TypeError, match="cuda_graph"):
+        fastdrn.make_upscaler(model, cuda_graph=cuda_graph)
+
+
+def test_max_graphs_true_is_refused():
+    """True is an int (1) to isinstance: it would keep one graph."""
+    model = fastdrn.DRN(**TINY)
+    with pytest.raises(ValueError, match="max_graphs"):
+        fastdrn.make_upscaler(model, max_graphs=True)
+    with pytest.raises(ValueError, match="max_graphs"):
+        fastdrn.make_train_step(model, torch.optim.Adam(model.parameters()), F.l1_loss, max_graphs=True)
+
+
+def test_grad_scaler_that_is_not_a_grad_scaler_is_refused():
+    model = fastdrn.DRN(**TINY)
+    for scaler in ("dynamic", 2.0 ** 16):
+        with pytest.raises(TypeError, match="grad_scaler"):
+            fastdrn.make_train_step(model, torch.optim.Adam(model.parameters()), F.l1_loss,
+                                    amp_dtype=torch.float16, grad_scaler=scaler)
+
+
+def test_what_the_graphs_baked_in_is_checked_before_each_replay(torch_math):
+    """The checks a captured step runs before each replay, driven on the CPU through the step's own
+    bake (no graph needed): optimizer.load_state_dict when the optimizer's first parameter is frozen
+    (it has no state to tell a reload by), and parameters unfrozen, each drop the graphs; nothing
+    changed keeps them."""
+    model, = twins(TINY, "cpu", 1)
+    model.head.requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    step = fastdrn.make_train_step(model, opt, F.l1_loss)
+    for _ in range(2):
+        step(*batch(2, 5, 7, 2, "cpu"))
+    saved = copy.deepcopy(opt.state_dict())
+    step._baked = step._bake()
+    step._check_unchanged()
+    assert step._baked is not None, "dropped with nothing changed"
+    opt.load_state_dict(saved)
+    step._check_unchanged()
+    assert step._baked is None, "optimizer.load_state_dict not noticed"
+    step._baked = step._bake()
+    model.head.requires_grad_(True)
+    step._check_unchanged()
+    assert step._baked is None, "the unfrozen head not noticed"
+
+
+def test_optimizer_of_another_model_is_refused(torch_math):
+    """An optimizer built over a copy of the model (made before a deepcopy, or for another model)
+    steps none of this model's parameters: every call would train nothing, silently."""
+    model, other = twins(TINY, "cpu")
+    with pytest.raises(ValueError, match="optimizer.*none of"):
+        fastdrn.make_train_step(model, torch.optim.Adam(other.parameters()), F.l1_loss)
+    model.head.requires_grad_(False)       # the trainable parameters it steps are enough
+    fastdrn.make_train_step(model, torch.optim.Adam([*model.head.parameters(), *model.tail.parameters()]), F.l1_loss)
+
+
+def test_loss_class_in_place_of_a_loss_is_refused():
+    """loss_fn=torch.nn.L1Loss (the class, not L1Loss()) is callable: each call built an L1Loss with
+    sr and hr as its legacy size_average and reduce, failing with "Boolean value of Tensor with more
+    than one value is ambiguous"."""
+    model = fastdrn.DRN(**TINY)
+    with pytest.raises(TypeError, match=r"L1Loss\(\)"):
+        fastdrn.make_train_step(model, torch.optim.Adam(model.parameters()), torch.nn.L1Loss)
+
+
+def test_ddp_model_is_not_captured(monkeypatch, tmp_path):
+    """The docs say DistributedDataParallel is not captured: with cuda_graph=None a DDP model runs
+    eagerly, and cuda_graph=True raises, where a graph would be captured (pretended here, as above;
+    the process group is one gloo process)."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(graphs, "capture_unavailable", lambda device: None)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = fastdrn.DRN(**TINY)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.Adam(model.parameters(), capturable=True)
+        assert fastdrn.make_train_step(model, opt, F.l1_loss).cuda_graph
+        assert not fastdrn.make_train_step(ddp, opt, F.l1_loss).cuda_graph
+        with pytest.raises(ValueError, match="DistributedDataParallel"):
+            fastdrn.make_train_step(ddp, opt, F.l1_loss, cuda_graph=True)
+    finally:
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------------- tiling
 
 @pytest.mark.parametrize("size,tile,overlap", [(45, 11, 7), (38, 11, 7), (20, 16, 3), (7, 3, 0), (24, 5, 20),
@@ -421,6 +626,27 @@ def test_new_parameter_storage_and_loaded_optimizer_state_are_recaptured():
     run_pair(graphed, eager, step_g, step_e, batches(graphs.WARMUP_CALLS + 1))
     assert step_g.num_graphs == 1
     assert_same_params(graphed, eager, 1e-5, "after new parameter storage")
+
+
+@cuda
+def test_parameters_unfrozen_after_capture_are_recaptured():
+    """The head frozen while the shape is captured, then unfrozen: the graph's backward has no
+    gradients for it, so the step captures again and the head trains as in the eager twin."""
+    graphed, eager = twins(SMALL, "cuda")
+    for m in (graphed, eager):
+        m.head.requires_grad_(False)
+    step_g = fastdrn.make_train_step(graphed, capturable(torch.optim.Adam, graphed), F.l1_loss)
+    step_e = fastdrn.make_train_step(eager, capturable(torch.optim.Adam, eager), F.l1_loss, cuda_graph=False)
+    n = graphs.WARMUP_CALLS + 1
+    run_pair(graphed, eager, step_g, step_e, [batch(2, 8, 8, 2, "cuda") for _ in range(n)], grads=False)
+    assert step_g.num_graphs == 1 and graphed.head.weight.grad is None
+    head = graphed.head.weight.detach().clone()
+    for m in (graphed, eager):
+        m.head.requires_grad_(True)
+    run_pair(graphed, eager, step_g, step_e, [batch(2, 8, 8, 2, "cuda") for _ in range(n + 1)])
+    assert step_g.num_graphs == 1
+    assert not torch.equal(graphed.head.weight, head), "the unfrozen head did not train"
+    assert_same_params(graphed, eager, 1e-5, "after unfreezing the head")
 
 
 @cuda
