@@ -92,6 +92,8 @@ def check_config(scale, n_colors, n_feats, n_groups, n_blocks, inner, distill, a
         raise TypeError(f"DRN: alpha must be a real number, got {type(alpha).__name__} {alpha!r}")
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"DRN: alpha must be finite and > 0, got {alpha}")
+    if isinstance(rgb_range, bool) or not isinstance(rgb_range, numbers.Real):
+        raise TypeError(f"DRN: rgb_range must be a real number, got {type(rgb_range).__name__} {rgb_range!r}")
     if not (math.isfinite(rgb_range) and rgb_range > 0):      # inf: every pixel NaN after the divide
         raise ValueError(f"DRN: rgb_range must be finite and > 0, got {rgb_range}")
 

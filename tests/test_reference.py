@@ -57,6 +57,11 @@ def test_forward_shape_and_no_clamp():
     (dict(distill=0), "distill"),
     (dict(alpha=0.0), "alpha"),
     (dict(n_colors=1), "rgb_mean"),
+    # rgb_range was only tested with math.isfinite: a string or None raised "must be real number,
+    # not str" naming no argument, and True passed as a white of 1
+    (dict(rgb_range="255"), "rgb_range must be a real number, got str '255'"),
+    (dict(rgb_range=None), "rgb_range must be a real number"),
+    (dict(rgb_range=True), "rgb_range must be a real number, got bool"),
 ])
 def test_bad_config_is_named(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
