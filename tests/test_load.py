@@ -193,6 +193,21 @@ def test_a_checkpoint_recording_an_infinite_rgb_range_is_refused(tmp_path):
         fastdrn.DRN(scale=2, n_feats=8, n_groups=1, n_blocks=1, rgb_range=float("inf"))
 
 
+@pytest.mark.parametrize("key,tensor,message", [
+    # infer_config read shape[1] of these unchecked: IndexError "tuple index out of range"
+    ("head.weight", torch.zeros(()), r"head.weight has shape \(\), not that of a 3x3 conv weight"),
+    ("head.weight", torch.zeros(12), r"head.weight has shape \(12,\), not that of a 3x3 conv weight"),
+    ("groups.0.blocks.0.squeeze.weight", torch.zeros(16), r"squeeze.weight has shape \(16,\)"),
+    ("upsample.weight", torch.zeros(108), r"upsample.weight has shape \(108,\)"),
+    # and divided by head.weight's rows: ZeroDivisionError
+    ("head.weight", torch.zeros(0, 3, 3, 3), r"head.weight has shape \(0, 3, 3, 3\), not that of a 3x3 conv"),
+])
+def test_a_state_dict_of_misshapen_tensors_is_refused_by_name(tmp_path, key, tensor, message):
+    torch.save({**_ref().state_dict(), key: tensor}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match=message):
+        fastdrn.load(tmp_path / "w.pt")
+
+
 def test_weights_with_nan_or_inf_are_refused_by_name(tmp_path, capsys):
     """A diverged run's last.pt (NaN weights) loaded, and upscale wrote images of NaN cast to bytes."""
     sd = _ref().state_dict()

@@ -147,6 +147,13 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> dict:
     if problems:
         raise CheckpointError("not a DRN state_dict: missing " + ", ".join(problems)
                               + f" (it has {len(sd)} keys, e.g. {', '.join(list(sd)[:6])})")
+    # The shapes read below must be conv weights', else a 0-d or 1-d tensor raised IndexError and an
+    # empty head ZeroDivisionError; a wrong kernel size is left to the mismatch report.
+    for k, kind in (("head.weight", "3x3"), ("upsample.weight", "3x3"), ("tail.weight", "3x3"),
+                    ("groups.0.blocks.0.squeeze.weight", "1x1"), ("groups.0.blocks.0.expand.weight", "1x1")):
+        if k in sd and (sd[k].dim() != 4 or 0 in sd[k].shape):
+            raise CheckpointError(f"{k} has shape {tuple(sd[k].shape)}, not that of a {kind} conv weight "
+                                  "(out, in, k, k), none of them 0")
     head = sd["head.weight"]
     n_feats, n_colors = int(head.shape[0]), int(head.shape[1])
     ratio, rem = divmod(int(sd["upsample.weight"].shape[0]), n_feats)
