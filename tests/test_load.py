@@ -208,6 +208,14 @@ def test_a_state_dict_of_misshapen_tensors_is_refused_by_name(tmp_path, key, ten
         fastdrn.load(tmp_path / "w.pt")
 
 
+def test_a_state_dict_of_meta_tensors_is_refused_by_name(tmp_path):
+    """torch.save of a model built on the meta device (deferred initialization) holds shapes and no
+    data: check_finite called .item() on it, RuntimeError 'cannot be called on meta tensors'."""
+    torch.save({k: v.to("meta") for k, v in _ref().state_dict().items()}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match=r"w.pt: .*tensors on the meta device hold no values: rgb_mean, head.weight"):
+        fastdrn.load(tmp_path / "w.pt")
+
+
 def test_weights_with_nan_or_inf_are_refused_by_name(tmp_path, capsys):
     """A diverged run's last.pt (NaN weights) loaded, and upscale wrote images of NaN cast to bytes."""
     sd = _ref().state_dict()

@@ -66,8 +66,12 @@ def _is_state_dict(d: Any) -> bool:
 
 
 def check_dense(sd: Mapping[str, torch.Tensor]) -> None:
-    """Refuse tensors a model cannot take as weights: sparse or other non-strided layouts, and
-    non-numeric or complex dtypes. Raises CheckpointError naming every offending key."""
+    """Refuse tensors a model cannot take as weights: meta tensors, sparse or other non-strided
+    layouts, and non-numeric or complex dtypes. Raises CheckpointError naming every offending key."""
+    meta = [k for k, v in sd.items() if v.is_meta]
+    if meta:                     # shapes only (a model saved from deferred initialization)
+        raise CheckpointError("tensors on the meta device hold no values: " + ", ".join(meta[:6])
+                              + (f" and {len(meta) - 6} more" if len(meta) > 6 else ""))
     bad = [f"{k}: {v.layout}" for k, v in sd.items() if v.layout != torch.strided]
     bad += [f"{k}: dtype {v.dtype}" for k, v in sd.items()
             if v.layout == torch.strided and (v.is_complex() or v.dtype == torch.bool)]
