@@ -216,6 +216,14 @@ def test_a_state_dict_of_meta_tensors_is_refused_by_name(tmp_path):
         fastdrn.load(tmp_path / "w.pt")
 
 
+def test_a_state_dict_with_keys_that_are_not_names_is_refused(tmp_path):
+    """Tensors keyed by number (a list of parameters saved as a dict): the prefix removal called
+    .startswith on an int, AttributeError."""
+    torch.save({**_ref().state_dict(), 3: torch.zeros(2)}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match=r"w.pt: .*key 3 \(int\) is not a parameter name"):
+        fastdrn.load(tmp_path / "w.pt")
+
+
 def test_weights_with_nan_or_inf_are_refused_by_name(tmp_path, capsys):
     """A diverged run's last.pt (NaN weights) loaded, and upscale wrote images of NaN cast to bytes."""
     sd = _ref().state_dict()

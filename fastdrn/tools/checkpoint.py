@@ -131,6 +131,8 @@ def select_weights(obj: Any, key: str | None = None) -> tuple[dict[str, torch.Te
         raise CheckpointError("no state_dict found in checkpoint (nested too deeply)")
     sd = {}
     for k, v in obj.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"its state_dict's key {k!r} ({type(k).__name__}) is not a parameter name")
         for prefix in ("module.", "_orig_mod."):
             while k.startswith(prefix):
                 k = k[len(prefix):]
