@@ -234,6 +234,17 @@ def test_tiled_equals_untiled(scale, tile):
     assert (e_full - e_tiled).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("tile", [None, 4])     # whole image, and tiles (where a wrong scale mis-cut the output)
+def test_super_resolve_refuses_a_scale_or_channels_the_model_does_not_have(tile):
+    """With tiles, scale=2 for an x3 model wrote each tile's x3 output into an x2 canvas: a wrong
+    image, no error; a 1-channel input to a 3-colour reference model came out as 3 channels."""
+    m = _model(scale=3)
+    with pytest.raises(ValueError, match=r"scale=2 .*\(1, 3, \d+, \d+\) gave \(1, 3, \d+, \d+\)"):
+        super_resolve(m, torch.rand(3, 9, 11), 2, tile=tile, radius=receptive_radius(CFG))
+    with pytest.raises(ValueError, match=r"\(1, 1, 5, 5\) gave \(1, 3, 15, 15\)"):
+        super_resolve(m, torch.rand(1, 5, 5), 3, tile=tile, radius=receptive_radius(CFG))
+
+
 def test_self_ensemble_is_mean_of_eight_transforms():
     x = torch.rand(1, 3, 5, 7)
     calls = []

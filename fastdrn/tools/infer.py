@@ -54,23 +54,36 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def forward_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: int,
                   tile: int | None = None, overlap: int = 0, out_device: torch.device | None = None) -> torch.Tensor:
-    """Apply ``fn`` (an x``scale`` model) to (N, C, H, W) ``x`` tile by tile (``tile`` LR pixels square)."""
+    """Apply ``fn`` (an x``scale`` model) to (N, C, H, W) ``x`` tile by tile (``tile`` LR pixels square;
+    None or 0: the whole image at once). Each output must be ``x``'s (N, C) and ``scale`` times its
+    input's size: tiles of another scale would be cut and placed wrongly."""
     n, _, h, w = x.shape
     if not tile or tile <= 0 or (h <= tile and w <= tile):
-        out = fn(x)
+        out = _checked(fn, x, scale)
         return out if out_device is None else out.to(out_device)
     if overlap < 0:
         raise ValueError("tile overlap must be >= 0")
     out = None
     for y0, y1, ya, yb in _windows(h, tile, overlap):
         for x0, x1, xa, xb in _windows(w, tile, overlap):
-            o = fn(x[:, :, ya:yb, xa:xb])
+            o = _checked(fn, x[:, :, ya:yb, xa:xb], scale)
             if out is None:
                 out = torch.empty(n, o.shape[1], h * scale, w * scale, dtype=o.dtype,
                                   device=out_device or o.device)
             out[:, :, y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
                 o[:, :, (y0 - ya) * scale:(y1 - ya) * scale, (x0 - xa) * scale:(x1 - xa) * scale]
     return out
+
+
+def _checked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: int) -> torch.Tensor:
+    """fn(x), refused unless it is x's (N, C) at ``scale`` times x's size."""
+    o = fn(x)
+    n, c, h, w = x.shape
+    if tuple(o.shape) != (n, c, h * scale, w * scale):
+        raise ValueError(f"scale={scale} and the model disagree: an input of {tuple(x.shape)} gave "
+                         f"{tuple(o.shape)}, not {(n, c, h * scale, w * scale)} (the model's scale and "
+                         "colour channels are those of its checkpoint)")
+    return o
 
 
 def _windows(size: int, tile: int, overlap: int):
