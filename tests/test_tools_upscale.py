@@ -245,6 +245,18 @@ def test_super_resolve_refuses_a_scale_or_channels_the_model_does_not_have(tile)
         super_resolve(m, torch.rand(1, 5, 5), 3, tile=tile, radius=receptive_radius(CFG))
 
 
+@pytest.mark.parametrize("kw,message", [
+    (dict(tile=-4), "tile must be an int >= 0 or None, got -4"),      # ran untiled, silently
+    (dict(tile=2.5), "tile must be an int >= 0 or None, got 2.5"),    # range(): TypeError naming no argument
+    (dict(tile=True), "tile must be an int >= 0 or None, got True"),  # ran as tiles of 1 pixel
+    (dict(tile=0, overlap=-1), "overlap must be an int >= 0, got -1"),  # ignored without tiles
+    (dict(tile=4, overlap=1.5), "overlap must be an int >= 0, got 1.5"),
+])
+def test_forward_tiled_refuses_a_bad_tile_or_overlap(kw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        forward_tiled(_model(), torch.rand(1, 3, 9, 11), CFG["scale"], **kw)
+
+
 def test_self_ensemble_is_mean_of_eight_transforms():
     x = torch.rand(1, 3, 5, 7)
     calls = []

@@ -11,6 +11,7 @@ untiled one up to floating-point summation order.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Mapping
 
 import torch
@@ -57,12 +58,14 @@ def forward_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, s
     """Apply ``fn`` (an x``scale`` model) to (N, C, H, W) ``x`` tile by tile (``tile`` LR pixels square;
     None or 0: the whole image at once). Each output must be ``x``'s (N, C) and ``scale`` times its
     input's size: tiles of another scale would be cut and placed wrongly."""
+    if tile is not None and not _count(tile):
+        raise ValueError(f"tile must be an int >= 0 or None, got {tile!r}")
+    if not _count(overlap):
+        raise ValueError(f"overlap must be an int >= 0, got {overlap!r}")
     n, _, h, w = x.shape
-    if not tile or tile <= 0 or (h <= tile and w <= tile):
+    if not tile or (h <= tile and w <= tile):
         out = _checked(fn, x, scale)
         return out if out_device is None else out.to(out_device)
-    if overlap < 0:
-        raise ValueError("tile overlap must be >= 0")
     out = None
     for y0, y1, ya, yb in _windows(h, tile, overlap):
         for x0, x1, xa, xb in _windows(w, tile, overlap):
@@ -73,6 +76,11 @@ def forward_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, s
             out[:, :, y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
                 o[:, :, (y0 - ya) * scale:(y1 - ya) * scale, (x0 - xa) * scale:(x1 - xa) * scale]
     return out
+
+
+def _count(value) -> bool:
+    """Whether value is an int >= 0 (a bool is not one: True would be a tile of one pixel)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
 def _checked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: int) -> torch.Tensor:
