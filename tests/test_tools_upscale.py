@@ -257,6 +257,15 @@ def test_forward_tiled_refuses_a_bad_tile_or_overlap(kw, message):
         forward_tiled(_model(), torch.rand(1, 3, 9, 11), CFG["scale"], **kw)
 
 
+@pytest.mark.parametrize("lr,dtype,message", [
+    (torch.rand(5, 5), "fp32", r"an image \(C, H, W\) or batch \(N, C, H, W\), got shape \(5, 5\)"),  # unpack error
+    (torch.rand(3, 5, 5), "fp8", "dtype must be one of fp32, bf16, fp16, got 'fp8'"),               # KeyError 'fp8'
+])
+def test_super_resolve_names_a_bad_image_shape_or_dtype(lr, dtype, message):
+    with pytest.raises(ValueError, match=message):
+        super_resolve(_model(), lr, CFG["scale"], dtype=dtype)
+
+
 def test_self_ensemble_is_mean_of_eight_transforms():
     x = torch.rand(1, 3, 5, 7)
     calls = []

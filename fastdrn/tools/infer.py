@@ -146,6 +146,10 @@ def super_resolve(model: torch.nn.Module, lr: torch.Tensor, scale: int, *, rgb_r
     already be on ``device`` and in ``dtype``. ``overlap`` defaults to ``radius`` (the
     receptive-field radius), which makes tiling seamless.
     """
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if lr.dim() not in (3, 4):
+        raise ValueError(f"super_resolve takes an image (C, H, W) or batch (N, C, H, W), got shape {tuple(lr.shape)}")
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if device is not None:
         dev = resolve_device(device)
