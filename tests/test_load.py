@@ -216,6 +216,20 @@ def test_a_state_dict_of_meta_tensors_is_refused_by_name(tmp_path):
         fastdrn.load(tmp_path / "w.pt")
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.qint8])
+def test_integer_or_quantized_weights_are_refused_by_name(tmp_path, dtype):
+    """Integer codes (a quantized export without its scales) loaded as float weights 100 times too
+    big, silently; qint8 tensors failed in load_state_dict's copy with a RuntimeError."""
+    sd = _ref().state_dict()
+    for k in ("head.weight", "tail.bias"):
+        sd[k] = (torch.quantize_per_tensor(sd[k], 0.01, 0, dtype) if dtype == torch.qint8
+                 else (sd[k] * 100).round().to(dtype))
+    torch.save(sd, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match=re.escape(f"floating-point tensors can be weights; the checkpoint "
+                                                        f"holds head.weight: dtype {dtype}, tail.bias: dtype {dtype}")):
+        fastdrn.load(tmp_path / "w.pt")
+
+
 def test_a_state_dict_with_keys_that_are_not_names_is_refused(tmp_path):
     """Tensors keyed by number (a list of parameters saved as a dict): the prefix removal called
     .startswith on an int, AttributeError."""

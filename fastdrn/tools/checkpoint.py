@@ -67,17 +67,19 @@ def _is_state_dict(d: Any) -> bool:
 
 def check_dense(sd: Mapping[str, torch.Tensor]) -> None:
     """Refuse tensors a model cannot take as weights: meta tensors, sparse or other non-strided
-    layouts, and non-numeric or complex dtypes. Raises CheckpointError naming every offending key."""
+    layouts, and dtypes other than floating-point ones (bool, integer, quantized, complex). Raises CheckpointError naming every offending key."""
     meta = [k for k, v in sd.items() if v.is_meta]
     if meta:                     # shapes only (a model saved from deferred initialization)
         raise CheckpointError("tensors on the meta device hold no values: " + ", ".join(meta[:6])
                               + (f" and {len(meta) - 6} more" if len(meta) > 6 else ""))
     bad = [f"{k}: {v.layout}" for k, v in sd.items() if v.layout != torch.strided]
+    # Integer tensors are refused too: codes of a quantized model without their scales loaded as
+    # weights (cast, silently), and quantized ones failed inside load_state_dict's copy.
     bad += [f"{k}: dtype {v.dtype}" for k, v in sd.items()
-            if v.layout == torch.strided and (v.is_complex() or v.dtype == torch.bool)]
+            if v.layout == torch.strided and not v.is_floating_point()]
     if bad:
         shown = bad[:10] + ([f"... and {len(bad) - 10} more"] if len(bad) > 10 else [])
-        raise CheckpointError("only dense real-valued tensors can be weights; the checkpoint holds "
+        raise CheckpointError("only dense floating-point tensors can be weights; the checkpoint holds "
                               + ", ".join(shown))
 
 
