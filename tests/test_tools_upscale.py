@@ -260,6 +260,8 @@ def test_forward_tiled_refuses_a_bad_tile_or_overlap(kw, message):
 @pytest.mark.parametrize("lr,dtype,message", [
     (torch.rand(5, 5), "fp32", r"an image \(C, H, W\) or batch \(N, C, H, W\), got shape \(5, 5\)"),  # unpack error
     (torch.rand(3, 5, 5), "fp8", "dtype must be one of fp32, bf16, fp16, got 'fp8'"),               # KeyError 'fp8'
+    # a uint8 image (torchvision.io.read_image's) was taken as [0, 1] values: an output 255 times too bright
+    ((torch.rand(3, 5, 5) * 255).to(torch.uint8), "fp32", r"floating-point image in \[0, 1\], got torch.uint8"),
 ])
 def test_super_resolve_names_a_bad_image_shape_or_dtype(lr, dtype, message):
     with pytest.raises(ValueError, match=message):

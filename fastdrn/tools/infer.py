@@ -150,6 +150,9 @@ def super_resolve(model: torch.nn.Module, lr: torch.Tensor, scale: int, *, rgb_r
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if lr.dim() not in (3, 4):
         raise ValueError(f"super_resolve takes an image (C, H, W) or batch (N, C, H, W), got shape {tuple(lr.shape)}")
+    if not lr.is_floating_point():
+        raise ValueError(f"super_resolve takes a floating-point image in [0, 1], got {lr.dtype} (divide a uint8 "
+                         "image by 255)")
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if device is not None:
         dev = resolve_device(device)
