@@ -208,6 +208,19 @@ def test_a_state_dict_of_misshapen_tensors_is_refused_by_name(tmp_path, key, ten
         fastdrn.load(tmp_path / "w.pt")
 
 
+def test_an_rgb_mean_override_wins_over_the_checkpoints():
+    """Overrides win over the checkpoint, but rgb_mean is also a buffer in the state_dict: loading
+    it put the checkpoint's mean back, while the config returned said the override's."""
+    from fastdrn.tools.checkpoint import load_model
+    sd = _ref(rgb_mean=(0.5, 0.4, 0.3)).state_dict()
+    model, cfg = load_model(sd, overrides={"rgb_mean": (0.1, 0.2, 0.3)})
+    assert cfg["rgb_mean"] == (0.1, 0.2, 0.3)
+    torch.testing.assert_close(model.rgb_mean.flatten(), torch.tensor([0.1, 0.2, 0.3]))
+    want = _ref(rgb_mean=(0.1, 0.2, 0.3))    # the checkpoint's weights, the override's mean
+    want.load_state_dict({k: v for k, v in sd.items() if k != "rgb_mean"}, strict=False)
+    _same_function(model, want)
+
+
 def test_a_state_dict_of_meta_tensors_is_refused_by_name(tmp_path):
     """torch.save of a model built on the meta device (deferred initialization) holds shapes and no
     data: check_finite called .item() on it, RuntimeError 'cannot be called on meta tensors'."""

@@ -395,6 +395,8 @@ def load_model(source: str | os.PathLike | Mapping, overrides: Mapping | None = 
     problems += _mismatches(model, sd)
     if problems:
         raise CheckpointError(f"{name} does not fit a DRN with {_fmt(cfg)}:\n  " + "\n  ".join(problems))
+    if (overrides or {}).get("rgb_mean") is not None:    # a buffer too: loading would put the checkpoint's back
+        sd = {**sd, "rgb_mean": model.rgb_mean}
     model.load_state_dict(sd, strict=True)
     return model.eval(), cfg
 
