@@ -332,6 +332,19 @@ def test_shipped_names_resolve_to_files_in_the_weights_folder(tmp_path, monkeypa
     assert PILImage.open(tmp_path / "b.png").size == (24, 20)
 
 
+def test_the_command_line_checks_the_scale_a_shipped_name_promises(tmp_path, monkeypatch, capsys):
+    """upscale and eval pass expect={"scale": None} without --scale, and that None replaced the
+    name's promise: a drn-x2 file holding an x3 model upscaled by 3 without a word."""
+    monkeypatch.setattr(fastdrn.pretrained, "WEIGHTS_DIR", str(tmp_path))
+    torch.save({"params": reference.drn(3, n_groups=1, n_blocks=1).state_dict()}, tmp_path / "drn-x2.pt")
+    img = tmp_path / "a.png"
+    PILImage.fromarray((np.random.rand(5, 7, 3) * 255).astype(np.uint8)).save(img)
+    assert cli.main(["upscale", str(img), "-o", str(tmp_path / "b.png"), "--weights", "drn-x2",
+                     "--device", "cpu"]) == 2
+    assert "scale: checkpoint has 3, expected 2" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists()
+
+
 def test_setup_installs_every_weight_file_kind():
     setup = open(os.path.join(ROOT, "setup.py")).read()
     for suffix in fastdrn.pretrained.WEIGHT_SUFFIXES:

@@ -361,7 +361,8 @@ def load_model(source: str | os.PathLike | Mapping, overrides: Mapping | None = 
     obj = load_checkpoint(source) if not isinstance(source, Mapping) else source
     name = os.fspath(source) if not isinstance(source, Mapping) else "checkpoint"
     from fastdrn.pretrained import expected_config
-    expect = {**expected_config(name), **(expect or {})} if not isinstance(source, Mapping) else expect
+    if not isinstance(source, Mapping):     # a caller's None (no --scale) leaves the name's promise standing
+        expect = {**expected_config(name), **{k: v for k, v in (expect or {}).items() if v is not None}}
     try:
         sd, stored, used, others = select_weights(obj, key)
     except CheckpointError as e:
