@@ -251,6 +251,15 @@ def test_a_state_dict_with_keys_that_are_not_names_is_refused(tmp_path):
         fastdrn.load(tmp_path / "w.pt")
 
 
+def test_a_key_held_with_and_without_a_wrapper_prefix_is_refused(tmp_path):
+    """module.head.weight and head.weight both became head.weight: the later one won, silently."""
+    sd = _ref().state_dict()
+    torch.save({**sd, "module.head.weight": sd["head.weight"] + 1}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match=r"w.pt: .*holds 'head.weight' twice \(as 'head.weight' and "
+                                              r"'module.head.weight'\)"):
+        fastdrn.load(tmp_path / "w.pt")
+
+
 def test_weights_with_nan_or_inf_are_refused_by_name(tmp_path, capsys):
     """A diverged run's last.pt (NaN weights) loaded, and upscale wrote images of NaN cast to bytes."""
     sd = _ref().state_dict()

@@ -131,14 +131,17 @@ def select_weights(obj: Any, key: str | None = None) -> tuple[dict[str, torch.Te
         obj = obj[choice]
     else:
         raise CheckpointError("no state_dict found in checkpoint (nested too deeply)")
-    sd = {}
-    for k, v in obj.items():
-        if not isinstance(k, str):
-            raise CheckpointError(f"its state_dict's key {k!r} ({type(k).__name__}) is not a parameter name")
+    sd, original = {}, {}
+    for raw, v in obj.items():
+        if not isinstance(raw, str):
+            raise CheckpointError(f"its state_dict's key {raw!r} ({type(raw).__name__}) is not a parameter name")
+        k = raw
         for prefix in ("module.", "_orig_mod."):
             while k.startswith(prefix):
                 k = k[len(prefix):]
-        sd[k] = v
+        if k in sd:              # two tensors for one parameter: neither may win silently
+            raise CheckpointError(f"its state_dict holds {k!r} twice (as {original[k]!r} and {raw!r})")
+        sd[k], original[k] = v, raw
     check_dense(sd)
     return sd, config, ".".join(used) or None, others
 
