@@ -92,8 +92,30 @@ def check_config(scale, n_colors, n_feats, n_groups, n_blocks, inner, distill, a
         raise TypeError(f"DRN: alpha must be a real number, got {type(alpha).__name__} {alpha!r}")
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"DRN: alpha must be finite and > 0, got {alpha}")
+    if isinstance(rgb_range, bool) or not isinstance(rgb_range, numbers.Real):
+        raise TypeError(f"DRN: rgb_range must be a real number, got {type(rgb_range).__name__} {rgb_range!r}")
     if not (math.isfinite(rgb_range) and rgb_range > 0):      # inf: every pixel NaN after the divide
         raise ValueError(f"DRN: rgb_range must be finite and > 0, got {rgb_range}")
+
+
+def _rgb_mean(rgb_mean, n_colors) -> torch.Tensor:
+    """rgb_mean as a float32 CPU tensor of n_colors finite values (a copy: never the caller's tensor;
+    on the CPU, where its values can be checked, also under a `with torch.device("meta")`)."""
+    mean = None
+    if isinstance(rgb_mean, torch.Tensor):
+        mean = rgb_mean.detach().to("cpu", torch.float32, copy=True)
+    elif not isinstance(rgb_mean, (str, bytes)):
+        try:
+            mean = torch.tensor(rgb_mean, dtype=torch.float32, device="cpu")
+        except (TypeError, ValueError, RuntimeError):    # strings, None, ragged lists
+            pass
+    if mean is None or mean.dim() != 1:
+        raise TypeError(f"DRN: rgb_mean must be a sequence of n_colors numbers, got {rgb_mean!r}")
+    if len(mean) != n_colors:
+        raise ValueError(f"DRN: rgb_mean has {len(mean)} values for n_colors={n_colors}")
+    if not bool(torch.isfinite(mean).all()):      # NaN or inf: every output pixel NaN
+        raise ValueError(f"DRN: rgb_mean must be finite, got {tuple(rgb_mean)}")
+    return mean
 
 
 class DRN(nn.Module):
@@ -104,13 +126,12 @@ class DRN(nn.Module):
                  rgb_mean=DIV2K_RGB_MEAN, rgb_range: float = 1.0):
         super().__init__()
         check_config(scale, n_colors, n_feats, n_groups, n_blocks, inner, distill, alpha, rgb_range)
-        if len(rgb_mean) != n_colors:
-            raise ValueError(f"DRN: rgb_mean has {len(rgb_mean)} values for n_colors={n_colors}")
+        mean = _rgb_mean(rgb_mean, n_colors)
         self.scale = scale
         self.n_colors = n_colors
         self.alpha = alpha
         self.rgb_range = rgb_range
-        self.register_buffer("rgb_mean", torch.tensor(rgb_mean, dtype=torch.float32).view(1, n_colors, 1, 1))
+        self.register_buffer("rgb_mean", mean.view(1, n_colors, 1, 1).to(torch.get_default_device()))
         self.head = nn.Conv2d(n_colors, n_feats, 3, padding=1)
         self.groups = nn.ModuleList(
             ResidualDistillGroup(n_feats, n_blocks, inner, distill, alpha) for _ in range(n_groups)

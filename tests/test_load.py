@@ -193,6 +193,73 @@ def test_a_checkpoint_recording_an_infinite_rgb_range_is_refused(tmp_path):
         fastdrn.DRN(scale=2, n_feats=8, n_groups=1, n_blocks=1, rgb_range=float("inf"))
 
 
+@pytest.mark.parametrize("key,tensor,message", [
+    # infer_config read shape[1] of these unchecked: IndexError "tuple index out of range"
+    ("head.weight", torch.zeros(()), r"head.weight has shape \(\), not that of a 3x3 conv weight"),
+    ("head.weight", torch.zeros(12), r"head.weight has shape \(12,\), not that of a 3x3 conv weight"),
+    ("groups.0.blocks.0.squeeze.weight", torch.zeros(16), r"squeeze.weight has shape \(16,\)"),
+    ("upsample.weight", torch.zeros(108), r"upsample.weight has shape \(108,\)"),
+    # and divided by head.weight's rows: ZeroDivisionError
+    ("head.weight", torch.zeros(0, 3, 3, 3), r"head.weight has shape \(0, 3, 3, 3\), not that of a 3x3 conv"),
+])
+def test_a_state_dict_of_misshapen_tensors_is_refused_by_name(tmp_path, key, tensor, message):
+    torch.save({**_ref().state_dict(), key: tensor}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match=message):
+        fastdrn.load(tmp_path / "w.pt")
+
+
+def test_an_rgb_mean_override_wins_over_the_checkpoints():
+    """Overrides win over the checkpoint, but rgb_mean is also a buffer in the state_dict: loading
+    it put the checkpoint's mean back, while the config returned said the override's."""
+    from fastdrn.tools.checkpoint import load_model
+    sd = _ref(rgb_mean=(0.5, 0.4, 0.3)).state_dict()
+    model, cfg = load_model(sd, overrides={"rgb_mean": (0.1, 0.2, 0.3)})
+    assert cfg["rgb_mean"] == (0.1, 0.2, 0.3)
+    torch.testing.assert_close(model.rgb_mean.flatten(), torch.tensor([0.1, 0.2, 0.3]))
+    want = _ref(rgb_mean=(0.1, 0.2, 0.3))    # the checkpoint's weights, the override's mean
+    want.load_state_dict({k: v for k, v in sd.items() if k != "rgb_mean"}, strict=False)
+    _same_function(model, want)
+
+
+def test_a_state_dict_of_meta_tensors_is_refused_by_name(tmp_path):
+    """torch.save of a model built on the meta device (deferred initialization) holds shapes and no
+    data: check_finite called .item() on it, RuntimeError 'cannot be called on meta tensors'."""
+    torch.save({k: v.to("meta") for k, v in _ref().state_dict().items()}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match=r"w.pt: .*tensors on the meta device hold no values: rgb_mean, head.weight"):
+        fastdrn.load(tmp_path / "w.pt")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.qint8])
+def test_integer_or_quantized_weights_are_refused_by_name(tmp_path, dtype):
+    """Integer codes (a quantized export without its scales) loaded as float weights 100 times too
+    big, silently; qint8 tensors failed in load_state_dict's copy with a RuntimeError."""
+    sd = _ref().state_dict()
+    for k in ("head.weight", "tail.bias"):
+        sd[k] = (torch.quantize_per_tensor(sd[k], 0.01, 0, dtype) if dtype == torch.qint8
+                 else (sd[k] * 100).round().to(dtype))
+    torch.save(sd, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match=re.escape(f"floating-point tensors can be weights; the checkpoint "
+                                                        f"holds head.weight: dtype {dtype}, tail.bias: dtype {dtype}")):
+        fastdrn.load(tmp_path / "w.pt")
+
+
+def test_a_state_dict_with_keys_that_are_not_names_is_refused(tmp_path):
+    """Tensors keyed by number (a list of parameters saved as a dict): the prefix removal called
+    .startswith on an int, AttributeError."""
+    torch.save({**_ref().state_dict(), 3: torch.zeros(2)}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match=r"w.pt: .*key 3 \(int\) is not a parameter name"):
+        fastdrn.load(tmp_path / "w.pt")
+
+
+def test_a_key_held_with_and_without_a_wrapper_prefix_is_refused(tmp_path):
+    """module.head.weight and head.weight both became head.weight: the later one won, silently."""
+    sd = _ref().state_dict()
+    torch.save({**sd, "module.head.weight": sd["head.weight"] + 1}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match=r"w.pt: .*holds 'head.weight' twice \(as 'head.weight' and "
+                                              r"'module.head.weight'\)"):
+        fastdrn.load(tmp_path / "w.pt")
+
+
 def test_weights_with_nan_or_inf_are_refused_by_name(tmp_path, capsys):
     """A diverged run's last.pt (NaN weights) loaded, and upscale wrote images of NaN cast to bytes."""
     sd = _ref().state_dict()
@@ -272,6 +339,19 @@ def test_shipped_names_resolve_to_files_in_the_weights_folder(tmp_path, monkeypa
     assert cli.main(["upscale", str(img), "-o", str(tmp_path / "b.png"), "--weights", "drn-x2",
                      "--device", "cpu"]) == 0
     assert PILImage.open(tmp_path / "b.png").size == (24, 20)
+
+
+def test_the_command_line_checks_the_scale_a_shipped_name_promises(tmp_path, monkeypatch, capsys):
+    """upscale and eval pass expect={"scale": None} without --scale, and that None replaced the
+    name's promise: a drn-x2 file holding an x3 model upscaled by 3 without a word."""
+    monkeypatch.setattr(fastdrn.pretrained, "WEIGHTS_DIR", str(tmp_path))
+    torch.save({"params": reference.drn(3, n_groups=1, n_blocks=1).state_dict()}, tmp_path / "drn-x2.pt")
+    img = tmp_path / "a.png"
+    PILImage.fromarray((np.random.rand(5, 7, 3) * 255).astype(np.uint8)).save(img)
+    assert cli.main(["upscale", str(img), "-o", str(tmp_path / "b.png"), "--weights", "drn-x2",
+                     "--device", "cpu"]) == 2
+    assert "scale: checkpoint has 3, expected 2" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists()
 
 
 def test_setup_installs_every_weight_file_kind():

@@ -57,7 +57,29 @@ def test_forward_shape_and_no_clamp():
     (dict(distill=0), "distill"),
     (dict(alpha=0.0), "alpha"),
     (dict(n_colors=1), "rgb_mean"),
+    # rgb_range was only tested with math.isfinite: a string or None raised "must be real number,
+    # not str" naming no argument, and True passed as a white of 1
+    (dict(rgb_range="255"), "rgb_range must be a real number, got str '255'"),
+    (dict(rgb_range=None), "rgb_range must be a real number"),
+    (dict(rgb_range=True), "rgb_range must be a real number, got bool"),
+    # rgb_mean reached torch.tensor unchecked: NaN built a model whose every output pixel was NaN,
+    # strings and a bare number raised torch's or len()'s messages naming no argument
+    (dict(rgb_mean=(float("nan"), 0.4, 0.4)), r"rgb_mean must be finite, got \(nan, 0.4, 0.4\)"),
+    (dict(rgb_mean=(0.4, float("inf"), 0.4)), "rgb_mean must be finite"),
+    (dict(rgb_mean=("a", "b", "c")), "rgb_mean must be a sequence of n_colors numbers"),
+    (dict(rgb_mean=0.5), "rgb_mean must be a sequence of n_colors numbers, got 0.5"),
+    (dict(rgb_mean=None), "rgb_mean must be a sequence of n_colors numbers, got None"),
 ])
 def test_bad_config_is_named(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         reference.DRN(**kwargs)
+
+
+def test_rgb_mean_may_be_a_tensor_and_is_copied():
+    mean = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    model = reference.DRN(scale=2, n_feats=4, n_groups=1, n_blocks=1, rgb_mean=mean)
+    mean[0] = 9.0                                     # the caller's tensor is not the model's buffer
+    assert model.rgb_mean.dtype == torch.float32 and model.rgb_mean.shape == (1, 3, 1, 1)
+    torch.testing.assert_close(model.rgb_mean.flatten(), torch.tensor([0.1, 0.2, 0.3]))
+    with torch.device("meta"):                        # deferred initialization: checked, yet on meta
+        assert reference.DRN(scale=2, n_feats=4, n_groups=1, n_blocks=1).rgb_mean.is_meta

@@ -234,6 +234,40 @@ def test_tiled_equals_untiled(scale, tile):
     assert (e_full - e_tiled).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("tile", [None, 4])     # whole image, and tiles (where a wrong scale mis-cut the output)
+def test_super_resolve_refuses_a_scale_or_channels_the_model_does_not_have(tile):
+    """With tiles, scale=2 for an x3 model wrote each tile's x3 output into an x2 canvas: a wrong
+    image, no error; a 1-channel input to a 3-colour reference model came out as 3 channels."""
+    m = _model(scale=3)
+    with pytest.raises(ValueError, match=r"scale=2 .*\(1, 3, \d+, \d+\) gave \(1, 3, \d+, \d+\)"):
+        super_resolve(m, torch.rand(3, 9, 11), 2, tile=tile, radius=receptive_radius(CFG))
+    with pytest.raises(ValueError, match=r"\(1, 1, 5, 5\) gave \(1, 3, 15, 15\)"):
+        super_resolve(m, torch.rand(1, 5, 5), 3, tile=tile, radius=receptive_radius(CFG))
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(tile=-4), "tile must be an int >= 0 or None, got -4"),      # ran untiled, silently
+    (dict(tile=2.5), "tile must be an int >= 0 or None, got 2.5"),    # range(): TypeError naming no argument
+    (dict(tile=True), "tile must be an int >= 0 or None, got True"),  # ran as tiles of 1 pixel
+    (dict(tile=0, overlap=-1), "overlap must be an int >= 0, got -1"),  # ignored without tiles
+    (dict(tile=4, overlap=1.5), "overlap must be an int >= 0, got 1.5"),
+])
+def test_forward_tiled_refuses_a_bad_tile_or_overlap(kw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        forward_tiled(_model(), torch.rand(1, 3, 9, 11), CFG["scale"], **kw)
+
+
+@pytest.mark.parametrize("lr,dtype,message", [
+    (torch.rand(5, 5), "fp32", r"an image \(C, H, W\) or batch \(N, C, H, W\), got shape \(5, 5\)"),  # unpack error
+    (torch.rand(3, 5, 5), "fp8", "dtype must be one of fp32, bf16, fp16, got 'fp8'"),               # KeyError 'fp8'
+    # a uint8 image (torchvision.io.read_image's) was taken as [0, 1] values: an output 255 times too bright
+    ((torch.rand(3, 5, 5) * 255).to(torch.uint8), "fp32", r"floating-point image in \[0, 1\], got torch.uint8"),
+])
+def test_super_resolve_names_a_bad_image_shape_or_dtype(lr, dtype, message):
+    with pytest.raises(ValueError, match=message):
+        super_resolve(_model(), lr, CFG["scale"], dtype=dtype)
+
+
 def test_self_ensemble_is_mean_of_eight_transforms():
     x = torch.rand(1, 3, 5, 7)
     calls = []

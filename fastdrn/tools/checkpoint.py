@@ -66,14 +66,20 @@ def _is_state_dict(d: Any) -> bool:
 
 
 def check_dense(sd: Mapping[str, torch.Tensor]) -> None:
-    """Refuse tensors a model cannot take as weights: sparse or other non-strided layouts, and
-    non-numeric or complex dtypes. Raises CheckpointError naming every offending key."""
+    """Refuse tensors a model cannot take as weights: meta tensors, sparse or other non-strided
+    layouts, and dtypes other than floating-point ones (bool, integer, quantized, complex). Raises CheckpointError naming every offending key."""
+    meta = [k for k, v in sd.items() if v.is_meta]
+    if meta:                     # shapes only (a model saved from deferred initialization)
+        raise CheckpointError("tensors on the meta device hold no values: " + ", ".join(meta[:6])
+                              + (f" and {len(meta) - 6} more" if len(meta) > 6 else ""))
     bad = [f"{k}: {v.layout}" for k, v in sd.items() if v.layout != torch.strided]
+    # Integer tensors are refused too: codes of a quantized model without their scales loaded as
+    # weights (cast, silently), and quantized ones failed inside load_state_dict's copy.
     bad += [f"{k}: dtype {v.dtype}" for k, v in sd.items()
-            if v.layout == torch.strided and (v.is_complex() or v.dtype == torch.bool)]
+            if v.layout == torch.strided and not v.is_floating_point()]
     if bad:
         shown = bad[:10] + ([f"... and {len(bad) - 10} more"] if len(bad) > 10 else [])
-        raise CheckpointError("only dense real-valued tensors can be weights; the checkpoint holds "
+        raise CheckpointError("only dense floating-point tensors can be weights; the checkpoint holds "
                               + ", ".join(shown))
 
 
@@ -125,12 +131,17 @@ def select_weights(obj: Any, key: str | None = None) -> tuple[dict[str, torch.Te
         obj = obj[choice]
     else:
         raise CheckpointError("no state_dict found in checkpoint (nested too deeply)")
-    sd = {}
-    for k, v in obj.items():
+    sd, original = {}, {}
+    for raw, v in obj.items():
+        if not isinstance(raw, str):
+            raise CheckpointError(f"its state_dict's key {raw!r} ({type(raw).__name__}) is not a parameter name")
+        k = raw
         for prefix in ("module.", "_orig_mod."):
             while k.startswith(prefix):
                 k = k[len(prefix):]
-        sd[k] = v
+        if k in sd:              # two tensors for one parameter: neither may win silently
+            raise CheckpointError(f"its state_dict holds {k!r} twice (as {original[k]!r} and {raw!r})")
+        sd[k], original[k] = v, raw
     check_dense(sd)
     return sd, config, ".".join(used) or None, others
 
@@ -147,6 +158,13 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> dict:
     if problems:
         raise CheckpointError("not a DRN state_dict: missing " + ", ".join(problems)
                               + f" (it has {len(sd)} keys, e.g. {', '.join(list(sd)[:6])})")
+    # The shapes read below must be conv weights', else a 0-d or 1-d tensor raised IndexError and an
+    # empty head ZeroDivisionError; a wrong kernel size is left to the mismatch report.
+    for k, kind in (("head.weight", "3x3"), ("upsample.weight", "3x3"), ("tail.weight", "3x3"),
+                    ("groups.0.blocks.0.squeeze.weight", "1x1"), ("groups.0.blocks.0.expand.weight", "1x1")):
+        if k in sd and (sd[k].dim() != 4 or 0 in sd[k].shape):
+            raise CheckpointError(f"{k} has shape {tuple(sd[k].shape)}, not that of a {kind} conv weight "
+                                  "(out, in, k, k), none of them 0")
     head = sd["head.weight"]
     n_feats, n_colors = int(head.shape[0]), int(head.shape[1])
     ratio, rem = divmod(int(sd["upsample.weight"].shape[0]), n_feats)
@@ -346,7 +364,8 @@ def load_model(source: str | os.PathLike | Mapping, overrides: Mapping | None = 
     obj = load_checkpoint(source) if not isinstance(source, Mapping) else source
     name = os.fspath(source) if not isinstance(source, Mapping) else "checkpoint"
     from fastdrn.pretrained import expected_config
-    expect = {**expected_config(name), **(expect or {})} if not isinstance(source, Mapping) else expect
+    if not isinstance(source, Mapping):     # a caller's None (no --scale) leaves the name's promise standing
+        expect = {**expected_config(name), **{k: v for k, v in (expect or {}).items() if v is not None}}
     try:
         sd, stored, used, others = select_weights(obj, key)
     except CheckpointError as e:
@@ -380,6 +399,8 @@ def load_model(source: str | os.PathLike | Mapping, overrides: Mapping | None = 
     problems += _mismatches(model, sd)
     if problems:
         raise CheckpointError(f"{name} does not fit a DRN with {_fmt(cfg)}:\n  " + "\n  ".join(problems))
+    if (overrides or {}).get("rgb_mean") is not None:    # a buffer too: loading would put the checkpoint's back
+        sd = {**sd, "rgb_mean": model.rgb_mean}
     model.load_state_dict(sd, strict=True)
     return model.eval(), cfg
 

@@ -11,6 +11,7 @@ untiled one up to floating-point summation order.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Mapping
 
 import torch
@@ -54,23 +55,43 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def forward_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: int,
                   tile: int | None = None, overlap: int = 0, out_device: torch.device | None = None) -> torch.Tensor:
-    """Apply ``fn`` (an x``scale`` model) to (N, C, H, W) ``x`` tile by tile (``tile`` LR pixels square)."""
+    """Apply ``fn`` (an x``scale`` model) to (N, C, H, W) ``x`` tile by tile (``tile`` LR pixels square;
+    None or 0: the whole image at once). Each output must be ``x``'s (N, C) and ``scale`` times its
+    input's size: tiles of another scale would be cut and placed wrongly."""
+    if tile is not None and not _count(tile):
+        raise ValueError(f"tile must be an int >= 0 or None, got {tile!r}")
+    if not _count(overlap):
+        raise ValueError(f"overlap must be an int >= 0, got {overlap!r}")
     n, _, h, w = x.shape
-    if not tile or tile <= 0 or (h <= tile and w <= tile):
-        out = fn(x)
+    if not tile or (h <= tile and w <= tile):
+        out = _checked(fn, x, scale)
         return out if out_device is None else out.to(out_device)
-    if overlap < 0:
-        raise ValueError("tile overlap must be >= 0")
     out = None
     for y0, y1, ya, yb in _windows(h, tile, overlap):
         for x0, x1, xa, xb in _windows(w, tile, overlap):
-            o = fn(x[:, :, ya:yb, xa:xb])
+            o = _checked(fn, x[:, :, ya:yb, xa:xb], scale)
             if out is None:
                 out = torch.empty(n, o.shape[1], h * scale, w * scale, dtype=o.dtype,
                                   device=out_device or o.device)
             out[:, :, y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
                 o[:, :, (y0 - ya) * scale:(y1 - ya) * scale, (x0 - xa) * scale:(x1 - xa) * scale]
     return out
+
+
+def _count(value) -> bool:
+    """Whether value is an int >= 0 (a bool is not one: True would be a tile of one pixel)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+
+
+def _checked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: int) -> torch.Tensor:
+    """fn(x), refused unless it is x's (N, C) at ``scale`` times x's size."""
+    o = fn(x)
+    n, c, h, w = x.shape
+    if tuple(o.shape) != (n, c, h * scale, w * scale):
+        raise ValueError(f"scale={scale} and the model disagree: an input of {tuple(x.shape)} gave "
+                         f"{tuple(o.shape)}, not {(n, c, h * scale, w * scale)} (the model's scale and "
+                         "colour channels are those of its checkpoint)")
+    return o
 
 
 def _windows(size: int, tile: int, overlap: int):
@@ -125,6 +146,13 @@ def super_resolve(model: torch.nn.Module, lr: torch.Tensor, scale: int, *, rgb_r
     already be on ``device`` and in ``dtype``. ``overlap`` defaults to ``radius`` (the
     receptive-field radius), which makes tiling seamless.
     """
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if lr.dim() not in (3, 4):
+        raise ValueError(f"super_resolve takes an image (C, H, W) or batch (N, C, H, W), got shape {tuple(lr.shape)}")
+    if not lr.is_floating_point():
+        raise ValueError(f"super_resolve takes a floating-point image in [0, 1], got {lr.dtype} (divide a uint8 "
+                         "image by 255)")
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if device is not None:
         dev = resolve_device(device)
