@@ -12,8 +12,9 @@ is a real step: Triton compiles and autotunes there, cuDNN picks its algorithms,
 the GradScaler create their state). The next call captures: a training step then replays the graph
 (so every call is exactly one optimizer step), an upscaler computes that call's result eagerly from
 the graph's own input buffer; later calls replay. Graphs are kept per (shape, dtype, memory format,
-model.training) in a least-recently-used cache of ``max_graphs`` entries; a shape seen only once
-(an evaluation set of differently sized images) never pays for a capture. All graphs of one step
+model.training, the caller's own autocast around the call) in a least-recently-used cache of
+``max_graphs`` entries; a shape seen only once (an evaluation set of differently sized images)
+never pays for a capture. All graphs of one step
 or upscaler share one memory pool.
 
 What the graph bakes in, and so what a caller must not change after a shape was captured:
@@ -111,6 +112,15 @@ def _autocast(device: torch.device, amp_dtype):
     # Capture needs autocast's weight-cast cache off (torch's CUDA-graph notes); casting each weight at
     # its use gives the same values, so the eager path runs it the same way.
     return torch.autocast(device.type, dtype=amp_dtype, cache_enabled=False)
+
+
+def _outer_autocast(device_type: str) -> tuple:
+    """The caller's own autocast for `device_type` around a call: a graph captured under it has its casts
+    (the forward's, and the loss's, which runs outside `amp_dtype`'s autocast) baked in, so it is part
+    of the key. Two cheap queries a call; the dtype only counts when autocast is on."""
+    if torch.is_autocast_enabled(device_type):
+        return True, torch.get_autocast_dtype(device_type)
+    return False, None
 
 
 def _warm_up(stream: torch.cuda.Stream, fn, *args) -> torch.Tensor:
@@ -419,7 +429,7 @@ class TrainStep:
         _check_device(self.device, self._graph_device, "fastdrn.make_train_step")
         if self._baked is not None:
             self._check_unchanged()
-        key = (_layout(lr), _layout(hr), self.model.training)
+        key = (_layout(lr), _layout(hr), self.model.training, _outer_autocast(self._graph_device.type))
         entry = self._cache.get(key)
         if entry is None:
             if not self._cache.due(key):
@@ -487,7 +497,7 @@ class Upscaler:
         _check_device(p0.device, self._graph_device, "fastdrn.make_upscaler")
         if self._param_ptr is not None and p0.data_ptr() != self._param_ptr:
             self.reset()  # parameters moved (model.to, model.half): the graphs read the old storage
-        key = (_layout(lr), self.model.training)
+        key = (_layout(lr), self.model.training, _outer_autocast(self._graph_device.type))
         entry = self._cache.get(key)
         if entry is not None:
             entry.inputs[0].copy_(lr, non_blocking=True)

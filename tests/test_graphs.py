@@ -414,6 +414,36 @@ def test_ddp_model_is_not_captured(monkeypatch, tmp_path):
         dist.destroy_process_group()
 
 
+def test_the_callers_autocast_is_part_of_the_graph_key(monkeypatch):
+    """A graph captured inside the caller's torch.autocast has its casts baked in: calls of one shape
+    inside and outside it, or under another autocast dtype, must not replay each other's graph. Where a
+    graph would be captured (pretended, as above; the model's device type is the CPU's here), the keys
+    the step and the upscaler look up are recorded before any CUDA call."""
+    monkeypatch.setattr(graphs, "capture_unavailable", lambda device: None)
+    model, = twins(TINY, "cpu", 1)
+    step = fastdrn.make_train_step(model, torch.optim.Adam(model.parameters(), capturable=True), F.l1_loss)
+    up = fastdrn.make_upscaler(model)
+    lr, hr = batch(2, 5, 7, 2, "cpu")
+
+    class Looked(Exception):
+        pass
+
+    for runner, args in ((step, (lr, hr)), (up, (lr,))):
+        keys = []
+
+        def get(key):
+            keys.append(key)
+            raise Looked
+
+        runner._cache.get = get
+        for outer in (contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16),
+                      torch.autocast("cpu", dtype=torch.float16), torch.autocast("cpu", enabled=False)):
+            with outer, pytest.raises(Looked):
+                runner(*args)
+        assert len(set(keys[:3])) == 3, f"{type(runner).__name__}: one key inside and outside autocast"
+        assert keys[3] == keys[0], f"{type(runner).__name__}: autocast(enabled=False) is no autocast"
+
+
 # ----------------------------------------------------------------------------------- tiling
 
 @pytest.mark.parametrize("size,tile,overlap", [(45, 11, 7), (38, 11, 7), (20, 16, 3), (7, 3, 0), (24, 5, 20),
