@@ -381,12 +381,17 @@ class TrainStep:
                     if v0 != v1:
                         change = (f"changed ({v0!r} -> {v1!r})" if not (_is_tensor(v0) or _is_tensor(v1)) else
                                   "was replaced by another object (the graph reads the old tensor: update it in place)")
+                        # Only an optimizer with a capturable option (Adam, AdamW) can take the tensor
+                        # advice; SGD has none and its capture holds the float as it was.
+                        tensor = ("Give the optimizer that hyperparameter as a tensor on the device (e.g. "
+                                  "lr=torch.tensor(1e-4, device='cuda') with capturable=True: a scheduler then "
+                                  "updates it in place), or call" if "capturable" in self.optimizer.param_groups[i]
+                                  else f"{type(self.optimizer).__name__} has no capturable option to read it from "
+                                  f"a tensor: call")
                         raise RuntimeError(
                             f"optimizer param_groups[{i}][{k!r}] {change} after the training step was captured in "
-                            f"a CUDA graph, which replays the old value. Give the optimizer that hyperparameter as "
-                            f"a tensor on the device (e.g. lr=torch.tensor(1e-4, device='cuda') with "
-                            f"capturable=True: a scheduler then updates it in place), or call step.reset() after "
-                            f"changing it, or pass cuda_graph=False")
+                            f"a CUDA graph, which replays the old value. {tensor} step.reset() after changing it "
+                            f"(each shape is then captured again), or pass cuda_graph=False")
             raise RuntimeError("the optimizer's param groups changed after the training step was captured; "
                                "call step.reset()")
 
@@ -551,9 +556,9 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     of ``sr``'s shape.
 
     ``cuda_graph``: None (default) captures where it can (a CUDA model, Triton not interpreted),
-    True captures or raises, False runs eagerly. Capturing needs an optimizer built with
-    ``capturable=True`` (``torch.optim.Adam``/``AdamW``; with a GradScaler also ``fused=True``),
-    checked here, and a tensor ``lr`` for a scheduler to reach the graph (see this module's notes).
+    True captures or raises, False runs eagerly. Capturing needs an optimizer that has a
+    ``capturable`` option built with ``capturable=True`` (``torch.optim.Adam``/``AdamW``; with a
+    GradScaler also ``fused=True``), checked here (one without the option, SGD, is captured as it is), and a tensor ``lr`` for a scheduler to reach the graph (see this module's notes).
     float16 needs an enabled GradScaler, on every path. ``max_graphs``: shapes kept captured.
     """
     return TrainStep(model, optimizer, loss_fn, amp_dtype=amp_dtype, grad_scaler=grad_scaler,

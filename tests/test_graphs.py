@@ -375,6 +375,28 @@ def test_what_the_graphs_baked_in_is_checked_before_each_replay(torch_math):
     assert step._baked is None, "the unfrozen head not noticed"
 
 
+@pytest.mark.parametrize("opt_cls,advice", [
+    (torch.optim.Adam, "capturable=True"),   # has the option: a tensor lr reaches the graph
+    (torch.optim.SGD, "SGD has no capturable option"),   # captured as it is; capturable=True is a TypeError
+])
+def test_a_changed_float_lr_gets_advice_the_optimizer_can_take(torch_math, opt_cls, advice):
+    """After capture (the bake driven on the CPU, as above) a float lr that changed raises; the fix it
+    names must be one this optimizer accepts: SGD(capturable=True) is a TypeError."""
+    model, = twins(TINY, "cpu", 1)
+    opt = opt_cls(model.parameters(), lr=1e-2)
+    step = fastdrn.make_train_step(model, opt, F.l1_loss)
+    step(*batch(2, 5, 7, 2, "cpu"))
+    step._baked = step._bake()
+    opt.param_groups[0]["lr"] = 5e-3
+    with pytest.raises(RuntimeError, match=r"\['lr'\] changed") as err:
+        step._check_unchanged()
+    assert advice in str(err.value) and "step.reset()" in str(err.value)
+    if opt_cls is torch.optim.SGD:
+        assert "capturable=True" not in str(err.value)
+        with pytest.raises(TypeError):
+            torch.optim.SGD(model.parameters(), capturable=True)
+
+
 def test_optimizer_of_another_model_is_refused(torch_math):
     """An optimizer built over a copy of the model (made before a deepcopy, or for another model)
     steps none of this model's parameters: every call would train nothing, silently."""
