@@ -101,6 +101,21 @@ def _check_batch(name: str, t) -> None:
                         f"convert an 8-bit image with {name}.float() / 255")
 
 
+def _check_input_dtype(lr: torch.Tensor, model_dtype: torch.dtype, autocast_on: bool) -> None:
+    """lr in the dtype of the model's parameters, unless autocast (amp_dtype or the caller's own)
+    casts the convolutions' inputs, which it does for every float dtype but float64; else the first
+    convolution fails deep inside with "Input type (double) and bias type (float)". Not converted:
+    float64 into a float32 model, or float16 without amp_dtype, is more likely a mistake than a wish."""
+    if lr.dtype == model_dtype:
+        return
+    if not autocast_on:
+        raise TypeError(f"lr is {lr.dtype}, but the model's parameters are {model_dtype}: pass lr.to({model_dtype}), "
+                        f"or run the forward under autocast (amp_dtype=torch.bfloat16 or torch.float16)")
+    if torch.float64 in (lr.dtype, model_dtype):
+        raise TypeError(f"lr is {lr.dtype}, but the model's parameters are {model_dtype}, and autocast does not "
+                        f"cast float64: pass lr.to({model_dtype})")
+
+
 def _check_amp_dtype(amp_dtype) -> None:
     if amp_dtype is not None and amp_dtype not in AMP_DTYPES:
         raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
@@ -429,12 +444,15 @@ class TrainStep:
         if lr.numel() == 0 or hr.numel() == 0:
             raise ValueError(f"lr {tuple(lr.shape)} and hr {tuple(hr.shape)}: an empty batch has no loss to "
                              f"take a training step on")
+        p0 = self._params[0]
+        outer = _outer_autocast(p0.device.type)
+        _check_input_dtype(lr, p0.dtype, self.amp_dtype is not None or outer[0])
         if not self.cuda_graph:
             return self._eager(lr, hr)
-        _check_device(self.device, self._graph_device, "fastdrn.make_train_step")
+        _check_device(p0.device, self._graph_device, "fastdrn.make_train_step")
         if self._baked is not None:
             self._check_unchanged()
-        key = (_layout(lr), _layout(hr), self.model.training, _outer_autocast(self._graph_device.type))
+        key = (_layout(lr), _layout(hr), self.model.training, outer)
         entry = self._cache.get(key)
         if entry is None:
             if not self._cache.due(key):
@@ -496,13 +514,15 @@ class Upscaler:
 
     def __call__(self, lr: torch.Tensor) -> torch.Tensor:
         _check_batch("lr", lr)
+        p0 = self._first_param
+        outer = _outer_autocast(p0.device.type)
+        _check_input_dtype(lr, p0.dtype, self.amp_dtype is not None or outer[0])
         if not self.cuda_graph:
             return self._eager(lr)
-        p0 = self._first_param
         _check_device(p0.device, self._graph_device, "fastdrn.make_upscaler")
         if self._param_ptr is not None and p0.data_ptr() != self._param_ptr:
             self.reset()  # parameters moved (model.to, model.half): the graphs read the old storage
-        key = (_layout(lr), self.model.training, _outer_autocast(self._graph_device.type))
+        key = (_layout(lr), self.model.training, outer)
         entry = self._cache.get(key)
         if entry is not None:
             entry.inputs[0].copy_(lr, non_blocking=True)
@@ -553,7 +573,8 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     one is given and enabled) and ``optimizer.step()`` (``grad_scaler.step`` and ``update``), and
     returns the loss as a 0-d tensor on the model's device: nothing waits for the GPU unless the
     caller reads it. ``lr`` and ``hr`` are float tensors on any device (copied to the model's), ``hr``
-    of ``sr``'s shape.
+    of ``sr``'s shape; ``lr`` in the dtype of the model's parameters unless autocast (``amp_dtype``,
+    or the caller's own) casts it, which it does for all but float64 (a TypeError names both dtypes), ``hr`` of any float dtype.
 
     ``cuda_graph``: None (default) captures where it can (a CUDA model, Triton not interpreted),
     True captures or raises, False runs eagerly. Capturing needs an optimizer that has a
@@ -572,7 +593,9 @@ def make_upscaler(model: torch.nn.Module, *, amp_dtype=None, cuda_graph: bool | 
     ``lr`` is a float tensor on any device (copied to the model's); ``sr`` is a new tensor on the
     model's device that the caller owns. ``amp_dtype``: run under ``torch.autocast`` in
     torch.bfloat16 or torch.float16 (for a model stored in float32); a model
-    already cast to a 16-bit dtype takes inputs of that dtype and needs none. The model's mode is
+    already cast to a 16-bit dtype takes inputs of that dtype and needs none. Without autocast
+    (``amp_dtype`` or the caller's own), and for float64 with it, ``lr`` must have the parameters'
+    dtype (a TypeError names both). The model's mode is
     the caller's (``model.eval()`` for inference). ``cuda_graph`` as in :func:`make_train_step`;
     ``max_graphs`` shapes stay captured (least recently used out).
     """

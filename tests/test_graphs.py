@@ -235,6 +235,40 @@ def test_inputs_that_are_not_float_tensors_are_refused_by_name(torch_math):
             up(bad)
 
 
+@pytest.mark.parametrize("dtype", [
+    torch.float64,   # a float64 data pipeline into a float32 model
+    torch.float16,   # a half batch without amp_dtype
+])
+def test_lr_in_another_dtype_than_the_model_is_refused_by_name_unless_autocast_casts_it(torch_math, dtype):
+    """Without autocast, the first convolution failed with PyTorch's "Input type (double) and bias type
+    (float)"; now a TypeError names lr's dtype and the model's, before any parameter changes. Under
+    autocast (amp_dtype, or the caller's own) the convolutions cast a float16 input: that stays valid;
+    autocast never casts float64, which still fails there, so it is refused by name too."""
+    model, step = tiny_step()
+    up = fastdrn.make_upscaler(model)
+    amp = fastdrn.make_train_step(model, torch.optim.Adam(model.parameters(), lr=1e-2), F.l1_loss,
+                                  amp_dtype=torch.bfloat16)
+    up_amp = fastdrn.make_upscaler(model, amp_dtype=torch.bfloat16)
+    before = [p.detach().clone() for p in model.parameters()]
+    lr, hr = batch(2, 5, 7, 2, "cpu")
+    lr = lr.to(dtype)
+    named = rf"lr is {dtype}, but the model's parameters are torch.float32"
+    with pytest.raises(TypeError, match=named):
+        step(lr, hr)
+    with pytest.raises(TypeError, match=named):
+        up(lr)
+    assert_unchanged(model, before, f"a refused {dtype} lr")
+    for outer, calls in ((contextlib.nullcontext(), (lambda: amp(lr, hr), lambda: up_amp(lr))),
+                         (torch.autocast("cpu", dtype=torch.bfloat16), (lambda: step(lr, hr), lambda: up(lr)))):
+        with outer:
+            for call in calls:
+                if dtype == torch.float64:
+                    with pytest.raises(TypeError, match=named + ".*autocast does not cast float64"):
+                        call()
+                else:
+                    assert torch.isfinite(call()).all()
+
+
 def test_empty_batch_is_refused_by_the_train_step(torch_math):
     """An empty batch (N, H or W of 0) has no loss to step on: a ValueError before the model runs, not
     pixel_shuffle's backward failing on it. The upscaler gives the empty output, as the model does."""
