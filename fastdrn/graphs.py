@@ -293,6 +293,9 @@ class TrainStep:
         backward and the optimizer step; gradients must be None on entry."""
         with _autocast(self.device, self.amp_dtype):
             sr = self.model(lr)
+        if not isinstance(sr, torch.Tensor):  # else an AttributeError on sr.shape below
+            raise TypeError(f"the model's forward must return the SR batch as one tensor, got a "
+                            f"{type(sr).__name__}: wrap the model so that its forward returns that tensor")
         if sr.shape != hr.shape:  # else the loss broadcasts a batch of one or an image without N, or fails
             raise ValueError(f"hr has shape {tuple(hr.shape)}, but the model's output for lr {tuple(lr.shape)} "
                              f"has shape {tuple(sr.shape)}: the target must have the output's shape")

@@ -282,6 +282,33 @@ def test_empty_batch_is_refused_by_the_train_step(torch_math):
     assert fastdrn.make_upscaler(model)(lr[:0]).shape == (0, 3, 10, 14)
 
 
+@pytest.mark.parametrize("wrap", [
+    lambda sr: (sr, sr.mean()),     # a tuple (an output and an auxiliary value)
+    lambda sr: {"sr": sr},          # a dict of named outputs
+])
+def test_model_returning_something_other_than_a_tensor_is_refused_by_name(torch_math, wrap):
+    """The step's loss and shape check need the forward's output as a tensor: a tuple or dict failed
+    with "'tuple' object has no attribute 'shape'"; now a TypeError says what the forward returned,
+    before backward and the optimizer step."""
+    drn, = twins(TINY, "cpu", 1)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drn = drn
+
+        def forward(self, x):
+            return wrap(self.drn(x))
+
+    model = Wrapped()
+    step = fastdrn.make_train_step(model, torch.optim.Adam(model.parameters(), lr=1e-2), F.l1_loss)
+    before = [p.detach().clone() for p in model.parameters()]
+    got = type(wrap(torch.zeros(1))).__name__
+    with pytest.raises(TypeError, match=rf"model's forward must return .* one tensor, got a {got}"):
+        step(*batch(2, 5, 7, 2, "cpu"))
+    assert_unchanged(model, before, f"a forward returning a {got}")
+
+
 @pytest.mark.parametrize("hr_shape", [
     (1, 3, 10, 14),   # one target for a batch of two: l1_loss broadcasts it, with only a warning
     (3, 10, 14),      # a target without its batch dimension: broadcast too
