@@ -411,6 +411,24 @@ def test_export_to_basicsr_plain_and_safetensors(tmp_path, capsys):
 
 
 
+def test_export_errors_name_the_checkpoint_once(tmp_path, capsys):
+    """export loads the file itself and then builds the model from the loaded object, whose messages
+    called it "checkpoint", and prefixed its name: "q.pt: checkpoint: its weights hold NaN"."""
+    sd = _ref().state_dict()
+    diverged = {**sd, "tail.weight": sd["tail.weight"] * float("nan")}
+    cases = {"diverged.pt": (diverged, [], "its weights hold NaN or infinite values (tail.weight)"),
+             "other.pt": ({"fc.weight": torch.rand(3, 3)}, [], "not a DRN state_dict: missing head.weight"),
+             "entries.pt": ({"params": sd, "params_ema": sd}, ["--key", "nope"], "no weights under 'nope'")}
+    for name, (obj, extra, what) in cases.items():
+        path = str(tmp_path / name)
+        torch.save(obj, path)
+        capsys.readouterr()
+        assert cli.main(["export", "--weights", path, "-o", str(tmp_path / "q.pt"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert what in err and err.count(name) == 1, err
+        assert f"{name}: checkpoint:" not in err and not (tmp_path / "q.pt").exists(), err
+
+
 def test_export_never_writes_over_the_checkpoint_it_reads(tmp_path, capsys):
     """`export --weights last.pt -o last.pt --format plain` replaced a training checkpoint (optimizer,
     EMA, step) with a bare state_dict; through a symbolic link as well."""

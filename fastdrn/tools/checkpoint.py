@@ -351,7 +351,7 @@ def _why_not_loaded(f, e: Exception) -> str:
 
 def load_model(source: str | os.PathLike | Mapping, overrides: Mapping | None = None,
                expect: Mapping | None = None, key: str | None = None,
-               log: Callable[[str], None] | None = None) -> tuple[torch.nn.Module, dict]:
+               log: Callable[[str], None] | None = None, name: str | None = None) -> tuple[torch.nn.Module, dict]:
     """Build a DRN from a checkpoint (a path, a shipped weight name or a loaded object) and load its
     weights, strictly.
 
@@ -359,13 +359,14 @@ def load_model(source: str | os.PathLike | Mapping, overrides: Mapping | None = 
     are ignored). ``expect``: architecture values the caller requires (e.g. the scale of a data set);
     any difference is an error. ``key``: the checkpoint entry to take the weights from (see
     :func:`select_weights`). ``log`` is told which entry was used when there was a choice (default:
-    standard error). Returns (model in eval mode, config).
+    standard error). ``name``: what the messages call the checkpoint (default: its path, or
+    "checkpoint" for a loaded object). Returns (model in eval mode, config).
     """
     obj = load_checkpoint(source) if not isinstance(source, Mapping) else source
-    name = os.fspath(source) if not isinstance(source, Mapping) else "checkpoint"
+    name = name or (os.fspath(source) if not isinstance(source, Mapping) else "checkpoint")
     from fastdrn.pretrained import expected_config
     if not isinstance(source, Mapping):     # a caller's None (no --scale) leaves the name's promise standing
-        expect = {**expected_config(name), **{k: v for k, v in (expect or {}).items() if v is not None}}
+        expect = {**expected_config(os.fspath(source)), **{k: v for k, v in (expect or {}).items() if v is not None}}
     try:
         sd, stored, used, others = select_weights(obj, key)
     except CheckpointError as e:
@@ -480,10 +481,8 @@ def export(source: str | os.PathLike, path: str | os.PathLike, fmt: str | None =
         chosen = {"params": raw[0] if raw else "params_ema", "params_ema": "params_ema"}
     weights, cfg = {}, None
     for entry, k in chosen.items():
-        try:
-            model, cfg_k = load_model(obj, key=k, log=lambda m: None)
-        except CheckpointError as e:
-            raise CheckpointError(f"{name}: {e}") from None
+        # named here, so that each message names the file once (not "q.pt: checkpoint: ...")
+        model, cfg_k = load_model(obj, key=k, log=lambda m: None, name=name)
         if cfg is not None and cfg_k != cfg:
             raise CheckpointError(f"{name}: its entries {chosen} hold different architectures")
         cfg = cfg_k
