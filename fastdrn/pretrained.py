@@ -71,8 +71,11 @@ def load(name_or_path: str | os.PathLike, *, device=None, key: str | None = None
     optional ``safetensors`` package). Never unpickles code (``torch.load(weights_only=True)``); a
     corrupt or foreign file raises :class:`fastdrn.tools.CheckpointError` naming the problem.
 
-    ``device``: where the model goes (default: the CPU).
+    ``device``: where the model goes (default: the CPU; "auto": cuda when available); one that is
+    not a device, or cannot be used here, raises ValueError naming it before the file is read.
     """
     from .tools.checkpoint import load_model
+    from .tools.infer import resolve_device
+    dev = None if device is None else resolve_device(device, "device")
     model, _ = load_model(os.fspath(name_or_path), key=key)
-    return model if device is None else model.to(device)
+    return model if dev is None else model.to(dev)

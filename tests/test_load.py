@@ -91,6 +91,22 @@ def test_load_basicsr_picks_params_ema_says_so_and_key_chooses(tmp_path, capsys)
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("device,message", [
+    ("cude", "is not a device"),                            # a typo: torch's own "Expected one of cpu, cuda, ..."
+    ("cuda:99", "cannot be used on this machine"),         # no such GPU (or no CUDA at all)
+    ("meta", "cannot be used: meta tensors hold no data"),  # Module.to("meta") would drop the weights
+])
+def test_load_names_a_device_that_cannot_be_used(tmp_path, device, message):
+    """fastdrn.load(device=...) handed the value to torch (Module.to's RuntimeError or AssertionError,
+    after the file was read); now a ValueError names the argument as --device does, before reading."""
+    torch.save(_ref().state_dict(), tmp_path / "w.pt")
+    with pytest.raises(ValueError, match=re.escape(f"device={device!r} {message}")):
+        fastdrn.load(tmp_path / "w.pt", device=device)
+    with pytest.raises(ValueError, match="device="):       # checked before the file: not a missing-file error
+        fastdrn.load(tmp_path / "absent.pt", device=device)
+    assert fastdrn.load(tmp_path / "w.pt", device=torch.device("cpu")).head.weight.device.type == "cpu"
+
+
 def test_load_refuses_code_corruption_and_foreign_files(tmp_path):
     torch.save({"params": _ref().state_dict(), "extra": np.arange(3)}, tmp_path / "pickled.pth")
     with pytest.raises(CheckpointError, match="weights_only=True"):

@@ -31,25 +31,27 @@ def receptive_radius(cfg: Mapping) -> int:
     return int(cfg.get("n_groups", 6)) * int(cfg.get("n_blocks", 9)) + 3
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None, arg: str = "--device") -> torch.device:
     """The device a ``--device`` value names (None or "auto": cuda when available, else cpu); one
     that is not a device, or cannot be used here (cuda without CUDA, cuda:7 on one GPU), raises
-    ValueError naming it, before any model or image is moved."""
+    ValueError naming it, before any model or image is moved. ``arg``: how the message names the
+    argument (``--device 'x'``; a name without dashes as a keyword, ``device='x'``)."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    given = f"{arg} {device!r}" if arg.startswith("-") else f"{arg}={device!r}"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...): "
+        raise ValueError(f"{given} is not a device (cpu, cuda, cuda:1, ...): "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if dev.type == "meta":
-        raise ValueError(f"--device {device!r} cannot be used: meta tensors hold no data to compute with")
+        raise ValueError(f"{given} cannot be used: meta tensors hold no data to compute with")
     if dev.type != "cpu":
         try:
             torch.empty(0, device=dev)
         except Exception as e:  # AssertionError: Torch not compiled with CUDA enabled, invalid device ordinal, ...
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"--device {device!r} cannot be used on this machine: {first}") from None
+            raise ValueError(f"{given} cannot be used on this machine: {first}") from None
     return dev
 
 
