@@ -122,11 +122,16 @@ def _check_amp_dtype(amp_dtype) -> None:
 
 
 def _autocast(device: torch.device, amp_dtype):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    # Capture needs autocast's weight-cast cache off (torch's CUDA-graph notes); casting each weight at
-    # its use gives the same values, so the eager path runs it the same way.
-    return torch.autocast(device.type, dtype=amp_dtype, cache_enabled=False)
+    """The forward's autocast, amp_dtype's or the caller's own around the call, with autocast's
+    weight-cast cache off. Capture needs it off (torch's CUDA-graph notes): a caller's autocast around a
+    whole loop keeps its cache across calls, so the capture would read the weight casts an earlier,
+    eager call cached instead of casting in the graph, and every replay would compute with those stale
+    copies. Casting each weight at its use gives the same values, so the eager path runs it the same way."""
+    if amp_dtype is not None:
+        return torch.autocast(device.type, dtype=amp_dtype, cache_enabled=False)
+    if torch.is_autocast_enabled(device.type) and torch.is_autocast_cache_enabled():
+        return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=False)
+    return contextlib.nullcontext()
 
 
 def _outer_autocast(device_type: str) -> tuple:

@@ -885,3 +885,31 @@ def test_readme_example_runs(torch_math, capsys):
     assert namespace["sr"].shape == (1, 3, 64, 80)
     assert namespace["step"].cuda_graph == torch.cuda.is_available()
     assert "loss 0." in capsys.readouterr().out
+
+
+def test_a_callers_autocast_runs_without_its_weight_cast_cache():
+    """A caller's autocast around a whole loop keeps its weight-cast cache across calls; a capture
+    under it would read the casts an earlier eager call cached and replay those stale weights. The
+    step's and the upscaler's forward run under the caller's autocast with the cache off (and leave
+    the caller's setting as it was)."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                         torch.is_autocast_cache_enabled()))
+            return self.conv(x)
+
+    model = Probe()
+    step = fastdrn.make_train_step(model, torch.optim.Adam(model.parameters()), F.l1_loss, cuda_graph=False)
+    up = fastdrn.make_upscaler(model, cuda_graph=False)
+    x = torch.rand(1, 3, 5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        step(x, x)
+        up(x)
+        assert torch.is_autocast_cache_enabled()
+    assert seen == [(True, torch.bfloat16, False)] * 2
