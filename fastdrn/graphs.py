@@ -101,6 +101,12 @@ def _check_batch(name: str, t) -> None:
                         f"convert an 8-bit image with {name}.float() / 255")
 
 
+def _check_output(sr) -> None:
+    if not isinstance(sr, torch.Tensor):
+        raise TypeError(f"the model's forward must return the SR batch as one tensor, got a "
+                        f"{type(sr).__name__}: wrap the model so that its forward returns that tensor")
+
+
 def _check_input_dtype(lr: torch.Tensor, model_dtype: torch.dtype, autocast_on: bool) -> None:
     """lr in the dtype of the model's parameters, unless autocast (amp_dtype or the caller's own)
     casts the convolutions' inputs, which it does for every float dtype but float64; else the first
@@ -298,9 +304,7 @@ class TrainStep:
         backward and the optimizer step; gradients must be None on entry."""
         with _autocast(self.device, self.amp_dtype):
             sr = self.model(lr)
-        if not isinstance(sr, torch.Tensor):  # else an AttributeError on sr.shape below
-            raise TypeError(f"the model's forward must return the SR batch as one tensor, got a "
-                            f"{type(sr).__name__}: wrap the model so that its forward returns that tensor")
+        _check_output(sr)  # else an AttributeError on sr.shape below
         if sr.shape != hr.shape:  # else the loss broadcasts a batch of one or an image without N, or fails
             raise ValueError(f"hr has shape {tuple(hr.shape)}, but the model's output for lr {tuple(lr.shape)} "
                              f"has shape {tuple(sr.shape)}: the target must have the output's shape")
@@ -515,7 +519,9 @@ class Upscaler:
 
     def _forward(self, lr: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), _autocast(self.device, self.amp_dtype):
-            return self.model(lr)
+            sr = self.model(lr)
+        _check_output(sr)  # else handed back as is eagerly, and an AttributeError on a replay's clone
+        return sr
 
     def _eager(self, lr):
         return self._forward(lr.to(self.device, non_blocking=True))

@@ -289,7 +289,8 @@ def test_empty_batch_is_refused_by_the_train_step(torch_math):
 def test_model_returning_something_other_than_a_tensor_is_refused_by_name(torch_math, wrap):
     """The step's loss and shape check need the forward's output as a tensor: a tuple or dict failed
     with "'tuple' object has no attribute 'shape'"; now a TypeError says what the forward returned,
-    before backward and the optimizer step."""
+    before backward and the optimizer step. So does the upscaler, which handed a tuple back on the
+    eager path (and would fail on a replay's clone)."""
     drn, = twins(TINY, "cpu", 1)
 
     class Wrapped(torch.nn.Module):
@@ -307,6 +308,8 @@ def test_model_returning_something_other_than_a_tensor_is_refused_by_name(torch_
     with pytest.raises(TypeError, match=rf"model's forward must return .* one tensor, got a {got}"):
         step(*batch(2, 5, 7, 2, "cpu"))
     assert_unchanged(model, before, f"a forward returning a {got}")
+    with pytest.raises(TypeError, match=rf"model's forward must return .* one tensor, got a {got}"):
+        fastdrn.make_upscaler(model)(batch(2, 5, 7, 2, "cpu")[0])  # eagerly it was handed back as is
 
 
 @pytest.mark.parametrize("hr_shape", [
