@@ -179,6 +179,27 @@ def test_counts_below_one_are_refused_by_name(synth, tmp_path, option, value, ca
     assert not out.exists() or os.listdir(out) == []
 
 
+@pytest.mark.parametrize("option, value, expected", [
+    ("lr-gamma", "-1", "--lr-gamma -1.0: must be a finite number above 0"),   # the lr went negative at the first decay
+    ("lr-gamma", "0", "--lr-gamma 0.0: must be a finite number above 0"),     # training stopped at the first decay
+    ("lr-gamma", "nan", "--lr-gamma nan: must be a finite number above 0"),   # weights went NaN at the first decay
+    ("lr", "0", "--lr 0.0: must be a finite number above 0"),                 # trained nothing, exit 0
+    ("lr", "inf", "--lr inf: must be a finite number above 0"),               # diverged at the first step
+    ("seed", "-1", "--seed -1: must be a whole number of at least 0"),        # numpy's 'expected non-negative integer'
+])
+def test_rates_and_seed_out_of_range_are_refused_by_name(synth, tmp_path, option, value, expected, capsys):
+    """--lr-gamma -1 trained on at a negative learning rate (gradient ascent) and exited 0; --seed -1
+    failed in numpy with a message that named no option."""
+    argv = ["train", "--hr-dir", str(synth / "DIV2K_train_HR"), "--scale", "2", "--out", str(tmp_path / "run"),
+            "--no-progress", "--patch-size", "8", "--device", "cpu", "--steps", "3", "--lr-step", "1",
+            "--iters-per-epoch", "1", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()], f"--{option}={value}"]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_out_that_is_a_file_and_resuming_at_another_scale_or_past_the_end(synth, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ValueError, match="--out .*a_file: exists and is not a folder"):

@@ -229,12 +229,21 @@ COUNTS = ("steps", "epochs", "batch_size", "patch_size", "lr_step", "save_every"
 
 
 def check_counts(cfg: TrainConfig) -> None:
-    """Refuse, with ValueError naming the option, a count below 1 (a batch of 0, a patch of -4, ...)."""
+    """Refuse, with ValueError naming the option, a count below 1 (a batch of 0, a patch of -4, ...),
+    a learning rate or decay that is not a finite number above 0, and a negative seed."""
     bad = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in COUNTS
            if getattr(cfg, k) is not None and (isinstance(getattr(cfg, k), bool) or not isinstance(getattr(cfg, k), int)
                                                or getattr(cfg, k) < 1)]
     if bad:
         raise ValueError(f"{', '.join(bad)}: must be a whole number of at least 1")
+    # A rate of 0, negative or not finite trains nothing, climbs the loss, or makes the weights NaN,
+    # silently (Adam checks --lr only when built, and never the decay the scheduler multiplies it by).
+    bad = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in ("lr", "lr_gamma")
+           if not (math.isfinite(getattr(cfg, k)) and getattr(cfg, k) > 0)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: must be a finite number above 0")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ValueError(f"--seed {cfg.seed}: must be a whole number of at least 0")
 
 
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
