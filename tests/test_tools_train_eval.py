@@ -200,6 +200,26 @@ def test_rates_and_seed_out_of_range_are_refused_by_name(synth, tmp_path, option
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_a_new_run_into_the_folder_of_another_keeps_its_checkpoints(synth, tmp_path, capsys):
+    """A second run with the same --out and no --resume started afresh and wrote its step-1 last.pt
+    over the first run's step-3 one, and its first validation replaced the first run's best.pt
+    (its best PSNR began at -inf), without a word."""
+    out = tmp_path / "run"
+    assert train(_cfg(synth, out, steps=3, val_every=1, val_hr_dir=str(synth / "DIV2K_train_HR"))) == 0
+    before = {n: (out / n).read_bytes() for n in ("last.pt", "best.pt")}
+    argv = ["train", "--hr-dir", str(synth / "DIV2K_train_HR"), "--scale", "2", "--out", str(out), "--no-progress",
+            "--patch-size", "8", "--device", "cpu", "--workers", "0",
+            *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]]
+    capsys.readouterr()
+    assert cli.main([*argv, "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: holds last.pt, best.pt of an earlier run" in err and "--resume auto" in err
+    assert {n: (out / n).read_bytes() for n in before} == before
+    # resuming it is what such a folder is for
+    assert cli.main([*argv, "--steps", "4", "--lr", "1e-3", "--iters-per-epoch", "2", "--resume", "auto"]) == 0
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 4
+
+
 def test_out_that_is_a_file_and_resuming_at_another_scale_or_past_the_end(synth, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ValueError, match="--out .*a_file: exists and is not a folder"):

@@ -372,6 +372,13 @@ class Trainer:
         check_counts(cfg)
         if cfg.val_lr_dir and not cfg.val_hr_dir:
             raise ValueError(f"--val-lr-dir {cfg.val_lr_dir} needs --val-hr-dir (the HR images it pairs with)")
+        # A new run would write its first last.pt over these, and its first validation would replace best.pt
+        # whatever it scored (its best begins at -inf): an earlier run's results are continued or kept.
+        held = [n for n in CHECKPOINT_NAMES if os.path.isfile(os.path.join(cfg.out, n))]
+        if held and cfg.resume is None:
+            raise ValueError(f"--out {cfg.out}: holds {', '.join(held)} of an earlier run, which a new run would "
+                             f"overwrite: --resume auto continues that run; start a new one in another --out "
+                             f"(or move those files away)")
         self.errors: list[str] = []
         if self.main:
             remove_stale_temp_files(cfg.out, self.log)
