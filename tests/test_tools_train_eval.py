@@ -200,6 +200,20 @@ def test_rates_and_seed_out_of_range_are_refused_by_name(synth, tmp_path, option
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_a_batch_larger_than_the_memory_is_refused_before_the_work(synth, tmp_path, capsys):
+    """--batch-size 100000000000 (a slip of the keys) grew past 8 GB of memory in the sampler for
+    minutes, deaf to SIGTERM (its handler waits for a step to end), instead of saying it cannot fit."""
+    argv = ["train", "--hr-dir", str(synth / "DIV2K_train_HR"), "--scale", "2", "--out", str(tmp_path / "run"),
+            "--no-progress", "--patch-size", "8", "--device", "cpu", "--steps", "1", "--workers", "0",
+            *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()], "--batch-size", str(10 ** 11)]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"one batch of \d+ patches of \d+x\d+ \(LR\) and \d+x\d+ \(HR\) takes [\d.]+ GiB as float32, "
+                     r"more than this machine's [\d.]+ GiB of memory", err), err
+    assert "Traceback" not in err
+
+
 def test_a_new_run_into_the_folder_of_another_keeps_its_checkpoints(synth, tmp_path, capsys):
     """A second run with the same --out and no --resume started afresh and wrote its step-1 last.pt
     over the first run's step-3 one, and its first validation replaced the first run's best.pt

@@ -246,6 +246,22 @@ def check_counts(cfg: TrainConfig) -> None:
         raise ValueError(f"--seed {cfg.seed}: must be a whole number of at least 0")
 
 
+def check_batch_fits(cfg: TrainConfig) -> None:
+    """Refuse, with ValueError, a batch whose float32 LR and HR patches alone exceed this machine's
+    memory: it could never be built, and the sampler would grow toward it for minutes first (deaf to
+    SIGTERM, whose handler waits for a step to end)."""
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):   # no sysconf (Windows): nothing to compare with
+        return
+    p, s = cfg.patch_size, abs(cfg.scale)
+    need = cfg.batch_size * 3 * p * p * (1 + s * s) * 4
+    if need > have:
+        raise ValueError(f"--batch-size {cfg.batch_size} with --patch-size {p}: one batch of {cfg.batch_size} patches of {p}x{p} (LR) and "
+                         f"{p * s}x{p * s} (HR) takes {need / 2**30:.1f} GiB as float32, more than this machine's "
+                         f"{have / 2**30:.1f} GiB of memory")
+
+
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -370,6 +386,7 @@ class Trainer:
         if not 0 <= cfg.ema < 1:
             raise ValueError(f"--ema must be a decay in [0, 1) (0: off), got {cfg.ema}")
         check_counts(cfg)
+        check_batch_fits(cfg)
         if cfg.val_lr_dir and not cfg.val_hr_dir:
             raise ValueError(f"--val-lr-dir {cfg.val_lr_dir} needs --val-hr-dir (the HR images it pairs with)")
         # A new run would write its first last.pt over these, and its first validation would replace best.pt
