@@ -257,8 +257,8 @@ def check_batch_fits(cfg: TrainConfig) -> None:
     p, s = cfg.patch_size, abs(cfg.scale)
     need = cfg.batch_size * 3 * p * p * (1 + s * s) * 4
     if need > have:
-        raise ValueError(f"--batch-size {cfg.batch_size} with --patch-size {p}: one batch of {cfg.batch_size} patches of {p}x{p} (LR) and "
-                         f"{p * s}x{p * s} (HR) takes {need / 2**30:.1f} GiB as float32, more than this machine's "
+        raise ValueError(f"--batch-size {cfg.batch_size} with --patch-size {p}: one batch of {cfg.batch_size} "
+                         f"patches of {p}x{p} (LR) and {p * s}x{p * s} (HR) takes {need / 2**30:.1f} GiB as float32, more than this machine's "
                          f"{have / 2**30:.1f} GiB of memory")
 
 
