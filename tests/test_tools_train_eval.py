@@ -214,6 +214,19 @@ def test_a_batch_larger_than_the_memory_is_refused_before_the_work(synth, tmp_pa
     assert "Traceback" not in err
 
 
+def test_resuming_on_another_set_of_training_images_says_it_will_not_repeat_the_run(synth, tmp_path, capsys):
+    """The data order is a permutation of the images: resumed after an image was added (or removed),
+    the run went on with another order and said nothing, while another seed, batch or patch size was
+    warned about."""
+    out = tmp_path / "run"
+    assert train(_cfg(synth, out, steps=1)) == 0
+    PILImage.fromarray(_texture(48, 44, 9)).save(synth / "DIV2K_train_HR" / "0009.png")
+    capsys.readouterr()
+    assert train(_cfg(synth, out, steps=2, resume="auto")) == 0
+    assert ("warning: resuming with n_images 5, the checkpoint used 4: the run will not repeat the "
+            "uninterrupted one") in capsys.readouterr().out
+
+
 def test_a_new_run_into_the_folder_of_another_keeps_its_checkpoints(synth, tmp_path, capsys):
     """A second run with the same --out and no --resume started afresh and wrote its step-1 last.pt
     over the first run's step-3 one, and its first validation replaced the first run's best.pt

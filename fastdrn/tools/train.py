@@ -510,7 +510,8 @@ class Trainer:
             with _loading(path, "best_psnr"):
                 self.best_psnr = float(ckpt.get("best_psnr", -math.inf))
             data = ckpt.get("data", {})
-            for k, v in (("seed", cfg.seed), ("global_batch", cfg.batch_size), ("patch", cfg.patch_size)):
+            for k, v in (("seed", cfg.seed), ("global_batch", cfg.batch_size), ("patch", cfg.patch_size),
+                         ("n_images", len(self.dataset))):   # the data order permutes the images
                 if k in data and data[k] != v:
                     self.log(f"warning: resuming with {k} {v}, the checkpoint used {data[k]}: "
                              f"the run will not repeat the uninterrupted one")
