@@ -227,6 +227,41 @@ def test_resuming_on_another_set_of_training_images_says_it_will_not_repeat_the_
             "uninterrupted one") in capsys.readouterr().out
 
 
+def test_a_second_ctrl_c_in_the_middle_of_a_step_saves_no_torn_checkpoint(synth, tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C raises KeyboardInterrupt wherever the loop is; landing after Adam had updated
+    the weights but before the step was counted, it saved last.pt as step 2 holding step 3's weights
+    and moments: resumed, step 3 was applied twice and the run no longer repeated the uninterrupted one."""
+    full = tmp_path / "full"
+    assert train(_cfg(synth, full, steps=3)) == 0
+    train_module = sys.modules["fastdrn.tools.train"]     # fastdrn.tools.train is the function
+    real = train_module.make_train_step
+
+    def interrupted_at_the_third(*args, **kwargs):
+        step, calls = real(*args, **kwargs), []
+
+        def run(lr, hr):
+            loss = step(lr, hr)
+            calls.append(1)
+            if len(calls) == 3:           # the weights and moments are step 3's; the count is still 2
+                raise KeyboardInterrupt
+            return loss
+        return run
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(train_module, "make_train_step", interrupted_at_the_third)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(synth, part, steps=3))
+    assert "interrupted in step 3: last.pt not written (it holds step 2)" in capsys.readouterr().out
+    monkeypatch.setattr(train_module, "make_train_step", real)
+    assert train(_cfg(synth, part, steps=3, resume="auto")) == 0
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(part / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_a_new_run_into_the_folder_of_another_keeps_its_checkpoints(synth, tmp_path, capsys):
     """A second run with the same --out and no --resume started afresh and wrote its step-1 last.pt
     over the first run's step-3 one, and its first validation replaced the first run's best.pt

@@ -465,6 +465,7 @@ class Trainer:
         self.step = 0
         self.best_psnr = -math.inf
         self._saved: dict[str, int] = {}          # checkpoint name -> the step it holds, as written by this run
+        self._in_step: int | None = None          # the step being taken, while its updates are half made
 
         # --- data
         pairs, missing = find_pairs(cfg.hr_dir, cfg.lr_dir, cfg.scale)
@@ -653,11 +654,13 @@ class Trainer:
     def advance(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch (forward, L1, backward, Adam and AMP scaler), the learning-rate
         schedule and the EMA; returns the loss as a tensor (no host sync)."""
+        self._in_step = self.step + 1
         loss = self.train_step(lr, hr)
         self.scheduler.step()
         self.step += 1
         if self.ema_model is not None:
             self.update_ema()
+        self._in_step = None
         return loss
 
     def state_dict(self) -> dict:
@@ -755,6 +758,13 @@ class Trainer:
                             self.save()
                         break
         except KeyboardInterrupt:
+            # A second Ctrl-C lands anywhere: inside a step, some weights, moments or the count are
+            # updated and others not, and such a checkpoint would not resume the run.
+            if self._in_step is not None:
+                held = self._saved.get("last.pt")
+                self.log(f"interrupted in step {self._in_step}: last.pt not written"
+                         + (f" (it holds step {held})" if held is not None else ""))
+                raise
             self.save()
             self.log(f"interrupted: saved step {self.step} to {os.path.join(cfg.out, 'last.pt')}")
             raise
