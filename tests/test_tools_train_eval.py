@@ -280,6 +280,14 @@ def test_a_new_run_into_the_folder_of_another_keeps_its_checkpoints(synth, tmp_p
     # resuming it is what such a folder is for
     assert cli.main([*argv, "--steps", "4", "--lr", "1e-3", "--iters-per-epoch", "2", "--resume", "auto"]) == 0
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 4
+    # nor a run whose best.pt outlived its last.pt (validated more often than saved, then killed): --resume
+    # auto found no last.pt, started afresh and replaced that best.pt at its first validation
+    (out / "last.pt").unlink()
+    capsys.readouterr()
+    assert cli.main([*argv, "--steps", "1", "--resume", "auto"]) == 2
+    assert f"--out {out}: holds best.pt of an earlier run, which a new run would overwrite: there is no last.pt" \
+        in capsys.readouterr().err
+    assert (out / "best.pt").read_bytes() == before["best.pt"]
 
 
 def test_out_that_is_a_file_and_resuming_at_another_scale_or_past_the_end(synth, tmp_path, capsys):

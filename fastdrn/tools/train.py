@@ -391,11 +391,14 @@ class Trainer:
             raise ValueError(f"--val-lr-dir {cfg.val_lr_dir} needs --val-hr-dir (the HR images it pairs with)")
         # A new run would write its first last.pt over these, and its first validation would replace best.pt
         # whatever it scored (its best begins at -inf): an earlier run's results are continued or kept.
+        # --resume auto without a last.pt starts afresh too (a best.pt outlives last.pt when validations
+        # come more often than saves and the run was killed).
         held = [n for n in CHECKPOINT_NAMES if os.path.isfile(os.path.join(cfg.out, n))]
-        if held and cfg.resume is None:
+        if held and (cfg.resume is None or (cfg.resume == "auto" and "last.pt" not in held)):
+            resume = ("--resume auto continues that run" if "last.pt" in held
+                      else "there is no last.pt to resume")
             raise ValueError(f"--out {cfg.out}: holds {', '.join(held)} of an earlier run, which a new run would "
-                             f"overwrite: --resume auto continues that run; start a new one in another --out "
-                             f"(or move those files away)")
+                             f"overwrite: {resume}; start a new one in another --out (or move those files away)")
         self.errors: list[str] = []
         if self.main:
             remove_stale_temp_files(cfg.out, self.log)
