@@ -186,6 +186,8 @@ def test_counts_below_one_are_refused_by_name(synth, tmp_path, option, value, ca
     ("lr", "0", "--lr 0.0: must be a finite number above 0"),                 # trained nothing, exit 0
     ("lr", "inf", "--lr inf: must be a finite number above 0"),               # diverged at the first step
     ("seed", "-1", "--seed -1: must be a whole number of at least 0"),        # numpy's 'expected non-negative integer'
+    ("log-interval", "nan", "--log-interval nan: must be a finite number of seconds, 0 or more"),  # never a line
+    ("log-interval", "-5", "--log-interval -5.0: must be a finite number of seconds, 0 or more"),
 ])
 def test_rates_and_seed_out_of_range_are_refused_by_name(synth, tmp_path, option, value, expected, capsys):
     """--lr-gamma -1 trained on at a negative learning rate (gradient ascent) and exited 0; --seed -1

@@ -230,7 +230,8 @@ COUNTS = ("steps", "epochs", "batch_size", "patch_size", "lr_step", "save_every"
 
 def check_counts(cfg: TrainConfig) -> None:
     """Refuse, with ValueError naming the option, a count below 1 (a batch of 0, a patch of -4, ...),
-    a learning rate or decay that is not a finite number above 0, and a negative seed."""
+    a learning rate or decay that is not a finite number above 0, a negative seed, and a log interval
+    that is negative or not finite."""
     bad = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in COUNTS
            if getattr(cfg, k) is not None and (isinstance(getattr(cfg, k), bool) or not isinstance(getattr(cfg, k), int)
                                                or getattr(cfg, k) < 1)]
@@ -244,6 +245,9 @@ def check_counts(cfg: TrainConfig) -> None:
         raise ValueError(f"{', '.join(bad)}: must be a finite number above 0")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise ValueError(f"--seed {cfg.seed}: must be a whole number of at least 0")
+    # NaN seconds never come round: progress went silent off a terminal
+    if not (math.isfinite(cfg.log_interval) and cfg.log_interval >= 0):
+        raise ValueError(f"--log-interval {cfg.log_interval}: must be a finite number of seconds, 0 or more")
 
 
 def check_batch_fits(cfg: TrainConfig) -> None:
