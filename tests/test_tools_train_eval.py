@@ -104,6 +104,34 @@ def test_images_that_share_a_name_are_kept_apart(tmp_path, capsys):
 
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "another_array"])
+def test_a_damaged_disk_cache_file_is_decoded_again(tmp_path, damage):
+    """A cache file cut short (a copy, a full disk, an old version) or holding another array stopped
+    training with numpy's 'EOF: reading array header, expected 118 bytes got 90', naming no file, or
+    would have trained on the wrong pixels; a cache is rebuilt from the image instead, with a warning."""
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    PILImage.fromarray(_texture(20, 24, 5)).save(hr / "a.png")
+    pairs, _ = find_pairs(str(hr), None, 2)
+    cache = tmp_path / "cache"
+    first = TrainPatches(pairs, 2, patch=8, cache="disk", cache_dir=str(cache))
+    expected = first[(0, [0, 0])]
+    hr_file = next(cache.glob("*_hr.npy"))
+    if damage == "truncated":
+        hr_file.write_bytes(hr_file.read_bytes()[:100])
+    elif damage == "garbage":
+        hr_file.write_bytes(b"not an array")
+    else:
+        np.save(hr_file, np.zeros((3, 5, 3), np.uint8))
+    errors, warnings = [], []
+    data = TrainPatches(pairs, 2, patch=8, cache="disk", cache_dir=str(cache), on_error=errors.append,
+                        on_warning=warnings.append)
+    assert errors == [] and len(data) == 1
+    assert len(warnings) == 1 and str(hr_file) in warnings[0] and "decoded again" in warnings[0]
+    got = data[(0, [0, 0])]
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 def test_the_disk_cache_takes_images_with_long_names(tmp_path):
     """A legal 240-character image name made a cache file name past 255 bytes: training with
     --cache disk stopped with 'File name too long'."""
