@@ -436,7 +436,8 @@ def test_init_takes_another_scales_body_and_refuses_another_architecture(synth, 
     # another architecture is named, not half-loaded
     with pytest.raises(CheckpointError, match="n_feats: 8 there, 12 here"):
         Trainer(_cfg(synth, tmp_path / "y", init=str(tmp_path / "x3.pth"), n_feats=12))
-    assert cli.main([*args[:-1], str(tmp_path / "absent.pt"), "--steps", "1"]) == 2
+    fresh = [a if a != str(tmp_path / "c") else str(tmp_path / "d") for a in args[:-1]]   # c holds a run
+    assert cli.main([*fresh, str(tmp_path / "absent.pt"), "--steps", "1"]) == 2
     assert "absent.pt" in capsys.readouterr().err
 
 
