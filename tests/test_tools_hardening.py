@@ -449,6 +449,7 @@ def test_a_temporary_checkpoint_of_a_run_still_writing_is_left_alone(trained, tm
 
     atomic_write(out / "last.pt", save_while_another_run_starts)       # a run of this process
     assert removed == [] and torch.load(out / "last.pt", weights_only=True) == {"step": 1}
+    (out / "last.pt").unlink()   # a new run is refused a folder holding another run's last.pt
     # a run on another machine: a process id that is no process here, and the lock it holds
     elsewhere = out / f".best.{DEAD_PID}.Qx7_mm2Z.tmp.pt"
     elsewhere.write_bytes(b"half written")

@@ -104,6 +104,34 @@ def test_images_that_share_a_name_are_kept_apart(tmp_path, capsys):
 
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "another_array"])
+def test_a_damaged_disk_cache_file_is_decoded_again(tmp_path, damage):
+    """A cache file cut short (a copy, a full disk, an old version) or holding another array stopped
+    training with numpy's 'EOF: reading array header, expected 118 bytes got 90', naming no file, or
+    would have trained on the wrong pixels; a cache is rebuilt from the image instead, with a warning."""
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    PILImage.fromarray(_texture(20, 24, 5)).save(hr / "a.png")
+    pairs, _ = find_pairs(str(hr), None, 2)
+    cache = tmp_path / "cache"
+    first = TrainPatches(pairs, 2, patch=8, cache="disk", cache_dir=str(cache))
+    expected = first[(0, [0, 0])]
+    hr_file = next(cache.glob("*_hr.npy"))
+    if damage == "truncated":
+        hr_file.write_bytes(hr_file.read_bytes()[:100])
+    elif damage == "garbage":
+        hr_file.write_bytes(b"not an array")
+    else:
+        np.save(hr_file, np.zeros((3, 5, 3), np.uint8))
+    errors, warnings = [], []
+    data = TrainPatches(pairs, 2, patch=8, cache="disk", cache_dir=str(cache), on_error=errors.append,
+                        on_warning=warnings.append)
+    assert errors == [] and len(data) == 1
+    assert len(warnings) == 1 and str(hr_file) in warnings[0] and "decoded again" in warnings[0]
+    got = data[(0, [0, 0])]
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 def test_the_disk_cache_takes_images_with_long_names(tmp_path):
     """A legal 240-character image name made a cache file name past 255 bytes: training with
     --cache disk stopped with 'File name too long'."""
@@ -177,6 +205,119 @@ def test_counts_below_one_are_refused_by_name(synth, tmp_path, option, value, ca
     err = capsys.readouterr().err
     assert f"{flag} {value}: must be a whole number of at least 1" in err and "Traceback" not in err
     assert not out.exists() or os.listdir(out) == []
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("lr-gamma", "-1", "--lr-gamma -1.0: must be a finite number above 0"),   # the lr went negative at the first decay
+    ("lr-gamma", "0", "--lr-gamma 0.0: must be a finite number above 0"),     # training stopped at the first decay
+    ("lr-gamma", "nan", "--lr-gamma nan: must be a finite number above 0"),   # weights went NaN at the first decay
+    ("lr", "0", "--lr 0.0: must be a finite number above 0"),                 # trained nothing, exit 0
+    ("lr", "inf", "--lr inf: must be a finite number above 0"),               # diverged at the first step
+    ("seed", "-1", "--seed -1: must be a whole number of at least 0"),        # numpy's 'expected non-negative integer'
+    ("log-interval", "nan", "--log-interval nan: must be a finite number of seconds, 0 or more"),  # never a line
+    ("log-interval", "-5", "--log-interval -5.0: must be a finite number of seconds, 0 or more"),
+])
+def test_rates_and_seed_out_of_range_are_refused_by_name(synth, tmp_path, option, value, expected, capsys):
+    """--lr-gamma -1 trained on at a negative learning rate (gradient ascent) and exited 0; --seed -1
+    failed in numpy with a message that named no option."""
+    argv = ["train", "--hr-dir", str(synth / "DIV2K_train_HR"), "--scale", "2", "--out", str(tmp_path / "run"),
+            "--no-progress", "--patch-size", "8", "--device", "cpu", "--steps", "3", "--lr-step", "1",
+            "--iters-per-epoch", "1", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()], f"--{option}={value}"]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_batch_larger_than_the_memory_is_refused_before_the_work(synth, tmp_path, capsys):
+    """--batch-size 100000000000 (a slip of the keys) grew past 8 GB of memory in the sampler for
+    minutes, deaf to SIGTERM (its handler waits for a step to end), instead of saying it cannot fit."""
+    argv = ["train", "--hr-dir", str(synth / "DIV2K_train_HR"), "--scale", "2", "--out", str(tmp_path / "run"),
+            "--no-progress", "--patch-size", "8", "--device", "cpu", "--steps", "1", "--workers", "0",
+            *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()], "--batch-size", str(10 ** 11)]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"one batch of \d+ patches of \d+x\d+ \(LR\) and \d+x\d+ \(HR\) takes [\d.]+ GiB as float32, "
+                     r"more than this machine's [\d.]+ GiB of memory", err), err
+    assert "Traceback" not in err
+
+
+def test_resuming_on_another_set_of_training_images_says_it_will_not_repeat_the_run(synth, tmp_path, capsys):
+    """The data order is a permutation of the images: resumed after an image was added (or removed),
+    the run went on with another order and said nothing, while another seed, batch or patch size was
+    warned about."""
+    out = tmp_path / "run"
+    assert train(_cfg(synth, out, steps=1)) == 0
+    PILImage.fromarray(_texture(48, 44, 9)).save(synth / "DIV2K_train_HR" / "0009.png")
+    capsys.readouterr()
+    assert train(_cfg(synth, out, steps=2, resume="auto")) == 0
+    assert ("warning: resuming with n_images 5, the checkpoint used 4: the run will not repeat the "
+            "uninterrupted one") in capsys.readouterr().out
+
+
+def test_a_second_ctrl_c_in_the_middle_of_a_step_saves_no_torn_checkpoint(synth, tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C raises KeyboardInterrupt wherever the loop is; landing after Adam had updated
+    the weights but before the step was counted, it saved last.pt as step 2 holding step 3's weights
+    and moments: resumed, step 3 was applied twice and the run no longer repeated the uninterrupted one."""
+    full = tmp_path / "full"
+    assert train(_cfg(synth, full, steps=3)) == 0
+    train_module = sys.modules["fastdrn.tools.train"]     # fastdrn.tools.train is the function
+    real = train_module.make_train_step
+
+    def interrupted_at_the_third(*args, **kwargs):
+        step, calls = real(*args, **kwargs), []
+
+        def run(lr, hr):
+            loss = step(lr, hr)
+            calls.append(1)
+            if len(calls) == 3:           # the weights and moments are step 3's; the count is still 2
+                raise KeyboardInterrupt
+            return loss
+        return run
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(train_module, "make_train_step", interrupted_at_the_third)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(synth, part, steps=3))
+    assert "interrupted in step 3: last.pt not written (it holds step 2)" in capsys.readouterr().out
+    monkeypatch.setattr(train_module, "make_train_step", real)
+    assert train(_cfg(synth, part, steps=3, resume="auto")) == 0
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(part / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_a_new_run_into_the_folder_of_another_keeps_its_checkpoints(synth, tmp_path, capsys):
+    """A second run with the same --out and no --resume started afresh and wrote its step-1 last.pt
+    over the first run's step-3 one, and its first validation replaced the first run's best.pt
+    (its best PSNR began at -inf), without a word."""
+    out = tmp_path / "run"
+    assert train(_cfg(synth, out, steps=3, val_every=1, val_hr_dir=str(synth / "DIV2K_train_HR"))) == 0
+    before = {n: (out / n).read_bytes() for n in ("last.pt", "best.pt")}
+    argv = ["train", "--hr-dir", str(synth / "DIV2K_train_HR"), "--scale", "2", "--out", str(out), "--no-progress",
+            "--patch-size", "8", "--device", "cpu", "--workers", "0",
+            *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]]
+    capsys.readouterr()
+    assert cli.main([*argv, "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: holds last.pt, best.pt of an earlier run" in err and "--resume auto" in err
+    assert {n: (out / n).read_bytes() for n in before} == before
+    # resuming it is what such a folder is for
+    assert cli.main([*argv, "--steps", "4", "--lr", "1e-3", "--iters-per-epoch", "2", "--resume", "auto"]) == 0
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 4
+    # nor a run whose best.pt outlived its last.pt (validated more often than saved, then killed): --resume
+    # auto found no last.pt, started afresh and replaced that best.pt at its first validation
+    (out / "last.pt").unlink()
+    capsys.readouterr()
+    assert cli.main([*argv, "--steps", "1", "--resume", "auto"]) == 2
+    assert f"--out {out}: holds best.pt of an earlier run, which a new run would overwrite: there is no last.pt" \
+        in capsys.readouterr().err
+    assert (out / "best.pt").read_bytes() == before["best.pt"]
 
 
 def test_out_that_is_a_file_and_resuming_at_another_scale_or_past_the_end(synth, tmp_path, capsys):
@@ -295,7 +436,8 @@ def test_init_takes_another_scales_body_and_refuses_another_architecture(synth, 
     # another architecture is named, not half-loaded
     with pytest.raises(CheckpointError, match="n_feats: 8 there, 12 here"):
         Trainer(_cfg(synth, tmp_path / "y", init=str(tmp_path / "x3.pth"), n_feats=12))
-    assert cli.main([*args[:-1], str(tmp_path / "absent.pt"), "--steps", "1"]) == 2
+    fresh = [a if a != str(tmp_path / "c") else str(tmp_path / "d") for a in args[:-1]]   # c holds a run
+    assert cli.main([*fresh, str(tmp_path / "absent.pt"), "--steps", "1"]) == 2
     assert "absent.pt" in capsys.readouterr().err
 
 

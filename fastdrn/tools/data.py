@@ -168,13 +168,34 @@ class _Store:
         base = os.path.join(self.cache_dir, f"{p.name[:64]}_x{self.scale}_{digest}")
         return base + "_lr.npy", base + "_hr.npy"
 
+    def _load_cached(self, lr_path: str, hr_path: str) -> tuple[np.ndarray, np.ndarray] | str:
+        """The cached (lr, hr), or why they cannot be used (a file cut short, not an array, or
+        arrays that are not an image pair at this scale)."""
+        arrays = []
+        for path in (lr_path, hr_path):
+            try:
+                arrays.append(np.load(path, mmap_mode="r"))
+            except (ValueError, OSError, EOFError) as e:
+                return f"{path}: {e}"
+        lr, hr = arrays
+        s = self.scale
+        if (lr.ndim != 3 or lr.shape[2] != 3 or lr.dtype not in (np.uint8, np.uint16) or hr.dtype != lr.dtype
+                or hr.shape != (lr.shape[0] * s, lr.shape[1] * s, 3)):
+            return f"{hr_path}: holds {hr.dtype} {hr.shape} beside {lr_path}'s {lr.dtype} {lr.shape}, not an x{s} pair"
+        return lr, hr
+
     def _cached(self, p: Pair, on_warning: Callable[[str], None] | None = None):
         from .checkpoint import atomic_write
         lr_path, hr_path = self._cache_paths(p)
-        if not (os.path.exists(lr_path) and os.path.exists(hr_path)):
-            lr, hr = load_pair(p, self.scale, on_warning=on_warning)
-            atomic_write(hr_path, lambda tmp: np.save(tmp, hr))
-            atomic_write(lr_path, lambda tmp: np.save(tmp, lr))
+        if os.path.exists(lr_path) and os.path.exists(hr_path):
+            got = self._load_cached(lr_path, hr_path)
+            if not isinstance(got, str):
+                return got
+            if on_warning:       # a cache is remade from the image, never trusted or fatal
+                on_warning(f"damaged cache file {got}: {p.hr} decoded again")
+        lr, hr = load_pair(p, self.scale, on_warning=on_warning)
+        atomic_write(hr_path, lambda tmp: np.save(tmp, hr))
+        atomic_write(lr_path, lambda tmp: np.save(tmp, lr))
         return np.load(lr_path, mmap_mode="r"), np.load(hr_path, mmap_mode="r")
 
     def __len__(self):

@@ -229,12 +229,41 @@ COUNTS = ("steps", "epochs", "batch_size", "patch_size", "lr_step", "save_every"
 
 
 def check_counts(cfg: TrainConfig) -> None:
-    """Refuse, with ValueError naming the option, a count below 1 (a batch of 0, a patch of -4, ...)."""
+    """Refuse, with ValueError naming the option, a count below 1 (a batch of 0, a patch of -4, ...),
+    a learning rate or decay that is not a finite number above 0, a negative seed, and a log interval
+    that is negative or not finite."""
     bad = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in COUNTS
            if getattr(cfg, k) is not None and (isinstance(getattr(cfg, k), bool) or not isinstance(getattr(cfg, k), int)
                                                or getattr(cfg, k) < 1)]
     if bad:
         raise ValueError(f"{', '.join(bad)}: must be a whole number of at least 1")
+    # A rate of 0, negative or not finite trains nothing, climbs the loss, or makes the weights NaN,
+    # silently (Adam checks --lr only when built, and never the decay the scheduler multiplies it by).
+    bad = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in ("lr", "lr_gamma")
+           if not (math.isfinite(getattr(cfg, k)) and getattr(cfg, k) > 0)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: must be a finite number above 0")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ValueError(f"--seed {cfg.seed}: must be a whole number of at least 0")
+    # NaN seconds never come round: progress went silent off a terminal
+    if not (math.isfinite(cfg.log_interval) and cfg.log_interval >= 0):
+        raise ValueError(f"--log-interval {cfg.log_interval}: must be a finite number of seconds, 0 or more")
+
+
+def check_batch_fits(cfg: TrainConfig) -> None:
+    """Refuse, with ValueError, a batch whose float32 LR and HR patches alone exceed this machine's
+    memory: it could never be built, and the sampler would grow toward it for minutes first (deaf to
+    SIGTERM, whose handler waits for a step to end)."""
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):   # no sysconf (Windows): nothing to compare with
+        return
+    p, s = cfg.patch_size, abs(cfg.scale)
+    need = cfg.batch_size * 3 * p * p * (1 + s * s) * 4
+    if need > have:
+        raise ValueError(f"--batch-size {cfg.batch_size} with --patch-size {p}: one batch of {cfg.batch_size} "
+                         f"patches of {p}x{p} (LR) and {p * s}x{p * s} (HR) takes {need / 2**30:.1f} GiB as float32, more than this machine's "
+                         f"{have / 2**30:.1f} GiB of memory")
 
 
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
@@ -361,8 +390,19 @@ class Trainer:
         if not 0 <= cfg.ema < 1:
             raise ValueError(f"--ema must be a decay in [0, 1) (0: off), got {cfg.ema}")
         check_counts(cfg)
+        check_batch_fits(cfg)
         if cfg.val_lr_dir and not cfg.val_hr_dir:
             raise ValueError(f"--val-lr-dir {cfg.val_lr_dir} needs --val-hr-dir (the HR images it pairs with)")
+        # A new run would write its first last.pt over these, and its first validation would replace best.pt
+        # whatever it scored (its best begins at -inf): an earlier run's results are continued or kept.
+        # --resume auto without a last.pt starts afresh too (a best.pt outlives last.pt when validations
+        # come more often than saves and the run was killed).
+        held = [n for n in CHECKPOINT_NAMES if os.path.isfile(os.path.join(cfg.out, n))]
+        if held and (cfg.resume is None or (cfg.resume == "auto" and "last.pt" not in held)):
+            resume = ("--resume auto continues that run" if "last.pt" in held
+                      else "there is no last.pt to resume")
+            raise ValueError(f"--out {cfg.out}: holds {', '.join(held)} of an earlier run, which a new run would "
+                             f"overwrite: {resume}; start a new one in another --out (or move those files away)")
         self.errors: list[str] = []
         if self.main:
             remove_stale_temp_files(cfg.out, self.log)
@@ -432,6 +472,7 @@ class Trainer:
         self.step = 0
         self.best_psnr = -math.inf
         self._saved: dict[str, int] = {}          # checkpoint name -> the step it holds, as written by this run
+        self._in_step: int | None = None          # the step being taken, while its updates are half made
 
         # --- data
         pairs, missing = find_pairs(cfg.hr_dir, cfg.lr_dir, cfg.scale)
@@ -477,7 +518,8 @@ class Trainer:
             with _loading(path, "best_psnr"):
                 self.best_psnr = float(ckpt.get("best_psnr", -math.inf))
             data = ckpt.get("data", {})
-            for k, v in (("seed", cfg.seed), ("global_batch", cfg.batch_size), ("patch", cfg.patch_size)):
+            for k, v in (("seed", cfg.seed), ("global_batch", cfg.batch_size), ("patch", cfg.patch_size),
+                         ("n_images", len(self.dataset))):   # the data order permutes the images
                 if k in data and data[k] != v:
                     self.log(f"warning: resuming with {k} {v}, the checkpoint used {data[k]}: "
                              f"the run will not repeat the uninterrupted one")
@@ -619,11 +661,13 @@ class Trainer:
     def advance(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch (forward, L1, backward, Adam and AMP scaler), the learning-rate
         schedule and the EMA; returns the loss as a tensor (no host sync)."""
+        self._in_step = self.step + 1
         loss = self.train_step(lr, hr)
         self.scheduler.step()
         self.step += 1
         if self.ema_model is not None:
             self.update_ema()
+        self._in_step = None
         return loss
 
     def state_dict(self) -> dict:
@@ -721,6 +765,13 @@ class Trainer:
                             self.save()
                         break
         except KeyboardInterrupt:
+            # A second Ctrl-C lands anywhere: inside a step, some weights, moments or the count are
+            # updated and others not, and such a checkpoint would not resume the run.
+            if self._in_step is not None:
+                held = self._saved.get("last.pt")
+                self.log(f"interrupted in step {self._in_step}: last.pt not written"
+                         + (f" (it holds step {held})" if held is not None else ""))
+                raise
             self.save()
             self.log(f"interrupted: saved step {self.step} to {os.path.join(cfg.out, 'last.pt')}")
             raise
