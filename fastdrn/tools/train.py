@@ -483,7 +483,7 @@ class Trainer:
             cache = "memory" if estimate_bytes(pairs, cfg.scale) < 4 << 30 else "disk"
         self.dataset = TrainPatches(pairs, cfg.scale, cfg.patch_size, cfg.augment, cache,
                                     cfg.cache_dir or os.path.join(cfg.out, "cache"), cfg.rgb_range,
-                                    on_error=self._error, on_warning=lambda msg: self.log(f"warning: {msg}"))
+                                    on_error=self._error, on_warning=self._warn)
         if len(self.dataset) == 0:
             raise ValueError(f"{cfg.hr_dir}: no usable training images")
         self.log(f"{len(self.dataset)} training images ({'LR files' if cfg.lr_dir else 'LR by MATLAB bicubic'}, "
@@ -503,9 +503,9 @@ class Trainer:
                 with _loading(path, "params_ema"):
                     self.ema_model.load_state_dict(ckpt.get("params_ema", ckpt["model"]))
                 if "params_ema" not in ckpt:
-                    self.log(f"warning: {path} has no EMA weights: the EMA starts from its weights at step {ckpt['step']}")
+                    self._warn(f"{path} has no EMA weights: the EMA starts from its weights at step {ckpt['step']}")
             elif "params_ema" in ckpt:
-                self.log(f"warning: {path} has EMA weights but --ema is off: they are dropped")
+                self._warn(f"{path} has EMA weights but --ema is off: they are dropped")
             with _loading(path, "optimizer"):
                 self._load_optimizer(ckpt["optimizer"])
                 _check_optimizer_state(self.optimizer)
@@ -521,7 +521,7 @@ class Trainer:
             for k, v in (("seed", cfg.seed), ("global_batch", cfg.batch_size), ("patch", cfg.patch_size),
                          ("n_images", len(self.dataset))):   # the data order permutes the images
                 if k in data and data[k] != v:
-                    self.log(f"warning: resuming with {k} {v}, the checkpoint used {data[k]}: "
+                    self._warn(f"resuming with {k} {v}, the checkpoint used {data[k]}: "
                              f"the run will not repeat the uninterrupted one")
             with _loading(path, "rng"):
                 set_rng_state(ckpt["rng"])
@@ -543,23 +543,23 @@ class Trainer:
             for m in vmissing:
                 self._error(m)
             if not vp and not vmissing:
-                self.log(f"warning: --val-hr-dir {cfg.val_hr_dir} holds no images: no validation, no best.pt")
+                self._warn(f"--val-hr-dir {cfg.val_hr_dir} holds no images: no validation, no best.pt")
             for p in vp[: cfg.val_max or None]:
                 try:
-                    lr, hr = load_pair(p, cfg.scale, on_warning=lambda msg: self.log(f"warning: {msg}"))
+                    lr, hr = load_pair(p, cfg.scale, on_warning=self._warn)
                 except OSError as e:
                     self._error(str(e))
                     continue
                 # validation measures with the scale cropped as border, as eval does by default
                 if min(hr.shape[:2]) - 2 * cfg.scale < SSIM_WINDOW:
-                    self.log(f"warning: {p.hr}: {hr.shape[1]}x{hr.shape[0]} is too small to validate on (SSIM's "
+                    self._warn(f"{p.hr}: {hr.shape[1]}x{hr.shape[0]} is too small to validate on (SSIM's "
                              f"{SSIM_WINDOW}x{SSIM_WINDOW} window needs {SSIM_WINDOW + 2 * cfg.scale} pixels a side "
                              f"with the {cfg.scale}-pixel border cropped): not used")
                     continue
                 self.val_data[p.name] = (lr, hr)
                 self.val_pairs.append(p)
             if vp and not self.val_pairs:
-                self.log(f"warning: --val-hr-dir {cfg.val_hr_dir}: no usable images: no validation, no best.pt")
+                self._warn(f"--val-hr-dir {cfg.val_hr_dir}: no usable images: no validation, no best.pt")
 
         # --- DDP, compile
         self.net = self.model
@@ -602,6 +602,9 @@ class Trainer:
             if getattr(self, "_progress", None) is not None:
                 self._progress.clear()
             self._log(msg)
+
+    def _warn(self, msg: str) -> None:
+        self.log(f"warning: {msg}")
 
     def _error(self, msg: str) -> None:
         self.errors.append(msg)
