@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A lent-GPU session in two device calls, everything written to $OUT:
 #   bash bench/gpu_session.sh one   (about 9 minutes; STAGE_SECONDS, default 560, bounds it) install;
-#                                   every GPU test: launch plans, kernels at 8 and 4 warps, model,
+#                                   every GPU test: launch plans, kernels at 8 and 4 warps, the fused
+#                                   output stage, model,
 #                                   CUDA graphs, torch.compile, pixel shuffle, with torch.compile's
 #                                   caches warmed beside them for the rows after; the model benchmark in
 #                                   bf16 (eager, fastdrn, each in one CUDA graph too, torch.compile
@@ -73,7 +74,8 @@ if [ "$stage" = one ]; then
     --dtypes bf16 --impls compile-reduce-overhead,compile --time-budget 290 --out $OUT/warm-compile.jsonl \
     > $OUT/warm-compile.log 2>&1 &
   warm=$!
-  JOBS=10 run tests-w8 8 320 tests/test_plans.py $kernel_tests tests/test_model.py tests/test_graphs.py tests/test_compile.py
+  JOBS=10 run tests-w8 8 320 tests/test_plans.py $kernel_tests tests/test_shuffle_tail.py tests/test_model.py \
+    tests/test_graphs.py tests/test_compile.py
   wait $tests_w4 $tests_pixel
   # What the warm-up did not finish stays compiled as far as it got; the timed rows compile the rest.
   kill $warm 2>/dev/null; wait $warm 2>/dev/null
