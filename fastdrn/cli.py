@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--scale", type=int, required=True)
     tr.add_argument("--out", required=True, help="folder for checkpoints (last.pt, best.pt)")
     n = tr.add_mutually_exclusive_group()
-    n.add_argument("--epochs", type=int, default=800)
+    n.add_argument("--epochs", type=int, default=None,
+                   help="training length in epochs (default 800; a resumed run keeps its own length)")
     n.add_argument("--steps", type=int, default=None, help="total optimizer steps (instead of --epochs)")
     tr.add_argument("--iters-per-epoch", type=_positive, default=1000,
                     help="iterations per epoch (EDSR convention); 0: one pass over the images")

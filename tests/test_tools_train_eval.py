@@ -188,6 +188,22 @@ def test_resume_is_exact_and_checkpoint_is_safe(synth, tmp_path):
 
 
 
+@pytest.mark.parametrize("length", [dict(steps=2), dict(epochs=1)])   # a run measured in steps, one in epochs
+def test_a_resumed_run_keeps_its_own_length(synth, tmp_path, length, capsys):
+    """Resuming without --steps or --epochs continues to the length the run was started with. It used
+    to take the default of 800 epochs: a finished --steps 2 run resumed with --resume auto trained on
+    for 1598 more steps."""
+    out = tmp_path / "run"
+    assert train(_cfg(synth, out, **length)) == 0                        # 2 steps: 2 iterations an epoch
+    assert train(_cfg(synth, out, resume="auto")) == 0
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    assert "nothing to train: the run is at step 2, and it has 2 steps" in capsys.readouterr().out
+    longer = {k: 2 * v for k, v in length.items()}                        # an explicit length still extends it
+    assert train(_cfg(synth, out, resume="auto", **longer)) == 0
+    assert train(_cfg(synth, out, resume="auto")) == 0                    # ... and is the run's length after
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 4
+
+
 @pytest.mark.parametrize("option, value", [("steps", 0), ("steps", -3), ("epochs", 0), ("batch_size", 0),
                                            ("patch_size", -4), ("lr_step", 0), ("save_every", 0),
                                            ("val_every", 0), ("val_max", 0), ("log_every", 0)])

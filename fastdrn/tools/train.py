@@ -61,6 +61,7 @@ __all__ = ["TrainConfig", "Trainer", "train", "rng_state", "set_rng_state", "ini
 MODEL_ARGS = ("scale", "n_feats", "n_groups", "n_blocks", "inner", "distill", "alpha", "rgb_range")
 # What a resumed run takes from its checkpoint's optimizer and scheduler states, not from the options.
 SCHEDULE_ARGS = ("lr", "lr_step", "lr_gamma", "beta1", "beta2", "eps", "iters_per_epoch")
+DEFAULT_EPOCHS = 800
 
 
 @dataclass
@@ -70,7 +71,7 @@ class TrainConfig:
     scale: int = 4
     lr_dir: str | None = None
     # schedule
-    epochs: int = 800
+    epochs: int | None = None              # None: DEFAULT_EPOCHS, or a resumed run's own length
     steps: int | None = None               # total optimizer steps; overrides epochs
     iters_per_epoch: int = 1000
     patch_size: int = 48                   # LR patch side
@@ -375,6 +376,19 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                     raise ValueError(f"state {name} has shape {shape} for a parameter of shape {tuple(p.shape)}")
 
 
+def _run_length(cfg: TrainConfig, ckpt: dict | None) -> dict:
+    """{} when --steps or --epochs sets the run's length; else the steps or epochs the resumed run was
+    started with (its checkpoint's record of its options), or DEFAULT_EPOCHS for a new run."""
+    if cfg.steps is not None or cfg.epochs is not None:
+        return {}
+    was = ckpt.get("args") if ckpt is not None and isinstance(ckpt.get("args"), dict) else {}
+    length = {k: was.get(k) for k in ("steps", "epochs")}
+    if any(v is not None for v in length.values()) and all(
+            v is None or (type(v) is int and v >= 1) for v in length.values()):
+        return length
+    return {"epochs": DEFAULT_EPOCHS}
+
+
 class Trainer:
     """Sets up data, model, optimizer and (under torchrun) DDP; :meth:`fit` runs the loop."""
 
@@ -421,6 +435,7 @@ class Trainer:
             ckpt = load_checkpoint(path)
             check_training_checkpoint(ckpt, path)
             self.log(f"resuming from {path} at step {ckpt['step']}")
+        cfg = self.cfg = dataclasses.replace(cfg, **_run_length(cfg, ckpt))  # the checkpoints record it
 
         # --- model
         random.seed(cfg.seed)
