@@ -52,7 +52,9 @@ fi
 
 run() { local name=$1 warps=$2 limit=$3; shift 3; local t0=$(date +%s)
   local jobs=${JOBS:-14}; [ "$jobs" = 0 ] && jobs="" || jobs="-n $jobs"  # JOBS=0: no pytest-xdist
-  FASTDRN_NUM_WARPS=$warps timeout $limit python3 -m pytest -q -p no:cacheprovider -rf --durations=20 $jobs "$@" > $OUT/$name.log 2>&1
+  # SIGINT at the limit (SIGKILL 20 s later): pytest stops as on Ctrl-C and still prints its summary
+  # of what ran, so a run that overruns says what passed and failed.
+  FASTDRN_NUM_WARPS=$warps timeout -s INT -k 20 $limit python3 -m pytest -q -p no:cacheprovider -rf --durations=20 $jobs "$@" > $OUT/$name.log 2>&1
   echo "$name (FASTDRN_NUM_WARPS=$warps) rc=$? $(( $(date +%s) - t0 )) s"; grep -E "passed|failed|^FAILED|relative error|Error" $OUT/$name.log | head -12; }
 bench() { local name=$1 limit=$2; shift 2; local t0=$(date +%s)
   FASTDRN_AUTOTUNE=0 timeout $limit python3 "$@" --out $OUT/results-$stage.jsonl > $OUT/$name.log 2>&1
