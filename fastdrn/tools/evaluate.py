@@ -7,7 +7,8 @@ benchmark LR sets were made). SR and bicubic (MATLAB ``imresize(lr, scale)``) ou
 (:mod:`fastdrn.tools.metrics`); ``crop_border`` and ``y_channel=False`` (RGB) change that.
 
 An image too small for SSIM's 11x11 window once the border is cropped is skipped with a warning and
-counted in the summary (``skipped``), not averaged in as NaN. The JSON report is strict JSON:
+counted in the summary (``skipped``), not averaged in as NaN. An output of NaN or infinity (fp16
+overflowing) fails its image, named, instead of giving a score. The JSON report is strict JSON:
 non-finite numbers (an infinite PSNR of a perfect match, a mean over no image) are written as null.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .checkpoint import atomic_write_text, load_model
 from .data import Pair, find_pairs, load_pair
 from .image_io import DEFAULT_MAX_PIXELS, Image, ImageReadError, write_image
 from .imresize import upsample
-from .infer import prepare, receptive_radius, super_resolve
+from .infer import NonFiniteOutputError, prepare, receptive_radius, super_resolve
 from .metrics import SSIM_WINDOW, psnr_ssim
 
 __all__ = ["evaluate", "evaluate_pairs", "format_table", "convention"]
@@ -81,9 +82,16 @@ def evaluate_pairs(model: torch.nn.Module | Upscaler, cfg: dict, pairs: Iterable
             skipped.append({"name": pair.name, "reason": why})
             continue
         lr_t, hr_t = _to_float(lr), _to_float(hr)
-        sr = super_resolve(model, lr_t.float(), scale, rgb_range=cfg.get("rgb_range", 1.0), tile=tile,
-                           overlap=tile_overlap, ensemble=self_ensemble, dtype=dtype, device=device,
-                           radius=receptive_radius(cfg))
+        try:
+            sr = super_resolve(model, lr_t.float(), scale, rgb_range=cfg.get("rgb_range", 1.0), tile=tile,
+                               overlap=tile_overlap, ensemble=self_ensemble, dtype=dtype, device=device,
+                               radius=receptive_radius(cfg))
+        except NonFiniteOutputError as e:     # no score: a clamped infinity would give a number
+            log(f"error: {pair.name}: {e}")
+            failed.append({"name": pair.name, "error": str(e)})
+            if fail_fast:
+                break
+            continue
         row = {"name": pair.name, "size": [int(hr.shape[1]), int(hr.shape[0])]}
         # data_range=1: the model's output is clamped to [0, 1] and rounded, as a saved image would be
         row["psnr"], row["ssim"] = psnr_ssim(sr.double(), hr_t, crop, data_range=1.0, y_channel=y_channel)

@@ -23,7 +23,7 @@ from ..graphs import make_upscaler
 from .checkpoint import load_model
 from .image_io import (DEFAULT_MAX_PIXELS, IMAGE_EXTS, WRITE_FORMATS, ImageReadError, list_images, precision_lost,
                        read_image, write_image)
-from .infer import prepare, receptive_radius, upscale_image
+from .infer import NonFiniteOutputError, prepare, receptive_radius, upscale_image
 
 __all__ = ["upscale", "output_paths"]
 
@@ -141,7 +141,10 @@ def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = N
             lost = precision_lost(img, src)
             if lost:
                 log(f"warning: {lost}: the output is {img.bits}-bit")
-            out = _upscale_fitting(model, cfg, img, tile, tile_overlap, self_ensemble, dtype, log)
+            try:
+                out = _upscale_fitting(model, cfg, img, tile, tile_overlap, self_ensemble, dtype, log)
+            except NonFiniteOutputError as e:
+                raise ValueError(f"{src}: {e}") from None
             for w in write_image(dst, out, quality=quality):
                 log(f"warning: {w}")
         except (ImageReadError, ValueError, OSError, RuntimeError) as e:
