@@ -3,6 +3,8 @@ not numbers, kinds of image files, and folders that give no work. All on the CPU
 PyTorch math."""
 import json
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -11,6 +13,9 @@ from PIL import Image as PILImage
 
 import fastdrn.reference
 from fastdrn import cli
+from fastdrn.tools import png16
+from fastdrn.tools.image_io import read_image
+from fastdrn.tools.imresize import upsample
 
 CFG = dict(scale=2, n_feats=4, n_groups=1, n_blocks=1, inner=4, distill=2)
 
@@ -75,3 +80,46 @@ def test_a_model_output_of_nan_or_infinity_is_an_error_not_an_image(tmp_path, ov
     assert "error: b: the model's output holds" in err
     result = json.loads(report.read_text())
     assert result["images"] == [] and [f["name"] for f in result["failed"]] == ["b"]
+
+
+def _with_trns(png: bytes, body: bytes) -> bytes:
+    """``png`` with a tRNS chunk (``body``) after its IHDR chunk (signature 8 + IHDR 25 bytes)."""
+    chunk = struct.pack(">I", len(body)) + b"tRNS" + body + struct.pack(">I", zlib.crc32(b"tRNS" + body))
+    return png[:33] + chunk + png[33:]
+
+
+def test_a_png_colour_key_transparency_is_kept(tmp_path, weights):
+    """A PNG can make one colour transparent (a tRNS chunk on an RGB or greyscale image, 8 or 16 bits,
+    as icons and old tools write it): the key was ignored, and the transparent background came out
+    opaque in that colour. It is read as an alpha channel (0 where the pixel is the key), upscaled as
+    every alpha is."""
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)      # odd sizes: rows and columns not mixed up
+    rgb[:4] = (0, 255, 0)                                      # the key colour, over the top rows
+    rgb[6, 2] = (0, 255, 1)                                    # one off: opaque
+    src = tmp_path / "in"
+    src.mkdir()
+    PILImage.fromarray(rgb).save(src / "rgb.png", transparency=(0, 255, 0))
+    grey = rgb[..., 1].copy()
+    PILImage.fromarray(grey).save(src / "grey.png", transparency=255)
+    grey16 = grey.astype(np.uint16) * 257
+    grey16[6, 3] = 65534                                       # one off the 16-bit key: opaque
+    PILImage.fromarray(grey16).save(src / "grey16.png", transparency=65535)
+    rgb16 = rgb.astype(np.uint16) * 257
+    (src / "rgb16.png").write_bytes(_with_trns(png16.encode(rgb16), struct.pack(">3H", 0, 65535, 0)))
+    keyed = {"rgb.png": (rgb == (0, 255, 0)).all(-1), "grey.png": grey == 255,
+             "grey16.png": grey16 == 65535, "rgb16.png": (rgb16 == (0, 65535, 0)).all(-1)}
+    for name, transparent in keyed.items():
+        img = read_image(src / name)
+        assert img.alpha is not None, name
+        assert (img.alpha[0].numpy() == np.where(transparent, 0.0, 1.0)).all(), name
+        assert img.gray == name.startswith("grey") and img.bits == (16 if "16" in name else 8), name
+    out = tmp_path / "out"
+    assert cli.main(["upscale", str(src), "-o", str(out), "--weights", weights, "--device", "cpu"]) == 0
+    for name, transparent in keyed.items():
+        im = PILImage.open(out / name)
+        assert im.size == (22, 18), name
+        got = read_image(out / name)
+        want = upsample(torch.from_numpy(np.where(transparent, 0.0, 1.0))[None], 2).clamp(0, 1)[0].numpy()
+        assert got.alpha is not None and np.abs(got.alpha[0].numpy() - want).max() <= 1 / 255, name
+        assert got.alpha[0, 0, 0] == 0 and got.alpha[0, -1, -1] == 1, name

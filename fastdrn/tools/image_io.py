@@ -1,7 +1,8 @@
 """Image files <-> float tensors for the tools.
 
 Reading gives an :class:`Image`: RGB as a (3, H, W) float32 tensor in [0, 1] (greyscale replicated to
-three channels, remembered in ``gray``), the alpha channel separately, and the bit depth (8 or 16) so
+three channels, remembered in ``gray``), the alpha channel separately (a PNG's tRNS colour key
+becomes one), and the bit depth (8 or 16) so
 that writing can give back the same kind of file. Pillow reads 16-bit greyscale at full precision but
 reduces 16-bit RGB(A) to 8 bits; those are read here instead: PNGs through :mod:`fastdrn.tools.png16`,
 PPMs (any maxval above 255) with numpy, TIFFs by decoding twice through Pillow, once for the high byte
@@ -124,6 +125,9 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
             header = png16.read_header(data)
             _check_size(path, header["width"], header["height"], max_pixels)
             arr = png16.decode(data)
+            key = png16.read_trns(data)
+            if key is not None:
+                arr = _key_alpha(arr, key, 65535)
             img = _from_array(arr, 65535.0, arr.shape[2] in (1, 2), path, 16)
             return img.with_(icc=_matching_icc(png16.read_icc(data), img))
         _allow_in_pillow(max_pixels)
@@ -209,21 +213,35 @@ def _deep(im: PILImage.Image, tile: list, data: bytes, path: str) -> Image | Non
     return None
 
 
+def _key_alpha(arr: np.ndarray, key, white: int) -> np.ndarray:
+    """``arr`` (H, W) or (H, W, C) with an alpha channel added: 0 where a pixel is ``key`` (the colour a
+    PNG's tRNS chunk makes transparent), ``white`` elsewhere."""
+    arr = arr if arr.ndim == 3 else arr[:, :, None]
+    opaque = (arr.astype(np.int64) != np.asarray(key, dtype=np.int64).reshape(-1)).any(-1)
+    return np.dstack([arr, np.where(opaque, white, 0).astype(arr.dtype)])
+
+
 def _decoded(im: PILImage.Image, path: str) -> Image:
     """A decoded Pillow image -> :class:`Image` (greyscale, alpha and 16 bits kept)."""
     mode = im.mode
+    # a grey or RGB PNG's tRNS colour key: pixels of that value are transparent (an int, or an RGB tuple)
+    key = im.info.get("transparency")
     if mode.startswith("I;16") or mode == "I":
         arr = np.clip(np.asarray(im, dtype=np.int64), 0, 65535).astype(np.uint16)
-        return _from_array(arr, 65535.0, True, path, 16)
+        return _from_array(_key_alpha(arr, key, 65535) if isinstance(key, int) else arr, 65535.0, True, path, 16)
     if mode in ("1", "L"):
-        return _from_array(np.asarray(im.convert("L")), 255.0, True, path, 8)
+        arr = np.asarray(im.convert("L"))
+        return _from_array(_key_alpha(arr, key, 255) if isinstance(key, int) else arr, 255.0, True, path, 8)
     if mode in ("LA", "La"):
         return _from_array(np.asarray(im.convert("LA")), 255.0, True, path, 8)
     if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
         return _from_array(np.asarray(im.convert("RGBA")), 255.0, False, path, 8)
     if mode == "F":
         raise ImageReadError(f"{path}: floating-point images are not supported")
-    return _from_array(np.asarray(im.convert("RGB")), 255.0, False, path, 8)
+    arr = np.asarray(im.convert("RGB"))
+    if mode == "RGB" and isinstance(key, tuple) and len(key) == 3:
+        arr = _key_alpha(arr, key, 255)
+    return _from_array(arr, 255.0, False, path, 8)
 
 
 def _matching_icc(icc: bytes | None, img: Image) -> bytes | None:
