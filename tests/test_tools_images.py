@@ -123,3 +123,13 @@ def test_a_png_colour_key_transparency_is_kept(tmp_path, weights):
         want = upsample(torch.from_numpy(np.where(transparent, 0.0, 1.0))[None], 2).clamp(0, 1)[0].numpy()
         assert got.alpha is not None and np.abs(got.alpha[0].numpy() - want).max() <= 1 / 255, name
         assert got.alpha[0, 0, 0] == 0 and got.alpha[0, -1, -1] == 1, name
+
+
+def test_eval_of_a_folder_without_images_says_so(tmp_path, weights, capsys):
+    """eval of an empty HR folder (or one of other files) printed an empty table with a mean of nan and
+    exited 1, without a word of why."""
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    (hr / "notes.txt").write_text("not an image")
+    assert cli.main(["eval", "--hr-dir", str(hr), "--weights", weights, "--device", "cpu"]) == 1
+    assert f"error: no images in {hr} (" in capsys.readouterr().err
