@@ -133,3 +133,20 @@ def test_eval_of_a_folder_without_images_says_so(tmp_path, weights, capsys):
     (hr / "notes.txt").write_text("not an image")
     assert cli.main(["eval", "--hr-dir", str(hr), "--weights", weights, "--device", "cpu"]) == 1
     assert f"error: no images in {hr} (" in capsys.readouterr().err
+
+
+def test_an_input_named_twice_is_upscaled_once(tmp_path, weights, capsys):
+    """A folder and a file in it (or a glob overlapping a folder) named the file twice: the second was
+    refused as "already written from another input with the same name", an error for a file that
+    had been upscaled, and the run exited 1."""
+    src = tmp_path / "in"
+    src.mkdir()
+    a = _png(src / "a.png")
+    _png(src / "b.png", seed=1)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert cli.main(["upscale", str(src), a, str(tmp_path / "in" / ".." / "in" / "a.png"), "-o", str(out),
+                     "--weights", weights, "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "error" not in captured.err and len(captured.out.splitlines()) == 2
+    assert sorted(os.listdir(out)) == ["a.png", "b.png"]

@@ -32,7 +32,8 @@ FORMAT_EXT = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp"}
 
 def output_paths(inputs: list[str], output: str, fmt: str | None = None, suffix: str = "") -> list[tuple[str, str]]:
     """(input file, output file) for every image. ``output`` is a file when there is one input file
-    and it has an image extension, else a folder. Folders are expanded (not recursively)."""
+    and it has an image extension, else a folder. Folders are expanded (not recursively); a file
+    named more than once is listed once."""
     files = list_images(inputs)
     single = len(inputs) == 1 and not Path(inputs[0]).is_dir() and len(files) == 1
     if os.sep in suffix or (os.altsep and os.altsep in suffix):
@@ -48,8 +49,13 @@ def output_paths(inputs: list[str], output: str, fmt: str | None = None, suffix:
         if single:
             return [(files[0], output)]
         raise ValueError(f"{output} names a file but there are {len(files)} input images: give a folder")
-    out = []
+    out, seen = [], set()
     for f in files:
+        # a file named twice (a folder and a file in it, overlapping globs) is upscaled once
+        where = os.path.join(os.path.realpath(os.path.dirname(f) or "."), os.path.basename(f))
+        if where in seen:
+            continue
+        seen.add(where)
         ext = FORMAT_EXT[fmt] if fmt else Path(f).suffix.lower()
         if ext not in WRITE_FORMATS:
             ext = ".png"
