@@ -150,3 +150,38 @@ def test_an_input_named_twice_is_upscaled_once(tmp_path, weights, capsys):
     captured = capsys.readouterr()
     assert "error" not in captured.err and len(captured.out.splitlines()) == 2
     assert sorted(os.listdir(out)) == ["a.png", "b.png"]
+
+
+def test_files_of_a_folder_that_are_not_read_are_named(tmp_path, weights, capsys):
+    """Files of an input folder without one of the listed extensions were passed over without a word:
+    a .jfif or .jpe (JPEG), .apng (PNG), .pnm or .pbm (the PPM family) photograph that Pillow reads,
+    or a .heic that it does not, were simply missing from the output. The aliases are read; what is
+    still left out (hidden files aside) is named in one warning."""
+    src = tmp_path / "in"
+    src.mkdir()
+    rgb = np.random.default_rng(4).integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    PILImage.fromarray(rgb).save(src / "a.jfif", format="JPEG")
+    PILImage.fromarray(rgb).save(src / "b.JPE", format="JPEG")
+    PILImage.fromarray(rgb).save(src / "c.apng", format="PNG")
+    PILImage.fromarray(rgb).save(src / "d.pnm", format="PPM")
+    PILImage.fromarray(rgb[..., 0] > 127).save(src / "e.pbm", format="PPM")
+    (src / "f.heic").write_bytes(b"\0\0\0\x18ftypheic")
+    (src / "notes.txt").write_text("shot on a phone")
+    _png(src / ".hidden.png")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert cli.main(["upscale", str(src), "-o", str(out), "--weights", weights, "--device", "cpu"]) == 0
+    assert sorted(os.listdir(out)) == ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    err = capsys.readouterr().err
+    assert "warning: 2 file(s) of the input folder(s) not read, not of an image extension" in err
+    assert f"{src / 'f.heic'}, {src / 'notes.txt'}" in err and ".hidden" not in err
+
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    PILImage.fromarray(np.random.default_rng(5).integers(0, 256, (24, 26, 3), dtype=np.uint8)).save(
+        hr / "g.jfif", format="JPEG")
+    (hr / "h.heic").write_bytes(b"\0\0\0\x18ftypheic")
+    assert cli.main(["eval", "--hr-dir", str(hr), "--weights", weights, "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "\ng " in captured.out
+    assert f"not of an image extension" in captured.err and str(hr / "h.heic") in captured.err

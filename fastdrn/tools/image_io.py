@@ -32,10 +32,11 @@ from PIL import Image as PILImage, ImageOps
 from . import png16
 from .checkpoint import NotRegularFileError, atomic_write, open_regular
 
-__all__ = ["Image", "ImageReadError", "read_image", "write_image", "to_uint8", "list_images",
+__all__ = ["Image", "ImageReadError", "read_image", "write_image", "to_uint8", "list_images", "skipped_files",
            "IMAGE_EXTS", "WRITE_FORMATS", "DEFAULT_MAX_PIXELS"]
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+IMAGE_EXTS = (".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm",
+              ".pbm", ".pnm", ".gif")
 WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 # Pillow's default (Image.MAX_IMAGE_PIXELS, ~89.5 million pixels, a 9459 x 9459 image), fixed here
 # so that a change to Pillow's global does not move it.
@@ -65,18 +66,28 @@ class Image:
         return replace(self, **kw)
 
 
-def list_images(paths, recursive: bool = False) -> list[str]:
-    """Expand files and folders into a sorted list of image files (folders: by extension)."""
+def list_images(paths, recursive: bool = False, skipped: list | None = None) -> list[str]:
+    """Expand files and folders into a sorted list of image files (folders: by extension). The other
+    files of the folders (hidden ones aside) are added to ``skipped`` when it is given."""
     out = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
             it = p.rglob("*") if recursive else p.iterdir()
-            out += sorted(str(q) for q in it if q.is_file() and q.suffix.lower() in IMAGE_EXTS
-                          and not q.name.startswith("."))
+            files = sorted(str(q) for q in it if q.is_file() and not q.name.startswith("."))
+            out += [f for f in files if Path(f).suffix.lower() in IMAGE_EXTS]
+            if skipped is not None:
+                skipped += [f for f in files if Path(f).suffix.lower() not in IMAGE_EXTS]
         else:
             out.append(str(p))
     return out
+
+
+def skipped_files(skipped: list[str], shown: int = 5) -> str:
+    """The warning for files of input folders that :func:`list_images` passed over."""
+    names = ", ".join(skipped[:shown]) + (f" and {len(skipped) - shown} more" if len(skipped) > shown else "")
+    return (f"{len(skipped)} file(s) of the input folder(s) not read, not of an image extension "
+            f"({' '.join(IMAGE_EXTS)}): {names}")
 
 
 def _from_array(arr: np.ndarray, maxval: float, gray: bool, path: str, bits: int) -> Image:

@@ -22,7 +22,7 @@ import torch
 from ..graphs import make_upscaler
 from .checkpoint import load_model
 from .image_io import (DEFAULT_MAX_PIXELS, IMAGE_EXTS, WRITE_FORMATS, ImageReadError, list_images, precision_lost,
-                       read_image, write_image)
+                       read_image, skipped_files, write_image)
 from .infer import NonFiniteOutputError, prepare, receptive_radius, upscale_image
 
 __all__ = ["upscale", "output_paths"]
@@ -30,11 +30,12 @@ __all__ = ["upscale", "output_paths"]
 FORMAT_EXT = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp"}
 
 
-def output_paths(inputs: list[str], output: str, fmt: str | None = None, suffix: str = "") -> list[tuple[str, str]]:
+def output_paths(inputs: list[str], output: str, fmt: str | None = None, suffix: str = "",
+                 skipped: list | None = None) -> list[tuple[str, str]]:
     """(input file, output file) for every image. ``output`` is a file when there is one input file
-    and it has an image extension, else a folder. Folders are expanded (not recursively); a file
-    named more than once is listed once."""
-    files = list_images(inputs)
+    and it has an image extension, else a folder. Folders are expanded (not recursively; their other
+    files are added to ``skipped`` when given); a file named more than once is listed once."""
+    files = list_images(inputs, skipped=skipped)
     single = len(inputs) == 1 and not Path(inputs[0]).is_dir() and len(files) == 1
     if os.sep in suffix or (os.altsep and os.altsep in suffix):
         raise ValueError(f"--suffix {suffix!r}: a suffix of file names cannot hold a path separator")
@@ -123,7 +124,10 @@ def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = N
     if tile and tile_overlap is not None and tile_overlap < radius:
         log(f"warning: tile overlap {tile_overlap} < receptive-field radius {radius}: seams are possible")
     failures = 0
-    jobs = output_paths(inputs, output, fmt, suffix)
+    skipped = []
+    jobs = output_paths(inputs, output, fmt, suffix, skipped)
+    if skipped:
+        log(f"warning: {skipped_files(skipped)}")
     # Every input of the run, identified before anything is written.
     sources = {}
     for src, _dst in jobs:
