@@ -185,3 +185,19 @@ def test_files_of_a_folder_that_are_not_read_are_named(tmp_path, weights, capsys
     captured = capsys.readouterr()
     assert "\ng " in captured.out
     assert f"not of an image extension" in captured.err and str(hr / "h.heic") in captured.err
+
+
+@pytest.mark.parametrize("data_range", [None, 1.0])   # as given, and clamped as a saved image is
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_metrics_refuse_an_image_holding_nan_or_infinity(bad, data_range):
+    """psnr / ssim of an image holding NaN returned nan (NaN passed the [0, 1] range check, which
+    compares), and an infinity under data_range was clamped to white and scored as a number."""
+    from fastdrn.tools.metrics import psnr, psnr_ssim, ssim
+    hr = torch.rand(3, 13, 13, dtype=torch.float64)          # 13: the 11x11 SSIM window fits
+    sr = hr.clone()
+    sr[1, 5, 7] = bad
+    for fn in (psnr, ssim, psnr_ssim):
+        with pytest.raises(ValueError, match=r"sr holds 1 NaN or infinite value"):
+            fn(sr, hr, 0, data_range=data_range)
+        with pytest.raises(ValueError, match=r"hr holds 1 NaN or infinite value"):
+            fn(hr, sr, 0, data_range=data_range)

@@ -14,7 +14,7 @@ The convention (EDSR, RCAN, DRN and BasicSR's ``test_y_channel``):
   field's scripts do not do it either.)
 
 Inputs are torch tensors (..., C, H, W) or numpy arrays (H, W, C) or (H, W), as image libraries give
-them. uint8 images are read as 0-255. Float images must lie in [0, 1]: anything outside is refused
+them; one holding NaN or infinity is refused. uint8 images are read as 0-255. Float images must lie in [0, 1]: anything outside is refused
 (a 0-255 float image clamped to [0, 1] would give a silently wrong number) unless ``data_range``
 says what white is, and then values are clamped to [0, data_range] as a saved image would be.
 A model's raw output overshoots [0, 1] a little: pass ``data_range=1.0`` to clamp it.
@@ -56,6 +56,10 @@ def to_255(x, what: str = "image", data_range: float | None = None, quantized: b
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what}: expected a torch tensor or numpy array, got {type(x).__name__}")
     x = x.detach()
+    if x.is_floating_point():
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:   # NaN passes the range check (it compares false) and clamping makes infinity white
+            raise ValueError(f"{what} holds {bad} NaN or infinite value(s): it has no PSNR or SSIM")
     if quantized:
         return x.double()
     if x.dtype == torch.uint8:
