@@ -201,3 +201,21 @@ def test_metrics_refuse_an_image_holding_nan_or_infinity(bad, data_range):
             fn(sr, hr, 0, data_range=data_range)
         with pytest.raises(ValueError, match=r"hr holds 1 NaN or infinite value"):
             fn(hr, sr, 0, data_range=data_range)
+
+
+def test_metrics_refuse_a_crop_that_leaves_nothing_and_channels_that_are_not_rgb():
+    """psnr with a border crop as big as half the image returned nan (the mean of nothing), a negative
+    crop was ignored, and the Y channel of a 4-channel (RGBA) image failed with "too many values to
+    unpack (expected 3)"."""
+    from fastdrn.tools.metrics import psnr, psnr_ssim
+    a, b = torch.rand(3, 8, 13, dtype=torch.float64), torch.rand(3, 8, 13, dtype=torch.float64)  # crop 4: 0 rows left
+    for fn in (psnr, psnr_ssim):
+        with pytest.raises(ValueError, match=r"crop=4 leaves nothing of the 13x8 image"):
+            fn(a, b, 4)
+        with pytest.raises(ValueError, match=r"crop=-1: a border cannot be negative"):
+            fn(a, b, -1)
+    assert np.isfinite(psnr(a, b, 3))                       # 2 x 7 pixels left: a number
+    rgba = torch.rand(4, 13, 13, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"the Y channel needs RGB \(3 channels\) or grey \(1\), got 4"):
+        psnr(rgba, rgba.flip(-1), 0)
+    assert np.isfinite(psnr(rgba, rgba.flip(-1), 0, y_channel=False))   # per channel: any count

@@ -83,11 +83,24 @@ def to_255(x, what: str = "image", data_range: float | None = None, quantized: b
     return quantize(x.double() / data_range)
 
 
+def _check_crop(img: torch.Tensor, crop: int) -> None:
+    """Refuse a border crop that is negative or leaves no pixel (the mean of nothing is NaN)."""
+    if crop < 0:
+        raise ValueError(f"metrics: crop={crop}: a border cannot be negative")
+    h, w = img.shape[-2:]
+    if min(h, w) <= 2 * crop:
+        raise ValueError(f"metrics: crop={crop} leaves nothing of the {w}x{h} image")
+
+
 def _prepare(sr, hr, crop: int, y_channel: bool, quantized: bool, data_range: float | None):
     sr = to_255(sr, "sr", data_range, quantized)
     hr = to_255(hr, "hr", data_range, quantized)
     if sr.shape != hr.shape:
         raise ValueError(f"metrics: shapes differ: {tuple(sr.shape)} vs {tuple(hr.shape)}")
+    _check_crop(sr, crop)
+    if y_channel and sr.shape[-3] not in (1, 3):
+        raise ValueError(f"metrics: the Y channel needs RGB (3 channels) or grey (1), got {sr.shape[-3]} "
+                         "(drop an alpha channel first, or pass y_channel=False)")
     if y_channel:
         sr, hr = rgb_to_y(sr), rgb_to_y(hr)
     if crop > 0:
