@@ -219,3 +219,25 @@ def test_metrics_refuse_a_crop_that_leaves_nothing_and_channels_that_are_not_rgb
     with pytest.raises(ValueError, match=r"the Y channel needs RGB \(3 channels\) or grey \(1\), got 4"):
         psnr(rgba, rgba.flip(-1), 0)
     assert np.isfinite(psnr(rgba, rgba.flip(-1), 0, y_channel=False))   # per channel: any count
+
+
+def _with_chunk(png: bytes, kind: bytes, body: bytes) -> bytes:
+    """``png`` with a chunk after its IHDR chunk (signature 8 + IHDR 25 bytes)."""
+    chunk = struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return png[:33] + chunk + png[33:]
+
+
+@pytest.mark.parametrize("orientation", [2, 3, 5, 6, 7, 8])   # every flip and rotation EXIF names
+def test_a_16_bit_png_is_turned_as_its_exif_orientation_says(tmp_path, orientation):
+    """An 8-bit PNG (or JPEG, or TIFF) is turned upright as its EXIF orientation says; a 16-bit RGB PNG,
+    read by png16, was not, and came out on its side or mirrored."""
+    from fastdrn.tools.image_io import read_image
+    rgb16 = np.random.default_rng(orientation).integers(0, 65536, (5, 7, 3), dtype=np.uint16)  # not square
+    exif = PILImage.Exif()
+    exif[0x0112] = orientation
+    (tmp_path / "deep.png").write_bytes(_with_chunk(png16.encode(rgb16), b"eXIf", exif.tobytes()))
+    PILImage.fromarray((rgb16 >> 8).astype(np.uint8)).save(tmp_path / "flat.png", exif=exif)
+    deep, flat = read_image(tmp_path / "deep.png"), read_image(tmp_path / "flat.png")
+    assert deep.bits == 16 and deep.size == flat.size
+    high = (torch.round(deep.rgb * 65535).to(torch.int64) >> 8).numpy()
+    assert (high == torch.round(flat.rgb * 255).to(torch.int64).numpy()).all()

@@ -135,7 +135,7 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         if png16.needs_png16(data):
             header = png16.read_header(data)
             _check_size(path, header["width"], header["height"], max_pixels)
-            arr = png16.decode(data)
+            arr = _upright(png16.decode(data), png16.read_exif(data))
             key = png16.read_trns(data)
             if key is not None:
                 arr = _key_alpha(arr, key, 65535)
@@ -161,6 +161,22 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         msg = msg.replace(repr(buffer), "the file").replace(str(buffer), "the file")
         raise ImageReadError(f"{path}: cannot decode image: {msg}") from None
+
+
+# EXIF orientation -> the turn that makes the image upright, as ImageOps.exif_transpose does it
+_UPRIGHT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+            5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+            7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1], 8: lambda a: np.rot90(a, 1)}
+
+
+def _upright(arr: np.ndarray, exif: bytes | None) -> np.ndarray:
+    """(H, W, C) ``arr`` turned as the orientation of ``exif`` (a PNG's eXIf chunk) says."""
+    if not exif:
+        return arr
+    tags = PILImage.Exif()
+    tags.load(exif)
+    turn = _UPRIGHT.get(tags.get(0x0112))
+    return arr if turn is None else np.ascontiguousarray(turn(arr))
 
 
 def precision_lost(img: Image, path: str) -> str | None:
