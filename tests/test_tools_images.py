@@ -241,3 +241,21 @@ def test_a_16_bit_png_is_turned_as_its_exif_orientation_says(tmp_path, orientati
     assert deep.bits == 16 and deep.size == flat.size
     high = (torch.round(deep.rgb * 65535).to(torch.int64) >> 8).numpy()
     assert (high == torch.round(flat.rgb * 255).to(torch.int64).numpy()).all()
+
+
+@pytest.mark.parametrize("top", [255, 2 ** 31 - 1])   # 8-bit values in 32 bits; the full range
+def test_a_32_bit_integer_image_is_refused_not_clipped(tmp_path, weights, capsys, top):
+    """A 32-bit integer TIFF was read as if its samples were 16-bit: values past 65535 were clipped to
+    white (a full-range image came out all white) and 8-bit values in 32 bits came out black, with
+    only a warning of lost precision; exit 0. It is refused, as floating-point images are."""
+    from fastdrn.tools.image_io import ImageReadError, read_image
+    arr = np.random.default_rng(6).integers(0, top, (5, 7), dtype=np.int64).astype(np.int32)
+    path = tmp_path / "deep.tif"
+    PILImage.fromarray(arr).save(path)
+    with pytest.raises(ImageReadError, match=r"deep.tif: 32-bit integer samples are not supported"):
+        read_image(path)
+    capsys.readouterr()
+    assert cli.main(["upscale", str(path), "-o", str(tmp_path / "out.png"), "--weights", weights,
+                     "--device", "cpu"]) == 1
+    assert "32-bit integer samples are not supported" in capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists()

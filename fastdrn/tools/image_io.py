@@ -147,9 +147,13 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         tile = list(im.tile)                       # how the pixels are stored; load() clears it
         im.load()                                  # decode now: truncated files fail here
         icc = im.info.get("icc_profile")
+        file_bits = _file_bits(im, tile, data)
+        if im.mode == "I" and file_bits > 16:     # read as 16-bit, every value past 65535 would be white
+            raise ImageReadError(f"{path}: {file_bits}-bit integer samples are not supported (at most 16 bits): "
+                                 "convert the image to 16 bits")
         img = _deep(im, tile, data, path) or _decoded(ImageOps.exif_transpose(im), path)
         return img.with_(icc=_matching_icc(icc, img), frames=int(getattr(im, "n_frames", 1)),
-                         file_bits=max(img.bits, _file_bits(im, tile, data)))
+                         file_bits=max(img.bits, file_bits))
     except ImageReadError:
         raise
     except PILImage.DecompressionBombError:      # past twice Pillow's own limit
