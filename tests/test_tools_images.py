@@ -259,3 +259,34 @@ def test_a_32_bit_integer_image_is_refused_not_clipped(tmp_path, weights, capsys
                      "--device", "cpu"]) == 1
     assert "32-bit integer samples are not supported" in capsys.readouterr().err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_an_lr_image_is_the_partner_of_one_hr_image_only(tmp_path, weights, capsys):
+    """HR a.png and a.bmp (two pictures) both found lr/a.png as their LR partner by name, and a.bmp was
+    scored against a.png's LR without a word; an LR folder holding bx2.png and bx2.jpg gave one of
+    them, by sort order. Both are errors naming the files; the unambiguous pair is still scored."""
+    from fastdrn.tools.data import find_pairs
+    rng = np.random.default_rng(7)
+    hr, lr = tmp_path / "hr", tmp_path / "lr"
+    hr.mkdir()
+    lr.mkdir()
+    pictures = {n: rng.integers(0, 256, (26, 30, 3), dtype=np.uint8) for n in "abc"}
+    PILImage.fromarray(pictures["a"]).save(hr / "a.png")
+    PILImage.fromarray(255 - pictures["a"]).save(hr / "a.bmp")
+    PILImage.fromarray(pictures["a"][::2, ::2]).save(lr / "a.png")
+    PILImage.fromarray(pictures["b"]).save(hr / "b.png")
+    PILImage.fromarray(pictures["b"][::2, ::2]).save(lr / "bx2.png")
+    PILImage.fromarray(255 - pictures["b"][::2, ::2]).save(lr / "bx2.jpg")
+    PILImage.fromarray(pictures["c"]).save(hr / "c.png")
+    PILImage.fromarray(pictures["c"][::2, ::2]).save(lr / "c.png")
+    pairs, errors = find_pairs(str(hr), str(lr), 2)
+    assert [(p.name, os.path.basename(p.lr)) for p in pairs] == [("c", "c.png")]
+    assert sorted(errors) == sorted([
+        f"{hr / 'a.bmp'}: its LR image {lr / 'a.png'} is also that of {hr / 'a.png'}: rename one of them",
+        f"{hr / 'a.png'}: its LR image {lr / 'a.png'} is also that of {hr / 'a.bmp'}: rename one of them",
+        f"{hr / 'b.png'}: several LR images could be its partner: {lr / 'bx2.jpg'}, {lr / 'bx2.png'}"])
+    capsys.readouterr()
+    assert cli.main(["eval", "--hr-dir", str(hr), "--lr-dir", str(lr), "--weights", weights, "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert "is also that of" in captured.err and "several LR images" in captured.err
+    assert "\nc " in captured.out

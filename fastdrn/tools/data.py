@@ -61,18 +61,32 @@ def find_pairs(hr_dir: str, lr_dir: str | None, scale: int,
     folder = _lr_folder(lr_dir, scale)
     if not folder.is_dir():
         raise FileNotFoundError(f"{lr_dir}: not a folder")
-    by_stem = {}
+    by_stem: dict[str, list[str]] = {}
     for f in list_images([folder]):
-        by_stem.setdefault(Path(f).stem.lower(), f)
-    pairs, errors = [], []
+        by_stem.setdefault(Path(f).stem.lower(), []).append(f)
+    found, errors = [], []
     for h, name in zip(hrs, names):
         stem = Path(h).stem
         for cand in (f"{stem}x{scale}", stem, f"{stem}_x{scale}", f"{stem}_lr"):
-            if cand.lower() in by_stem:
-                pairs.append(Pair(name, h, by_stem[cand.lower()]))
+            lrs = by_stem.get(cand.lower())
+            if lrs and len(lrs) > 1:     # bx2.png and bx2.jpg: no telling which is b's
+                errors.append(f"{h}: several LR images could be its partner: {', '.join(lrs)}")
+                break
+            if lrs:
+                found.append(Pair(name, h, lrs[0]))
                 break
         else:
             errors.append(f"{h}: no LR image {stem}x{scale}.* or {stem}.* in {folder}")
+    # HR images that share a stem (a.png, a.bmp) find the same LR image: one would be scored, or
+    # trained, against the other's
+    partners = Counter(p.lr for p in found)
+    pairs = []
+    for p in found:
+        if partners[p.lr] > 1:
+            others = ", ".join(q.hr for q in found if q.lr == p.lr and q is not p)
+            errors.append(f"{p.hr}: its LR image {p.lr} is also that of {others}: rename one of them")
+        else:
+            pairs.append(p)
     return pairs, errors
 
 
