@@ -290,3 +290,21 @@ def test_an_lr_image_is_the_partner_of_one_hr_image_only(tmp_path, weights, caps
     captured = capsys.readouterr()
     assert "is also that of" in captured.err and "several LR images" in captured.err
     assert "\nc " in captured.out
+
+
+def test_an_output_name_is_taken_only_once_written(tmp_path, weights, capsys):
+    """a.jpg and a.png both map to out/a.png under --format png. When a.jpg could not be read, nothing
+    was written, yet a.png was refused as "already written from another input with the same name":
+    no output at all, and a message saying there was one."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(b"not a JPEG")
+    _png(src / "a.png")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert cli.main(["upscale", str(src), "-o", str(out), "--format", "png", "--weights", weights,
+                     "--device", "cpu"]) == 1                      # a.jpg failed
+    err = capsys.readouterr().err
+    assert f"{src / 'a.jpg'}: cannot decode image" in err and "already written" not in err
+    assert os.listdir(out) == ["a.png"]
+    assert read_image(out / "a.png").size == (12, 14)

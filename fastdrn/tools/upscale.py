@@ -144,7 +144,6 @@ def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = N
                                  "--suffix)")
             if os.path.realpath(dst) in taken:
                 raise ValueError(f"{src}: output {dst} was already written from another input with the same name")
-            taken.add(os.path.realpath(dst))
             img = read_image(src, max_pixels=max_pixels)
             if img.frames > 1:
                 log(f"warning: {src}: has {img.frames} frames (an animation or pages): only the first is upscaled")
@@ -155,7 +154,9 @@ def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = N
                 out = _upscale_fitting(model, cfg, img, tile, tile_overlap, self_ensemble, dtype, log)
             except NonFiniteOutputError as e:
                 raise ValueError(f"{src}: {e}") from None
-            for w in write_image(dst, out, quality=quality):
+            warnings = write_image(dst, out, quality=quality)
+            taken.add(os.path.realpath(dst))       # once written: an input that failed takes no name
+            for w in warnings:
                 log(f"warning: {w}")
         except (ImageReadError, ValueError, OSError, RuntimeError) as e:
             failures += 1
