@@ -308,3 +308,27 @@ def test_an_output_name_is_taken_only_once_written(tmp_path, weights, capsys):
     assert f"{src / 'a.jpg'}: cannot decode image" in err and "already written" not in err
     assert os.listdir(out) == ["a.png"]
     assert read_image(out / "a.png").size == (12, 14)
+
+
+def test_a_broken_link_is_named_as_one(tmp_path, weights, capsys):
+    """A symbolic link whose target is gone was passed over without a word in a folder (a photograph
+    missing from the output), and named as "No such file or directory" when given itself."""
+    src = tmp_path / "in"
+    src.mkdir()
+    _png(src / "good.png")
+    os.symlink(tmp_path / "moved" / "x.png", src / "dead.png")
+    out = tmp_path / "out"
+    for argv in ([str(src)], [str(src / "dead.png"), str(src / "good.png")]):
+        capsys.readouterr()
+        assert cli.main(["upscale", *argv, "-o", str(out), "--weights", weights, "--device", "cpu"]) == 1
+        err = capsys.readouterr().err
+        assert f"error: {src / 'dead.png'}: a symbolic link to {tmp_path / 'moved' / 'x.png'}, which does not exist" in err
+        assert os.listdir(out) == ["good.png"]
+    # training lists its folder the same way: with --cache disk the link stopped the run with
+    # "[Errno 2] No such file or directory" instead of being named and skipped
+    from fastdrn.tools.data import TrainPatches, find_pairs
+    errors = []
+    _png(src / "big.png", 20, 20)
+    data = TrainPatches(find_pairs(str(src), None, 2)[0], 2, patch=2, cache="disk",
+                        cache_dir=str(tmp_path / "cache"), on_error=errors.append)
+    assert len(data) == 2 and len(errors) == 1 and "a symbolic link to" in errors[0]

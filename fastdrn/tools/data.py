@@ -202,7 +202,10 @@ class _Store:
 
     def _cached(self, p: Pair, on_warning: Callable[[str], None] | None = None):
         from .checkpoint import atomic_write
-        lr_path, hr_path = self._cache_paths(p)
+        try:
+            lr_path, hr_path = self._cache_paths(p)
+        except OSError:          # an image that is gone (a broken link): load_pair names it
+            return load_pair(p, self.scale, on_warning=on_warning)
         if os.path.exists(lr_path) and os.path.exists(hr_path):
             got = self._load_cached(lr_path, hr_path)
             if not isinstance(got, str):

@@ -74,7 +74,9 @@ def list_images(paths, recursive: bool = False, skipped: list | None = None) -> 
         p = Path(p)
         if p.is_dir():
             it = p.rglob("*") if recursive else p.iterdir()
-            files = sorted(str(q) for q in it if q.is_file() and not q.name.startswith("."))
+            # a broken link is listed, to be named as one: passed over, its photograph would be missing
+            files = sorted(str(q) for q in it if (q.is_file() or (q.is_symlink() and not q.exists()))
+                           and not q.name.startswith("."))
             out += [f for f in files if Path(f).suffix.lower() in IMAGE_EXTS]
             if skipped is not None:
                 skipped += [f for f in files if Path(f).suffix.lower() not in IMAGE_EXTS]
@@ -129,6 +131,8 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     except NotRegularFileError as e:
         raise ImageReadError(str(e)) from None
     except OSError as e:
+        if os.path.islink(path) and not os.path.exists(path):
+            raise ImageReadError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist") from None
         raise ImageReadError(f"{path}: cannot read: {e.strerror or e}") from None
     buffer = io.BytesIO(data)
     try:
