@@ -332,3 +332,14 @@ def test_a_broken_link_is_named_as_one(tmp_path, weights, capsys):
     data = TrainPatches(find_pairs(str(src), None, 2)[0], 2, patch=2, cache="disk",
                         cache_dir=str(tmp_path / "cache"), on_error=errors.append)
     assert len(data) == 2 and len(errors) == 1 and "a symbolic link to" in errors[0]
+
+
+def test_a_file_output_for_a_folder_input_says_the_input_is_a_folder(tmp_path, weights, capsys):
+    """A folder of one image with -o x.png was refused as "there are 1 input images", which reads as a
+    contradiction; the cause is that the input is a folder."""
+    src = tmp_path / "in"
+    src.mkdir()
+    _png(src / "a.png")
+    assert cli.main(["upscale", str(src), "-o", str(tmp_path / "x.png"), "--weights", weights]) == 2
+    assert (f"{tmp_path / 'x.png'} names a file but the input {src} is a folder: give a folder as -o"
+            in capsys.readouterr().err)

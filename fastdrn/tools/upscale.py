@@ -49,6 +49,8 @@ def output_paths(inputs: list[str], output: str, fmt: str | None = None, suffix:
             raise ValueError(f"--format {fmt} does not match the output file {output}: change one of them")
         if single:
             return [(files[0], output)]
+        if len(inputs) == 1 and Path(inputs[0]).is_dir():
+            raise ValueError(f"{output} names a file but the input {inputs[0]} is a folder: give a folder as -o")
         raise ValueError(f"{output} names a file but there are {len(files)} input images: give a folder")
     out, seen = [], set()
     for f in files:
