@@ -343,3 +343,18 @@ def test_a_file_output_for_a_folder_input_says_the_input_is_a_folder(tmp_path, w
     assert cli.main(["upscale", str(src), "-o", str(tmp_path / "x.png"), "--weights", weights]) == 2
     assert (f"{tmp_path / 'x.png'} names a file but the input {src} is a folder: give a folder as -o"
             in capsys.readouterr().err)
+
+
+def test_a_save_dir_that_is_a_file_is_found_before_the_work(tmp_path, weights, capsys):
+    """eval --save-dir naming a file scored the first image, then stopped at its write: no table, no
+    JSON, every score measured so far lost. It is refused before any image is measured."""
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    _png(hr / "a.png", 24, 26)
+    (tmp_path / "notes.txt").write_text("a file")
+    capsys.readouterr()
+    assert cli.main(["eval", "--hr-dir", str(hr), "--weights", weights, "--device", "cpu",
+                     "--save-dir", str(tmp_path / "notes.txt")]) == 2
+    captured = capsys.readouterr()
+    assert f"--save-dir {tmp_path / 'notes.txt'}: a file, where the upscaled images' folder is to be" in captured.err
+    assert "PSNR" not in captured.out

@@ -184,6 +184,8 @@ def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int
     ``cuda_graph``: as in :func:`fastdrn.make_upscaler` (None: replay captured graphs on a GPU)."""
     if json_path and os.path.isdir(json_path):   # found before the images are measured, not after
         raise ValueError(f"--json {json_path}: a folder, where the report file is to be written")
+    if save_dir and os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise ValueError(f"--save-dir {save_dir}: a file, where the upscaled images' folder is to be")
     t0 = time.perf_counter()
     # images are RGB here: a model of other colour channels is refused by name, not per image
     model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale, "n_colors": 3}, key=key, log=log)
