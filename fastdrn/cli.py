@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_args(up)
     up.add_argument("--format", choices=("png", "jpeg", "webp"), default=None,
                     help="output format (default: the input's, PNG for others)")
-    up.add_argument("--quality", type=_quality, default=95, help="JPEG/WebP quality, 0 to 100")
+    up.add_argument("--quality", type=_quality, default=None, help="JPEG/WebP quality, 0 to 100 (default 95)")
     up.add_argument("--suffix", default="", help="added to output file names, e.g. _x4")
     _model_overrides(up)
 

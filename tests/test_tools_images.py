@@ -358,3 +358,24 @@ def test_a_save_dir_that_is_a_file_is_found_before_the_work(tmp_path, weights, c
     captured = capsys.readouterr()
     assert f"--save-dir {tmp_path / 'notes.txt'}: a file, where the upscaled images' folder is to be" in captured.err
     assert "PSNR" not in captured.out
+
+
+def test_output_options_that_do_nothing_here_are_said_to(tmp_path, weights, capsys):
+    """--quality with PNG outputs only, and --suffix with -o naming the output file, were ignored
+    without a word (the user asked for a_x2.png and got b.png, or for a smaller file and got the
+    same PNG); as --tile-overlap without --tile is, they are said to have no effect."""
+    src = _png(tmp_path / "a.png")
+    out = tmp_path / "out"
+    cases = [(["-o", str(out / "b.png"), "--suffix", "_x2"], "warning: --suffix has no effect when -o names the output file"),
+             (["-o", str(out), "--quality", "50"], "warning: --quality has no effect: every output is a PNG"),
+             (["-o", str(out / "c.png"), "--quality", "95"], "warning: --quality has no effect: every output is a PNG")]
+    for args, message in cases:
+        capsys.readouterr()
+        assert cli.main(["upscale", src, *args, "--weights", weights, "--device", "cpu"]) == 0
+        assert message in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["a.png", "b.png", "c.png"]
+    for args in (["-o", str(out / "d.jpg"), "--quality", "50"], ["-o", str(out), "--format", "webp", "--quality", "50"],
+                 ["-o", str(out), "--suffix", "_x2"], ["-o", str(out / "e.png")]):
+        capsys.readouterr()
+        assert cli.main(["upscale", src, *args, "--weights", weights, "--device", "cpu"]) == 0
+        assert "no effect" not in capsys.readouterr().err, args

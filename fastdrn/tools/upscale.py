@@ -110,13 +110,13 @@ def _upscale_fitting(model, cfg, img, tile, overlap, ensemble, dtype, log):
 
 def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = None, tile: int | None = None,
             tile_overlap: int | None = None, dtype: str = "fp32", self_ensemble: bool = False,
-            device=None, fail_fast: bool = False, fmt: str | None = None, quality: int = 95,
+            device=None, fail_fast: bool = False, fmt: str | None = None, quality: int | None = None,
             suffix: str = "", scale: int | None = None, overrides: dict | None = None,
             max_pixels: int | None = DEFAULT_MAX_PIXELS,
             cuda_graph: bool | None = None, log: Callable[[str], None] = print) -> int:
     """Upscale ``inputs`` (files and/or folders) into ``output``; returns the number of failures.
 
-    ``key``: the checkpoint entry to read (see :func:`fastdrn.tools.checkpoint.select_weights`);
+    ``quality``: of JPEG and WebP outputs (None: 95). ``key``: the checkpoint entry to read (see :func:`fastdrn.tools.checkpoint.select_weights`);
     ``max_pixels``: larger input images are refused before they are decoded (None: no limit);
     ``cuda_graph``: as in :func:`fastdrn.make_upscaler` (None: replay captured graphs on a GPU)."""
     # images are RGB here: a model of other colour channels is refused by name, not per image
@@ -130,6 +130,12 @@ def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = N
     jobs = output_paths(inputs, output, fmt, suffix, skipped)
     if skipped:
         log(f"warning: {skipped_files(skipped)}")
+    # options that cannot change this run's outputs are said to, not ignored
+    if suffix and len(jobs) == 1 and jobs[0][1] == output:
+        log("warning: --suffix has no effect when -o names the output file")
+    if quality is not None and jobs and all(WRITE_FORMATS[Path(d).suffix.lower()] == "PNG" for _, d in jobs):
+        log("warning: --quality has no effect: every output is a PNG")
+    quality = 95 if quality is None else quality
     # Every input of the run, identified before anything is written.
     sources = {}
     for src, _dst in jobs:
