@@ -379,3 +379,20 @@ def test_output_options_that_do_nothing_here_are_said_to(tmp_path, weights, caps
         capsys.readouterr()
         assert cli.main(["upscale", src, *args, "--weights", weights, "--device", "cpu"]) == 0
         assert "no effect" not in capsys.readouterr().err, args
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is that of Triton's CPU interpreter")
+def test_an_error_of_the_model_names_the_image(tmp_path, weights, capsys, monkeypatch):
+    """An error raised while the model ran (here: a forced Triton backend refusing bfloat16 in its CPU
+    interpreter) was printed as is, once per image, without saying which image it was."""
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.png", "b.png"):
+        _png(src / name)
+    capsys.readouterr()
+    assert cli.main(["upscale", str(src), "-o", str(tmp_path / "out"), "--weights", weights, "--device", "cpu",
+                     "--dtype", "bf16"]) == 1
+    err = capsys.readouterr().err
+    for name in ("a.png", "b.png"):
+        assert f"error: {src / name}: FASTDRN_BACKEND=triton but" in err

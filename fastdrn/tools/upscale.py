@@ -162,6 +162,8 @@ def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = N
                 out = _upscale_fitting(model, cfg, img, tile, tile_overlap, self_ensemble, dtype, log)
             except NonFiniteOutputError as e:
                 raise ValueError(f"{src}: {e}") from None
+            except RuntimeError as e:      # raised by the model or its kernels, which do not name the image
+                raise RuntimeError(f"{src}: {e}") from None
             warnings = write_image(dst, out, quality=quality)
             taken.add(os.path.realpath(dst))       # once written: an input that failed takes no name
             for w in warnings:
