@@ -240,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # ImageReadError under --fail-fast, unwritable output
         print(f"fastdrn: error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # eval: the model's error, named by image (upscale reports it per image)
+        if args.command != "eval":
+            raise
+        print(f"fastdrn: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fastdrn: interrupted", file=sys.stderr)
         return 130

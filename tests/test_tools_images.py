@@ -396,3 +396,10 @@ def test_an_error_of_the_model_names_the_image(tmp_path, weights, capsys, monkey
     err = capsys.readouterr().err
     for name in ("a.png", "b.png"):
         assert f"error: {src / name}: FASTDRN_BACKEND=triton but" in err
+    # eval stopped with a traceback
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    _png(hr / "c.png", 24, 26)
+    capsys.readouterr()
+    assert cli.main(["eval", "--hr-dir", str(hr), "--weights", weights, "--device", "cpu", "--dtype", "bf16"]) == 1
+    assert "fastdrn: error: c: FASTDRN_BACKEND=triton but" in capsys.readouterr().err

@@ -92,6 +92,8 @@ def evaluate_pairs(model: torch.nn.Module | Upscaler, cfg: dict, pairs: Iterable
             if fail_fast:
                 break
             continue
+        except RuntimeError as e:     # raised by the model or its kernels, which do not name the image
+            raise RuntimeError(f"{pair.name}: {e}") from e
         row = {"name": pair.name, "size": [int(hr.shape[1]), int(hr.shape[0])]}
         # data_range=1: the model's output is clamped to [0, 1] and rounded, as a saved image would be
         row["psnr"], row["ssim"] = psnr_ssim(sr.double(), hr_t, crop, data_range=1.0, y_channel=y_channel)
