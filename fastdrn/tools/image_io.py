@@ -1,16 +1,16 @@
 """Image files <-> float tensors for the tools.
 
 Reading gives an :class:`Image`: RGB as a (3, H, W) float32 tensor in [0, 1] (greyscale replicated to
-three channels, remembered in ``gray``), the alpha channel separately (a PNG's tRNS colour key
-becomes one), and the bit depth (8 or 16) so
-that writing can give back the same kind of file. Pillow reads 16-bit greyscale at full precision but
-reduces 16-bit RGB(A) to 8 bits; those are read here instead: PNGs through :mod:`fastdrn.tools.png16`,
-PPMs (any maxval above 255) with numpy, TIFFs by decoding twice through Pillow, once for the high byte
-of every sample and once for the low one. A file of more than 8 bits per sample that is still read at 8
-(an interlaced PNG) says so in ``Image.file_bits``. Every failure (missing, unreadable,
-truncated, not a regular file: a FIFO or a device would be read without end) raises
-:class:`ImageReadError` naming the file. Files are written atomically (temporary
-name + os.replace).
+three channels, remembered in ``gray``), the alpha channel separately (a PNG's tRNS colour key becomes
+one), and the bit depth (8 or 16) so that writing can give back the same kind of file. Pillow reads
+16-bit greyscale at full precision but reduces 16-bit RGB(A) to 8 bits; those are read here instead:
+PNGs through :mod:`fastdrn.tools.png16`, PPMs (any maxval above 255) with numpy, TIFFs by decoding
+twice through Pillow, once for the high byte of every sample and once for the low one. A file of more
+than 8 bits per sample that is still read at 8 (an interlaced PNG) says so in ``Image.file_bits``;
+32-bit integer and floating-point samples are refused. An EXIF orientation is applied, 16-bit PNGs
+included. Every failure (missing, unreadable, truncated, not a regular file: a FIFO or a device would
+be read without end) raises :class:`ImageReadError` naming the file. Files are written atomically
+(temporary name + os.replace).
 
 An image of more than ``max_pixels`` pixels (default :data:`DEFAULT_MAX_PIXELS`, Pillow's own
 decompression-bomb limit) is refused from its header, before any pixel is decoded, whatever reads

@@ -14,9 +14,10 @@ The convention (EDSR, RCAN, DRN and BasicSR's ``test_y_channel``):
   field's scripts do not do it either.)
 
 Inputs are torch tensors (..., C, H, W) or numpy arrays (H, W, C) or (H, W), as image libraries give
-them; one holding NaN or infinity is refused. uint8 images are read as 0-255. Float images must lie in [0, 1]: anything outside is refused
-(a 0-255 float image clamped to [0, 1] would give a silently wrong number) unless ``data_range``
-says what white is, and then values are clamped to [0, data_range] as a saved image would be.
+them; one holding NaN or infinity is refused. uint8 images are read as 0-255. Float images must lie
+in [0, 1]: anything outside is refused (a 0-255 float image clamped to [0, 1] would give a silently
+wrong number) unless ``data_range`` says what white is, and then values are clamped to
+[0, data_range] as a saved image would be.
 A model's raw output overshoots [0, 1] a little: pass ``data_range=1.0`` to clamp it.
 """
 from __future__ import annotations
