@@ -403,3 +403,12 @@ def test_an_error_of_the_model_names_the_image(tmp_path, weights, capsys, monkey
     capsys.readouterr()
     assert cli.main(["eval", "--hr-dir", str(hr), "--weights", weights, "--device", "cpu", "--dtype", "bf16"]) == 1
     assert "fastdrn: error: c: FASTDRN_BACKEND=triton but" in capsys.readouterr().err
+
+
+def test_standard_output_as_output_is_refused(tmp_path, weights, capsys, monkeypatch):
+    """-o - (standard output, to a Unix user) made a folder named "-" and wrote the image into it."""
+    monkeypatch.chdir(tmp_path)
+    src = _png(tmp_path / "a.png")
+    assert cli.main(["upscale", src, "-o", "-", "--weights", weights]) == 2
+    assert "-o -: writing to standard output is not supported: name a file or a folder" in capsys.readouterr().err
+    assert not (tmp_path / "-").exists()

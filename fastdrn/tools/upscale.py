@@ -35,6 +35,8 @@ def output_paths(inputs: list[str], output: str, fmt: str | None = None, suffix:
     """(input file, output file) for every image. ``output`` is a file when there is one input file
     and it has an image extension, else a folder. Folders are expanded (not recursively; their other
     files are added to ``skipped`` when given); a file named more than once is listed once."""
+    if output == "-":      # a folder named "-" would be made
+        raise ValueError("-o -: writing to standard output is not supported: name a file or a folder")
     files = list_images(inputs, skipped=skipped)
     single = len(inputs) == 1 and not Path(inputs[0]).is_dir() and len(files) == 1
     if os.sep in suffix or (os.altsep and os.altsep in suffix):
