@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_args(up)
     up.add_argument("--format", choices=("png", "jpeg", "webp"), default=None,
                     help="output format (default: the input's, PNG for others)")
-    up.add_argument("--quality", type=_quality, default=95, help="JPEG/WebP quality, 0 to 100")
+    up.add_argument("--quality", type=_quality, default=None, help="JPEG/WebP quality, 0 to 100 (default 95)")
     up.add_argument("--suffix", default="", help="added to output file names, e.g. _x4")
     _model_overrides(up)
 
@@ -239,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastdrn: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # ImageReadError under --fail-fast, unwritable output
+        print(f"fastdrn: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # eval: the model's error, named by image (upscale reports it per image)
+        if args.command != "eval":
+            raise
         print(f"fastdrn: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -43,12 +43,14 @@ def _lr_folder(lr_dir: str, scale: int) -> Path:
     return d
 
 
-def find_pairs(hr_dir: str, lr_dir: str | None, scale: int) -> tuple[list[Pair], list[str]]:
+def find_pairs(hr_dir: str, lr_dir: str | None, scale: int,
+               skipped: list | None = None) -> tuple[list[Pair], list[str]]:
     """HR images of ``hr_dir`` with their LR partners (DIV2K naming ``0001.png`` <-> ``X4/0001x4.png``,
-    or the same name). Returns (pairs, errors for HR images without an LR partner)."""
+    or the same name). Returns (pairs, errors for HR images without an LR partner); the other files
+    of ``hr_dir`` are added to ``skipped`` when it is given."""
     if not Path(hr_dir).is_dir():
         raise FileNotFoundError(f"{hr_dir}: not a folder")
-    hrs = list_images([hr_dir])
+    hrs = list_images([hr_dir], skipped=skipped)
     stems = [Path(h).stem for h in hrs]
     # A pair's name keys its results, saved image and cached data: files that share a stem
     # (a.png, a.jpg) are named by their whole file name, or one would stand for the other.
@@ -59,18 +61,32 @@ def find_pairs(hr_dir: str, lr_dir: str | None, scale: int) -> tuple[list[Pair],
     folder = _lr_folder(lr_dir, scale)
     if not folder.is_dir():
         raise FileNotFoundError(f"{lr_dir}: not a folder")
-    by_stem = {}
+    by_stem: dict[str, list[str]] = {}
     for f in list_images([folder]):
-        by_stem.setdefault(Path(f).stem.lower(), f)
-    pairs, errors = [], []
+        by_stem.setdefault(Path(f).stem.lower(), []).append(f)
+    found, errors = [], []
     for h, name in zip(hrs, names):
         stem = Path(h).stem
         for cand in (f"{stem}x{scale}", stem, f"{stem}_x{scale}", f"{stem}_lr"):
-            if cand.lower() in by_stem:
-                pairs.append(Pair(name, h, by_stem[cand.lower()]))
+            lrs = by_stem.get(cand.lower())
+            if lrs and len(lrs) > 1:     # bx2.png and bx2.jpg: no telling which is b's
+                errors.append(f"{h}: several LR images could be its partner: {', '.join(lrs)}")
+                break
+            if lrs:
+                found.append(Pair(name, h, lrs[0]))
                 break
         else:
             errors.append(f"{h}: no LR image {stem}x{scale}.* or {stem}.* in {folder}")
+    # HR images that share a stem (a.png, a.bmp) find the same LR image: one would be scored, or
+    # trained, against the other's
+    partners = Counter(p.lr for p in found)
+    pairs = []
+    for p in found:
+        if partners[p.lr] > 1:
+            others = ", ".join(q.hr for q in found if q.lr == p.lr and q is not p)
+            errors.append(f"{p.hr}: its LR image {p.lr} is also that of {others}: rename one of them")
+        else:
+            pairs.append(p)
     return pairs, errors
 
 
@@ -186,7 +202,10 @@ class _Store:
 
     def _cached(self, p: Pair, on_warning: Callable[[str], None] | None = None):
         from .checkpoint import atomic_write
-        lr_path, hr_path = self._cache_paths(p)
+        try:
+            lr_path, hr_path = self._cache_paths(p)
+        except OSError:          # an image that is gone (a broken link): load_pair names it
+            return load_pair(p, self.scale, on_warning=on_warning)
         if os.path.exists(lr_path) and os.path.exists(hr_path):
             got = self._load_cached(lr_path, hr_path)
             if not isinstance(got, str):

@@ -7,7 +7,8 @@ benchmark LR sets were made). SR and bicubic (MATLAB ``imresize(lr, scale)``) ou
 (:mod:`fastdrn.tools.metrics`); ``crop_border`` and ``y_channel=False`` (RGB) change that.
 
 An image too small for SSIM's 11x11 window once the border is cropped is skipped with a warning and
-counted in the summary (``skipped``), not averaged in as NaN. The JSON report is strict JSON:
+counted in the summary (``skipped``), not averaged in as NaN. An output of NaN or infinity (fp16
+overflowing) fails its image, named, instead of giving a score. The JSON report is strict JSON:
 non-finite numbers (an infinite PSNR of a perfect match, a mean over no image) are written as null.
 """
 from __future__ import annotations
@@ -23,9 +24,9 @@ import torch
 from ..graphs import Upscaler, make_upscaler
 from .checkpoint import atomic_write_text, load_model
 from .data import Pair, find_pairs, load_pair
-from .image_io import DEFAULT_MAX_PIXELS, Image, ImageReadError, write_image
+from .image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTS, Image, ImageReadError, skipped_files, write_image
 from .imresize import upsample
-from .infer import prepare, receptive_radius, super_resolve
+from .infer import NonFiniteOutputError, prepare, receptive_radius, super_resolve
 from .metrics import SSIM_WINDOW, psnr_ssim
 
 __all__ = ["evaluate", "evaluate_pairs", "format_table", "convention"]
@@ -81,9 +82,18 @@ def evaluate_pairs(model: torch.nn.Module | Upscaler, cfg: dict, pairs: Iterable
             skipped.append({"name": pair.name, "reason": why})
             continue
         lr_t, hr_t = _to_float(lr), _to_float(hr)
-        sr = super_resolve(model, lr_t.float(), scale, rgb_range=cfg.get("rgb_range", 1.0), tile=tile,
-                           overlap=tile_overlap, ensemble=self_ensemble, dtype=dtype, device=device,
-                           radius=receptive_radius(cfg))
+        try:
+            sr = super_resolve(model, lr_t.float(), scale, rgb_range=cfg.get("rgb_range", 1.0), tile=tile,
+                               overlap=tile_overlap, ensemble=self_ensemble, dtype=dtype, device=device,
+                               radius=receptive_radius(cfg))
+        except NonFiniteOutputError as e:     # no score: a clamped infinity would give a number
+            log(f"error: {pair.name}: {e}")
+            failed.append({"name": pair.name, "error": str(e)})
+            if fail_fast:
+                break
+            continue
+        except RuntimeError as e:     # raised by the model or its kernels, which do not name the image
+            raise RuntimeError(f"{pair.name}: {e}") from e
         row = {"name": pair.name, "size": [int(hr.shape[1]), int(hr.shape[0])]}
         # data_range=1: the model's output is clamped to [0, 1] and rounded, as a saved image would be
         row["psnr"], row["ssim"] = psnr_ssim(sr.double(), hr_t, crop, data_range=1.0, y_channel=y_channel)
@@ -176,6 +186,8 @@ def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int
     ``cuda_graph``: as in :func:`fastdrn.make_upscaler` (None: replay captured graphs on a GPU)."""
     if json_path and os.path.isdir(json_path):   # found before the images are measured, not after
         raise ValueError(f"--json {json_path}: a folder, where the report file is to be written")
+    if save_dir and os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise ValueError(f"--save-dir {save_dir}: a file, where the upscaled images' folder is to be")
     t0 = time.perf_counter()
     # images are RGB here: a model of other colour channels is refused by name, not per image
     model, cfg = load_model(weights, overrides=overrides, expect={"scale": scale, "n_colors": 3}, key=key, log=log)
@@ -186,7 +198,12 @@ def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int
     log(f"device {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
         + f", {dtype}; backend: {module.backend}")
     model = make_upscaler(module, cuda_graph=cuda_graph)
-    pairs, missing = find_pairs(hr_dir, lr_dir, cfg["scale"])
+    skipped = []
+    pairs, missing = find_pairs(hr_dir, lr_dir, cfg["scale"], skipped)
+    if skipped:
+        log(f"warning: {skipped_files(skipped)}")
+    if not pairs and not missing:
+        log(f"error: no images in {hr_dir} (files ending {', '.join(IMAGE_EXTS)})")
     failed = []
     for m in missing:
         log(f"error: {m}")

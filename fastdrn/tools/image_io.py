@@ -1,15 +1,16 @@
 """Image files <-> float tensors for the tools.
 
 Reading gives an :class:`Image`: RGB as a (3, H, W) float32 tensor in [0, 1] (greyscale replicated to
-three channels, remembered in ``gray``), the alpha channel separately, and the bit depth (8 or 16) so
-that writing can give back the same kind of file. Pillow reads 16-bit greyscale at full precision but
-reduces 16-bit RGB(A) to 8 bits; those are read here instead: PNGs through :mod:`fastdrn.tools.png16`,
-PPMs (any maxval above 255) with numpy, TIFFs by decoding twice through Pillow, once for the high byte
-of every sample and once for the low one. A file of more than 8 bits per sample that is still read at 8
-(an interlaced PNG) says so in ``Image.file_bits``. Every failure (missing, unreadable,
-truncated, not a regular file: a FIFO or a device would be read without end) raises
-:class:`ImageReadError` naming the file. Files are written atomically (temporary
-name + os.replace).
+three channels, remembered in ``gray``), the alpha channel separately (a PNG's tRNS colour key becomes
+one), and the bit depth (8 or 16) so that writing can give back the same kind of file. Pillow reads
+16-bit greyscale at full precision but reduces 16-bit RGB(A) to 8 bits; those are read here instead:
+PNGs through :mod:`fastdrn.tools.png16`, PPMs (any maxval above 255) with numpy, TIFFs by decoding
+twice through Pillow, once for the high byte of every sample and once for the low one. A file of more
+than 8 bits per sample that is still read at 8 (an interlaced PNG) says so in ``Image.file_bits``;
+32-bit integer and floating-point samples are refused. An EXIF orientation is applied, 16-bit PNGs
+included. Every failure (missing, unreadable, truncated, not a regular file: a FIFO or a device would
+be read without end) raises :class:`ImageReadError` naming the file. Files are written atomically
+(temporary name + os.replace).
 
 An image of more than ``max_pixels`` pixels (default :data:`DEFAULT_MAX_PIXELS`, Pillow's own
 decompression-bomb limit) is refused from its header, before any pixel is decoded, whatever reads
@@ -31,10 +32,11 @@ from PIL import Image as PILImage, ImageOps
 from . import png16
 from .checkpoint import NotRegularFileError, atomic_write, open_regular
 
-__all__ = ["Image", "ImageReadError", "read_image", "write_image", "to_uint8", "list_images",
+__all__ = ["Image", "ImageReadError", "read_image", "write_image", "to_uint8", "list_images", "skipped_files",
            "IMAGE_EXTS", "WRITE_FORMATS", "DEFAULT_MAX_PIXELS"]
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+IMAGE_EXTS = (".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm",
+              ".pbm", ".pnm", ".gif")
 WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 # Pillow's default (Image.MAX_IMAGE_PIXELS, ~89.5 million pixels, a 9459 x 9459 image), fixed here
 # so that a change to Pillow's global does not move it.
@@ -64,18 +66,30 @@ class Image:
         return replace(self, **kw)
 
 
-def list_images(paths, recursive: bool = False) -> list[str]:
-    """Expand files and folders into a sorted list of image files (folders: by extension)."""
+def list_images(paths, recursive: bool = False, skipped: list | None = None) -> list[str]:
+    """Expand files and folders into a sorted list of image files (folders: by extension). The other
+    files of the folders (hidden ones aside) are added to ``skipped`` when it is given."""
     out = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
             it = p.rglob("*") if recursive else p.iterdir()
-            out += sorted(str(q) for q in it if q.is_file() and q.suffix.lower() in IMAGE_EXTS
-                          and not q.name.startswith("."))
+            # a broken link is listed, to be named as one: passed over, its photograph would be missing
+            files = sorted(str(q) for q in it if (q.is_file() or (q.is_symlink() and not q.exists()))
+                           and not q.name.startswith("."))
+            out += [f for f in files if Path(f).suffix.lower() in IMAGE_EXTS]
+            if skipped is not None:
+                skipped += [f for f in files if Path(f).suffix.lower() not in IMAGE_EXTS]
         else:
             out.append(str(p))
     return out
+
+
+def skipped_files(skipped: list[str], shown: int = 5) -> str:
+    """The warning for files of input folders that :func:`list_images` passed over."""
+    names = ", ".join(skipped[:shown]) + (f" and {len(skipped) - shown} more" if len(skipped) > shown else "")
+    return (f"{len(skipped)} file(s) of the input folder(s) not read, not of an image extension "
+            f"({' '.join(IMAGE_EXTS)}): {names}")
 
 
 def _from_array(arr: np.ndarray, maxval: float, gray: bool, path: str, bits: int) -> Image:
@@ -117,13 +131,18 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     except NotRegularFileError as e:
         raise ImageReadError(str(e)) from None
     except OSError as e:
+        if os.path.islink(path) and not os.path.exists(path):
+            raise ImageReadError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist") from None
         raise ImageReadError(f"{path}: cannot read: {e.strerror or e}") from None
     buffer = io.BytesIO(data)
     try:
         if png16.needs_png16(data):
             header = png16.read_header(data)
             _check_size(path, header["width"], header["height"], max_pixels)
-            arr = png16.decode(data)
+            arr = _upright(png16.decode(data), png16.read_exif(data))
+            key = png16.read_trns(data)
+            if key is not None:
+                arr = _key_alpha(arr, key, 65535)
             img = _from_array(arr, 65535.0, arr.shape[2] in (1, 2), path, 16)
             return img.with_(icc=_matching_icc(png16.read_icc(data), img))
         _allow_in_pillow(max_pixels)
@@ -132,9 +151,13 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         tile = list(im.tile)                       # how the pixels are stored; load() clears it
         im.load()                                  # decode now: truncated files fail here
         icc = im.info.get("icc_profile")
+        file_bits = _file_bits(im, tile, data)
+        if im.mode == "I" and file_bits > 16:     # read as 16-bit, every value past 65535 would be white
+            raise ImageReadError(f"{path}: {file_bits}-bit integer samples are not supported (at most 16 bits): "
+                                 "convert the image to 16 bits")
         img = _deep(im, tile, data, path) or _decoded(ImageOps.exif_transpose(im), path)
         return img.with_(icc=_matching_icc(icc, img), frames=int(getattr(im, "n_frames", 1)),
-                         file_bits=max(img.bits, _file_bits(im, tile, data)))
+                         file_bits=max(img.bits, file_bits))
     except ImageReadError:
         raise
     except PILImage.DecompressionBombError:      # past twice Pillow's own limit
@@ -146,6 +169,22 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         msg = msg.replace(repr(buffer), "the file").replace(str(buffer), "the file")
         raise ImageReadError(f"{path}: cannot decode image: {msg}") from None
+
+
+# EXIF orientation -> the turn that makes the image upright, as ImageOps.exif_transpose does it
+_UPRIGHT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+            5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+            7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1], 8: lambda a: np.rot90(a, 1)}
+
+
+def _upright(arr: np.ndarray, exif: bytes | None) -> np.ndarray:
+    """(H, W, C) ``arr`` turned as the orientation of ``exif`` (a PNG's eXIf chunk) says."""
+    if not exif:
+        return arr
+    tags = PILImage.Exif()
+    tags.load(exif)
+    turn = _UPRIGHT.get(tags.get(0x0112))
+    return arr if turn is None else np.ascontiguousarray(turn(arr))
 
 
 def precision_lost(img: Image, path: str) -> str | None:
@@ -209,21 +248,35 @@ def _deep(im: PILImage.Image, tile: list, data: bytes, path: str) -> Image | Non
     return None
 
 
+def _key_alpha(arr: np.ndarray, key, white: int) -> np.ndarray:
+    """``arr`` (H, W) or (H, W, C) with an alpha channel added: 0 where a pixel is ``key`` (the colour a
+    PNG's tRNS chunk makes transparent), ``white`` elsewhere."""
+    arr = arr if arr.ndim == 3 else arr[:, :, None]
+    opaque = (arr.astype(np.int64) != np.asarray(key, dtype=np.int64).reshape(-1)).any(-1)
+    return np.dstack([arr, np.where(opaque, white, 0).astype(arr.dtype)])
+
+
 def _decoded(im: PILImage.Image, path: str) -> Image:
     """A decoded Pillow image -> :class:`Image` (greyscale, alpha and 16 bits kept)."""
     mode = im.mode
+    # a grey or RGB PNG's tRNS colour key: pixels of that value are transparent (an int, or an RGB tuple)
+    key = im.info.get("transparency")
     if mode.startswith("I;16") or mode == "I":
         arr = np.clip(np.asarray(im, dtype=np.int64), 0, 65535).astype(np.uint16)
-        return _from_array(arr, 65535.0, True, path, 16)
+        return _from_array(_key_alpha(arr, key, 65535) if isinstance(key, int) else arr, 65535.0, True, path, 16)
     if mode in ("1", "L"):
-        return _from_array(np.asarray(im.convert("L")), 255.0, True, path, 8)
+        arr = np.asarray(im.convert("L"))
+        return _from_array(_key_alpha(arr, key, 255) if isinstance(key, int) else arr, 255.0, True, path, 8)
     if mode in ("LA", "La"):
         return _from_array(np.asarray(im.convert("LA")), 255.0, True, path, 8)
     if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
         return _from_array(np.asarray(im.convert("RGBA")), 255.0, False, path, 8)
     if mode == "F":
         raise ImageReadError(f"{path}: floating-point images are not supported")
-    return _from_array(np.asarray(im.convert("RGB")), 255.0, False, path, 8)
+    arr = np.asarray(im.convert("RGB"))
+    if mode == "RGB" and isinstance(key, tuple) and len(key) == 3:
+        arr = _key_alpha(arr, key, 255)
+    return _from_array(arr, 255.0, False, path, 8)
 
 
 def _matching_icc(icc: bytes | None, img: Image) -> bytes | None:

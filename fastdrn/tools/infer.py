@@ -20,9 +20,13 @@ from ..graphs import Upscaler
 from .imresize import upsample
 
 __all__ = ["receptive_radius", "forward_tiled", "self_ensemble", "super_resolve", "DTYPES", "resolve_device",
-           "upscale_image"]
+           "upscale_image", "NonFiniteOutputError"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteOutputError(ValueError):
+    """The model's output holds NaN or infinity: cast to 8 bits it would be a black or white image."""
 
 
 def receptive_radius(cfg: Mapping) -> int:
@@ -142,6 +146,7 @@ def super_resolve(model: torch.nn.Module, lr: torch.Tensor, scale: int, *, rgb_r
                   dtype: str | torch.dtype = "fp32", device: torch.device | str | None = None,
                   radius: int | None = None) -> torch.Tensor:
     """(3, H, W) or (N, 3, H, W) LR image in [0, 1] -> SR image in [0, 1] (float32 on the CPU, not clamped).
+    An output holding NaN or infinity (fp16 overflowing, say) raises :class:`NonFiniteOutputError`.
 
     ``model``: a module, or an upscaler from :func:`fastdrn.make_upscaler` (on a GPU it replays one
     captured CUDA graph per input shape, and all the tiles of an image share one shape). It must
@@ -171,6 +176,13 @@ def super_resolve(model: torch.nn.Module, lr: torch.Tensor, scale: int, *, rgb_r
 
     out = self_ensemble(fn, x) if ensemble else fn(x)
     out = out.float().cpu() / rgb_range
+    bad = int((~torch.isfinite(out)).sum())
+    if bad:
+        # NaN cast to an integer image is 0 and infinity clamps to white: refused, not written or scored
+        why = (" (fp16 overflowed: its largest value is 65504; run in bf16 or fp32)" if dt == torch.float16
+               else "")
+        raise NonFiniteOutputError(f"the model's output holds {bad:,} NaN or infinite value(s) of "
+                                   f"{out.numel():,}{why}")
     return out[0] if single else out
 
 

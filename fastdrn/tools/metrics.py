@@ -14,9 +14,10 @@ The convention (EDSR, RCAN, DRN and BasicSR's ``test_y_channel``):
   field's scripts do not do it either.)
 
 Inputs are torch tensors (..., C, H, W) or numpy arrays (H, W, C) or (H, W), as image libraries give
-them. uint8 images are read as 0-255. Float images must lie in [0, 1]: anything outside is refused
-(a 0-255 float image clamped to [0, 1] would give a silently wrong number) unless ``data_range``
-says what white is, and then values are clamped to [0, data_range] as a saved image would be.
+them; one holding NaN or infinity is refused. uint8 images are read as 0-255. Float images must lie
+in [0, 1]: anything outside is refused (a 0-255 float image clamped to [0, 1] would give a silently
+wrong number) unless ``data_range`` says what white is, and then values are clamped to
+[0, data_range] as a saved image would be.
 A model's raw output overshoots [0, 1] a little: pass ``data_range=1.0`` to clamp it.
 """
 from __future__ import annotations
@@ -56,6 +57,10 @@ def to_255(x, what: str = "image", data_range: float | None = None, quantized: b
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what}: expected a torch tensor or numpy array, got {type(x).__name__}")
     x = x.detach()
+    if x.is_floating_point():
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:   # NaN passes the range check (it compares false) and clamping makes infinity white
+            raise ValueError(f"{what} holds {bad} NaN or infinite value(s): it has no PSNR or SSIM")
     if quantized:
         return x.double()
     if x.dtype == torch.uint8:
@@ -79,11 +84,24 @@ def to_255(x, what: str = "image", data_range: float | None = None, quantized: b
     return quantize(x.double() / data_range)
 
 
+def _check_crop(img: torch.Tensor, crop: int) -> None:
+    """Refuse a border crop that is negative or leaves no pixel (the mean of nothing is NaN)."""
+    if crop < 0:
+        raise ValueError(f"metrics: crop={crop}: a border cannot be negative")
+    h, w = img.shape[-2:]
+    if min(h, w) <= 2 * crop:
+        raise ValueError(f"metrics: crop={crop} leaves nothing of the {w}x{h} image")
+
+
 def _prepare(sr, hr, crop: int, y_channel: bool, quantized: bool, data_range: float | None):
     sr = to_255(sr, "sr", data_range, quantized)
     hr = to_255(hr, "hr", data_range, quantized)
     if sr.shape != hr.shape:
         raise ValueError(f"metrics: shapes differ: {tuple(sr.shape)} vs {tuple(hr.shape)}")
+    _check_crop(sr, crop)
+    if y_channel and sr.shape[-3] not in (1, 3):
+        raise ValueError(f"metrics: the Y channel needs RGB (3 channels) or grey (1), got {sr.shape[-3]} "
+                         "(drop an alpha channel first, or pass y_channel=False)")
     if y_channel:
         sr, hr = rgb_to_y(sr), rgb_to_y(hr)
     if crop > 0:

@@ -123,6 +123,38 @@ def read_icc(data: bytes) -> bytes | None:
     return None
 
 
+def read_exif(data: bytes) -> bytes | None:
+    """The body of a PNG's eXIf chunk (EXIF data, which says how to turn the image upright), or None."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        if ctype == b"IEND":
+            return None
+        if ctype == b"eXIf":
+            return data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    return None
+
+
+def read_trns(data: bytes) -> tuple[int, ...] | None:
+    """The colour key of a grey or RGB PNG's tRNS chunk (one or three 16-bit samples: pixels of that
+    value are transparent), or None."""
+    hdr = read_header(data)
+    n = {0: 1, 2: 3}.get(hdr["color_type"]) if hdr else None
+    pos = 8
+    while n and pos + 8 <= len(data):
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        if ctype in (b"IDAT", b"IEND"):          # tRNS comes before the image data
+            return None
+        if ctype == b"tRNS":
+            body = data[pos + 8:pos + 8 + length]
+            if len(body) != 2 * n:
+                raise PNGError("PNG tRNS chunk is malformed")
+            return struct.unpack(f">{n}H", body)
+        pos += 12 + length
+    return None
+
+
 def _chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 

@@ -22,18 +22,22 @@ import torch
 from ..graphs import make_upscaler
 from .checkpoint import load_model
 from .image_io import (DEFAULT_MAX_PIXELS, IMAGE_EXTS, WRITE_FORMATS, ImageReadError, list_images, precision_lost,
-                       read_image, write_image)
-from .infer import prepare, receptive_radius, upscale_image
+                       read_image, skipped_files, write_image)
+from .infer import NonFiniteOutputError, prepare, receptive_radius, upscale_image
 
 __all__ = ["upscale", "output_paths"]
 
 FORMAT_EXT = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp"}
 
 
-def output_paths(inputs: list[str], output: str, fmt: str | None = None, suffix: str = "") -> list[tuple[str, str]]:
+def output_paths(inputs: list[str], output: str, fmt: str | None = None, suffix: str = "",
+                 skipped: list | None = None) -> list[tuple[str, str]]:
     """(input file, output file) for every image. ``output`` is a file when there is one input file
-    and it has an image extension, else a folder. Folders are expanded (not recursively)."""
-    files = list_images(inputs)
+    and it has an image extension, else a folder. Folders are expanded (not recursively; their other
+    files are added to ``skipped`` when given); a file named more than once is listed once."""
+    if output == "-":      # a folder named "-" would be made
+        raise ValueError("-o -: writing to standard output is not supported: name a file or a folder")
+    files = list_images(inputs, skipped=skipped)
     single = len(inputs) == 1 and not Path(inputs[0]).is_dir() and len(files) == 1
     if os.sep in suffix or (os.altsep and os.altsep in suffix):
         raise ValueError(f"--suffix {suffix!r}: a suffix of file names cannot hold a path separator")
@@ -47,9 +51,16 @@ def output_paths(inputs: list[str], output: str, fmt: str | None = None, suffix:
             raise ValueError(f"--format {fmt} does not match the output file {output}: change one of them")
         if single:
             return [(files[0], output)]
+        if len(inputs) == 1 and Path(inputs[0]).is_dir():
+            raise ValueError(f"{output} names a file but the input {inputs[0]} is a folder: give a folder as -o")
         raise ValueError(f"{output} names a file but there are {len(files)} input images: give a folder")
-    out = []
+    out, seen = [], set()
     for f in files:
+        # a file named twice (a folder and a file in it, overlapping globs) is upscaled once
+        where = os.path.join(os.path.realpath(os.path.dirname(f) or "."), os.path.basename(f))
+        if where in seen:
+            continue
+        seen.add(where)
         ext = FORMAT_EXT[fmt] if fmt else Path(f).suffix.lower()
         if ext not in WRITE_FORMATS:
             ext = ".png"
@@ -101,13 +112,13 @@ def _upscale_fitting(model, cfg, img, tile, overlap, ensemble, dtype, log):
 
 def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = None, tile: int | None = None,
             tile_overlap: int | None = None, dtype: str = "fp32", self_ensemble: bool = False,
-            device=None, fail_fast: bool = False, fmt: str | None = None, quality: int = 95,
+            device=None, fail_fast: bool = False, fmt: str | None = None, quality: int | None = None,
             suffix: str = "", scale: int | None = None, overrides: dict | None = None,
             max_pixels: int | None = DEFAULT_MAX_PIXELS,
             cuda_graph: bool | None = None, log: Callable[[str], None] = print) -> int:
     """Upscale ``inputs`` (files and/or folders) into ``output``; returns the number of failures.
 
-    ``key``: the checkpoint entry to read (see :func:`fastdrn.tools.checkpoint.select_weights`);
+    ``quality``: of JPEG and WebP outputs (None: 95). ``key``: the checkpoint entry to read (see :func:`fastdrn.tools.checkpoint.select_weights`);
     ``max_pixels``: larger input images are refused before they are decoded (None: no limit);
     ``cuda_graph``: as in :func:`fastdrn.make_upscaler` (None: replay captured graphs on a GPU)."""
     # images are RGB here: a model of other colour channels is refused by name, not per image
@@ -117,7 +128,16 @@ def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = N
     if tile and tile_overlap is not None and tile_overlap < radius:
         log(f"warning: tile overlap {tile_overlap} < receptive-field radius {radius}: seams are possible")
     failures = 0
-    jobs = output_paths(inputs, output, fmt, suffix)
+    skipped = []
+    jobs = output_paths(inputs, output, fmt, suffix, skipped)
+    if skipped:
+        log(f"warning: {skipped_files(skipped)}")
+    # options that cannot change this run's outputs are said to, not ignored
+    if suffix and len(jobs) == 1 and jobs[0][1] == output:
+        log("warning: --suffix has no effect when -o names the output file")
+    if quality is not None and jobs and all(WRITE_FORMATS[Path(d).suffix.lower()] == "PNG" for _, d in jobs):
+        log("warning: --quality has no effect: every output is a PNG")
+    quality = 95 if quality is None else quality
     # Every input of the run, identified before anything is written.
     sources = {}
     for src, _dst in jobs:
@@ -134,15 +154,21 @@ def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = N
                                  "--suffix)")
             if os.path.realpath(dst) in taken:
                 raise ValueError(f"{src}: output {dst} was already written from another input with the same name")
-            taken.add(os.path.realpath(dst))
             img = read_image(src, max_pixels=max_pixels)
             if img.frames > 1:
                 log(f"warning: {src}: has {img.frames} frames (an animation or pages): only the first is upscaled")
             lost = precision_lost(img, src)
             if lost:
                 log(f"warning: {lost}: the output is {img.bits}-bit")
-            out = _upscale_fitting(model, cfg, img, tile, tile_overlap, self_ensemble, dtype, log)
-            for w in write_image(dst, out, quality=quality):
+            try:
+                out = _upscale_fitting(model, cfg, img, tile, tile_overlap, self_ensemble, dtype, log)
+            except NonFiniteOutputError as e:
+                raise ValueError(f"{src}: {e}") from None
+            except RuntimeError as e:      # raised by the model or its kernels, which do not name the image
+                raise RuntimeError(f"{src}: {e}") from None
+            warnings = write_image(dst, out, quality=quality)
+            taken.add(os.path.realpath(dst))       # once written: an input that failed takes no name
+            for w in warnings:
                 log(f"warning: {w}")
         except (ImageReadError, ValueError, OSError, RuntimeError) as e:
             failures += 1
