@@ -70,12 +70,12 @@ def forward_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, s
         raise ValueError(f"overlap must be an int >= 0, got {overlap!r}")
     n, _, h, w = x.shape
     if not tile or (h <= tile and w <= tile):
-        out = _checked(fn, x, scale)
+        out = _upscaled_by(fn, x, scale)
         return out if out_device is None else out.to(out_device)
     out = None
     for y0, y1, ya, yb in _windows(h, tile, overlap):
         for x0, x1, xa, xb in _windows(w, tile, overlap):
-            o = _checked(fn, x[:, :, ya:yb, xa:xb], scale)
+            o = _upscaled_by(fn, x[:, :, ya:yb, xa:xb], scale)
             if out is None:
                 out = torch.empty(n, o.shape[1], h * scale, w * scale, dtype=o.dtype,
                                   device=out_device or o.device)
@@ -89,7 +89,7 @@ def _count(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
-def _checked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: int) -> torch.Tensor:
+def _upscaled_by(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: int) -> torch.Tensor:
     """fn(x), refused unless it is x's (N, C) at ``scale`` times x's size."""
     o = fn(x)
     n, c, h, w = x.shape
