@@ -188,6 +188,22 @@ def test_resume_is_exact_and_checkpoint_is_safe(synth, tmp_path):
 
 
 
+def test_files_of_the_image_folders_that_are_not_read_are_named(synth, tmp_path, capsys):
+    """A photograph of an extension not read (.heic) in --hr-dir or --val-hr-dir was left out of
+    training and validation without a word; upscale and eval name such files, and so does train."""
+    hr = synth / "DIV2K_train_HR"
+    (hr / "0005.heic").write_bytes(b"\0\0\0\x18ftypheic")
+    val = tmp_path / "val"
+    val.mkdir()
+    PILImage.fromarray(_texture(40, 44, 9)).save(val / "v.png")
+    (val / "w.heic").write_bytes(b"\0\0\0\x18ftypheic")
+    assert train(_cfg(synth, tmp_path / "run", steps=1, val_hr_dir=str(val))) == 0
+    out = capsys.readouterr().out
+    for name in (hr / "0005.heic", val / "w.heic"):
+        assert f"warning: 1 file(s) of the input folder(s) not read, not of an image extension" in out
+        assert str(name) in out, name
+
+
 @pytest.mark.parametrize("length", [dict(steps=2), dict(epochs=1)])   # a run measured in steps, one in epochs
 def test_a_resumed_run_keeps_its_own_length(synth, tmp_path, length, capsys):
     """Resuming without --steps or --epochs continues to the length the run was started with. It used
