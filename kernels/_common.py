@@ -450,8 +450,14 @@ def rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def row_stride(t: torch.Tensor) -> int:
-    """Distance between consecutive pixels of a channels_last tensor (or of a channel slice of one)."""
-    return t.stride(3)
+    """Distance between consecutive pixels of a channels_last tensor (or of a channel slice of one):
+    the stride of the innermost spatial dim longer than 1. Not stride(3) alone: torch skips size-1
+    dims when it calls a tensor channels_last contiguous, so at width 1 stride(3) can be anything
+    (a 1-row channels_last image transposed to a column has h*c there)."""
+    for dim in (3, 2, 0):
+        if t.shape[dim] > 1:
+            return t.stride(dim)
+    return t.shape[1]  # one pixel: no stride is read
 
 
 def check_int32(op: str, *extents: int) -> None:

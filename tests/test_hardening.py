@@ -11,8 +11,8 @@ import torch
 
 import fastdrn
 from fastdrn import backend, ops, reference
-from helpers import (assert_close, assert_op_grads_close, draws, dtypes_for, median, pytorch_fp32_convs, randn,
-                     rel_err, tolerance, where)
+from helpers import (assert_close, assert_op_grads_close, draws, dtypes_for, float64_leaves, median,
+                     pytorch_fp32_convs, randn, rel_err, tolerance, where)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,6 +151,49 @@ def test_in_place_group_reads_weights_in_any_layout(device):
     for block in ref_blocks:
         ref = reference.residual_distill(ref, *block)
     assert_close(out, ref, fwd_tol, "in-place group with non-contiguous weights")
+
+
+def _column(n, c, h, dtype, device, requires_grad=False):
+    """An (n, c, h, 1) image as the transpose of a channels_last (n, c, 1, h) one: channels_last
+    contiguous (torch skips size-1 dims), but its width stride is h*c, not c."""
+    base = randn(n, c, 1, h, dtype=dtype, device=device, channels_last=True, requires_grad=requires_grad)
+    t = base.transpose(2, 3)
+    assert t.is_contiguous(memory_format=torch.channels_last) and t.stride(3) == h * c
+    return base, t
+
+
+def test_activations_whose_width_of_1_has_any_stride(device):
+    """Width 1 with a width stride that is not the channel count (a 1-row channels_last image
+    transposed to a column): compress_skip's z, skip and output gradient, and distill_and_compress's
+    input, each such a view. The pixel stride was read off the width's stride, so pixel m was read
+    at m*h*c: 0.2 to 1.2 from float64, no error (out of bounds on a GPU)."""
+    _needs_fused(device)
+    c_in, c_out, height = D + DIST, D, 7  # 7: more pixels than one row of the image
+    for dtype in dtypes_for(device):
+        fwd_tol, grad_tol = tolerance(device, dtype)
+        z_base, z = _column(N, c_in, height, dtype, device, requires_grad=True)
+        skip_base, skip = _column(N, c_out, height, dtype, device, requires_grad=True)
+        w = randn(c_out, c_in, 1, 1, dtype=dtype, device=device, scale=0.5, requires_grad=True)
+        b = randn(c_out, dtype=dtype, device=device, requires_grad=True)
+        out = ops.compress_skip(z, w, b, skip)
+        _, grad_out = _column(N, c_out, height, dtype, device)
+        grads = torch.autograd.grad(out, [z_base, skip_base, w, b], grad_out)
+        leaves = float64_leaves(z_base, skip_base, w, b)
+        ref = reference.compress_skip(leaves[0].transpose(2, 3), leaves[2], leaves[3], leaves[1].transpose(2, 3))
+        ref_grads = torch.autograd.grad(ref, leaves, grad_out.double())
+        assert_close(out, ref, fwd_tol, f"compress_skip {dtype} forward")
+        for name, g, rg in zip(("z", "skip", "w", "b"), grads, ref_grads):
+            assert_close(g, rg, grad_tol, f"compress_skip {dtype} d{name}")
+
+        _, y = _column(N, D, height, dtype, device)
+        block = [randn(*shape, dtype=dtype, device=device, scale=0.5) for shape in BLOCK_SHAPES]
+        wc, bc = randn(D, D + DIST, 1, 1, dtype=dtype, device=device, scale=0.5), randn(D, dtype=dtype, device=device)
+        with torch.no_grad():
+            out = ops.distill_and_compress(y, [block], wc, bc)
+        ref_block = float64_leaves(*block)
+        ref = reference.compress_skip(reference.residual_distill(y.double(), *ref_block), wc.double(), bc.double(),
+                                      y.double())
+        assert_close(out, ref, fwd_tol, f"distill_and_compress {dtype} forward")
 
 
 def test_model_with_non_contiguous_parameters_assigned(device):
