@@ -15,6 +15,7 @@ import torch
 from . import backend, reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT32_MAX = torch.finfo(torch.float32).max
 # shuffle_tail's kernel: output channels (n_colors) padded to one 16-wide tl.dot (its NP), and s*s
 # sub-positions of a low-resolution pixel that fit in every config's BLOCK_M (64 at s = 8).
 SHUFFLE_TAIL_MAX_COLORS = 16
@@ -96,7 +97,8 @@ def _check_conv_weight(op: str, name: str, w, kernel: int) -> None:
 
 
 def check_alpha(op: str, alpha) -> float:
-    """ELU's alpha as a float: a real number (not a string, a bool or a tensor), finite and > 0.
+    """ELU's alpha as a float: a real number (not a string, a bool or a tensor), finite, > 0 and in
+    float32's range (the kernels take it in float32).
 
     alpha > 0 is also what the fused backward relies on: it reads ELU' off the sign of ELU's output,
     which is negative exactly where the input is when alpha > 0."""
@@ -105,6 +107,8 @@ def check_alpha(op: str, alpha) -> float:
     value = float(alpha)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{op}: alpha must be finite and > 0, got {value}")
+    if value > FLOAT32_MAX:  # the kernels take alpha in float32 (float64 as two halves): inf, then NaN
+        raise ValueError(f"{op}: alpha must be at most float32's largest value ({FLOAT32_MAX:.4g}), got {value}")
     return value
 
 

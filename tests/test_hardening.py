@@ -518,6 +518,21 @@ def test_alpha_must_be_finite_and_positive(alpha):
             call()
 
 
+@pytest.mark.parametrize("alpha", [1e39, 3.5e38])  # finite in float64, past float32's largest (3.4e38)
+def test_alpha_past_float32_range_is_refused(alpha):
+    """The kernels take alpha in float32 (float64 runs as two float32 halves): past float32's range
+    the halves were inf and -inf and every output NaN, no error, where the float64 reference is
+    finite. Refused on every path, and by the fused model's constructor."""
+    inputs = _block_inputs(torch.float64)
+    for call in (lambda: ops.residual_distill(*inputs, alpha=alpha),
+                 lambda: ops.compress_skip(inputs[0], torch.randn(3, D, 1, 1, dtype=torch.float64), None,
+                                           torch.randn(N, 3, H, W, dtype=torch.float64), alpha=alpha),
+                 lambda: ops.distill_group(inputs[0], [tuple(inputs[1:])], alpha=alpha),
+                 lambda: fastdrn.DRN(scale=2, n_feats=4, n_groups=1, n_blocks=1, inner=4, distill=2, alpha=alpha)):
+        with pytest.raises(ValueError, match="alpha must be at most"):
+            call()
+
+
 @pytest.mark.parametrize("alpha", ["0.2", "abc", None, True, torch.tensor(0.2), [0.2]])
 def test_alpha_must_be_a_real_number(alpha):
     inputs = _block_inputs(torch.float64)
