@@ -177,8 +177,10 @@ class LaunchOptions:
         tail = os.environ.get("FASTDRN_FUSE_TAIL", "0").strip()
         if tail not in ("0", "1"):
             raise ValueError(f"FASTDRN_FUSE_TAIL={tail!r}: 0 (the default) or 1")
-        return cls(int(warps) if warps else None, os.environ.get("FASTDRN_AUTOTUNE", "1").strip() != "0", blocks,
-                   fold == "1", tail == "1")
+        autotune = os.environ.get("FASTDRN_AUTOTUNE", "1").strip()
+        if autotune not in ("0", "1"):
+            raise ValueError(f"FASTDRN_AUTOTUNE={autotune!r}: 1 (the default) or 0")
+        return cls(int(warps) if warps else None, autotune == "1", blocks, fold == "1", tail == "1")
 
 
 _options: LaunchOptions | None = None  # read from the environment at the first launch

@@ -49,7 +49,10 @@ def plans_enabled() -> bool:
     """FASTDRN_LAUNCH_PLANS=0 turns launch plans off (read once), or set_launch_plans."""
     global _enabled
     if _enabled is None:
-        _enabled = os.environ.get("FASTDRN_LAUNCH_PLANS", "1").strip() != "0"
+        value = os.environ.get("FASTDRN_LAUNCH_PLANS", "1").strip()
+        if value not in ("0", "1"):
+            raise ValueError(f"FASTDRN_LAUNCH_PLANS={value!r}: 1 (the default) or 0")
+        _enabled = value == "1"
     return _enabled
 
 
