@@ -237,11 +237,15 @@ def distill_groups(y, groups, alpha=0.2, recompute=False):
     (blocks, (w, b)) of `groups` in turn. On the fused kernels in eager mode the 3x3 weights of every
     group are packed for the kernels in one copy, not one a group (a stack of the weights and a
     transposing copy cost about 25 us a group on the host)."""
+    read = []  # groups and their blocks in lists: iterators would be spent by the checks or the packing
     for k, group in enumerate(groups):
+        group = tuple(group)
         if len(group) != 2:
             raise ValueError(f"distill_groups: each group is (blocks, (w, b)); group {k} has {len(group)} items")
         if len(group[1]) != 2:
             raise ValueError(f"distill_groups: group {k}'s compression is {len(group[1])} tensors, not (w, b)")
+        read.append((list(group[0]), group[1]))
+    groups = read
     packs = packs_t = None
     if groups and groups[0][0] and backend.use_triton("residual_distill", y.device, y.dtype):
         fused = _fused()
@@ -267,6 +271,7 @@ def _group(y, blocks, alpha, recompute, compression, packs=None, packs_t=None):
     (unless only the compression needs one: then it runs as its own op after the in-place group).
     packs, packs_t: the blocks' 3x3 weights packed by pack_groups (distill_groups), or None."""
     alpha = check_alpha("distill_group", alpha)
+    blocks = list(blocks)  # read once: an iterator would be spent by the checks below
     for block in blocks:
         if len(block) != 6:
             raise ValueError("distill_group: each block is 6 tensors (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, "

@@ -566,6 +566,33 @@ def test_zero_inner_width_is_refused():
                           torch.empty(N, 3, H, W, dtype=torch.float64))
 
 
+# ---- blocks and groups given as iterators ----------------------------------------------------------
+
+@pytest.mark.parametrize("backend_name", ["auto", "torch"])  # the fused kernels (here), and PyTorch's math
+def test_blocks_and_groups_may_be_iterators(backend_name, monkeypatch, device):
+    """blocks and groups read once, whatever iterable holds them. A generator of blocks was spent by
+    the length checks: on PyTorch's math distill_group handed back its input unchanged, no error;
+    on the kernels an IndexError; distill_groups spent it packing the 3x3 weights."""
+    monkeypatch.setenv("FASTDRN_BACKEND", backend_name)
+    dtype = torch.float64
+    y, *block = _block_inputs(dtype, device)
+    w, b = randn(D, D + DIST, 1, 1, dtype=dtype, device=device, scale=0.5), randn(D, dtype=dtype, device=device)
+    ref_y, ref_block = y.double(), [t.double() for t in block]
+    expected = reference.residual_distill(ref_y, *ref_block)
+    compressed = reference.compress_skip(expected, w.double(), b.double(), ref_y)
+    tol = tolerance(device, dtype)[0]
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert_close(ops.distill_group(y, iter([tuple(block)])), expected, tol, f"distill_group grad={grad}")
+            assert_close(ops.distill_and_compress(y, (blk for blk in [tuple(block)]), w, b), compressed, tol,
+                         f"distill_and_compress grad={grad}")
+            groups = (((blk for blk in [tuple(block)]), (w, b)) for _ in range(2))
+            second = reference.compress_skip(reference.residual_distill(compressed, *ref_block), w.double(),
+                                             b.double(), compressed)
+            assert_close(ops.distill_groups(y, groups), second, tol, f"distill_groups grad={grad}")
+        y = y.detach().requires_grad_()
+
+
 # ---- TRITON_INTERPRET set after the kernels were imported (minor) ----------------------------------
 
 LATE_INTERPRET = r"""
