@@ -246,6 +246,7 @@ def distill_groups(y, groups, alpha=0.2, recompute=False):
             raise ValueError(f"distill_groups: group {k}'s compression is {len(group[1])} tensors, not (w, b)")
         read.append((list(group[0]), group[1]))
     groups = read
+    _check_activation("distill_groups", "y", y)  # before its device is read
     packs = packs_t = None
     if groups and groups[0][0] and backend.use_triton("residual_distill", y.device, y.dtype):
         fused = _fused()
@@ -253,7 +254,7 @@ def distill_groups(y, groups, alpha=0.2, recompute=False):
             w_convs = [block[2] for blocks, _ in groups for block in blocks]
             # Training: the backward's transposed packs too, in one copy for all groups (where only
             # some other weight needs a gradient, each group's backward transposes its own).
-            backward = torch.is_grad_enabled() and (y.requires_grad or any(w.requires_grad for w in w_convs))
+            backward = torch.is_grad_enabled() and (y.requires_grad or any(_requires_grad(w) for w in w_convs))
             try:
                 packs, packs_t = fused.pack_groups(w_convs, [len(blocks) for blocks, _ in groups], backward)
             except (AttributeError, TypeError, RuntimeError, IndexError):
@@ -271,6 +272,7 @@ def _group(y, blocks, alpha, recompute, compression, packs=None, packs_t=None):
     (unless only the compression needs one: then it runs as its own op after the in-place group).
     packs, packs_t: the blocks' 3x3 weights packed by pack_groups (distill_groups), or None."""
     alpha = check_alpha("distill_group", alpha)
+    _check_activation("distill_group", "y", y)  # before its device is read, and with no blocks too
     blocks = list(blocks)  # read once: an iterator would be spent by the checks below
     for block in blocks:
         if len(block) != 6:
@@ -278,7 +280,7 @@ def _group(y, blocks, alpha, recompute, compression, packs=None, packs_t=None):
                              f"b_expand), got {len(block)}")
     weights = [t for block in blocks for t in block]
     tensors = [y, *weights]
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    needs_grad = torch.is_grad_enabled() and any(map(_requires_grad, tensors))
     if not blocks or not backend.use_triton("residual_distill", y.device, y.dtype):
         z = y
         for block in blocks:
@@ -321,6 +323,11 @@ def _group(y, blocks, alpha, recompute, compression, packs=None, packs_t=None):
                                                      packs=packs)
             z = fused.residual_distill_group_(buffer, blocks, alpha, packs=packs)
     return z if compression is None else compress_skip(z, *compression, y, alpha)
+
+
+def _requires_grad(t) -> bool:
+    """t.requires_grad, False for None and for what is not a tensor (which the checks then name)."""
+    return getattr(t, "requires_grad", False)
 
 
 def _check_group(y, *weights) -> int:

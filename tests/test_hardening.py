@@ -593,6 +593,30 @@ def test_blocks_and_groups_may_be_iterators(backend_name, monkeypatch, device):
         y = y.detach().requires_grad_()
 
 
+@pytest.mark.parametrize("backend_name", ["auto", "torch"])
+@pytest.mark.parametrize("bad", ["y", "w_squeeze", "b_conv"])
+def test_group_ops_name_an_input_that_is_not_a_tensor(bad, backend_name, monkeypatch):
+    """A numpy array (or a list) as a group's input or as a block's weight: a TypeError naming it, as
+    the single-block ops give, not "AttributeError: 'numpy.ndarray' object has no attribute
+    'requires_grad'" (or "'str' object has no attribute 'type'") from fastdrn's internals."""
+    monkeypatch.setenv("FASTDRN_BACKEND", backend_name)
+    y, *block = _block_inputs(torch.float64)
+    if bad == "y":
+        y = y.numpy()
+    else:
+        index = BLOCK_NAMES.index(bad)
+        block[index] = block[index].tolist()
+    w, b = torch.randn(D, D + DIST, 1, 1, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
+    for call in (lambda: ops.distill_group(y, [tuple(block)]),
+                 lambda: ops.distill_and_compress(y, [tuple(block)], w, b),
+                 lambda: ops.distill_groups(y, [([tuple(block)], (w, b))])):
+        with pytest.raises(TypeError, match=f"{bad} must be a torch.Tensor"):
+            call()
+    if bad == "y":  # no blocks: nothing to run, the input still checked
+        with pytest.raises(TypeError, match="y must be a torch.Tensor"):
+            ops.distill_group(y, [])
+
+
 # ---- TRITON_INTERPRET set after the kernels were imported (minor) ----------------------------------
 
 LATE_INTERPRET = r"""
