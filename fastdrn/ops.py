@@ -485,5 +485,7 @@ def _shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype=None, channels
         from .kernels.shuffle_tail import shuffle_tail
 
         return shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype, channels_last)
-    out = reference.shuffle_tail(u, b_up.to(u.dtype), w_tail.to(u.dtype), b_tail.to(u.dtype), mean, scale)
+    # mean as (1, n_colors, 1, 1): a (n_colors,) one would be added along the output's width.
+    out = reference.shuffle_tail(u, b_up.to(u.dtype), w_tail.to(u.dtype), b_tail.to(u.dtype),
+                                 mean.reshape(1, -1, 1, 1), scale)
     return out.to(out_dtype).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
