@@ -376,6 +376,17 @@ def pixel_shuffle(x, upscale_factor):
     factor = check_pixel_shuffle(x, upscale_factor)
     if _use_extension("pixel_shuffle", x):
         return torch.ops.fastdrn_ext.pixel_shuffle(x, factor)
+    return _torch_pixel_shuffle(x, factor)
+
+
+def _torch_pixel_shuffle(x, factor):
+    """torch.nn.functional.pixel_shuffle(x, factor), an empty x as a view: torch's CPU pixel_unshuffle
+    (its backward) hands an empty input back in the input's shape (pytorch/pytorch PR 192816), and
+    autograd refused that gradient."""
+    if x.numel() == 0:
+        n, c, h, w = x.shape
+        c //= factor * factor
+        return x.reshape(n, c, factor, factor, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c, h * factor, w * factor)
     return torch.nn.functional.pixel_shuffle(x, factor)
 
 
@@ -413,7 +424,7 @@ def _pixel_shuffle_bias(x, bias, upscale_factor):
     factor = _check_pixel_shuffle_bias(x, bias, upscale_factor)
     if _use_extension("pixel_shuffle_bias", x):
         return torch.ops.fastdrn_ext.pixel_shuffle_bias(x, bias, factor)
-    return reference.pixel_shuffle_bias(x, bias, factor)
+    return _torch_pixel_shuffle(x + bias.view(1, -1, 1, 1), factor)  # reference.pixel_shuffle_bias's math
 
 
 def check_shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype) -> None:
