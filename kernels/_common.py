@@ -209,13 +209,15 @@ def set_launch_options(num_warps: int | None = None, autotune: bool = True, weig
     forward and its backward: a forward run before keeps its schedule); forgets every launch
     remembered so far."""
     global _options
-    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
+    if num_warps is not None and (isinstance(num_warps, bool) or num_warps not in (1, 2, 4, 8, 16, 32)):
         raise ValueError(f"num_warps={num_warps!r} is not a power of two from 1 to 32")
+    if not isinstance(autotune, bool):
+        raise ValueError(f"autotune={autotune!r}: True or False")
     if not isinstance(fold_backward, bool):
         raise ValueError(f"fold_backward={fold_backward!r}: True or False")
     if not isinstance(fuse_tail, bool):
         raise ValueError(f"fuse_tail={fuse_tail!r}: True or False")
-    _options = LaunchOptions(num_warps, bool(autotune), _check_weight_grad_blocks(weight_grad_blocks,
+    _options = LaunchOptions(num_warps, autotune, _check_weight_grad_blocks(weight_grad_blocks,
                                                                                   "weight_grad_blocks"),
                              fold_backward, fuse_tail)
     for lean in _lean_launchers.values():

@@ -59,7 +59,9 @@ def plans_enabled() -> bool:
 def set_launch_plans(enabled: bool) -> None:
     """Turn launch plans on or off for this process (what FASTDRN_LAUNCH_PLANS sets); forgets every plan."""
     global _enabled
-    _enabled = bool(enabled)
+    if not isinstance(enabled, bool):  # bool("0") is True
+        raise ValueError(f"set_launch_plans: enabled={enabled!r}: True or False")
+    _enabled = enabled
     _common.launch_plans.clear()
 
 
