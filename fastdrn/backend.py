@@ -20,6 +20,10 @@ try:
 except Exception as exc:  # any failure to import is a reason to report, not to crash on
     TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
     InterpretedFunction = None
+try:  # Triton's own reading of TRITON_INTERPRET (3.4 and later), which decides how it decorates kernels
+    from triton.knobs import runtime as _triton_runtime
+except Exception:  # pragma: no cover - older Triton, or none
+    _triton_runtime = None
 
 
 def requested() -> str:
@@ -29,9 +33,14 @@ def requested() -> str:
     return value
 
 
+@torch.compiler.assume_constant_result  # Dynamo cannot trace Triton's C reader of the variable
 def interpreting() -> bool:
-    """True when Triton kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    """True when Triton kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1), read as
+    Triton reads it when it decorates them: fastdrn's own reading differed (" 1" and "y"), and kernels
+    compiled for a GPU were launched on CPU tensors, or interpreted ones refused."""
+    if _triton_runtime is not None:
+        return bool(_triton_runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
 @torch.compiler.assume_constant_result

@@ -118,9 +118,12 @@ def lock_timeout() -> float:
     if not value:
         return DEFAULT_LOCK_TIMEOUT_S
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        raise ValueError(f"FASTDRN_BUILD_LOCK_TIMEOUT={value!r} is not a number of seconds") from None
+        seconds = float("nan")
+    if not seconds >= 0:  # NaN too: no wait would ever reach it
+        raise ValueError(f"FASTDRN_BUILD_LOCK_TIMEOUT={value!r} is not a number of seconds, 0 or more")
+    return seconds
 
 
 def wait_for_build_lock(build_directory: str, timeout: float) -> None:

@@ -87,6 +87,7 @@ class DRN(reference.DRN):
         super().__init__(scale=scale, n_colors=n_colors, n_feats=n_feats, n_groups=n_groups,
                          n_blocks=n_blocks, inner=inner, distill=distill, alpha=alpha,
                          rgb_mean=rgb_mean, rgb_range=rgb_range)
+        ops.check_alpha("DRN", alpha)  # the fused ops' limits beyond the reference's (float32's range)
         self.recompute = recompute
 
     @property

@@ -15,6 +15,7 @@ import torch
 from . import backend, reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT32_MAX = torch.finfo(torch.float32).max
 # shuffle_tail's kernel: output channels (n_colors) padded to one 16-wide tl.dot (its NP), and s*s
 # sub-positions of a low-resolution pixel that fit in every config's BLOCK_M (64 at s = 8).
 SHUFFLE_TAIL_MAX_COLORS = 16
@@ -96,7 +97,8 @@ def _check_conv_weight(op: str, name: str, w, kernel: int) -> None:
 
 
 def check_alpha(op: str, alpha) -> float:
-    """ELU's alpha as a float: a real number (not a string, a bool or a tensor), finite and > 0.
+    """ELU's alpha as a float: a real number (not a string, a bool or a tensor), finite, > 0 and in
+    float32's range (the kernels take it in float32).
 
     alpha > 0 is also what the fused backward relies on: it reads ELU' off the sign of ELU's output,
     which is negative exactly where the input is when alpha > 0."""
@@ -105,6 +107,8 @@ def check_alpha(op: str, alpha) -> float:
     value = float(alpha)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{op}: alpha must be finite and > 0, got {value}")
+    if value > FLOAT32_MAX:  # the kernels take alpha in float32 (float64 as two halves): inf, then NaN
+        raise ValueError(f"{op}: alpha must be at most float32's largest value ({FLOAT32_MAX:.4g}), got {value}")
     return value
 
 
@@ -233,11 +237,16 @@ def distill_groups(y, groups, alpha=0.2, recompute=False):
     (blocks, (w, b)) of `groups` in turn. On the fused kernels in eager mode the 3x3 weights of every
     group are packed for the kernels in one copy, not one a group (a stack of the weights and a
     transposing copy cost about 25 us a group on the host)."""
+    read = []  # groups and their blocks in lists: iterators would be spent by the checks or the packing
     for k, group in enumerate(groups):
+        group = tuple(group)
         if len(group) != 2:
             raise ValueError(f"distill_groups: each group is (blocks, (w, b)); group {k} has {len(group)} items")
         if len(group[1]) != 2:
             raise ValueError(f"distill_groups: group {k}'s compression is {len(group[1])} tensors, not (w, b)")
+        read.append((list(group[0]), group[1]))
+    groups = read
+    _check_activation("distill_groups", "y", y)  # before its device is read
     packs = packs_t = None
     if groups and groups[0][0] and backend.use_triton("residual_distill", y.device, y.dtype):
         fused = _fused()
@@ -245,7 +254,7 @@ def distill_groups(y, groups, alpha=0.2, recompute=False):
             w_convs = [block[2] for blocks, _ in groups for block in blocks]
             # Training: the backward's transposed packs too, in one copy for all groups (where only
             # some other weight needs a gradient, each group's backward transposes its own).
-            backward = torch.is_grad_enabled() and (y.requires_grad or any(w.requires_grad for w in w_convs))
+            backward = torch.is_grad_enabled() and (y.requires_grad or any(_requires_grad(w) for w in w_convs))
             try:
                 packs, packs_t = fused.pack_groups(w_convs, [len(blocks) for blocks, _ in groups], backward)
             except (AttributeError, TypeError, RuntimeError, IndexError):
@@ -263,13 +272,15 @@ def _group(y, blocks, alpha, recompute, compression, packs=None, packs_t=None):
     (unless only the compression needs one: then it runs as its own op after the in-place group).
     packs, packs_t: the blocks' 3x3 weights packed by pack_groups (distill_groups), or None."""
     alpha = check_alpha("distill_group", alpha)
+    _check_activation("distill_group", "y", y)  # before its device is read, and with no blocks too
+    blocks = list(blocks)  # read once: an iterator would be spent by the checks below
     for block in blocks:
         if len(block) != 6:
             raise ValueError("distill_group: each block is 6 tensors (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, "
                              f"b_expand), got {len(block)}")
     weights = [t for block in blocks for t in block]
     tensors = [y, *weights]
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    needs_grad = torch.is_grad_enabled() and any(map(_requires_grad, tensors))
     if not blocks or not backend.use_triton("residual_distill", y.device, y.dtype):
         z = y
         for block in blocks:
@@ -312,6 +323,11 @@ def _group(y, blocks, alpha, recompute, compression, packs=None, packs_t=None):
                                                      packs=packs)
             z = fused.residual_distill_group_(buffer, blocks, alpha, packs=packs)
     return z if compression is None else compress_skip(z, *compression, y, alpha)
+
+
+def _requires_grad(t) -> bool:
+    """t.requires_grad, False for None and for what is not a tensor (which the checks then name)."""
+    return getattr(t, "requires_grad", False)
 
 
 def _check_group(y, *weights) -> int:
@@ -360,6 +376,17 @@ def pixel_shuffle(x, upscale_factor):
     factor = check_pixel_shuffle(x, upscale_factor)
     if _use_extension("pixel_shuffle", x):
         return torch.ops.fastdrn_ext.pixel_shuffle(x, factor)
+    return _torch_pixel_shuffle(x, factor)
+
+
+def _torch_pixel_shuffle(x, factor):
+    """torch.nn.functional.pixel_shuffle(x, factor), an empty x as a view: torch's CPU pixel_unshuffle
+    (its backward) hands an empty input back in the input's shape (pytorch/pytorch PR 192816), and
+    autograd refused that gradient."""
+    if x.numel() == 0:
+        n, c, h, w = x.shape
+        c //= factor * factor
+        return x.reshape(n, c, factor, factor, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c, h * factor, w * factor)
     return torch.nn.functional.pixel_shuffle(x, factor)
 
 
@@ -397,7 +424,7 @@ def _pixel_shuffle_bias(x, bias, upscale_factor):
     factor = _check_pixel_shuffle_bias(x, bias, upscale_factor)
     if _use_extension("pixel_shuffle_bias", x):
         return torch.ops.fastdrn_ext.pixel_shuffle_bias(x, bias, factor)
-    return reference.pixel_shuffle_bias(x, bias, factor)
+    return _torch_pixel_shuffle(x + bias.view(1, -1, 1, 1), factor)  # reference.pixel_shuffle_bias's math
 
 
 def check_shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype) -> None:
@@ -469,5 +496,7 @@ def _shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype=None, channels
         from .kernels.shuffle_tail import shuffle_tail
 
         return shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype, channels_last)
-    out = reference.shuffle_tail(u, b_up.to(u.dtype), w_tail.to(u.dtype), b_tail.to(u.dtype), mean, scale)
+    # mean as (1, n_colors, 1, 1): a (n_colors,) one would be added along the output's width.
+    out = reference.shuffle_tail(u, b_up.to(u.dtype), w_tail.to(u.dtype), b_tail.to(u.dtype),
+                                 mean.reshape(1, -1, 1, 1), scale)
     return out.to(out_dtype).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -177,8 +177,10 @@ class LaunchOptions:
         tail = os.environ.get("FASTDRN_FUSE_TAIL", "0").strip()
         if tail not in ("0", "1"):
             raise ValueError(f"FASTDRN_FUSE_TAIL={tail!r}: 0 (the default) or 1")
-        return cls(int(warps) if warps else None, os.environ.get("FASTDRN_AUTOTUNE", "1").strip() != "0", blocks,
-                   fold == "1", tail == "1")
+        autotune = os.environ.get("FASTDRN_AUTOTUNE", "1").strip()
+        if autotune not in ("0", "1"):
+            raise ValueError(f"FASTDRN_AUTOTUNE={autotune!r}: 1 (the default) or 0")
+        return cls(int(warps) if warps else None, autotune == "1", blocks, fold == "1", tail == "1")
 
 
 _options: LaunchOptions | None = None  # read from the environment at the first launch
@@ -207,13 +209,15 @@ def set_launch_options(num_warps: int | None = None, autotune: bool = True, weig
     forward and its backward: a forward run before keeps its schedule); forgets every launch
     remembered so far."""
     global _options
-    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
+    if num_warps is not None and (isinstance(num_warps, bool) or num_warps not in (1, 2, 4, 8, 16, 32)):
         raise ValueError(f"num_warps={num_warps!r} is not a power of two from 1 to 32")
+    if not isinstance(autotune, bool):
+        raise ValueError(f"autotune={autotune!r}: True or False")
     if not isinstance(fold_backward, bool):
         raise ValueError(f"fold_backward={fold_backward!r}: True or False")
     if not isinstance(fuse_tail, bool):
         raise ValueError(f"fuse_tail={fuse_tail!r}: True or False")
-    _options = LaunchOptions(num_warps, bool(autotune), _check_weight_grad_blocks(weight_grad_blocks,
+    _options = LaunchOptions(num_warps, autotune, _check_weight_grad_blocks(weight_grad_blocks,
                                                                                   "weight_grad_blocks"),
                              fold_backward, fuse_tail)
     for lean in _lean_launchers.values():
@@ -450,8 +454,14 @@ def rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def row_stride(t: torch.Tensor) -> int:
-    """Distance between consecutive pixels of a channels_last tensor (or of a channel slice of one)."""
-    return t.stride(3)
+    """Distance between consecutive pixels of a channels_last tensor (or of a channel slice of one):
+    the stride of the innermost spatial dim longer than 1. Not stride(3) alone: torch skips size-1
+    dims when it calls a tensor channels_last contiguous, so at width 1 stride(3) can be anything
+    (a 1-row channels_last image transposed to a column has h*c there)."""
+    for dim in (3, 2, 0):
+        if t.shape[dim] > 1:
+            return t.stride(dim)
+    return t.shape[1]  # one pixel: no stride is read
 
 
 def check_int32(op: str, *extents: int) -> None:

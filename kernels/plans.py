@@ -49,14 +49,19 @@ def plans_enabled() -> bool:
     """FASTDRN_LAUNCH_PLANS=0 turns launch plans off (read once), or set_launch_plans."""
     global _enabled
     if _enabled is None:
-        _enabled = os.environ.get("FASTDRN_LAUNCH_PLANS", "1").strip() != "0"
+        value = os.environ.get("FASTDRN_LAUNCH_PLANS", "1").strip()
+        if value not in ("0", "1"):
+            raise ValueError(f"FASTDRN_LAUNCH_PLANS={value!r}: 1 (the default) or 0")
+        _enabled = value == "1"
     return _enabled
 
 
 def set_launch_plans(enabled: bool) -> None:
     """Turn launch plans on or off for this process (what FASTDRN_LAUNCH_PLANS sets); forgets every plan."""
     global _enabled
-    _enabled = bool(enabled)
+    if not isinstance(enabled, bool):  # bool("0") is True
+        raise ValueError(f"set_launch_plans: enabled={enabled!r}: True or False")
+    _enabled = enabled
     _common.launch_plans.clear()
 
 

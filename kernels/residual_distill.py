@@ -705,8 +705,9 @@ def residual_distill_backward_op(
 
 
 @triton_op("fastdrn::residual_distill_group_", mutates_args={"buffer"})
-def residual_distill_group_op(buffer: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> None:
-    """Inference: run blocks in place over one channels_last buffer of width C + K*d (_group_forward)."""
+def residual_distill_group_op(buffer: torch.Tensor, weights: list[torch.Tensor | None], alpha: float) -> None:
+    """Inference: run blocks in place over one channels_last buffer of width C + K*d (_group_forward).
+    weights: 6 a block, biases None where a block has none."""
     _group_forward(buffer, weights, alpha)
 
 

@@ -53,3 +53,35 @@ def test_model_reports_its_backend(monkeypatch):
     monkeypatch.setenv("FASTDRN_BACKEND", "torch")
     model = fastdrn.DRN(scale=2, n_feats=4, n_groups=1, n_blocks=1, inner=4, distill=2)
     assert model.backend.startswith("torch")
+
+
+INTERPRET_SPELLING = r"""
+import torch
+from fastdrn import backend, ops, reference
+args = (torch.randn(1, 4, 2, 3), torch.randn(3, 4, 1, 1), torch.randn(3), torch.randn(1, 3, 2, 3))
+out = ops.compress_skip(*args)  # the first op: the kernels are not imported yet
+assert torch.allclose(out, reference.compress_skip(*args)), "auto must give the reference's result"
+from fastdrn.kernels import _common
+print("interpreting", backend.interpreting(), "kernels interpreted", _common.KERNELS_INTERPRETED)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors: the kernels run only if interpreted")
+@pytest.mark.parametrize("value", [" 1", "y", "Y"])  # " 1": Triton compiles; "y": Triton interprets
+def test_triton_interpret_is_read_as_triton_reads_it(value):
+    """fastdrn decides interpreter or GPU as Triton does when it decorates the kernels. It stripped
+    the value and took only 1/true/on/yes, Triton (3.9) neither: under " 1" the kernels were compiled
+    for a GPU and launched on CPU tensors ("0 active drivers" from inside Triton); under "y" they
+    were interpreted but auto ran PyTorch's math, and a forced backend raised, asking to set
+    TRITON_INTERPRET=1."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "FASTDRN_BACKEND"}
+    env.update(TRITON_INTERPRET=value, PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-c", INTERPRET_SPELLING], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    interpreting, interpreted = run.stdout.split()[1], run.stdout.split()[4]
+    assert interpreting == interpreted, run.stdout

@@ -11,8 +11,8 @@ import torch
 
 import fastdrn
 from fastdrn import backend, ops, reference
-from helpers import (assert_close, assert_op_grads_close, draws, dtypes_for, median, pytorch_fp32_convs, randn,
-                     rel_err, tolerance, where)
+from helpers import (assert_close, assert_op_grads_close, draws, dtypes_for, float64_leaves, median,
+                     pytorch_fp32_convs, randn, rel_err, tolerance, where)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,6 +151,49 @@ def test_in_place_group_reads_weights_in_any_layout(device):
     for block in ref_blocks:
         ref = reference.residual_distill(ref, *block)
     assert_close(out, ref, fwd_tol, "in-place group with non-contiguous weights")
+
+
+def _column(n, c, h, dtype, device, requires_grad=False):
+    """An (n, c, h, 1) image as the transpose of a channels_last (n, c, 1, h) one: channels_last
+    contiguous (torch skips size-1 dims), but its width stride is h*c, not c."""
+    base = randn(n, c, 1, h, dtype=dtype, device=device, channels_last=True, requires_grad=requires_grad)
+    t = base.transpose(2, 3)
+    assert t.is_contiguous(memory_format=torch.channels_last) and t.stride(3) == h * c
+    return base, t
+
+
+def test_activations_whose_width_of_1_has_any_stride(device):
+    """Width 1 with a width stride that is not the channel count (a 1-row channels_last image
+    transposed to a column): compress_skip's z, skip and output gradient, and distill_and_compress's
+    input, each such a view. The pixel stride was read off the width's stride, so pixel m was read
+    at m*h*c: 0.2 to 1.2 from float64, no error (out of bounds on a GPU)."""
+    _needs_fused(device)
+    c_in, c_out, height = D + DIST, D, 7  # 7: more pixels than one row of the image
+    for dtype in dtypes_for(device):
+        fwd_tol, grad_tol = tolerance(device, dtype)
+        z_base, z = _column(N, c_in, height, dtype, device, requires_grad=True)
+        skip_base, skip = _column(N, c_out, height, dtype, device, requires_grad=True)
+        w = randn(c_out, c_in, 1, 1, dtype=dtype, device=device, scale=0.5, requires_grad=True)
+        b = randn(c_out, dtype=dtype, device=device, requires_grad=True)
+        out = ops.compress_skip(z, w, b, skip)
+        _, grad_out = _column(N, c_out, height, dtype, device)
+        grads = torch.autograd.grad(out, [z_base, skip_base, w, b], grad_out)
+        leaves = float64_leaves(z_base, skip_base, w, b)
+        ref = reference.compress_skip(leaves[0].transpose(2, 3), leaves[2], leaves[3], leaves[1].transpose(2, 3))
+        ref_grads = torch.autograd.grad(ref, leaves, grad_out.double())
+        assert_close(out, ref, fwd_tol, f"compress_skip {dtype} forward")
+        for name, g, rg in zip(("z", "skip", "w", "b"), grads, ref_grads):
+            assert_close(g, rg, grad_tol, f"compress_skip {dtype} d{name}")
+
+        _, y = _column(N, D, height, dtype, device)
+        block = [randn(*shape, dtype=dtype, device=device, scale=0.5) for shape in BLOCK_SHAPES]
+        wc, bc = randn(D, D + DIST, 1, 1, dtype=dtype, device=device, scale=0.5), randn(D, dtype=dtype, device=device)
+        with torch.no_grad():
+            out = ops.distill_and_compress(y, [block], wc, bc)
+        ref_block = float64_leaves(*block)
+        ref = reference.compress_skip(reference.residual_distill(y.double(), *ref_block), wc.double(), bc.double(),
+                                      y.double())
+        assert_close(out, ref, fwd_tol, f"distill_and_compress {dtype} forward")
 
 
 def test_model_with_non_contiguous_parameters_assigned(device):
@@ -475,6 +518,21 @@ def test_alpha_must_be_finite_and_positive(alpha):
             call()
 
 
+@pytest.mark.parametrize("alpha", [1e39, 3.5e38])  # finite in float64, past float32's largest (3.4e38)
+def test_alpha_past_float32_range_is_refused(alpha):
+    """The kernels take alpha in float32 (float64 runs as two float32 halves): past float32's range
+    the halves were inf and -inf and every output NaN, no error, where the float64 reference is
+    finite. Refused on every path, and by the fused model's constructor."""
+    inputs = _block_inputs(torch.float64)
+    for call in (lambda: ops.residual_distill(*inputs, alpha=alpha),
+                 lambda: ops.compress_skip(inputs[0], torch.randn(3, D, 1, 1, dtype=torch.float64), None,
+                                           torch.randn(N, 3, H, W, dtype=torch.float64), alpha=alpha),
+                 lambda: ops.distill_group(inputs[0], [tuple(inputs[1:])], alpha=alpha),
+                 lambda: fastdrn.DRN(scale=2, n_feats=4, n_groups=1, n_blocks=1, inner=4, distill=2, alpha=alpha)):
+        with pytest.raises(ValueError, match="alpha must be at most"):
+            call()
+
+
 @pytest.mark.parametrize("alpha", ["0.2", "abc", None, True, torch.tensor(0.2), [0.2]])
 def test_alpha_must_be_a_real_number(alpha):
     inputs = _block_inputs(torch.float64)
@@ -506,6 +564,57 @@ def test_zero_inner_width_is_refused():
     with pytest.raises(ValueError, match="w is empty"):
         ops.compress_skip(z, torch.empty(0, D, 1, 1, dtype=torch.float64), None,
                           torch.empty(N, 3, H, W, dtype=torch.float64))
+
+
+# ---- blocks and groups given as iterators ----------------------------------------------------------
+
+@pytest.mark.parametrize("backend_name", ["auto", "torch"])  # the fused kernels (here), and PyTorch's math
+def test_blocks_and_groups_may_be_iterators(backend_name, monkeypatch, device):
+    """blocks and groups read once, whatever iterable holds them. A generator of blocks was spent by
+    the length checks: on PyTorch's math distill_group handed back its input unchanged, no error;
+    on the kernels an IndexError; distill_groups spent it packing the 3x3 weights."""
+    monkeypatch.setenv("FASTDRN_BACKEND", backend_name)
+    dtype = torch.float64
+    y, *block = _block_inputs(dtype, device)
+    w, b = randn(D, D + DIST, 1, 1, dtype=dtype, device=device, scale=0.5), randn(D, dtype=dtype, device=device)
+    ref_y, ref_block = y.double(), [t.double() for t in block]
+    expected = reference.residual_distill(ref_y, *ref_block)
+    compressed = reference.compress_skip(expected, w.double(), b.double(), ref_y)
+    tol = tolerance(device, dtype)[0]
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert_close(ops.distill_group(y, iter([tuple(block)])), expected, tol, f"distill_group grad={grad}")
+            assert_close(ops.distill_and_compress(y, (blk for blk in [tuple(block)]), w, b), compressed, tol,
+                         f"distill_and_compress grad={grad}")
+            groups = (((blk for blk in [tuple(block)]), (w, b)) for _ in range(2))
+            second = reference.compress_skip(reference.residual_distill(compressed, *ref_block), w.double(),
+                                             b.double(), compressed)
+            assert_close(ops.distill_groups(y, groups), second, tol, f"distill_groups grad={grad}")
+        y = y.detach().requires_grad_()
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "torch"])
+@pytest.mark.parametrize("bad", ["y", "w_squeeze", "b_conv"])
+def test_group_ops_name_an_input_that_is_not_a_tensor(bad, backend_name, monkeypatch):
+    """A numpy array (or a list) as a group's input or as a block's weight: a TypeError naming it, as
+    the single-block ops give, not "AttributeError: 'numpy.ndarray' object has no attribute
+    'requires_grad'" (or "'str' object has no attribute 'type'") from fastdrn's internals."""
+    monkeypatch.setenv("FASTDRN_BACKEND", backend_name)
+    y, *block = _block_inputs(torch.float64)
+    if bad == "y":
+        y = y.numpy()
+    else:
+        index = BLOCK_NAMES.index(bad)
+        block[index] = block[index].tolist()
+    w, b = torch.randn(D, D + DIST, 1, 1, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
+    for call in (lambda: ops.distill_group(y, [tuple(block)]),
+                 lambda: ops.distill_and_compress(y, [tuple(block)], w, b),
+                 lambda: ops.distill_groups(y, [([tuple(block)], (w, b))])):
+        with pytest.raises(TypeError, match=f"{bad} must be a torch.Tensor"):
+            call()
+    if bad == "y":  # no blocks: nothing to run, the input still checked
+        with pytest.raises(TypeError, match="y must be a torch.Tensor"):
+            ops.distill_group(y, [])
 
 
 # ---- TRITON_INTERPRET set after the kernels were imported (minor) ----------------------------------

@@ -215,3 +215,44 @@ def test_launch_settings_are_checked(monkeypatch):
     assert _common.LaunchOptions.from_environment().fuse_tail
     with pytest.raises(ValueError, match="fuse_tail=1"):
         _common.set_launch_options(fuse_tail=1)
+
+
+def test_on_off_arguments_refuse_what_is_not_a_bool():
+    """set_launch_options(autotune=...) and set_launch_plans(...) took bool() of anything, so
+    autotune="false" or set_launch_plans("0") turned them on without a word; fold_backward and
+    fuse_tail already refused. A num_warps of True pinned 1 warp."""
+    from fastdrn.kernels import _common, plans
+
+    for value in ("false", "0", 0, None):
+        with pytest.raises(ValueError, match=f"autotune={value!r}"):
+            _common.set_launch_options(autotune=value)
+        with pytest.raises(ValueError, match=f"enabled={value!r}"):
+            plans.set_launch_plans(value)
+    with pytest.raises(ValueError, match="num_warps=True"):
+        _common.set_launch_options(num_warps=True)
+    plans.reset()
+
+
+@pytest.mark.parametrize("value", ["no", "false", "off", "yes", "2", "-1", ""])
+def test_on_off_settings_refuse_what_is_not_0_or_1(value, monkeypatch):
+    """FASTDRN_AUTOTUNE and FASTDRN_LAUNCH_PLANS read anything but "0" as on, so "false", "off" or
+    "no" left autotuning and launch plans on without a word; now refused by name, as
+    FASTDRN_FOLD_BACKWARD and FASTDRN_FUSE_TAIL are."""
+    from fastdrn.kernels import _common, plans
+
+    monkeypatch.setenv("FASTDRN_AUTOTUNE", value)
+    with pytest.raises(ValueError, match=f"FASTDRN_AUTOTUNE={value!r}"):
+        _common.LaunchOptions.from_environment()
+    monkeypatch.setenv("FASTDRN_AUTOTUNE", " 0 ")
+    assert not _common.LaunchOptions.from_environment().autotune
+    monkeypatch.setenv("FASTDRN_LAUNCH_PLANS", value)
+    plans.reset()
+    try:
+        with pytest.raises(ValueError, match=f"FASTDRN_LAUNCH_PLANS={value!r}"):
+            plans.plans_enabled()
+        monkeypatch.setenv("FASTDRN_LAUNCH_PLANS", "0")
+        plans.reset()
+        assert not plans.plans_enabled()
+    finally:
+        monkeypatch.delenv("FASTDRN_LAUNCH_PLANS")
+        plans.reset()

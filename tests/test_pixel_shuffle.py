@@ -171,6 +171,27 @@ def test_empty(forced, shape, device):
     assert ops.pixel_shuffle(x, 2).shape == F.pixel_shuffle(x, 2).shape
 
 
+@pytest.mark.parametrize("backend_name", ["triton", "torch", "auto"])  # the extension; torch's own, twice on the CPU
+@pytest.mark.parametrize("shape", [(0, 8, 3, 3), (2, 0, 3, 3), (2, 8, 0, 3)])  # an empty axis each
+def test_empty_backward(backend_name, shape, monkeypatch, ext):
+    """An empty input's gradient has the input's shape on every path, with and without the bias.
+    torch's CPU pixel_unshuffle hands an empty input back in its own shape (pytorch/pytorch PR
+    192816), so torch's pixel_shuffle backward failed: "PixelShuffleBackward0 returned an invalid
+    gradient at index 0 - got [0, 2, 6, 6] but expected shape compatible with [0, 8, 3, 3]"."""
+    monkeypatch.setenv("FASTDRN_BACKEND", backend_name)
+    x = torch.randn(shape, requires_grad=True)
+    bias = torch.randn(shape[1], requires_grad=True)
+    expected = (shape[0], shape[1] // 4, shape[2] * 2, shape[3] * 2)
+    out = ops.pixel_shuffle(x, 2)
+    assert out.shape == expected
+    (x_grad,) = torch.autograd.grad(out, x, torch.ones(expected))
+    assert x_grad.shape == x.shape
+    out = ops._pixel_shuffle_bias(x, bias, 2)
+    assert out.shape == expected
+    x_grad, bias_grad = torch.autograd.grad(out, [x, bias], torch.ones(expected))
+    assert x_grad.shape == x.shape and torch.equal(bias_grad, torch.zeros_like(bias))
+
+
 def test_numpy_integer_factor(forced):
     x = torch.randn(1, 8, 2, 3)  # torch.nn.functional.pixel_shuffle takes numpy integers too
     assert_bitwise_equal(ops.pixel_shuffle(x, np.int64(2)), F.pixel_shuffle(x, 2))

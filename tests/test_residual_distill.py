@@ -213,6 +213,25 @@ def test_in_place_group_matches_block_by_block(inner, h, w, device):
             assert torch.equal(in_place, chained)
 
 
+def test_in_place_group_op_takes_blocks_without_biases(monkeypatch, device):
+    """The in-place group as the registered op runs it (torch.compile, and eager on a torch without
+    the direct-launch switch), with a block that has no biases: the op's schema was Tensor[], which
+    refused the Nones ("Expected a value of type 'List[Tensor]' for argument 'weights'")."""
+    from fastdrn.kernels import residual_distill as module
+
+    monkeypatch.setattr(module, "eager_fast_path", lambda: False)
+    dtype = dtypes_for(device)[0]
+    y = randn(2, 24, 3, 5, dtype=dtype, device=device)
+    blocks = [tuple(None if t is None else t.detach() for t in block)
+              for block in _group_blocks(dtype, device, biases=False)]
+    with torch.no_grad():
+        out = ops.distill_group(y, blocks)
+    ref = y.double()
+    for block in blocks:
+        ref = reference.residual_distill(ref, *(None if t is None else t.double() for t in block))
+    assert_close(out, ref, tolerance(device, dtype)[0], f"{dtype} in-place group through the op, no biases")
+
+
 def saved_activation_bytes(fn, inputs, params, align=1):
     """Bytes of the non-parameter tensors autograd keeps for backward, counted through the hooks, each
     rounded up to a multiple of `align`: a group's Function keeps its activations as 256-byte

@@ -170,3 +170,20 @@ def test_torch_backend_runs_the_reference_ops(channels_last, monkeypatch, device
     cast = [t.to(dtype).double() for t in (b_up, w_tail, b_tail)]
     expected = reference.shuffle_tail(u.double(), *cast, mean.double(), 3)
     assert_close(out, expected, tolerance(device, dtype)[0], "torch backend")
+
+
+# (1, 5, 3, 3, 2, 1): an output 3 wide for 3 colors, where a mean broadcast along the width fits;
+# (1, 5, 3, 2, 2, 2): 4 wide, where it does not.
+@pytest.mark.parametrize("shape", [(1, 5, 3, 3, 2, 1), (1, 5, 3, 2, 2, 2)])
+@pytest.mark.parametrize("backend_name", ["auto", "torch"])
+def test_a_mean_of_n_colors_values_is_one_per_channel(backend_name, shape, monkeypatch, device):
+    """mean as (n_colors,), which the checks accept beside (1, n_colors, 1, 1): one value per output
+    channel on every backend. The torch backend added it along the output's width (a wrong result
+    where the width was n_colors, a broadcasting error elsewhere)."""
+    monkeypatch.setenv("FASTDRN_BACKEND", backend_name)
+    dtype = dtypes_for(device)[0]
+    u, b_up, w_tail, b_tail, mean = make_inputs(shape, dtype, device)
+    s = shape[3]
+    with torch.no_grad():
+        out = shuffle_tail(u, b_up, w_tail, b_tail, mean.reshape(-1), s)
+    assert_close(out, oracle(u, b_up, w_tail, b_tail, mean, s), tolerance(device, dtype)[0], backend_name)

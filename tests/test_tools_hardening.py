@@ -212,8 +212,11 @@ def test_a_stale_build_lock_times_out_with_its_name(tmp_path, monkeypatch):
     assert str(lock) in str(outcome[0]) and "delete" in str(outcome[0])
 
 
-def test_the_lock_timeout_must_be_a_number(monkeypatch):
-    monkeypatch.setenv("FASTDRN_BUILD_LOCK_TIMEOUT", "soon")
+# "nan": every comparison with the time waited is false, so a stale lock was waited on for ever,
+# in silence (what the timeout is there to prevent); "-1": a negative number of seconds.
+@pytest.mark.parametrize("value", ["soon", "nan", "-1"])
+def test_the_lock_timeout_must_be_a_number(value, monkeypatch):
+    monkeypatch.setenv("FASTDRN_BUILD_LOCK_TIMEOUT", value)
     with pytest.raises(ValueError, match="FASTDRN_BUILD_LOCK_TIMEOUT"):
         extension.lock_timeout()
 
