@@ -167,10 +167,10 @@ class LaunchOptions:
     @classmethod
     def from_environment(cls) -> "LaunchOptions":
         warps = os.environ.get("FASTDRN_NUM_WARPS", "").strip()
-        if warps and (not warps.isdigit() or int(warps) not in (1, 2, 4, 8, 16, 32)):
+        if warps and (not warps.isdecimal() or int(warps) not in (1, 2, 4, 8, 16, 32)):  # isdigit takes "²"
             raise ValueError(f"FASTDRN_NUM_WARPS={warps!r} is not a power of two from 1 to 32")
         blocks = os.environ.get("FASTDRN_WEIGHT_GRAD_BLOCKS", "3").strip()
-        blocks = _check_weight_grad_blocks(int(blocks) if blocks.isdigit() else blocks, "FASTDRN_WEIGHT_GRAD_BLOCKS")
+        blocks = _check_weight_grad_blocks(int(blocks) if blocks.isdecimal() else blocks, "FASTDRN_WEIGHT_GRAD_BLOCKS")
         fold = os.environ.get("FASTDRN_FOLD_BACKWARD", "1").strip()
         if fold not in ("0", "1"):
             raise ValueError(f"FASTDRN_FOLD_BACKWARD={fold!r}: 1 (the default) or 0")

@@ -184,13 +184,14 @@ def test_interpreter_never_keeps_kernels(device):
 def test_launch_settings_are_checked(monkeypatch):
     from fastdrn.kernels import _common
 
-    monkeypatch.setenv("FASTDRN_NUM_WARPS", "six")
-    with pytest.raises(ValueError, match="FASTDRN_NUM_WARPS='six'"):
-        _common.LaunchOptions.from_environment()
+    for value in ("six", "\u00b2"):  # a superscript two is a digit to str.isdigit, and not to int()
+        monkeypatch.setenv("FASTDRN_NUM_WARPS", value)
+        with pytest.raises(ValueError, match=f"FASTDRN_NUM_WARPS='{value}' is not a power of two"):
+            _common.LaunchOptions.from_environment()
     with pytest.raises(ValueError, match="num_warps=3"):
         _common.set_launch_options(num_warps=3)
     monkeypatch.delenv("FASTDRN_NUM_WARPS")
-    for value in ("4", "0", "three"):
+    for value in ("4", "0", "three", "\u00b2"):
         monkeypatch.setenv("FASTDRN_WEIGHT_GRAD_BLOCKS", value)
         with pytest.raises(ValueError, match="FASTDRN_WEIGHT_GRAD_BLOCKS=.*1, 2 or 3 blocks"):
             _common.LaunchOptions.from_environment()
