@@ -55,6 +55,24 @@ class _CastWeights(torch.autograd.Function):
         return (None, *_cast_all(ctx.source_dtype, list(grads)))
 
 
+def _global_module_hooks() -> bool:
+    """Whether a hook for every module is registered (torch.nn.modules.module's
+    register_module_forward_hook and the like, as profilers and model summaries install)."""
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)
+
+
+def _called(module, kind: type) -> bool:
+    """Whether calling this group or block could do more than `kind`'s forward, which the fused ops
+    compute from its weights alone: it is of another class (a subclass, a replacement), has a
+    forward set on the instance, or a hook."""
+    attributes = module.__dict__  # a quarter less host time than attribute access (54 blocks a forward)
+    return type(module) is not kind or "forward" in attributes or bool(
+        attributes["_forward_hooks"] or attributes["_forward_pre_hooks"] or attributes["_backward_hooks"]
+        or attributes["_backward_pre_hooks"])
+
+
 class DRN(reference.DRN):
     """DRN super-resolution, run through fastdrn's fused kernels: (N, n_colors, h, w) -> (N, n_colors, h*scale, w*scale).
 
@@ -78,7 +96,10 @@ class DRN(reference.DRN):
             (the same results, less memory, more arithmetic).
 
     Which backend runs is chosen per call by ``FASTDRN_BACKEND`` (docs/numerics.md); the
-    ``backend`` property says which, for this model's device.
+    ``backend`` property says which, for this model's device. A group that has a hook, or one of
+    whose blocks has, or a forward of its own (set on the instance, or a subclass), is called as a
+    module as the reference calls it, in plain PyTorch; so are all groups while a global module
+    hook is registered.
     """
 
     def __init__(self, scale: int = 4, n_colors: int = 3, n_feats: int = 64, n_groups: int = 6,
@@ -101,13 +122,26 @@ class DRN(reference.DRN):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
-    def _weights(self) -> list:
-        """Every fused op's weight and bias in model order (per group: each block's squeeze, conv and
-        expand, then the compression). Read from the convs' parameter dicts: attribute access through
-        nn.Module costs about 0.4 us a tensor on the host, and DRN x4 has 336. A parametrized conv
-        (torch.nn.utils.parametrize) computes its weight on access, so it is asked for it."""
+    def _called_groups(self) -> list:
+        """Per group, whether it is called as a module (its forward then calling its blocks), as the
+        reference calls it, instead of running through the fused ops: where it or one of its blocks
+        is _called, or a global module hook is registered. Hooks and forwards of groups and blocks
+        take part in the reference's result, and the fused ops would skip them."""
+        groups = self.groups._modules.values()
+        if _global_module_hooks():
+            return [True] * len(groups)
+        return [_called(group, reference.ResidualDistillGroup) or any(
+            _called(block, reference.ResidualDistillBlock) for block in group._modules["blocks"]._modules.values())
+            for group in groups]
+
+    def _weights(self, groups) -> list:
+        """Every fused op's weight and bias in model order (per group of `groups`: each block's
+        squeeze, conv and expand, then the compression). Read from the convs' parameter dicts:
+        attribute access through nn.Module costs about 0.4 us a tensor on the host, and DRN x4 has
+        336. A parametrized conv (torch.nn.utils.parametrize) computes its weight on access, so it
+        is asked for it."""
         tensors = []
-        for group in self.groups._modules.values():
+        for group in groups:
             convs = [conv for block in group._modules["blocks"]._modules.values()
                      for conv in (block._modules["squeeze"], block._modules["conv"], block._modules["expand"])]
             convs.append(group._modules["compress"])
@@ -117,16 +151,16 @@ class DRN(reference.DRN):
                 tensors.append(params["bias"] if "bias" in params else conv.bias)
         return tensors
 
-    def _fused_weights(self, dtype: torch.dtype) -> list:
-        """Per group: ([a (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand) tuple per block],
-        (w_compress, b_compress)), all in `dtype`.
+    def _fused_weights(self, dtype: torch.dtype, groups) -> list:
+        """Per group of `groups`: ([a (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand) tuple
+        per block], (w_compress, b_compress)), all in `dtype`.
 
         Under autocast the weights are cast by _CastWeights: one cat and one cast for the whole model,
         forward and backward, instead of a cast per tensor each way (DRN x4 has 336 such tensors). They
         are cast again at every call: a weight changed in place through .data keeps its version and
         storage, so no cheap test could tell a kept cast from a stale one.
         """
-        tensors = self._weights()
+        tensors = self._weights(groups)
         present = [t for t in tensors if t is not None]
         dtypes = {t.dtype for t in present}  # a comprehension: torch.compile traces it (not attrgetter)
         if dtypes != {dtype}:
@@ -137,12 +171,12 @@ class DRN(reference.DRN):
             else:
                 cast = iter(_CastWeights.apply(dtype, *present))
             tensors = [None if t is None else next(cast) for t in tensors]
-        groups, start = [], 0
-        for group in self.groups._modules.values():
+        fused, start = [], 0
+        for group in groups:
             end = start + 6 * len(group._modules["blocks"]._modules)
-            groups.append(([tuple(tensors[i:i + 6]) for i in range(start, end, 6)], (tensors[end], tensors[end + 1])))
+            fused.append(([tuple(tensors[i:i + 6]) for i in range(start, end, 6)], (tensors[end], tensors[end + 1])))
             start = end + 2
-        return groups
+        return fused
 
     def _fuses_tail(self, features: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether the pixel shuffle and the tail run as one Triton kernel (kernels/shuffle_tail.py):
@@ -185,7 +219,14 @@ class DRN(reference.DRN):
         mean = self.rgb_mean.to(x.dtype) * self.rgb_range
         x = x.contiguous(memory_format=torch.channels_last)
         y0 = self.head(x - mean).to(dtype).contiguous(memory_format=torch.channels_last)
-        y = ops.distill_groups(y0, self._fused_weights(dtype), self.alpha, self.recompute)
+        groups, called = self.groups._modules.values(), self._called_groups()
+        if not any(called):
+            y = ops.distill_groups(y0, self._fused_weights(dtype, groups), self.alpha, self.recompute)
+        else:
+            y = y0
+            for group, call in zip(groups, called):
+                y = group(y) if call else ops.distill_groups(y, self._fused_weights(dtype, [group]), self.alpha,
+                                                             self.recompute)
         features = y + y0
         if self._fuses_tail(features, dtype):
             return self._shuffle_tail(features, mean, dtype, channels_last_in)

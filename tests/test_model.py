@@ -149,6 +149,89 @@ def test_recompute_option_gives_the_same_gradients(device):
         assert rel_err(a, b) <= tolerance(device, dtype)[1]
 
 
+def _scale_block_output(model, calls):
+    model.groups[0].blocks[1].register_forward_hook(lambda module, args, out: calls.append(1) or out * 0.5)
+
+
+def _double_group_input(model, calls):
+    model.groups[1].register_forward_pre_hook(lambda module, args: calls.append(1) or (args[0] * 2,))
+
+
+def _record_block_gradient(model, calls):
+    model.groups[0].blocks[0].register_full_backward_hook(lambda module, grad_in, grad_out: calls.append(1))
+
+
+def _forward_set_on_a_block(model, calls):
+    block = model.groups[1].blocks[0]
+    block.forward = lambda z, forward=block.forward: calls.append(1) or forward(z) * 0.9
+
+
+def _subclass_of_a_block(model, calls):
+    class Damped(reference.ResidualDistillBlock):
+        def forward(self, z):
+            calls.append(1)
+            return super().forward(z) * 0.9
+
+    block = model.groups[0].blocks[1]
+    damped = Damped(block.squeeze.in_channels, block.squeeze.out_channels,
+                    block.expand.out_channels - block.squeeze.in_channels, block.alpha)
+    damped.load_state_dict(block.state_dict())
+    model.groups[0].blocks[1] = damped.to(block.squeeze.weight)
+
+
+@pytest.mark.parametrize("change", [
+    _scale_block_output,      # a forward hook whose return value replaces a block's output
+    _double_group_input,      # a forward pre-hook that replaces a group's input
+    _record_block_gradient,   # a full backward hook, which only observes
+    _forward_set_on_a_block,  # forward replaced on one block instance
+    _subclass_of_a_block,     # a block replaced by a subclass with its own forward (an ablation)
+])
+def test_groups_and_blocks_with_hooks_or_their_own_forward_run_as_the_reference_calls_them(change, device,
+                                                                                            monkeypatch):
+    """The reference calls every group and block as a module, so their hooks and forwards take
+    part; fastdrn.DRN must give the same output and gradients with them, and run each hook as
+    often, not skip them for its fused ops. The other group still runs through them."""
+    fused, distill_groups = [], fastdrn.ops.distill_groups
+    monkeypatch.setattr(fastdrn.ops, "distill_groups", lambda y, groups, *a: fused.extend(groups) or
+                        distill_groups(y, groups, *a))
+    dtype = dtypes_for(device)[0]
+    cfg = dict(scale=2, n_feats=8, n_groups=2, n_blocks=2, inner=8, distill=4)
+    ref, fast = pair(cfg, device, dtype)
+    calls = {ref: [], fast: []}
+    for model in (ref, fast):
+        change(model, calls[model])
+    x = image(1, 3, 4, device, dtype)
+    with pytorch_fp32_convs():
+        out, expected = fast(x), ref(x)
+        grads, ref_grads = (torch.autograd.grad((o * o).sum(), list(m.parameters()))
+                            for o, m in ((out, fast), (expected, ref)))
+    assert len(calls[fast]) == len(calls[ref]) > 0
+    assert len(fused) == 1  # the group with neither hooks nor forwards of its own
+    fwd_tol, grad_tol = tolerance(device, dtype)
+    assert_close(out, expected, fwd_tol, "output")
+    for (name, _), g, rg in zip(fast.named_parameters(), grads, ref_grads):
+        assert_close(g, rg, grad_tol, f"grad of {name}")
+
+
+def test_a_global_module_hook_sees_every_group_and_block(device):
+    """torch.nn.modules.module.register_module_forward_hook (what profilers and summaries install)
+    runs for every module the reference calls: its groups and blocks too."""
+    dtype = dtypes_for(device)[0]
+    ref, fast = pair(dict(scale=2, n_feats=8, n_groups=2, n_blocks=2, inner=8, distill=4), device, dtype)
+    x = image(1, 3, 4, device, dtype)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(module))
+    try:
+        with torch.no_grad():
+            out = fast(x)
+            fast_seen, seen[:] = list(seen), []
+            expected = ref(x)
+    finally:
+        handle.remove()
+    assert [type(m).__name__ for m in fast_seen] == [type(m).__name__ for m in seen]
+    assert_close(out, expected, tolerance(device, dtype)[0], "output")
+
+
 def test_compile_fullgraph_torch_path(monkeypatch):
     """No graph break from fastdrn's dispatch (backend switch, checks) around the ops."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # auto on the CPU: the plain PyTorch math
