@@ -55,6 +55,11 @@ class _CastWeights(torch.autograd.Function):
         return (None, *_cast_all(ctx.source_dtype, list(grads)))
 
 
+# The tail conv the fused output stage computes (kernels/shuffle_tail.py): stride, padding, dilation,
+# groups and padding mode.
+_FUSED_TAIL_CONV = ((1, 1), (1, 1), (1, 1), 1, "zeros")
+
+
 def _global_module_hooks() -> bool:
     """Whether a hook for every module is registered (torch.nn.modules.module's
     register_module_forward_hook and the like, as profilers and model summaries install)."""
@@ -64,9 +69,9 @@ def _global_module_hooks() -> bool:
 
 
 def _called(module, kind: type) -> bool:
-    """Whether calling this group or block could do more than `kind`'s forward, which the fused ops
-    compute from its weights alone: it is of another class (a subclass, a replacement), has a
-    forward set on the instance, or a hook."""
+    """Whether calling this module (a group, a block, the upsampler or the tail) could do more than
+    `kind`'s forward, which the fused ops compute from its weights alone: it is of another class (a
+    subclass, a replacement), has a forward set on the instance, or a hook."""
     attributes = module.__dict__  # a quarter less host time than attribute access (54 blocks a forward)
     return type(module) is not kind or "forward" in attributes or bool(
         attributes["_forward_hooks"] or attributes["_forward_pre_hooks"] or attributes["_backward_hooks"]
@@ -180,8 +185,9 @@ class DRN(reference.DRN):
 
     def _fuses_tail(self, features: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether the pixel shuffle and the tail run as one Triton kernel (kernels/shuffle_tail.py):
-        on the fused backend, with the launch option fuse_tail (FASTDRN_FUSE_TAIL=1) on, and where
-        none of the kernel's inputs needs a gradient (it has no backward). The features carry the
+        on the fused backend, with the launch option fuse_tail (FASTDRN_FUSE_TAIL=1) on, where the
+        upsampler and the tail are convs as DRN builds them, without hooks, and where none of the
+        kernel's inputs needs a gradient (it has no backward). The features carry the
         input's and every earlier parameter's need, so four tensors answer it, not a walk over all
         the model's parameters."""
         if not backend.use_triton("shuffle_tail", features.device, dtype):
@@ -190,8 +196,16 @@ class DRN(reference.DRN):
 
         if not launch_options().fuse_tail:
             return False
+        upsample, tail = self.upsample, self.tail
+        # The kernel adds the upsampler's bias and computes the tail from its weight and bias alone;
+        # the reference calls both as modules.
+        if _called(upsample, torch.nn.Conv2d) or _called(tail, torch.nn.Conv2d) or _global_module_hooks():
+            return False
+        if upsample.bias is None or tail.bias is None or (
+                tail.stride, tail.padding, tail.dilation, tail.groups, tail.padding_mode) != _FUSED_TAIL_CONV:
+            return False
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in (
-            features, self.upsample.weight, self.upsample.bias, self.tail.weight, self.tail.bias)))
+            features, upsample.weight, upsample.bias, tail.weight, tail.bias)))
 
     def _shuffle_tail(self, features: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype,
                       channels_last: bool) -> torch.Tensor:

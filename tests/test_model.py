@@ -583,6 +583,53 @@ def test_fused_tail_option_keeps_the_autograd_path(device, monkeypatch):
         assert calls
 
 
+def _clamp_tail_output(model, calls):
+    model.tail.register_forward_hook(lambda module, args, out: calls.append(1) or out.clamp(0, 1))
+
+
+def _halve_upsampler_input(model, calls):
+    model.upsample.register_forward_pre_hook(lambda module, args: calls.append(1) or (args[0] * 0.5,))
+
+
+def _reflecting_tail(model, calls):
+    model.tail.padding_mode = "reflect"
+
+
+def _hook_on_every_module(model, calls):
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: calls.append(module))
+    return handle.remove
+
+
+@pytest.mark.parametrize("change", [
+    _clamp_tail_output,      # a forward hook whose return value replaces the tail's output
+    _halve_upsampler_input,  # a forward pre-hook that replaces the upsampler's input
+    _reflecting_tail,        # a tail that pads by reflection, not the kernel's zeros
+    _hook_on_every_module,   # a global module hook (a profiler, a model summary)
+])
+def test_fused_tail_option_leaves_an_upsampler_or_tail_that_does_more_than_the_kernel(change, device,
+                                                                                     monkeypatch):
+    """The reference calls its upsampler and tail as modules: hooks, a global module hook, and the
+    tail's own padding take part in its output, so with them fuse_tail runs them as modules too."""
+    from helpers import launch_settings
+
+    _count_fused_tail(monkeypatch)
+    dtype = dtypes_for(device)[0]
+    ref, fast = pair(dict(scale=2, **TINY), device, dtype)
+    x = image(1, 3, 5, device, dtype)
+    outputs, calls = [], []
+    for model in (fast, ref):
+        calls.append([])
+        undo = change(model, calls[-1])
+        try:
+            with launch_settings(fuse_tail=True), torch.no_grad(), pytorch_fp32_convs():
+                outputs.append(model(x))
+        finally:
+            if undo is not None:
+                undo()
+    assert [type(m).__name__ for m in calls[0]] == [type(m).__name__ for m in calls[1]]
+    assert_close(outputs[0], outputs[1], tolerance(device, dtype)[0], "output")
+
+
 def test_fused_tail_under_autocast(device, monkeypatch):
     """float16 autocast: the upsampler's output in float16, the kernel casting the float32 parameters
     itself; the output float32 as the reference's tail(v) + mean."""
