@@ -75,12 +75,22 @@ def triton_unavailable_reason(device: torch.device, dtype: torch.dtype | None = 
     return _kernels_mode_mismatch(interpret=False)
 
 
+def transform_reason() -> str | None:
+    """Why the fused ops cannot run here: inside a torch.func transform, whose wrapped tensors have no
+    storage for the kernels and which cannot see through their autograd Functions. None otherwise
+    (traced by torch.compile: its graph holds the registered ops, not those Functions)."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return None
+    return ("a torch.func transform (grad, vmap, jvp, jacrev...) is active, and fastdrn's fused ops run their "
+            "own autograd on real tensors; FASTDRN_BACKEND=auto runs PyTorch's math under transforms")
+
+
 def use_triton(op: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
     """Whether `op` runs its Triton kernels on `device`; a forced backend that cannot run raises."""
     choice = requested()
     if choice == "torch":
         return False
-    reason = triton_unavailable_reason(device, dtype)
+    reason = triton_unavailable_reason(device, dtype) or transform_reason()
     if choice == "triton" and reason is not None:
         raise RuntimeError(f"FASTDRN_BACKEND=triton but {op} cannot run its Triton kernels: {reason}")
     return reason is None

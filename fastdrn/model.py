@@ -228,6 +228,10 @@ class DRN(reference.DRN):
             # initialization and model summaries use). The reference's own forward gives what
             # nn.Conv2d gives, the empty output or its shape, or the same error for H or W of 0.
             return super().forward(x)
+        if backend.transform_reason() is not None:
+            # Under torch.func transforms, PyTorch's math (and FASTDRN_BACKEND=triton raises, naming why).
+            backend.use_triton("residual_distill", x.device, x.dtype)
+            return super().forward(x)
         channels_last_in = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         dtype = self._compute_dtype(x)
         mean = self.rgb_mean.to(x.dtype) * self.rgb_range

@@ -232,6 +232,45 @@ def test_a_global_module_hook_sees_every_group_and_block(device):
     assert_close(out, expected, tolerance(device, dtype)[0], "output")
 
 
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jvp"])
+def test_torch_func_transforms_run_the_reference_math_or_say_why_they_cannot(transform, device, monkeypatch):
+    """fastdrn's fused ops run autograd Functions on real tensors, which torch.func transforms cannot
+    see through: under one the model and the ops give the reference's results through PyTorch's
+    math (FASTDRN_BACKEND=auto), and a forced FASTDRN_BACKEND=triton says why it cannot run, where
+    both crashed inside fastdrn (a data pointer of a wrapped tensor, vmap's is_contiguous)."""
+    dtype = dtypes_for(device)[0]
+    ref, fast = pair(dict(scale=2, n_feats=8, n_groups=1, n_blocks=2, inner=8, distill=4), device, dtype)
+    x = image(2, 3, 4, device, dtype)
+    params = {name: p.detach() for name, p in ref.named_parameters()}
+    z = torch.randn(1, 8, 3, 5, device=device, dtype=dtype)
+    first = fast.groups[0].blocks[0]
+    block = [t.detach() for conv in (first.squeeze, first.conv, first.expand) for t in (conv.weight, conv.bias)]
+
+    def under(f, t):
+        if transform == "grad":
+            return torch.func.grad(lambda u: (f(u) ** 2).sum())(t)
+        if transform == "vmap":
+            return torch.func.vmap(f)(t.unsqueeze(1))
+        return torch.func.jvp(f, (t,), (torch.ones_like(t),))[1]
+
+    def run_model(model):
+        if transform == "grad":  # with respect to the parameters
+            grads = under(lambda p: torch.func.functional_call(model, p, (x,)), params)
+            return torch.cat([g.flatten() for g in grads.values()])
+        return under(model, x)
+
+    run_op = {op: lambda op=op: under(lambda t: op(t, *block), z)
+              for op in (reference.residual_distill, fastdrn.ops.residual_distill)}
+    with pytorch_fp32_convs():
+        assert_close(run_model(fast), run_model(ref), tolerance(device, dtype)[1], f"model under {transform}")
+        assert_close(run_op[fastdrn.ops.residual_distill](), run_op[reference.residual_distill](),
+                     tolerance(device, dtype)[1], f"residual_distill under {transform}")
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    for forced in (lambda: run_model(fast), run_op[fastdrn.ops.residual_distill]):
+        with pytest.raises(RuntimeError, match="FASTDRN_BACKEND=triton but .*torch.func"):
+            forced()
+
+
 def test_compile_fullgraph_torch_path(monkeypatch):
     """No graph break from fastdrn's dispatch (backend switch, checks) around the ops."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # auto on the CPU: the plain PyTorch math
