@@ -271,6 +271,37 @@ def test_torch_func_transforms_run_the_reference_math_or_say_why_they_cannot(tra
             forced()
 
 
+def test_batched_gradients_through_the_fused_backward_are_refused_by_name(device):
+    """autograd.grad's is_grads_batched=True and jacobian(vectorize=True) run the backward under vmap,
+    whose batched tensors have no storage for a kernel: the fused backward says so (they crashed
+    inside fastdrn with vmap's 'NYI: querying is_contiguous'), while unbatched they give the
+    reference's Jacobian."""
+    dtype = dtypes_for(device)[0]
+    if not fastdrn.backend.use_triton("residual_distill", device, dtype):
+        pytest.skip("the fused kernels do not run here")
+    ref, fast = pair(dict(scale=2, n_feats=8, n_groups=1, n_blocks=2, inner=8, distill=4), device, dtype)
+    x = image(1, 2, 3, device, dtype)
+    with pytorch_fp32_convs():
+        assert_close(torch.autograd.functional.jacobian(fast, x), torch.autograd.functional.jacobian(ref, x),
+                     tolerance(device, dtype)[1], "Jacobian")
+        with pytest.raises(RuntimeError, match="fastdrn residual_distill: batched gradients"):
+            torch.autograd.functional.jacobian(fast, x, vectorize=True)
+        x.requires_grad_()
+        out = fast(x)
+        with pytest.raises(RuntimeError, match="fastdrn residual_distill: batched gradients"):
+            torch.autograd.grad(out, x, torch.randn(2, *out.shape, device=device, dtype=dtype), is_grads_batched=True)
+    z = torch.randn(1, 16, 3, 5, device=device, dtype=dtype, requires_grad=True)
+    w, b = fast.groups[0].compress.weight, fast.groups[0].compress.bias
+    out = fastdrn.ops.compress_skip(z, w, b, z[:, :8].detach())
+    with pytest.raises(RuntimeError, match="fastdrn compress_skip: batched gradients"):
+        torch.autograd.grad(out, z, torch.randn(2, *out.shape, device=device, dtype=dtype), is_grads_batched=True)
+    block = fast.groups[0].blocks[0]
+    out = fastdrn.ops.residual_distill(z[:, :8], *(t for conv in (block.squeeze, block.conv, block.expand)
+                                                   for t in (conv.weight, conv.bias)))
+    with pytest.raises(RuntimeError, match="fastdrn residual_distill: batched gradients"):
+        torch.autograd.grad(out, z, torch.randn(2, *out.shape, device=device, dtype=dtype), is_grads_batched=True)
+
+
 def test_compile_fullgraph_torch_path(monkeypatch):
     """No graph break from fastdrn's dispatch (backend switch, checks) around the ops."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # auto on the CPU: the plain PyTorch math
