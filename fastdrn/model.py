@@ -130,14 +130,15 @@ class DRN(reference.DRN):
     def _called_groups(self) -> list:
         """Per group, whether it is called as a module (its forward then calling its blocks), as the
         reference calls it, instead of running through the fused ops: where it or one of its blocks
-        is _called, or a global module hook is registered. Hooks and forwards of groups and blocks
-        take part in the reference's result, and the fused ops would skip them."""
+        is _called, a block's alpha is not the group's (the fused ops take one a group), or a global
+        module hook is registered. Hooks and forwards of groups and blocks take part in the
+        reference's result, and the fused ops would skip them."""
         groups = self.groups._modules.values()
         if _global_module_hooks():
             return [True] * len(groups)
         return [_called(group, reference.ResidualDistillGroup) or any(
-            _called(block, reference.ResidualDistillBlock) for block in group._modules["blocks"]._modules.values())
-            for group in groups]
+            _called(block, reference.ResidualDistillBlock) or block.__dict__["alpha"] != group.__dict__["alpha"]
+            for block in group._modules["blocks"]._modules.values()) for group in groups]
 
     def _weights(self, groups) -> list:
         """Every fused op's weight and bias in model order (per group of `groups`: each block's
@@ -237,14 +238,17 @@ class DRN(reference.DRN):
         mean = self.rgb_mean.to(x.dtype) * self.rgb_range
         x = x.contiguous(memory_format=torch.channels_last)
         y0 = self.head(x - mean).to(dtype).contiguous(memory_format=torch.channels_last)
+        # Each group's ELUs at its own alpha, as the reference's groups and blocks apply theirs (set
+        # after construction, they may differ from self.alpha, which its forward never reads).
         groups, called = self.groups._modules.values(), self._called_groups()
-        if not any(called):
-            y = ops.distill_groups(y0, self._fused_weights(dtype, groups), self.alpha, self.recompute)
+        alphas = {group.__dict__["alpha"] for group, call in zip(groups, called) if not call}
+        if not any(called) and len(alphas) == 1:
+            y = ops.distill_groups(y0, self._fused_weights(dtype, groups), alphas.pop(), self.recompute)
         else:
             y = y0
             for group, call in zip(groups, called):
-                y = group(y) if call else ops.distill_groups(y, self._fused_weights(dtype, [group]), self.alpha,
-                                                             self.recompute)
+                y = group(y) if call else ops.distill_groups(y, self._fused_weights(dtype, [group]),
+                                                             group.__dict__["alpha"], self.recompute)
         features = y + y0
         if self._fuses_tail(features, dtype):
             return self._shuffle_tail(features, mean, dtype, channels_last_in)

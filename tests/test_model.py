@@ -213,6 +213,49 @@ def test_groups_and_blocks_with_hooks_or_their_own_forward_run_as_the_reference_
         assert_close(g, rg, grad_tol, f"grad of {name}")
 
 
+def _alpha_of_one_block(model):
+    model.groups[1].blocks[0].alpha = 0.5
+
+
+def _alpha_of_every_group_and_block(model):
+    for module in model.modules():
+        if isinstance(module, (reference.ResidualDistillGroup, reference.ResidualDistillBlock)):
+            module.alpha = 0.5
+
+
+def _alpha_of_the_model(model):
+    model.alpha = 0.5
+
+
+@pytest.mark.parametrize("change,fused_groups", [
+    (_alpha_of_one_block, 1),              # that block's ELUs only: its group runs as a module
+    (_alpha_of_every_group_and_block, 2),  # every ELU (as an alpha annealed over training)
+    (_alpha_of_the_model, 2),              # DRN.alpha, which the reference's forward never reads
+])
+def test_the_elus_use_the_alpha_of_their_block_and_group_as_in_the_reference(change, fused_groups, device,
+                                                                             monkeypatch):
+    """Each reference block and group applies its own alpha (the compression's ELU the group's), so
+    an alpha changed on them after construction takes effect there, and DRN.alpha not at all;
+    fastdrn.DRN ran every ELU at DRN.alpha."""
+    fused, distill_groups = [], fastdrn.ops.distill_groups
+    monkeypatch.setattr(fastdrn.ops, "distill_groups", lambda y, groups, *a: fused.extend(groups) or
+                        distill_groups(y, groups, *a))
+    dtype = dtypes_for(device)[0]
+    ref, fast = pair(dict(scale=2, n_feats=8, n_groups=2, n_blocks=2, inner=8, distill=4), device, dtype)
+    for model in (ref, fast):
+        change(model)
+    x = image(1, 3, 4, device, dtype)
+    with pytorch_fp32_convs():
+        out, expected = fast(x), ref(x)
+        grads, ref_grads = (torch.autograd.grad((o * o).sum(), list(m.parameters()))
+                            for o, m in ((out, fast), (expected, ref)))
+    assert len(fused) == fused_groups
+    fwd_tol, grad_tol = tolerance(device, dtype)
+    assert_close(out, expected, fwd_tol, "output")
+    for (name, _), g, rg in zip(fast.named_parameters(), grads, ref_grads):
+        assert_close(g, rg, grad_tol, f"grad of {name}")
+
+
 def test_a_global_module_hook_sees_every_group_and_block(device):
     """torch.nn.modules.module.register_module_forward_hook (what profilers and summaries install)
     runs for every module the reference calls: its groups and blocks too."""
