@@ -72,7 +72,9 @@ def _called(module, kind: type) -> bool:
     """Whether calling this module (a group, a block, the upsampler or the tail) could do more than
     `kind`'s forward, which the fused ops compute from its weights alone: it is of another class (a
     subclass, a replacement), has a forward set on the instance, or a hook."""
-    attributes = module.__dict__  # a quarter less host time than attribute access (54 blocks a forward)
+    # Read from the instance dict: about 0.7 us a block against 1 us by attribute access (2-core CPU
+    # machine; 54 blocks a forward).
+    attributes = module.__dict__
     return type(module) is not kind or "forward" in attributes or bool(
         attributes["_forward_hooks"] or attributes["_forward_pre_hooks"] or attributes["_backward_hooks"]
         or attributes["_backward_pre_hooks"])
