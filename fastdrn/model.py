@@ -139,7 +139,7 @@ class DRN(reference.DRN):
         if _global_module_hooks():
             return [True] * len(groups)
         return [_called(group, reference.ResidualDistillGroup) or any(
-            _called(block, reference.ResidualDistillBlock) or block.__dict__["alpha"] != group.__dict__["alpha"]
+            _called(block, reference.ResidualDistillBlock) or block.alpha != group.alpha
             for block in group._modules["blocks"]._modules.values()) for group in groups]
 
     def _weights(self, groups) -> list:
@@ -243,14 +243,14 @@ class DRN(reference.DRN):
         # Each group's ELUs at its own alpha, as the reference's groups and blocks apply theirs (set
         # after construction, they may differ from self.alpha, which its forward never reads).
         groups, called = self.groups._modules.values(), self._called_groups()
-        alphas = {group.__dict__["alpha"] for group, call in zip(groups, called) if not call}
+        alphas = {group.alpha for group, call in zip(groups, called) if not call}
         if not any(called) and len(alphas) == 1:
             y = ops.distill_groups(y0, self._fused_weights(dtype, groups), alphas.pop(), self.recompute)
         else:
             y = y0
             for group, call in zip(groups, called):
-                y = group(y) if call else ops.distill_groups(y, self._fused_weights(dtype, [group]),
-                                                             group.__dict__["alpha"], self.recompute)
+                y = group(y) if call else ops.distill_groups(y, self._fused_weights(dtype, [group]), group.alpha,
+                                                             self.recompute)
         features = y + y0
         if self._fuses_tail(features, dtype):
             return self._shuffle_tail(features, mean, dtype, channels_last_in)

@@ -2,6 +2,7 @@
 memory formats, autocast, torch.compile and DDP."""
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -254,6 +255,19 @@ def test_the_elus_use_the_alpha_of_their_block_and_group_as_in_the_reference(cha
     assert_close(out, expected, fwd_tol, "output")
     for (name, _), g, rg in zip(fast.named_parameters(), grads, ref_grads):
         assert_close(g, rg, grad_tol, f"grad of {name}")
+
+
+def test_an_alpha_that_is_a_parameter_gets_the_references_error(device):
+    """An alpha made a Parameter (learnable, as one might try) is refused by F.elu in the reference;
+    fastdrn.DRN gives the same error, not a KeyError of its own."""
+    ref, fast = pair(dict(scale=2, n_feats=8, n_groups=1, n_blocks=2, inner=8, distill=4), device)
+    for model in (ref, fast):
+        model.groups[0].blocks[0].alpha = torch.nn.Parameter(torch.tensor(0.3, device=device))
+    x = image(1, 3, 4, device)
+    with pytest.raises(TypeError) as expected:
+        ref(x)
+    with pytest.raises(TypeError, match=re.escape(str(expected.value))):
+        fast(x)
 
 
 def test_a_global_module_hook_sees_every_group_and_block(device):
