@@ -232,7 +232,8 @@ class DRN(reference.DRN):
             # nn.Conv2d gives, the empty output or its shape, or the same error for H or W of 0.
             return super().forward(x)
         if backend.transform_reason() is not None:
-            # Under torch.func transforms, PyTorch's math (and FASTDRN_BACKEND=triton raises, naming why).
+            # Under torch.func transforms and forward-mode AD, PyTorch's math (and FASTDRN_BACKEND=triton
+            # raises, naming why).
             backend.use_triton("residual_distill", x.device, x.dtype)
             return super().forward(x)
         channels_last_in = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

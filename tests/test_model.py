@@ -328,6 +328,29 @@ def test_torch_func_transforms_run_the_reference_math_or_say_why_they_cannot(tra
             forced()
 
 
+def test_forward_mode_ad_runs_the_reference_math_or_says_why_it_cannot(device, monkeypatch):
+    """Forward-mode AD (torch.autograd.forward_ad) needs a jvp, which the fused ops' autograd
+    Functions do not have: inside a dual level the model gives the reference's tangent through
+    PyTorch's math (FASTDRN_BACKEND=auto), where it failed with autograd.Function's 'You must
+    implement the jvp function', and a forced FASTDRN_BACKEND=triton says why it cannot run."""
+    import torch.autograd.forward_ad as fwad
+
+    dtype = dtypes_for(device)[0]
+    ref, fast = pair(dict(scale=2, n_feats=8, n_groups=1, n_blocks=2, inner=8, distill=4), device, dtype)
+    x = image(1, 3, 4, device, dtype)
+    direction = torch.randn_like(x)
+
+    def tangent(model):
+        with fwad.dual_level():
+            return fwad.unpack_dual(model(fwad.make_dual(x, direction))).tangent
+
+    with pytorch_fp32_convs():
+        assert_close(tangent(fast), tangent(ref), tolerance(device, dtype)[1], "tangent")
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="FASTDRN_BACKEND=triton but .*forward-mode AD"):
+        tangent(fast)
+
+
 def test_batched_gradients_through_the_fused_backward_are_refused_by_name(device):
     """autograd.grad's is_grads_batched=True and jacobian(vectorize=True) run the backward under vmap,
     whose batched tensors have no storage for a kernel: the fused backward says so (they crashed
