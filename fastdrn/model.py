@@ -103,10 +103,11 @@ class DRN(reference.DRN):
             (the same results, less memory, more arithmetic).
 
     Which backend runs is chosen per call by ``FASTDRN_BACKEND`` (docs/numerics.md); the
-    ``backend`` property says which, for this model's device. A group that has a hook, or one of
-    whose blocks has, or a forward of its own (set on the instance, or a subclass), is called as a
-    module as the reference calls it, in plain PyTorch; so are all groups while a global module
-    hook is registered.
+    ``backend`` property says which, for this model's device. Each group's ELUs use its own alpha,
+    as the reference's do. A group that has a hook, or one of whose blocks has, or a forward of its
+    own (set on the instance, or a subclass), or another alpha than its group, is called as a module
+    as the reference calls it, in plain PyTorch; so are all groups while a global module hook is
+    registered.
     """
 
     def __init__(self, scale: int = 4, n_colors: int = 3, n_feats: int = 64, n_groups: int = 6,
