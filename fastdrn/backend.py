@@ -84,12 +84,28 @@ def triton_unavailable_reason(device: torch.device, dtype: torch.dtype | None = 
     return _kernels_mode_mismatch(interpret=False)
 
 
+def transform_reason() -> str | None:
+    """Why the fused ops cannot run here: inside a torch.func transform, whose wrapped tensors have no
+    storage for the kernels and which cannot see through their autograd Functions, or inside a
+    forward-mode AD dual level (torch.autograd.forward_ad), for which those Functions have no jvp.
+    None otherwise (traced by torch.compile: its graph holds the registered ops, not those Functions)."""
+    if torch.compiler.is_compiling():
+        return None
+    if torch._C._are_functorch_transforms_active():
+        return ("a torch.func transform (grad, vmap, jvp, jacrev...) is active, and fastdrn's fused ops run their "
+                "own autograd on real tensors; FASTDRN_BACKEND=auto runs PyTorch's math under transforms")
+    if torch.autograd.forward_ad._current_level >= 0:
+        return ("forward-mode AD (torch.autograd.forward_ad.dual_level) is active, and fastdrn's fused ops have no "
+                "jvp; FASTDRN_BACKEND=auto runs PyTorch's math there")
+    return None
+
+
 def use_triton(op: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
     """Whether `op` runs its Triton kernels on `device`; a forced backend that cannot run raises."""
     choice = requested()
     if choice == "torch":
         return False
-    reason = triton_unavailable_reason(device, dtype)
+    reason = triton_unavailable_reason(device, dtype) or transform_reason()
     if choice == "triton" and reason is not None:
         raise RuntimeError(f"FASTDRN_BACKEND=triton but {op} cannot run its Triton kernels: {reason}")
     return reason is None

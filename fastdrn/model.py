@@ -55,6 +55,31 @@ class _CastWeights(torch.autograd.Function):
         return (None, *_cast_all(ctx.source_dtype, list(grads)))
 
 
+# The tail conv the fused output stage computes (kernels/shuffle_tail.py): stride, padding, dilation,
+# groups and padding mode.
+_FUSED_TAIL_CONV = ((1, 1), (1, 1), (1, 1), 1, "zeros")
+
+
+def _global_module_hooks() -> bool:
+    """Whether a hook for every module is registered (torch.nn.modules.module's
+    register_module_forward_hook and the like, as profilers and model summaries install)."""
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)
+
+
+def _called(module, kind: type) -> bool:
+    """Whether calling this module (a group, a block, the upsampler or the tail) could do more than
+    `kind`'s forward, which the fused ops compute from its weights alone: it is of another class (a
+    subclass, a replacement), has a forward set on the instance, or a hook."""
+    # Read from the instance dict: about 0.7 us a block against 1 us by attribute access (2-core CPU
+    # machine; 54 blocks a forward).
+    attributes = module.__dict__
+    return type(module) is not kind or "forward" in attributes or bool(
+        attributes["_forward_hooks"] or attributes["_forward_pre_hooks"] or attributes["_backward_hooks"]
+        or attributes["_backward_pre_hooks"])
+
+
 class DRN(reference.DRN):
     """DRN super-resolution, run through fastdrn's fused kernels: (N, n_colors, h, w) -> (N, n_colors, h*scale, w*scale).
 
@@ -78,7 +103,11 @@ class DRN(reference.DRN):
             (the same results, less memory, more arithmetic).
 
     Which backend runs is chosen per call by ``FASTDRN_BACKEND`` (docs/numerics.md); the
-    ``backend`` property says which, for this model's device.
+    ``backend`` property says which, for this model's device. Each group's ELUs use its own alpha,
+    as the reference's do. A group that has a hook, or one of whose blocks has, or a forward of its
+    own (set on the instance, or a subclass), or another alpha than its group, is called as a module
+    as the reference calls it, in plain PyTorch; so are all groups while a global module hook is
+    registered.
     """
 
     def __init__(self, scale: int = 4, n_colors: int = 3, n_feats: int = 64, n_groups: int = 6,
@@ -102,13 +131,27 @@ class DRN(reference.DRN):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
-    def _weights(self) -> list:
-        """Every fused op's weight and bias in model order (per group: each block's squeeze, conv and
-        expand, then the compression). Read from the convs' parameter dicts: attribute access through
-        nn.Module costs about 0.4 us a tensor on the host, and DRN x4 has 336. A parametrized conv
-        (torch.nn.utils.parametrize) computes its weight on access, so it is asked for it."""
+    def _called_groups(self) -> list:
+        """Per group, whether it is called as a module (its forward then calling its blocks), as the
+        reference calls it, instead of running through the fused ops: where it or one of its blocks
+        is _called, a block's alpha is not the group's (the fused ops take one a group), or a global
+        module hook is registered. Hooks and forwards of groups and blocks take part in the
+        reference's result, and the fused ops would skip them."""
+        groups = self.groups._modules.values()
+        if _global_module_hooks():
+            return [True] * len(groups)
+        return [_called(group, reference.ResidualDistillGroup) or any(
+            _called(block, reference.ResidualDistillBlock) or block.alpha != group.alpha
+            for block in group._modules["blocks"]._modules.values()) for group in groups]
+
+    def _weights(self, groups) -> list:
+        """Every fused op's weight and bias in model order (per group of `groups`: each block's
+        squeeze, conv and expand, then the compression). Read from the convs' parameter dicts:
+        attribute access through nn.Module costs about 0.4 us a tensor on the host, and DRN x4 has
+        336. A parametrized conv (torch.nn.utils.parametrize) computes its weight on access, so it
+        is asked for it."""
         tensors = []
-        for group in self.groups._modules.values():
+        for group in groups:
             convs = [conv for block in group._modules["blocks"]._modules.values()
                      for conv in (block._modules["squeeze"], block._modules["conv"], block._modules["expand"])]
             convs.append(group._modules["compress"])
@@ -118,16 +161,16 @@ class DRN(reference.DRN):
                 tensors.append(params["bias"] if "bias" in params else conv.bias)
         return tensors
 
-    def _fused_weights(self, dtype: torch.dtype) -> list:
-        """Per group: ([a (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand) tuple per block],
-        (w_compress, b_compress)), all in `dtype`.
+    def _fused_weights(self, dtype: torch.dtype, groups) -> list:
+        """Per group of `groups`: ([a (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand) tuple
+        per block], (w_compress, b_compress)), all in `dtype`.
 
         Under autocast the weights are cast by _CastWeights: one cat and one cast for the whole model,
         forward and backward, instead of a cast per tensor each way (DRN x4 has 336 such tensors). They
         are cast again at every call: a weight changed in place through .data keeps its version and
         storage, so no cheap test could tell a kept cast from a stale one.
         """
-        tensors = self._weights()
+        tensors = self._weights(groups)
         present = [t for t in tensors if t is not None]
         dtypes = {t.dtype for t in present}  # a comprehension: torch.compile traces it (not attrgetter)
         if dtypes != {dtype}:
@@ -138,17 +181,18 @@ class DRN(reference.DRN):
             else:
                 cast = iter(_CastWeights.apply(dtype, *present))
             tensors = [None if t is None else next(cast) for t in tensors]
-        groups, start = [], 0
-        for group in self.groups._modules.values():
+        fused, start = [], 0
+        for group in groups:
             end = start + 6 * len(group._modules["blocks"]._modules)
-            groups.append(([tuple(tensors[i:i + 6]) for i in range(start, end, 6)], (tensors[end], tensors[end + 1])))
+            fused.append(([tuple(tensors[i:i + 6]) for i in range(start, end, 6)], (tensors[end], tensors[end + 1])))
             start = end + 2
-        return groups
+        return fused
 
     def _fuses_tail(self, features: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether the pixel shuffle and the tail run as one Triton kernel (kernels/shuffle_tail.py):
-        on the fused backend, with the launch option fuse_tail (FASTDRN_FUSE_TAIL=1) on, and where
-        none of the kernel's inputs needs a gradient (it has no backward). The features carry the
+        on the fused backend, with the launch option fuse_tail (FASTDRN_FUSE_TAIL=1) on, where the
+        upsampler and the tail are convs as DRN builds them, without hooks, and where none of the
+        kernel's inputs needs a gradient (it has no backward). The features carry the
         input's and every earlier parameter's need, so four tensors answer it, not a walk over all
         the model's parameters."""
         if not backend.use_triton("shuffle_tail", features.device, dtype):
@@ -157,8 +201,16 @@ class DRN(reference.DRN):
 
         if not launch_options().fuse_tail:
             return False
+        upsample, tail = self.upsample, self.tail
+        # The kernel adds the upsampler's bias and computes the tail from its weight and bias alone;
+        # the reference calls both as modules.
+        if _called(upsample, torch.nn.Conv2d) or _called(tail, torch.nn.Conv2d) or _global_module_hooks():
+            return False
+        if upsample.bias is None or tail.bias is None or (
+                tail.stride, tail.padding, tail.dilation, tail.groups, tail.padding_mode) != _FUSED_TAIL_CONV:
+            return False
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in (
-            features, self.upsample.weight, self.upsample.bias, self.tail.weight, self.tail.bias)))
+            features, upsample.weight, upsample.bias, tail.weight, tail.bias)))
 
     def _shuffle_tail(self, features: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype,
                       channels_last: bool) -> torch.Tensor:
@@ -181,12 +233,27 @@ class DRN(reference.DRN):
             # initialization and model summaries use). The reference's own forward gives what
             # nn.Conv2d gives, the empty output or its shape, or the same error for H or W of 0.
             return super().forward(x)
+        if backend.transform_reason() is not None:
+            # Under torch.func transforms and forward-mode AD, PyTorch's math (and FASTDRN_BACKEND=triton
+            # raises, naming why).
+            backend.use_triton("residual_distill", x.device, x.dtype)
+            return super().forward(x)
         channels_last_in = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         dtype = self._compute_dtype(x)
         mean = self.rgb_mean.to(x.dtype) * self.rgb_range
         x = x.contiguous(memory_format=torch.channels_last)
         y0 = self.head(x - mean).to(dtype).contiguous(memory_format=torch.channels_last)
-        y = ops.distill_groups(y0, self._fused_weights(dtype), self.alpha, self.recompute)
+        # Each group's ELUs at its own alpha, as the reference's groups and blocks apply theirs (set
+        # after construction, they may differ from self.alpha, which its forward never reads).
+        groups, called = self.groups._modules.values(), self._called_groups()
+        alphas = {group.alpha for group, call in zip(groups, called) if not call}
+        if not any(called) and len(alphas) == 1:
+            y = ops.distill_groups(y0, self._fused_weights(dtype, groups), alphas.pop(), self.recompute)
+        else:
+            y = y0
+            for group, call in zip(groups, called):
+                y = group(y) if call else ops.distill_groups(y, self._fused_weights(dtype, [group]), group.alpha,
+                                                             self.recompute)
         features = y + y0
         if self._fuses_tail(features, dtype):
             return self._shuffle_tail(features, mean, dtype, channels_last_in)

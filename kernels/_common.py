@@ -393,6 +393,17 @@ launch_plans: dict = {}
 recorder = None
 
 
+def check_unbatched(op: str, grad: torch.Tensor) -> None:
+    """Refuse, by name, a backward under vmap (autograd.grad's is_grads_batched=True and
+    jacobian(vectorize=True) use the older vmap, torch.func its own): its batched tensors have no
+    storage for a kernel to read."""
+    functorch = torch._C._functorch
+    if functorch.is_legacy_batchedtensor(grad) or functorch.is_functorch_wrapped_tensor(grad):
+        raise RuntimeError(f"fastdrn {op}: batched gradients (autograd.grad's is_grads_batched=True, "
+                           "jacobian(vectorize=True), torch.func transforms) are not supported by the fused "
+                           "backward; compute them one at a time, or run with FASTDRN_BACKEND=torch")
+
+
 def track(t: torch.Tensor) -> torch.Tensor:
     """t, a tensor a launcher just allocated; a region being recorded notes the allocation."""
     if recorder is not None and recorder.thread == get_ident():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op
 
-from ._common import direct_launches, eager_fast_path, function_apply, row_stride, rows
+from ._common import check_unbatched, direct_launches, eager_fast_path, function_apply, row_stride, rows
 from .gemm import EPILOGUE_ELU, EPILOGUE_ELU_GRAD, EPILOGUE_LINEAR, conv1x1, weight_grads
 from .plans import planned
 
@@ -81,6 +81,7 @@ class _EagerCompressSkip(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        check_unbatched("compress_skip", grad)
         with direct_launches():
             return _input_grads(ctx, grad, _planned_backward)
 

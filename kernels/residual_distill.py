@@ -42,9 +42,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._common import (KERNELS_INTERPRETED, cdiv, check_int32, direct_launches, dot_precision, eager_fast_path, elu,
-                      elu_grad_from_output, function_apply, is_fp64, join_alpha, launch, launch_options, next_pow2, rows,
-                      split_alpha, track)
+from ._common import (KERNELS_INTERPRETED, cdiv, check_int32, check_unbatched, direct_launches, dot_precision,
+                      eager_fast_path, elu, elu_grad_from_output, function_apply, is_fp64, join_alpha, launch,
+                      launch_options, next_pow2, rows, split_alpha, track)
 from .compress_skip import _backward as _compress_backward
 from .compress_skip import _forward as _compress_forward
 from .compress_skip import compress_skip
@@ -759,6 +759,7 @@ class _EagerResidualDistill(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _grad_a_next):
+        check_unbatched("residual_distill", grad)
         with direct_launches():
             return _input_grads(ctx, grad, _planned_backward)
 
@@ -822,6 +823,7 @@ class _EagerDistillGroup(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_grad_enabled():
             raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
+        check_unbatched("residual_distill", grad)
         first, n_compress, tensors = ctx.first, ctx.n_compress, ctx.saved_tensors
         n_blocks = (len(ctx.present) - n_compress) // 6 - first
         # Saved: z (when block 0 needs a gradient), the activations in one tensor, then the weights

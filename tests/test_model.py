@@ -2,6 +2,7 @@
 memory formats, autocast, torch.compile and DDP."""
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -147,6 +148,238 @@ def test_recompute_option_gives_the_same_gradients(device):
     g2 = torch.autograd.grad(lean(x).sum(), list(lean.parameters()))
     for a, b in zip(g1, g2):
         assert rel_err(a, b) <= tolerance(device, dtype)[1]
+
+
+def _scale_block_output(model, calls):
+    model.groups[0].blocks[1].register_forward_hook(lambda module, args, out: calls.append(1) or out * 0.5)
+
+
+def _double_group_input(model, calls):
+    model.groups[1].register_forward_pre_hook(lambda module, args: calls.append(1) or (args[0] * 2,))
+
+
+def _record_block_gradient(model, calls):
+    model.groups[0].blocks[0].register_full_backward_hook(lambda module, grad_in, grad_out: calls.append(1))
+
+
+def _forward_set_on_a_block(model, calls):
+    block = model.groups[1].blocks[0]
+    block.forward = lambda z, forward=block.forward: calls.append(1) or forward(z) * 0.9
+
+
+def _subclass_of_a_block(model, calls):
+    class Damped(reference.ResidualDistillBlock):
+        def forward(self, z):
+            calls.append(1)
+            return super().forward(z) * 0.9
+
+    block = model.groups[0].blocks[1]
+    damped = Damped(block.squeeze.in_channels, block.squeeze.out_channels,
+                    block.expand.out_channels - block.squeeze.in_channels, block.alpha)
+    damped.load_state_dict(block.state_dict())
+    model.groups[0].blocks[1] = damped.to(block.squeeze.weight)
+
+
+@pytest.mark.parametrize("change", [
+    _scale_block_output,      # a forward hook whose return value replaces a block's output
+    _double_group_input,      # a forward pre-hook that replaces a group's input
+    _record_block_gradient,   # a full backward hook, which only observes
+    _forward_set_on_a_block,  # forward replaced on one block instance
+    _subclass_of_a_block,     # a block replaced by a subclass with its own forward (an ablation)
+])
+def test_groups_and_blocks_with_hooks_or_their_own_forward_run_as_the_reference_calls_them(change, device,
+                                                                                            monkeypatch):
+    """The reference calls every group and block as a module, so their hooks and forwards take
+    part; fastdrn.DRN must give the same output and gradients with them, and run each hook as
+    often, not skip them for its fused ops. The other group still runs through them."""
+    fused, distill_groups = [], fastdrn.ops.distill_groups
+    monkeypatch.setattr(fastdrn.ops, "distill_groups", lambda y, groups, *a: fused.extend(groups) or
+                        distill_groups(y, groups, *a))
+    dtype = dtypes_for(device)[0]
+    cfg = dict(scale=2, n_feats=8, n_groups=2, n_blocks=2, inner=8, distill=4)
+    ref, fast = pair(cfg, device, dtype)
+    calls = {ref: [], fast: []}
+    for model in (ref, fast):
+        change(model, calls[model])
+    x = image(1, 3, 4, device, dtype)
+    with pytorch_fp32_convs():
+        out, expected = fast(x), ref(x)
+        grads, ref_grads = (torch.autograd.grad((o * o).sum(), list(m.parameters()))
+                            for o, m in ((out, fast), (expected, ref)))
+    assert len(calls[fast]) == len(calls[ref]) > 0
+    assert len(fused) == 1  # the group with neither hooks nor forwards of its own
+    fwd_tol, grad_tol = tolerance(device, dtype)
+    assert_close(out, expected, fwd_tol, "output")
+    for (name, _), g, rg in zip(fast.named_parameters(), grads, ref_grads):
+        assert_close(g, rg, grad_tol, f"grad of {name}")
+
+
+def _alpha_of_one_block(model):
+    model.groups[1].blocks[0].alpha = 0.5
+
+
+def _alpha_of_every_group_and_block(model):
+    for module in model.modules():
+        if isinstance(module, (reference.ResidualDistillGroup, reference.ResidualDistillBlock)):
+            module.alpha = 0.5
+
+
+def _alpha_of_the_model(model):
+    model.alpha = 0.5
+
+
+@pytest.mark.parametrize("change,fused_groups", [
+    (_alpha_of_one_block, 1),              # that block's ELUs only: its group runs as a module
+    (_alpha_of_every_group_and_block, 2),  # every ELU (as an alpha annealed over training)
+    (_alpha_of_the_model, 2),              # DRN.alpha, which the reference's forward never reads
+])
+def test_the_elus_use_the_alpha_of_their_block_and_group_as_in_the_reference(change, fused_groups, device,
+                                                                             monkeypatch):
+    """Each reference block and group applies its own alpha (the compression's ELU the group's), so
+    an alpha changed on them after construction takes effect there, and DRN.alpha not at all;
+    fastdrn.DRN ran every ELU at DRN.alpha."""
+    fused, distill_groups = [], fastdrn.ops.distill_groups
+    monkeypatch.setattr(fastdrn.ops, "distill_groups", lambda y, groups, *a: fused.extend(groups) or
+                        distill_groups(y, groups, *a))
+    dtype = dtypes_for(device)[0]
+    ref, fast = pair(dict(scale=2, n_feats=8, n_groups=2, n_blocks=2, inner=8, distill=4), device, dtype)
+    for model in (ref, fast):
+        change(model)
+    x = image(1, 3, 4, device, dtype)
+    with pytorch_fp32_convs():
+        out, expected = fast(x), ref(x)
+        grads, ref_grads = (torch.autograd.grad((o * o).sum(), list(m.parameters()))
+                            for o, m in ((out, fast), (expected, ref)))
+    assert len(fused) == fused_groups
+    fwd_tol, grad_tol = tolerance(device, dtype)
+    assert_close(out, expected, fwd_tol, "output")
+    for (name, _), g, rg in zip(fast.named_parameters(), grads, ref_grads):
+        assert_close(g, rg, grad_tol, f"grad of {name}")
+
+
+def test_an_alpha_that_is_a_parameter_gets_the_references_error(device):
+    """An alpha made a Parameter (learnable, as one might try) is refused by F.elu in the reference;
+    fastdrn.DRN gives the same error, not a KeyError of its own."""
+    ref, fast = pair(dict(scale=2, n_feats=8, n_groups=1, n_blocks=2, inner=8, distill=4), device)
+    for model in (ref, fast):
+        model.groups[0].blocks[0].alpha = torch.nn.Parameter(torch.tensor(0.3, device=device))
+    x = image(1, 3, 4, device)
+    with pytest.raises(TypeError) as expected:
+        ref(x)
+    with pytest.raises(TypeError, match=re.escape(str(expected.value))):
+        fast(x)
+
+
+def test_a_global_module_hook_sees_every_group_and_block(device):
+    """torch.nn.modules.module.register_module_forward_hook (what profilers and summaries install)
+    runs for every module the reference calls: its groups and blocks too."""
+    dtype = dtypes_for(device)[0]
+    ref, fast = pair(dict(scale=2, n_feats=8, n_groups=2, n_blocks=2, inner=8, distill=4), device, dtype)
+    x = image(1, 3, 4, device, dtype)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(module))
+    try:
+        with torch.no_grad():
+            out = fast(x)
+            fast_seen, seen[:] = list(seen), []
+            expected = ref(x)
+    finally:
+        handle.remove()
+    assert [type(m).__name__ for m in fast_seen] == [type(m).__name__ for m in seen]
+    assert_close(out, expected, tolerance(device, dtype)[0], "output")
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jvp"])
+def test_torch_func_transforms_run_the_reference_math_or_say_why_they_cannot(transform, device, monkeypatch):
+    """fastdrn's fused ops run autograd Functions on real tensors, which torch.func transforms cannot
+    see through: under one the model and the ops give the reference's results through PyTorch's
+    math (FASTDRN_BACKEND=auto), and a forced FASTDRN_BACKEND=triton says why it cannot run, where
+    both crashed inside fastdrn (a data pointer of a wrapped tensor, vmap's is_contiguous)."""
+    dtype = dtypes_for(device)[0]
+    ref, fast = pair(dict(scale=2, n_feats=8, n_groups=1, n_blocks=2, inner=8, distill=4), device, dtype)
+    x = image(2, 3, 4, device, dtype)
+    params = {name: p.detach() for name, p in ref.named_parameters()}
+    z = torch.randn(1, 8, 3, 5, device=device, dtype=dtype)
+    first = fast.groups[0].blocks[0]
+    block = [t.detach() for conv in (first.squeeze, first.conv, first.expand) for t in (conv.weight, conv.bias)]
+
+    def under(f, t):
+        if transform == "grad":
+            return torch.func.grad(lambda u: (f(u) ** 2).sum())(t)
+        if transform == "vmap":
+            return torch.func.vmap(f)(t.unsqueeze(1))
+        return torch.func.jvp(f, (t,), (torch.ones_like(t),))[1]
+
+    def run_model(model):
+        if transform == "grad":  # with respect to the parameters
+            grads = under(lambda p: torch.func.functional_call(model, p, (x,)), params)
+            return torch.cat([g.flatten() for g in grads.values()])
+        return under(model, x)
+
+    run_op = {op: lambda op=op: under(lambda t: op(t, *block), z)
+              for op in (reference.residual_distill, fastdrn.ops.residual_distill)}
+    with pytorch_fp32_convs():
+        assert_close(run_model(fast), run_model(ref), tolerance(device, dtype)[1], f"model under {transform}")
+        assert_close(run_op[fastdrn.ops.residual_distill](), run_op[reference.residual_distill](),
+                     tolerance(device, dtype)[1], f"residual_distill under {transform}")
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    for forced in (lambda: run_model(fast), run_op[fastdrn.ops.residual_distill]):
+        with pytest.raises(RuntimeError, match="FASTDRN_BACKEND=triton but .*torch.func"):
+            forced()
+
+
+def test_forward_mode_ad_runs_the_reference_math_or_says_why_it_cannot(device, monkeypatch):
+    """Forward-mode AD (torch.autograd.forward_ad) needs a jvp, which the fused ops' autograd
+    Functions do not have: inside a dual level the model gives the reference's tangent through
+    PyTorch's math (FASTDRN_BACKEND=auto), where it failed with autograd.Function's 'You must
+    implement the jvp function', and a forced FASTDRN_BACKEND=triton says why it cannot run."""
+    import torch.autograd.forward_ad as fwad
+
+    dtype = dtypes_for(device)[0]
+    ref, fast = pair(dict(scale=2, n_feats=8, n_groups=1, n_blocks=2, inner=8, distill=4), device, dtype)
+    x = image(1, 3, 4, device, dtype)
+    direction = torch.randn_like(x)
+
+    def tangent(model):
+        with fwad.dual_level():
+            return fwad.unpack_dual(model(fwad.make_dual(x, direction))).tangent
+
+    with pytorch_fp32_convs():
+        assert_close(tangent(fast), tangent(ref), tolerance(device, dtype)[1], "tangent")
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="FASTDRN_BACKEND=triton but .*forward-mode AD"):
+        tangent(fast)
+
+
+def test_batched_gradients_through_the_fused_backward_are_refused_by_name(device):
+    """autograd.grad's is_grads_batched=True and jacobian(vectorize=True) run the backward under vmap,
+    whose batched tensors have no storage for a kernel: the fused backward says so (they crashed
+    inside fastdrn with vmap's 'NYI: querying is_contiguous'), while unbatched they give the
+    reference's Jacobian."""
+    dtype = dtypes_for(device)[0]
+    if not fastdrn.backend.use_triton("residual_distill", device, dtype):
+        pytest.skip("the fused kernels do not run here")
+    ref, fast = pair(dict(scale=2, n_feats=8, n_groups=1, n_blocks=2, inner=8, distill=4), device, dtype)
+    x = image(1, 2, 3, device, dtype)
+    with pytorch_fp32_convs():
+        assert_close(torch.autograd.functional.jacobian(fast, x), torch.autograd.functional.jacobian(ref, x),
+                     tolerance(device, dtype)[1], "Jacobian")
+        with pytest.raises(RuntimeError, match="fastdrn residual_distill: batched gradients"):
+            torch.autograd.functional.jacobian(fast, x, vectorize=True)
+        x.requires_grad_()
+        out = fast(x)
+        with pytest.raises(RuntimeError, match="fastdrn residual_distill: batched gradients"):
+            torch.autograd.grad(out, x, torch.randn(2, *out.shape, device=device, dtype=dtype), is_grads_batched=True)
+    z = torch.randn(1, 16, 3, 5, device=device, dtype=dtype, requires_grad=True)
+    w, b = fast.groups[0].compress.weight, fast.groups[0].compress.bias
+    out = fastdrn.ops.compress_skip(z, w, b, z[:, :8].detach())
+    with pytest.raises(RuntimeError, match="fastdrn compress_skip: batched gradients"):
+        torch.autograd.grad(out, z, torch.randn(2, *out.shape, device=device, dtype=dtype), is_grads_batched=True)
+    block = fast.groups[0].blocks[0]
+    out = fastdrn.ops.residual_distill(z[:, :8], *(t for conv in (block.squeeze, block.conv, block.expand)
+                                                   for t in (conv.weight, conv.bias)))
+    with pytest.raises(RuntimeError, match="fastdrn residual_distill: batched gradients"):
+        torch.autograd.grad(out, z, torch.randn(2, *out.shape, device=device, dtype=dtype), is_grads_batched=True)
 
 
 def test_compile_fullgraph_torch_path(monkeypatch):
@@ -498,6 +731,53 @@ def test_fused_tail_option_keeps_the_autograd_path(device, monkeypatch):
         fast.tail.requires_grad_(False)
         fast(x)
         assert calls
+
+
+def _clamp_tail_output(model, calls):
+    model.tail.register_forward_hook(lambda module, args, out: calls.append(1) or out.clamp(0, 1))
+
+
+def _halve_upsampler_input(model, calls):
+    model.upsample.register_forward_pre_hook(lambda module, args: calls.append(1) or (args[0] * 0.5,))
+
+
+def _reflecting_tail(model, calls):
+    model.tail.padding_mode = "reflect"
+
+
+def _hook_on_every_module(model, calls):
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: calls.append(module))
+    return handle.remove
+
+
+@pytest.mark.parametrize("change", [
+    _clamp_tail_output,      # a forward hook whose return value replaces the tail's output
+    _halve_upsampler_input,  # a forward pre-hook that replaces the upsampler's input
+    _reflecting_tail,        # a tail that pads by reflection, not the kernel's zeros
+    _hook_on_every_module,   # a global module hook (a profiler, a model summary)
+])
+def test_fused_tail_option_leaves_an_upsampler_or_tail_that_does_more_than_the_kernel(change, device,
+                                                                                     monkeypatch):
+    """The reference calls its upsampler and tail as modules: hooks, a global module hook, and the
+    tail's own padding take part in its output, so with them fuse_tail runs them as modules too."""
+    from helpers import launch_settings
+
+    _count_fused_tail(monkeypatch)
+    dtype = dtypes_for(device)[0]
+    ref, fast = pair(dict(scale=2, **TINY), device, dtype)
+    x = image(1, 3, 5, device, dtype)
+    outputs, calls = [], []
+    for model in (fast, ref):
+        calls.append([])
+        undo = change(model, calls[-1])
+        try:
+            with launch_settings(fuse_tail=True), torch.no_grad(), pytorch_fp32_convs():
+                outputs.append(model(x))
+        finally:
+            if undo is not None:
+                undo()
+    assert [type(m).__name__ for m in calls[0]] == [type(m).__name__ for m in calls[1]]
+    assert_close(outputs[0], outputs[1], tolerance(device, dtype)[0], "output")
 
 
 def test_fused_tail_under_autocast(device, monkeypatch):
