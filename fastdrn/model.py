@@ -140,9 +140,20 @@ class DRN(reference.DRN):
         groups = self.groups._modules.values()
         if _global_module_hooks():
             return [True] * len(groups)
-        return [_called(group, reference.ResidualDistillGroup) or any(
-            _called(block, reference.ResidualDistillBlock) or block.alpha != group.alpha
-            for block in group._modules["blocks"]._modules.values()) for group in groups]
+        block_kind, called = reference.ResidualDistillBlock, []
+        for group in groups:
+            call, alpha = _called(group, reference.ResidualDistillGroup), group.alpha
+            # _called written out for the blocks, in a plain loop: about 31 against 50 us a forward for
+            # DRN x4's 54 blocks (2-core CPU machine).
+            for block in group._modules["blocks"]._modules.values():
+                if call:
+                    break
+                attributes = block.__dict__
+                call = (type(block) is not block_kind or block.alpha != alpha or "forward" in attributes
+                        or bool(attributes["_forward_hooks"] or attributes["_forward_pre_hooks"]
+                                or attributes["_backward_hooks"] or attributes["_backward_pre_hooks"]))
+            called.append(call)
+        return called
 
     def _weights(self, groups) -> list:
         """Every fused op's weight and bias in model order (per group of `groups`: each block's
