@@ -100,40 +100,40 @@ def decode(data: bytes) -> np.ndarray:
 MAX_ICC_BYTES = 16 << 20     # colour profiles are kilobytes; a bigger one is not inflated
 
 
-def read_icc(data: bytes) -> bytes | None:
-    """The ICC colour profile of a PNG's iCCP chunk (name, 0, method 0, zlib data), or None."""
+def _find_chunk(data: bytes, kind: bytes, stop: tuple[bytes, ...]) -> bytes | None:
+    """The body of a PNG's first ``kind`` chunk, or None where a chunk of ``stop`` (or the file's
+    end) comes first."""
     pos = 8
     while pos + 8 <= len(data):
         length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
-        if ctype in (b"IDAT", b"IEND"):          # iCCP comes before the image data
+        if ctype == kind:
+            return data[pos + 8:pos + 8 + length]
+        if ctype in stop:
             return None
-        if ctype == b"iCCP":
-            body = data[pos + 8:pos + 8 + length]
-            name_end = body.find(b"\0")
-            if name_end < 0 or body[name_end + 1:name_end + 2] != b"\0":
-                raise PNGError("PNG iCCP chunk is malformed")
-            try:
-                icc = zlib.decompressobj().decompress(body[name_end + 2:], MAX_ICC_BYTES + 1)
-            except zlib.error as e:
-                raise PNGError(f"PNG colour profile is corrupt: {e}") from None
-            if len(icc) > MAX_ICC_BYTES:
-                raise PNGError("PNG colour profile is larger than 16 MiB")
-            return icc
         pos += 12 + length
     return None
+
+
+def read_icc(data: bytes) -> bytes | None:
+    """The ICC colour profile of a PNG's iCCP chunk (name, 0, method 0, zlib data), or None."""
+    body = _find_chunk(data, b"iCCP", (b"IDAT", b"IEND"))   # iCCP comes before the image data
+    if body is None:
+        return None
+    name_end = body.find(b"\0")
+    if name_end < 0 or body[name_end + 1:name_end + 2] != b"\0":
+        raise PNGError("PNG iCCP chunk is malformed")
+    try:
+        icc = zlib.decompressobj().decompress(body[name_end + 2:], MAX_ICC_BYTES + 1)
+    except zlib.error as e:
+        raise PNGError(f"PNG colour profile is corrupt: {e}") from None
+    if len(icc) > MAX_ICC_BYTES:
+        raise PNGError("PNG colour profile is larger than 16 MiB")
+    return icc
 
 
 def read_exif(data: bytes) -> bytes | None:
     """The body of a PNG's eXIf chunk (EXIF data, which says how to turn the image upright), or None."""
-    pos = 8
-    while pos + 8 <= len(data):
-        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
-        if ctype == b"IEND":
-            return None
-        if ctype == b"eXIf":
-            return data[pos + 8:pos + 8 + length]
-        pos += 12 + length
-    return None
+    return _find_chunk(data, b"eXIf", (b"IEND",))
 
 
 def read_trns(data: bytes) -> tuple[int, ...] | None:
@@ -141,18 +141,12 @@ def read_trns(data: bytes) -> tuple[int, ...] | None:
     value are transparent), or None."""
     hdr = read_header(data)
     n = {0: 1, 2: 3}.get(hdr["color_type"]) if hdr else None
-    pos = 8
-    while n and pos + 8 <= len(data):
-        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
-        if ctype in (b"IDAT", b"IEND"):          # tRNS comes before the image data
-            return None
-        if ctype == b"tRNS":
-            body = data[pos + 8:pos + 8 + length]
-            if len(body) != 2 * n:
-                raise PNGError("PNG tRNS chunk is malformed")
-            return struct.unpack(f">{n}H", body)
-        pos += 12 + length
-    return None
+    body = _find_chunk(data, b"tRNS", (b"IDAT", b"IEND")) if n else None   # tRNS comes before the image data
+    if body is None:
+        return None
+    if len(body) != 2 * n:
+        raise PNGError("PNG tRNS chunk is malformed")
+    return struct.unpack(f">{n}H", body)
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
