@@ -23,23 +23,10 @@ from fastdrn.tools import png16
 from fastdrn.tools.checkpoint import CheckpointError, atomic_save, atomic_write, atomic_write_text, load_model
 from fastdrn.tools.image_io import Image, ImageReadError, read_image, write_image
 from fastdrn.tools.train import remove_stale_temp_files
+from tool_fixtures import CFG, _env, weights  # noqa: F401 - fixtures, used by name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = dict(scale=2, n_feats=4, n_groups=1, n_blocks=1, inner=4, distill=2)
 TINY_TRAIN = ["--n-feats", "4", "--n-groups", "1", "--n-blocks", "1", "--inner", "4", "--distill", "2"]
-
-
-@pytest.fixture(autouse=True)
-def _env(_seed_and_backend, monkeypatch):
-    monkeypatch.setenv("FASTDRN_BACKEND", "torch")   # plain math: never the Triton interpreter here
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
-@pytest.fixture
-def weights(tmp_path):
-    path = tmp_path / "weights.pt"
-    torch.save(fastdrn.reference.DRN(**CFG).state_dict(), path)
-    return str(path)
 
 
 def _png(path, h=6, w=7, seed=0):

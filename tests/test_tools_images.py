@@ -17,20 +17,7 @@ from fastdrn.tools import png16
 from fastdrn.tools.image_io import read_image
 from fastdrn.tools.imresize import upsample
 
-CFG = dict(scale=2, n_feats=4, n_groups=1, n_blocks=1, inner=4, distill=2)
-
-
-@pytest.fixture(autouse=True)
-def _env(_seed_and_backend, monkeypatch):
-    monkeypatch.setenv("FASTDRN_BACKEND", "torch")   # plain math: never the Triton interpreter here
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
-@pytest.fixture
-def weights(tmp_path):
-    path = tmp_path / "weights.pt"
-    torch.save(fastdrn.reference.DRN(**CFG).state_dict(), path)
-    return str(path)
+from tool_fixtures import CFG, _env, weights  # noqa: F401 - fixtures, used by name
 
 
 def _png(path, h=6, w=7, seed=0):
