@@ -9,12 +9,14 @@ kernel returns a stub whose launcher only counts. Nothing compiles, nothing runs
 time measured is what a GPU would wait on while the host issues the work. fastdrn.DRN and the eager
 reference model (fastdrn.reference.DRN) of the same structure (the paper's groups and blocks, at a
 tiny width and image, so that arithmetic is negligible next to the host cost) are timed in the same
-process, one thread (OMP_NUM_THREADS=1), as the minimum over --reps rounds. Prints:
+process, one thread (OMP_NUM_THREADS=1), over --reps rounds that each run fastdrn then the reference
+back to back. Prints:
   - microseconds per launch: a block's largest kernel through Triton's JITFunction.run and through
     fastdrn's launch, a block's forward through fastdrn.ops, and one aten op for scale;
   - host time of a training step (forward, L1 loss, backward, then the gradients set to None over a
     list of the parameters, as an optimizer's zero_grad does) and of an inference forward, fastdrn
-    and the reference, and their ratio;
+    and the reference (the minimum over the rounds), and their ratio (the median of the rounds'
+    ratios, which the machine's drifting speed moves far less than a ratio of two minima);
   - kernel launches per training step: the Triton launches counted (those made by fastdrn's launchers,
     and those replayed from launch plans, kernels/plans.py), plus the aten primitives that launch a
     kernel on a GPU (copies, sums, fills, convolutions...), counted with torch.profiler.
@@ -148,6 +150,25 @@ def best_of(fn, reps: int, inner: int) -> float:
     return best
 
 
+def paired_rounds(fast, ref, reps: int) -> tuple:
+    """(min CPU seconds of fast, min of ref, median of the per-round ratios fast / ref) over `reps`
+    rounds that run fast then ref back to back. The machine's speed drifts over seconds (shared
+    cores, frequency), so timing all of one model's rounds and then all of the other's compares two
+    different machines; a round's ratio is taken at one speed, and the median of the ratios does
+    not move with the drift."""
+    for _ in range(3):
+        fast()
+        ref()
+    fast_times, ref_times = [], []
+    for _ in range(reps):
+        for fn, times in ((fast, fast_times), (ref, ref_times)):
+            start = time.process_time()
+            fn()
+            times.append(time.process_time() - start)
+    ratios = sorted(f / r for f, r in zip(fast_times, ref_times))
+    return min(fast_times), min(ref_times), ratios[len(ratios) // 2]
+
+
 @contextlib.contextmanager
 def launches_observed(observe):
     """Within: every fastdrn kernel module's launch(...) calls observe(kernel, tuned, interpreter,
@@ -249,8 +270,7 @@ def model_costs(args) -> dict:
 
     times = {}
     for phase, make in (("train", step), ("infer", infer)):
-        for name, model in (("fastdrn", fast), ("reference", ref)):
-            times[phase, name] = best_of(make(model), args.reps, 1)
+        times[phase] = paired_rounds(make(fast), make(ref), args.reps)
     StubKernel.launches = StubKernel.triton_runs = 0
     calls = []
     with profile(activities=[ProfilerActivity.CPU]) as prof, launches_observed(lambda *call: calls.append(None)):
@@ -282,14 +302,14 @@ def main() -> None:
     print(f"DRN x{args.scale} ({shape}), 1x3x{args.size}x{args.size}, "
           f"{'bf16 autocast' if args.autocast else 'fp32'}:")
     for phase, what in (("train", "training step"), ("infer", "inference")):
-        fast, ref = t[phase, "fastdrn"], t[phase, "reference"]
-        print(f"{what:14s} host: fastdrn {fast * 1e3:6.2f} ms, reference {ref * 1e3:6.2f} ms, "
-              f"ratio {fast / ref:.2f}x")
+        fast, ref, ratio = t[phase]
+        print(f"{what:14s} host: fastdrn {fast * 1e3:6.2f} ms, reference {ref * 1e3:6.2f} ms (mins), "
+              f"ratio {ratio:.2f}x (median of paired rounds)")
     print(f"launches per training step {t['triton launches'] + t['aten launches']} "
           f"({t['triton launches']} Triton + {t['aten launches']} aten); through the launchers {t['launch calls']}, "
           f"replayed from launch plans {t['triton launches'] - t['launch calls']}; "
           f"through Triton's own run once warm: {t['through triton']}")
-    print(f"(CPU host times: process CPU time, min of {args.reps} rounds, one thread; Triton {triton.__version__}, "
+    print(f"(CPU host times: process CPU time, {args.reps} rounds, one thread; Triton {triton.__version__}, "
           f"torch {torch.__version__}; nothing compiled or launched)")
 
 
