@@ -248,7 +248,9 @@ def distill_groups(y, groups, alpha=0.2, recompute=False):
     groups = read
     _check_activation("distill_groups", "y", y)  # before its device is read
     packs = packs_t = None
-    if groups and groups[0][0] and backend.use_triton("residual_distill", y.device, y.dtype):
+    # Decided once for every group: each keeps y's device and dtype.
+    triton = bool(groups) and backend.use_triton("residual_distill", y.device, y.dtype)
+    if triton and groups[0][0]:
         fused = _fused()
         if fused.eager_fast_path():
             w_convs = [block[2] for blocks, _ in groups for block in blocks]
@@ -261,16 +263,17 @@ def distill_groups(y, groups, alpha=0.2, recompute=False):
                 packs = packs_t = None  # a weight that is not as it should be: the group's checks name it
     for k, (blocks, (w, b)) in enumerate(groups):
         y = _group(y, blocks, alpha, recompute, (w, b), None if packs is None else packs[k],
-                   None if packs_t is None else packs_t[k])
+                   None if packs_t is None else packs_t[k], triton)
     return y
 
 
-def _group(y, blocks, alpha, recompute, compression, packs=None, packs_t=None):
+def _group(y, blocks, alpha, recompute, compression, packs=None, packs_t=None, triton=None):
     """distill_group, then, with compression = (w, b), compress_skip of its output with y as the skip.
     On the fused kernels the compression joins the group's own work: the in-place inference path's
     launch plan where nothing needs a gradient, the group's autograd node where something does
     (unless only the compression needs one: then it runs as its own op after the in-place group).
-    packs, packs_t: the blocks' 3x3 weights packed by pack_groups (distill_groups), or None."""
+    packs, packs_t: the blocks' 3x3 weights packed by pack_groups (distill_groups), or None. triton:
+    backend.use_triton for y's device and dtype, where the caller has asked it (distill_groups)."""
     alpha = check_alpha("distill_group", alpha)
     _check_activation("distill_group", "y", y)  # before its device is read, and with no blocks too
     blocks = list(blocks)  # read once: an iterator would be spent by the checks below
@@ -281,47 +284,53 @@ def _group(y, blocks, alpha, recompute, compression, packs=None, packs_t=None):
     weights = [t for block in blocks for t in block]
     tensors = [y, *weights]
     needs_grad = torch.is_grad_enabled() and any(map(_requires_grad, tensors))
-    if not blocks or not backend.use_triton("residual_distill", y.device, y.dtype):
+    if triton is None:
+        triton = backend.use_triton("residual_distill", y.device, y.dtype)
+    if not blocks or not triton:
         z = y
         for block in blocks:
             z = residual_distill(z, *block, alpha=alpha, recompute=recompute)
     else:
         fused = _fused()
         given = tensors + list(compression or ())
-        # Training, eager: one signature, (key, pointers), keys the checks and the group's launch
-        # plan (inference keys its plan by the buffer, so there the checks' own signature is
-        # cheaper; traced, the checks run in full, once).
-        signature = fused.checked_signature(given) if needs_grad and fused.eager_fast_path() else None
+        # Eager: one signature, (key, pointers), keys the checks and the group's launch plan (traced,
+        # the checks run in full, once).
+        signature = fused.checked_signature(given) if fused.eager_fast_path() else None
         _checked(_check_group if compression is None else _check_group_and_compression, *given,
                  signature=None if signature is None else signature[0])
-        fused_compression = compression is not None and backend.use_triton("compress_skip", y.device, y.dtype)
+        # The compression joins the group's own work (its autograd node in training, its launch plan
+        # in inference), unless only it needs a gradient: then it runs after. (compress_skip runs its
+        # Triton kernel wherever residual_distill does: the backend is chosen per device and dtype.)
+        compress = ()
+        if compression is not None and (
+                needs_grad or not (torch.is_grad_enabled() and any(map(_requires_grad, compression)))):
+            compress = tuple(compression)
+        if signature is None or signature[0] not in _DENSE:
+            weights = [t if i % 6 == 2 else _dense(t) for i, t in enumerate(weights)]  # as _dense_block
+            compress = tuple(map(_dense, compress))
+            keyed = (y, *weights, *compress)
+            if signature is not None and len(keyed) == len(given) and all(map(operator.is_, given, keyed)):
+                if len(_DENSE) >= _PASSED_LIMIT:
+                    _DENSE.clear()
+                _DENSE.add(signature[0])
+            else:
+                signature = None  # a dense copy was made: the group's launch plan keys the copies
+        if signature is not None and len(given) != 1 + len(weights) + len(compress):
+            signature = None  # it also holds the compression, which runs after
         if needs_grad:  # each 3x3 kernel also computing the next block's squeeze; eager: one autograd node
-            compress = tuple(compression) if fused_compression else ()
-            if signature is None or signature[0] not in _DENSE:
-                weights = [t if i % 6 == 2 else _dense(t) for i, t in enumerate(weights)]  # as _dense_block
-                compress = tuple(map(_dense, compress))
-                keyed = (y, *weights, *compress)
-                if signature is not None and len(keyed) == len(given) and all(map(operator.is_, given, keyed)):
-                    if len(_DENSE) >= _PASSED_LIMIT:
-                        _DENSE.clear()
-                    _DENSE.add(signature[0])
-                else:
-                    signature = None  # a dense copy was made: the group's launch plan keys the copies
             z = fused.residual_distill_chain(y, weights, alpha, recompute, compress, signature, packs, packs_t)
-            if fused_compression:  # eager: in the same node
+            if compress:  # eager: in the same node
                 return z
         else:
-            blocks = [_dense_block(*block) for block in blocks]
+            blocks = [tuple(weights[i:i + 6]) for i in range(0, len(weights), 6)]
             n, c, h, width = y.shape
             buffer = torch.empty((n, blocks[-1][4].shape[0], h, width), device=y.device, dtype=y.dtype,
                                  memory_format=torch.channels_last)
             buffer[:, :c].copy_(y)
-            if fused_compression and not (torch.is_grad_enabled()
-                                          and any(t is not None and t.requires_grad for t in compression)):
-                w, b = compression
-                return fused.residual_distill_group_(buffer, blocks, alpha, compress=(_dense(w), _dense(b), y),
-                                                     packs=packs)
-            z = fused.residual_distill_group_(buffer, blocks, alpha, packs=packs)
+            if compress:
+                return fused.residual_distill_group_(buffer, blocks, alpha, compress=(*compress, y), packs=packs,
+                                                     signature=signature)
+            z = fused.residual_distill_group_(buffer, blocks, alpha, packs=packs, signature=signature)
     return z if compression is None else compress_skip(z, *compression, y, alpha)
 
 

@@ -29,7 +29,9 @@ docs/launch-path.md has the measurements.
 from __future__ import annotations
 
 import os
-from operator import attrgetter
+from functools import reduce
+from itertools import count
+from operator import attrgetter, or_
 from threading import get_ident
 
 import torch
@@ -77,29 +79,56 @@ _shape, _dtype, _device = attrgetter("shape"), attrgetter("dtype"), attrgetter("
 _Tensor = torch.Tensor
 
 
-def _signature(tensors: list) -> tuple:
+def tensor_signature(tensors: list) -> tuple:
     """(key, pointers): the key is what launchers read of these tensors besides their contents
     (shapes, strides, dtypes, storage offsets and 16-byte alignment, where None sits); pointers, the
     present tensors' addresses, read once here for the alignment and handed to a replay, which then
-    reads none of them again. Attribute by attribute over the list: a tuple per tensor cost a third
-    more (55 tensors a group)."""
+    reads none of them again."""
     present = [t for t in tensors if t is not None]
     pointers = tuple(map(_Tensor.data_ptr, present))
+    return _layout_key(tensors, present, pointers), pointers
+
+
+def _layout_key(tensors: list, present: list, pointers: tuple) -> tuple:
+    """Attribute by attribute over the list: a tuple per tensor cost a third more (55 tensors a
+    group). The alignment is one 0 where every address is a multiple of 16 (fresh tensors and
+    parameters), else each one's remainder."""
     return (tuple(t is None for t in tensors) if len(present) < len(tensors) else None,
             tuple(map(_shape, present)), tuple(map(_Tensor.stride, present)), tuple(map(_dtype, present)),
-            tuple(map(_Tensor.storage_offset, present)), tuple(p & 15 for p in pointers)), pointers
+            tuple(map(_Tensor.storage_offset, present)),
+            0 if not reduce(or_, pointers, 0) & 15 else tuple(p & 15 for p in pointers))
+
+
+def pointers(tensors: list) -> tuple:
+    """The addresses of the tensors that are not None, in order: the pointers of their tensor_signature."""
+    return tuple(map(_Tensor.data_ptr, [t for t in tensors if t is not None]))
+
+
+_numbers: dict = {}  # checked_signature's keys -> the number that stands for each
+_next_number = count()  # never reused, so a number kept by a caller after a clear matches nothing new
+NUMBERS_LIMIT = 4096    # keys numbered; all forgotten when full
 
 
 def checked_signature(tensors: list) -> tuple | None:
-    """_signature of these tensors (tensors or None) with each one's device added to its key, or
-    None where one is not a tensor. The key holds everything fastdrn.ops's input checks read, so ops
-    keys the checks it has passed by it, and hands the whole to `planned` for the same tensors: one
-    pass over a group's 57 tensors instead of two (about 20 us a group on the host)."""
+    """(number, pointers): tensor_signature of these tensors (tensors or None) with each one's device
+    added to its key, the key replaced by a number that stands for it; None where one is not a
+    tensor. The key holds everything fastdrn.ops's input checks read, so ops keys the checks it has
+    passed by the number, and hands the whole to `planned` for the same tensors: one pass over a
+    group's 57 tensors instead of two (about 20 us a group on the host). A number, not the key:
+    a tuple does not keep its hash, and hashing a group's key costs about 4 us each time a set or
+    a plan looks it up (three or four times a group)."""
     try:
-        key, pointers = _signature(tensors)
-        return (key, tuple(map(_device, (t for t in tensors if t is not None)))), pointers
+        present = [t for t in tensors if t is not None]
+        pointers = tuple(map(_Tensor.data_ptr, present))
+        key = _layout_key(tensors, present, pointers), tuple(map(_device, present))
     except (AttributeError, TypeError):
         return None
+    number = _numbers.get(key)
+    if number is None:
+        if len(_numbers) >= NUMBERS_LIMIT:
+            _numbers.clear()
+        number = _numbers[key] = next(_next_number)
+    return number, pointers
 
 
 def planned(fn, static: tuple, inputs: list, keyed: int | None = None, signature: tuple | None = None):
@@ -120,7 +149,7 @@ def planned(fn, static: tuple, inputs: list, keyed: int | None = None, signature
     first = next(t for t in inputs if t is not None)
     device = None if interpreted else triton_driver.active.get_current_device()
     if signature is None:
-        signature = _signature(inputs if keyed is None else inputs[:keyed])
+        signature = tensor_signature(inputs if keyed is None else inputs[:keyed])
     key = (fn, static, first.device, device, signature[0])
     plans = _common.launch_plans
     plan = plans.get(key, False)
@@ -293,6 +322,14 @@ def _pack_workspace(slots: list, steps: list) -> int:
     return size
 
 
+def _contiguous_strides(shape: tuple) -> tuple:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
 def _round_up(nbytes: int) -> int:
     return max(WORKSPACE_ALIGN, -(-nbytes // WORKSPACE_ALIGN) * WORKSPACE_ALIGN)
 
@@ -302,7 +339,8 @@ class Plan:
     result, pointers being the keyed inputs' addresses from their signature."""
 
     def __init__(self, recorder: Recorder, template, workspace: int):
-        names = {"empty_strided": torch.empty_strided, "device": recorder.device, "uint8": torch.uint8}
+        names = {"empty_strided": torch.empty_strided, "empty_like": torch.empty_like, "device": recorder.device,
+                 "uint8": torch.uint8}
         lines = ["def replay(inputs, stream, pointers):"]
         interpreted = recorder.interpreted
         slots = sorted(recorder.slots.values(), key=lambda slot: slot.number)
@@ -354,6 +392,16 @@ class Plan:
         for slot in slots:  # views of inputs here; views of allocations after their allocation
             if slot.input is not None:
                 make_views(slot)
+        # A returned tensor laid out as a keyed input (a weight's gradient, most of them) is allocated
+        # as empty_like(that input), which keeps a contiguous input's strides: about 0.4 us less a
+        # tensor on the host than empty_strided's shape, strides, dtype and device (58 a group's backward).
+        layouts = {}
+        for slot in slots:
+            if (slot.input is not None and slot.input < recorder.keyed and all(slot.shape)
+                    and slot.stride == _contiguous_strides(slot.shape)):
+                layouts.setdefault((slot.shape, slot.stride, slot.dtype), slot)
+        loaded = {slot.number for slot in slots if slot.input is not None and (slot.used or slot.output)
+                  and (slot.output or interpreted or slot.input >= recorder.keyed)}
         if workspace:
             lines.append(f"    workspace = empty_strided(({workspace},), (1,), dtype=uint8, device=device)")
             if not interpreted:
@@ -363,7 +411,15 @@ class Plan:
             if kind == "alloc":
                 slot = item
                 dtype = constant(slot.dtype)
-                if slot.output:
+                like = layouts.get((slot.shape, slot.stride, slot.dtype)) if slot.output else None
+                if like is not None:
+                    if like.number not in loaded:
+                        lines.append(f"    t{like.number} = inputs[{like.input}]")
+                        loaded.add(like.number)
+                    lines.append(f"    t{slot.number} = empty_like(t{like.number})")
+                    if slot.used and not interpreted:
+                        lines.append(f"    p{slot.number} = t{slot.number}.data_ptr()")
+                elif slot.output:
                     lines.append(f"    t{slot.number} = empty_strided({slot.shape!r}, {slot.stride!r}, dtype={dtype}, "
                                  "device=device)")
                     if slot.used and not interpreted:

@@ -50,7 +50,7 @@ from .compress_skip import _forward as _compress_forward
 from .compress_skip import compress_skip
 from .gemm import (EPILOGUE_ELU, EPILOGUE_LINEAR, EPILOGUE_TIMES_ELU_GRAD_OF_RES, conv1x1, conv1x1_pair, row_align,
                    weight_grads)
-from .plans import checked_signature, planned  # noqa: F401 - checked_signature: for fastdrn.ops
+from .plans import checked_signature, planned, pointers, tensor_signature  # noqa: F401 - checked_signature: for ops
 
 EPI_ELU = 0                  # mid = ELU(conv3x3(x) + bias)
 EPI_TIMES_ELU_GRAD_OF_AUX = 1  # mid = conv3x3(x) * ELU'(.) where aux = ELU(.) was saved
@@ -526,7 +526,7 @@ def _backward_input(grad, z, b, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, 
                 (g_a, inner, z, d_in, inner, d_in, 1, w_squeeze)), g_b_previous
 
 
-def _group_forward(buffer, weights, alpha, compress=None, packs=None):
+def _group_forward(buffer, weights, alpha, compress=None, packs=None, signature=None):
     """Blocks in place over one channels_last buffer of width C + K*d; weights holds 6 tensors per
     block (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand). Block k reads channels
     [0, D_k) and writes [0, D_k + d_k) of the same pixel rows: the residual add is read and written
@@ -534,12 +534,21 @@ def _group_forward(buffer, weights, alpha, compress=None, packs=None):
     computes the next block's squeeze from the output rows it stores (folds_next_squeeze). Eager
     calls replay a launch plan (kernels/plans.py). compress: (w, b, skip) of the group's compression,
     run in the same plan on the buffer: then its output is returned. packs: _pack_convs(the blocks'
-    3x3 weights), if the caller has them (pack_groups)."""
+    3x3 weights), if the caller has them (pack_groups). signature: plans.checked_signature of
+    [the group's input, *weights, *compress[:2]] (fastdrn.ops), if the caller has it; the input is
+    compress's skip where there is one."""
     if packs is None:
         packs = _pack_convs(weights[2::6])  # derived from the weights: not in the plan's signature
     compress = tuple(compress or ())
+    if signature is not None:
+        # The plan keys [buffer, *weights, *compress]: the buffer's layout, then the caller's key
+        # (which reads the input once, as the skip, and the weights); the same tensors' pointers in
+        # the plan's order, the input last where it is the skip.
+        (key, addresses), (buffer_key, buffer_pointer) = signature, tensor_signature([buffer])
+        signature = (buffer_key, key), buffer_pointer + addresses[1:] + (addresses[:1] if compress else ())
     return planned(_group_forward_region, (alpha, len(weights) // 6, len(compress)),
-                   [buffer, *weights, *compress, *packs], keyed=1 + len(weights) + len(compress))
+                   [buffer, *weights, *compress, *packs], keyed=1 + len(weights) + len(compress),
+                   signature=signature)
 
 
 def _group_forward_region(static, inputs):
@@ -810,13 +819,22 @@ class _EagerDistillGroup(torch.autograd.Function):
             out, saved = planned(_chain_forward_region, (alpha, first, save_b, save_a, n_blocks, n_compress),
                                  [z, *weights, *compression, *packs],
                                  keyed=1 + len(tensors), signature=signature)  # packs follow from the weights
-        ctx.save_for_backward(*saved, *_read_by_backward(weights[6 * first:], save_b), *compression)
+        read = _read_by_backward(weights[6 * first:], save_b)
+        ctx.save_for_backward(*saved, *read, *compression)
         ctx.alpha, ctx.first, ctx.save_b, ctx.save_a, ctx.n_compress = alpha, first, save_b, save_a, n_compress
+        ctx.n_blocks = n_blocks
+        # The backward's launch plan is keyed by this forward's signature (its tensors are these, or
+        # saved ones of them) where the saved tensors are still at these addresses: the backward then
+        # reads their addresses, not their whole layout again (58 tensors a group, ~35 us).
+        ctx.forward_key = None if signature is None else signature[0]
+        ctx.saved_pointers = None if signature is None else pointers([None if first else z, *read, *compression])
         # Kept for the backward (9 F^2 values a block): without packs_t its transposed packs are one
         # copy of these (no stack of the weights again), and rebuilding b (recompute) reads them.
         # w_conv itself is saved, so changing it in place before backward still raises.
         ctx.packs, ctx.packs_t = packs, packs_t
-        ctx.present = [t is not None for t in tensors]
+        # Which weights are present (None: all, as the signature's pointers show where there is one).
+        all_present = signature is not None and len(signature[1]) == 1 + len(tensors)
+        ctx.present = None if all_present else [t is not None for t in tensors]
         return out
 
     @staticmethod
@@ -825,7 +843,7 @@ class _EagerDistillGroup(torch.autograd.Function):
             raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
         check_unbatched("residual_distill", grad)
         first, n_compress, tensors = ctx.first, ctx.n_compress, ctx.saved_tensors
-        n_blocks = (len(ctx.present) - n_compress) // 6 - first
+        n_blocks = ctx.n_blocks - first
         # Saved: z (when block 0 needs a gradient), the activations in one tensor, then the weights
         # the backward reads.
         z, arena = (None, tensors[0]) if first else tensors[:2]
@@ -844,16 +862,25 @@ class _EagerDistillGroup(torch.autograd.Function):
             # block by block (from `first`): how the forward packed them also depends on blocks
             # before `first`, which the key does not read.
             packed = [] if ctx.save_b else _packed_blocks(ctx.packs)[first:]
+            grad = rows(grad)
+            signature = None
+            if ctx.forward_key is not None:
+                addresses = pointers([z, *weights, *compression])
+                if addresses == ctx.saved_pointers:  # the forward's tensors: its key holds their layouts
+                    grad_key, grad_pointer = tensor_signature([grad])
+                    signature = (ctx.forward_key, first, grad_key), grad_pointer + addresses
             grad_in, grads = planned(
                 _chain_backward_region, (ctx.alpha, n_blocks, len(packs_t), ctx.save_b, ctx.save_a, n_compress),
-                [rows(grad), z, *weights, *compression, arena, *packs_t, *packed],
-                keyed=2 + len(weights) + n_compress)
+                [grad, z, *weights, *compression, arena, *packs_t, *packed],
+                keyed=2 + len(weights) + n_compress, signature=signature)
         grads = [None] * (6 * first) + grads
         if first:  # z needs no gradient (else block 0 would): grad_in is another block's input's
             grad_in = None
         elif n_compress:  # the long skip's share: the node's own output gradient
             grad_in = grad_in.add_(grad)
         # None for the scalars and absent biases.
+        if ctx.present is None:
+            return (None, None, None, None, None, None, None, grad_in, *grads)
         return (None, None, None, None, None, None, None, grad_in,
                 *(g if has else None for g, has in zip(grads, ctx.present)))
 
@@ -915,21 +942,23 @@ def residual_distill_chain(z, weights, alpha=0.2, recompute=False, compress=(), 
     return compress_skip(z, *compress, skip, float(alpha)) if compress else z
 
 
-def residual_distill_group_(buffer, blocks, alpha=0.2, compress=None, packs=None):
+def residual_distill_group_(buffer, blocks, alpha=0.2, compress=None, packs=None, signature=None):
     """Run `blocks` (tuples of the six block tensors) in place over `buffer`, inference only.
 
     buffer: channels_last (N, C + K*d, H, W) whose first C channels hold the group's input;
     afterwards it holds the last block's output. Built and checked by fastdrn.ops.distill_group.
     compress: (w, b, skip), checked by fastdrn.ops.distill_and_compress: the group's compression then
     runs on the buffer in the same launch plan, and its output is returned instead of the buffer.
-    packs: _pack_convs(the blocks' 3x3 weights), if the caller has them (pack_groups).
+    packs: _pack_convs(the blocks' 3x3 weights), if the caller has them (pack_groups). signature:
+    plans.checked_signature of [the group's input (compress's skip), *the blocks' tensors,
+    *compress[:2]], if the caller has it (fastdrn.ops): it keys the launch plan.
     """
     for block in blocks:
         _check_inner(block[0].shape[0])
     weights = [t for block in blocks for t in block]
     if eager_fast_path():
         with direct_launches():
-            out = _group_forward(buffer, weights, float(alpha), compress, packs)
+            out = _group_forward(buffer, weights, float(alpha), compress, packs, signature)
         return buffer if compress is None else out
     residual_distill_group_op(buffer, weights, float(alpha))
     return buffer if compress is None else compress_skip(buffer, *compress, float(alpha))
