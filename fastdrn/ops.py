@@ -36,15 +36,17 @@ _DENSE: set = set()
 def _checked(check, *args, signature=None) -> None:
     """check(*args), unless arguments of the same signature passed it before (eager only: traced
     once, the checks cost nothing at run time, and a set mutated while tracing breaks its guards).
-    signature: one the caller computed that holds at least each tensor's shape, dtype and device
-    (fastdrn.kernels.plans.checked_signature)."""
+    The signature holds each tensor's layout: a sparse tensor has the shape, dtype and device of a
+    dense one that passed.
+    signature: one the caller computed that holds at least each tensor's shape, dtype and device,
+    or a number standing for one (fastdrn.kernels.plans.checked_signature)."""
     if torch.compiler.is_compiling():
         check(*args)
         return
     if signature is None:
         try:
-            signature = tuple(None if t is None else (type(t), t.shape, t.dtype, t.device) for t in args)
-        except AttributeError:  # not tensor-like: the full check names the problem
+            signature = tuple(None if t is None else (type(t), t.shape, t.dtype, t.device, t.layout) for t in args)
+        except (AttributeError, RuntimeError):  # not tensor-like: the full check names the problem
             check(*args)
             return
     signature = (check, signature)
@@ -59,6 +61,10 @@ def _checked(check, *args, signature=None) -> None:
 def _check_tensor(op: str, name: str, t, shape_hint: str, ndim: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_nested:
+        layout = "nested" if t.is_nested else str(t.layout).replace("torch.", "").lstrip("_")
+        raise TypeError(f"{op}: {name} is a {layout} tensor; the fused ops read dense (strided) tensors, "
+                        "so convert it first (.to_dense())")
     if t.dim() != ndim:
         raise ValueError(f"{op}: {name} must be a {ndim}-D tensor {shape_hint}, got shape {tuple(t.shape)}")
 

@@ -112,7 +112,7 @@ NUMBERS_LIMIT = 4096    # keys numbered; all forgotten when full
 def checked_signature(tensors: list) -> tuple | None:
     """(number, pointers): tensor_signature of these tensors (tensors or None) with each one's device
     added to its key, the key replaced by a number that stands for it; None where one is not a
-    tensor. The key holds everything fastdrn.ops's input checks read, so ops keys the checks it has
+    dense tensor (the full checks then name it). The key holds everything fastdrn.ops's input checks read, so ops keys the checks it has
     passed by the number, and hands the whole to `planned` for the same tensors: one pass over a
     group's 57 tensors instead of two (about 20 us a group on the host). A number, not the key:
     a tuple does not keep its hash, and hashing a group's key costs about 4 us each time a set or
@@ -121,7 +121,7 @@ def checked_signature(tensors: list) -> tuple | None:
         present = [t for t in tensors if t is not None]
         pointers = tuple(map(_Tensor.data_ptr, present))
         key = _layout_key(tensors, present, pointers), tuple(map(_device, present))
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError, RuntimeError):  # RuntimeError: a sparse or mkldnn tensor's data_ptr
         return None
     number = _numbers.get(key)
     if number is None:

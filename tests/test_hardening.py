@@ -617,6 +617,48 @@ def test_group_ops_name_an_input_that_is_not_a_tensor(bad, backend_name, monkeyp
             ops.distill_group(y, [])
 
 
+NOT_DENSE = {  # tensors the kernels cannot read as rows of memory; float32, which mkldnn needs
+    "sparse_coo": lambda t: t.to_sparse(),
+    "mkldnn": lambda t: t.to_mkldnn(),
+    "nested": lambda t: torch.nested.as_nested_tensor(list(t.unbind(0)), layout=torch.jagged),
+}
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "torch"])
+@pytest.mark.parametrize("layout", sorted(NOT_DENSE))
+@pytest.mark.parametrize("bad", ["y", "w_conv", "w_compress"])
+def test_a_tensor_that_is_not_dense_is_named(bad, layout, backend_name, monkeypatch):
+    """A sparse, mkldnn or nested tensor as an input or a weight: a TypeError naming it and its layout,
+    also after dense tensors of the same shape, dtype and device passed the checks (whose cache
+    they would otherwise match), not an error from deep inside the kernels or their launchers."""
+    monkeypatch.setenv("FASTDRN_BACKEND", backend_name)
+    y, *block = _block_inputs(torch.float32)
+    w, b = randn(D, D + DIST, 1, 1, dtype=torch.float32, device="cpu", scale=0.5), randn(D, dtype=torch.float32,
+                                                                                        device="cpu")
+    z = randn(N, D + DIST, H, W, dtype=torch.float32, device="cpu")
+    # Per op: how it is called, and the name each bad tensor has there (y is compress_skip's skip).
+    calls = {
+        "residual_distill": (lambda y, block, w: ops.residual_distill(y, *block), dict(y="z", w_conv="w_conv")),
+        "compress_skip": (lambda y, block, w: ops.compress_skip(z, w, b, y), dict(y="skip", w_compress="w")),
+        "distill_and_compress": (lambda y, block, w: ops.distill_and_compress(y, [tuple(block)], w, b),
+                                 dict(y="y", w_conv="w_conv", w_compress="w")),
+    }
+    conv = BLOCK_NAMES.index("w_conv")
+    for op, (call, names) in calls.items():
+        call(y, block, w)  # dense: passes, and its signature is kept
+        if bad not in names:
+            continue
+        args = [y, list(block), w]
+        if bad == "y":
+            args[0] = NOT_DENSE[layout](y)
+        elif bad == "w_conv":
+            args[1][conv] = NOT_DENSE[layout](block[conv])
+        else:
+            args[2] = NOT_DENSE[layout](w)
+        with pytest.raises(TypeError, match=rf": {names[bad]} is a {layout} tensor"):  # the op, or the one it runs
+            call(*args)
+
+
 # ---- TRITON_INTERPRET set after the kernels were imported (minor) ----------------------------------
 
 LATE_INTERPRET = r"""
