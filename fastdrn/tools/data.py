@@ -43,14 +43,13 @@ def _lr_folder(lr_dir: str, scale: int) -> Path:
     return d
 
 
-def find_pairs(hr_dir: str, lr_dir: str | None, scale: int,
-               skipped: list | None = None) -> tuple[list[Pair], list[str]]:
+def find_pairs(hr_dir: str, lr_dir: str | None, scale: int, warn=None) -> tuple[list[Pair], list[str]]:
     """HR images of ``hr_dir`` with their LR partners (DIV2K naming ``0001.png`` <-> ``X4/0001x4.png``,
     or the same name). Returns (pairs, errors for HR images without an LR partner); the other files
-    of ``hr_dir`` are added to ``skipped`` when it is given."""
+    of ``hr_dir`` are named in one message to ``warn`` when it is given."""
     if not Path(hr_dir).is_dir():
         raise FileNotFoundError(f"{hr_dir}: not a folder")
-    hrs = list_images([hr_dir], skipped=skipped)
+    hrs = list_images([hr_dir], warn=warn)
     stems = [Path(h).stem for h in hrs]
     # A pair's name keys its results, saved image and cached data: files that share a stem
     # (a.png, a.jpg) are named by their whole file name, or one would stand for the other.

@@ -24,7 +24,7 @@ import torch
 from ..graphs import Upscaler, make_upscaler
 from .checkpoint import atomic_write_text, load_model
 from .data import Pair, find_pairs, load_pair
-from .image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTS, Image, ImageReadError, skipped_files, write_image
+from .image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTS, Image, ImageReadError, write_image
 from .imresize import upsample
 from .infer import NonFiniteOutputError, prepare, receptive_radius, super_resolve
 from .metrics import SSIM_WINDOW, psnr_ssim
@@ -198,10 +198,7 @@ def evaluate(weights: str, hr_dir: str, lr_dir: str | None = None, *, scale: int
     log(f"device {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
         + f", {dtype}; backend: {module.backend}")
     model = make_upscaler(module, cuda_graph=cuda_graph)
-    skipped = []
-    pairs, missing = find_pairs(hr_dir, lr_dir, cfg["scale"], skipped)
-    if skipped:
-        log(f"warning: {skipped_files(skipped)}")
+    pairs, missing = find_pairs(hr_dir, lr_dir, cfg["scale"], warn=lambda message: log(f"warning: {message}"))
     if not pairs and not missing:
         log(f"error: no images in {hr_dir} (files ending {', '.join(IMAGE_EXTS)})")
     failed = []

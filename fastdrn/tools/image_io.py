@@ -66,10 +66,10 @@ class Image:
         return replace(self, **kw)
 
 
-def list_images(paths, recursive: bool = False, skipped: list | None = None) -> list[str]:
+def list_images(paths, recursive: bool = False, warn=None) -> list[str]:
     """Expand files and folders into a sorted list of image files (folders: by extension). The other
-    files of the folders (hidden ones aside) are added to ``skipped`` when it is given."""
-    out = []
+    files of the folders (hidden ones aside) are named in one message to ``warn`` when it is given."""
+    out, skipped = [], []
     for p in paths:
         p = Path(p)
         if p.is_dir():
@@ -78,10 +78,11 @@ def list_images(paths, recursive: bool = False, skipped: list | None = None) -> 
             files = sorted(str(q) for q in it if (q.is_file() or (q.is_symlink() and not q.exists()))
                            and not q.name.startswith("."))
             out += [f for f in files if Path(f).suffix.lower() in IMAGE_EXTS]
-            if skipped is not None:
-                skipped += [f for f in files if Path(f).suffix.lower() not in IMAGE_EXTS]
+            skipped += [f for f in files if Path(f).suffix.lower() not in IMAGE_EXTS]
         else:
             out.append(str(p))
+    if skipped and warn is not None:
+        warn(skipped_files(skipped))
     return out
 
 

@@ -49,7 +49,7 @@ from ..graphs import capture_unavailable, make_train_step
 from .checkpoint import (ARCH_KEYS, FORMAT, CheckpointError, _mismatches, atomic_save, build_model, check_dense,
                          check_finite, infer_config, load_checkpoint, remove_if_abandoned, select_weights,
                          temp_name_pattern)
-from .image_io import ImageReadError, skipped_files
+from .image_io import ImageReadError
 from .data import StreamBatchSampler, TrainPatches, estimate_bytes, find_pairs, load_pair
 from .evaluate import evaluate_pairs
 from .infer import resolve_device
@@ -490,10 +490,7 @@ class Trainer:
         self._in_step: int | None = None          # the step being taken, while its updates are half made
 
         # --- data
-        skipped: list[str] = []
-        pairs, missing = find_pairs(cfg.hr_dir, cfg.lr_dir, cfg.scale, skipped)
-        if skipped:
-            self._warn(skipped_files(skipped))
+        pairs, missing = find_pairs(cfg.hr_dir, cfg.lr_dir, cfg.scale, warn=self._warn)
         for m in missing:
             self._error(m)
         cache = cfg.cache
@@ -557,10 +554,7 @@ class Trainer:
         # --- validation set (decoded once, on the main process)
         self.val_pairs, self.val_data, self.val_bicubic = [], {}, {}
         if cfg.val_hr_dir and self.main:
-            skipped = []
-            vp, vmissing = find_pairs(cfg.val_hr_dir, cfg.val_lr_dir, cfg.scale, skipped)
-            if skipped:
-                self._warn(skipped_files(skipped))
+            vp, vmissing = find_pairs(cfg.val_hr_dir, cfg.val_lr_dir, cfg.scale, warn=self._warn)
             for m in vmissing:
                 self._error(m)
             if not vp and not vmissing:

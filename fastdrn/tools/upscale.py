@@ -22,7 +22,7 @@ import torch
 from ..graphs import make_upscaler
 from .checkpoint import load_model
 from .image_io import (DEFAULT_MAX_PIXELS, IMAGE_EXTS, WRITE_FORMATS, ImageReadError, list_images, precision_lost,
-                       read_image, skipped_files, write_image)
+                       read_image, write_image)
 from .infer import NonFiniteOutputError, prepare, receptive_radius, upscale_image
 
 __all__ = ["upscale", "output_paths"]
@@ -31,13 +31,13 @@ FORMAT_EXT = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp"}
 
 
 def output_paths(inputs: list[str], output: str, fmt: str | None = None, suffix: str = "",
-                 skipped: list | None = None) -> list[tuple[str, str]]:
+                 warn=None) -> list[tuple[str, str]]:
     """(input file, output file) for every image. ``output`` is a file when there is one input file
     and it has an image extension, else a folder. Folders are expanded (not recursively; their other
-    files are added to ``skipped`` when given); a file named more than once is listed once."""
+    files are named in one message to ``warn`` when given); a file named more than once is listed once."""
     if output == "-":      # a folder named "-" would be made
         raise ValueError("-o -: writing to standard output is not supported: name a file or a folder")
-    files = list_images(inputs, skipped=skipped)
+    files = list_images(inputs, warn=warn)
     single = len(inputs) == 1 and not Path(inputs[0]).is_dir() and len(files) == 1
     if os.sep in suffix or (os.altsep and os.altsep in suffix):
         raise ValueError(f"--suffix {suffix!r}: a suffix of file names cannot hold a path separator")
@@ -128,10 +128,7 @@ def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = N
     if tile and tile_overlap is not None and tile_overlap < radius:
         log(f"warning: tile overlap {tile_overlap} < receptive-field radius {radius}: seams are possible")
     failures = 0
-    skipped = []
-    jobs = output_paths(inputs, output, fmt, suffix, skipped)
-    if skipped:
-        log(f"warning: {skipped_files(skipped)}")
+    jobs = output_paths(inputs, output, fmt, suffix, warn=lambda message: log(f"warning: {message}"))
     # options that cannot change this run's outputs are said to, not ignored
     if suffix and len(jobs) == 1 and jobs[0][1] == output:
         log("warning: --suffix has no effect when -o names the output file")
