@@ -381,6 +381,60 @@ def test_training_checks_and_plan_share_one_signature(device):
         assert torch.equal(g, e), f"non-contiguous w_squeeze: output {i}"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fake-GPU subprocess is for machines without CUDA")
+def test_a_weight_moved_before_backward_is_read_where_it_is_then():
+    """A group's backward keys its launch plan by its forward's signature only where the saved tensors
+    are still at the forward's addresses. A weight given a new storage (``.data =``) between forward
+    and backward has moved: with Triton's launch path over a stand-in driver (compiled replays pass
+    addresses; interpreted ones pass the tensors themselves, so only this harness sees an address),
+    the replayed backward passes the moved weight's new address wherever the launchers do, never
+    its old one (whose storage the test keeps alive)."""
+    stdout = run_script("""
+        from fastdrn import ops
+        from fastdrn.kernels import plans
+        sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
+        from test_residual_distill import _group_blocks
+        _common.set_launch_options(autotune=False)
+        dtype = torch.float32
+        y = torch.randn(2, 24, 5, 3, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+        blocks = _group_blocks(dtype, "cpu", inners=(16, 16, 16))
+        w_c = torch.randn(24, 36, 1, 1, dtype=dtype, requires_grad=True)
+        b_c = torch.randn(24, dtype=dtype, requires_grad=True)
+        leaves = [y, *(t for blk in blocks for t in blk), w_c, b_c]
+        inputs = {t.data_ptr(): i for i, t in enumerate(leaves)}
+
+        def backward_launches(weight):
+            out = ops.distill_and_compress(y, blocks, w_c, b_c)
+            old = weight.data
+            weight.data = old * 2  # a new storage, the same layout
+            moved = weight.data_ptr()
+
+            def pointer(value):  # read while the weight is moved: the launchers pass it as a tensor
+                value = value.data_ptr() if isinstance(value, torch.Tensor) else value
+                return "moved" if value == moved else ("input", inputs[value]) if value in inputs else "own"
+            log.clear()
+            try:
+                out.backward(torch.ones_like(out))
+                return [[pointer(a) for (name, kind), a in zip(stub.signature.items(), args[9:])
+                         if kind.startswith("*")] for stub, args in log]
+            finally:
+                weight.data = old
+
+        for name, weight in (("w_squeeze", blocks[1][0]), ("w_expand", blocks[2][4]), ("w_c", w_c)):
+            plans.set_launch_plans(False)
+            off = backward_launches(weight)
+            plans.set_launch_plans(True)
+            backward_launches(weight)  # recorded
+            on = backward_launches(weight)
+            assert len(off) == len(on) > 0, (name, len(off), len(on))
+            assert any("moved" in args for args in off), (name, "the launchers read the moved weight")
+            for i, (a0, a1) in enumerate(zip(off, on)):
+                assert a0 == a1, (name, i, a0, a1)
+            print(name, "backward launches", len(on))
+    """)
+    assert "w_c backward launches" in stdout
+
+
 def test_a_recording_keeps_only_its_own_threads_launches(monkeypatch, device):
     """A region recorded in one thread while another thread launches kernels (nn.DataParallel's
     replicas, a threaded server): the recording keeps only its own thread's launches and
