@@ -885,81 +885,8 @@ class _EagerDistillGroup(torch.autograd.Function):
                 *(g if has else None for g, has in zip(grads, ctx.present)))
 
 
-class _EagerDistillGroups(torch.autograd.Function):
-    """Every group of a model's body, each with its compression and long skip, as one autograd node:
-    per group the same planned regions, saved tensors and gradients as _EagerDistillGroup with
-    `first` 0, but one Function's apply, context and backward call for the whole body instead of one
-    a group (about 150 us a group of host work beside the replays, measured on a CPU).
-
-    apply(alpha, save_b, sizes, whole, check, packs, packs_t, z, *tensors): tensors holds each group's
-    6 tensors a block (biases present) then its compression's (w, b); sizes, each group's block
-    count; whole, plans.checked_signature(tensors) (all present); check(k, y, y_key), the op layer's
-    input checks of group k for its input y; packs and packs_t, pack_groups' for every group. z
-    requires a gradient, so every block needs one (no `first`)."""
-
-    @staticmethod
-    def forward(ctx, alpha, save_b, sizes, whole, check, packs, packs_t, z, *tensors):
-        number, addresses = whole
-        save_a = save_b and launch_options().fold_backward
-        saved, keys, saved_pointers, start = [], [], [], 0
-        with direct_launches():
-            for k, n_blocks in enumerate(sizes):
-                end = start + 6 * n_blocks + 2
-                group = tensors[start:end]
-                y_key, y_pointer = tensor_signature([z])
-                check(k, z, y_key)
-                for w_squeeze in group[:-2:6]:
-                    _check_inner(w_squeeze.shape[0])
-                # Keyed by the whole body's signature and the group's place in it, and its input's.
-                key = (number, k, y_key)
-                out, group_saved = planned(_chain_forward_region, (alpha, 0, save_b, save_a, n_blocks, 2),
-                                           [z, *group, *packs[k]], keyed=1 + len(group),
-                                           signature=(key, y_pointer + addresses[start:end]))
-                read = [*group_saved, *_read_by_backward(group[:-2], save_b), *group[-2:]]
-                saved += read
-                keys.append(key)
-                saved_pointers.append(pointers([read[0], *read[2:]]))  # z and the tensors, not the activations
-                z, start = out, end
-        ctx.save_for_backward(*saved)
-        ctx.alpha, ctx.save_b, ctx.save_a, ctx.sizes = alpha, save_b, save_a, sizes
-        ctx.keys, ctx.saved_pointers, ctx.packs, ctx.packs_t = keys, saved_pointers, packs, packs_t
-        return z
-
-    @staticmethod
-    def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
-        check_unbatched("residual_distill", grad)
-        tensors, sizes = ctx.saved_tensors, ctx.sizes
-        per_block = 4 if ctx.save_b else 5
-        starts, start = [], 0  # each group's saved tensors: z, the activations, the weights read, (w, b)
-        for n_blocks in sizes:
-            starts.append(start)
-            start += 2 + per_block * n_blocks + 2
-        grads = [None] * len(sizes)
-        with direct_launches():
-            for k in reversed(range(len(sizes))):
-                n_blocks, start = sizes[k], starts[k]
-                z, arena = tensors[start:start + 2]
-                weights = tensors[start + 2:start + 2 + per_block * n_blocks + 2]  # then the compression's
-                grad = rows(grad)
-                signature = None
-                addresses = pointers([z, *weights])
-                if addresses == ctx.saved_pointers[k]:  # the forward's tensors: its key holds their layouts
-                    grad_key, grad_pointer = tensor_signature([grad])
-                    signature = (ctx.keys[k], grad_key), grad_pointer + addresses
-                packed = [] if ctx.save_b else _packed_blocks(ctx.packs[k])
-                grad_in, grads[k] = planned(
-                    _chain_backward_region, (ctx.alpha, n_blocks, 1, ctx.save_b, ctx.save_a, 2),
-                    [grad, z, *weights, arena, ctx.packs_t[k][0], *packed], keyed=2 + len(weights),
-                    signature=signature)
-                grad = grad_in.add_(grad)  # the long skip's share
-        return (None, None, None, None, None, None, None, grad, *(g for group in grads for g in group))
-
-
 # The Functions' apply without its Python layer (kernels/_common.py function_apply).
 _apply_block, _apply_group = function_apply(_EagerResidualDistill), function_apply(_EagerDistillGroup)
-_apply_groups = function_apply(_EagerDistillGroups)
 
 
 # ---- public functions ----------------------------------------------------------------------------
@@ -1013,13 +940,6 @@ def residual_distill_chain(z, weights, alpha=0.2, recompute=False, compress=(), 
         next_squeeze = tuple(blocks[k + 1][:2]) if k + 1 < len(blocks) else (None, None)
         z, a = _block(z, block, alpha, recompute, a, next_squeeze)
     return compress_skip(z, *compress, skip, float(alpha)) if compress else z
-
-
-def residual_distill_groups(z, tensors, sizes, alpha, recompute, whole, check, packs, packs_t):
-    """A model body's groups, each with its compression and long skip, one after another, for training
-    in eager mode (_EagerDistillGroups; inputs as its apply's, checked by `check` group by group).
-    Gradients as for the groups called one by one."""
-    return _apply_groups(float(alpha), not recompute, tuple(sizes), whole, check, packs, packs_t, z, *tensors)
 
 
 def residual_distill_group_(buffer, blocks, alpha=0.2, compress=None, packs=None, signature=None):
