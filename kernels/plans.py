@@ -111,12 +111,12 @@ NUMBERS_LIMIT = 4096    # keys numbered; all forgotten when full
 
 def checked_signature(tensors: list) -> tuple | None:
     """(number, pointers): tensor_signature of these tensors (tensors or None) with each one's device
-    added to its key, the key replaced by a number that stands for it; None where one is not a
-    dense tensor (the full checks then name it). The key holds everything fastdrn.ops's input checks read, so ops keys the checks it has
-    passed by the number, and hands the whole to `planned` for the same tensors: one pass over a
-    group's 57 tensors instead of two (about 20 us a group on the host). A number, not the key:
-    a tuple does not keep its hash, and hashing a group's key costs about 4 us each time a set or
-    a plan looks it up (three or four times a group)."""
+    added to its key, the key replaced by a number that stands for it; None where one is not a dense
+    tensor (the full checks then name it). The key holds everything fastdrn.ops's input checks read,
+    so ops keys the checks it has passed by the number, and hands the whole to `planned` for the same
+    tensors: one pass over a group's 57 tensors instead of two (about 20 us a group on the host). A
+    number, not the key: a tuple does not keep its hash, and hashing a group's key costs about 4 us
+    each time a set or a plan looks it up (three or four times a group)."""
     try:
         present = [t for t in tensors if t is not None]
         pointers = tuple(map(_Tensor.data_ptr, present))
