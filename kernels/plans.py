@@ -177,6 +177,11 @@ def planned(fn, static: tuple, inputs: list, keyed: int | None = None, signature
     return result
 
 
+def _extent_bytes(t) -> int:
+    """The bytes from t's first element to its last, inclusive."""
+    return 0 if t.numel() == 0 else (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
+
+
 class _Slot:
     """A tensor of the recorded region: an input (its position), an allocation (its layout), or a view
     of either made inside the region (view_of: that tensor's slot, at `delta` bytes from it)."""
@@ -187,8 +192,7 @@ class _Slot:
     def __init__(self, number, t, input_index, view_of=None, delta=0):
         self.number, self.input, self.view_of, self.delta = number, input_index, view_of, delta
         self.shape, self.stride, self.dtype, self.align = tuple(t.shape), tuple(t.stride()), t.dtype, t.data_ptr() & 15
-        extent = 0 if t.numel() == 0 else 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
-        self.nbytes = extent * t.element_size()
+        self.nbytes = _extent_bytes(t)
         self.output = self.used = False
         self.last = -1      # the last launch that reads or writes it
         self.offset = None  # its place in the workspace (tensors that live only inside the region)
@@ -230,12 +234,16 @@ class Recorder:
         """A slot for t where it is a view, with the same dtype, of an input or of a tracked allocation
         (the region sliced it, as unbind does a stack of packed weights, or carved it out of one
         allocation): its address is that tensor's plus a fixed offset."""
-        storage = t.untyped_storage().data_ptr()
+        storage, start = t.untyped_storage().data_ptr(), t.data_ptr()
+        end = start + _extent_bytes(t)
         for kept in self.kept:
             slot = self.slots[id(kept)]
+            # Within that tensor's own bytes, not merely its storage: inputs may share one (weights
+            # cast together, _CastWeights), and another call's may not.
             if (slot.view_of is None and kept.dtype == t.dtype and kept.device == t.device
-                    and kept.untyped_storage().data_ptr() == storage):
-                return self._slot(t, None, slot, t.data_ptr() - kept.data_ptr())
+                    and kept.untyped_storage().data_ptr() == storage
+                    and kept.data_ptr() <= start and end <= kept.data_ptr() + slot.nbytes):
+                return self._slot(t, None, slot, start - kept.data_ptr())
         return None
 
     def fail(self, why: str) -> None:

@@ -530,3 +530,41 @@ def test_triton_launches_per_block_over_a_model(blocks_a_launch, fold, backward_
     assert forward / blocks <= 1.5 and no_grad / blocks <= 1.5, (forward, no_grad)
     assert backward / blocks <= backward_limit, backward
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def _in_storages(tensors, shared: bool) -> list:
+    """Copies of `tensors` as views at the offsets they would have packed one after another in one
+    storage: all in that one storage (as _CastWeights casts a model's weights), or each in a storage
+    of its own at the same offset."""
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += t.numel()
+    first = tensors[0]
+    whole = torch.empty(total, dtype=first.dtype, device=first.device)
+    views = []
+    for t, offset in zip(tensors, offsets):
+        storage = whole if shared else torch.full((offset + t.numel(),), float("nan"), dtype=t.dtype, device=t.device)
+        views.append(storage[offset:offset + t.numel()].view(t.shape).copy_(t))
+    return views
+
+
+def test_a_view_made_in_a_region_is_replayed_from_its_own_input(device):
+    """A region's view of an input (the block's 3x3 weight as a stack of one, to pack it) is replayed
+    from that input, also where the recording's inputs shared one storage (a model's weights cast
+    together) and the replay's, at the same offsets, do not: taken from another input of that
+    storage, the replay would read its neighbour's bytes (NaN here) as the 3x3 weight."""
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    _eager_group_or_skip(device, dtype)
+    from test_residual_distill import make_block
+
+    plans.set_launch_plans(True)
+    z = randn(1, 20, 3, 5, dtype=dtype, device=device, channels_last=True)
+    block = [t.detach() for t in make_block(20, 12, 3, dtype, device)]
+    with torch.no_grad():
+        ops.residual_distill(z, *_in_storages(block, shared=True))  # recorded
+        apart = _in_storages(block, shared=False)
+        replayed = ops.residual_distill(z, *apart)
+        with plans_off():
+            expected = ops.residual_distill(z, *apart)
+    assert torch.equal(replayed, expected)
