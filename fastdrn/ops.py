@@ -241,7 +241,7 @@ def distill_and_compress(y, blocks, w, b, alpha=0.2, recompute=False):
 def distill_groups(y, groups, alpha=0.2, recompute=False):
     """fastdrn.DRN's body: y = distill_and_compress(y, blocks, w, b, alpha, recompute) for each
     (blocks, (w, b)) of `groups` in turn. On the fused kernels in eager mode the 3x3 weights of every
-    group are packed for the kernels in one copy, not one a group (a stack of the weights and a
+    group are packed for the kernels in one launch, not one a group (a stack of the weights and a
     transposing copy cost about 25 us a group on the host)."""
     read = []  # groups and their blocks in lists: iterators would be spent by the checks or the packing
     for k, group in enumerate(groups):
@@ -260,7 +260,7 @@ def distill_groups(y, groups, alpha=0.2, recompute=False):
         fused = _fused()
         if fused.eager_fast_path():
             w_convs = [block[2] for blocks, _ in groups for block in blocks]
-            # Training: the backward's transposed packs too, in one copy for all groups (where only
+            # Training: the backward's transposed packs too, in the same launch (where only
             # some other weight needs a gradient, each group's backward transposes its own).
             backward = torch.is_grad_enabled() and (y.requires_grad or any(_requires_grad(w) for w in w_convs))
             try:

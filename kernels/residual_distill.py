@@ -201,6 +201,40 @@ def _conv3x3_epilogue(acc, rm, m_ok, rf, f_ok, bc_ptr, aux_ptr, mid_ptr, w2_ptr,
             tl.store(next_ptr + rm[:, None] * F + rf[None, :], next_val.to(next_ptr.dtype.element_ty), mask=mf_ok)
 
 
+@triton.jit
+def pack3x3_kernel(
+    w_ptr,         # n 3x3 weights: element (k, o, i, kh, kw) at k * s_n + o * s_o + i * s_i + kh * s_kh + kw * s_kw
+    packed_ptr,    # [n, 9, F_IN, F_OUT] (k, tap, i, o), tap = 3 kh + kw: the forward's operand, written when FORWARD
+    packed_t_ptr,  # [n, 9, F_OUT, F_IN] (k, tap, o, i): the transposed convolution's, written when TRANSPOSED
+    F_OUT,         # the convolutions' output channels
+    F_IN,          # their input channels
+    s_n,           # w's strides, in elements: weight k,
+    s_o,           #   output channel,
+    s_i,           #   input channel,
+    s_kh,          #   kernel row,
+    s_kw,          #   kernel column
+    FORWARD: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+    BLOCK_O: tl.constexpr,  # output channels a program
+    BLOCK_I: tl.constexpr,  # input channels a program
+):
+    # One program per weight and [BLOCK_O, BLOCK_I] tile of it, its 9 taps (padded to 16) at once, so
+    # both packed forms come from one read of the weights: a copy, bit for bit, in any dtype.
+    k = tl.program_id(0)
+    tiles_i = tl.cdiv(F_IN, BLOCK_I)
+    o = (tl.program_id(1) // tiles_i) * BLOCK_O + tl.arange(0, BLOCK_O)[:, None, None]
+    i = (tl.program_id(1) % tiles_i) * BLOCK_I + tl.arange(0, BLOCK_I)[None, :, None]
+    tap = tl.arange(0, 16)[None, None, :]
+    ok = (o < F_OUT) & (i < F_IN) & (tap < 9)
+    values = tl.load(w_ptr + k * s_n + o * s_o + i * s_i + (tap // 3) * s_kh + (tap % 3) * s_kw, mask=ok)
+    plane = F_IN * F_OUT
+    start = (k * 9 + tap) * plane
+    if FORWARD:
+        tl.store(packed_ptr + start + i * F_OUT + o, values, mask=ok)
+    if TRANSPOSED:
+        tl.store(packed_t_ptr + start + o * F_IN + i, values, mask=ok)
+
+
 # ---- launch configurations (keyed by BLOCK_F; every entry is in the AOT check) --------------------
 def _config(block_m, block_n, block_k, warps, stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps,
@@ -239,6 +273,10 @@ CONV3X3_CANDIDATES = {
 CONV3X3_INTERPRETER = _config(32, 32, 32, 4, 1)
 # Per BLOCK_F, with BLOCK_K no wider than BLOCK_F (built once: a Config per launch costs host time).
 CONV3X3_INTERPRETER_BY_F = {block_f: _config(32, 32, min(block_f, 32), 4, 1) for block_f in CONV3X3_CONFIGS}
+
+# pack3x3_kernel's one config, on a GPU and in the interpreter: 8 x 16 channels x 16 taps, 16 values a
+# thread. 16 x 32 and 16 x 16 spilled 4 to 20 bytes (at 80 registers) on sm_90 and sm_80 (AOT check).
+PACK3X3_CONFIG = triton.Config({"BLOCK_O": 8, "BLOCK_I": 16}, num_warps=4, num_stages=1)
 
 
 def conv3x3_configs(block_f: int, dtype: torch.dtype) -> list:
@@ -342,22 +380,41 @@ def folds_next_squeeze(inner: int, dtype: torch.dtype, next_inner: int | None) -
     return next_inner == inner and (folds_on_gpu(block_f, dtype) or (KERNELS_INTERPRETED and block_f <= FOLD_MAX_F))
 
 
+def _pack3x3(w, forward=True, transposed=False) -> tuple:
+    """(packed, packed_t) of n 3x3 convolution weights, w an (n, F_out, F_in, 3, 3) tensor of any
+    strides (a stack of weights, or a view of packed ones): packed (n, 9, F_in, F_out) tap-major, the
+    forward's operand, where `forward`, and packed_t (n, 9, F_out, F_in), whose taps the kernel reads
+    flipped (FLIP_TAPS) for the transposed convolution, where `transposed`; None otherwise. One
+    launch for both, reading w once."""
+    n, f_out, f_in = w.shape[:3]
+    packed = track(torch.empty((n, 9, f_in, f_out), device=w.device, dtype=w.dtype)) if forward else None
+    packed_t = track(torch.empty((n, 9, f_out, f_in), device=w.device, dtype=w.dtype)) if transposed else None
+    strides = w.stride()
+    check_int32("residual_distill", n * 9 * f_in * f_out,
+                1 + sum((size - 1) * stride for size, stride in zip(w.shape, strides)))
+    tiles = cdiv(f_out, PACK3X3_CONFIG.kwargs["BLOCK_O"]) * cdiv(f_in, PACK3X3_CONFIG.kwargs["BLOCK_I"])
+    launch(pack3x3_kernel, None, lambda meta: (n, tiles), PACK3X3_CONFIG, w_ptr=w,
+           packed_ptr=packed if forward else packed_t, packed_t_ptr=packed_t if transposed else packed,
+           F_OUT=f_out, F_IN=f_in, s_n=strides[0], s_o=strides[1], s_i=strides[2], s_kh=strides[3],
+           s_kw=strides[4], FORWARD=forward, TRANSPOSED=transposed)
+    return packed, packed_t
+
+
 def _pack_conv(w_conv, transpose=False):
-    """(F_out, F_in, 3, 3) -> [9, F_in, F_out] tap-major, one copy; transposed [9, F_out, F_in], whose
-    taps the kernel reads flipped (FLIP_TAPS) for the transposed convolution."""
-    if transpose:
-        return w_conv.permute(2, 3, 0, 1).reshape(9, w_conv.shape[0], w_conv.shape[1]).contiguous()
-    return w_conv.permute(2, 3, 1, 0).reshape(9, w_conv.shape[1], w_conv.shape[0]).contiguous()
+    """(F_out, F_in, 3, 3) -> [9, F_in, F_out] tap-major; transposed [9, F_out, F_in] (_pack3x3)."""
+    packed, packed_t = _pack3x3(w_conv[None], not transpose, transpose)
+    return (packed_t if transpose else packed)[0]
 
 
 def _pack_convs(w_convs, transpose=False) -> list:
-    """_pack_conv of each weight: for weights of one shape and dtype, all in one copy (three aten ops a
-    group, not three a block), returned as [that (n, 9, ., .) stack] (its per-block slices keep the
-    16-byte alignment of a fresh tensor); otherwise one packed tensor a weight. _packed_blocks gives
-    the per-block tensors of either."""
+    """_pack_conv of each weight: for weights of one shape and dtype, all in one launch (_pack_stack),
+    returned as [that (n, 9, ., .) stack] (its per-block slices keep the 16-byte alignment of a fresh
+    tensor); otherwise one packed tensor a weight. _packed_blocks gives the per-block tensors of either."""
     if _stackable(w_convs):
-        return [_pack_stack(torch.stack(w_convs), transpose)]
-    return [_pack_conv(w, transpose) for w in w_convs]
+        with torch.no_grad():  # the Functions compute the weights' gradients themselves
+            stack = torch.stack(w_convs)
+        return [_pack_stack(stack, not transpose, transpose)[transpose]]
+    return [_pack_stack(w[None], not transpose, transpose)[transpose][0] for w in w_convs]
 
 
 def _stackable(w_convs) -> bool:
@@ -367,23 +424,24 @@ def _stackable(w_convs) -> bool:
         w.shape == shape and w.dtype == dtype for w in w_convs)
 
 
-def _pack_stack(stack, transpose):
-    """_pack_conv of each (F_out, F_in, 3, 3) weight of an (n, F_out, F_in, 3, 3) stack, in one copy."""
-    n, f_out, f_in = stack.shape[:3]
-    if transpose:
-        return stack.permute(0, 3, 4, 1, 2).reshape(n, 9, f_out, f_in).contiguous()
-    return stack.permute(0, 3, 4, 2, 1).reshape(n, 9, f_in, f_out).contiguous()
+def _pack_stack(stack, forward=True, transposed=False) -> tuple:
+    """_pack3x3(stack, forward, transposed) through a launch plan (called outside the regions of the
+    Functions, whose plans take the packed weights as inputs)."""
+    return planned(_pack_region, (forward, transposed), [stack])
+
+
+def _pack_region(static, inputs):
+    return _pack3x3(inputs[0], *static)
 
 
 def pack_groups(w_convs, lengths, transposed=False) -> tuple:
-    """_pack_convs of several groups' 3x3 weights in one copy (fastdrn.DRN packs a whole model's once
-    a step): w_convs, every group's in order; lengths, how many each group has. Returns (packs,
+    """_pack_convs of several groups' 3x3 weights in one launch (fastdrn.DRN packs a whole model's
+    once a step): w_convs, every group's in order; lengths, how many each group has. Returns (packs,
     packs_t): per group [its (n, 9, F_in, F_out) slice of the stack] (a block's slice keeps the
     16-byte alignment of a fresh tensor), and with `transposed` (training) the same of the transposed
-    packs its backward reads, from the same stack in one more copy for the whole model (else each
-    group's backward transposes its own: one copy a group); (None, None) where the weights are not
-    all of one shape and dtype (then each group packs its own). Not differentiated: the Functions
-    compute the weights' gradients themselves."""
+    packs its backward reads, written by the same launch (else each group's backward transposes its
+    own); (None, None) where the weights are not all of one shape and dtype (then each group packs
+    its own). Not differentiated: the Functions compute the weights' gradients themselves."""
     if not _stackable(w_convs):
         return None, None
     starts = [sum(lengths[:k]) for k in range(len(lengths))]
@@ -393,15 +451,22 @@ def pack_groups(w_convs, lengths, transposed=False) -> tuple:
 
     with torch.no_grad():
         stack = torch.stack(w_convs)
-        return per_group(_pack_stack(stack, False)), per_group(_pack_stack(stack, True)) if transposed else None
+    with direct_launches():  # eager, as the Functions launch (its callers run on the eager fast path)
+        packed, packed_t = _pack_stack(stack, True, transposed)
+    return per_group(packed), per_group(packed_t) if transposed else None
+
+
+def _as_weights(packed):
+    """The (n, F_out, F_in, 3, 3) weights of packed (n, 9, F_in, F_out) ones, as a view."""
+    return packed.unflatten(1, (3, 3)).permute(0, 4, 3, 1, 2)
 
 
 def _transposed_packs(packs, first=0) -> list:
-    """_pack_convs(w_convs[first:], transpose=True) from packs = _pack_convs(w_convs): each packed
-    weight with its last two dimensions swapped, in the same stacked or per-block form."""
+    """_pack_convs(w_convs[first:], transpose=True) from packs = _pack_convs(w_convs), in the same
+    stacked or per-block form, read from the packs themselves (no stack of the weights again)."""
     if len(packs) == 1 and packs[0].dim() == 4:
-        return [packs[0][first:].transpose(-1, -2).contiguous()]
-    return [p.transpose(-1, -2).contiguous() for p in packs[first:]]
+        return [_pack_stack(_as_weights(packs[0][first:]), False, True)[1]]
+    return [_pack_stack(_as_weights(p[None]), False, True)[1][0] for p in packs[first:]]
 
 
 def _packed_blocks(packs) -> list:
@@ -762,7 +827,7 @@ class _EagerResidualDistill(torch.autograd.Function):
         with direct_launches():
             out, b, a_next = planned(_block_forward_region, (alpha, save_b),
                                      [z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, a, w_squeeze_next,
-                                      b_squeeze_next, _pack_conv(w_conv)], keyed=10)  # the packed weight follows
+                                      b_squeeze_next])
         _setup_context(ctx, inputs, (out, b, a_next))
         return out, a_next
 
@@ -773,25 +838,20 @@ class _EagerResidualDistill(torch.autograd.Function):
             return _input_grads(ctx, grad, _planned_backward)
 
 
+# The 3x3 weight is packed inside these regions (_pack3x3 is a launch like the others).
 def _block_forward_region(static, inputs):
     alpha, save_b = static
-    z, *weights, a, w_squeeze_next, b_squeeze_next, packed = inputs
-    return _forward(z, *weights, alpha, save_b, a, w_squeeze_next, b_squeeze_next, wc_packed=packed)
+    return _forward(*inputs[:7], alpha, save_b, *inputs[7:])
 
 
 def _block_backward_region(static, inputs):
-    grad, z, b, *weights, packed, packed_t = inputs
-    return _backward(grad, z, b, *weights, static[0], packed, packed_t)
+    return _backward(*inputs, static[0])
 
 
 def _planned_backward(grad, z, b, *weights_and_alpha):
-    """_backward through a launch plan; the 3x3 weight packed outside it (the plan's signature keys
-    the weight itself), and packed forward too only where b is to be rebuilt (recompute)."""
+    """_backward through a launch plan."""
     *weights, alpha = weights_and_alpha
-    w_conv = weights[2]
-    packed = _pack_conv(w_conv) if b.numel() == 0 else None
-    return planned(_block_backward_region, (alpha,), [rows(grad), z, b, *weights, packed,
-                                                       _pack_conv(w_conv, transpose=True)], keyed=9)
+    return planned(_block_backward_region, (alpha,), [rows(grad), z, b, *weights])
 
 
 class _EagerDistillGroup(torch.autograd.Function):
@@ -973,7 +1033,7 @@ def aot_variants():
     4 in float32: the launcher checks every width, stride and offset) and, unfolded, unaligned
     (ROW_ALIGN 1, integers not divisible by 16). F is a compile-time constant, compiled here at F =
     BLOCK_F (DRN's widths, 16 to 256); another F compiles its own variant at launch, with the same
-    tiles and masks."""
+    tiles and masks. And pack3x3_kernel, which packs the 3x3 weights for them."""
     from .registry import AOT_DTYPES, config_label, expand, launch_configs
 
     kinds = {name: "ptr" for name in ("x_ptr", "wc_ptr", "bc_ptr", "aux_ptr", "mid_ptr", "w2_ptr", "b2_ptr",
@@ -1037,4 +1097,20 @@ def aot_variants():
             folded = folded_passes if folds_on_gpu(block_f, torch_dtype) else []
             candidates = CONV3X3_CANDIDATES.get(block_f, []) if torch_dtype != torch.float32 else []
             variants += compile_cases(block_f, dtype, fused, folded, conv3x3_configs(block_f, torch_dtype), candidates)
+
+    # pack3x3_kernel at its one config: each packed form alone and both, from contiguous weights (a
+    # unit kernel-column stride, which Triton specializes) and from others (channels_last weights,
+    # or packed ones read back for the transposed form).
+    pack_kinds = {"w_ptr": "ptr", "packed_ptr": "ptr", "packed_t_ptr": "ptr"}
+    pack_kinds.update({name: "i32" for name in ("F_OUT", "F_IN", "s_n", "s_o", "s_i", "s_kh", "s_kw")})
+    pack_kinds.update({name: "constexpr" for name in ("FORWARD", "TRANSPOSED", "BLOCK_O", "BLOCK_I")})
+    pack_cases = [(f"{label}{' unit s_kw' if unit else ''}", {"FORWARD": forward, "TRANSPOSED": transposed,
+                                                              **({"s_kw": 1} if unit else {})})
+                  for label, forward, transposed in (("forward", True, False), ("transposed", False, True),
+                                                     ("both", True, True))
+                  for unit in (True, False)]
+    variants += expand(pack3x3_kernel, pack_kinds, pack_cases,
+                       [(config_label(PACK3X3_CONFIG) + " [fixed]", PACK3X3_CONFIG)], dtypes=AOT_DTYPES,
+                       div16=("F_OUT", "F_IN", "s_n", "s_o", "s_i", "s_kh", "s_kw"), needs_mma=False,
+                       aligned=("packed_ptr", "packed_t_ptr"))
     return variants

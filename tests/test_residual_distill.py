@@ -645,13 +645,49 @@ def test_distill_groups_equals_the_groups_one_by_one(inners, device):
         ops.distill_groups(y, [groups[0], (groups[1][0], groups[1][1][:1])])
 
 
+def _packed_oracle(w, transposed):
+    """What the 3x3 kernels read, by permutation: tap-major (9, F_in, F_out), or (9, F_out, F_in)."""
+    return w.permute(2, 3, 0, 1).flatten(0, 1) if transposed else w.permute(2, 3, 1, 0).flatten(0, 1)
+
+
+# (F_out, F_in): DRN's square width; unequal odd ones (13 x 5), where a swapped index shows; 9 x 33,
+# over one tile (BLOCK_O 8, BLOCK_I 16), so that edge tiles are masked; 1 x 1.
+@pytest.mark.parametrize("f_out, f_in", [(16, 16), (13, 5), (9, 33), (1, 1)])
+# Where the weights come from: stacked contiguous ones (pack_groups), a channels_last weight among
+# them (a model moved to channels_last), packed ones read back as weights (_transposed_packs).
+@pytest.mark.parametrize("source", ["contiguous", "channels_last", "packed"])
+def test_pack3x3_writes_the_permuted_weights(f_out, f_in, source, device):
+    """pack3x3_kernel copies n 3x3 weights into both packed forms bit for bit, in every storage dtype,
+    whatever the weights' strides; each form alone too, and one weight at a time (_pack_conv)."""
+    from fastdrn.kernels import residual_distill as rd
+
+    _eager_group_or_skip(device, torch.float32)
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        if dtype == torch.float64 and where(device) == "gpu":
+            continue  # float64 runs only under the interpreter
+        weights = [randn(f_out, f_in, 3, 3, dtype=dtype, device=device) for _ in range(3)]
+        if source == "channels_last":
+            weights[1] = weights[1].contiguous(memory_format=torch.channels_last)
+        stack = torch.stack(weights)
+        if source == "packed":  # (n, 9, F_in, F_out) seen as (n, F_out, F_in, 3, 3)
+            stack = rd._as_weights(torch.stack([_packed_oracle(w, False) for w in weights]))
+        packed, packed_t = rd._pack3x3(stack, True, True)
+        assert rd._pack3x3(stack, True, False)[1] is None and rd._pack3x3(stack, False, True)[0] is None
+        for k, w in enumerate(weights):
+            for transposed, got in ((False, packed[k]), (True, packed_t[k])):
+                expected = _packed_oracle(w, transposed)
+                assert torch.equal(got, expected), (dtype, k, transposed)
+                assert torch.equal(rd._pack3x3(stack, not transposed, transposed)[transposed][k], expected)
+                assert torch.equal(rd._pack_conv(w, transposed), expected), (dtype, k, transposed)
+
+
 # frozen: the input and the first group's first block need no gradient, so that group's backward
 # starts at its second block and reads its transposed packs from there.
 @pytest.mark.parametrize("fold", [False, True])  # FASTDRN_FOLD_BACKWARD: the input-gradient kernels read them too
 @pytest.mark.parametrize("frozen", [False, True])
 def test_distill_groups_transposes_the_3x3_weights_once_a_step(frozen, fold, device, monkeypatch):
     """In training, distill_groups packs every group's transposed 3x3 weights (what the backward's
-    input gradient reads) in the same one copy as the forward's: each block's slice equals its own
+    input gradient reads) in the same one launch as the forward's: each block's slice equals its own
     transposed pack, no group's backward transposes its own, and the gradients are those of the
     groups called one by one, bit for bit."""
     from fastdrn.kernels import residual_distill as rd
