@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output format (default: the input's, PNG for others)")
     up.add_argument("--quality", type=_quality, default=None, help="JPEG/WebP quality, 0 to 100 (default 95)")
     up.add_argument("--suffix", default="", help="added to output file names, e.g. _x4")
+    up.add_argument("--skip-existing", action="store_true",
+                    help="leave an image whose output file exists as it is (to resume a run: outputs are only "
+                         "ever complete files); by default an existing output is replaced")
     _model_overrides(up)
 
     ev = sub.add_parser("eval", help="PSNR/SSIM (Y channel, border cropped) against bicubic")
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                              quality=args.quality, suffix=args.suffix, scale=args.scale,
                              overrides={"alpha": args.alpha, "rgb_range": args.rgb_range},
                              max_pixels=max_pixels, cuda_graph=None if args.cuda_graph else False,
-                             log=log)
+                             skip_existing=args.skip_existing, log=log)
             return 1 if failed else 0
         if args.command == "eval":
             from .tools.evaluate import evaluate

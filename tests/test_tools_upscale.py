@@ -630,3 +630,29 @@ def test_bad_inputs_are_named_and_skipped(tmp_path, weights, capsys):
     # reading directly raises with the file name
     with pytest.raises(ImageReadError, match="b_truncated.png"):
         read_image(src / "b_truncated.png")
+
+
+def test_skip_existing_leaves_finished_outputs_and_does_the_rest(tmp_path, weights, capsys):
+    """--skip-existing resumes a stopped run: an output that exists is left byte for byte as it is
+    and its input not read (a corrupt input there is no failure), the others are written; without
+    the option an existing output is replaced."""
+    wpath, _ = weights
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, seed in (("a.png", 1), ("b.png", 2)):
+        _save(src / name, (_texture(9, 7, seed=seed) * 255).astype(np.uint8))
+    (src / "c.png").write_bytes(b"not an image: read only if its output is missing")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"a finished output")
+    (out / "c.png").write_bytes(b"another finished output")
+    argv = ["upscale", str(src), "-o", str(out), "--weights", wpath, "--device", "cpu"]
+    assert cli.main([*argv, "--skip-existing"]) == 0
+    log = "".join(capsys.readouterr())
+    assert (out / "a.png").read_bytes() == b"a finished output"
+    assert (out / "c.png").read_bytes() == b"another finished output"
+    assert "a.png: skipped" in log and "c.png: skipped" in log and "b.png: skipped" not in log
+    assert read_image(out / "b.png").size == (18, 14)
+    assert cli.main(argv) == 1  # c.png is read now, and named as the failure
+    assert "c.png" in capsys.readouterr().err
+    assert read_image(out / "a.png").size == (18, 14)  # replaced

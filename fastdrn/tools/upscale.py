@@ -114,9 +114,13 @@ def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = N
             tile_overlap: int | None = None, dtype: str = "fp32", self_ensemble: bool = False,
             device=None, fail_fast: bool = False, fmt: str | None = None, quality: int | None = None,
             suffix: str = "", scale: int | None = None, overrides: dict | None = None,
-            max_pixels: int | None = DEFAULT_MAX_PIXELS,
-            cuda_graph: bool | None = None, log: Callable[[str], None] = print) -> int:
+            max_pixels: int | None = DEFAULT_MAX_PIXELS, cuda_graph: bool | None = None,
+            skip_existing: bool = False, log: Callable[[str], None] = print) -> int:
     """Upscale ``inputs`` (files and/or folders) into ``output``; returns the number of failures.
+
+    An existing output file is replaced, or with ``skip_existing`` left as it is and its image not
+    read: images are written to a temporary name and renamed, so an existing output is a whole file
+    (a run stopped part way resumes where it stopped).
 
     ``quality``: of JPEG and WebP outputs (None: 95). ``key``: the checkpoint entry to read (see :func:`fastdrn.tools.checkpoint.select_weights`);
     ``max_pixels``: larger input images are refused before they are decoded (None: no limit);
@@ -151,6 +155,9 @@ def upscale(inputs: list[str], output: str, weights: str, *, key: str | None = N
                                  "--suffix)")
             if os.path.realpath(dst) in taken:
                 raise ValueError(f"{src}: output {dst} was already written from another input with the same name")
+            if skip_existing and os.path.isfile(dst):
+                log(f"{src}: skipped, {dst} exists (--skip-existing)")
+                continue
             img = read_image(src, max_pixels=max_pixels)
             if img.frames > 1:
                 log(f"warning: {src}: has {img.frames} frames (an animation or pages): only the first is upscaled")
