@@ -177,8 +177,9 @@ class DRN(reference.DRN):
         return tensors
 
     def _fused_weights(self, dtype: torch.dtype, groups) -> list:
-        """Per group of `groups`: ([a (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand) tuple
-        per block], (w_compress, b_compress)), all in `dtype`.
+        """Per group of `groups`: ([its blocks' (w_squeeze, b_squeeze, w_conv, b_conv, w_expand,
+        b_expand) in one flat list], (w_compress, b_compress)), all in `dtype`: what
+        ops._distill_groups takes.
 
         Under autocast the weights are cast by _CastWeights: one cat and one cast for the whole model,
         forward and backward, instead of a cast per tensor each way (DRN x4 has 336 such tensors). They
@@ -201,7 +202,7 @@ class DRN(reference.DRN):
         fused, start = [], 0
         for group in groups:
             end = start + 6 * len(group._modules["blocks"]._modules)
-            fused.append(([tuple(tensors[i:i + 6]) for i in range(start, end, 6)], (tensors[end], tensors[end + 1])))
+            fused.append((tensors[start:end], (tensors[end], tensors[end + 1])))
             start = end + 2
         return fused
 
@@ -265,12 +266,12 @@ class DRN(reference.DRN):
         groups, called = self.groups._modules.values(), self._called_groups()
         alphas = {group.alpha for group, call in zip(groups, called) if not call}
         if not any(called) and len(alphas) == 1:
-            y = ops.distill_groups(y0, self._fused_weights(dtype, groups), alphas.pop(), self.recompute)
+            y = ops._distill_groups(y0, self._fused_weights(dtype, groups), alphas.pop(), self.recompute)
         else:
             y = y0
             for group, call in zip(groups, called):
-                y = group(y) if call else ops.distill_groups(y, self._fused_weights(dtype, [group]), group.alpha,
-                                                             self.recompute)
+                y = group(y) if call else ops._distill_groups(y, self._fused_weights(dtype, [group]), group.alpha,
+                                                              self.recompute)
         features = y + y0
         if self._fuses_tail(features, dtype):
             return self._shuffle_tail(features, mean, dtype, channels_last_in)

@@ -250,8 +250,14 @@ def distill_groups(y, groups, alpha=0.2, recompute=False):
             raise ValueError(f"distill_groups: each group is (blocks, (w, b)); group {k} has {len(group)} items")
         if len(group[1]) != 2:
             raise ValueError(f"distill_groups: group {k}'s compression is {len(group[1])} tensors, not (w, b)")
-        read.append((list(group[0]), group[1]))
-    groups = read
+        read.append((_flat_blocks(group[0]), group[1]))
+    return _distill_groups(y, read, alpha, recompute)
+
+
+def _distill_groups(y, groups, alpha, recompute):
+    """distill_groups over groups given as (the blocks' tensors in one flat list, 6 a block, (w, b)):
+    what fastdrn.DRN calls, its groups being of that form by construction."""
+    alpha = check_alpha("distill_group", alpha)
     _check_activation("distill_groups", "y", y)  # before its device is read
     packs = packs_t = None
     # Decided once for every group: each keeps y's device and dtype.
@@ -259,43 +265,54 @@ def distill_groups(y, groups, alpha=0.2, recompute=False):
     if triton and groups[0][0]:
         fused = _fused()
         if fused.eager_fast_path():
-            w_convs = [block[2] for blocks, _ in groups for block in blocks]
+            w_convs = [w_conv for weights, _ in groups for w_conv in weights[2::6]]
             # Training: the backward's transposed packs too, in the same launch (where only
             # some other weight needs a gradient, each group's backward transposes its own).
             backward = torch.is_grad_enabled() and (y.requires_grad or any(_requires_grad(w) for w in w_convs))
             try:
-                packs, packs_t = fused.pack_groups(w_convs, [len(blocks) for blocks, _ in groups], backward)
+                packs, packs_t = fused.pack_groups(w_convs, [len(weights) // 6 for weights, _ in groups], backward)
             except (AttributeError, TypeError, RuntimeError, IndexError):
                 packs = packs_t = None  # a weight that is not as it should be: the group's checks name it
-    for k, (blocks, (w, b)) in enumerate(groups):
-        y = _group(y, blocks, alpha, recompute, (w, b), None if packs is None else packs[k],
-                   None if packs_t is None else packs_t[k], triton)
+    for k, (weights, (w, b)) in enumerate(groups):
+        y = _group_weights(y, weights, alpha, recompute, (w, b), None if packs is None else packs[k],
+                           None if packs_t is None else packs_t[k], triton)
     return y
 
 
-def _group(y, blocks, alpha, recompute, compression, packs=None, packs_t=None, triton=None):
-    """distill_group, then, with compression = (w, b), compress_skip of its output with y as the skip.
-    On the fused kernels the compression joins the group's own work: the in-place inference path's
-    launch plan where nothing needs a gradient, the group's autograd node where something does
-    (unless only the compression needs one: then it runs as its own op after the in-place group).
-    packs, packs_t: the blocks' 3x3 weights packed by pack_groups (distill_groups), or None. triton:
-    backend.use_triton for y's device and dtype, where the caller has asked it (distill_groups)."""
-    alpha = check_alpha("distill_group", alpha)
-    _check_activation("distill_group", "y", y)  # before its device is read, and with no blocks too
-    blocks = list(blocks)  # read once: an iterator would be spent by the checks below
+def _flat_blocks(blocks) -> list:
+    """The blocks' tensors in one list, 6 a block, each block checked to be 6 tensors."""
+    weights = []
     for block in blocks:
+        block = tuple(block)
         if len(block) != 6:
             raise ValueError("distill_group: each block is 6 tensors (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, "
                              f"b_expand), got {len(block)}")
-    weights = [t for block in blocks for t in block]
+        weights += block
+    return weights
+
+
+def _group(y, blocks, alpha, recompute, compression):
+    """distill_group, then, with compression = (w, b), compress_skip of its output with y as the skip."""
+    alpha = check_alpha("distill_group", alpha)
+    _check_activation("distill_group", "y", y)  # before its device is read, and with no blocks too
+    return _group_weights(y, _flat_blocks(blocks), alpha, recompute, compression)
+
+
+def _group_weights(y, weights, alpha, recompute, compression, packs=None, packs_t=None, triton=None):
+    """_group with the blocks' tensors in one flat list, 6 a block. On the fused kernels the
+    compression joins the group's own work: the in-place inference path's launch plan where nothing
+    needs a gradient, the group's autograd node where something does (unless only the compression
+    needs one: then it runs as its own op after the in-place group). packs, packs_t: the blocks'
+    3x3 weights packed by pack_groups (distill_groups), or None. triton: backend.use_triton for y's
+    device and dtype, where the caller has asked it (distill_groups)."""
     tensors = [y, *weights]
     needs_grad = torch.is_grad_enabled() and any(map(_requires_grad, tensors))
     if triton is None:
         triton = backend.use_triton("residual_distill", y.device, y.dtype)
-    if not blocks or not triton:
+    if not weights or not triton:
         z = y
-        for block in blocks:
-            z = residual_distill(z, *block, alpha=alpha, recompute=recompute)
+        for i in range(0, len(weights), 6):
+            z = residual_distill(z, *weights[i:i + 6], alpha=alpha, recompute=recompute)
     else:
         fused = _fused()
         given = tensors + list(compression or ())
@@ -328,15 +345,14 @@ def _group(y, blocks, alpha, recompute, compression, packs=None, packs_t=None, t
             if compress:  # eager: in the same node
                 return z
         else:
-            blocks = [tuple(weights[i:i + 6]) for i in range(0, len(weights), 6)]
             n, c, h, width = y.shape
-            buffer = torch.empty((n, blocks[-1][4].shape[0], h, width), device=y.device, dtype=y.dtype,
+            buffer = torch.empty((n, weights[-2].shape[0], h, width), device=y.device, dtype=y.dtype,
                                  memory_format=torch.channels_last)
             buffer[:, :c].copy_(y)
             if compress:
-                return fused.residual_distill_group_(buffer, blocks, alpha, compress=(*compress, y), packs=packs,
+                return fused.residual_distill_group_(buffer, weights, alpha, compress=(*compress, y), packs=packs,
                                                      signature=signature)
-            z = fused.residual_distill_group_(buffer, blocks, alpha, packs=packs, signature=signature)
+            z = fused.residual_distill_group_(buffer, weights, alpha, packs=packs, signature=signature)
     return z if compression is None else compress_skip(z, *compression, y, alpha)
 
 

@@ -1002,20 +1002,20 @@ def residual_distill_chain(z, weights, alpha=0.2, recompute=False, compress=(), 
     return compress_skip(z, *compress, skip, float(alpha)) if compress else z
 
 
-def residual_distill_group_(buffer, blocks, alpha=0.2, compress=None, packs=None, signature=None):
-    """Run `blocks` (tuples of the six block tensors) in place over `buffer`, inference only.
+def residual_distill_group_(buffer, weights, alpha=0.2, compress=None, packs=None, signature=None):
+    """Run a group's blocks in place over `buffer`, inference only; weights: the blocks' tensors in
+    one flat list, (w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand) a block.
 
     buffer: channels_last (N, C + K*d, H, W) whose first C channels hold the group's input;
     afterwards it holds the last block's output. Built and checked by fastdrn.ops.distill_group.
     compress: (w, b, skip), checked by fastdrn.ops.distill_and_compress: the group's compression then
     runs on the buffer in the same launch plan, and its output is returned instead of the buffer.
     packs: _pack_convs(the blocks' 3x3 weights), if the caller has them (pack_groups). signature:
-    plans.checked_signature of [the group's input (compress's skip), *the blocks' tensors,
-    *compress[:2]], if the caller has it (fastdrn.ops): it keys the launch plan.
+    plans.checked_signature of [the group's input (compress's skip), *weights, *compress[:2]], if the
+    caller has it (fastdrn.ops): it keys the launch plan.
     """
-    for block in blocks:
-        _check_inner(block[0].shape[0])
-    weights = [t for block in blocks for t in block]
+    for w_squeeze in weights[::6]:
+        _check_inner(w_squeeze.shape[0])
     if eager_fast_path():
         with direct_launches():
             out = _group_forward(buffer, weights, float(alpha), compress, packs, signature)

@@ -131,10 +131,10 @@ def test_the_fused_paths_glue_traces_without_graph_breaks(first_call, monkeypatc
             z = reference.residual_distill(z, *weights[i:i + 6], alpha)
         return reference.compress_skip(z, *compress, skip, alpha) if compress else z
 
-    def group_(buffer, blocks, alpha, compress=None, packs=None, signature=None):
-        z = buffer[:, :blocks[0][0].shape[1]]
-        for block in blocks:
-            z = reference.residual_distill(z, *block, alpha)
+    def group_(buffer, weights, alpha, compress=None, packs=None, signature=None):
+        z = buffer[:, :weights[0].shape[1]]
+        for i in range(0, len(weights), 6):
+            z = reference.residual_distill(z, *weights[i:i + 6], alpha)
         return z if compress is None else reference.compress_skip(z, *compress, alpha)
 
     from fastdrn.kernels import residual_distill as rd

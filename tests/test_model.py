@@ -192,8 +192,8 @@ def test_groups_and_blocks_with_hooks_or_their_own_forward_run_as_the_reference_
     """The reference calls every group and block as a module, so their hooks and forwards take
     part; fastdrn.DRN must give the same output and gradients with them, and run each hook as
     often, not skip them for its fused ops. The other group still runs through them."""
-    fused, distill_groups = [], fastdrn.ops.distill_groups
-    monkeypatch.setattr(fastdrn.ops, "distill_groups", lambda y, groups, *a: fused.extend(groups) or
+    fused, distill_groups = [], fastdrn.ops._distill_groups
+    monkeypatch.setattr(fastdrn.ops, "_distill_groups", lambda y, groups, *a: fused.extend(groups) or
                         distill_groups(y, groups, *a))
     dtype = dtypes_for(device)[0]
     cfg = dict(scale=2, n_feats=8, n_groups=2, n_blocks=2, inner=8, distill=4)
@@ -238,8 +238,8 @@ def test_the_elus_use_the_alpha_of_their_block_and_group_as_in_the_reference(cha
     """Each reference block and group applies its own alpha (the compression's ELU the group's), so
     an alpha changed on them after construction takes effect there, and DRN.alpha not at all;
     fastdrn.DRN ran every ELU at DRN.alpha."""
-    fused, distill_groups = [], fastdrn.ops.distill_groups
-    monkeypatch.setattr(fastdrn.ops, "distill_groups", lambda y, groups, *a: fused.extend(groups) or
+    fused, distill_groups = [], fastdrn.ops._distill_groups
+    monkeypatch.setattr(fastdrn.ops, "_distill_groups", lambda y, groups, *a: fused.extend(groups) or
                         distill_groups(y, groups, *a))
     dtype = dtypes_for(device)[0]
     ref, fast = pair(dict(scale=2, n_feats=8, n_groups=2, n_blocks=2, inner=8, distill=4), device, dtype)
