@@ -256,7 +256,9 @@ def distill_groups(y, groups, alpha=0.2, recompute=False):
 
 def _distill_groups(y, groups, alpha, recompute):
     """distill_groups over groups given as (the blocks' tensors in one flat list, 6 a block, (w, b)):
-    what fastdrn.DRN calls, its groups being of that form by construction."""
+    what fastdrn.DRN calls, its groups being of that form by construction. In training on the fused
+    kernels in eager mode, where y needs a gradient, every group runs in one autograd node
+    (_body_in_one_node)."""
     alpha = check_alpha("distill_group", alpha)
     _check_activation("distill_groups", "y", y)  # before its device is read
     packs = packs_t = None
@@ -273,10 +275,49 @@ def _distill_groups(y, groups, alpha, recompute):
                 packs, packs_t = fused.pack_groups(w_convs, [len(weights) // 6 for weights, _ in groups], backward)
             except (AttributeError, TypeError, RuntimeError, IndexError):
                 packs = packs_t = None  # a weight that is not as it should be: the group's checks name it
+            if packs_t is not None and torch.is_grad_enabled() and y.requires_grad:
+                out = _body_in_one_node(fused, y, groups, alpha, recompute, packs, packs_t)
+                if out is not None:
+                    return out
     for k, (weights, (w, b)) in enumerate(groups):
         y = _group_weights(y, weights, alpha, recompute, (w, b), None if packs is None else packs[k],
                            None if packs_t is None else packs_t[k], triton)
     return y
+
+
+def _body_in_one_node(fused, y, groups, alpha, recompute, packs, packs_t):
+    """_distill_groups' training in eager mode as one autograd node for all the groups
+    (residual_distill_groups), where it applies: y needs a gradient (so every block does), every bias
+    is present, and every 1x1 weight and bias is dense as the kernels read it. None elsewhere: the
+    groups then run one by one, and their checks name any problem. Each group's checks run as its
+    input is made, keyed by the whole body's signature, the group's place and its input's layout."""
+    tensors, bounds = [], []
+    for weights, compression in groups:
+        start = len(tensors)
+        tensors += weights
+        tensors += compression
+        bounds.append((start, len(tensors)))
+    whole = fused.checked_signature(tensors)
+    if whole is None or len(whole[1]) != len(tensors):  # not all tensors, or a bias absent
+        return None
+    number = whole[0]
+    if number not in _DENSE:
+        for start, end in bounds:
+            # The 1x1 weights and the biases as the kernels read them (_dense_block); the 3x3 weights
+            # are packed from any layout.
+            if not all(t.is_contiguous() for j, t in enumerate(tensors[start:end])
+                       if j % 6 != 2 or j >= end - start - 2):
+                return None  # a dense copy is needed: the groups one by one make it
+        if len(_DENSE) >= _PASSED_LIMIT:
+            _DENSE.clear()
+        _DENSE.add(number)
+
+    def check(k, y_k, y_key):
+        start, end = bounds[k]
+        _checked(_check_group_and_compression, y_k, *tensors[start:end], signature=(number, k, y_key, y_k.device))
+
+    return fused.residual_distill_groups(y, tensors, [len(weights) // 6 for weights, _ in groups], alpha, recompute,
+                                         whole, check, packs, packs_t)
 
 
 def _flat_blocks(blocks) -> list:

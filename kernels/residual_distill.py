@@ -854,6 +854,63 @@ def _planned_backward(grad, z, b, *weights_and_alpha):
     return planned(_block_backward_region, (alpha,), [rows(grad), z, b, *weights])
 
 
+def _chain_forward_saving(z, weights, compression, packs, alpha, first, save_b, save_a, signature):
+    """A group's planned forward as its autograd node runs it: (out, the tensors to save, their
+    addresses). Saved: z (where block 0 needs a gradient) and the activations (one tensor), then the
+    weights the backward reads (_read_by_backward), then the compression's (w, b); the addresses are
+    those of all but the activations, which _chain_backward_planned compares with the saved tensors'."""
+    out, activations = planned(_chain_forward_region, (alpha, first, save_b, save_a, len(weights) // 6,
+                                                       len(compression)),
+                               [z, *weights, *compression, *packs],
+                               keyed=1 + len(weights) + len(compression), signature=signature)  # packs follow
+    read = _read_by_backward(weights[6 * first:], save_b)
+    return out, [*activations, *read, *compression], pointers([None if first else z, *read, *compression])
+
+
+def _chain_backward_planned(grad, saved, n_blocks, first, n_compress, alpha, save_b, save_a, packs, packs_t,
+                            forward_key, saved_pointers):
+    """A group's planned backward from what _chain_forward_saving saved (of `n_blocks` blocks, from
+    block `first`): (the input's gradient, without the long skip's share, or None where z needs none;
+    the gradients of the weights from block `first` on and of the compression). packs, packs_t: the
+    forward's packed 3x3 weights and the transposed ones (None: transposed here). The plan is keyed
+    by the forward's key where the saved tensors are still at the forward's addresses: the backward
+    then reads their addresses, not their whole layout again (58 tensors a group, ~35 us)."""
+    z, arena = (None, saved[0]) if first else saved[:2]
+    weights = saved[2 - bool(first):len(saved) - n_compress]
+    compression = saved[len(saved) - n_compress:]
+    n_blocks -= first
+    if not n_blocks:
+        packs_t = []
+    elif packs_t is not None:
+        packs_t = [packs_t[0][first:]]
+    else:
+        packs_t = _transposed_packs(packs, first)
+    # Keyed: the gradient, z and the weights; the saved activations and the packed weights are what
+    # the planned forward and _pack_convs made of those. save_b is static: whether b was saved is
+    # also in the activations' layout. The forward's packed weights go in block by block (from
+    # `first`): how the forward packed them also depends on blocks before `first`, which the key
+    # does not read.
+    packed = [] if save_b else _packed_blocks(packs)[first:]
+    signature = None
+    if forward_key is not None:
+        addresses = pointers([z, *weights, *compression])
+        if addresses == saved_pointers:  # the forward's tensors: its key holds their layouts
+            grad_key, grad_pointer = tensor_signature([grad])
+            signature = (forward_key, first, grad_key), grad_pointer + addresses
+    grad_in, grads = planned(
+        _chain_backward_region, (alpha, n_blocks, len(packs_t), save_b, save_a, n_compress),
+        [grad, z, *weights, *compression, arena, *packs_t, *packed],
+        keyed=2 + len(weights) + n_compress, signature=signature)
+    return (None if first else grad_in), grads
+
+
+def _no_double_backward(grad):
+    if torch.is_grad_enabled():
+        raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
+    check_unbatched("residual_distill", grad)
+    return rows(grad)
+
+
 class _EagerDistillGroup(torch.autograd.Function):
     """A group's chain of blocks, and its compression, as one autograd node (eager_fast_path): per
     block the same _forward and _backward as _EagerResidualDistill, with the same folded squeeze,
@@ -870,26 +927,20 @@ class _EagerDistillGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, alpha, first, save_b, n_compress, signature, packs, packs_t, z, *tensors):
         weights, compression = tensors[:len(tensors) - n_compress], tensors[len(tensors) - n_compress:]
-        n_blocks = len(weights) // 6
         with direct_launches():
             if packs is None:
                 packs = _pack_convs(weights[2::6])
             # fold_backward: a saved too (F values a pixel a block), so the backward has no pair kernel.
             save_a = save_b and launch_options().fold_backward
-            out, saved = planned(_chain_forward_region, (alpha, first, save_b, save_a, n_blocks, n_compress),
-                                 [z, *weights, *compression, *packs],
-                                 keyed=1 + len(tensors), signature=signature)  # packs follow from the weights
-        read = _read_by_backward(weights[6 * first:], save_b)
-        ctx.save_for_backward(*saved, *read, *compression)
+            out, saved, addresses = _chain_forward_saving(z, weights, compression, packs, alpha, first, save_b,
+                                                          save_a, signature)
+        ctx.save_for_backward(*saved)
         ctx.alpha, ctx.first, ctx.save_b, ctx.save_a, ctx.n_compress = alpha, first, save_b, save_a, n_compress
-        ctx.n_blocks = n_blocks
-        # The backward's launch plan is keyed by this forward's signature (its tensors are these, or
-        # saved ones of them) where the saved tensors are still at these addresses: the backward then
-        # reads their addresses, not their whole layout again (58 tensors a group, ~35 us).
+        ctx.n_blocks = len(weights) // 6
         ctx.forward_key = None if signature is None else signature[0]
-        ctx.saved_pointers = None if signature is None else pointers([None if first else z, *read, *compression])
+        ctx.saved_pointers = addresses
         # Kept for the backward (9 F^2 values a block): without packs_t its transposed packs are one
-        # copy of these (no stack of the weights again), and rebuilding b (recompute) reads them.
+        # launch on these (no stack of the weights again), and rebuilding b (recompute) reads them.
         # w_conv itself is saved, so changing it in place before backward still raises.
         ctx.packs, ctx.packs_t = packs, packs_t
         # Which weights are present (None: all, as the signature's pointers show where there is one).
@@ -899,44 +950,13 @@ class _EagerDistillGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
-        check_unbatched("residual_distill", grad)
-        first, n_compress, tensors = ctx.first, ctx.n_compress, ctx.saved_tensors
-        n_blocks = ctx.n_blocks - first
-        # Saved: z (when block 0 needs a gradient), the activations in one tensor, then the weights
-        # the backward reads.
-        z, arena = (None, tensors[0]) if first else tensors[:2]
-        weights = tensors[2 - bool(first):len(tensors) - n_compress]
-        compression = tensors[len(tensors) - n_compress:]
+        grad = _no_double_backward(grad)
         with direct_launches():
-            if not n_blocks:
-                packs_t = []
-            elif ctx.packs_t is not None:
-                packs_t = [ctx.packs_t[0][first:]]
-            else:
-                packs_t = _transposed_packs(ctx.packs, first)
-            # Keyed: the gradient, z and the weights; the saved activations and the packed weights
-            # are what the planned forward and _pack_convs made of those. save_b is static: whether
-            # b was saved is also in the activations' layout. The forward's packed weights go in
-            # block by block (from `first`): how the forward packed them also depends on blocks
-            # before `first`, which the key does not read.
-            packed = [] if ctx.save_b else _packed_blocks(ctx.packs)[first:]
-            grad = rows(grad)
-            signature = None
-            if ctx.forward_key is not None:
-                addresses = pointers([z, *weights, *compression])
-                if addresses == ctx.saved_pointers:  # the forward's tensors: its key holds their layouts
-                    grad_key, grad_pointer = tensor_signature([grad])
-                    signature = (ctx.forward_key, first, grad_key), grad_pointer + addresses
-            grad_in, grads = planned(
-                _chain_backward_region, (ctx.alpha, n_blocks, len(packs_t), ctx.save_b, ctx.save_a, n_compress),
-                [grad, z, *weights, *compression, arena, *packs_t, *packed],
-                keyed=2 + len(weights) + n_compress, signature=signature)
-        grads = [None] * (6 * first) + grads
-        if first:  # z needs no gradient (else block 0 would): grad_in is another block's input's
-            grad_in = None
-        elif n_compress:  # the long skip's share: the node's own output gradient
+            grad_in, grads = _chain_backward_planned(
+                grad, ctx.saved_tensors, ctx.n_blocks, ctx.first, ctx.n_compress, ctx.alpha, ctx.save_b, ctx.save_a,
+                ctx.packs, ctx.packs_t, ctx.forward_key, ctx.saved_pointers)
+        grads = [None] * (6 * ctx.first) + grads
+        if grad_in is not None and ctx.n_compress:  # the long skip's share: the node's own output gradient
             grad_in = grad_in.add_(grad)
         # None for the scalars and absent biases.
         if ctx.present is None:
@@ -945,8 +965,66 @@ class _EagerDistillGroup(torch.autograd.Function):
                 *(g if has else None for g, has in zip(grads, ctx.present)))
 
 
+class _EagerDistillGroups(torch.autograd.Function):
+    """Every group of a model's body, each with its compression and long skip, as one autograd node:
+    per group what _EagerDistillGroup does with `first` 0, all biases present and the compression
+    (the same planned regions, saved tensors and gradients), but one Function's apply, context and
+    backward call for the body instead of one a group.
+
+    apply(alpha, save_b, sizes, whole, check, packs, packs_t, z, *tensors): tensors holds each
+    group's 6 tensors a block then its compression's (w, b); sizes, each group's block count; whole,
+    plans.checked_signature(tensors), all present; check(k, y, y_key), the op layer's input checks of
+    group k for its input y; packs and packs_t, pack_groups' for every group. z requires a gradient,
+    so every block needs one."""
+
+    @staticmethod
+    def forward(ctx, alpha, save_b, sizes, whole, check, packs, packs_t, z, *tensors):
+        number, addresses = whole
+        save_a = save_b and launch_options().fold_backward
+        saved, keys, saved_pointers, start = [], [], [], 0
+        with direct_launches():
+            for k, n_blocks in enumerate(sizes):
+                end = start + 6 * n_blocks + 2
+                y_key, y_pointer = tensor_signature([z])
+                check(k, z, y_key)
+                for w_squeeze in tensors[start:end - 2:6]:
+                    _check_inner(w_squeeze.shape[0])
+                # Keyed by the whole body's signature, the group's place in it and its input's layout.
+                key = (number, k, y_key)
+                z, group_saved, group_pointers = _chain_forward_saving(
+                    z, tensors[start:end - 2], tensors[end - 2:end], packs[k], alpha, 0, save_b, save_a,
+                    (key, y_pointer + addresses[start:end]))
+                saved += group_saved
+                keys.append(key)
+                saved_pointers.append(group_pointers)
+                start = end
+        ctx.save_for_backward(*saved)
+        ctx.alpha, ctx.save_b, ctx.save_a, ctx.sizes = alpha, save_b, save_a, sizes
+        ctx.keys, ctx.saved_pointers, ctx.packs, ctx.packs_t = keys, saved_pointers, packs, packs_t
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = _no_double_backward(grad)
+        saved, sizes = ctx.saved_tensors, ctx.sizes
+        per_block = 4 if ctx.save_b else 5  # the weights _read_by_backward keeps a block
+        ends, end = [], 0  # each group's saved tensors: z, the activations, the weights read, (w, b)
+        for n_blocks in sizes:
+            end += 2 + per_block * n_blocks + 2
+            ends.append(end)
+        grads = [None] * len(sizes)
+        with direct_launches():
+            for k in reversed(range(len(sizes))):
+                grad_in, grads[k] = _chain_backward_planned(
+                    grad, saved[ends[k - 1] if k else 0:ends[k]], sizes[k], 0, 2, ctx.alpha, ctx.save_b, ctx.save_a,
+                    ctx.packs[k], ctx.packs_t[k], ctx.keys[k], ctx.saved_pointers[k])
+                grad = grad_in.add_(grad)  # the long skip's share
+        return (None, None, None, None, None, None, None, grad, *(g for group in grads for g in group))
+
+
 # The Functions' apply without its Python layer (kernels/_common.py function_apply).
 _apply_block, _apply_group = function_apply(_EagerResidualDistill), function_apply(_EagerDistillGroup)
+_apply_groups = function_apply(_EagerDistillGroups)
 
 
 # ---- public functions ----------------------------------------------------------------------------
@@ -1000,6 +1078,13 @@ def residual_distill_chain(z, weights, alpha=0.2, recompute=False, compress=(), 
         next_squeeze = tuple(blocks[k + 1][:2]) if k + 1 < len(blocks) else (None, None)
         z, a = _block(z, block, alpha, recompute, a, next_squeeze)
     return compress_skip(z, *compress, skip, float(alpha)) if compress else z
+
+
+def residual_distill_groups(z, tensors, sizes, alpha, recompute, whole, check, packs, packs_t):
+    """A model body's groups, each with its compression and long skip, one after another, for training
+    in eager mode (_EagerDistillGroups; inputs as its apply's, checked by `check` group by group).
+    Gradients as for the groups called one by one."""
+    return _apply_groups(float(alpha), not recompute, tuple(sizes), whole, check, packs, packs_t, z, *tensors)
 
 
 def residual_distill_group_(buffer, weights, alpha=0.2, compress=None, packs=None, signature=None):

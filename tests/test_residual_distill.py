@@ -645,6 +645,51 @@ def test_distill_groups_equals_the_groups_one_by_one(inners, device):
         ops.distill_groups(y, [groups[0], (groups[1][0], groups[1][1][:1])])
 
 
+# (N, H, W, each group's block count): each there for a reason
+BODY_CASES = [
+    (2, 5, 3, (2, 3)),     # odd H and W; groups of different lengths
+    (1, 1, 13, (1, 1, 1)),  # H = 1; one-block groups (no block folds a next squeeze)
+    (3, 4, 1, (2, 2)),     # W = 1, N = 3
+]
+
+
+@pytest.mark.parametrize("fold", [False, True])  # FASTDRN_FOLD_BACKWARD: a saved, the previous g_b folded
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("n, h, w, lengths", BODY_CASES)
+def test_body_in_one_node_equals_the_groups_one_by_one(n, h, w, lengths, recompute, fold, device, monkeypatch):
+    """In training, with an input that needs a gradient, distill_groups runs every group in one
+    autograd node (residual_distill_groups): output and every gradient equal distill_and_compress
+    called group by group (one node a group), bit for bit."""
+    from fastdrn.kernels import residual_distill as rd
+
+    dtype = dtypes_for(device)[0]
+    _eager_group_or_skip(device, dtype)
+    groups = [(_group_blocks(dtype, device, inners=(16,) * length),
+               (randn(24, 24 + 4 * length, 1, 1, dtype=dtype, device=device, requires_grad=True),
+                randn(24, dtype=dtype, device=device, requires_grad=True))) for length in lengths]
+    leaves = [t for blocks, compression in groups for t in (*(t for block in blocks for t in block), *compression)]
+    y = randn(n, 24, h, w, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+    grad_out = randn(n, 24, h, w, dtype=dtype, device=device)
+    original, bodies = rd.residual_distill_groups, []
+
+    def counted(*args):
+        bodies.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(rd, "residual_distill_groups", counted)
+    with launch_settings(fold_backward=fold):
+        out = ops.distill_groups(y, groups, recompute=recompute)
+        assert bodies, "distill_groups did not run its groups in one node"
+        grads = torch.autograd.grad(out, [y, *leaves], grad_out)
+        expected = y
+        for blocks, (w_c, b_c) in groups:
+            expected = ops.distill_and_compress(expected, blocks, w_c, b_c, recompute=recompute)
+        expected_grads = torch.autograd.grad(expected, [y, *leaves], grad_out)
+    assert torch.equal(out, expected)
+    for i, (g, e) in enumerate(zip(grads, expected_grads)):
+        assert torch.equal(g, e), f"gradient of leaf {i}"
+
+
 def _packed_oracle(w, transposed):
     """What the 3x3 kernels read, by permutation: tap-major (9, F_in, F_out), or (9, F_out, F_in)."""
     return w.permute(2, 3, 0, 1).flatten(0, 1) if transposed else w.permute(2, 3, 1, 0).flatten(0, 1)
