@@ -475,6 +475,11 @@ def row_stride(t: torch.Tensor) -> int:
     return t.shape[1]  # one pixel: no stride is read
 
 
+def extent(t) -> int:
+    """The elements from t's first element to its last, inclusive, through its strides (0 when empty)."""
+    return 0 if t.numel() == 0 else 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+
+
 def check_int32(op: str, *extents: int) -> None:
     """Kernels index with int32: refuse sizes whose largest offset would not fit."""
     for extent in extents:

@@ -179,7 +179,7 @@ def planned(fn, static: tuple, inputs: list, keyed: int | None = None, signature
 
 def _extent_bytes(t) -> int:
     """The bytes from t's first element to its last, inclusive."""
-    return 0 if t.numel() == 0 else (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
+    return _common.extent(t) * t.element_size()
 
 
 class _Slot:

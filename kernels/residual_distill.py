@@ -43,8 +43,8 @@ import triton.language as tl
 from torch.library import triton_op
 
 from ._common import (KERNELS_INTERPRETED, cdiv, check_int32, check_unbatched, direct_launches, dot_precision,
-                      eager_fast_path, elu, elu_grad_from_output, function_apply, is_fp64, join_alpha, launch,
-                      launch_options, next_pow2, rows, split_alpha, track)
+                      eager_fast_path, elu, elu_grad_from_output, extent, function_apply, is_fp64, join_alpha,
+                      launch, launch_options, next_pow2, rows, split_alpha, track)
 from .compress_skip import _backward as _compress_backward
 from .compress_skip import _forward as _compress_forward
 from .compress_skip import compress_skip
@@ -390,8 +390,7 @@ def _pack3x3(w, forward=True, transposed=False) -> tuple:
     packed = track(torch.empty((n, 9, f_in, f_out), device=w.device, dtype=w.dtype)) if forward else None
     packed_t = track(torch.empty((n, 9, f_out, f_in), device=w.device, dtype=w.dtype)) if transposed else None
     strides = w.stride()
-    check_int32("residual_distill", n * 9 * f_in * f_out,
-                1 + sum((size - 1) * stride for size, stride in zip(w.shape, strides)))
+    check_int32("residual_distill", n * 9 * f_in * f_out, extent(w))
     tiles = cdiv(f_out, PACK3X3_CONFIG.kwargs["BLOCK_O"]) * cdiv(f_in, PACK3X3_CONFIG.kwargs["BLOCK_I"])
     launch(pack3x3_kernel, None, lambda meta: (n, tiles), PACK3X3_CONFIG, w_ptr=w,
            packed_ptr=packed if forward else packed_t, packed_t_ptr=packed_t if transposed else packed,
@@ -411,10 +410,15 @@ def _pack_convs(w_convs, transpose=False) -> list:
     returned as [that (n, 9, ., .) stack] (its per-block slices keep the 16-byte alignment of a fresh
     tensor); otherwise one packed tensor a weight. _packed_blocks gives the per-block tensors of either."""
     if _stackable(w_convs):
-        with torch.no_grad():  # the Functions compute the weights' gradients themselves
-            stack = torch.stack(w_convs)
-        return [_pack_stack(stack, not transpose, transpose)[transpose]]
+        return [_pack_stack(_stacked(w_convs), not transpose, transpose)[transpose]]
     return [_pack_stack(w[None], not transpose, transpose)[transpose][0] for w in w_convs]
+
+
+def _stacked(w_convs):
+    """The weights as one (n, F_out, F_in, 3, 3) tensor, not differentiated: the Functions compute
+    the weights' gradients themselves."""
+    with torch.no_grad():
+        return torch.stack(w_convs)
 
 
 def _stackable(w_convs) -> bool:
@@ -449,10 +453,8 @@ def pack_groups(w_convs, lengths, transposed=False) -> tuple:
     def per_group(packed):
         return [[packed[start:start + length]] for start, length in zip(starts, lengths)]
 
-    with torch.no_grad():
-        stack = torch.stack(w_convs)
     with direct_launches():  # eager, as the Functions launch (its callers run on the eager fast path)
-        packed, packed_t = _pack_stack(stack, True, transposed)
+        packed, packed_t = _pack_stack(_stacked(w_convs), True, transposed)
     return per_group(packed), per_group(packed_t) if transposed else None
 
 
@@ -904,7 +906,8 @@ def _chain_backward_planned(grad, saved, n_blocks, first, n_compress, alpha, sav
     return (None if first else grad_in), grads
 
 
-def _no_double_backward(grad):
+def _checked_grad_rows(grad):
+    """A group node's output gradient as pixel rows, refused where the backward cannot take it."""
     if torch.is_grad_enabled():
         raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
     check_unbatched("residual_distill", grad)
@@ -950,7 +953,7 @@ class _EagerDistillGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = _no_double_backward(grad)
+        grad = _checked_grad_rows(grad)
         with direct_launches():
             grad_in, grads = _chain_backward_planned(
                 grad, ctx.saved_tensors, ctx.n_blocks, ctx.first, ctx.n_compress, ctx.alpha, ctx.save_b, ctx.save_a,
@@ -1005,7 +1008,7 @@ class _EagerDistillGroups(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = _no_double_backward(grad)
+        grad = _checked_grad_rows(grad)
         saved, sizes = ctx.saved_tensors, ctx.sizes
         per_block = 4 if ctx.save_b else 5  # the weights _read_by_backward keeps a block
         ends, end = [], 0  # each group's saved tensors: z, the activations, the weights read, (w, b)
