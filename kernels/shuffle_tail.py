@@ -8,8 +8,8 @@ a 270x480 input). It is the tail conv as an implicit GEMM over high-resolution o
 program computes BLOCK_M of them, 9 taps x C channels in BLOCK_K chunks with tl.dot into an fp32
 [BLOCK_M, NP] accumulator (NP: n_colors padded to 16, the weight tile masked past n_colors). Its
 rows are whole s x s sub-blocks (SUB = s*s padded to a power of two rows each), each of a
-low-resolution pixel, so the rows of one sub-block read adjacent channels of u; the u tile is
-loaded with rows (pixels) as its fastest axis and transposed for the dot. b_up is added to what was
+low-resolution pixel, so the rows of one sub-block read adjacent channels of u (the tile is
+loaded in the form the installed Triton compiles best: PIXELS_FASTEST). b_up is added to what was
 read, only in bounds (the padding is zero, not the bias), in fp32 and rounded to u's dtype as the
 conv's output would be; the weight is cast to u's dtype as autocast casts it. b_tail and mean are
 added to the fp32 accumulator, and the result is written in the dtype and memory format asked for.
@@ -49,6 +49,7 @@ def shuffle_tail_kernel(
     OUT_CL: tl.constexpr,    # write the output channels_last
     IS_FP64: tl.constexpr,   # float64 storage: float64 accumulation (interpreter tests)
     PRECISION: tl.constexpr,  # tl.dot input_precision (dot_precision; "ieee" for float64)
+    PIXELS_FASTEST: tl.constexpr,  # load u's tile with the pixels as its fast axis (PIXELS_FASTEST below)
     NP: tl.constexpr,        # output channels padded for the dot
     BLOCK_M: tl.constexpr,   # high-resolution pixels per program: BLOCK_M // SUB sub-blocks
     BLOCK_K: tl.constexpr,   # input channels per dot
@@ -84,14 +85,24 @@ def shuffle_tail_kernel(
         for k0 in range(0, C, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < C
-            mask = k_ok[:, None] & src_ok[None, :]
-            ch = kk[:, None] * SS + sub[None, :]     # u's channel: k * s*s + sub-position
-            x = tl.load(u_ptr + src[None, :] + kk[:, None] * SS, mask=mask, other=0.0)
-            b = tl.load(bup_ptr + ch, mask=mask, other=0.0)
+            # u's channel is k * s*s + sub-position: the rows of a sub-block read adjacent channels.
+            if PIXELS_FASTEST:  # the tile as [BLOCK_K, BLOCK_M], transposed for the dot
+                mask = k_ok[:, None] & src_ok[None, :]
+                ch = kk[:, None] * SS + sub[None, :]
+                x = tl.load(u_ptr + src[None, :] + kk[:, None] * SS, mask=mask, other=0.0)
+                b = tl.load(bup_ptr + ch, mask=mask, other=0.0)
+            else:               # the tile as [BLOCK_M, BLOCK_K], as the dot takes it
+                mask = src_ok[:, None] & k_ok[None, :]
+                ch = sub[:, None] + kk[None, :] * SS
+                x = tl.load(u_ptr + src[:, None] + kk[None, :] * SS, mask=mask, other=0.0)
+                b = tl.load(bup_ptr + ch, mask=mask, other=0.0)
             a = (x.to(acc_dtype) + b.to(acc_dtype)).to(u_dtype)
             wt = tl.load(w_ptr + rc[None, :] * (C * 9) + kk[:, None] * 9 + tap, mask=k_ok[:, None] & c_ok[None, :],
                          other=0.0).to(u_dtype)
-            acc = tl.dot(tl.trans(a), wt, acc, input_precision=PRECISION)
+            if PIXELS_FASTEST:
+                acc = tl.dot(tl.trans(a), wt, acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(a, wt, acc, input_precision=PRECISION)
     acc += (tl.load(btail_ptr + rc, mask=c_ok, other=0.0).to(acc_dtype)
             + tl.load(mean_ptr + rc, mask=c_ok, other=0.0).to(acc_dtype))[None, :]
     hs = H * SCALE
@@ -106,6 +117,12 @@ def shuffle_tail_kernel(
 
 
 # ---- launcher ---------------------------------------------------------------------------------
+# How the kernel loads u's tile, by the Triton that compiles it: the same values either way, but each
+# form took 210-255 registers (with spills in some variants) under the compilers that do not favour
+# it, against 88-123 under those that do (AOT check, sm_90, bf16: Triton 3.5 and 3.6 favour the
+# [BLOCK_M, BLOCK_K] load, 3.7 to 3.9 the transposed one).
+PIXELS_FASTEST = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 7)
+
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_K": 16}, num_warps=4, num_stages=1)
 # Every config is in the AOT check (kernels/registry.py); the first is the default.
 CONFIGS = [
@@ -146,7 +163,7 @@ def _shuffle_tail(u, b_up, w_tail, b_tail, mean, scale: int, out_dtype: torch.dt
         u_ptr=u, bup_ptr=b_up.contiguous(), w_ptr=w_tail.contiguous(), btail_ptr=b_tail.contiguous(),
         mean_ptr=mean.reshape(-1).contiguous(), out_ptr=out, M=m, H=height, W=width, C=css // (scale * scale),
         NC=colors, SCALE=scale, SUB=sub, OUT_CL=channels_last, IS_FP64=is_fp64(u),
-        PRECISION="ieee" if is_fp64(u) else dot_precision(u.dtype), NP=NP,
+        PRECISION="ieee" if is_fp64(u) else dot_precision(u.dtype), NP=NP, PIXELS_FASTEST=PIXELS_FASTEST,
     )
     return out
 
@@ -179,11 +196,12 @@ def aot_variants():
 
     kinds = {name: "ptr" for name in ("u_ptr", "bup_ptr", "w_ptr", "btail_ptr", "mean_ptr", "out_ptr")}
     kinds.update({name: "i32" for name in ("M", "H", "W", "C", "NC")})
-    kinds.update({name: "constexpr" for name in ("SCALE", "SUB", "OUT_CL", "IS_FP64", "PRECISION", "NP", "BLOCK_M",
-                                                  "BLOCK_K")})
+    kinds.update({name: "constexpr" for name in ("SCALE", "SUB", "OUT_CL", "IS_FP64", "PRECISION", "PIXELS_FASTEST",
+                                                  "NP", "BLOCK_M", "BLOCK_K")})
     autocast = dict(kinds, **{name: "*fp32" for name in ("bup_ptr", "w_ptr", "btail_ptr", "mean_ptr", "out_ptr")})
     cases = [(f"x{scale} {'cl' if cl else 'nchw'}", {"SCALE": scale, "SUB": next_pow2(scale * scale, floor=1),
-                                                      "OUT_CL": cl, "IS_FP64": False, "NP": NP})
+                                                      "OUT_CL": cl, "IS_FP64": False, "NP": NP,
+                                                      "PIXELS_FASTEST": PIXELS_FASTEST})
              for scale in (2, 3, 4) for cl in (False, True)]
     variants = []
     for dtype in AOT_DTYPES:

@@ -42,9 +42,15 @@ def oracle(u, b_up, w_tail, b_tail, mean, s):
     return reference.shuffle_tail(*(t.double() for t in (u, b_up, w_tail, b_tail, mean)), s)
 
 
+# The two ways the kernel loads u's tile (kernels/shuffle_tail.py PIXELS_FASTEST, chosen by the Triton
+# version): both must compute the same, whichever one this machine's Triton would choose.
+@pytest.mark.parametrize("pixels_fastest", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])  # the output written NCHW-contiguous or channels_last
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_float64_reference(shape, channels_last, device):
+def test_matches_float64_reference(shape, channels_last, pixels_fastest, monkeypatch, device):
+    from fastdrn.kernels import shuffle_tail as kernel_module
+
+    monkeypatch.setattr(kernel_module, "PIXELS_FASTEST", pixels_fastest)
     s = shape[3]
     for dtype in dtypes_for(device):
         inputs = make_inputs(shape, dtype, device)
