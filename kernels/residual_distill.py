@@ -656,7 +656,9 @@ def _saved_views(arena, like, w_squeezes, w_expands, compression, z_in_arena, sa
         length += -(-pixels * c // unit) * unit
     if arena is None:
         arena = track(torch.empty(length, device=like.device, dtype=like.dtype))
-    return arena, [arena.as_strided((n_img, c, height, width), (height * width * c, 1, width * c, c), offset)
+    # From the arena's own start: a saved_tensors_hooks unpack may hand it back at a storage offset.
+    start = arena.storage_offset()
+    return arena, [arena.as_strided((n_img, c, height, width), (height * width * c, 1, width * c, c), start + offset)
                    for c, offset in zip(channels, offsets)]
 
 

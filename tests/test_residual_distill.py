@@ -690,6 +690,46 @@ def test_body_in_one_node_equals_the_groups_one_by_one(n, h, w, lengths, recompu
         assert torch.equal(g, e), f"gradient of leaf {i}"
 
 
+def _unpacked_at_an_offset(t):
+    """A saved_tensors_hooks unpack: a copy of t with its strides, 8 elements into a larger storage
+    (as a hook that offloads activations into one pooled buffer hands back views of it)."""
+    storage = torch.empty(8 + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())), dtype=t.dtype,
+                          device=t.device)
+    return storage.as_strided(t.shape, t.stride(), 8).copy_(t)
+
+
+# recompute, fold_backward: b saved; b rebuilt; a saved too (the arena holds every block's a and b)
+@pytest.mark.parametrize("recompute, fold", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("body", [False, True])  # distill_and_compress (one node a group), distill_groups (one node)
+def test_saved_tensors_handed_back_at_a_storage_offset(body, recompute, fold, device):
+    """Saved tensors that a saved_tensors_hooks unpack hands back as views into a larger storage (a
+    nonzero storage offset): the backward reads each saved activation where it lies in the tensor
+    handed back, so every gradient equals the one without the hook, bit for bit."""
+    dtype = dtypes_for(device)[0]
+    _eager_group_or_skip(device, dtype)
+    groups = [(_group_blocks(dtype, device, inners=(16, 16, 16)),
+               (randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=True),
+                randn(24, dtype=dtype, device=device, requires_grad=True))) for _ in range(2 if body else 1)]
+    leaves = [t for blocks, compression in groups for t in (*(t for block in blocks for t in block), *compression)]
+    y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+    grad_out = randn(2, 24, 5, 3, dtype=dtype, device=device)
+
+    def gradients():
+        if body:
+            out = ops.distill_groups(y, groups, recompute=recompute)
+        else:
+            (blocks, (w_c, b_c)), = groups
+            out = ops.distill_and_compress(y, blocks, w_c, b_c, recompute=recompute)
+        return torch.autograd.grad(out, [y, *leaves], grad_out)
+
+    with launch_settings(fold_backward=fold):
+        expected = gradients()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _unpacked_at_an_offset):
+            got = gradients()
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert torch.equal(g, e), f"gradient of leaf {i}"
+
+
 def _packed_oracle(w, transposed):
     """What the 3x3 kernels read, by permutation: tap-major (9, F_in, F_out), or (9, F_out, F_in)."""
     return w.permute(2, 3, 0, 1).flatten(0, 1) if transposed else w.permute(2, 3, 1, 0).flatten(0, 1)
