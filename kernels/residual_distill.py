@@ -804,6 +804,8 @@ def _input_grads(ctx, grad, backward):
     if torch.is_grad_enabled():
         raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
     z, b, *weights = ctx.saved_tensors
+    if b.dim() == 4:  # a saved_tensors_hooks unpack may hand it back in another layout (save_on_cpu: NCHW)
+        b = rows(b)
     dz, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = backward(grad, z, b, *weights, ctx.alpha)
     has_sq, has_c, has_e = ctx.has_bias
     # None for alpha, save_b and the folded squeeze's inputs (a, w_squeeze_next, b_squeeze_next):

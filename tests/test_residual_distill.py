@@ -104,6 +104,29 @@ def test_registered_op_and_eager_path_agree(recompute, monkeypatch, device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("fast", [True, False])  # the eager Function; the registered op (torch.compile's)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_saved_tensors_handed_back_contiguous(recompute, fast, monkeypatch, device):
+    """torch.autograd.graph.save_on_cpu(pin_memory=True) hands every saved tensor back as a
+    contiguous copy, so the block's channels_last b and z come back in NCHW: the backward reads them
+    as they are handed back, and every gradient equals the one without offloading, bit for bit."""
+    from fastdrn.kernels import residual_distill as module
+
+    dtype = dtypes_for(device)[0]
+    if not backend.use_triton("residual_distill", torch.device(device), dtype):
+        pytest.skip("the fused op does not run here")
+    if not module.eager_fast_path():
+        pytest.skip("this torch has no direct-launch switch: every call already goes through the op")
+    monkeypatch.setattr(module, "eager_fast_path", lambda: fast)
+    inputs = make_inputs((2, 24, 16, 5, 3, 4, True), dtype, device)
+    grad_out = randn(2, 29, 3, 4, dtype=dtype, device=device)
+    expected = torch.autograd.grad(ops.residual_distill(*inputs, recompute=recompute), inputs, grad_out)
+    with torch.autograd.graph.save_on_cpu(pin_memory=True):
+        out = ops.residual_distill(*inputs, recompute=recompute)
+    for name, g, e in zip(NAMES, torch.autograd.grad(out, inputs, grad_out), expected):
+        assert torch.equal(g, e), name
+
+
 def test_weight_gradients_keep_the_weights_memory_format(device):
     """A channels_last 3x3 weight (a model moved to channels_last) gets its gradient in channels_last,
     so autograd hands it to .grad without a copy; values as for a contiguous weight."""
