@@ -804,8 +804,11 @@ def _input_grads(ctx, grad, backward):
     if torch.is_grad_enabled():
         raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
     z, b, *weights = ctx.saved_tensors
-    if b.dim() == 4:  # a saved_tensors_hooks unpack may hand it back in another layout (save_on_cpu: NCHW)
+    # A saved_tensors_hooks unpack may hand them back in another layout (save_on_cpu: NCHW): the
+    # kernels read b as pixel rows and the 1x1 weights and biases dense (the 3x3 weight is packed).
+    if b.dim() == 4:
         b = rows(b)
+    weights = [t if i == 2 or t is None else t.contiguous() for i, t in enumerate(weights)]
     dz, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = backward(grad, z, b, *weights, ctx.alpha)
     has_sq, has_c, has_e = ctx.has_bias
     # None for alpha, save_b and the folded squeeze's inputs (a, w_squeeze_next, b_squeeze_next):
@@ -882,8 +885,17 @@ def _chain_backward_planned(grad, saved, n_blocks, first, n_compress, alpha, sav
     by the forward's key where the saved tensors are still at the forward's addresses: the backward
     then reads their addresses, not their whole layout again (58 tensors a group, ~35 us)."""
     z, arena = (None, saved[0]) if first else saved[:2]
+    arena = arena.contiguous()  # as _saved_views carves it, whatever layout a saved_tensors_hooks unpack gave it
     weights = saved[2 - bool(first):len(saved) - n_compress]
     compression = saved[len(saved) - n_compress:]
+    addresses = pointers([z, *weights, *compression])
+    if addresses != saved_pointers:
+        # Not the forward's tensors (a saved_tensors_hooks unpack made them), maybe in another layout:
+        # the 1x1 weights and the biases dense, as the kernels read them (the 3x3 weights, 2 of each
+        # block's, only give their gradients' layout).
+        per_block = 4 if save_b else 5
+        weights = [t if i % per_block == 2 or t is None else t.contiguous() for i, t in enumerate(weights)]
+        compression = [t if t is None else t.contiguous() for t in compression]
     n_blocks -= first
     if not n_blocks:
         packs_t = []
@@ -898,11 +910,9 @@ def _chain_backward_planned(grad, saved, n_blocks, first, n_compress, alpha, sav
     # does not read.
     packed = [] if save_b else _packed_blocks(packs)[first:]
     signature = None
-    if forward_key is not None:
-        addresses = pointers([z, *weights, *compression])
-        if addresses == saved_pointers:  # the forward's tensors: its key holds their layouts
-            grad_key, grad_pointer = tensor_signature([grad])
-            signature = (forward_key, first, grad_key), grad_pointer + addresses
+    if forward_key is not None and addresses == saved_pointers:  # the forward's tensors: its key holds their layouts
+        grad_key, grad_pointer = tensor_signature([grad])
+        signature = (forward_key, first, grad_key), grad_pointer + addresses
     grad_in, grads = planned(
         _chain_backward_region, (alpha, n_blocks, len(packs_t), save_b, save_a, n_compress),
         [grad, z, *weights, *compression, arena, *packs_t, *packed],

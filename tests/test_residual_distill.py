@@ -753,6 +753,49 @@ def test_saved_tensors_handed_back_at_a_storage_offset(body, recompute, fold, de
         assert torch.equal(g, e), f"gradient of leaf {i}"
 
 
+def _unpacked_strided(t):
+    """A saved_tensors_hooks unpack: a copy of t with the same values in another layout where one
+    exists: a 1-D tensor (a bias, the activations' arena) at stride 2, a 1x1 weight transposed in
+    memory; others as they are."""
+    if t.dim() == 1:
+        return torch.empty(2 * t.numel(), dtype=t.dtype, device=t.device)[::2].copy_(t)
+    if t.dim() == 4 and t.shape[2:] == (1, 1):
+        return torch.empty_like(t.transpose(0, 1), memory_format=torch.contiguous_format).transpose(0, 1).copy_(t)
+    return t.clone()
+
+
+# The autograd nodes whose backward reads saved weights, biases or activations.
+@pytest.mark.parametrize("node", ["block", "compression", "group", "body"])
+def test_saved_tensors_handed_back_in_any_layout(node, device):
+    """A saved_tensors_hooks unpack may hand back each saved tensor in another layout (the values
+    are what autograd asks of it): biases and the activations' arena strided, 1x1 weights transposed
+    in memory. The backward reads them as they are, so every gradient equals the one without the
+    hook, bit for bit."""
+    dtype = dtypes_for(device)[0]
+    _eager_group_or_skip(device, dtype)
+    y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+    groups = [(_group_blocks(dtype, device, inners=(16, 16, 16)),
+               (randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=True),
+                randn(24, dtype=dtype, device=device, requires_grad=True))) for _ in range(2 if node == "body" else 1)]
+    (blocks, (w_c, b_c)), *_ = groups
+    z36 = randn(2, 36, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+    run, leaves = {
+        "block": (lambda: ops.residual_distill(y, *blocks[0]), [y, *blocks[0]]),
+        "compression": (lambda: ops.compress_skip(z36, w_c, b_c, y), [z36, w_c, b_c, y]),
+        "group": (lambda: ops.distill_and_compress(y, blocks, w_c, b_c),
+                  [y, *(t for block in blocks for t in block), w_c, b_c]),
+        "body": (lambda: ops.distill_groups(y, groups),
+                 [y, *(t for blocks, compression in groups for t in (*(t for b in blocks for t in b), *compression))]),
+    }[node]
+    out = run()
+    grad_out = randn(*out.shape, dtype=dtype, device=device)
+    expected = torch.autograd.grad(out, leaves, grad_out)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _unpacked_strided):
+        out = run()
+    for i, (g, e) in enumerate(zip(torch.autograd.grad(out, leaves, grad_out), expected)):
+        assert torch.equal(g, e), f"gradient of leaf {i}"
+
+
 def _packed_oracle(w, transposed):
     """What the 3x3 kernels read, by permutation: tap-major (9, F_in, F_out), or (9, F_out, F_in)."""
     return w.permute(2, 3, 0, 1).flatten(0, 1) if transposed else w.permute(2, 3, 1, 0).flatten(0, 1)
