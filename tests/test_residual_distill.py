@@ -796,6 +796,51 @@ def test_saved_tensors_handed_back_in_any_layout(node, device):
         assert torch.equal(g, e), f"gradient of leaf {i}"
 
 
+@pytest.mark.parametrize("body", [False, True])  # distill_and_compress (one node a group), distill_groups (one node)
+def test_a_saved_activation_handed_back_at_its_address_in_another_layout(body, device):
+    """A saved_tensors_hooks pair that frees a saved activation and hands it back where a new
+    allocation lands, which can be its old address (a caching allocator reuses freed blocks), in
+    another layout (save_on_cpu-style offloading copies into contiguous tensors): here, the group's
+    channels_last input rewritten in NCHW order in its own storage. The backward's launch plan is
+    keyed by the forward's layouts only where the saved tensors are the forward's: the same address
+    alone does not say so, and every gradient equals the one without the hook, bit for bit."""
+    dtype = dtypes_for(device)[0]
+    _eager_group_or_skip(device, dtype)
+    y_leaf = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+    groups = [(_group_blocks(dtype, device, inners=(16, 16, 16)),
+               (randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=True),
+                randn(24, dtype=dtype, device=device, requires_grad=True))) for _ in range(2 if body else 1)]
+    leaves = [y_leaf, *(t for blocks, compression in groups for t in (*(t for b in blocks for t in b), *compression))]
+    grad_out = randn(2, 24, 5, 3, dtype=dtype, device=device)
+
+    def gradients():
+        y = y_leaf * 2  # an activation whose storage nothing else reads after the forward
+        if body:
+            out = ops.distill_groups(y, groups)
+        else:
+            (blocks, (w_c, b_c)), = groups
+            out = ops.distill_and_compress(y, blocks, w_c, b_c)
+        return torch.autograd.grad(out, leaves, grad_out)
+
+    def pack(t):  # the 4-D activations that are not contiguous (the groups' channels_last inputs)
+        if t.dim() != 4 or t.is_contiguous():
+            return t
+        return t.untyped_storage(), t.storage_offset(), t.shape, t.detach().clone()
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        storage, offset, shape, values = packed
+        return values.new_empty(0).set_(storage, offset, shape).copy_(values)  # NCHW, at the same address
+
+    expected = gradients()
+    gradients()  # replayed: the backward's plan keyed by the forward's signature
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        got = gradients()
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert torch.equal(g, e), f"gradient of leaf {i}"
+
+
 def _packed_oracle(w, transposed):
     """What the 3x3 kernels read, by permutation: tap-major (9, F_in, F_out), or (9, F_out, F_in)."""
     return w.permute(2, 3, 0, 1).flatten(0, 1) if transposed else w.permute(2, 3, 1, 0).flatten(0, 1)
