@@ -58,7 +58,8 @@ def _input_grads(ctx, grad, backward):
     if torch.is_grad_enabled():
         raise RuntimeError("fastdrn compress_skip: double backward (create_graph=True) is not supported")
     z, w, b = ctx.saved_tensors
-    dz, dw, db = backward(grad, z, w, b, ctx.alpha)
+    # As the kernels read them, whatever layout a saved_tensors_hooks unpack handed them back in.
+    dz, dw, db = backward(grad, z, w.contiguous(), None if b is None else b.contiguous(), ctx.alpha)
     return dz, dw, db if ctx.has_bias else None, grad, None
 
 

@@ -656,7 +656,9 @@ def _saved_views(arena, like, w_squeezes, w_expands, compression, z_in_arena, sa
         length += -(-pixels * c // unit) * unit
     if arena is None:
         arena = track(torch.empty(length, device=like.device, dtype=like.dtype))
-    return arena, [arena.as_strided((n_img, c, height, width), (height * width * c, 1, width * c, c), offset)
+    # From the arena's own start: a saved_tensors_hooks unpack may hand it back at a storage offset.
+    start = arena.storage_offset()
+    return arena, [arena.as_strided((n_img, c, height, width), (height * width * c, 1, width * c, c), start + offset)
                    for c, offset in zip(channels, offsets)]
 
 
@@ -802,6 +804,11 @@ def _input_grads(ctx, grad, backward):
     if torch.is_grad_enabled():
         raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
     z, b, *weights = ctx.saved_tensors
+    # A saved_tensors_hooks unpack may hand them back in another layout (save_on_cpu: NCHW): the
+    # kernels read b as pixel rows and the 1x1 weights and biases dense (the 3x3 weight is packed).
+    if b.dim() == 4:
+        b = rows(b)
+    weights = [t if i == 2 or t is None else t.contiguous() for i, t in enumerate(weights)]
     dz, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = backward(grad, z, b, *weights, ctx.alpha)
     has_sq, has_c, has_e = ctx.has_bias
     # None for alpha, save_b and the folded squeeze's inputs (a, w_squeeze_next, b_squeeze_next):
@@ -857,29 +864,47 @@ def _planned_backward(grad, z, b, *weights_and_alpha):
 
 
 def _chain_forward_saving(z, weights, compression, packs, alpha, first, save_b, save_a, signature):
-    """A group's planned forward as its autograd node runs it: (out, the tensors to save, their
-    addresses). Saved: z (where block 0 needs a gradient) and the activations (one tensor), then the
-    weights the backward reads (_read_by_backward), then the compression's (w, b); the addresses are
-    those of all but the activations, which _chain_backward_planned compares with the saved tensors'."""
+    """A group's planned forward as its autograd node runs it: (out, the tensors to save, where they
+    are). Saved: z (where block 0 needs a gradient) and the activations (one tensor), then the
+    weights the backward reads (_read_by_backward), then the compression's (w, b); where they are:
+    the addresses of all but the activations, and z's layout (_layout), which
+    _chain_backward_planned compares with the saved tensors'."""
     out, activations = planned(_chain_forward_region, (alpha, first, save_b, save_a, len(weights) // 6,
                                                        len(compression)),
                                [z, *weights, *compression, *packs],
                                keyed=1 + len(weights) + len(compression), signature=signature)  # packs follow
     read = _read_by_backward(weights[6 * first:], save_b)
-    return out, [*activations, *read, *compression], pointers([None if first else z, *read, *compression])
+    return (out, [*activations, *read, *compression],
+            (pointers([None if first else z, *read, *compression]), None if first else _layout(z)))
+
+
+def _layout(t) -> tuple:
+    """What a launch reads of t besides its address and contents."""
+    return t.shape, t.stride(), t.storage_offset(), t.dtype
 
 
 def _chain_backward_planned(grad, saved, n_blocks, first, n_compress, alpha, save_b, save_a, packs, packs_t,
-                            forward_key, saved_pointers):
+                            forward_key, saved_where):
     """A group's planned backward from what _chain_forward_saving saved (of `n_blocks` blocks, from
     block `first`): (the input's gradient, without the long skip's share, or None where z needs none;
     the gradients of the weights from block `first` on and of the compression). packs, packs_t: the
     forward's packed 3x3 weights and the transposed ones (None: transposed here). The plan is keyed
-    by the forward's key where the saved tensors are still at the forward's addresses: the backward
-    then reads their addresses, not their whole layout again (58 tensors a group, ~35 us)."""
+    by the forward's key where the saved tensors are still the forward's (saved_where, from
+    _chain_forward_saving): the backward then reads their addresses, not their whole layout again
+    (58 tensors a group, ~35 us)."""
     z, arena = (None, saved[0]) if first else saved[:2]
+    arena = arena.contiguous()  # as _saved_views carves it, whatever layout a saved_tensors_hooks unpack gave it
     weights = saved[2 - bool(first):len(saved) - n_compress]
     compression = saved[len(saved) - n_compress:]
+    addresses = pointers([z, *weights, *compression])
+    saved_pointers, z_layout = saved_where
+    if addresses != saved_pointers:
+        # Not the forward's tensors (a saved_tensors_hooks unpack made them), maybe in another layout:
+        # the 1x1 weights and the biases dense, as the kernels read them (the 3x3 weights, 2 of each
+        # block's, only give their gradients' layout).
+        per_block = 4 if save_b else 5
+        weights = [t if i % per_block == 2 or t is None else t.contiguous() for i, t in enumerate(weights)]
+        compression = [t if t is None else t.contiguous() for t in compression]
     n_blocks -= first
     if not n_blocks:
         packs_t = []
@@ -894,11 +919,11 @@ def _chain_backward_planned(grad, saved, n_blocks, first, n_compress, alpha, sav
     # does not read.
     packed = [] if save_b else _packed_blocks(packs)[first:]
     signature = None
-    if forward_key is not None:
-        addresses = pointers([z, *weights, *compression])
-        if addresses == saved_pointers:  # the forward's tensors: its key holds their layouts
-            grad_key, grad_pointer = tensor_signature([grad])
-            signature = (forward_key, first, grad_key), grad_pointer + addresses
+    # The forward's tensors, whose layouts its key holds: each at its address, and z in its layout too (an
+    # activation: a saved_tensors_hooks pair may free it and hand back a copy where the allocator put it).
+    if forward_key is not None and addresses == saved_pointers and (z is None or _layout(z) == z_layout):
+        grad_key, grad_pointer = tensor_signature([grad])
+        signature = (forward_key, first, grad_key), grad_pointer + addresses
     grad_in, grads = planned(
         _chain_backward_region, (alpha, n_blocks, len(packs_t), save_b, save_a, n_compress),
         [grad, z, *weights, *compression, arena, *packs_t, *packed],
@@ -935,13 +960,13 @@ class _EagerDistillGroup(torch.autograd.Function):
                 packs = _pack_convs(weights[2::6])
             # fold_backward: a saved too (F values a pixel a block), so the backward has no pair kernel.
             save_a = save_b and launch_options().fold_backward
-            out, saved, addresses = _chain_forward_saving(z, weights, compression, packs, alpha, first, save_b,
-                                                          save_a, signature)
+            out, saved, where = _chain_forward_saving(z, weights, compression, packs, alpha, first, save_b, save_a,
+                                                      signature)
         ctx.save_for_backward(*saved)
         ctx.alpha, ctx.first, ctx.save_b, ctx.save_a, ctx.n_compress = alpha, first, save_b, save_a, n_compress
         ctx.n_blocks = len(weights) // 6
         ctx.forward_key = None if signature is None else signature[0]
-        ctx.saved_pointers = addresses
+        ctx.saved_where = where
         # Kept for the backward (9 F^2 values a block): without packs_t its transposed packs are one
         # launch on these (no stack of the weights again), and rebuilding b (recompute) reads them.
         # w_conv itself is saved, so changing it in place before backward still raises.
@@ -957,7 +982,7 @@ class _EagerDistillGroup(torch.autograd.Function):
         with direct_launches():
             grad_in, grads = _chain_backward_planned(
                 grad, ctx.saved_tensors, ctx.n_blocks, ctx.first, ctx.n_compress, ctx.alpha, ctx.save_b, ctx.save_a,
-                ctx.packs, ctx.packs_t, ctx.forward_key, ctx.saved_pointers)
+                ctx.packs, ctx.packs_t, ctx.forward_key, ctx.saved_where)
         grads = [None] * (6 * ctx.first) + grads
         if grad_in is not None and ctx.n_compress:  # the long skip's share: the node's own output gradient
             grad_in = grad_in.add_(grad)
@@ -984,7 +1009,7 @@ class _EagerDistillGroups(torch.autograd.Function):
     def forward(ctx, alpha, save_b, sizes, whole, check, packs, packs_t, z, *tensors):
         number, addresses = whole
         save_a = save_b and launch_options().fold_backward
-        saved, keys, saved_pointers, start = [], [], [], 0
+        saved, keys, saved_where, start = [], [], [], 0
         with direct_launches():
             for k, n_blocks in enumerate(sizes):
                 end = start + 6 * n_blocks + 2
@@ -994,16 +1019,16 @@ class _EagerDistillGroups(torch.autograd.Function):
                     _check_inner(w_squeeze.shape[0])
                 # Keyed by the whole body's signature, the group's place in it and its input's layout.
                 key = (number, k, y_key)
-                z, group_saved, group_pointers = _chain_forward_saving(
+                z, group_saved, group_where = _chain_forward_saving(
                     z, tensors[start:end - 2], tensors[end - 2:end], packs[k], alpha, 0, save_b, save_a,
                     (key, y_pointer + addresses[start:end]))
                 saved += group_saved
                 keys.append(key)
-                saved_pointers.append(group_pointers)
+                saved_where.append(group_where)
                 start = end
         ctx.save_for_backward(*saved)
         ctx.alpha, ctx.save_b, ctx.save_a, ctx.sizes = alpha, save_b, save_a, sizes
-        ctx.keys, ctx.saved_pointers, ctx.packs, ctx.packs_t = keys, saved_pointers, packs, packs_t
+        ctx.keys, ctx.saved_where, ctx.packs, ctx.packs_t = keys, saved_where, packs, packs_t
         return z
 
     @staticmethod
@@ -1020,7 +1045,7 @@ class _EagerDistillGroups(torch.autograd.Function):
             for k in reversed(range(len(sizes))):
                 grad_in, grads[k] = _chain_backward_planned(
                     grad, saved[ends[k - 1] if k else 0:ends[k]], sizes[k], 0, 2, ctx.alpha, ctx.save_b, ctx.save_a,
-                    ctx.packs[k], ctx.packs_t[k], ctx.keys[k], ctx.saved_pointers[k])
+                    ctx.packs[k], ctx.packs_t[k], ctx.keys[k], ctx.saved_where[k])
                 grad = grad_in.add_(grad)  # the long skip's share
         return (None, None, None, None, None, None, None, grad, *(g for group in grads for g in group))
 

@@ -104,6 +104,29 @@ def test_registered_op_and_eager_path_agree(recompute, monkeypatch, device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("fast", [True, False])  # the eager Function; the registered op (torch.compile's)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_saved_tensors_handed_back_contiguous(recompute, fast, monkeypatch, device):
+    """torch.autograd.graph.save_on_cpu(pin_memory=True) hands every saved tensor back as a
+    contiguous copy, so the block's channels_last b and z come back in NCHW: the backward reads them
+    as they are handed back, and every gradient equals the one without offloading, bit for bit."""
+    from fastdrn.kernels import residual_distill as module
+
+    dtype = dtypes_for(device)[0]
+    if not backend.use_triton("residual_distill", torch.device(device), dtype):
+        pytest.skip("the fused op does not run here")
+    if not module.eager_fast_path():
+        pytest.skip("this torch has no direct-launch switch: every call already goes through the op")
+    monkeypatch.setattr(module, "eager_fast_path", lambda: fast)
+    inputs = make_inputs((2, 24, 16, 5, 3, 4, True), dtype, device)
+    grad_out = randn(2, 29, 3, 4, dtype=dtype, device=device)
+    expected = torch.autograd.grad(ops.residual_distill(*inputs, recompute=recompute), inputs, grad_out)
+    with torch.autograd.graph.save_on_cpu(pin_memory=True):
+        out = ops.residual_distill(*inputs, recompute=recompute)
+    for name, g, e in zip(NAMES, torch.autograd.grad(out, inputs, grad_out), expected):
+        assert torch.equal(g, e), name
+
+
 def test_weight_gradients_keep_the_weights_memory_format(device):
     """A channels_last 3x3 weight (a model moved to channels_last) gets its gradient in channels_last,
     so autograd hands it to .grad without a copy; values as for a contiguous weight."""
@@ -687,6 +710,134 @@ def test_body_in_one_node_equals_the_groups_one_by_one(n, h, w, lengths, recompu
         expected_grads = torch.autograd.grad(expected, [y, *leaves], grad_out)
     assert torch.equal(out, expected)
     for i, (g, e) in enumerate(zip(grads, expected_grads)):
+        assert torch.equal(g, e), f"gradient of leaf {i}"
+
+
+def _unpacked_at_an_offset(t):
+    """A saved_tensors_hooks unpack: a copy of t with its strides, 8 elements into a larger storage
+    (as a hook that offloads activations into one pooled buffer hands back views of it)."""
+    storage = torch.empty(8 + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())), dtype=t.dtype,
+                          device=t.device)
+    return storage.as_strided(t.shape, t.stride(), 8).copy_(t)
+
+
+# recompute, fold_backward: b saved; b rebuilt; a saved too (the arena holds every block's a and b)
+@pytest.mark.parametrize("recompute, fold", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("body", [False, True])  # distill_and_compress (one node a group), distill_groups (one node)
+def test_saved_tensors_handed_back_at_a_storage_offset(body, recompute, fold, device):
+    """Saved tensors that a saved_tensors_hooks unpack hands back as views into a larger storage (a
+    nonzero storage offset): the backward reads each saved activation where it lies in the tensor
+    handed back, so every gradient equals the one without the hook, bit for bit."""
+    dtype = dtypes_for(device)[0]
+    _eager_group_or_skip(device, dtype)
+    groups = [(_group_blocks(dtype, device, inners=(16, 16, 16)),
+               (randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=True),
+                randn(24, dtype=dtype, device=device, requires_grad=True))) for _ in range(2 if body else 1)]
+    leaves = [t for blocks, compression in groups for t in (*(t for block in blocks for t in block), *compression)]
+    y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+    grad_out = randn(2, 24, 5, 3, dtype=dtype, device=device)
+
+    def gradients():
+        if body:
+            out = ops.distill_groups(y, groups, recompute=recompute)
+        else:
+            (blocks, (w_c, b_c)), = groups
+            out = ops.distill_and_compress(y, blocks, w_c, b_c, recompute=recompute)
+        return torch.autograd.grad(out, [y, *leaves], grad_out)
+
+    with launch_settings(fold_backward=fold):
+        expected = gradients()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _unpacked_at_an_offset):
+            got = gradients()
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert torch.equal(g, e), f"gradient of leaf {i}"
+
+
+def _unpacked_strided(t):
+    """A saved_tensors_hooks unpack: a copy of t with the same values in another layout where one
+    exists: a 1-D tensor (a bias, the activations' arena) at stride 2, a 1x1 weight transposed in
+    memory; others as they are."""
+    if t.dim() == 1:
+        return torch.empty(2 * t.numel(), dtype=t.dtype, device=t.device)[::2].copy_(t)
+    if t.dim() == 4 and t.shape[2:] == (1, 1):
+        return torch.empty_like(t.transpose(0, 1), memory_format=torch.contiguous_format).transpose(0, 1).copy_(t)
+    return t.clone()
+
+
+# The autograd nodes whose backward reads saved weights, biases or activations.
+@pytest.mark.parametrize("node", ["block", "compression", "group", "body"])
+def test_saved_tensors_handed_back_in_any_layout(node, device):
+    """A saved_tensors_hooks unpack may hand back each saved tensor in another layout (the values
+    are what autograd asks of it): biases and the activations' arena strided, 1x1 weights transposed
+    in memory. The backward reads them as they are, so every gradient equals the one without the
+    hook, bit for bit."""
+    dtype = dtypes_for(device)[0]
+    _eager_group_or_skip(device, dtype)
+    y = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+    groups = [(_group_blocks(dtype, device, inners=(16, 16, 16)),
+               (randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=True),
+                randn(24, dtype=dtype, device=device, requires_grad=True))) for _ in range(2 if node == "body" else 1)]
+    (blocks, (w_c, b_c)), *_ = groups
+    z36 = randn(2, 36, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+    run, leaves = {
+        "block": (lambda: ops.residual_distill(y, *blocks[0]), [y, *blocks[0]]),
+        "compression": (lambda: ops.compress_skip(z36, w_c, b_c, y), [z36, w_c, b_c, y]),
+        "group": (lambda: ops.distill_and_compress(y, blocks, w_c, b_c),
+                  [y, *(t for block in blocks for t in block), w_c, b_c]),
+        "body": (lambda: ops.distill_groups(y, groups),
+                 [y, *(t for blocks, compression in groups for t in (*(t for b in blocks for t in b), *compression))]),
+    }[node]
+    out = run()
+    grad_out = randn(*out.shape, dtype=dtype, device=device)
+    expected = torch.autograd.grad(out, leaves, grad_out)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _unpacked_strided):
+        out = run()
+    for i, (g, e) in enumerate(zip(torch.autograd.grad(out, leaves, grad_out), expected)):
+        assert torch.equal(g, e), f"gradient of leaf {i}"
+
+
+@pytest.mark.parametrize("body", [False, True])  # distill_and_compress (one node a group), distill_groups (one node)
+def test_a_saved_activation_handed_back_at_its_address_in_another_layout(body, device):
+    """A saved_tensors_hooks pair that frees a saved activation and hands it back where a new
+    allocation lands, which can be its old address (a caching allocator reuses freed blocks), in
+    another layout (save_on_cpu-style offloading copies into contiguous tensors): here, the group's
+    channels_last input rewritten in NCHW order in its own storage. The backward's launch plan is
+    keyed by the forward's layouts only where the saved tensors are the forward's: the same address
+    alone does not say so, and every gradient equals the one without the hook, bit for bit."""
+    dtype = dtypes_for(device)[0]
+    _eager_group_or_skip(device, dtype)
+    y_leaf = randn(2, 24, 5, 3, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+    groups = [(_group_blocks(dtype, device, inners=(16, 16, 16)),
+               (randn(24, 36, 1, 1, dtype=dtype, device=device, requires_grad=True),
+                randn(24, dtype=dtype, device=device, requires_grad=True))) for _ in range(2 if body else 1)]
+    leaves = [y_leaf, *(t for blocks, compression in groups for t in (*(t for b in blocks for t in b), *compression))]
+    grad_out = randn(2, 24, 5, 3, dtype=dtype, device=device)
+
+    def gradients():
+        y = y_leaf * 2  # an activation whose storage nothing else reads after the forward
+        if body:
+            out = ops.distill_groups(y, groups)
+        else:
+            (blocks, (w_c, b_c)), = groups
+            out = ops.distill_and_compress(y, blocks, w_c, b_c)
+        return torch.autograd.grad(out, leaves, grad_out)
+
+    def pack(t):  # the 4-D activations that are not contiguous (the groups' channels_last inputs)
+        if t.dim() != 4 or t.is_contiguous():
+            return t
+        return t.untyped_storage(), t.storage_offset(), t.shape, t.detach().clone()
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        storage, offset, shape, values = packed
+        return values.new_empty(0).set_(storage, offset, shape).copy_(values)  # NCHW, at the same address
+
+    expected = gradients()
+    gradients()  # replayed: the backward's plan keyed by the forward's signature
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        got = gradients()
+    for i, (g, e) in enumerate(zip(got, expected)):
         assert torch.equal(g, e), f"gradient of leaf {i}"
 
 
