@@ -138,6 +138,32 @@ def test_an_empty_batch_and_meta_tensors_give_the_references_output(device):
     assert meta(torch.empty(2, 3, 4, 5, device="meta")).shape == (2, 3, 8, 10)
 
 
+# Gradient checkpointing runs the forward again inside the backward: the fused nodes' saved tensors
+# are then the second forward's, and with use_reentrant=True the backward runs in a nested graph.
+@pytest.mark.parametrize("recompute", [False, True])  # b saved by the fused forward, or rebuilt
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_references_gradients(reentrant, recompute, device):
+    from torch.utils.checkpoint import checkpoint
+
+    dtype = dtypes_for(device)[0]
+    cfg = dict(scale=2, **SMALL)
+    ref, _ = pair(cfg, device, torch.float64)
+    fast = fastdrn.DRN(recompute=recompute, **cfg).to(device, dtype)
+    fast.load_state_dict(ref.state_dict())
+    x = image(2, 5, 7, device, dtype).requires_grad_()
+    out = checkpoint(fast, x, use_reentrant=reentrant)
+    x_ref = x.detach().double().requires_grad_()
+    expected = ref(x_ref)
+    fwd_tol, grad_tol = tolerance(device, dtype)
+    assert rel_err(out, expected) <= fwd_tol
+    grad = torch.randn_like(expected)
+    out.backward(grad.to(dtype))
+    expected.backward(grad)
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) <= grad_tol, name
+    assert rel_err(x.grad, x_ref.grad) <= grad_tol
+
+
 def test_recompute_option_gives_the_same_gradients(device):
     dtype = dtypes_for(device)[-1]
     ref, fast = pair(dict(scale=2, **SMALL), device, dtype)
