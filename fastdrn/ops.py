@@ -29,7 +29,7 @@ _PASSED: set = set()
 _PASSED_LIMIT = 4096  # signatures hold no tensors; cleared when full
 # Group signatures (plans.checked_signature) whose tensors were all as the kernels read them (1x1
 # weights and biases contiguous). Contiguity follows from shapes and strides, so tensors of such a
-# signature are too, and _dense (45 calls a group) is skipped for them.
+# signature are too, and making them dense (45 tensors a group) is skipped for them.
 _DENSE: set = set()
 
 
@@ -177,13 +177,6 @@ def _dense(t):
     return None if t is None else t.contiguous()
 
 
-def _dense_block(w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand) -> tuple:
-    """A block's tensors as the kernels read them: the 1x1 weights and the biases dense; the 3x3
-    weight as given (it is repacked tap-major on every launch whatever its strides, and a
-    channels_last one gets its gradient in that layout)."""
-    return (_dense(w_squeeze), _dense(b_squeeze), w_conv, _dense(b_conv), _dense(w_expand), _dense(b_expand))
-
-
 _kernels = None
 
 
@@ -205,8 +198,9 @@ def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand
     _checked(check_residual_distill, z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand)
     alpha = check_alpha("residual_distill", alpha)
     if backend.use_triton("residual_distill", z.device, z.dtype):
-        return _fused().residual_distill(z, *_dense_block(w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand),
-                                         alpha, recompute)
+        fused = _fused()
+        block = fused.dense_as_read([w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand])
+        return fused.residual_distill(z, *block, alpha, recompute)
     return reference.residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha)
 
 
@@ -303,10 +297,9 @@ def _body_in_one_node(fused, y, groups, alpha, recompute, packs, packs_t):
     number = whole[0]
     if number not in _DENSE:
         for start, end in bounds:
-            # The 1x1 weights and the biases as the kernels read them (_dense_block); the 3x3 weights
-            # are packed from any layout.
-            if not all(t.is_contiguous() for j, t in enumerate(tensors[start:end])
-                       if j % 6 != 2 or j >= end - start - 2):
+            blocks = tensors[start:end - 2]
+            if not (all(map(operator.is_, blocks, fused.dense_as_read(blocks)))
+                    and all(t.is_contiguous() for t in tensors[end - 2:end])):
                 return None  # a dense copy is needed: the groups one by one make it
         if len(_DENSE) >= _PASSED_LIMIT:
             _DENSE.clear()
@@ -370,7 +363,7 @@ def _group_weights(y, weights, alpha, recompute, compression, packs=None, packs_
                 needs_grad or not (torch.is_grad_enabled() and any(map(_requires_grad, compression)))):
             compress = tuple(compression)
         if signature is None or signature[0] not in _DENSE:
-            weights = [t if i % 6 == 2 else _dense(t) for i, t in enumerate(weights)]  # as _dense_block
+            weights = fused.dense_as_read(weights)
             compress = tuple(map(_dense, compress))
             keyed = (y, *weights, *compress)
             if signature is not None and len(keyed) == len(given) and all(map(operator.is_, given, keyed)):

@@ -662,6 +662,15 @@ def _saved_views(arena, like, w_squeezes, w_expands, compression, z_in_arena, sa
                    for c, offset in zip(channels, offsets)]
 
 
+def dense_as_read(tensors: list, per_block: int = 6) -> list:
+    """Blocks' tensors, per_block a block with the 3x3 weight third (the 6 given, or the 4 or 5 of
+    _read_by_backward), as the kernels read them: the 1x1 weights and the biases dense (t itself
+    where it is: no copy, no autograd node; else a copy autograd differentiates back to t); the 3x3
+    weights as given, since they are packed tap-major from any layout (and a channels_last one gets
+    its gradient in that layout). None, an absent bias, stays None."""
+    return [t if t is None or i % per_block == 2 else t.contiguous() for i, t in enumerate(tensors)]
+
+
 def _read_by_backward(weights, save_b) -> list:
     """Of the 6 tensors of each block, those its backward reads: w_squeeze, b_squeeze (a is
     recomputed), w_conv, b_conv only to rebuild b (not save_b), and w_expand; b_expand never (as
@@ -805,10 +814,10 @@ def _input_grads(ctx, grad, backward):
         raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
     z, b, *weights = ctx.saved_tensors
     # A saved_tensors_hooks unpack may hand them back in another layout (save_on_cpu: NCHW): the
-    # kernels read b as pixel rows and the 1x1 weights and biases dense (the 3x3 weight is packed).
+    # kernels read b as pixel rows.
     if b.dim() == 4:
         b = rows(b)
-    weights = [t if i == 2 or t is None else t.contiguous() for i, t in enumerate(weights)]
+    weights = dense_as_read(weights)
     dz, dw_sq, db_sq, dw_c, db_c, dw_e, db_e = backward(grad, z, b, *weights, ctx.alpha)
     has_sq, has_c, has_e = ctx.has_bias
     # None for alpha, save_b and the folded squeeze's inputs (a, w_squeeze_next, b_squeeze_next):
@@ -863,24 +872,19 @@ def _planned_backward(grad, z, b, *weights_and_alpha):
     return planned(_block_backward_region, (alpha,), [rows(grad), z, b, *weights])
 
 
-def _chain_forward_saving(z, weights, compression, packs, alpha, first, save_b, save_a, signature):
+def _chain_forward_saving(z, weights, compression, packs, alpha, first, save_b, save_a, signature, z_key):
     """A group's planned forward as its autograd node runs it: (out, the tensors to save, where they
     are). Saved: z (where block 0 needs a gradient) and the activations (one tensor), then the
     weights the backward reads (_read_by_backward), then the compression's (w, b); where they are:
-    the addresses of all but the activations, and z's layout (_layout), which
-    _chain_backward_planned compares with the saved tensors'."""
+    the addresses of all but the activations, and z's layout (z_key, its tensor_signature key), which
+    _chain_backward_planned compares with the saved z's."""
     out, activations = planned(_chain_forward_region, (alpha, first, save_b, save_a, len(weights) // 6,
                                                        len(compression)),
                                [z, *weights, *compression, *packs],
                                keyed=1 + len(weights) + len(compression), signature=signature)  # packs follow
     read = _read_by_backward(weights[6 * first:], save_b)
     return (out, [*activations, *read, *compression],
-            (pointers([None if first else z, *read, *compression]), None if first else _layout(z)))
-
-
-def _layout(t) -> tuple:
-    """What a launch reads of t besides its address and contents."""
-    return t.shape, t.stride(), t.storage_offset(), t.dtype
+            (pointers([None if first else z, *read, *compression]), None if first else z_key))
 
 
 def _chain_backward_planned(grad, saved, n_blocks, first, n_compress, alpha, save_b, save_a, packs, packs_t,
@@ -897,13 +901,10 @@ def _chain_backward_planned(grad, saved, n_blocks, first, n_compress, alpha, sav
     weights = saved[2 - bool(first):len(saved) - n_compress]
     compression = saved[len(saved) - n_compress:]
     addresses = pointers([z, *weights, *compression])
-    saved_pointers, z_layout = saved_where
+    saved_pointers, z_key = saved_where
     if addresses != saved_pointers:
-        # Not the forward's tensors (a saved_tensors_hooks unpack made them), maybe in another layout:
-        # the 1x1 weights and the biases dense, as the kernels read them (the 3x3 weights, 2 of each
-        # block's, only give their gradients' layout).
-        per_block = 4 if save_b else 5
-        weights = [t if i % per_block == 2 or t is None else t.contiguous() for i, t in enumerate(weights)]
+        # Not the forward's tensors (a saved_tensors_hooks unpack made them), maybe in another layout.
+        weights = dense_as_read(weights, 4 if save_b else 5)
         compression = [t if t is None else t.contiguous() for t in compression]
     n_blocks -= first
     if not n_blocks:
@@ -921,7 +922,7 @@ def _chain_backward_planned(grad, saved, n_blocks, first, n_compress, alpha, sav
     signature = None
     # The forward's tensors, whose layouts its key holds: each at its address, and z in its layout too (an
     # activation: a saved_tensors_hooks pair may free it and hand back a copy where the allocator put it).
-    if forward_key is not None and addresses == saved_pointers and (z is None or _layout(z) == z_layout):
+    if forward_key is not None and addresses == saved_pointers and (z is None or tensor_signature([z])[0] == z_key):
         grad_key, grad_pointer = tensor_signature([grad])
         signature = (forward_key, first, grad_key), grad_pointer + addresses
     grad_in, grads = planned(
@@ -960,8 +961,9 @@ class _EagerDistillGroup(torch.autograd.Function):
                 packs = _pack_convs(weights[2::6])
             # fold_backward: a saved too (F values a pixel a block), so the backward has no pair kernel.
             save_a = save_b and launch_options().fold_backward
+            z_key = None if first else tensor_signature([z])[0]
             out, saved, where = _chain_forward_saving(z, weights, compression, packs, alpha, first, save_b, save_a,
-                                                      signature)
+                                                      signature, z_key)
         ctx.save_for_backward(*saved)
         ctx.alpha, ctx.first, ctx.save_b, ctx.save_a, ctx.n_compress = alpha, first, save_b, save_a, n_compress
         ctx.n_blocks = len(weights) // 6
@@ -1021,7 +1023,7 @@ class _EagerDistillGroups(torch.autograd.Function):
                 key = (number, k, y_key)
                 z, group_saved, group_where = _chain_forward_saving(
                     z, tensors[start:end - 2], tensors[end - 2:end], packs[k], alpha, 0, save_b, save_a,
-                    (key, y_pointer + addresses[start:end]))
+                    (key, y_pointer + addresses[start:end]), y_key)
                 saved += group_saved
                 keys.append(key)
                 saved_where.append(group_where)

@@ -410,7 +410,7 @@ def _chained_per_block(y, blocks, recompute):
     z, a = y, None
     for k, block in enumerate(blocks):
         next_squeeze = tuple(blocks[k + 1][:2]) if k + 1 < len(blocks) else (None, None)
-        z, a = module._block(z, ops._dense_block(*block), 0.2, recompute, a, next_squeeze)
+        z, a = module._block(z, module.dense_as_read(list(block)), 0.2, recompute, a, next_squeeze)
     return z
 
 
