@@ -13,7 +13,8 @@
 #   bash bench/gpu_session.sh two   (the same bound) install, unless stage one installed this commit
 #                                   on the same warm machine; the bf16 rows with torch.compile
 #                                   max-autotune, without the backward fold (training) and with the
-#                                   fused output stage (inference) beside fastdrn's graph; the RDB benchmark; Nsight Compute on one block;
+#                                   fused output stage (inference) beside fastdrn's graph; the RDB benchmark; the
+#                                   profile's 3x3 and weight-gradient config timings again; Nsight Compute on one block;
 #                                   the compress_skip and pixel-shuffle benchmarks; the autotune sweep
 #                                   (which config each kernel's autotuner picks), each step within
 #                                   the time left
@@ -120,6 +121,17 @@ elif [ "$stage" = two ]; then
   within bench-model $budget bench/bench_model.py --quick --dtypes bf16 --max-autotune --unfolded --fused-tail \
     --impls eager-graph,fastdrn-graph,fastdrn-unfolded,fastdrn-unfolded-graph,fastdrn-fused-tail-graph,compile-max-autotune
   within bench-rdb 100 bench/bench_residual_distill.py --quick
+  # The launch-config cases of the profile again (stage one runs them last, within what its deadline
+  # leaves): every 3x3 and weight-gradient config, listed or candidate, timed on the captured launches.
+  left=$(( deadline - $(date +%s) - 10 )); [ $left -gt 120 ] && left=120
+  if [ $left -ge 30 ]; then
+    t0=$(date +%s)
+    FASTDRN_AUTOTUNE=0 timeout $left python3 bench/profile_kernels.py $OUT/profile-two --cases 3x3,wgrad \
+      > $OUT/profile-two.log 2>&1
+    echo "profile 3x3,wgrad rc=$? $(( $(date +%s) - t0 )) s"; grep -E "^== " $OUT/profile-two.log
+  else
+    echo "profile 3x3,wgrad skipped: ${left} s left before the stage's deadline"
+  fi
   left=$(( deadline - $(date +%s) - 10 )); [ $left -gt 50 ] && left=50
   if [ $left -ge 20 ]; then
     t0=$(date +%s)

@@ -216,11 +216,20 @@ def print_config_rows(rows) -> None:
               f"{timings.get(best, float('nan')):.1f} us ({best}){' ' + row['error'] if 'error' in row else ''}")
 
 
+CASES = ("train", "infer", "block", "group", "rdb", "upsampler", "tail", "3x3", "wgrad")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (interpreter): checks the script only")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma-separated, of {', '.join(CASES)} (default: all, in that order)")
     args = p.parse_args()
+    cases = args.cases.split(",")
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        p.error(f"--cases: unknown {', '.join(unknown)} (known: {', '.join(CASES)})")
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     cuda = device.type == "cuda"
@@ -250,6 +259,8 @@ def main() -> None:
             model(big)
 
     for name, fn in (("train", train_step), ("infer", infer)):
+        if name not in cases:
+            continue
         t0 = time.perf_counter()
         table = profile(fn, 1 if args.smoke else 3, device)
         total = sum(r["us_per_step"] for r in table)
@@ -263,7 +274,7 @@ def main() -> None:
 
     # One block, forward + backward, replayed from a CUDA graph.
     dtype = torch.bfloat16 if cuda else torch.float32
-    for d_in in ((8,) if args.smoke else (64, 136)):
+    for d_in in () if "block" not in cases else (8,) if args.smoke else (64, 136):
         inner, distill = (8, 4) if args.smoke else (64, 8)
         z = torch.randn(n, d_in, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         z.requires_grad_(True)
@@ -316,7 +327,8 @@ def main() -> None:
         torch.autograd.grad(ops.distill_group(y, blocks), leaves, dy)
 
     listed_programs = gemm.WEIGHT_GRAD_TILES_PROGRAMS
-    for fold, programs in ((False, listed_programs), (True, listed_programs), (True, 512), (True, 1024)):
+    settings = ((False, listed_programs), (True, listed_programs), (True, 512), (True, 1024))
+    for fold, programs in settings if "group" in cases else ():
         label = (f"group of {n_blocks} blocks F{inner}, {'fold_backward' if fold else 'unfolded'}, "
                  f"{programs} weight-gradient programs")
         gemm.WEIGHT_GRAD_TILES_PROGRAMS = programs
@@ -337,129 +349,135 @@ def main() -> None:
         for r in table[:8]:
             print(f"  {r['us_per_step']:9.1f} us  {r['calls_per_step']:6.1f} calls  {r['kernel'][:90]}")
 
-    # One block's forward at the inference size, against the bf16 matrix peak of this run.
-    t0 = time.perf_counter()
-    rn, rh, rw = (1, 6, 6) if args.smoke else (1, 540, 960)
-    d_in = c
-    rz = torch.randn(rn, d_in, rh, rw, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    rdb_weights = [t.detach() for t in blocks[0]]
-    with torch.no_grad():
-        forward_ms = common.time_fn(lambda: ops.residual_distill(rz, *rdb_weights, alpha=0.2), device)
-    ceilings = common.measure_ceilings(device)
-    tflops = rn * rh * rw * common.rdb_flop_per_pixel(d_in, inner, distill) / forward_ms / 1e9
-    entry = {"size": [rn, rh, rw], "D": d_in, "F": inner, "d": distill, "forward_ms": forward_ms,
-             "tflops": tflops, "matmul_tflops": ceilings["matmul_tflops"],
-             "fraction_of_matmul": tflops / ceilings["matmul_tflops"]}
-    result["cases"][f"rdb forward {rn}x{rh}x{rw} D{d_in} F{inner}"] = entry
-    save(result, args.out)
-    print(f"\n== rdb forward {rn}x{rh}x{rw} D{d_in} F{inner}: {forward_ms * 1000:.1f} us, {tflops:.1f} TFLOP/s, "
-          f"{100 * entry['fraction_of_matmul']:.0f}% of the {ceilings['matmul_tflops']:.0f} TFLOP/s bf16 matrix "
-          f"product (target 50%) ({time.perf_counter() - t0:.0f} s)")
+    if "rdb" in cases:
+        # One block's forward at the inference size, against the bf16 matrix peak of this run.
+        t0 = time.perf_counter()
+        rn, rh, rw = (1, 6, 6) if args.smoke else (1, 540, 960)
+        d_in = c
+        rz = torch.randn(rn, d_in, rh, rw, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        rdb_weights = [t.detach() for t in blocks[0]]
+        with torch.no_grad():
+            forward_ms = common.time_fn(lambda: ops.residual_distill(rz, *rdb_weights, alpha=0.2), device)
+        ceilings = common.measure_ceilings(device)
+        tflops = rn * rh * rw * common.rdb_flop_per_pixel(d_in, inner, distill) / forward_ms / 1e9
+        entry = {"size": [rn, rh, rw], "D": d_in, "F": inner, "d": distill, "forward_ms": forward_ms,
+                 "tflops": tflops, "matmul_tflops": ceilings["matmul_tflops"],
+                 "fraction_of_matmul": tflops / ceilings["matmul_tflops"]}
+        result["cases"][f"rdb forward {rn}x{rh}x{rw} D{d_in} F{inner}"] = entry
+        save(result, args.out)
+        print(f"\n== rdb forward {rn}x{rh}x{rw} D{d_in} F{inner}: {forward_ms * 1000:.1f} us, {tflops:.1f} TFLOP/s, "
+              f"{100 * entry['fraction_of_matmul']:.0f}% of the {ceilings['matmul_tflops']:.0f} TFLOP/s bf16 matrix "
+              f"product (target 50%) ({time.perf_counter() - t0:.0f} s)")
 
-    # The upsampler conv's bias (C -> 16C channels, x4): added by PyTorch after cuDNN as a separate
-    # broadcast, then the shuffle; or added by the shuffle's gather (ops._pixel_shuffle_bias, which
-    # fastdrn.DRN does not use until this case has timed both on a GPU).
-    t0 = time.perf_counter()
+    # The upsampler conv's input and weights, at the inference size (the upsampler and tail cases).
     un, uh, uw = (1, 6, 6) if args.smoke else (1, 270, 480)
     up_y = torch.randn(un, c, uh, uw, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     up_w = (torch.randn(16 * c, c, 3, 3, device=device, dtype=dtype) * 0.05).contiguous(
         memory_format=torch.channels_last)
     up_b = torch.randn(16 * c, device=device, dtype=dtype)
+    if "upsampler" in cases:
+        # The upsampler conv's bias (C -> 16C channels, x4): added by PyTorch after cuDNN as a separate
+        # broadcast, then the shuffle; or added by the shuffle's gather (ops._pixel_shuffle_bias, which
+        # fastdrn.DRN does not use until this case has timed both on a GPU).
+        t0 = time.perf_counter()
 
-    def conv_bias_then_shuffle():
-        return ops.pixel_shuffle(F.conv2d(up_y, up_w, up_b, padding=1), 4)
+        def conv_bias_then_shuffle():
+            return ops.pixel_shuffle(F.conv2d(up_y, up_w, up_b, padding=1), 4)
 
-    def shuffle_adds_bias():
-        return ops._pixel_shuffle_bias(F.conv2d(up_y, up_w, None, padding=1), up_b, 4)
+        def shuffle_adds_bias():
+            return ops._pixel_shuffle_bias(F.conv2d(up_y, up_w, None, padding=1), up_b, 4)
 
-    with torch.no_grad():
-        separate_ms = common.time_fn(conv_bias_then_shuffle, device)
-        fused_ms = common.time_fn(shuffle_adds_bias, device)
-        max_difference = (conv_bias_then_shuffle().float() - shuffle_adds_bias().float()).abs().max().item()
-    label = f"upsampler bias {un}x{c}x{uh}x{uw} -> {16 * c} channels"
-    result["cases"][label] = {"size": [un, c, uh, uw], "out_channels": 16 * c,
-                              "conv_bias_then_shuffle_us": separate_ms * 1000, "shuffle_adds_bias_us": fused_ms * 1000,
-                              "max_abs_difference": max_difference}
-    save(result, args.out)
-    print(f"\n== {label}: conv with bias then pixel_shuffle {separate_ms * 1000:.1f} us, conv then "
-          f"_pixel_shuffle_bias {fused_ms * 1000:.1f} us (max |difference| {max_difference:.3g}) "
-          f"({time.perf_counter() - t0:.0f} s)")
-
-    # The whole output stage after the upsampler's conv, x4 as fastdrn.DRN runs it under bf16 autocast
-    # (mean float32, so the output is float32): today's conv with bias, ops.pixel_shuffle, the tail
-    # conv with bias and + mean, against the conv without bias then shuffle_tail, one kernel for the
-    # rest (the launch option fuse_tail, off until this case has timed both on a GPU).
-    from fastdrn.kernels.shuffle_tail import shuffle_tail
-
-    t0 = time.perf_counter()
-    tail_w = (torch.randn(3, c, 3, 3, device=device, dtype=dtype) * 0.05).contiguous(memory_format=torch.channels_last)
-    tail_b = torch.randn(3, device=device, dtype=dtype)
-    mean = torch.tensor(reference.DIV2K_RGB_MEAN, device=device).view(1, 3, 1, 1)
-
-    def tail_today():
-        v = ops.pixel_shuffle(F.conv2d(up_y, up_w, up_b, padding=1), 4)
-        return F.conv2d(v, tail_w, tail_b, padding=1) + mean
-
-    def tail_fused():
-        return shuffle_tail(F.conv2d(up_y, up_w, None, padding=1), up_b, tail_w, tail_b, mean, 4,
-                            out_dtype=torch.float32, channels_last=True)
-
-    with torch.no_grad():
-        today_ms = common.time_fn(tail_today, device)
-        fused_ms = common.time_fn(tail_fused, device)
-        max_difference = (tail_today() - tail_fused()).abs().max().item()
-    label = f"tail {un}x{c}x{uh}x{uw} x4 -> 3 colors"
-    result["cases"][label] = {"size": [un, c, uh, uw], "scale": 4, "conv_shuffle_tail_us": today_ms * 1000,
-                              "conv_then_shuffle_tail_us": fused_ms * 1000, "max_abs_difference": max_difference}
-    save(result, args.out)
-    print(f"\n== {label}: conv with bias, pixel_shuffle, tail conv + mean {today_ms * 1000:.1f} us; conv then "
-          f"shuffle_tail {fused_ms * 1000:.1f} us (max |difference| {max_difference:.3g}) "
-          f"({time.perf_counter() - t0:.0f} s)")
-
-    # Every 3x3 config at DRN's width, on the launches the training and inference sizes make (the
-    # larger pixel tiles are candidates: the first config stays the default until one wins here).
-    t0 = time.perf_counter()
-    pair = [[t.detach().requires_grad_(True) for t in block] for block in blocks[:2]]
-    y2 = y[:, :c].detach().requires_grad_(True)
-    dy2 = dy[:, :c + 2 * distill].contiguous(memory_format=torch.channels_last)
-    big_y = torch.randn(1, c, ih, iw, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-
-    def two_blocks():
-        torch.autograd.grad(ops.distill_group(y2, pair), [y2, *(t for b in pair for t in b)], dy2)
         with torch.no_grad():
-            ops.distill_group(big_y, [[t.detach() for t in b] for b in pair])
-
-    launches = conv3x3_launches(two_blocks)
-    rows = conv3x3_config_timings(launches)
-    result["cases"][f"3x3 configs F{inner}"] = {"launches": rows}
-    save(result, args.out)
-    print(f"\n== 3x3 configs, F = {inner}: {len(rows)} launches timed ({time.perf_counter() - t0:.0f} s)")
-    print_config_rows(rows)
-
-    # Every weight-gradient config, listed or candidate, on the launches one block's backward (3
-    # problems) and a group's (three blocks' 9 a launch) make, at each number of programs a launch
-    # aims at: which tile, pipeline depth and grid fill the SMs best (gemm.WEIGHT_GRAD_CANDIDATES).
-    t0 = time.perf_counter()
-
-    def one_block_and_group():
-        block = [t.detach().requires_grad_(True) for t in blocks[0]]
-        torch.autograd.grad(ops.residual_distill(y2, *block, alpha=0.2), [y2, *block],
-                            dy[:, :c + distill].contiguous(memory_format=torch.channels_last))
-        group()
-
-    rows = []
-    for programs in (listed_programs,) if args.smoke else (listed_programs, 512, 1024):  # smoke: the path, once
-        gemm.WEIGHT_GRAD_TILES_PROGRAMS = programs
-        try:
-            launches = captured_launches(gemm, (gemm.weight_grad_tiles_kernel, gemm.weight_grad_blocks_kernel),
-                                         one_block_and_group, lambda tuned, a: (id(tuned), a["PROBLEMS"], a["M"]))
-            rows += weight_grad_config_timings(launches, programs)
-        finally:
-            gemm.WEIGHT_GRAD_TILES_PROGRAMS = listed_programs
-        result["cases"]["weight-gradient configs"] = {"launches": rows}
+            separate_ms = common.time_fn(conv_bias_then_shuffle, device)
+            fused_ms = common.time_fn(shuffle_adds_bias, device)
+            max_difference = (conv_bias_then_shuffle().float() - shuffle_adds_bias().float()).abs().max().item()
+        label = f"upsampler bias {un}x{c}x{uh}x{uw} -> {16 * c} channels"
+        result["cases"][label] = {"size": [un, c, uh, uw], "out_channels": 16 * c,
+                                  "conv_bias_then_shuffle_us": separate_ms * 1000, "shuffle_adds_bias_us": fused_ms * 1000,
+                                  "max_abs_difference": max_difference}
         save(result, args.out)
-    print(f"\n== weight-gradient configs: {len(rows)} launches timed ({time.perf_counter() - t0:.0f} s)")
-    print_config_rows(rows)
+        print(f"\n== {label}: conv with bias then pixel_shuffle {separate_ms * 1000:.1f} us, conv then "
+              f"_pixel_shuffle_bias {fused_ms * 1000:.1f} us (max |difference| {max_difference:.3g}) "
+              f"({time.perf_counter() - t0:.0f} s)")
+
+    if "tail" in cases:
+        # The whole output stage after the upsampler's conv, x4 as fastdrn.DRN runs it under bf16 autocast
+        # (mean float32, so the output is float32): today's conv with bias, ops.pixel_shuffle, the tail
+        # conv with bias and + mean, against the conv without bias then shuffle_tail, one kernel for the
+        # rest (the launch option fuse_tail, off until this case has timed both on a GPU).
+        from fastdrn.kernels.shuffle_tail import shuffle_tail
+
+        t0 = time.perf_counter()
+        tail_w = (torch.randn(3, c, 3, 3, device=device, dtype=dtype) * 0.05).contiguous(memory_format=torch.channels_last)
+        tail_b = torch.randn(3, device=device, dtype=dtype)
+        mean = torch.tensor(reference.DIV2K_RGB_MEAN, device=device).view(1, 3, 1, 1)
+
+        def tail_today():
+            v = ops.pixel_shuffle(F.conv2d(up_y, up_w, up_b, padding=1), 4)
+            return F.conv2d(v, tail_w, tail_b, padding=1) + mean
+
+        def tail_fused():
+            return shuffle_tail(F.conv2d(up_y, up_w, None, padding=1), up_b, tail_w, tail_b, mean, 4,
+                                out_dtype=torch.float32, channels_last=True)
+
+        with torch.no_grad():
+            today_ms = common.time_fn(tail_today, device)
+            fused_ms = common.time_fn(tail_fused, device)
+            max_difference = (tail_today() - tail_fused()).abs().max().item()
+        label = f"tail {un}x{c}x{uh}x{uw} x4 -> 3 colors"
+        result["cases"][label] = {"size": [un, c, uh, uw], "scale": 4, "conv_shuffle_tail_us": today_ms * 1000,
+                                  "conv_then_shuffle_tail_us": fused_ms * 1000, "max_abs_difference": max_difference}
+        save(result, args.out)
+        print(f"\n== {label}: conv with bias, pixel_shuffle, tail conv + mean {today_ms * 1000:.1f} us; conv then "
+              f"shuffle_tail {fused_ms * 1000:.1f} us (max |difference| {max_difference:.3g}) "
+              f"({time.perf_counter() - t0:.0f} s)")
+
+    y2 = y[:, :c].detach().requires_grad_(True)  # a group's first block's input (the 3x3 and wgrad cases)
+    if "3x3" in cases:
+        # Every 3x3 config at DRN's width, on the launches the training and inference sizes make (the
+        # larger pixel tiles are candidates: the first config stays the default until one wins here).
+        t0 = time.perf_counter()
+        pair = [[t.detach().requires_grad_(True) for t in block] for block in blocks[:2]]
+        dy2 = dy[:, :c + 2 * distill].contiguous(memory_format=torch.channels_last)
+        big_y = torch.randn(1, c, ih, iw, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+        def two_blocks():
+            torch.autograd.grad(ops.distill_group(y2, pair), [y2, *(t for b in pair for t in b)], dy2)
+            with torch.no_grad():
+                ops.distill_group(big_y, [[t.detach() for t in b] for b in pair])
+
+        launches = conv3x3_launches(two_blocks)
+        rows = conv3x3_config_timings(launches)
+        result["cases"][f"3x3 configs F{inner}"] = {"launches": rows}
+        save(result, args.out)
+        print(f"\n== 3x3 configs, F = {inner}: {len(rows)} launches timed ({time.perf_counter() - t0:.0f} s)")
+        print_config_rows(rows)
+
+    if "wgrad" in cases:
+        # Every weight-gradient config, listed or candidate, on the launches one block's backward (3
+        # problems) and a group's (three blocks' 9 a launch) make, at each number of programs a launch
+        # aims at: which tile, pipeline depth and grid fill the SMs best (gemm.WEIGHT_GRAD_CANDIDATES).
+        t0 = time.perf_counter()
+
+        def one_block_and_group():
+            block = [t.detach().requires_grad_(True) for t in blocks[0]]
+            torch.autograd.grad(ops.residual_distill(y2, *block, alpha=0.2), [y2, *block],
+                                dy[:, :c + distill].contiguous(memory_format=torch.channels_last))
+            group()
+
+        rows = []
+        for programs in (listed_programs,) if args.smoke else (listed_programs, 512, 1024):  # smoke: the path, once
+            gemm.WEIGHT_GRAD_TILES_PROGRAMS = programs
+            try:
+                launches = captured_launches(gemm, (gemm.weight_grad_tiles_kernel, gemm.weight_grad_blocks_kernel),
+                                             one_block_and_group, lambda tuned, a: (id(tuned), a["PROBLEMS"], a["M"]))
+                rows += weight_grad_config_timings(launches, programs)
+            finally:
+                gemm.WEIGHT_GRAD_TILES_PROGRAMS = listed_programs
+            result["cases"]["weight-gradient configs"] = {"launches": rows}
+            save(result, args.out)
+        print(f"\n== weight-gradient configs: {len(rows)} launches timed ({time.perf_counter() - t0:.0f} s)")
+        print_config_rows(rows)
 
 
 if __name__ == "__main__":
