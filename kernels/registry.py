@@ -140,9 +140,12 @@ def signature(kinds: Mapping[str, str], dtype: str) -> dict[str, str]:
 
 
 def config_label(config) -> str:
-    """'M128 N64 K32 w4 s3' for a triton.Config with BLOCK_M/BLOCK_N/BLOCK_K (other kwargs spelled out)."""
+    """'M128 N64 K32 w4 s3' for a triton.Config with BLOCK_M/BLOCK_N/BLOCK_K; other kwargs spelled
+    out where not 0 or False (the 3x3's TILE_W and X_IN_L1 off: its configs as they were labelled)."""
     parts = []
     for name, value in config.kwargs.items():
+        if not name.startswith("BLOCK_") and value in (0, False):
+            continue
         short = name[len("BLOCK_"):] if name.startswith("BLOCK_") else f"{name}="
         parts.append(f"{short}{value}")
     parts += [f"w{config.num_warps}", f"s{config.num_stages}"]

@@ -101,12 +101,25 @@ def conv3x3_fused_kernel(
     BLOCK_F: tl.constexpr,    # F padded to a power of two: the whole 3x3 output row stays in registers
     BLOCK_K: tl.constexpr,    # input channels per 3x3 step
     BLOCK_N: tl.constexpr,    # output columns per step of the second GEMM
+    TILE_W: tl.constexpr,     # 0: BLOCK_M consecutive pixels of the raster order; else a 2-D tile of
+                              # BLOCK_M // TILE_W image rows by TILE_W columns (the taps share more of it)
+    X_IN_L1: tl.constexpr,    # load x through L1 (cp.async.ca), so that taps re-reading it may hit there
 ):
     pid = tl.program_id(0)
-    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = rm < M
-    h = (rm // W) % H
-    w = rm % W
+    if TILE_W == 0:
+        rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        h = (rm // W) % H
+        w = rm % W
+    else:
+        tiles_w = tl.cdiv(W, TILE_W)
+        tiles = tl.cdiv(H, BLOCK_M // TILE_W) * tiles_w  # an image's tiles
+        image = pid // tiles
+        tile_h = (pid % tiles) // tiles_w
+        h = tile_h * (BLOCK_M // TILE_W) + tl.arange(0, BLOCK_M) // TILE_W
+        w = (pid % tiles_w) * TILE_W + tl.arange(0, BLOCK_M) % TILE_W
+        m_ok = (h < H) & (w < W)  # the grid holds whole images only
+        rm = (image * H + h) * W + w
     rf = tl.arange(0, BLOCK_F)
     f_ok = rf < F
     rk = tl.arange(0, BLOCK_K)
@@ -129,7 +142,11 @@ def conv3x3_fused_kernel(
         for k0 in range(0, F, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < F
-            x = tl.load(x_ptr + src[:, None] * F + kk[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
+            if X_IN_L1:
+                x = tl.load(x_ptr + src[:, None] * F + kk[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0,
+                            cache_modifier=".ca")
+            else:
+                x = tl.load(x_ptr + src[:, None] * F + kk[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
             wt = tl.load(wc_ptr + w_tap * F * F + kk[:, None] * F + rf[None, :],
                          mask=k_ok[:, None] & f_ok[None, :], other=0.0)
             acc = tl.dot(x, wt, acc, input_precision=PRECISION)
@@ -236,9 +253,9 @@ def pack3x3_kernel(
 
 
 # ---- launch configurations (keyed by BLOCK_F; every entry is in the AOT check) --------------------
-def _config(block_m, block_n, block_k, warps, stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps,
-                         num_stages=stages)
+def _config(block_m, block_n, block_k, warps, stages, tile_w=0, x_in_l1=False):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "TILE_W": tile_w,
+                          "X_IN_L1": x_in_l1}, num_warps=warps, num_stages=stages)
 
 
 # Chosen by compiling every launch shape for sm_90 and sm_80 (kernels/aot_check.py) and keeping
@@ -265,12 +282,15 @@ CONV3X3_FP32_CONFIGS = {
 # 16-bit candidates at DRN's width, neither launched nor autotuned. bench/profile_kernels.py times
 # them beside the configs above and a GPU test checks each against float64; one joins
 # CONV3X3_CONFIGS when a GPU run shows it wins. In the AOT check like the others. Whole-F steps
-# (BLOCK_K 64) won at 0211768; this one tries a fourth stage. 256 x 32 x 64 at 8 warps and
+# (BLOCK_K 64) won at 0211768; the first tries a fourth stage. 256 x 32 x 64 at 8 warps and
 # 128 x 32 x 64 at 4 spilled 4 to 240 bytes in the unaligned input-gradient pass (sm_90, sm_80).
+# The others ask whether the taps' re-reads of x can come from L1 instead of L2 (docs/kernels.md):
+# the default and the inference winner with x loaded through L1, and the default's 128 pixels as an
+# 8 x 16 tile, whose nine taps read 180 distinct pixels instead of up to 390, with and without L1.
 CONV3X3_CANDIDATES = {
-    64: [_config(128, 32, 64, 8, 4)],
+    64: [_config(128, 32, 64, 8, 4), _config(128, 32, 64, 8, 3, x_in_l1=True), _config(64, 32, 64, 4, 4, x_in_l1=True),
+         _config(128, 32, 64, 8, 3, tile_w=16), _config(128, 32, 64, 8, 3, tile_w=16, x_in_l1=True)],
 }
-CONV3X3_INTERPRETER = _config(32, 32, 32, 4, 1)
 # Per BLOCK_F, with BLOCK_K no wider than BLOCK_F (built once: a Config per launch costs host time).
 CONV3X3_INTERPRETER_BY_F = {block_f: _config(32, 32, min(block_f, 32), 4, 1) for block_f in CONV3X3_CONFIGS}
 
@@ -338,7 +358,8 @@ def _conv3x3(x, wc_packed, bc, alpha, *, epi1, flip_taps=False, aux=None, save_m
     check_int32("residual_distill", m * max(inner, out_stride, res_stride), wc_packed.numel())
     alpha_hi, alpha_lo = split_alpha(alpha)
     kernel, tuned = conv3x3_fused_kernel, conv3x3_tuned[(block_f, x.dtype == torch.float32, inplace)]
-    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) if not meta["TILE_W"] else  # noqa: E731
+                         n_img * cdiv(height, meta["BLOCK_M"] // meta["TILE_W"]) * cdiv(width, meta["TILE_W"]),)
     interp = CONV3X3_INTERPRETER_BY_F[block_f]
     launch(
         kernel, tuned, grid, interp,
@@ -1157,7 +1178,8 @@ def aot_variants():
     kinds.update(alpha_hi="fp32", alpha_lo="fp32")
     kinds.update({name: "constexpr" for name in ("F", "FLIP_TAPS", "EPI1", "HAS_BIAS1", "SAVE_MID", "HAS_SECOND", "HAS_BIAS2",
                                                   "W2_TRANSPOSED", "HAS_NEXT", "HAS_BIAS3", "NEXT_GRAD", "IS_FP64",
-                                                  "PRECISION", "ROW_ALIGN", "BLOCK_M", "BLOCK_F", "BLOCK_K", "BLOCK_N")})
+                                                  "PRECISION", "ROW_ALIGN", "BLOCK_M", "BLOCK_F", "BLOCK_K", "BLOCK_N",
+                                                  "TILE_W", "X_IN_L1")})
     no_next = dict(HAS_NEXT=False, HAS_BIAS3=False, NEXT_GRAD=False)
     forward = dict(FLIP_TAPS=False, EPI1=EPI_ELU, HAS_BIAS1=True, HAS_SECOND=True, HAS_BIAS2=True, W2_TRANSPOSED=False)
     fused_passes = [

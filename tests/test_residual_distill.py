@@ -974,7 +974,7 @@ def test_every_3x3_config_matches_float64(inner, config, device, monkeypatch):
     from fastdrn.kernels import residual_distill as module
 
     if device.type != "cuda":
-        pytest.skip("the interpreter runs one config of its own (CONV3X3_INTERPRETER)")
+        pytest.skip("the interpreter runs configs of its own (CONV3X3_INTERPRETER_BY_F)")
     block_f = module.next_pow2(inner)
     with _forced_autotuners(monkeypatch, *((module.conv3x3_tuned, (block_f, False, inplace),
                                             module.conv3x3_autotuner([config], inplace)) for inplace in (False, True))):
@@ -998,6 +998,39 @@ def test_every_3x3_config_matches_float64(inner, config, device, monkeypatch):
                 return grads, eager_grads, ref_grads
 
             assert_op_grads_close(dtype, grad_tol, draw, None, f"{dtype} {config}")
+
+
+# The 3x3's two launch options that only GPU candidates use (CONV3X3_CANDIDATES), through the
+# interpreter's own config: 2-D pixel tiles (TILE_W) of 4 x 8 and 8 x 4 pixels, and x loaded
+# through L1 (X_IN_L1, which must load the same values). The images are no multiple of either
+# tile: 13 x 5 (ragged in both directions), 1 x 13 (a tile mostly above the image) and 5 x 1.
+@pytest.mark.parametrize("tile_w,x_in_l1", [(8, False), (4, True), (0, True)])
+@pytest.mark.parametrize("height,width", [(13, 5), (1, 13), (5, 1)])
+def test_3x3_pixel_tiles_and_l1_loads_match_float64(tile_w, x_in_l1, height, width, device, monkeypatch):
+    """A group of two blocks (F = 24, which folds the next squeeze) under the forced config: output,
+    every gradient and the in-place inference path's output against float64."""
+    from fastdrn.kernels import residual_distill as module
+
+    if device.type == "cuda":
+        pytest.skip("a GPU runs these options as candidates (test_every_3x3_config_matches_float64)")
+    inner, dtype = 24, torch.float64
+    block_f = module.next_pow2(inner)
+    config = module._config(32, 32, min(block_f, 32), 4, 1, tile_w=tile_w, x_in_l1=x_in_l1)
+    with _forced_autotuners(monkeypatch, (module.CONV3X3_INTERPRETER_BY_F, block_f, config)):
+        fwd_tol, grad_tol = tolerance(device, dtype)
+        y = randn(2, 16, height, width, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+        blocks = [tuple(make_block(16 + 8 * k, inner, 8, dtype, device)) for k in range(2)]
+        leaves = [y, *(t for block in blocks for t in block)]
+        out = ops.distill_group(y, blocks)
+        grad_out = randn(*out.shape, dtype=dtype, device=device)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        ref, ref_grads, _eager = _reference(y, blocks, None, leaves, grad_out)
+        assert_close(out, ref, fwd_tol, f"forward, {config}")
+        for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+            assert_close(g, rg, grad_tol, f"leaf {i} {tuple(g.shape)}, {config}")
+        with torch.no_grad():
+            assert_close(ops.distill_group(y.detach(), [[t.detach() for t in b] for b in blocks]), ref, fwd_tol,
+                         f"in-place forward, {config}")
 
 
 def _unpinned_weight_grad_configs() -> list:
