@@ -285,11 +285,13 @@ CONV3X3_FP32_CONFIGS = {
 # (BLOCK_K 64) won at 0211768; the first tries a fourth stage. 256 x 32 x 64 at 8 warps and
 # 128 x 32 x 64 at 4 spilled 4 to 240 bytes in the unaligned input-gradient pass (sm_90, sm_80).
 # The others ask whether the taps' re-reads of x can come from L1 instead of L2 (docs/kernels.md):
-# the default and the inference winner with x loaded through L1, and the default's 128 pixels as an
-# 8 x 16 tile, whose nine taps read 180 distinct pixels instead of up to 390, with and without L1.
+# the default and the inference winner with x loaded through L1; the default's 128 pixels as an
+# 8 x 16 tile, whose nine taps read 180 distinct pixels instead of up to 390, with and without L1;
+# the inference winner's 64 as an 8 x 8 tile with L1 (100 distinct pixels instead of up to 198).
 CONV3X3_CANDIDATES = {
     64: [_config(128, 32, 64, 8, 4), _config(128, 32, 64, 8, 3, x_in_l1=True), _config(64, 32, 64, 4, 4, x_in_l1=True),
-         _config(128, 32, 64, 8, 3, tile_w=16), _config(128, 32, 64, 8, 3, tile_w=16, x_in_l1=True)],
+         _config(128, 32, 64, 8, 3, tile_w=16), _config(128, 32, 64, 8, 3, tile_w=16, x_in_l1=True),
+         _config(64, 32, 64, 4, 4, tile_w=8, x_in_l1=True)],
 }
 # Per BLOCK_F, with BLOCK_K no wider than BLOCK_F (built once: a Config per launch costs host time).
 CONV3X3_INTERPRETER_BY_F = {block_f: _config(32, 32, min(block_f, 32), 4, 1) for block_f in CONV3X3_CONFIGS}
