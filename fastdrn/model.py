@@ -209,10 +209,10 @@ class DRN(reference.DRN):
     def _fuses_tail(self, features: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether the pixel shuffle and the tail run as one Triton kernel (kernels/shuffle_tail.py):
         on the fused backend, with the launch option fuse_tail (FASTDRN_FUSE_TAIL=1) on, where the
-        upsampler and the tail are convs as DRN builds them, without hooks, and where none of the
-        kernel's inputs needs a gradient (it has no backward). The features carry the
-        input's and every earlier parameter's need, so four tensors answer it, not a walk over all
-        the model's parameters."""
+        upsampler and the tail are convs as DRN builds them, without hooks, within the kernel's scale
+        and colour limits, and where none of the kernel's inputs needs a gradient (it has no
+        backward). The features carry the input's and every earlier parameter's need, so four
+        tensors answer it, not a walk over all the model's parameters."""
         if not backend.use_triton("shuffle_tail", features.device, dtype):
             return False
         from .kernels._common import launch_options
@@ -226,6 +226,9 @@ class DRN(reference.DRN):
             return False
         if upsample.bias is None or tail.bias is None or (
                 tail.stride, tail.padding, tail.dilation, tail.groups, tail.padding_mode) != _FUSED_TAIL_CONV:
+            return False
+        # Past the kernel's limits the option leaves the output stage as it was (it raised there).
+        if self.scale > ops.SHUFFLE_TAIL_MAX_SCALE or tail.out_channels > ops.SHUFFLE_TAIL_MAX_COLORS:
             return False
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in (
             features, upsample.weight, upsample.bias, tail.weight, tail.bias)))

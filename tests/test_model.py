@@ -728,6 +728,30 @@ def test_fused_tail_option_matches_reference(scale, size, channels_last, device,
             assert_close(out, ref64(x.double()), tolerance(device, dtype)[0], f"{dtype} fused tail")
 
 
+@pytest.mark.parametrize("scale,n_colors", [
+    (9, 3),    # one past the kernel's largest scale (8): SPEC section 1 takes any integer >= 2
+    (2, 17),   # one past the kernel's 16 output channels (a 17-band image)
+])
+def test_fused_tail_option_leaves_models_past_the_kernels_limits_unfused(scale, n_colors, device, monkeypatch):
+    """FASTDRN_FUSE_TAIL=1 is a speed option: a model the kernel cannot compute (its scale or colour
+    count past shuffle_tail's limits) runs its upsampler, shuffle and tail as before and gives the
+    reference's output. It raised "shuffle_tail: scale must be from 1 to 8" instead."""
+    from helpers import launch_settings
+
+    calls = _count_fused_tail(monkeypatch)
+    cfg = dict(TINY, scale=scale, n_colors=n_colors, rgb_mean=[0.45] * n_colors)
+    dtype = dtypes_for(device)[0]
+    ref, fast = pair(cfg, device, dtype)
+    ref64 = reference.DRN(**cfg).to(device, torch.float64)
+    ref64.load_state_dict(ref.state_dict())
+    x = torch.rand(1, n_colors, 3, 5, dtype=torch.float64).to(device, dtype)
+    with pytorch_fp32_convs(), launch_settings(fuse_tail=True), torch.no_grad():
+        out = fast(x)
+        expected = ref64(x.double())
+    assert not calls
+    assert_close(out, expected, tolerance(device, dtype)[0], f"x{scale}, {n_colors} colours, fuse_tail on")
+
+
 def test_fused_tail_option_keeps_the_autograd_path(device, monkeypatch):
     """Where a gradient is wanted the option changes nothing: the conv with its bias, the pixel
     shuffle and the tail run as before, and the gradients match the reference's."""
