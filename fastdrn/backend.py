@@ -111,13 +111,14 @@ def use_triton(op: str, device: torch.device, dtype: torch.dtype | None = None) 
     return reason is None
 
 
-def describe(device: torch.device | str = "cpu") -> str:
-    """The backend the fused ops would use for tensors on `device`, in words."""
+def describe(device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> str:
+    """The backend the fused ops would use for tensors on `device` of `dtype` (None: any dtype the
+    kernels take there), in words."""
     device = torch.device(device)
     choice = requested()
     if choice == "torch":
         return "torch (forced by FASTDRN_BACKEND=torch)"
-    reason = triton_unavailable_reason(device)
+    reason = triton_unavailable_reason(device, dtype)
     if reason is None:
         where = "Triton interpreter" if interpreting() else "Triton on GPU"
         return f"triton ({where}{', forced' if choice == 'triton' else ''})"

@@ -107,11 +107,11 @@ class DRN(reference.DRN):
             (the same results, less memory, more arithmetic).
 
     Which backend runs is chosen per call by ``FASTDRN_BACKEND`` (docs/numerics.md); the
-    ``backend`` property says which, for this model's device. Each group's ELUs use its own alpha,
-    as the reference's do. A group that has a hook, or one of whose blocks has, or a forward of its
-    own (set on the instance, or a subclass), or another alpha than its group, is called as a module
-    as the reference calls it, in plain PyTorch; so are all groups while a global module hook is
-    registered.
+    ``backend`` property says which, for this model's device and dtype. Each group's ELUs use its
+    own alpha, as the reference's do. A group that has a hook, or one of whose blocks has, or a
+    forward of its own (set on the instance, or a subclass), or another alpha than its group, is
+    called as a module as the reference calls it, in plain PyTorch; so are all groups while a global
+    module hook is registered.
     """
 
     def __init__(self, scale: int = 4, n_colors: int = 3, n_feats: int = 64, n_groups: int = 6,
@@ -125,8 +125,10 @@ class DRN(reference.DRN):
 
     @property
     def backend(self) -> str:
-        """The backend the fused ops use for this model's device, in words."""
-        return backend.describe(self.head.weight.device)
+        """The backend the fused ops use for this model's device and dtype (its parameters', as a
+        forward outside autocast runs), in words."""
+        weight = self.head.weight
+        return backend.describe(weight.device, weight.dtype)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         # Our ops are not autocast-aware: under autocast they run in its dtype (weights cast per

@@ -85,3 +85,22 @@ def test_triton_interpret_is_read_as_triton_reads_it(value):
     assert run.returncode == 0, run.stderr[-3000:]
     interpreting, interpreted = run.stdout.split()[1], run.stdout.split()[4]
     assert interpreting == interpreted, run.stdout
+
+
+@pytest.mark.parametrize("place,dtype", [
+    ("interpreter", torch.bfloat16),  # the interpreter refuses bfloat16: auto runs PyTorch's math
+    ("gpu", torch.float64),           # the GPU kernels have no float64: auto runs PyTorch's math
+])
+def test_model_backend_names_what_runs_for_its_dtype(place, dtype, device, monkeypatch):
+    """model.backend (printed by the demo, `fastdrn eval` and `fastdrn train`) said "triton" for a
+    model whose dtype auto runs through PyTorch's math, as it looked at the device alone."""
+    from helpers import where
+
+    if where(device) != place or backend.triton_unavailable_reason(device) is not None:
+        pytest.skip(f"about {place} runs")
+    assert not backend.use_triton("residual_distill", device, dtype), "the test's premise: auto runs PyTorch's math"
+    model = fastdrn.DRN(scale=2, n_feats=4, n_groups=1, n_blocks=1, inner=4, distill=2).to(device, dtype)
+    assert model.backend.startswith("torch (auto: "), model.backend
+    assert backend.describe(device, dtype) == model.backend
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    assert model.backend.startswith("triton (forced, but unavailable: "), model.backend
