@@ -197,30 +197,44 @@ def launch_options() -> LaunchOptions:
     return _options
 
 
-def set_launch_options(num_warps: int | None = None, autotune: bool = True, weight_grad_blocks: int = 3,
-                       fold_backward: bool = True, fuse_tail: bool = False) -> None:
+class _Unchanged:
+    """set_launch_options' default: the setting keeps its current value."""
+
+    def __repr__(self) -> str:
+        return "unchanged"
+
+
+UNCHANGED = _Unchanged()
+
+
+def set_launch_options(num_warps=UNCHANGED, autotune=UNCHANGED, weight_grad_blocks=UNCHANGED,
+                       fold_backward=UNCHANGED, fuse_tail=UNCHANGED) -> None:
     """Set what FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE, FASTDRN_WEIGHT_GRAD_BLOCKS, FASTDRN_FOLD_BACKWARD
-    and FASTDRN_FUSE_TAIL set (those are read once, at the first launch): num_warps pins that many
-    warps where a kernel lists a config with them, autotune=False runs each kernel's default config,
-    weight_grad_blocks (1 to 3) is how many blocks of a group's backward share one weight-gradient
-    launch, fold_backward=False recomputes each block's a in the backward (the pair kernel) instead
-    of saving it, fuse_tail=True runs fastdrn.DRN's pixel shuffle and tail conv as one kernel
-    (kernels/shuffle_tail.py) at inference, where no gradient is needed (the upsampler conv then
-    runs without its bias, which the kernel adds). Takes effect at the next launch (a group's
-    forward and its backward: a forward run before keeps its schedule); forgets every launch
-    remembered so far."""
+    and FASTDRN_FUSE_TAIL set (those are read once, at the first launch); a setting not named keeps
+    its current value (the environment's, if none was set before). num_warps pins that many warps
+    where a kernel lists a config with them (None: no pin), autotune=False runs each kernel's
+    default config, weight_grad_blocks (1 to 3) is how many blocks of a group's backward share one
+    weight-gradient launch, fold_backward=False recomputes each block's a in the backward (the pair
+    kernel) instead of saving it, fuse_tail=True runs fastdrn.DRN's pixel shuffle and tail conv as
+    one kernel (kernels/shuffle_tail.py) at inference, where no gradient is needed (the upsampler
+    conv then runs without its bias, which the kernel adds). Takes effect at the next launch (a
+    group's forward and its backward: a forward run before keeps its schedule); forgets every
+    launch remembered so far."""
     global _options
-    if num_warps is not None and (isinstance(num_warps, bool) or num_warps not in (1, 2, 4, 8, 16, 32)):
+    if num_warps is not UNCHANGED and num_warps is not None and (
+            isinstance(num_warps, bool) or num_warps not in (1, 2, 4, 8, 16, 32)):
         raise ValueError(f"num_warps={num_warps!r} is not a power of two from 1 to 32")
-    if not isinstance(autotune, bool):
-        raise ValueError(f"autotune={autotune!r}: True or False")
-    if not isinstance(fold_backward, bool):
-        raise ValueError(f"fold_backward={fold_backward!r}: True or False")
-    if not isinstance(fuse_tail, bool):
-        raise ValueError(f"fuse_tail={fuse_tail!r}: True or False")
-    _options = LaunchOptions(num_warps, autotune, _check_weight_grad_blocks(weight_grad_blocks,
-                                                                                  "weight_grad_blocks"),
-                             fold_backward, fuse_tail)
+    for name, value in (("autotune", autotune), ("fold_backward", fold_backward), ("fuse_tail", fuse_tail)):
+        if value is not UNCHANGED and not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}: True or False")
+    if weight_grad_blocks is not UNCHANGED:
+        _check_weight_grad_blocks(weight_grad_blocks, "weight_grad_blocks")
+    given = dict(num_warps=num_warps, autotune=autotune, weight_grad_blocks=weight_grad_blocks,
+                 fold_backward=fold_backward, fuse_tail=fuse_tail)
+    if any(value is UNCHANGED for value in given.values()):
+        now = launch_options()  # the environment's, where nothing was set yet
+        given = {name: getattr(now, name) if value is UNCHANGED else value for name, value in given.items()}
+    _options = LaunchOptions(**given)
     for lean in _lean_launchers.values():
         lean.forget()
     launch_plans.clear()  # they hold the forgotten kernels
@@ -228,17 +242,16 @@ def set_launch_options(num_warps: int | None = None, autotune: bool = True, weig
 
 @contextlib.contextmanager
 def launch_settings(**changes):
-    """set_launch_options(**changes) for the body of a with statement, every setting not named kept
-    as it was (a GPU run's FASTDRN_NUM_WARPS pin, say); the settings before restored after."""
+    """set_launch_options(**changes) for the body of a with statement; the settings before restored
+    after."""
     before = launch_options()
-    settings = dict(num_warps=before.num_warps, autotune=before.autotune,
-                    weight_grad_blocks=before.weight_grad_blocks, fold_backward=before.fold_backward,
-                    fuse_tail=before.fuse_tail)
-    set_launch_options(**{**settings, **changes})
+    set_launch_options(**changes)
     try:
         yield
     finally:
-        set_launch_options(**settings)
+        set_launch_options(num_warps=before.num_warps, autotune=before.autotune,
+                           weight_grad_blocks=before.weight_grad_blocks, fold_backward=before.fold_backward,
+                           fuse_tail=before.fuse_tail)
 
 
 def fixed_config(interpreter: triton.Config, configs: list) -> triton.Config | None:

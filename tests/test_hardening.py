@@ -688,6 +688,36 @@ def test_triton_interpret_set_after_import_is_named():
         in run.stdout, run.stdout
 
 
+# ---- launch settings -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variable,value,option,expected,default,changed", [
+    # memory short (README: "set it to 0"), then the fused tail turned on for an inference
+    ("FASTDRN_FOLD_BACKWARD", "0", "fold_backward", False, True, dict(fuse_tail=True)),
+    # a GPU test run's pin (README: FASTDRN_NUM_WARPS=8 pytest), then another setting changed
+    ("FASTDRN_NUM_WARPS", "8", "num_warps", 8, None, dict(weight_grad_blocks=1)),
+    ("FASTDRN_AUTOTUNE", "0", "autotune", False, True, dict(fold_backward=False)),
+    # nothing named: only forgets the kept kernels and plans (tests call it so)
+    ("FASTDRN_WEIGHT_GRAD_BLOCKS", "2", "weight_grad_blocks", 2, 3, dict()),
+])
+def test_set_launch_options_keeps_the_settings_it_does_not_name(variable, value, option, expected, default, changed,
+                                                                 monkeypatch):
+    """set_launch_options(fuse_tail=True) put every setting it was not given back to its default: a
+    FASTDRN_FOLD_BACKWARD=0 chosen for memory was silently undone, and a FASTDRN_NUM_WARPS pin
+    dropped (test_plans.py's call of set_launch_options() unpinned a pinned GPU test run from there
+    on). A setting named, even to its default, is set."""
+    from fastdrn.kernels import _common, set_launch_options
+
+    monkeypatch.setattr(_common, "_options", None)  # as at the first launch; restored after the test
+    monkeypatch.setenv(variable, value)
+    set_launch_options(**changed)
+    options = _common.launch_options()
+    assert getattr(options, option) == expected, f"{variable}={value} undone by set_launch_options({changed})"
+    for name, setting in changed.items():
+        assert getattr(options, name) == setting
+    set_launch_options(**{option: default})
+    assert getattr(_common.launch_options(), option) == default, "a setting named, to its default too, is set"
+
+
 # ---- test seeds (minor) ---------------------------------------------------------------------------
 
 def test_the_seed_is_a_stable_function_of_the_test_name(request):
