@@ -217,7 +217,7 @@ class DRN(reference.DRN):
         tensors answer it, not a walk over all the model's parameters."""
         if not backend.use_triton("shuffle_tail", features.device, dtype):
             return False
-        from .kernels._common import launch_options
+        from .kernels.settings import launch_options
 
         if not launch_options().fuse_tail:
             return False

@@ -9,7 +9,6 @@ fuse_tail=...) sets at run time what FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE, FASTDR
 FASTDRN_FOLD_BACKWARD and FASTDRN_FUSE_TAIL set at the first launch (those it names; the others keep
 their values), and set_launch_plans(enabled) what FASTDRN_LAUNCH_PLANS sets (docs/launch-path.md).
 """
-from ._common import set_launch_options
-from .plans import set_launch_plans
+from .settings import set_launch_options, set_launch_plans  # neither imports Triton nor the kernels
 
 __all__ = ["set_launch_options", "set_launch_plans"]

@@ -104,3 +104,37 @@ def test_model_backend_names_what_runs_for_its_dtype(place, dtype, device, monke
     assert backend.describe(device, dtype) == model.backend
     monkeypatch.setenv("FASTDRN_BACKEND", "triton")
     assert model.backend.startswith("triton (forced, but unavailable: "), model.backend
+
+
+WITHOUT_TRITON = r"""
+import sys
+sys.modules["triton"] = None  # as on a machine without Triton: every import of it fails
+import torch
+import fastdrn
+from fastdrn.kernels import set_launch_options, set_launch_plans, settings
+set_launch_options(fold_backward=False, num_warps=4)
+set_launch_plans(False)
+model = fastdrn.DRN(scale=2, n_feats=4, n_groups=1, n_blocks=1, inner=4, distill=2)
+reference = fastdrn.reference.DRN(scale=2, n_feats=4, n_groups=1, n_blocks=1, inner=4, distill=2)
+reference.load_state_dict(model.state_dict())
+x = torch.rand(1, 3, 3, 5)
+assert torch.allclose(model(x), reference(x), atol=1e-5), "not the reference's output"
+assert not settings.launch_options().fold_backward and settings.launch_options().num_warps == 4
+print("ran", model.backend)
+"""
+
+
+def test_launch_setters_work_without_triton():
+    """fastdrn.kernels.set_launch_options and set_launch_plans (README: Settings) imported Triton and
+    every kernel: on a machine without Triton a script that set them failed with ModuleNotFoundError,
+    where its model runs in PyTorch's math."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTDRN_BACKEND", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("ran torch (auto: Triton could not be imported"), run.stdout

@@ -705,17 +705,17 @@ def test_set_launch_options_keeps_the_settings_it_does_not_name(variable, value,
     FASTDRN_FOLD_BACKWARD=0 chosen for memory was silently undone, and a FASTDRN_NUM_WARPS pin
     dropped (test_plans.py's call of set_launch_options() unpinned a pinned GPU test run from there
     on). A setting named, even to its default, is set."""
-    from fastdrn.kernels import _common, set_launch_options
+    from fastdrn.kernels import set_launch_options, settings
 
-    monkeypatch.setattr(_common, "_options", None)  # as at the first launch; restored after the test
+    monkeypatch.setattr(settings, "_options", None)  # as at the first launch; restored after the test
     monkeypatch.setenv(variable, value)
     set_launch_options(**changed)
-    options = _common.launch_options()
+    options = settings.launch_options()
     assert getattr(options, option) == expected, f"{variable}={value} undone by set_launch_options({changed})"
     for name, setting in changed.items():
         assert getattr(options, name) == setting
     set_launch_options(**{option: default})
-    assert getattr(_common.launch_options(), option) == default, "a setting named, to its default too, is set"
+    assert getattr(settings.launch_options(), option) == default, "a setting named, to its default too, is set"
 
 
 # ---- test seeds (minor) ---------------------------------------------------------------------------
