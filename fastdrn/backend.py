@@ -17,9 +17,16 @@ try:
     from triton.runtime.interpreter import InterpretedFunction
 
     TRITON_IMPORT_ERROR: str | None = None
+    # Whether Triton decorated its own library's @jit functions (tl.cdiv, which the kernels call) for
+    # its interpreter: it reads TRITON_INTERPRET once, as it is imported, here at the latest. None
+    # where this Triton's tl.cdiv is no such function.
+    _cdiv = getattr(triton.language, "cdiv", None)
+    TRITON_IMPORTED_INTERPRETED: bool | None = (
+        isinstance(_cdiv, InterpretedFunction) if isinstance(_cdiv, triton.runtime.jit.JITFunction) else None)
 except Exception as exc:  # any failure to import is a reason to report, not to crash on
     TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
     InterpretedFunction = None
+    TRITON_IMPORTED_INTERPRETED = None
 try:  # Triton's own reading of TRITON_INTERPRET (3.4 and later), which decides how it decorates kernels
     from triton.knobs import runtime as _triton_runtime
 except Exception:  # pragma: no cover - older Triton, or none
@@ -45,21 +52,25 @@ def interpreting() -> bool:
 
 @torch.compiler.assume_constant_result
 def _kernels_mode_mismatch(interpret: bool) -> str | None:
-    """Triton reads TRITON_INTERPRET once, when it decorates a kernel: kernels imported in one mode
-    cannot run in the other. None when fastdrn's kernels are not imported yet or match the mode.
+    """Triton reads TRITON_INTERPRET once, when it decorates a kernel: its own library, decorated as
+    Triton was imported, and fastdrn's kernels, imported in one mode, cannot run in the other. None
+    when both match the mode (or fastdrn's kernels are not imported yet).
 
     A constant to torch.compile: traced, it would guard on sys.modules, which the first fused call
     changes by importing the kernels, and Dynamo failed such a guard on the frame that made it
     (an H200 at 9e91a6a)."""
-    common = sys.modules.get("fastdrn.kernels._common")
-    if common is None:
-        return None
-    imported_interpreted = isinstance(common.elu, InterpretedFunction)
-    if imported_interpreted == interpret:
-        return None
-    was, now = ("set", "unset") if imported_interpreted else ("unset", "set")
-    return (f"TRITON_INTERPRET was {was} when fastdrn's Triton kernels were imported and is {now} now; Triton "
-            "reads it only then, so set or unset it before the first fastdrn op runs (or restart the process)")
+    if TRITON_IMPORTED_INTERPRETED is not None and TRITON_IMPORTED_INTERPRETED != interpret:
+        imported, what = TRITON_IMPORTED_INTERPRETED, "Triton was imported (importing fastdrn imports it)"
+    else:
+        common = sys.modules.get("fastdrn.kernels._common")
+        if common is None:
+            return None
+        imported, what = isinstance(common.elu, InterpretedFunction), "fastdrn's Triton kernels were imported"
+        if imported == interpret:
+            return None
+    was, now = ("set", "unset") if imported else ("unset", "set")
+    return (f"TRITON_INTERPRET was {was} when {what} and is {now} now; Triton reads it only then, so set or "
+            "unset it before importing fastdrn (or restart the process)")
 
 
 def triton_unavailable_reason(device: torch.device, dtype: torch.dtype | None = None) -> str | None:

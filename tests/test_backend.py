@@ -37,8 +37,10 @@ def test_auto_on_cpu_without_interpreter_uses_torch(monkeypatch):
 
 def test_interpreter_runs_triton_on_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    # As in a fresh process: kernels already decorated for the GPU compiler cannot be interpreted.
+    # As in a fresh process: kernels (and Triton's library) already decorated for the GPU compiler
+    # cannot be interpreted.
     monkeypatch.delitem(sys.modules, "fastdrn.kernels._common", raising=False)
+    monkeypatch.setattr(backend, "TRITON_IMPORTED_INTERPRETED", True)
     assert backend.use_triton("compress_skip", torch.device("cpu"))
 
 
