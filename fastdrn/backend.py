@@ -76,7 +76,7 @@ def _kernels_mode_mismatch(interpret: bool) -> str | None:
 def triton_unavailable_reason(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
     """Why the Triton kernels cannot run on tensors of this device and dtype, or None when they can."""
     if TRITON_IMPORT_ERROR is not None:
-        return f"Triton could not be imported ({TRITON_IMPORT_ERROR})"
+        return f"Triton could not be imported ({TRITON_IMPORT_ERROR}): install it (pip install triton)"
     if interpreting():
         # The interpreter runs CPU tensors (and copies CUDA ones through the host).
         if device.type not in ("cpu", "cuda"):
@@ -118,7 +118,8 @@ def use_triton(op: str, device: torch.device, dtype: torch.dtype | None = None) 
         return False
     reason = triton_unavailable_reason(device, dtype) or transform_reason()
     if choice == "triton" and reason is not None:
-        raise RuntimeError(f"FASTDRN_BACKEND=triton but {op} cannot run its Triton kernels: {reason}")
+        fallback = "" if "FASTDRN_BACKEND=" in reason else "; FASTDRN_BACKEND=auto runs PyTorch's math where they cannot"
+        raise RuntimeError(f"FASTDRN_BACKEND=triton but {op} cannot run its Triton kernels: {reason}{fallback}")
     return reason is None
 
 

@@ -479,7 +479,8 @@ def _use_extension(op, x) -> bool:
         if reason is None:
             return True
         if choice == "triton":
-            raise RuntimeError(f"FASTDRN_BACKEND=triton but {op} cannot run fastdrn's kernel: {reason}")
+            raise RuntimeError(f"FASTDRN_BACKEND=triton but {op} cannot run fastdrn's kernel: {reason}; "
+                               "FASTDRN_BACKEND=auto runs PyTorch's pixel shuffle where it cannot")
         if not _extension_fallback_said and not torch.compiler.is_compiling():  # traced: no graph break
             _extension_fallback_said = True
             warnings.warn(f"fastdrn: pixel shuffles of CUDA tensors run PyTorch's, not fastdrn's kernel: {reason} "

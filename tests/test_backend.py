@@ -140,3 +140,30 @@ def test_launch_setters_work_without_triton():
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.startswith("ran torch (auto: Triton could not be imported"), run.stdout
+
+
+def _no_triton(monkeypatch):
+    monkeypatch.setattr(backend, "TRITON_IMPORT_ERROR", "ModuleNotFoundError: No module named 'triton'")
+    return lambda: backend.use_triton("residual_distill", torch.device("cpu"))
+
+
+def _no_extension(monkeypatch):
+    from fastdrn import extension
+
+    monkeypatch.setattr(extension, "unavailable_reason",
+                        lambda device: "the C++/CUDA extension could not be loaded (RuntimeError: no compiler)")
+    return lambda: ops.pixel_shuffle(torch.randn(1, 4, 2, 3), 2)
+
+
+@pytest.mark.parametrize("degrade,fixes", [
+    (_no_triton, ["pip install triton", "FASTDRN_BACKEND=auto"]),  # a machine without Triton
+    (_no_extension, ["FASTDRN_BACKEND=auto"]),                      # an extension that does not build
+])
+def test_a_forced_backend_that_cannot_run_names_the_fix(degrade, fixes, monkeypatch):
+    """The forced backend's error said why (the recorded reason) but not what to do about it."""
+    call = degrade(monkeypatch)
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="FASTDRN_BACKEND=triton but") as caught:
+        call()
+    for fix in fixes:
+        assert fix in str(caught.value), str(caught.value)
