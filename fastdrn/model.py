@@ -111,7 +111,8 @@ class DRN(reference.DRN):
     own alpha, as the reference's do. A group that has a hook, or one of whose blocks has, or a
     forward of its own (set on the instance, or a subclass), or another alpha than its group, is
     called as a module as the reference calls it, in plain PyTorch; so are all groups while a global
-    module hook is registered.
+    module hook is registered. Under FASTDRN_BACKEND=triton such a group raises instead (a forced
+    backend runs what it names).
     """
 
     def __init__(self, scale: int = 4, n_colors: int = 3, n_feats: int = 64, n_groups: int = 6,
@@ -273,6 +274,13 @@ class DRN(reference.DRN):
         if not any(called) and len(alphas) == 1:
             y = ops._distill_groups(y0, self._fused_weights(dtype, groups), alphas.pop(), self.recompute)
         else:
+            if any(called) and backend.requested() == "triton":
+                k = called.index(True)
+                why = ("a global module hook is registered" if _global_module_hooks() else
+                       "it or one of its blocks has a hook, a forward of its own or another alpha than the group's")
+                raise RuntimeError(f"FASTDRN_BACKEND=triton but group {k} of fastdrn.DRN is called as a module, "
+                                   f"which runs PyTorch's math as the reference does: {why}; remove that, or use "
+                                   "FASTDRN_BACKEND=auto")
             y = y0
             for group, call in zip(groups, called):
                 y = group(y) if call else ops._distill_groups(y, self._fused_weights(dtype, [group]), group.alpha,
