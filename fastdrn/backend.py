@@ -22,7 +22,8 @@ try:
     # where this Triton's tl.cdiv is no such function.
     _cdiv = getattr(triton.language, "cdiv", None)
     TRITON_IMPORTED_INTERPRETED: bool | None = (
-        isinstance(_cdiv, InterpretedFunction) if isinstance(_cdiv, triton.runtime.jit.JITFunction) else None)
+        isinstance(_cdiv, InterpretedFunction)
+        if isinstance(_cdiv, (InterpretedFunction, triton.runtime.jit.JITFunction)) else None)
 except Exception as exc:  # any failure to import is a reason to report, not to crash on
     TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
     InterpretedFunction = None

@@ -167,3 +167,12 @@ def test_a_forced_backend_that_cannot_run_names_the_fix(degrade, fixes, monkeypa
         call()
     for fix in fixes:
         assert fix in str(caught.value), str(caught.value)
+
+
+def test_triton_s_own_import_mode_is_read_in_either_mode():
+    """backend.TRITON_IMPORTED_INTERPRETED (whether Triton decorated its library for its interpreter)
+    was None whenever Triton was imported interpreted (tl.cdiv is then an InterpretedFunction, which
+    is no JITFunction), so a TRITON_INTERPRET unset later went unnoticed. Nothing here changed
+    TRITON_INTERPRET since Triton was imported (conftest sets it before)."""
+    assert backend.TRITON_IMPORTED_INTERPRETED is not None
+    assert backend.TRITON_IMPORTED_INTERPRETED == backend.interpreting()
