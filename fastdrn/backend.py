@@ -85,6 +85,9 @@ def triton_unavailable_reason(device: torch.device, dtype: torch.dtype | None = 
         if dtype == torch.bfloat16:
             return ("Triton's interpreter computes bfloat16 matrix products wrongly, so fastdrn refuses bfloat16 "
                     "there; use float32 (or float16) on the CPU, or FASTDRN_BACKEND=torch for PyTorch's math")
+        if torch.compiler.is_compiling():
+            return ("torch.compile traces with fake tensors, which Triton's interpreter cannot run (a GPU's compiled "
+                    "kernels are traced); FASTDRN_BACKEND=auto traces PyTorch's math there")
         return _kernels_mode_mismatch(interpret=True)
     if device.type != "cuda":
         return (f"Triton kernels need CUDA tensors (got a {device.type} tensor); set TRITON_INTERPRET=1 "
