@@ -30,7 +30,11 @@ def extension_config():
 
 def extension_build():
     """(ext_modules, cmdclass) for the CUDA extension, or empty ones with a warning saying why not."""
-    if os.environ.get("FASTDRN_BUILD_EXT", "1") == "0":
+    build = os.environ.get("FASTDRN_BUILD_EXT", "1").strip()
+    if build not in ("0", "1"):  # as fastdrn's other on/off settings: "no" or "false" would build
+        raise SystemExit(f"fastdrn: FASTDRN_BUILD_EXT={build!r}: 1 (the default: build the CUDA extension now) "
+                         "or 0 (build it on first use)")
+    if build == "0":
         return [], {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CUDAExtension

@@ -17,9 +17,17 @@ try:
     from triton.runtime.interpreter import InterpretedFunction
 
     TRITON_IMPORT_ERROR: str | None = None
+    # Whether Triton decorated its own library's @jit functions (tl.cdiv, which the kernels call) for
+    # its interpreter: it reads TRITON_INTERPRET once, as it is imported, here at the latest. None
+    # where this Triton's tl.cdiv is no such function.
+    _cdiv = getattr(triton.language, "cdiv", None)
+    TRITON_IMPORTED_INTERPRETED: bool | None = (
+        isinstance(_cdiv, InterpretedFunction)
+        if isinstance(_cdiv, (InterpretedFunction, triton.runtime.jit.JITFunction)) else None)
 except Exception as exc:  # any failure to import is a reason to report, not to crash on
     TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
     InterpretedFunction = None
+    TRITON_IMPORTED_INTERPRETED = None
 try:  # Triton's own reading of TRITON_INTERPRET (3.4 and later), which decides how it decorates kernels
     from triton.knobs import runtime as _triton_runtime
 except Exception:  # pragma: no cover - older Triton, or none
@@ -45,27 +53,31 @@ def interpreting() -> bool:
 
 @torch.compiler.assume_constant_result
 def _kernels_mode_mismatch(interpret: bool) -> str | None:
-    """Triton reads TRITON_INTERPRET once, when it decorates a kernel: kernels imported in one mode
-    cannot run in the other. None when fastdrn's kernels are not imported yet or match the mode.
+    """Triton reads TRITON_INTERPRET once, when it decorates a kernel: its own library, decorated as
+    Triton was imported, and fastdrn's kernels, imported in one mode, cannot run in the other. None
+    when both match the mode (or fastdrn's kernels are not imported yet).
 
     A constant to torch.compile: traced, it would guard on sys.modules, which the first fused call
     changes by importing the kernels, and Dynamo failed such a guard on the frame that made it
     (an H200 at 9e91a6a)."""
-    common = sys.modules.get("fastdrn.kernels._common")
-    if common is None:
-        return None
-    imported_interpreted = isinstance(common.elu, InterpretedFunction)
-    if imported_interpreted == interpret:
-        return None
-    was, now = ("set", "unset") if imported_interpreted else ("unset", "set")
-    return (f"TRITON_INTERPRET was {was} when fastdrn's Triton kernels were imported and is {now} now; Triton "
-            "reads it only then, so set or unset it before the first fastdrn op runs (or restart the process)")
+    if TRITON_IMPORTED_INTERPRETED is not None and TRITON_IMPORTED_INTERPRETED != interpret:
+        imported, what = TRITON_IMPORTED_INTERPRETED, "Triton was imported (importing fastdrn imports it)"
+    else:
+        common = sys.modules.get("fastdrn.kernels._common")
+        if common is None:
+            return None
+        imported, what = isinstance(common.elu, InterpretedFunction), "fastdrn's Triton kernels were imported"
+        if imported == interpret:
+            return None
+    was, now = ("set", "unset") if imported else ("unset", "set")
+    return (f"TRITON_INTERPRET was {was} when {what} and is {now} now; Triton reads it only then, so set or "
+            "unset it before importing fastdrn (or restart the process)")
 
 
 def triton_unavailable_reason(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
     """Why the Triton kernels cannot run on tensors of this device and dtype, or None when they can."""
     if TRITON_IMPORT_ERROR is not None:
-        return f"Triton could not be imported ({TRITON_IMPORT_ERROR})"
+        return f"Triton could not be imported ({TRITON_IMPORT_ERROR}): install it (pip install triton)"
     if interpreting():
         # The interpreter runs CPU tensors (and copies CUDA ones through the host).
         if device.type not in ("cpu", "cuda"):
@@ -73,6 +85,9 @@ def triton_unavailable_reason(device: torch.device, dtype: torch.dtype | None = 
         if dtype == torch.bfloat16:
             return ("Triton's interpreter computes bfloat16 matrix products wrongly, so fastdrn refuses bfloat16 "
                     "there; use float32 (or float16) on the CPU, or FASTDRN_BACKEND=torch for PyTorch's math")
+        if torch.compiler.is_compiling():
+            return ("torch.compile traces with fake tensors, which Triton's interpreter cannot run (a GPU's compiled "
+                    "kernels are traced); FASTDRN_BACKEND=auto traces PyTorch's math there")
         return _kernels_mode_mismatch(interpret=True)
     if device.type != "cuda":
         return (f"Triton kernels need CUDA tensors (got a {device.type} tensor); set TRITON_INTERPRET=1 "
@@ -107,17 +122,19 @@ def use_triton(op: str, device: torch.device, dtype: torch.dtype | None = None) 
         return False
     reason = triton_unavailable_reason(device, dtype) or transform_reason()
     if choice == "triton" and reason is not None:
-        raise RuntimeError(f"FASTDRN_BACKEND=triton but {op} cannot run its Triton kernels: {reason}")
+        fallback = "" if "FASTDRN_BACKEND=" in reason else "; FASTDRN_BACKEND=auto runs PyTorch's math where they cannot"
+        raise RuntimeError(f"FASTDRN_BACKEND=triton but {op} cannot run its Triton kernels: {reason}{fallback}")
     return reason is None
 
 
-def describe(device: torch.device | str = "cpu") -> str:
-    """The backend the fused ops would use for tensors on `device`, in words."""
+def describe(device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> str:
+    """The backend the fused ops would use for tensors on `device` of `dtype` (None: any dtype the
+    kernels take there), in words."""
     device = torch.device(device)
     choice = requested()
     if choice == "torch":
         return "torch (forced by FASTDRN_BACKEND=torch)"
-    reason = triton_unavailable_reason(device)
+    reason = triton_unavailable_reason(device, dtype)
     if reason is None:
         where = "Triton interpreter" if interpreting() else "Triton on GPU"
         return f"triton ({where}{', forced' if choice == 'triton' else ''})"

@@ -12,7 +12,8 @@ is a real step: Triton compiles and autotunes there, cuDNN picks its algorithms,
 the GradScaler create their state). The next call captures: a training step then replays the graph
 (so every call is exactly one optimizer step), an upscaler computes that call's result eagerly from
 the graph's own input buffer; later calls replay. Graphs are kept per (shape, dtype, memory format,
-model.training, the caller's own autocast around the call) in a least-recently-used cache of
+model.training, the caller's own autocast around the call, FASTDRN_BACKEND and the launch settings of
+fastdrn.kernels.set_launch_options) in a least-recently-used cache of
 ``max_graphs`` entries; a shape seen only once (an evaluation set of differently sized images)
 never pays for a capture. All graphs of one step
 or upscaler share one memory pool.
@@ -47,6 +48,7 @@ from typing import Callable
 import torch
 
 from . import backend
+from .kernels.settings import launch_options
 
 __all__ = ["make_train_step", "make_upscaler", "TrainStep", "Upscaler", "WARMUP_CALLS", "capture_unavailable"]
 
@@ -147,6 +149,16 @@ def _outer_autocast(device_type: str) -> tuple:
     if torch.is_autocast_enabled(device_type):
         return True, torch.get_autocast_dtype(device_type)
     return False, None
+
+
+def _settings() -> tuple:
+    """What a graph holds besides its inputs: the kernels of the backend asked for (FASTDRN_BACKEND,
+    read at every call as the ops read it) and of the launch settings in force (set_launch_options:
+    a fused tail, the backward's fold and schedule, configs), so both are part of the key. 1.3 us a
+    call on this project's 2-core CPU machine."""
+    options = launch_options()
+    return (backend.requested(), options.num_warps, options.autotune, options.weight_grad_blocks,
+            options.fold_backward, options.fuse_tail)
 
 
 def _warm_up(stream: torch.cuda.Stream, fn, *args) -> torch.Tensor:
@@ -464,7 +476,7 @@ class TrainStep:
         _check_device(p0.device, self._graph_device, "fastdrn.make_train_step")
         if self._baked is not None:
             self._check_unchanged()
-        key = (_layout(lr), _layout(hr), self.model.training, outer)
+        key = (_layout(lr), _layout(hr), self.model.training, outer, _settings())
         entry = self._cache.get(key)
         if entry is None:
             if not self._cache.due(key):
@@ -536,7 +548,7 @@ class Upscaler:
         _check_device(p0.device, self._graph_device, "fastdrn.make_upscaler")
         if self._param_ptr is not None and p0.data_ptr() != self._param_ptr:
             self.reset()  # parameters moved (model.to, model.half): the graphs read the old storage
-        key = (_layout(lr), self.model.training, outer)
+        key = (_layout(lr), self.model.training, outer, _settings())
         entry = self._cache.get(key)
         if entry is not None:
             entry.inputs[0].copy_(lr, non_blocking=True)

@@ -107,11 +107,12 @@ class DRN(reference.DRN):
             (the same results, less memory, more arithmetic).
 
     Which backend runs is chosen per call by ``FASTDRN_BACKEND`` (docs/numerics.md); the
-    ``backend`` property says which, for this model's device. Each group's ELUs use its own alpha,
-    as the reference's do. A group that has a hook, or one of whose blocks has, or a forward of its
-    own (set on the instance, or a subclass), or another alpha than its group, is called as a module
-    as the reference calls it, in plain PyTorch; so are all groups while a global module hook is
-    registered.
+    ``backend`` property says which, for this model's device and dtype. Each group's ELUs use its
+    own alpha, as the reference's do. A group that has a hook, or one of whose blocks has, or a
+    forward of its own (set on the instance, or a subclass), or another alpha than its group, is
+    called as a module as the reference calls it, in plain PyTorch; so are all groups while a global
+    module hook is registered. Under FASTDRN_BACKEND=triton such a group raises instead (a forced
+    backend runs what it names).
     """
 
     def __init__(self, scale: int = 4, n_colors: int = 3, n_feats: int = 64, n_groups: int = 6,
@@ -125,8 +126,10 @@ class DRN(reference.DRN):
 
     @property
     def backend(self) -> str:
-        """The backend the fused ops use for this model's device, in words."""
-        return backend.describe(self.head.weight.device)
+        """The backend the fused ops use for this model's device and dtype (its parameters', as a
+        forward outside autocast runs), in words."""
+        weight = self.head.weight
+        return backend.describe(weight.device, weight.dtype)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         # Our ops are not autocast-aware: under autocast they run in its dtype (weights cast per
@@ -209,13 +212,13 @@ class DRN(reference.DRN):
     def _fuses_tail(self, features: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether the pixel shuffle and the tail run as one Triton kernel (kernels/shuffle_tail.py):
         on the fused backend, with the launch option fuse_tail (FASTDRN_FUSE_TAIL=1) on, where the
-        upsampler and the tail are convs as DRN builds them, without hooks, and where none of the
-        kernel's inputs needs a gradient (it has no backward). The features carry the
-        input's and every earlier parameter's need, so four tensors answer it, not a walk over all
-        the model's parameters."""
+        upsampler and the tail are convs as DRN builds them, without hooks, within the kernel's scale
+        and colour limits, and where none of the kernel's inputs needs a gradient (it has no
+        backward). The features carry the input's and every earlier parameter's need, so four
+        tensors answer it, not a walk over all the model's parameters."""
         if not backend.use_triton("shuffle_tail", features.device, dtype):
             return False
-        from .kernels._common import launch_options
+        from .kernels.settings import launch_options
 
         if not launch_options().fuse_tail:
             return False
@@ -226,6 +229,9 @@ class DRN(reference.DRN):
             return False
         if upsample.bias is None or tail.bias is None or (
                 tail.stride, tail.padding, tail.dilation, tail.groups, tail.padding_mode) != _FUSED_TAIL_CONV:
+            return False
+        # Past the kernel's limits the option leaves the output stage as it was (it raised there).
+        if self.scale > ops.SHUFFLE_TAIL_MAX_SCALE or tail.out_channels > ops.SHUFFLE_TAIL_MAX_COLORS:
             return False
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in (
             features, upsample.weight, upsample.bias, tail.weight, tail.bias)))
@@ -268,6 +274,13 @@ class DRN(reference.DRN):
         if not any(called) and len(alphas) == 1:
             y = ops._distill_groups(y0, self._fused_weights(dtype, groups), alphas.pop(), self.recompute)
         else:
+            if any(called) and backend.requested() == "triton":
+                k = called.index(True)
+                why = ("a global module hook is registered" if _global_module_hooks() else
+                       "it or one of its blocks has a hook, a forward of its own or another alpha than the group's")
+                raise RuntimeError(f"FASTDRN_BACKEND=triton but group {k} of fastdrn.DRN is called as a module, "
+                                   f"which runs PyTorch's math as the reference does: {why}; remove that, or use "
+                                   "FASTDRN_BACKEND=auto")
             y = y0
             for group, call in zip(groups, called):
                 y = group(y) if call else ops._distill_groups(y, self._fused_weights(dtype, [group]), group.alpha,

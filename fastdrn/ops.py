@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import warnings
 
 import torch
 
@@ -455,9 +456,14 @@ def _torch_pixel_shuffle(x, factor):
     return torch.nn.functional.pixel_shuffle(x, factor)
 
 
+_extension_fallback_said = False  # whether auto's fallback from the extension was said (once a process)
+
+
 def _use_extension(op, x) -> bool:
     """Whether `op` runs the C++/CUDA extension on x: CUDA tensors under FASTDRN_BACKEND=auto, every
-    tensor under triton (which raises, naming why, where the extension cannot run)."""
+    tensor under triton (which raises, naming why, where the extension cannot run). Where auto falls
+    back on a CUDA tensor, a warning says why, once."""
+    global _extension_fallback_said
     from . import extension
 
     choice = backend.requested()
@@ -466,7 +472,12 @@ def _use_extension(op, x) -> bool:
         if reason is None:
             return True
         if choice == "triton":
-            raise RuntimeError(f"FASTDRN_BACKEND=triton but {op} cannot run fastdrn's kernel: {reason}")
+            raise RuntimeError(f"FASTDRN_BACKEND=triton but {op} cannot run fastdrn's kernel: {reason}; "
+                               "FASTDRN_BACKEND=auto runs PyTorch's pixel shuffle where it cannot")
+        if not _extension_fallback_said and not torch.compiler.is_compiling():  # traced: no graph break
+            _extension_fallback_said = True
+            warnings.warn(f"fastdrn: pixel shuffles of CUDA tensors run PyTorch's, not fastdrn's kernel: {reason} "
+                          "(FASTDRN_BACKEND=triton makes this an error)", RuntimeWarning, stacklevel=3)
     return False
 
 

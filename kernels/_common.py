@@ -2,7 +2,6 @@
 (`launch`, lean once warm: docs/launch-path.md), layout and index checks."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from threading import get_ident
@@ -132,113 +131,16 @@ def pinned_config(configs: list, warps: int) -> triton.Config:
     return next((config for config in configs if config.num_warps == warps), configs[0])
 
 
-# ---- launch settings ------------------------------------------------------------------------
-WEIGHT_GRAD_BLOCKS = (1, 2, 3)  # blocks whose weight gradients one launch may compute (gemm: 9 problems)
+# Launch settings live in settings.py (importable without Triton); named here for the launchers.
+from .settings import (UNCHANGED, WEIGHT_GRAD_BLOCKS, LaunchOptions, launch_options,  # noqa: E402,F401
+                       launch_settings, set_launch_options)
 
 
-def _check_weight_grad_blocks(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value not in WEIGHT_GRAD_BLOCKS:
-        raise ValueError(f"{name}={value!r}: the weight gradients of 1, 2 or 3 blocks go in one launch")
-    return value
-
-
-class LaunchOptions:
-    """How GPU launches pick their config: `num_warps` pins pinned_config(configs, num_warps) (None:
-    no pin), `autotune` False runs the default (the first listed config) instead of autotuning.
-    How a group's training backward is scheduled (docs/kernels.md): `weight_grad_blocks`, how many
-    consecutive blocks share one weight-gradient launch and one sum (1: each block its own two, the
-    schedule before; 3: a DRN group of 9 blocks launches 24 kernels backward instead of 36, and
-    keeps three blocks' backward intermediates alive at once instead of one's); `fold_backward`,
-    whether the forward saves each block's squeeze output a (F values a pixel more) so that each
-    block's input-gradient kernel also computes the previous block's g_b and the pair kernel goes
-    (16 launches a group of 9). Both defaults won on an H200 (bench/results/2026-11-28c-h200): the
-    fold took 6.6% off a graphed DRN training step, at 25% more peak memory without graphs.
-    `fuse_tail`, whether fastdrn.DRN's inference runs its pixel shuffle and tail conv as one Triton
-    kernel (kernels/shuffle_tail.py) where no gradient is needed; off by default until a GPU has
-    timed it."""
-
-    def __init__(self, num_warps: int | None, autotune: bool, weight_grad_blocks: int = 3,
-                 fold_backward: bool = True, fuse_tail: bool = False):
-        self.num_warps = num_warps
-        self.autotune = autotune
-        self.weight_grad_blocks = weight_grad_blocks
-        self.fold_backward = fold_backward
-        self.fuse_tail = fuse_tail
-
-    @classmethod
-    def from_environment(cls) -> "LaunchOptions":
-        warps = os.environ.get("FASTDRN_NUM_WARPS", "").strip()
-        if warps and (not warps.isdecimal() or int(warps) not in (1, 2, 4, 8, 16, 32)):  # isdigit takes "²"
-            raise ValueError(f"FASTDRN_NUM_WARPS={warps!r} is not a power of two from 1 to 32")
-        blocks = os.environ.get("FASTDRN_WEIGHT_GRAD_BLOCKS", "3").strip()
-        blocks = _check_weight_grad_blocks(int(blocks) if blocks.isdecimal() else blocks, "FASTDRN_WEIGHT_GRAD_BLOCKS")
-        fold = os.environ.get("FASTDRN_FOLD_BACKWARD", "1").strip()
-        if fold not in ("0", "1"):
-            raise ValueError(f"FASTDRN_FOLD_BACKWARD={fold!r}: 1 (the default) or 0")
-        tail = os.environ.get("FASTDRN_FUSE_TAIL", "0").strip()
-        if tail not in ("0", "1"):
-            raise ValueError(f"FASTDRN_FUSE_TAIL={tail!r}: 0 (the default) or 1")
-        autotune = os.environ.get("FASTDRN_AUTOTUNE", "1").strip()
-        if autotune not in ("0", "1"):
-            raise ValueError(f"FASTDRN_AUTOTUNE={autotune!r}: 1 (the default) or 0")
-        return cls(int(warps) if warps else None, autotune == "1", blocks, fold == "1", tail == "1")
-
-
-_options: LaunchOptions | None = None  # read from the environment at the first launch
-
-
-def launch_options() -> LaunchOptions:
-    """The launch settings in force: FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE, FASTDRN_WEIGHT_GRAD_BLOCKS,
-    FASTDRN_FOLD_BACKWARD and FASTDRN_FUSE_TAIL as they were at the first launch of the process, unless
-    set_launch_options changed them since."""
-    global _options
-    if _options is None:
-        _options = LaunchOptions.from_environment()
-    return _options
-
-
-def set_launch_options(num_warps: int | None = None, autotune: bool = True, weight_grad_blocks: int = 3,
-                       fold_backward: bool = True, fuse_tail: bool = False) -> None:
-    """Set what FASTDRN_NUM_WARPS, FASTDRN_AUTOTUNE, FASTDRN_WEIGHT_GRAD_BLOCKS, FASTDRN_FOLD_BACKWARD
-    and FASTDRN_FUSE_TAIL set (those are read once, at the first launch): num_warps pins that many
-    warps where a kernel lists a config with them, autotune=False runs each kernel's default config,
-    weight_grad_blocks (1 to 3) is how many blocks of a group's backward share one weight-gradient
-    launch, fold_backward=False recomputes each block's a in the backward (the pair kernel) instead
-    of saving it, fuse_tail=True runs fastdrn.DRN's pixel shuffle and tail conv as one kernel
-    (kernels/shuffle_tail.py) at inference, where no gradient is needed (the upsampler conv then
-    runs without its bias, which the kernel adds). Takes effect at the next launch (a group's
-    forward and its backward: a forward run before keeps its schedule); forgets every launch
-    remembered so far."""
-    global _options
-    if num_warps is not None and (isinstance(num_warps, bool) or num_warps not in (1, 2, 4, 8, 16, 32)):
-        raise ValueError(f"num_warps={num_warps!r} is not a power of two from 1 to 32")
-    if not isinstance(autotune, bool):
-        raise ValueError(f"autotune={autotune!r}: True or False")
-    if not isinstance(fold_backward, bool):
-        raise ValueError(f"fold_backward={fold_backward!r}: True or False")
-    if not isinstance(fuse_tail, bool):
-        raise ValueError(f"fuse_tail={fuse_tail!r}: True or False")
-    _options = LaunchOptions(num_warps, autotune, _check_weight_grad_blocks(weight_grad_blocks,
-                                                                                  "weight_grad_blocks"),
-                             fold_backward, fuse_tail)
+def forget_launches() -> None:
+    """Forget every kept kernel and launch plan (set_launch_options: they ran under the old settings)."""
     for lean in _lean_launchers.values():
         lean.forget()
     launch_plans.clear()  # they hold the forgotten kernels
-
-
-@contextlib.contextmanager
-def launch_settings(**changes):
-    """set_launch_options(**changes) for the body of a with statement, every setting not named kept
-    as it was (a GPU run's FASTDRN_NUM_WARPS pin, say); the settings before restored after."""
-    before = launch_options()
-    settings = dict(num_warps=before.num_warps, autotune=before.autotune,
-                    weight_grad_blocks=before.weight_grad_blocks, fold_backward=before.fold_backward,
-                    fuse_tail=before.fuse_tail)
-    set_launch_options(**{**settings, **changes})
-    try:
-        yield
-    finally:
-        set_launch_options(**settings)
 
 
 def fixed_config(interpreter: triton.Config, configs: list) -> triton.Config | None:

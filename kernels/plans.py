@@ -28,7 +28,6 @@ docs/launch-path.md has the measurements.
 """
 from __future__ import annotations
 
-import os
 from functools import reduce
 from itertools import count
 from operator import attrgetter, or_
@@ -38,39 +37,18 @@ import torch
 from triton.runtime.driver import driver as triton_driver
 
 from . import _common
+from .settings import plans_enabled, reread_plans_setting, set_launch_plans  # noqa: F401 - set_launch_plans: named here too
 
 WORKSPACE_ALIGN = 256  # bytes: every piece of the workspace starts at a multiple (Triton asks 16)
 PLANS_LIMIT = 512       # signatures kept; all forgotten when full
 
 failures: dict = {}  # region function -> why its last unplannable signature was refused (for tests)
 MISMATCH = object()  # what a replay returns when an input it does not key differs from the recording
-_enabled: bool | None = None  # FASTDRN_LAUNCH_PLANS, read at the first planned call
-
-
-def plans_enabled() -> bool:
-    """FASTDRN_LAUNCH_PLANS=0 turns launch plans off (read once), or set_launch_plans."""
-    global _enabled
-    if _enabled is None:
-        value = os.environ.get("FASTDRN_LAUNCH_PLANS", "1").strip()
-        if value not in ("0", "1"):
-            raise ValueError(f"FASTDRN_LAUNCH_PLANS={value!r}: 1 (the default) or 0")
-        _enabled = value == "1"
-    return _enabled
-
-
-def set_launch_plans(enabled: bool) -> None:
-    """Turn launch plans on or off for this process (what FASTDRN_LAUNCH_PLANS sets); forgets every plan."""
-    global _enabled
-    if not isinstance(enabled, bool):  # bool("0") is True
-        raise ValueError(f"set_launch_plans: enabled={enabled!r}: True or False")
-    _enabled = enabled
-    _common.launch_plans.clear()
 
 
 def reset() -> None:
     """Forget every plan and failure, and read FASTDRN_LAUNCH_PLANS again at the next region (tests)."""
-    global _enabled
-    _enabled = None
+    reread_plans_setting()
     _common.launch_plans.clear()
     failures.clear()
 

@@ -1,7 +1,7 @@
 """Test setup: without a GPU, every Triton kernel runs on CPU tensors through Triton's interpreter.
 
-TRITON_INTERPRET must be set before Triton decorates the kernels, so it is set here, before any
-test module imports fastdrn.kernels. On a CUDA machine the kernels run on the GPU instead.
+TRITON_INTERPRET must be set before Triton is imported (it decorates its own library then) and
+decorates the kernels, so it is set here, before any test module imports fastdrn. On a CUDA machine the kernels run on the GPU instead.
 """
 import dataclasses
 import os

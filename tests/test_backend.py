@@ -37,8 +37,10 @@ def test_auto_on_cpu_without_interpreter_uses_torch(monkeypatch):
 
 def test_interpreter_runs_triton_on_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    # As in a fresh process: kernels already decorated for the GPU compiler cannot be interpreted.
+    # As in a fresh process: kernels (and Triton's library) already decorated for the GPU compiler
+    # cannot be interpreted.
     monkeypatch.delitem(sys.modules, "fastdrn.kernels._common", raising=False)
+    monkeypatch.setattr(backend, "TRITON_IMPORTED_INTERPRETED", True)
     assert backend.use_triton("compress_skip", torch.device("cpu"))
 
 
@@ -85,3 +87,92 @@ def test_triton_interpret_is_read_as_triton_reads_it(value):
     assert run.returncode == 0, run.stderr[-3000:]
     interpreting, interpreted = run.stdout.split()[1], run.stdout.split()[4]
     assert interpreting == interpreted, run.stdout
+
+
+@pytest.mark.parametrize("place,dtype", [
+    ("interpreter", torch.bfloat16),  # the interpreter refuses bfloat16: auto runs PyTorch's math
+    ("gpu", torch.float64),           # the GPU kernels have no float64: auto runs PyTorch's math
+])
+def test_model_backend_names_what_runs_for_its_dtype(place, dtype, device, monkeypatch):
+    """model.backend (printed by the demo, `fastdrn eval` and `fastdrn train`) said "triton" for a
+    model whose dtype auto runs through PyTorch's math, as it looked at the device alone."""
+    from helpers import where
+
+    if where(device) != place or backend.triton_unavailable_reason(device) is not None:
+        pytest.skip(f"about {place} runs")
+    assert not backend.use_triton("residual_distill", device, dtype), "the test's premise: auto runs PyTorch's math"
+    model = fastdrn.DRN(scale=2, n_feats=4, n_groups=1, n_blocks=1, inner=4, distill=2).to(device, dtype)
+    assert model.backend.startswith("torch (auto: "), model.backend
+    assert backend.describe(device, dtype) == model.backend
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    assert model.backend.startswith("triton (forced, but unavailable: "), model.backend
+
+
+WITHOUT_TRITON = r"""
+import sys
+sys.modules["triton"] = None  # as on a machine without Triton: every import of it fails
+import torch
+import fastdrn
+from fastdrn.kernels import set_launch_options, set_launch_plans, settings
+set_launch_options(fold_backward=False, num_warps=4)
+set_launch_plans(False)
+model = fastdrn.DRN(scale=2, n_feats=4, n_groups=1, n_blocks=1, inner=4, distill=2)
+reference = fastdrn.reference.DRN(scale=2, n_feats=4, n_groups=1, n_blocks=1, inner=4, distill=2)
+reference.load_state_dict(model.state_dict())
+x = torch.rand(1, 3, 3, 5)
+assert torch.allclose(model(x), reference(x), atol=1e-5), "not the reference's output"
+assert not settings.launch_options().fold_backward and settings.launch_options().num_warps == 4
+print("ran", model.backend)
+"""
+
+
+def test_launch_setters_work_without_triton():
+    """fastdrn.kernels.set_launch_options and set_launch_plans (README: Settings) imported Triton and
+    every kernel: on a machine without Triton a script that set them failed with ModuleNotFoundError,
+    where its model runs in PyTorch's math."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTDRN_BACKEND", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("ran torch (auto: Triton could not be imported"), run.stdout
+
+
+def _no_triton(monkeypatch):
+    monkeypatch.setattr(backend, "TRITON_IMPORT_ERROR", "ModuleNotFoundError: No module named 'triton'")
+    return lambda: backend.use_triton("residual_distill", torch.device("cpu"))
+
+
+def _no_extension(monkeypatch):
+    from fastdrn import extension
+
+    monkeypatch.setattr(extension, "unavailable_reason",
+                        lambda device: "the C++/CUDA extension could not be loaded (RuntimeError: no compiler)")
+    return lambda: ops.pixel_shuffle(torch.randn(1, 4, 2, 3), 2)
+
+
+@pytest.mark.parametrize("degrade,fixes", [
+    (_no_triton, ["pip install triton", "FASTDRN_BACKEND=auto"]),  # a machine without Triton
+    (_no_extension, ["FASTDRN_BACKEND=auto"]),                      # an extension that does not build
+])
+def test_a_forced_backend_that_cannot_run_names_the_fix(degrade, fixes, monkeypatch):
+    """The forced backend's error said why (the recorded reason) but not what to do about it."""
+    call = degrade(monkeypatch)
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="FASTDRN_BACKEND=triton but") as caught:
+        call()
+    for fix in fixes:
+        assert fix in str(caught.value), str(caught.value)
+
+
+def test_triton_s_own_import_mode_is_read_in_either_mode():
+    """backend.TRITON_IMPORTED_INTERPRETED (whether Triton decorated its library for its interpreter)
+    was None whenever Triton was imported interpreted (tl.cdiv is then an InterpretedFunction, which
+    is no JITFunction), so a TRITON_INTERPRET unset later went unnoticed. Nothing here changed
+    TRITON_INTERPRET since Triton was imported (conftest sets it before)."""
+    assert backend.TRITON_IMPORTED_INTERPRETED is not None
+    assert backend.TRITON_IMPORTED_INTERPRETED == backend.interpreting()

@@ -234,3 +234,21 @@ def test_gpu_session_smoke_rehearses_the_device_script(tmp_path):
     assert [row["key"]["PROBLEMS"] for row in launches] == [3, 9]
     # The autotune sweep ran its case; under the interpreter nothing autotunes, so it wrote no rows.
     assert "nothing autotunes under the interpreter" in (out / "autotune.log").read_text()
+
+
+def test_rows_record_every_launch_setting():
+    """Each row's env records the launch settings that change what is timed, every one of the
+    settings table of docs/launch-path.md: FASTDRN_LAUNCH_PLANS (0 turns launch plans off, and with
+    them the host time they save) was left out."""
+    import re
+
+    sys.path.insert(0, BENCH)
+    try:
+        import common
+    finally:
+        sys.path.remove(BENCH)
+    table = open(os.path.join(REPO, "docs", "launch-path.md")).read()
+    settings = set(re.findall(r"^\| `(FASTDRN_\w+)` \|", table, flags=re.MULTILINE))
+    assert "FASTDRN_LAUNCH_PLANS" in settings
+    missing = settings - set(common.environment(torch.device("cpu")))
+    assert not missing, f"not recorded: {sorted(missing)}"

@@ -160,3 +160,22 @@ def test_the_fused_paths_glue_traces_without_graph_breaks(first_call, monkeypatc
     assert all(p.grad is not None for p in fast.parameters())
     with torch.no_grad():
         assert_close(compiled(x), expected, TOL, "compiled inference")
+
+
+@pytest.mark.skipif(not fastdrn.backend.interpreting(), reason="about Triton's interpreter")
+def test_compiling_under_the_interpreter_runs_pytorch_math_or_says_why(monkeypatch):
+    """With TRITON_INTERPRET=1, auto chose the kernels under torch.compile too, and tracing crashed
+    inside them ("Cannot access data pointer of Tensor (e.g. FakeTensor ...)"): the interpreter
+    cannot run on the fake tensors compilation traces with. auto now traces PyTorch's math there,
+    and a forced backend says why it cannot run."""
+    fast, ref = models()
+    x = torch.rand(1, 3, 5, 4)
+    with torch.no_grad():
+        assert_close(compiled(fast)(x), ref(x.double()), TOL, "compiled inference under the interpreter")
+    out = compiled(fast)(x)
+    out.sum().backward()
+    assert_close(out, ref(x.double()), TOL, "compiled training forward under the interpreter")
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="FASTDRN_BACKEND=triton but .*torch.compile"), torch.no_grad():
+        torch.compile(fast, backend="aot_eager")(x)

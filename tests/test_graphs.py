@@ -530,6 +530,51 @@ def test_the_callers_autocast_is_part_of_the_graph_key(monkeypatch):
         assert keys[3] == keys[0], f"{type(runner).__name__}: autocast(enabled=False) is no autocast"
 
 
+def test_the_backend_and_launch_settings_are_part_of_the_graph_key(monkeypatch):
+    """A graph holds the kernels its capture ran: after FASTDRN_BACKEND=torch (read at every call,
+    README) or set_launch_options(fuse_tail=True / fold_backward=False) a replay ran the old graph,
+    the forced backend or the memory setting never reaching a captured shape. Keys looked up as in
+    the autocast test above (capture pretended, no CUDA call)."""
+    from helpers import launch_settings
+
+    monkeypatch.setattr(graphs, "capture_unavailable", lambda device: None)
+    model, = twins(TINY, "cpu", 1)
+    step = fastdrn.make_train_step(model, torch.optim.Adam(model.parameters(), capturable=True), F.l1_loss)
+    up = fastdrn.make_upscaler(model)
+    lr, hr = batch(2, 5, 7, 2, "cpu")
+
+    class Looked(Exception):
+        pass
+
+    for runner, args, setting in ((step, (lr, hr), dict(fold_backward=False)), (up, (lr,), dict(fuse_tail=True))):
+        keys = []
+
+        def get(key):
+            keys.append(key)
+            raise Looked
+
+        runner._cache.get = get
+
+        def look():
+            with pytest.raises(Looked):
+                runner(*args)
+
+        monkeypatch.delenv("FASTDRN_BACKEND", raising=False)
+        look()                                          # auto
+        monkeypatch.setenv("FASTDRN_BACKEND", "torch")  # PyTorch's math asked for
+        look()
+        monkeypatch.setenv("FASTDRN_BACKEND", "auto")   # auto again: the first graph
+        look()
+        with launch_settings(**setting):                # another launch setting
+            look()
+        look()                                          # the setting restored: the first graph
+        name = type(runner).__name__
+        assert keys[1] != keys[0], f"{name}: FASTDRN_BACKEND=torch replays the auto graph"
+        assert keys[2] == keys[0], f"{name}: auto is the default"
+        assert keys[3] != keys[0], f"{name}: {setting} replays the graph captured without it"
+        assert keys[4] == keys[0], f"{name}: the same settings again, a new key"
+
+
 # ----------------------------------------------------------------------------------- tiling
 
 @pytest.mark.parametrize("size,tile,overlap", [(45, 11, 7), (38, 11, 7), (20, 16, 3), (7, 3, 0), (24, 5, 20),

@@ -684,8 +684,80 @@ def test_triton_interpret_set_after_import_is_named():
     run = subprocess.run([sys.executable, "-c", LATE_INTERPRET], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "refused:" in run.stdout and "TRITON_INTERPRET was unset when fastdrn's Triton kernels were imported" \
-        in run.stdout, run.stdout
+    # Triton itself was imported (with fastdrn) before the kernels: the message names that, the earlier cause.
+    assert "refused:" in run.stdout and "TRITON_INTERPRET was unset when Triton was imported" in run.stdout, run.stdout
+
+
+INTERPRET_AFTER_IMPORT = r"""
+import os, sys, torch
+os.environ.pop("TRITON_INTERPRET", None)
+import fastdrn  # imports Triton, which decorates its own library (tl.cdiv...) for the compiler now
+from fastdrn import reference
+if sys.argv[1] == "after the kernels":
+    import fastdrn.kernels.residual_distill
+os.environ["TRITON_INTERPRET"] = "1"
+model = fastdrn.DRN(scale=2, n_feats=4, n_groups=1, n_blocks=1, inner=4, distill=2)
+ref = reference.DRN(scale=2, n_feats=4, n_groups=1, n_blocks=1, inner=4, distill=2)
+ref.load_state_dict(model.state_dict())
+x = torch.rand(1, 3, 3, 5)
+assert torch.allclose(model(x), ref(x), atol=1e-5), "auto must run the PyTorch math"
+print("auto:", model.backend)
+os.environ["FASTDRN_BACKEND"] = "triton"
+try:
+    model(x)
+except RuntimeError as e:
+    print("refused:", e)
+"""
+
+
+@pytest.mark.parametrize("when", [
+    "before the kernels",  # after `import fastdrn`, before the first op: what the docs allowed
+    "after the kernels",   # the kernels imported too (the case the check covered)
+])
+def test_triton_interpret_set_after_importing_fastdrn_is_named(when):
+    """TRITON_INTERPRET=1 set after `import fastdrn` but before the first op: fastdrn's kernels were
+    decorated for the interpreter, Triton's own library (imported with fastdrn) for the compiler, and
+    the first kernel failed inside the interpreter ("Cannot call @triton.jit'd outside of the scope
+    of a kernel", at tl.cdiv); the docs said setting it before the kernels' import was enough. Now
+    auto runs PyTorch's math and the forced backend names why."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTDRN_BACKEND", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", INTERPRET_AFTER_IMPORT, when], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    why = "TRITON_INTERPRET was unset when Triton was imported"
+    assert f"auto: torch (auto: {why}" in run.stdout, run.stdout
+    assert "refused:" in run.stdout and why in run.stdout and "before importing fastdrn" in run.stdout, run.stdout
+
+
+# ---- launch settings -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variable,value,option,expected,default,changed", [
+    # memory short (README: "set it to 0"), then the fused tail turned on for an inference
+    ("FASTDRN_FOLD_BACKWARD", "0", "fold_backward", False, True, dict(fuse_tail=True)),
+    # a GPU test run's pin (README: FASTDRN_NUM_WARPS=8 pytest), then another setting changed
+    ("FASTDRN_NUM_WARPS", "8", "num_warps", 8, None, dict(weight_grad_blocks=1)),
+    ("FASTDRN_AUTOTUNE", "0", "autotune", False, True, dict(fold_backward=False)),
+    # nothing named: only forgets the kept kernels and plans (tests call it so)
+    ("FASTDRN_WEIGHT_GRAD_BLOCKS", "2", "weight_grad_blocks", 2, 3, dict()),
+])
+def test_set_launch_options_keeps_the_settings_it_does_not_name(variable, value, option, expected, default, changed,
+                                                                 monkeypatch):
+    """set_launch_options(fuse_tail=True) put every setting it was not given back to its default: a
+    FASTDRN_FOLD_BACKWARD=0 chosen for memory was silently undone, and a FASTDRN_NUM_WARPS pin
+    dropped (test_plans.py's call of set_launch_options() unpinned a pinned GPU test run from there
+    on). A setting named, even to its default, is set."""
+    from fastdrn.kernels import set_launch_options, settings
+
+    monkeypatch.setattr(settings, "_options", None)  # as at the first launch; restored after the test
+    monkeypatch.setenv(variable, value)
+    set_launch_options(**changed)
+    options = settings.launch_options()
+    assert getattr(options, option) == expected, f"{variable}={value} undone by set_launch_options({changed})"
+    for name, setting in changed.items():
+        assert getattr(options, name) == setting
+    set_launch_options(**{option: default})
+    assert getattr(settings.launch_options(), option) == default, "a setting named, to its default too, is set"
 
 
 # ---- test seeds (minor) ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdrn
-from fastdrn import reference
+from fastdrn import backend, reference
 from helpers import assert_close, assert_model_grads_close, dtypes_for, pytorch_fp32_convs, rel_err, tolerance, where
 
 SMALL = dict(n_feats=16, n_groups=2, n_blocks=3, inner=16, distill=4)
@@ -313,6 +313,41 @@ def test_a_global_module_hook_sees_every_group_and_block(device):
         handle.remove()
     assert [type(m).__name__ for m in fast_seen] == [type(m).__name__ for m in seen]
     assert_close(out, expected, tolerance(device, dtype)[0], "output")
+
+
+def _other_alpha_on_a_block(model):
+    model.groups[0].blocks[1].alpha = 0.3
+
+
+def _global_hook(model):
+    return torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None).remove
+
+
+@pytest.mark.parametrize("change", [
+    lambda model: _scale_block_output(model, []),  # a block's forward hook: its group called as a module
+    _other_alpha_on_a_block,                        # a block's alpha not its group's
+    _global_hook,                                   # a global module hook (FlopCounterMode, model summaries)
+], ids=["block-hook", "block-alpha", "global-hook"])
+def test_forced_triton_refuses_groups_called_as_modules(change, device, monkeypatch):
+    """A group called as a module (README: Module semantics) runs the reference's PyTorch math: under
+    FASTDRN_BACKEND=triton that was a silent fallback (a kernel benchmark under a model summary or a
+    flop counter timed PyTorch). A forced backend runs what it names or raises; auto still runs it."""
+    if not backend.use_triton("residual_distill", torch.device(device), dtypes_for(device)[0]):
+        pytest.skip("the fused kernels do not run here")
+    dtype = dtypes_for(device)[0]
+    ref, fast = pair(dict(scale=2, n_feats=8, n_groups=2, n_blocks=2, inner=8, distill=4), device, dtype)
+    x = image(1, 3, 4, device, dtype)
+    undo = change(fast)
+    try:
+        monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+        with pytest.raises(RuntimeError, match=r"FASTDRN_BACKEND=triton but group 0 .*FASTDRN_BACKEND=auto"):
+            fast(x)
+        monkeypatch.setenv("FASTDRN_BACKEND", "auto")
+        with torch.no_grad():
+            fast(x)
+    finally:
+        if undo is not None:
+            undo()
 
 
 @pytest.mark.parametrize("transform", ["grad", "vmap", "jvp"])
@@ -726,6 +761,30 @@ def test_fused_tail_option_matches_reference(scale, size, channels_last, device,
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             assert out.is_contiguous(memory_format=fmt)
             assert_close(out, ref64(x.double()), tolerance(device, dtype)[0], f"{dtype} fused tail")
+
+
+@pytest.mark.parametrize("scale,n_colors", [
+    (9, 3),    # one past the kernel's largest scale (8): SPEC section 1 takes any integer >= 2
+    (2, 17),   # one past the kernel's 16 output channels (a 17-band image)
+])
+def test_fused_tail_option_leaves_models_past_the_kernels_limits_unfused(scale, n_colors, device, monkeypatch):
+    """FASTDRN_FUSE_TAIL=1 is a speed option: a model the kernel cannot compute (its scale or colour
+    count past shuffle_tail's limits) runs its upsampler, shuffle and tail as before and gives the
+    reference's output. It raised "shuffle_tail: scale must be from 1 to 8" instead."""
+    from helpers import launch_settings
+
+    calls = _count_fused_tail(monkeypatch)
+    cfg = dict(TINY, scale=scale, n_colors=n_colors, rgb_mean=[0.45] * n_colors)
+    dtype = dtypes_for(device)[0]
+    ref, fast = pair(cfg, device, dtype)
+    ref64 = reference.DRN(**cfg).to(device, torch.float64)
+    ref64.load_state_dict(ref.state_dict())
+    x = torch.rand(1, n_colors, 3, 5, dtype=torch.float64).to(device, dtype)
+    with pytorch_fp32_convs(), launch_settings(fuse_tail=True), torch.no_grad():
+        out = fast(x)
+        expected = ref64(x.double())
+    assert not calls
+    assert_close(out, expected, tolerance(device, dtype)[0], f"x{scale}, {n_colors} colours, fuse_tail on")
 
 
 def test_fused_tail_option_keeps_the_autograd_path(device, monkeypatch):

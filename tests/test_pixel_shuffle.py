@@ -284,6 +284,34 @@ def test_auto_falls_back_when_extension_cannot_load(monkeypatch, broken_extensio
     assert "no C++ compiler" in extension.unavailable_reason(x.device)
 
 
+@pytest.mark.parametrize("choice,device,warned", [
+    ("auto", "cuda", True),    # auto on a GPU falls back to PyTorch's shuffle: said once, with the reason
+    ("auto", "cpu", False),    # auto never uses the extension on the CPU: nothing fell back
+    ("torch", "cuda", False),  # PyTorch's shuffle asked for
+])
+def test_auto_says_once_why_the_extension_is_not_used(choice, device, warned, monkeypatch):
+    """Under auto a CUDA tensor's pixel shuffle fell back to PyTorch's in silence wherever the
+    extension failed to build or load (no toolkit, no compiler, a FASTDRN_CUDA_ARCH_LIST typo), and
+    model.backend still said Triton: nothing said why the GPU path ran slower. (A stand-in for the
+    CUDA tensor: the routing reads only its device.)"""
+    import types
+    import warnings
+
+    reason = "the C++/CUDA extension could not be loaded (ValueError: FASTDRN_CUDA_ARCH_LIST: cannot read 'Hopper')"
+    monkeypatch.setenv("FASTDRN_BACKEND", choice)
+    monkeypatch.setattr(extension, "unavailable_reason", lambda device: reason)
+    monkeypatch.setattr(ops, "_extension_fallback_said", False, raising=False)
+    x = types.SimpleNamespace(device=torch.device(device))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not ops._use_extension("pixel_shuffle", x)
+        assert not ops._use_extension("pixel_shuffle", x)
+    said = [str(w.message) for w in caught]
+    assert len(said) == (1 if warned else 0), said
+    if warned:
+        assert reason in said[0] and "FASTDRN_BACKEND=triton" in said[0], said[0]
+
+
 def test_forced_backend_raises_for_other_devices(forced):
     with pytest.raises(RuntimeError, match="CPU and CUDA kernels only"):
         ops.pixel_shuffle(torch.empty(1, 4, 2, 2, device="meta"), 2)

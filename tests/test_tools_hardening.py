@@ -208,6 +208,20 @@ def test_the_lock_timeout_must_be_a_number(value, monkeypatch):
         extension.lock_timeout()
 
 
+# FASTDRN_BUILD_EXT read anything but "0" as "build": "no", "false" or " 0" spent minutes compiling
+# the CUDA extension at install time, which the variable is there to skip; now refused, as the other
+# on/off settings are. " 0 ": the surrounding spaces are taken off, as theirs are.
+@pytest.mark.parametrize("value,refused", [("no", True), ("false", True), ("", True), (" 0 ", False), ("1", False)])
+def test_build_ext_takes_0_or_1(value, refused):
+    env = dict(os.environ, FASTDRN_BUILD_EXT=value)
+    run = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    if refused:
+        assert run.returncode != 0 and f"FASTDRN_BUILD_EXT={value!r}" in run.stderr, run.stderr[-2000:]
+    else:
+        assert run.returncode == 0 and run.stdout.strip() == "fastdrn", run.stderr[-2000:]
+
+
 # ---- item 6: checkpoints with flipped bytes ------------------------------------------------------
 
 def test_a_checkpoint_with_flipped_bytes_is_refused(tmp_path, weights, capsys):
