@@ -252,6 +252,11 @@ class DRN(reference.DRN):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.n_colors:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"DRN expects an (N, {self.n_colors}, H, W) image batch, got {shape}")
+        if not x.is_floating_point():
+            # The reference subtracts its mean cast to x's dtype: for integers that is 0, and the
+            # result is no DRN's; images are floats in [0, rgb_range].
+            raise TypeError(f"DRN takes floating-point images with values in [0, rgb_range] = [0, {self.rgb_range:g}], "
+                            f"got dtype {x.dtype}: convert them first (8-bit images: x.float() / 255 * rgb_range)")
         if x.numel() == 0 or x.device.type == "meta":
             # Nothing to compute: an empty batch (N = 0) or shapes only (meta tensors, as deferred
             # initialization and model summaries use). The reference's own forward gives what

@@ -125,6 +125,15 @@ def test_bad_image_is_named():
         fast(torch.rand(1, 4, 5, 5))
 
 
+# Integer and bool images: the reference subtracts its mean cast to the image's dtype (0 for an
+# integer image, an error for bool), so neither gives a DRN's output; fastdrn names the dtype.
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_an_image_that_is_not_floating_point_is_named(dtype):
+    fast = fastdrn.DRN(scale=2, **SMALL)
+    with pytest.raises(TypeError, match=f"floating-point images .* got dtype {dtype}"):
+        fast((torch.rand(1, 3, 5, 5) * 2).to(dtype))
+
+
 def test_an_empty_batch_and_meta_tensors_give_the_references_output(device):
     """Nothing to compute: N = 0 gives the empty output the reference gives (as nn.Conv2d does), and
     a model and input on the meta device give the output's shape (deferred initialization, model
