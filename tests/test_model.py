@@ -456,6 +456,7 @@ def test_compile_fullgraph_torch_path(monkeypatch):
     """No graph break from fastdrn's dispatch (backend switch, checks) around the ops."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # auto on the CPU: the plain PyTorch math
     ref, fast = pair(dict(scale=2, n_feats=8, n_groups=1, n_blocks=2, inner=8, distill=2), "cpu")
+    torch._dynamo.reset()  # no cached graph or failed trace from another test: traced afresh
     compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
     x = image(1, 4, 5, "cpu")
     out = compiled(x)
