@@ -154,11 +154,8 @@ def _outer_autocast(device_type: str) -> tuple:
 def _settings() -> tuple:
     """What a graph holds besides its inputs: the kernels of the backend asked for (FASTDRN_BACKEND,
     read at every call as the ops read it) and of the launch settings in force (set_launch_options:
-    a fused tail, the backward's fold and schedule, configs), so both are part of the key. 1.3 us a
-    call on this project's 2-core CPU machine."""
-    options = launch_options()
-    return (backend.requested(), options.num_warps, options.autotune, options.weight_grad_blocks,
-            options.fold_backward, options.fuse_tail)
+    a fused tail, the backward's fold and schedule, configs), so both are part of the key."""
+    return backend.requested(), launch_options().key
 
 
 def _warm_up(stream: torch.cuda.Stream, fn, *args) -> torch.Tensor:

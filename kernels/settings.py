@@ -44,6 +44,13 @@ class LaunchOptions:
         self.weight_grad_blocks = weight_grad_blocks
         self.fold_backward = fold_backward
         self.fuse_tail = fuse_tail
+        # Every setting, in order (never changed: set_launch_options makes a new LaunchOptions): what
+        # a captured graph's key holds (fastdrn/graphs.py) and what launch_settings restores.
+        self.key = (num_warps, autotune, weight_grad_blocks, fold_backward, fuse_tail)
+
+    def as_dict(self) -> dict:
+        """The settings by name, as set_launch_options takes them."""
+        return dict(zip(("num_warps", "autotune", "weight_grad_blocks", "fold_backward", "fuse_tail"), self.key))
 
     @classmethod
     def from_environment(cls) -> "LaunchOptions":
@@ -112,8 +119,8 @@ def set_launch_options(num_warps=UNCHANGED, autotune=UNCHANGED, weight_grad_bloc
     given = dict(num_warps=num_warps, autotune=autotune, weight_grad_blocks=weight_grad_blocks,
                  fold_backward=fold_backward, fuse_tail=fuse_tail)
     if any(value is UNCHANGED for value in given.values()):
-        now = launch_options()  # the environment's, where nothing was set yet
-        given = {name: getattr(now, name) if value is UNCHANGED else value for name, value in given.items()}
+        now = launch_options().as_dict()  # the environment's, where nothing was set yet
+        given = {name: now[name] if value is UNCHANGED else value for name, value in given.items()}
     _options = LaunchOptions(**given)
     common = sys.modules.get(f"{__package__}._common")
     if common is not None:  # the kernels are imported: what they keep was launched under the old settings
@@ -129,9 +136,7 @@ def launch_settings(**changes):
     try:
         yield
     finally:
-        set_launch_options(num_warps=before.num_warps, autotune=before.autotune,
-                           weight_grad_blocks=before.weight_grad_blocks, fold_backward=before.fold_backward,
-                           fuse_tail=before.fuse_tail)
+        set_launch_options(**before.as_dict())
 
 
 _plans_enabled: bool | None = None  # FASTDRN_LAUNCH_PLANS, read at the first planned call
