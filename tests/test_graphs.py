@@ -500,6 +500,28 @@ def test_ddp_model_is_not_captured(monkeypatch, tmp_path):
         dist.destroy_process_group()
 
 
+class _Looked(Exception):
+    """Raised by a runner's graph-cache lookup once it has recorded the key (_recorded_keys)."""
+
+
+def _recorded_keys(runner, args) -> tuple:
+    """(keys, look): each look() calls runner(*args) as far as its graph-cache lookup, whose key it
+    appends to keys; nothing is captured or replayed."""
+    keys = []
+
+    def get(key):
+        keys.append(key)
+        raise _Looked
+
+    runner._cache.get = get
+
+    def look():
+        with pytest.raises(_Looked):
+            runner(*args)
+
+    return keys, look
+
+
 def test_the_callers_autocast_is_part_of_the_graph_key(monkeypatch):
     """A graph captured inside the caller's torch.autocast has its casts baked in: calls of one shape
     inside and outside it, or under another autocast dtype, must not replay each other's graph. Where a
@@ -510,22 +532,12 @@ def test_the_callers_autocast_is_part_of_the_graph_key(monkeypatch):
     step = fastdrn.make_train_step(model, torch.optim.Adam(model.parameters(), capturable=True), F.l1_loss)
     up = fastdrn.make_upscaler(model)
     lr, hr = batch(2, 5, 7, 2, "cpu")
-
-    class Looked(Exception):
-        pass
-
     for runner, args in ((step, (lr, hr)), (up, (lr,))):
-        keys = []
-
-        def get(key):
-            keys.append(key)
-            raise Looked
-
-        runner._cache.get = get
+        keys, look = _recorded_keys(runner, args)
         for outer in (contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16),
                       torch.autocast("cpu", dtype=torch.float16), torch.autocast("cpu", enabled=False)):
-            with outer, pytest.raises(Looked):
-                runner(*args)
+            with outer:
+                look()
         assert len(set(keys[:3])) == 3, f"{type(runner).__name__}: one key inside and outside autocast"
         assert keys[3] == keys[0], f"{type(runner).__name__}: autocast(enabled=False) is no autocast"
 
@@ -542,23 +554,8 @@ def test_the_backend_and_launch_settings_are_part_of_the_graph_key(monkeypatch):
     step = fastdrn.make_train_step(model, torch.optim.Adam(model.parameters(), capturable=True), F.l1_loss)
     up = fastdrn.make_upscaler(model)
     lr, hr = batch(2, 5, 7, 2, "cpu")
-
-    class Looked(Exception):
-        pass
-
     for runner, args, setting in ((step, (lr, hr), dict(fold_backward=False)), (up, (lr,), dict(fuse_tail=True))):
-        keys = []
-
-        def get(key):
-            keys.append(key)
-            raise Looked
-
-        runner._cache.get = get
-
-        def look():
-            with pytest.raises(Looked):
-                runner(*args)
-
+        keys, look = _recorded_keys(runner, args)
         monkeypatch.delenv("FASTDRN_BACKEND", raising=False)
         look()                                          # auto
         monkeypatch.setenv("FASTDRN_BACKEND", "torch")  # PyTorch's math asked for

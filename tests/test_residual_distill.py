@@ -963,6 +963,30 @@ def _unpinned_conv3x3_configs() -> list:
                            + module.CONV3X3_CANDIDATES.get(block_f, []))]
 
 
+def _two_blocks_against_float64(inner, height, width, dtype, device, config) -> None:
+    """A group of two blocks of inner width `inner` (8-aligned widths, so the forward folds the next
+    squeeze where F <= 64) over 2 x height x width pixels, under whatever 3x3 config is forced:
+    output, every gradient (helpers.assert_op_grads_close) and the in-place inference path's output
+    against float64."""
+    fwd_tol, grad_tol = tolerance(device, dtype)
+
+    def draw():
+        y = randn(2, 16, height, width, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+        blocks = [tuple(make_block(16 + 8 * k, inner, 8, dtype, device)) for k in range(2)]
+        leaves = [y, *(t for block in blocks for t in block)]
+        out = ops.distill_group(y, blocks)
+        grad_out = randn(*out.shape, dtype=dtype, device=device)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        ref, ref_grads, eager_grads = _reference(y, blocks, None, leaves, grad_out)
+        assert_close(out, ref, fwd_tol, f"{dtype} forward, {config}")
+        with torch.no_grad():
+            assert_close(ops.distill_group(y.detach(), [[t.detach() for t in b] for b in blocks]), ref,
+                         fwd_tol, f"{dtype} in-place forward, {config}")
+        return grads, eager_grads, ref_grads
+
+    assert_op_grads_close(dtype, grad_tol, draw, None, f"{dtype} {config}")
+
+
 # Each 16-bit 3x3 config that the GPU tests' warp pins (FASTDRN_NUM_WARPS 4 and 8) do not run
 # (autotuning may launch any listed config), and each candidate the GPU profile times.
 @pytest.mark.parametrize("inner,config", _unpinned_conv3x3_configs(),
@@ -981,23 +1005,7 @@ def test_every_3x3_config_matches_float64(inner, config, device, monkeypatch):
         for dtype in dtypes_for(device):
             if dtype not in SIXTEEN_BIT:
                 continue
-            fwd_tol, grad_tol = tolerance(device, dtype)
-
-            def draw():
-                y = randn(2, 16, 13, 5, dtype=dtype, device=device, channels_last=True, requires_grad=True)
-                blocks = [tuple(make_block(16 + 8 * k, inner, 8, dtype, device)) for k in range(2)]
-                leaves = [y, *(t for block in blocks for t in block)]
-                out = ops.distill_group(y, blocks)
-                grad_out = randn(*out.shape, dtype=dtype, device=device)
-                grads = torch.autograd.grad(out, leaves, grad_out)
-                ref, ref_grads, eager_grads = _reference(y, blocks, None, leaves, grad_out)
-                assert_close(out, ref, fwd_tol, f"{dtype} forward, {config}")
-                with torch.no_grad():
-                    assert_close(ops.distill_group(y.detach(), [[t.detach() for t in b] for b in blocks]), ref,
-                                 fwd_tol, f"{dtype} in-place forward, {config}")
-                return grads, eager_grads, ref_grads
-
-            assert_op_grads_close(dtype, grad_tol, draw, None, f"{dtype} {config}")
+            _two_blocks_against_float64(inner, 13, 5, dtype, device, config)
 
 
 # The 3x3's two launch options that only GPU candidates use (CONV3X3_CANDIDATES), through the
@@ -1017,20 +1025,7 @@ def test_3x3_pixel_tiles_and_l1_loads_match_float64(tile_w, x_in_l1, height, wid
     block_f = module.next_pow2(inner)
     config = module._config(32, 32, min(block_f, 32), 4, 1, tile_w=tile_w, x_in_l1=x_in_l1)
     with _forced_autotuners(monkeypatch, (module.CONV3X3_INTERPRETER_BY_F, block_f, config)):
-        fwd_tol, grad_tol = tolerance(device, dtype)
-        y = randn(2, 16, height, width, dtype=dtype, device=device, channels_last=True, requires_grad=True)
-        blocks = [tuple(make_block(16 + 8 * k, inner, 8, dtype, device)) for k in range(2)]
-        leaves = [y, *(t for block in blocks for t in block)]
-        out = ops.distill_group(y, blocks)
-        grad_out = randn(*out.shape, dtype=dtype, device=device)
-        grads = torch.autograd.grad(out, leaves, grad_out)
-        ref, ref_grads, _eager = _reference(y, blocks, None, leaves, grad_out)
-        assert_close(out, ref, fwd_tol, f"forward, {config}")
-        for i, (g, rg) in enumerate(zip(grads, ref_grads)):
-            assert_close(g, rg, grad_tol, f"leaf {i} {tuple(g.shape)}, {config}")
-        with torch.no_grad():
-            assert_close(ops.distill_group(y.detach(), [[t.detach() for t in b] for b in blocks]), ref, fwd_tol,
-                         f"in-place forward, {config}")
+        _two_blocks_against_float64(inner, height, width, dtype, device, config)
 
 
 def _unpinned_weight_grad_configs() -> list:
