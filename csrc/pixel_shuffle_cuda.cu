@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <string>
 
 #include "pixel_shuffle.h"
 
@@ -148,8 +149,27 @@ at::Tensor pixel_shuffle_bias_cuda(const at::Tensor& x, const at::Tensor& bias, 
   return call.dst;
 }
 
+// "" when this build holds a kernel image that CUDA device `device` can run (machine code for its
+// architecture, or PTX its driver can compile), else CUDA's reason. fastdrn/extension.py asks once a
+// device, so that a GPU the extension was not compiled for is named before a launch, not by a
+// "no kernel image" error from inside one. Every kernel here is compiled with the same flags, so
+// one answers for all.
+std::string cuda_kernel_image_error(int64_t device) {
+  const c10::cuda::CUDAGuard device_guard(static_cast<c10::DeviceIndex>(device));
+  cudaFuncAttributes attributes;
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, gather_kernel<float, int32_t, false>);
+  if (status == cudaSuccess) return "";
+  (void)cudaGetLastError();  // clears it, so the next launch check does not report it as its own
+  return std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
+}
+
 }  // namespace
 }  // namespace fastdrn
+
+// Defined only where the CUDA kernels are compiled: a build without them has no such question.
+TORCH_LIBRARY_FRAGMENT(fastdrn_ext, m) {
+  m.def("cuda_kernel_image_error(int device) -> str", &fastdrn::cuda_kernel_image_error);
+}
 
 TORCH_LIBRARY_IMPL(fastdrn_ext, CUDA, m) {
   m.impl("pixel_shuffle", &fastdrn::pixel_shuffle_cuda);

@@ -96,7 +96,44 @@ def triton_unavailable_reason(device: torch.device, dtype: torch.dtype | None = 
         return "fastdrn's Triton kernels are built and tested for NVIDIA GPUs only"
     if dtype == torch.float64:
         return "the GPU kernels are built for float32, bfloat16 and float16 (float64 runs in the interpreter)"
-    return _kernels_mode_mismatch(interpret=False)
+    return _kernels_mode_mismatch(interpret=False) or gpu_reason(device.index)
+
+
+MIN_CAPABILITY = (8, 0)  # the oldest GPUs the kernels are compiled and checked for (A100: cp.async, bf16 dots)
+_gpu_reasons: dict[int, str | None] = {}
+
+
+@torch.compiler.assume_constant_result
+def gpu_reason(index: int | None) -> str | None:
+    """Why the Triton kernels cannot run on CUDA device `index` (None: the current one): a GPU older
+    than compute capability 8.0, or a Triton whose CUDA driver does not start (it compiles a C helper
+    on first use, so a machine without a C compiler fails there). Asked once a device, at its first fused call, so that
+    the reason routes (auto runs PyTorch's math, triton raises) instead of a failure inside a launch."""
+    if index is None:
+        try:
+            index = torch.cuda.current_device()
+        except Exception as exc:
+            return f"no CUDA device can be used ({type(exc).__name__}: {exc})"
+    if index not in _gpu_reasons:
+        _gpu_reasons[index] = _ask_gpu(index)
+    return _gpu_reasons[index]
+
+
+def _ask_gpu(index: int) -> str | None:
+    try:
+        capability = torch.cuda.get_device_capability(index)
+    except Exception as exc:
+        return f"CUDA device {index} cannot be queried ({type(exc).__name__}: {exc})"
+    if tuple(capability) < MIN_CAPABILITY:
+        return (f"fastdrn's Triton kernels are built for compute capability 8.0 (A100) and newer; CUDA device {index} "
+                f"({torch.cuda.get_device_name(index)}) is {capability[0]}.{capability[1]}")
+    try:
+        from triton.runtime.driver import driver
+
+        driver.active.get_current_device()
+    except Exception as exc:
+        return f"Triton's CUDA driver does not start ({type(exc).__name__}: {exc})"
+    return None
 
 
 def transform_reason() -> str | None:

@@ -5,9 +5,10 @@ Importing this module builds nothing and queries no device. The first call that 
 (`load_error`, `unavailable_reason`) imports the prebuilt `fastdrn._C` when setup.py built it, and
 otherwise compiles csrc/ with torch.utils.cpp_extension.load (ninja), cached in torch's extensions
 directory (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions). The CUDA kernels are
-compiled only when torch is a CUDA build and a CUDA toolkit is found (FASTDRN_CUDA_ARCH_LIST picks
-the GPU architectures); otherwise the build holds the CPU kernels alone. When the extension cannot
-be loaded, the reason is kept and named by the error of whatever needs it.
+compiled only when torch is a CUDA build and a CUDA toolkit is found (FASTDRN_CUDA_ARCH_LIST, else
+TORCH_CUDA_ARCH_LIST, picks the GPU architectures: by default 8.0 and 9.0 with 9.0's PTX); otherwise
+the build holds the CPU kernels alone. When the extension cannot be loaded, or holds no kernel a GPU
+can run, the reason is kept and named by the error of whatever needs it, before any launch.
 
 The ops themselves are defined in C++ (CPU and CUDA kernels); their autograd formulas and their
 shape-only fake implementations, which let torch.compile trace them, are registered here.
@@ -22,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -32,33 +34,73 @@ LIBRARY = "fastdrn_ext"
 ROOT = Path(__file__).resolve().parent.parent  # the source tree that holds csrc/
 CPU_SOURCES = ("csrc/pixel_shuffle.cpp",)
 CUDA_SOURCES = ("csrc/pixel_shuffle_cuda.cu",)
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"  # A100 and H100/H200
+# A100 and H100/H200 as machine code, plus Hopper's PTX, which newer GPUs compile when they load it.
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+MIN_CUDA_ARCH = 80  # compute capability 8.0: the oldest GPUs fastdrn builds and checks its kernels for
 DEFAULT_LOCK_TIMEOUT_S = 600.0  # longer than a full CUDA build of csrc/ takes
 
 _log = logging.getLogger(__name__)
 
 
 # ---- build configuration (shared with setup.py) -------------------------------------------------
+def cuda_arch_list() -> tuple[str, str]:
+    """(architecture list, the setting it came from): FASTDRN_CUDA_ARCH_LIST, else PyTorch's
+    TORCH_CUDA_ARCH_LIST (which every other extension build honours), else the default."""
+    for name in ("FASTDRN_CUDA_ARCH_LIST", "TORCH_CUDA_ARCH_LIST"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value, name
+    return DEFAULT_CUDA_ARCH_LIST, "the default"
+
+
+def _nvcc_archs() -> set[int] | None:
+    """The virtual architectures the toolkit's nvcc compiles for (nvcc --list-gpu-arch), or None where
+    no toolkit is found or it cannot say."""
+    toolkit = find_cuda_toolkit()
+    if toolkit is None:
+        return None
+    try:
+        listed = subprocess.run([str(Path(toolkit) / "bin" / "nvcc"), "--list-gpu-arch"], capture_output=True,
+                                text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {int(n) for n in re.findall(r"compute_(\d+)", listed)} or None
+
+
 def nvcc_arch_flags(arch_list: str | None = None) -> list[str]:
-    """-gencode flags for an architecture list such as "8.0;9.0" (the default), "80 90a" or
-    "9.0+PTX" (also embed PTX, for GPUs newer than the list); default FASTDRN_CUDA_ARCH_LIST."""
+    """-gencode flags for an architecture list such as "8.0;9.0+PTX" (the default), "80 90a" or
+    "10.0+PTX" ("+PTX" also embeds PTX, which GPUs newer than the list compile as they load it);
+    default: cuda_arch_list(). Each entry must be 8.0 or newer and, where a toolkit is found, one
+    its nvcc knows, so that a typo is named here rather than deep in a failed build."""
+    source = "the given list"
     if arch_list is None:
-        arch_list = os.environ.get("FASTDRN_CUDA_ARCH_LIST", "").strip() or DEFAULT_CUDA_ARCH_LIST
+        arch_list, source = cuda_arch_list()
+    known = None
     flags = []
     for entry in re.split(r"[;,\s]+", arch_list.strip()):
         if not entry:
             continue
         match = re.fullmatch(r"(?:sm_|compute_)?(\d+)(?:\.(\d))?([af]?)(\+PTX)?", entry, flags=re.IGNORECASE)
         if match is None or (match.group(2) is None and len(match.group(1)) < 2):
-            raise ValueError(f"FASTDRN_CUDA_ARCH_LIST: cannot read {entry!r}; "
-                             "use entries like 8.0, 9.0a, 90 or 9.0+PTX")
+            raise ValueError(f"{source}={arch_list!r}: cannot read {entry!r}; use compute capabilities like 8.0, "
+                             "9.0a, 90 or 9.0+PTX")
         major, minor, suffix, ptx = match.groups()
-        arch = f"{major}{minor or ''}{suffix.lower()}"
+        number = int(f"{major}{minor or ''}")
+        if number < MIN_CUDA_ARCH:
+            raise ValueError(f"{source}={arch_list!r}: {entry!r} is compute capability {number // 10}.{number % 10}; "
+                             "fastdrn's kernels are built for 8.0 (A100) and newer")
+        if known is None:
+            known = _nvcc_archs() or set()
+        if known and number not in known:
+            usable = ", ".join(f"{n // 10}.{n % 10}" for n in sorted(known) if n >= MIN_CUDA_ARCH)
+            raise ValueError(f"{source}={arch_list!r}: the CUDA toolkit's nvcc does not know {entry!r}; it "
+                             f"compiles for {usable}")
+        arch = f"{number}{suffix.lower()}"
         flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
         if ptx:
             flags.append(f"-gencode=arch=compute_{arch},code=compute_{arch}")
     if not flags:
-        raise ValueError("FASTDRN_CUDA_ARCH_LIST names no architecture")
+        raise ValueError(f"{source}={arch_list!r} names no architecture")
     return flags
 
 
@@ -223,9 +265,36 @@ def unavailable_reason(device: torch.device) -> str | None:
     error = load_error()
     if error is not None:
         return f"the C++/CUDA extension could not be loaded ({error})"
-    if device.type == "cuda" and not _cuda_kernels:
-        return f"the extension has no CUDA kernels ({_no_cuda_reason})"
+    if device.type == "cuda":
+        if not _cuda_kernels:
+            return f"the extension has no CUDA kernels ({_no_cuda_reason})"
+        return kernel_image_error(device.index)
     return None
+
+
+_kernel_image_errors: dict[int, str | None] = {}
+
+
+@torch.compiler.assume_constant_result
+def kernel_image_error(index: int | None) -> str | None:
+    """Why the extension's CUDA kernels cannot run on CUDA device `index` (None: the current one): it
+    was compiled for other architectures, without PTX this GPU can compile. None when they can; asked
+    once a device."""
+    if index is None:
+        try:
+            index = torch.cuda.current_device()
+        except Exception as exc:
+            return f"no CUDA device can be used ({type(exc).__name__}: {exc})"
+    if index not in _kernel_image_errors:
+        error = torch.ops.fastdrn_ext.cuda_kernel_image_error(index)
+        if error:
+            major, minor = torch.cuda.get_device_capability(index)
+            error = (f"the C++/CUDA extension holds no kernel this GPU ({torch.cuda.get_device_name(index)}, compute "
+                     f"capability {major}.{minor}) can run (CUDA: {error}); build it for this GPU with "
+                     f"FASTDRN_CUDA_ARCH_LIST={major}.{minor} set: reinstall fastdrn, or, where it is built on first "
+                     "use, just set it")
+        _kernel_image_errors[index] = error or None
+    return _kernel_image_errors[index]
 
 
 # ---- autograd and fake implementations ----------------------------------------------------------

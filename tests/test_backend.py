@@ -108,6 +108,71 @@ def test_model_backend_names_what_runs_for_its_dtype(place, dtype, device, monke
     assert model.backend.startswith("triton (forced, but unavailable: "), model.backend
 
 
+def test_model_backend_reads_autocast_dtype():
+    """model.backend described the parameters' dtype under autocast too, where the forward runs in
+    autocast's: a float32 model under CPU bfloat16 autocast in the interpreter said triton, and ran
+    PyTorch's math (the interpreter refuses bfloat16)."""
+    model = fastdrn.DRN(scale=2, n_feats=4, n_groups=1, n_blocks=1, inner=4, distill=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.backend == backend.describe("cpu", torch.bfloat16)
+    assert model.backend == backend.describe("cpu", torch.float32)
+
+
+@pytest.fixture
+def gpu_branch(monkeypatch):
+    """backend's GPU checks reached on this machine: no interpreter, kernels in the matching mode, and
+    a stand-in device 0 whose capability and Triton driver each test sets; answers not cached between tests."""
+    monkeypatch.setattr(backend, "interpreting", lambda: False)
+    monkeypatch.setattr(backend, "_kernels_mode_mismatch", lambda interpret: None)
+    monkeypatch.setattr(backend, "_gpu_reasons", {})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Stand-in GPU")
+
+    def gpu(capability, driver_error=None):
+        from triton.runtime.driver import driver
+
+        def active(config):
+            if driver_error is not None:
+                raise driver_error
+            return type("Active", (), {"get_current_device": lambda self: 0})()
+
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+        monkeypatch.setattr(type(driver), "active", property(active))
+
+    return gpu
+
+
+@pytest.mark.parametrize("capability,driver_error,reason", [
+    ((7, 5), None, r"compute capability 8\.0 \(A100\) and newer; CUDA device 0 \(Stand-in GPU\) is 7\.5"),
+    ((9, 0), RuntimeError("Failed to find C compiler. Please specify via CC environment variable."),
+     r"Triton's CUDA driver does not start \(RuntimeError: Failed to find C compiler"),
+    ((9, 0), None, None),
+])
+def test_a_gpu_the_kernels_cannot_run_on_is_named_before_a_launch(gpu_branch, monkeypatch, capability, driver_error,
+                                                                  reason):
+    """A GPU older than sm_80, or a Triton whose driver fails to start (it compiles a C helper on first
+    use), failed inside the first launch, under auto too: now auto runs PyTorch's math, triton raises."""
+    gpu_branch(capability, driver_error)
+    cuda = torch.device("cuda", 0)
+    if reason is None:
+        assert backend.use_triton("residual_distill", cuda, torch.bfloat16)
+        return
+    assert not backend.use_triton("residual_distill", cuda, torch.bfloat16)
+    assert backend.describe(cuda, torch.bfloat16).startswith("torch (auto: ")
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="FASTDRN_BACKEND=triton but residual_distill cannot run its Triton "
+                                           "kernels: .*" + reason):
+        backend.use_triton("residual_distill", cuda, torch.bfloat16)
+
+
+def test_gpu_is_asked_once(gpu_branch, monkeypatch):
+    asked = []
+    gpu_branch((8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or (8, 0))
+    for _ in range(3):
+        assert backend.gpu_reason(0) is None
+    assert asked == [0]
+
+
 WITHOUT_TRITON = r"""
 import sys
 sys.modules["triton"] = None  # as on a machine without Triton: every import of it fails

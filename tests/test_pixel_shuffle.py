@@ -312,6 +312,96 @@ def test_auto_says_once_why_the_extension_is_not_used(choice, device, warned, mo
         assert reason in said[0] and "FASTDRN_BACKEND=triton" in said[0], said[0]
 
 
+def test_cuda_kernel_image_error_is_named_before_a_launch(monkeypatch, ext):
+    """The extension was built for sm_80 and sm_90 without PTX, so on any other GPU generation its
+    first launch failed with CUDA's "no kernel image" under auto instead of falling back. Now each
+    device is asked once (cudaFuncGetAttributes, stood in for here: CPU builds have no CUDA kernels)
+    and the answer routes: auto falls back with the warning, triton raises naming the GPU and the fix."""
+    import types
+    import warnings
+
+    asked = []
+
+    def image_error(index):
+        asked.append(index)
+        return "cudaErrorNoKernelImageForDevice: no kernel image is available for execution on the device"
+
+    monkeypatch.setattr(extension, "_cuda_kernels", True)
+    monkeypatch.setattr(extension, "_kernel_image_errors", {})
+    monkeypatch.setattr(torch.ops.fastdrn_ext, "cuda_kernel_image_error", image_error, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (12, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Future GPU")
+    monkeypatch.setattr(ops, "_extension_fallback_said", False, raising=False)
+    reason = extension.unavailable_reason(torch.device("cuda", 1))
+    assert "Future GPU" in reason and "12.0" in reason and "FASTDRN_CUDA_ARCH_LIST=12.0" in reason, reason
+    assert "no kernel image" in reason
+    x = types.SimpleNamespace(device=torch.device("cuda", 1))  # the routing reads only the device
+    monkeypatch.setenv("FASTDRN_BACKEND", "auto")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not ops._use_extension("pixel_shuffle", x)
+    assert len(caught) == 1 and "FASTDRN_CUDA_ARCH_LIST=12.0" in str(caught[0].message)
+    monkeypatch.setenv("FASTDRN_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match=r"FASTDRN_BACKEND=triton .*compute capability 12\.0"):
+        ops._use_extension("pixel_shuffle", x)
+    assert asked == [1]  # once a device
+
+
+def test_cuda_kernels_that_run_are_used(monkeypatch, ext):
+    monkeypatch.setattr(extension, "_cuda_kernels", True)
+    monkeypatch.setattr(extension, "_kernel_image_errors", {})
+    monkeypatch.setattr(torch.ops.fastdrn_ext, "cuda_kernel_image_error", lambda index: "", raising=False)
+    assert extension.unavailable_reason(torch.device("cuda", 0)) is None
+
+
+# ---- the architectures the CUDA kernels are built for --------------------------------------------
+def _gencodes(flags):
+    return [f.split("=", 1)[1] for f in flags]
+
+
+def test_default_arch_list_embeds_ptx_for_newer_gpus(monkeypatch):
+    """sm_80 and sm_90 machine code, and compute_90 PTX: without it a GPU newer than Hopper had no
+    kernel it could run."""
+    monkeypatch.delenv("FASTDRN_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(extension, "_nvcc_archs", lambda: {75, 80, 86, 89, 90, 100, 120})
+    assert _gencodes(extension.nvcc_arch_flags()) == [
+        "arch=compute_80,code=sm_80", "arch=compute_90,code=sm_90", "arch=compute_90,code=compute_90"]
+
+
+@pytest.mark.parametrize("fastdrn_list,torch_list,expected", [
+    (None, "8.6", ["arch=compute_86,code=sm_86"]),  # PyTorch's setting, which every other extension honours
+    ("9.0a", "8.6", ["arch=compute_90a,code=sm_90a"]),  # fastdrn's own wins over it
+    ("80 10.0+PTX", None, ["arch=compute_80,code=sm_80", "arch=compute_100,code=sm_100",
+                           "arch=compute_100,code=compute_100"]),
+])
+def test_arch_list_settings(monkeypatch, fastdrn_list, torch_list, expected):
+    for name, value in (("FASTDRN_CUDA_ARCH_LIST", fastdrn_list), ("TORCH_CUDA_ARCH_LIST", torch_list)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    monkeypatch.setattr(extension, "_nvcc_archs", lambda: {75, 80, 86, 89, 90, 100, 120})
+    assert _gencodes(extension.nvcc_arch_flags()) == expected
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("FASTDRN_CUDA_ARCH_LIST", "Hopper", r"cannot read 'Hopper'"),
+    ("FASTDRN_CUDA_ARCH_LIST", "7.5", r"'7.5' is compute capability 7.5; .*8.0 \(A100\) and newer"),
+    ("FASTDRN_CUDA_ARCH_LIST", "1.0", r"compute capability 1.0"),
+    ("FASTDRN_CUDA_ARCH_LIST", "8.0;99", r"nvcc does not know '99'; it compiles for 8.0, 8.6, 9.0, 10.0"),
+    ("TORCH_CUDA_ARCH_LIST", "Ampere", r"TORCH_CUDA_ARCH_LIST='Ampere': cannot read 'Ampere'"),
+    ("FASTDRN_CUDA_ARCH_LIST", ";", r"names no architecture"),
+])
+def test_arch_list_nonsense_is_named_before_nvcc(monkeypatch, setting, value, message):
+    """These reached nvcc, whose refusal was buried in a failed build's log."""
+    monkeypatch.delenv("FASTDRN_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setenv(setting, value)
+    monkeypatch.setattr(extension, "_nvcc_archs", lambda: {75, 80, 86, 90, 100})
+    with pytest.raises(ValueError, match=message):
+        extension.nvcc_arch_flags()
+
+
 def test_forced_backend_raises_for_other_devices(forced):
     with pytest.raises(RuntimeError, match="CPU and CUDA kernels only"):
         ops.pixel_shuffle(torch.empty(1, 4, 2, 2, device="meta"), 2)
