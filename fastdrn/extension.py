@@ -105,9 +105,11 @@ def nvcc_arch_flags(arch_list: str | None = None) -> list[str]:
 
 
 def build_config(cuda: bool) -> tuple[list[str], list[str]]:
-    """(sources relative to the source tree, nvcc flags) of the extension, with or without CUDA."""
-    sources = list(CPU_SOURCES) + (list(CUDA_SOURCES) if cuda else [])
-    return sources, ["-O3", *nvcc_arch_flags()]
+    """(sources relative to the source tree, nvcc flags) of the extension, with or without CUDA; the
+    architecture list is read only for a CUDA build, so a bad one cannot fail a build without CUDA."""
+    if not cuda:
+        return list(CPU_SOURCES), ["-O3"]
+    return list(CPU_SOURCES) + list(CUDA_SOURCES), ["-O3", *nvcc_arch_flags()]
 
 
 def find_cuda_toolkit() -> str | None:

@@ -400,6 +400,7 @@ def test_arch_list_nonsense_is_named_before_nvcc(monkeypatch, setting, value, me
     monkeypatch.setattr(extension, "_nvcc_archs", lambda: {75, 80, 86, 90, 100})
     with pytest.raises(ValueError, match=message):
         extension.nvcc_arch_flags()
+    assert extension.build_config(cuda=False) == (list(extension.CPU_SOURCES), ["-O3"])  # unread without CUDA
 
 
 def test_forced_backend_raises_for_other_devices(forced):
