@@ -152,9 +152,9 @@ def environment(device: torch.device) -> dict:
         env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
         env["matmul_fp32_precision"] = torch.get_float32_matmul_precision()
         env["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
-    for var in ("FASTDRN_BACKEND", "FASTDRN_NUM_WARPS", "FASTDRN_AUTOTUNE", "FASTDRN_WEIGHT_GRAD_BLOCKS",
-                "FASTDRN_FOLD_BACKWARD", "FASTDRN_FUSE_TAIL", "FASTDRN_LAUNCH_PLANS", "TRITON_INTERPRET",
-                "TRITON_DEFAULT_FP_FUSION"):
+    from fastdrn.tools.env import SETTINGS_VARIABLES
+
+    for var in (*SETTINGS_VARIABLES, "TRITON_DEFAULT_FP_FUSION"):
         env[var] = os.environ.get(var)
     try:
         from fastdrn import backend

@@ -1,11 +1,12 @@
-"""The ``fastdrn`` command: ``train``, ``eval``, ``upscale`` and ``export`` (the functions live in
-fastdrn.tools; docs/cli.md walks through them).
+"""The ``fastdrn`` command: ``train``, ``eval``, ``upscale``, ``export`` and ``env`` (the functions
+live in fastdrn.tools; docs/cli.md walks through them).
 
     fastdrn train --hr-dir DIR [--lr-dir DIR] --scale S --out DIR [--epochs N | --steps N] [--ema D] ...
     fastdrn eval --weights CKPT --hr-dir DIR [--lr-dir DIR] [--crop-border N] [--no-y] [--json FILE]
     fastdrn upscale INPUT [INPUT ...] -o OUTPUT --weights CKPT [--tile N] [--tile-overlap N]
                     [--dtype fp32|bf16|fp16] [--self-ensemble] [--device D] [--no-cuda-graph]
     fastdrn export --weights CKPT -o OUT [--format basicsr|plain|safetensors]
+    fastdrn env [--json] [--no-extension]
     fastdrn --version
 
 ``--weights`` takes a checkpoint path or a shipped weight name (``drn-x4``; see fastdrn.pretrained).
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(
         prog="fastdrn", description="DRN super-resolution: train a model on photographs, evaluate it "
-        "(PSNR/SSIM), upscale images with it, export its weights.",
+        "(PSNR/SSIM), upscale images with it, export its weights; say what runs here (env).",
         epilog="'fastdrn COMMAND --help' lists each command's options; docs/cli.md has a walkthrough.")
     parser.add_argument("--version", action="version", version=f"fastdrn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: safetensors for a .safetensors output, else basicsr)")
     ex.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                     help="the type the weights are stored in (fp16: half the size; they load as float32)")
+
+    en = sub.add_parser("env", help="versions, GPUs, and which kernels run on each device and dtype (and why)")
+    en.add_argument("--json", action="store_true", help="print it as JSON")
+    en.add_argument("--no-extension", dest="load_extension", action="store_false",
+                    help="do not load the pixel-shuffle extension (which builds it on first use)")
 
     tr = sub.add_parser("train", help="train a DRN with the paper's recipe",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -198,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         stream = sys.stderr if msg.startswith(("error:", "warning:")) else sys.stdout
         print(msg, file=stream, flush=True)
 
+    if args.command == "env":
+        from .tools.env import main as env_main
+        return env_main(as_json=args.json, load_extension=args.load_extension)
     max_pixels = None
     if args.command in ("upscale", "eval"):
         from .tools.image_io import DEFAULT_MAX_PIXELS
