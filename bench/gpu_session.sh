@@ -50,6 +50,10 @@ elif [ "$stage" != smoke ]; then
     && touch $installed || echo "INSTALL FAILED rc=$?" | tee -a $S
   echo "install: $(( $(date +%s) - t0 )) s" | tee -a $S
 fi
+# What runs on this GPU and why, as the package decides it (versions, capability, backends, settings).
+# (The smoke run leaves the extension alone: on a CPU torch, loading it is a first-use build.)
+timeout 60 python3 -m fastdrn.cli env --json $([ "$stage" = smoke ] && echo --no-extension) > $OUT/env-$stage.json 2>> $S \
+  || echo "fastdrn env rc=$?" | tee -a $S
 
 run() { local name=$1 warps=$2 limit=$3; shift 3; local t0=$(date +%s)
   local jobs=${JOBS:-14}; [ "$jobs" = 0 ] && jobs="" || jobs="-n $jobs"  # JOBS=0: no pytest-xdist

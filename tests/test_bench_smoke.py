@@ -216,6 +216,8 @@ def test_gpu_session_smoke_rehearses_the_device_script(tmp_path):
                        env={**_env(), "OUT": str(out)})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "passed" in (out / "tests-backend.log").read_text()
+    env = json.loads((out / "env-smoke.json").read_text())  # what ran and why, kept beside the results
+    assert env["fused_ops"]["cpu"]["float32"].startswith("triton (Triton interpreter")
     rows = [json.loads(line) for line in (out / "results-smoke.jsonl").read_text().splitlines() if line.strip()]
     impls = {row["impl"] for row in rows if row["status"] == "ok"}
     assert {"eager", "fastdrn"} <= impls, impls
