@@ -22,8 +22,9 @@ Anything the recording cannot account for makes the signature unplannable, and i
 fn: a launch argument that is neither an input, a tracked allocation nor a view of one, a returned
 tensor that is neither an input nor a tracked allocation (an untracked copy, say), a launch that
 did not end in a kept kernel, an allocation on another device, one tensor passed at two input
-positions. Under TRITON_INTERPRET=1 the same plans replay the interpreted kernels with views of the
-workspace, so the CPU tests check replays against the launchers bit for bit (tests/test_plans.py).
+positions. One thread records at a time: a region another thread reaches meanwhile runs fn. Under
+TRITON_INTERPRET=1 the same plans replay the interpreted kernels with views of the workspace, so
+the CPU tests check replays against the launchers bit for bit (tests/test_plans.py).
 docs/launch-path.md has the measurements.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 from functools import reduce
 from itertools import count
 from operator import attrgetter, or_
-from threading import get_ident
+from threading import Lock, get_ident
 
 import torch
 from triton.runtime.driver import driver as triton_driver
@@ -44,6 +45,9 @@ PLANS_LIMIT = 512       # signatures kept; all forgotten when full
 
 failures: dict = {}  # region function -> why its last unplannable signature was refused (for tests)
 MISMATCH = object()  # what a replay returns when an input it does not key differs from the recording
+# Taken to claim _common.recorder (recordings only, not replays): two threads past planned()'s check
+# would otherwise both set it, and the one overwritten would record none of its later launches.
+_claim = Lock()
 
 
 def reset() -> None:
@@ -141,7 +145,13 @@ def planned(fn, static: tuple, inputs: list, keyed: int | None = None, signature
         return fn(static, inputs)
     if plan is None:  # unplannable
         return fn(static, inputs)
-    recorder = _common.recorder = Recorder(inputs, first.device, interpreted, keyed)
+    recorder = Recorder(inputs, first.device, interpreted, keyed)
+    with _claim:
+        claimed = _common.recorder is None  # no other thread's recording began since the check above
+        if claimed:
+            _common.recorder = recorder
+    if not claimed:
+        return fn(static, inputs)
     try:
         result = fn(static, inputs)
     finally:

@@ -484,6 +484,66 @@ def test_a_recording_keeps_only_its_own_threads_launches(monkeypatch, device):
     assert torch.equal(results["recorded"], replayed)
 
 
+def test_two_threads_recording_at_once_keep_every_launch(monkeypatch, device):
+    """Two threads reach new regions together (nn.DataParallel's first step, a threaded server's first
+    requests): thread A passes planned()'s check that nothing is being recorded, is switched out
+    before it starts its recording, and thread B starts one. A's recording must not take B's place:
+    B's later launches would be recorded nowhere, and B's region (the in-place inference group,
+    which returns nothing) planned without them, its replays leaving the buffer unwritten (1.6 off
+    in float64 before the fix). Forced here by pausing A in that window and B inside its region."""
+    import threading
+
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    _eager_group_or_skip(device, dtype)
+    from fastdrn.kernels import residual_distill
+
+    in_window, resume_a = threading.Event(), threading.Event()
+    recording, resume_b = threading.Event(), threading.Event()
+    signature, region = plans.tensor_signature, residual_distill._group_forward_region
+
+    def signature_after_a_pause(tensors):  # A: read between planned()'s check and its recording
+        if threading.current_thread().name == "A":
+            in_window.set()
+            assert resume_a.wait(60)
+        return signature(tensors)
+
+    def region_after_a_pause(static, inputs):  # B: recording (the plan's key holds this function)
+        if threading.current_thread().name == "B":
+            recording.set()
+            assert resume_b.wait(60)
+        return region(static, inputs)
+
+    monkeypatch.setattr(plans, "tensor_signature", signature_after_a_pause)
+    monkeypatch.setattr(residual_distill, "_group_forward_region", region_after_a_pause)
+    plans.set_launch_plans(True)
+    blocks = [tuple(t.detach() for t in block) for block in _group_blocks(dtype, device, inners=(16, 16, 16))]
+    y = randn(1, 24, 3, 5, dtype=dtype, device=device, channels_last=True)
+    z = randn(1, 40, 3, 3, dtype=dtype, device=device, channels_last=True)
+    skip = randn(1, 24, 3, 3, dtype=dtype, device=device, channels_last=True)
+    w, b = randn(24, 40, 1, 1, dtype=dtype, device=device), randn(24, dtype=dtype, device=device)
+
+    def run(name, call):
+        def body():
+            with torch.no_grad():
+                call()
+        thread = threading.Thread(target=body, name=name)
+        thread.start()
+        return thread
+
+    thread_a = run("A", lambda: ops.compress_skip(z, w, b, skip))
+    assert in_window.wait(60)
+    thread_b = run("B", lambda: ops.distill_group(y, blocks))
+    assert recording.wait(60)
+    resume_a.set()
+    thread_a.join()  # A ran its region while B was recording
+    resume_b.set()
+    thread_b.join()
+    with torch.no_grad():
+        replayed = ops.distill_group(y, blocks)  # from B's plan
+        with plans_off():
+            assert torch.equal(replayed, ops.distill_group(y, blocks))
+
+
 @pytest.mark.parametrize("blocks_a_launch, fold, backward_limit", [
     (1, False, 4.0),  # each block's weight gradients and their sum in launches of their own
     (3, False, 3.0),  # three blocks a weight-gradient launch, 24 launches a group of 9
