@@ -5,6 +5,7 @@ here queries a device at import; a missing Triton is recorded and named in the e
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -134,6 +135,32 @@ def _ask_gpu(index: int) -> str | None:
     except Exception as exc:
         return f"Triton's CUDA driver does not start ({type(exc).__name__}: {exc})"
     return None
+
+
+def launch_device(device: torch.device):
+    """A context that makes `device` the current CUDA device, or None where nothing needs switching.
+    Triton launches on the current device whatever device its tensors are on, so a model on cuda:1
+    ran its kernels on cuda:0 with pointers into cuda:1's memory (the extension and PyTorch's ops
+    guard themselves). None for the current device, other devices' tensors, and under torch.compile,
+    whose generated code sets the device itself."""
+    if device.type != "cuda" or torch.compiler.is_compiling() or device.index == torch.cuda.current_device():
+        return None
+    return torch.cuda.device(device.index)
+
+
+def on_first_tensors_device(op):
+    """Runs op(x, ...) with x's CUDA device current (launch_device); x that is not a tensor goes
+    through as it is, for op's checks to name. Backward needs no guard: autograd runs a CUDA
+    backward on a thread of its own with that device current."""
+    @functools.wraps(op)
+    def on_device(x, *args, **kwargs):
+        guard = launch_device(x.device) if isinstance(x, torch.Tensor) else None
+        if guard is None:  # the common case, without a context manager's cost (about 0.3 us)
+            return op(x, *args, **kwargs)
+        with guard:
+            return op(x, *args, **kwargs)
+
+    return on_device
 
 
 def transform_reason() -> str | None:

@@ -194,6 +194,7 @@ def _fused():
     return _kernels
 
 
+@backend.on_first_tensors_device
 def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha=0.2, recompute=False):
     """One residual distilling block: (N, D, H, W) -> (N, D + d, H, W), d = w_expand.shape[0] - D."""
     _checked(check_residual_distill, z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand)
@@ -205,6 +206,7 @@ def residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand
     return reference.residual_distill(z, w_squeeze, b_squeeze, w_conv, b_conv, w_expand, b_expand, alpha)
 
 
+@backend.on_first_tensors_device
 def compress_skip(z, w, b, skip, alpha=0.2):
     """ELU(conv1x1(z, w, b)) + skip: a group's compression and its long skip connection."""
     _checked(check_compress_skip, z, w, b, skip)
@@ -249,6 +251,7 @@ def distill_groups(y, groups, alpha=0.2, recompute=False):
     return _distill_groups(y, read, alpha, recompute)
 
 
+@backend.on_first_tensors_device
 def _distill_groups(y, groups, alpha, recompute):
     """distill_groups over groups given as (the blocks' tensors in one flat list, 6 a block, (w, b)):
     what fastdrn.DRN calls, its groups being of that form by construction. In training on the fused
@@ -326,6 +329,7 @@ def _flat_blocks(blocks) -> list:
     return weights
 
 
+@backend.on_first_tensors_device
 def _group(y, blocks, alpha, recompute, compression):
     """distill_group, then, with compression = (w, b), compress_skip of its output with y as the skip."""
     alpha = check_alpha("distill_group", alpha)
@@ -551,6 +555,7 @@ def check_shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype) -> None:
         raise TypeError(f"{op}: out_dtype {out_dtype} is not one of float16, bfloat16, float32, float64")
 
 
+@backend.on_first_tensors_device
 def _shuffle_tail(u, b_up, w_tail, b_tail, mean, scale, out_dtype=None, channels_last=False):
     """conv3x3(pixel_shuffle(u + b_up, scale), w_tail, b_tail, padding=1) + mean: DRN's output stage
     after the upsampler conv, in one Triton kernel (fastdrn.kernels.shuffle_tail) that never writes

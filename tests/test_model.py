@@ -891,3 +891,78 @@ def test_fused_tail_under_autocast(device, monkeypatch):
         eager = ref(x)
     assert calls and out.dtype == eager.dtype == torch.float32
     assert_close(out, ref64(x.double()), 2e-2, "autocast float16 fused tail")
+
+
+# ---- tensors on a CUDA device other than the current one -----------------------------------------
+def test_launch_device_makes_the_tensors_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: backend.launch_device switches to the tensors'
+    device where it is another (stand-ins for torch.cuda here; this machine may have no GPU)."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: ("made current", index))
+    assert backend.launch_device(torch.device("cuda", 1)) == ("made current", 1)
+    for same in (torch.device("cuda", 0), torch.device("cpu")):
+        assert backend.launch_device(same) is None
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_every_forward_launch_runs_inside_the_device_guard(monkeypatch, training):
+    """fastdrn.DRN's forward, training (its one autograd node) and inference (in-place groups,
+    shuffle_tail): every Triton launch happens with the guard of its tensors' device entered. Plans
+    off, so that every launch goes through kernels/_common.py `launch`."""
+    if where(torch.device("cpu")) != "interpreter" or backend.triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip("needs the Triton kernels in the interpreter")
+    from fastdrn.kernels import _common, gemm, residual_distill, settings, shuffle_tail
+
+    entered, outside, launched = [], [], []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.remove(self.device)
+
+    def launch(*args, **kwargs):
+        launched.append(args[0].fn.__name__ if hasattr(args[0], "fn") else args[0].__name__)
+        if not entered:
+            outside.append(launched[-1])
+        return _common.launch(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "launch_device", Guard)
+    for module in (gemm, residual_distill, shuffle_tail):
+        monkeypatch.setattr(module, "launch", launch)
+    ref, fast = pair(dict(scale=2, **SMALL), "cpu")
+    x = image(1, 5, 4, "cpu")
+    with settings.launch_settings(fuse_tail=not training):
+        plans_were = settings.plans_enabled()
+        settings.set_launch_plans(False)
+        try:
+            with torch.set_grad_enabled(training):
+                out = fast(x)
+        finally:
+            settings.set_launch_plans(plans_were)
+    assert launched and not outside, f"launched outside the device guard: {outside} (of {launched})"
+    assert training or "shuffle_tail_kernel" in launched
+    assert_close(out, ref(x), 1e-5, "output")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_model_on_a_device_that_is_not_current():
+    """model.to('cuda:1') with cuda:0 current: Triton launched on cuda:0 with pointers into cuda:1's
+    memory. Forward and backward against the float64 reference."""
+    ref, fast = pair(dict(scale=2, **SMALL), "cpu")
+    ref64, fast = ref.to(torch.float64), fast.to("cuda:1")
+    x = image(2, 9, 7, "cpu")
+    torch.cuda.set_device(0)
+    fwd_tol, grad_tol = tolerance(torch.device("cuda"), torch.float32)
+    with pytorch_fp32_convs():
+        out = fast(x.to("cuda:1"))
+        out.square().mean().backward()
+    expected = ref64(x.double())
+    assert_close(out, expected, fwd_tol, "output")
+    ref_grads = torch.autograd.grad(expected.square().mean(), list(ref64.parameters()))
+    for (name, p), rg in zip(fast.named_parameters(), ref_grads):
+        assert_close(p.grad, rg, grad_tol, f"grad of {name}")
