@@ -307,6 +307,17 @@ def check_unbatched(op: str, grad: torch.Tensor) -> None:
                            "backward; compute them one at a time, or run with FASTDRN_BACKEND=torch")
 
 
+def check_saved(op: str, saved, like: torch.Tensor) -> None:
+    """Refuse, by name, saved tensors that a saved_tensors_hooks unpack handed back in another dtype
+    or on another device than `like` (the op's gradient): the kernels would fail inside, or round the
+    gradients to the other dtype, where PyTorch's own ops refuse them."""
+    for t in saved:
+        if t is not None and (t.dtype != like.dtype or t.device != like.device):
+            raise RuntimeError(f"fastdrn {op}: a saved tensor came back from a saved_tensors_hooks unpack as {t.dtype} "
+                               f"on {t.device}, but the op ran in {like.dtype} on {like.device}; the unpack must "
+                               "return each tensor in its dtype and on its device")
+
+
 def track(t: torch.Tensor) -> torch.Tensor:
     """t, a tensor a launcher just allocated; a region being recorded notes the allocation."""
     if recorder is not None and recorder.thread == get_ident():

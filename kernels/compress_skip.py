@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op
 
-from ._common import check_unbatched, direct_launches, eager_fast_path, function_apply, row_stride, rows
+from ._common import check_saved, check_unbatched, direct_launches, eager_fast_path, function_apply, row_stride, rows
 from .gemm import EPILOGUE_ELU, EPILOGUE_ELU_GRAD, EPILOGUE_LINEAR, conv1x1, weight_grads
 from .plans import planned
 
@@ -58,6 +58,7 @@ def _input_grads(ctx, grad, backward):
     if torch.is_grad_enabled():
         raise RuntimeError("fastdrn compress_skip: double backward (create_graph=True) is not supported")
     z, w, b = ctx.saved_tensors
+    check_saved("compress_skip", (z, w, b), grad)
     # As the kernels read them, whatever layout a saved_tensors_hooks unpack handed them back in.
     dz, dw, db = backward(grad, z, w.contiguous(), None if b is None else b.contiguous(), ctx.alpha)
     return dz, dw, db if ctx.has_bias else None, grad, None

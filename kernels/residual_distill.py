@@ -42,9 +42,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._common import (KERNELS_INTERPRETED, cdiv, check_int32, check_unbatched, direct_launches, dot_precision,
-                      eager_fast_path, elu, elu_grad_from_output, extent, function_apply, is_fp64, join_alpha,
-                      launch, launch_options, next_pow2, rows, split_alpha, track)
+from ._common import (KERNELS_INTERPRETED, cdiv, check_int32, check_saved, check_unbatched, direct_launches,
+                      dot_precision, eager_fast_path, elu, elu_grad_from_output, extent, function_apply, is_fp64,
+                      join_alpha, launch, launch_options, next_pow2, rows, split_alpha, track)
 from .compress_skip import _backward as _compress_backward
 from .compress_skip import _forward as _compress_forward
 from .compress_skip import compress_skip
@@ -836,6 +836,7 @@ def _input_grads(ctx, grad, backward):
     if torch.is_grad_enabled():
         raise RuntimeError("fastdrn residual_distill: double backward (create_graph=True) is not supported")
     z, b, *weights = ctx.saved_tensors
+    check_saved("residual_distill", (z, b, *weights), grad)
     # A saved_tensors_hooks unpack may hand them back in another layout (save_on_cpu: NCHW): the
     # kernels read b as pixel rows.
     if b.dim() == 4:
@@ -920,6 +921,7 @@ def _chain_backward_planned(grad, saved, n_blocks, first, n_compress, alpha, sav
     _chain_forward_saving): the backward then reads their addresses, not their whole layout again
     (58 tensors a group, ~35 us)."""
     z, arena = (None, saved[0]) if first else saved[:2]
+    check_saved("residual_distill", (arena,), grad)
     arena = arena.contiguous()  # as _saved_views carves it, whatever layout a saved_tensors_hooks unpack gave it
     weights = saved[2 - bool(first):len(saved) - n_compress]
     compression = saved[len(saved) - n_compress:]
@@ -927,6 +929,7 @@ def _chain_backward_planned(grad, saved, n_blocks, first, n_compress, alpha, sav
     saved_pointers, z_key = saved_where
     if addresses != saved_pointers:
         # Not the forward's tensors (a saved_tensors_hooks unpack made them), maybe in another layout.
+        check_saved("residual_distill", saved, grad)
         weights = dense_as_read(weights, 4 if save_b else 5)
         compression = [t if t is None else t.contiguous() for t in compression]
     n_blocks -= first

@@ -796,6 +796,39 @@ def test_saved_tensors_handed_back_in_any_layout(node, device):
         assert torch.equal(g, e), f"gradient of leaf {i}"
 
 
+@pytest.mark.parametrize("node,changed", [
+    # "inputs": the saved tensors that require a gradient (inputs, weights, biases); "internal": the
+    # activations the node made (the compression saves none). The groups compare their activations'
+    # dtype always and the rest's where their addresses changed.
+    ("block", "inputs"), ("block", "internal"), ("compression", "inputs"), ("group", "inputs"),
+    ("group", "internal"), ("body", "inputs"), ("body", "internal")])
+def test_saved_tensors_handed_back_in_another_dtype_are_refused(node, changed, device):
+    """A saved_tensors_hooks unpack that casts (float64 handed back as float32) failed inside the
+    kernels for the block and the groups, and gave gradients rounded to float32 for the compression,
+    where the reference's ops refuse it. Now each backward names it."""
+    dtype = dtypes_for(device)[0]
+    _eager_group_or_skip(device, dtype)
+    other = torch.float32 if dtype == torch.float64 else torch.float64
+    y = randn(1, 24, 3, 5, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+    groups = [(_group_blocks(dtype, device, inners=(16, 16)),
+               (randn(24, 32, 1, 1, dtype=dtype, device=device, requires_grad=True),
+                randn(24, dtype=dtype, device=device, requires_grad=True))) for _ in range(2 if node == "body" else 1)]
+    (blocks, (w_c, b_c)), *_ = groups
+    z32 = randn(1, 32, 3, 5, dtype=dtype, device=device, channels_last=True, requires_grad=True)
+    run = {"block": lambda: ops.residual_distill(y, *blocks[0]),
+           "compression": lambda: ops.compress_skip(z32, w_c, b_c, y),
+           "group": lambda: ops.distill_and_compress(y, blocks, w_c, b_c),
+           "body": lambda: ops.distill_groups(y, groups)}[node]
+
+    def pack(t):
+        return t.to(other) if (changed == "inputs") == t.requires_grad else t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    with pytest.raises(RuntimeError, match=f"saved_tensors_hooks unpack as {other}"):
+        out.backward(torch.ones_like(out))
+
+
 @pytest.mark.parametrize("body", [False, True])  # distill_and_compress (one node a group), distill_groups (one node)
 def test_a_saved_activation_handed_back_at_its_address_in_another_layout(body, device):
     """A saved_tensors_hooks pair that frees a saved activation and hands it back where a new
