@@ -108,8 +108,9 @@ _gpu_reasons: dict[int, str | None] = {}
 def gpu_reason(index: int | None) -> str | None:
     """Why the Triton kernels cannot run on CUDA device `index` (None: the current one): a GPU older
     than compute capability 8.0, or a Triton whose CUDA driver does not start (it compiles a C helper
-    on first use, so a machine without a C compiler fails there). Asked once a device, at its first fused call, so that
-    the reason routes (auto runs PyTorch's math, triton raises) instead of a failure inside a launch."""
+    on first use, so a machine without a C compiler fails there). Asked once a device, at its first
+    fused call, so that the reason routes (auto runs PyTorch's math, triton raises) instead of a
+    failure inside a launch."""
     if index is None:
         try:
             index = torch.cuda.current_device()

@@ -288,7 +288,12 @@ def kernel_image_error(index: int | None) -> str | None:
         except Exception as exc:
             return f"no CUDA device can be used ({type(exc).__name__}: {exc})"
     if index not in _kernel_image_errors:
-        error = torch.ops.fastdrn_ext.cuda_kernel_image_error(index)
+        try:
+            error = torch.ops.fastdrn_ext.cuda_kernel_image_error(index)
+        except Exception as exc:  # a build from before this check: rebuilt by reinstalling
+            _kernel_image_errors[index] = (f"the C++/CUDA extension cannot say whether it runs on this GPU "
+                                           f"({type(exc).__name__}: {exc}); reinstall fastdrn to rebuild it")
+            return _kernel_image_errors[index]
         if error:
             major, minor = torch.cuda.get_device_capability(index)
             error = (f"the C++/CUDA extension holds no kernel this GPU ({torch.cuda.get_device_name(index)}, compute "

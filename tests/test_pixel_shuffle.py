@@ -347,6 +347,18 @@ def test_cuda_kernel_image_error_is_named_before_a_launch(monkeypatch, ext):
     assert asked == [1]  # once a device
 
 
+def test_a_build_without_the_kernel_image_check_is_named(monkeypatch, ext):
+    """An extension built before cuda_kernel_image_error existed: named (auto falls back), not an
+    AttributeError from inside the routing."""
+    def missing(index):
+        raise AttributeError("'_OpNamespace' 'fastdrn_ext' object has no attribute 'cuda_kernel_image_error'")
+
+    monkeypatch.setattr(extension, "_cuda_kernels", True)
+    monkeypatch.setattr(extension, "_kernel_image_errors", {})
+    monkeypatch.setattr(torch.ops.fastdrn_ext, "cuda_kernel_image_error", missing, raising=False)
+    assert "reinstall fastdrn" in extension.unavailable_reason(torch.device("cuda", 0))
+
+
 def test_cuda_kernels_that_run_are_used(monkeypatch, ext):
     monkeypatch.setattr(extension, "_cuda_kernels", True)
     monkeypatch.setattr(extension, "_kernel_image_errors", {})
