@@ -204,9 +204,6 @@ def main(argv: list[str] | None = None) -> int:
         stream = sys.stderr if msg.startswith(("error:", "warning:")) else sys.stdout
         print(msg, file=stream, flush=True)
 
-    if args.command == "env":
-        from .tools.env import main as env_main
-        return env_main(as_json=args.json, load_extension=args.load_extension)
     max_pixels = None
     if args.command in ("upscale", "eval"):
         from .tools.image_io import DEFAULT_MAX_PIXELS
@@ -214,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.tile_overlap is not None and not args.tile:
             log("warning: --tile-overlap has no effect without --tile (the whole image is run at once)")
     try:
+        if args.command == "env":  # inside: a setting it cannot read is a ValueError that names it
+            from .tools.env import main as env_main
+            return env_main(as_json=args.json, load_extension=args.load_extension)
         if args.command == "upscale":
             from .tools.upscale import upscale
             failed = upscale(args.inputs, args.output, args.weights, key=args.key, tile=args.tile or None,

@@ -56,3 +56,9 @@ def test_every_setting_fastdrn_reads_is_reported():
     for path in [*REPO.joinpath("fastdrn").rglob("*.py"), *REPO.joinpath("kernels").glob("*.py")]:
         read |= set(re.findall(r"[\"'](FASTDRN_[A-Z_]+)[\"']", path.read_text()))
     assert read and read <= set(env.SETTINGS_VARIABLES), sorted(read - set(env.SETTINGS_VARIABLES))
+
+
+def test_a_setting_it_cannot_read_is_named(capsys, monkeypatch):
+    monkeypatch.setenv("FASTDRN_BACKEND", "cudnn")
+    assert cli.main(["env", "--no-extension"]) == 2
+    assert "FASTDRN_BACKEND='cudnn'" in capsys.readouterr().err

@@ -48,7 +48,8 @@ def report(load_extension: bool = True) -> dict:
     from fastdrn import backend, extension
     from fastdrn.kernels import settings
 
-    devices = ["cpu"] + [gpu["device"] for gpu in _gpus()]
+    gpus = _gpus()
+    devices = ["cpu"] + [gpu["device"] for gpu in gpus]
     fused_ops = {device: {str(dtype).removeprefix("torch."): backend.describe(device, dtype) for dtype in DTYPES}
                  for device in devices}
     pixel_shuffle = None  # not loaded: loading builds it on first use
@@ -61,7 +62,7 @@ def report(load_extension: bool = True) -> dict:
         "platform": platform.platform(),
         "torch": f"{torch.__version__} (CUDA {torch.version.cuda})" if torch.version.cuda else f"{torch.__version__} (CPU)",
         "triton": _triton_version(),
-        "gpus": _gpus(),
+        "gpus": gpus,
         "backend_requested": backend.requested(),
         "fused_ops": fused_ops,
         "pixel_shuffle": pixel_shuffle,
