@@ -138,6 +138,8 @@ from .settings import (UNCHANGED, WEIGHT_GRAD_BLOCKS, LaunchOptions, launch_opti
 
 def forget_launches() -> None:
     """Forget every kept kernel and launch plan (set_launch_options: they ran under the old settings)."""
+    global generation
+    generation += 1  # what a launch or recording in flight in another thread found stays unkept
     for lean in _lean_launchers.values():
         lean.forget()
     launch_plans.clear()  # they hold the forgotten kernels
@@ -291,6 +293,9 @@ _lean_launchers: dict[int, LeanLauncher] = {}
 # Launch plans (kernels/plans.py): regions of launcher code recorded once per signature, keyed by
 # it (None: that signature could not be planned). Cleared with everything that changes a launch.
 launch_plans: dict = {}
+# Counts the forgetting of kept kernels and plans: a launch or a recording that began before one
+# (in another thread) does not keep what it found under the old settings.
+generation = 0
 # The plans.Recorder of the region being recorded, or None: launch() and track() report to it what
 # its own thread launches and allocates (recorder.thread); other threads' launches are theirs.
 recorder = None
@@ -357,6 +362,7 @@ def launch(kernel, tuned, grid, interpreter: triton.Config, **args) -> None:
                 recorder.launched(kernel, tuned, grid, interpreter, args)
             return
     configs = [interpreter] if tuned is None else tuned.configs
+    began = generation
     config = fixed_config(interpreter, configs)
     if config is None:
         compiled = wrap_triton(tuned)[grid](**args)
@@ -365,7 +371,7 @@ def launch(kernel, tuned, grid, interpreter: triton.Config, **args) -> None:
         compiled = wrap_triton(kernel)[grid](**args, **config.kwargs, num_warps=config.num_warps,
                                              num_stages=config.num_stages)
     # Keep what ran for the lean path; nothing to keep when interpreted, traced, or on a Triton too old.
-    if not (KERNELS_INTERPRETED or wrap_triton_enabled() or not lean_launches_possible()):
+    if not (KERNELS_INTERPRETED or wrap_triton_enabled() or not lean_launches_possible() or generation != began):
         if lean is None:
             lean = _lean_launchers[id(kernel if tuned is None else tuned)] = LeanLauncher(kernel, tuned, configs)
         lean.keep(compiled, config, args)

@@ -146,6 +146,7 @@ def planned(fn, static: tuple, inputs: list, keyed: int | None = None, signature
     if plan is None:  # unplannable
         return fn(static, inputs)
     recorder = Recorder(inputs, first.device, interpreted, keyed)
+    began = _common.generation
     with _claim:
         claimed = _common.recorder is None  # no other thread's recording began since the check above
         if claimed:
@@ -156,6 +157,8 @@ def planned(fn, static: tuple, inputs: list, keyed: int | None = None, signature
         result = fn(static, inputs)
     finally:
         _common.recorder = None
+    if _common.generation != began:  # the settings changed while recording: its launches ran under the old ones
+        return result
     plan = recorder.build(result)
     if plan is None:
         failures[fn] = recorder.failure

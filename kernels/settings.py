@@ -161,6 +161,7 @@ def set_launch_plans(enabled: bool) -> None:
     _plans_enabled = enabled
     common = sys.modules.get(f"{__package__}._common")
     if common is not None:
+        common.generation += 1  # a recording in flight in another thread keeps no plan
         common.launch_plans.clear()
 
 

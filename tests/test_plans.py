@@ -544,6 +544,51 @@ def test_two_threads_recording_at_once_keep_every_launch(monkeypatch, device):
             assert torch.equal(replayed, ops.distill_group(y, blocks))
 
 
+def test_settings_changed_while_another_thread_records_keep_no_plan(monkeypatch, device):
+    """set_launch_options forgets every plan, as its launches ran under the old settings; a recording
+    in flight in another thread then stored its plan after the forgetting, and the new settings never
+    reached that signature. Forced by pausing the recording thread inside its region."""
+    import threading
+
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    _eager_group_or_skip(device, dtype)
+    from fastdrn.kernels import residual_distill
+
+    recording, resume = threading.Event(), threading.Event()
+    region = residual_distill._group_forward_region
+
+    def region_after_a_pause(static, inputs):
+        if threading.current_thread().name == "recording":
+            recording.set()
+            assert resume.wait(60)
+        return region(static, inputs)
+
+    monkeypatch.setattr(residual_distill, "_group_forward_region", region_after_a_pause)
+    plans.set_launch_plans(True)
+    blocks = [tuple(t.detach() for t in block) for block in _group_blocks(dtype, device, inners=(16, 16))]
+    y = randn(1, 24, 3, 5, dtype=dtype, device=device, channels_last=True)
+
+    def group():
+        with torch.no_grad():
+            return ops.distill_group(y, blocks)
+
+    thread = threading.Thread(target=group, name="recording")
+    thread.start()
+    assert recording.wait(60)
+    before = _common.launch_options()
+    try:
+        _common.set_launch_options(weight_grad_blocks=1 if before.weight_grad_blocks != 1 else 2)
+        resume.set()
+        thread.join()
+        assert not any(key[0] is region_after_a_pause for key in _common.launch_plans), "kept under the old settings"
+        out = group()  # recorded now, under the new settings
+        assert any(key[0] is region_after_a_pause for key in _common.launch_plans)
+        with plans_off():
+            assert torch.equal(out, group())
+    finally:
+        _common.set_launch_options(**before.as_dict())
+
+
 @pytest.mark.parametrize("blocks_a_launch, fold, backward_limit", [
     (1, False, 4.0),  # each block's weight gradients and their sum in launches of their own
     (3, False, 3.0),  # three blocks a weight-gradient launch, 24 launches a group of 9
