@@ -354,12 +354,14 @@ def test_compiled_replay_launches_what_the_launchers_launch():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fake-GPU subprocess is for machines without CUDA")
-def test_an_input_off_16_byte_alignment_at_the_same_offset_records_its_own_plan():
-    """Triton compiles a kernel per pointer alignment (16 bytes or not). An input whose memory is 4
-    bytes off 16-byte alignment at storage offset 0 (memory from outside PyTorch's allocator: numpy,
-    DLPack) differs from the recording's only in its address: the replay must not launch the
-    kernel compiled for the aligned address. With Triton's launch path over a stand-in driver, the
-    compression's replay launches the kernel the launchers launch, for either address."""
+def test_an_input_at_another_alignment_or_offset_records_its_own_plan():
+    """Memory from outside PyTorch's allocator (numpy here, DLPack) need not start 16-byte aligned,
+    so an input's address alignment and its storage offset each pick kernels the other does not:
+    Triton compiles a kernel per pointer alignment, and a block's 3x3 kernel takes its row alignment
+    from the storage offsets. With Triton's launch path over a stand-in driver, the replay launches
+    the kernels the launchers launch for an input 4 bytes off 16-byte alignment at offset 0 (the
+    compression) and for one at offset 1 at an aligned address (a block), after a recording at
+    offset 0 and an aligned address."""
     stdout = run_script("""
         import numpy as np
         from fastdrn.kernels import plans
@@ -398,8 +400,45 @@ def test_an_input_off_16_byte_alignment_at_the_same_offset_records_its_own_plan(
                 assert s0 is s1 and g0 == g1, (name, i)
         assert not plans.failures, plans.failures
         print("both alignments replay their own kernels")
+
+        from fastdrn import ops
+        sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
+        from test_residual_distill import make_block
+
+        def offset_copy(t):  # t's values at storage offset 1, at a 16-byte aligned address
+            raw = torch.empty(t.numel() * 4 + 36, dtype=torch.uint8)
+            start = (-raw.data_ptr()) % 16 + 12
+            u = torch.from_numpy(raw.numpy()[start:start + (t.numel() + 1) * 4].view(np.float32))
+            u = u.as_strided(t.shape, t.stride(), 1)
+            u.copy_(t)
+            assert u.storage_offset() == 1 and u.data_ptr() % 16 == 0 and u.stride() == t.stride()
+            return u, raw
+
+        y = torch.randn(2, 40, 3, 5).contiguous(memory_format=torch.channels_last)
+        block = [t.detach() for t in make_block(40, 16, 8, torch.float32, "cpu")]  # 48 channels out
+        y_off, keep_y = offset_copy(y)
+
+        def block_launches(y):
+            log.clear()
+            with torch.no_grad():
+                ops.residual_distill(y, *block)
+            return [(stub, args[:3]) for stub, args in log]
+
+        plans.set_launch_plans(False)
+        expected = {"offset 0": block_launches(y), "offset 1": block_launches(y_off)}
+        assert [s for s, _ in expected["offset 0"]] != [s for s, _ in expected["offset 1"]], "the same kernels"
+        plans.set_launch_plans(True)
+        block_launches(y)  # recorded at offset 0
+        for name, tensor in (("offset 0", y), ("offset 1", y_off), ("offset 0", y), ("offset 1", y_off)):
+            got = block_launches(tensor)
+            assert len(got) == len(expected[name]) > 0, (name, len(got))
+            for i, ((s0, g0), (s1, g1)) in enumerate(zip(expected[name], got)):
+                assert s0 is s1 and g0 == g1, (name, i)
+        assert not plans.failures, plans.failures
+        print("both offsets replay their own kernels")
     """)
     assert "both alignments replay their own kernels" in stdout
+    assert "both offsets replay their own kernels" in stdout
 
 def test_training_checks_and_plan_share_one_signature(device):
     """Training keys its input checks and the group's launch plan by one signature
