@@ -11,8 +11,8 @@ import torch
 
 import fastdrn
 from fastdrn import backend, ops, reference
-from helpers import (assert_close, assert_op_grads_close, draws, dtypes_for, float64_leaves, median,
-                     pytorch_fp32_convs, randn, rel_err, tolerance, where)
+from helpers import (SIXTEEN_BIT, assert_close, assert_op_grads_close, draws, dtypes_for, float64_leaves,
+                     median, pytorch_fp32_convs, randn, rel_err, tolerance, where)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -383,6 +383,39 @@ def test_a_saturated_elu_passes_no_gradient(recompute, device):
         assert torch.all(d_w_squeeze[0] == 0), f"{dtype}: dW_squeeze of a saturated channel {d_w_squeeze[0].flatten()}"
         assert d_b_squeeze[0] == 0, f"{dtype}: db_squeeze of a saturated channel is {d_b_squeeze[0].item()}"
 
+
+
+# recompute=False: ELU'(b) is read off the saved b by the conv1x1_pair kernel; True: off the b the
+# 3x3 kernel recomputes. ELU'(a) is read off the recomputed a either way.
+@pytest.mark.parametrize("recompute", [False, True])
+def test_elu_of_exactly_zero_passes_alpha_times_the_gradient(recompute, device):
+    """Where a pre-activation is exactly 0, F.elu's derivative is alpha (its x <= 0 branch), not 1.
+    The kernels read ELU' off the stored output, so an output of 0 must take that branch too: a
+    squeeze channel with zero weights and bias and a 3x3 output channel with zero weights and bias
+    are exactly ELU(0) = 0 at every pixel, and every gradient must match the float64 reference's."""
+    _needs_fused(device)
+    for dtype in dtypes_for(device):
+        grad_tol = tolerance(device, dtype)[1]
+
+        def draw():
+            tensors = [randn(N, D, H, W, dtype=dtype, device=device)]
+            tensors += [randn(*shape, dtype=dtype, device=device, scale=0.5) for shape in BLOCK_SHAPES]
+            for weight, bias, channel in ((1, 2, 0), (3, 4, 1)):  # a's channel 0, b's channel 1: ELU(0)
+                tensors[weight][channel] = 0.0
+                tensors[bias][channel] = 0.0
+            inputs = [t.requires_grad_() for t in tensors]
+            out = ops.residual_distill(*inputs, recompute=recompute)
+            grad_out = randn(*out.shape, dtype=dtype, device=device)
+            grads = torch.autograd.grad(out, inputs, grad_out)
+
+            def reference_grads(ref_dtype):
+                leaves = [t.detach().to(ref_dtype).requires_grad_() for t in inputs]
+                return torch.autograd.grad(reference.residual_distill(*leaves), leaves, grad_out.to(ref_dtype))
+
+            ref_grads = reference_grads(torch.float64)
+            return grads, reference_grads(dtype) if dtype in SIXTEEN_BIT else ref_grads, ref_grads
+
+        assert_op_grads_close(dtype, grad_tol, draw, ("z", *BLOCK_NAMES), f"{dtype} recompute={recompute}")
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_compress_skip_keeps_nan_and_inf(kind, device, nan_consistent_reference):

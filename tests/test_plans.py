@@ -352,6 +352,94 @@ def test_compiled_replay_launches_what_the_launchers_launch():
     assert "torch.float32 launches" in stdout
 
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fake-GPU subprocess is for machines without CUDA")
+def test_an_input_at_another_alignment_or_offset_records_its_own_plan():
+    """Memory from outside PyTorch's allocator (numpy here, DLPack) need not start 16-byte aligned,
+    so an input's address alignment and its storage offset each pick kernels the other does not:
+    Triton compiles a kernel per pointer alignment, and a block's 3x3 kernel takes its row alignment
+    from the storage offsets. With Triton's launch path over a stand-in driver, the replay launches
+    the kernels the launchers launch for an input 4 bytes off 16-byte alignment at offset 0 (the
+    compression) and for one at offset 1 at an aligned address (a block), after a recording at
+    offset 0 and an aligned address."""
+    stdout = run_script("""
+        import numpy as np
+        from fastdrn.kernels import plans
+        from fastdrn.kernels import compress_skip as module
+        _common.set_launch_options(autotune=False)
+
+        def unaligned_copy(t):  # t's values 4 bytes past a 16-byte boundary, at storage offset 0
+            raw = torch.empty(t.numel() * 4 + 32, dtype=torch.uint8)
+            start = (-raw.data_ptr()) % 16 + 4
+            u = torch.from_numpy(raw.numpy()[start:start + t.numel() * 4].view(np.float32))
+            u = u.as_strided(t.shape, t.stride())
+            u.copy_(t)
+            assert u.storage_offset() == 0 and u.data_ptr() % 16 == 4 and u.stride() == t.stride()
+            return u, raw
+
+        z = torch.randn(1, 40, 3, 5).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(24, 40, 1, 1), torch.randn(24)
+        skip = torch.randn(1, 24, 3, 5).contiguous(memory_format=torch.channels_last)
+        z_off, keep = unaligned_copy(z)
+
+        def launched(z):
+            log.clear()
+            with torch.no_grad(), _common.direct_launches():
+                plans.planned(module._forward_region, (0.2,), [z, w, b, skip])
+            return [(stub, args[:3]) for stub, args in log]
+
+        plans.set_launch_plans(False)
+        expected = {"aligned": launched(z), "off": launched(z_off)}
+        assert expected["aligned"][0][0] is not expected["off"][0][0], "one kernel for both alignments"
+        plans.set_launch_plans(True)
+        launched(z)  # recorded at the aligned address
+        for name, tensor in (("aligned", z), ("off", z_off), ("aligned", z), ("off", z_off)):
+            got = launched(tensor)
+            assert len(got) == len(expected[name]) > 0, (name, len(got))
+            for i, ((s0, g0), (s1, g1)) in enumerate(zip(expected[name], got)):
+                assert s0 is s1 and g0 == g1, (name, i)
+        assert not plans.failures, plans.failures
+        print("both alignments replay their own kernels")
+
+        from fastdrn import ops
+        sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
+        from test_residual_distill import make_block
+
+        def offset_copy(t):  # t's values at storage offset 1, at a 16-byte aligned address
+            raw = torch.empty(t.numel() * 4 + 36, dtype=torch.uint8)
+            start = (-raw.data_ptr()) % 16 + 12
+            u = torch.from_numpy(raw.numpy()[start:start + (t.numel() + 1) * 4].view(np.float32))
+            u = u.as_strided(t.shape, t.stride(), 1)
+            u.copy_(t)
+            assert u.storage_offset() == 1 and u.data_ptr() % 16 == 0 and u.stride() == t.stride()
+            return u, raw
+
+        y = torch.randn(2, 40, 3, 5).contiguous(memory_format=torch.channels_last)
+        block = [t.detach() for t in make_block(40, 16, 8, torch.float32, "cpu")]  # 48 channels out
+        y_off, keep_y = offset_copy(y)
+
+        def block_launches(y):
+            log.clear()
+            with torch.no_grad():
+                ops.residual_distill(y, *block)
+            return [(stub, args[:3]) for stub, args in log]
+
+        plans.set_launch_plans(False)
+        expected = {"offset 0": block_launches(y), "offset 1": block_launches(y_off)}
+        assert [s for s, _ in expected["offset 0"]] != [s for s, _ in expected["offset 1"]], "the same kernels"
+        plans.set_launch_plans(True)
+        block_launches(y)  # recorded at offset 0
+        for name, tensor in (("offset 0", y), ("offset 1", y_off), ("offset 0", y), ("offset 1", y_off)):
+            got = block_launches(tensor)
+            assert len(got) == len(expected[name]) > 0, (name, len(got))
+            for i, ((s0, g0), (s1, g1)) in enumerate(zip(expected[name], got)):
+                assert s0 is s1 and g0 == g1, (name, i)
+        assert not plans.failures, plans.failures
+        print("both offsets replay their own kernels")
+    """)
+    assert "both alignments replay their own kernels" in stdout
+    assert "both offsets replay their own kernels" in stdout
+
 def test_training_checks_and_plan_share_one_signature(device):
     """Training keys its input checks and the group's launch plan by one signature
     (plans.checked_signature). After a good call has recorded, a call that differs only in one

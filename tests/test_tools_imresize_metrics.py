@@ -105,6 +105,28 @@ def test_psnr_ssim_agree_with_skimage_on_photos(scale):
         assert 20 < p < 45 and 0.5 < s < 1
 
 
+
+# crop 1: the narrowest border, which no other test crops (they crop the scale, 2 or 3);
+# crop 4: the x4 benchmarks' border. Odd sizes; the interior keeps SSIM's 11 x 11 window.
+@pytest.mark.parametrize("crop", [1, 4])
+def test_crop_leaves_out_exactly_the_border(crop):
+    """PSNR and SSIM with crop c score the pixels at least c from every edge, all of them: an sr
+    that differs from hr only on its c outermost rows and columns scores as identical, and one
+    that differs one pixel further in scores as the PSNR formula over the interior's Y gives."""
+    h, w = 13 + 2 * crop, 15 + 2 * crop
+    hr = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
+    sr = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
+    inside = (slice(None), slice(crop, h - crop), slice(crop, w - crop))
+    sr[inside] = hr[inside]
+    assert psnr(sr, hr, crop) == math.inf
+    assert ssim(sr, hr, crop) == pytest.approx(1.0)
+    sr[:, crop, w - crop - 1] = 255 - hr[:, crop, w - crop - 1]  # the interior's top-right pixel
+    y_sr, y_hr = (rgb_to_y(t.double())[crop:h - crop, crop:w - crop] for t in (sr, hr))
+    mse = ((y_sr - y_hr) ** 2).mean().item()
+    assert mse > 0
+    assert psnr(sr, hr, crop) == pytest.approx(10 * math.log10(255 ** 2 / mse), rel=1e-12)
+    assert ssim(sr, hr, crop) < 1
+
 def test_metric_edge_cases():
     x = torch.rand(3, 32, 32)
     assert psnr(x, x, 2) == math.inf
