@@ -388,17 +388,23 @@ def test_an_input_at_another_alignment_or_offset_records_its_own_plan():
                 plans.planned(module._forward_region, (0.2,), [z, w, b, skip])
             return [(stub, args[:3]) for stub, args in log]
 
-        plans.set_launch_plans(False)
-        expected = {"aligned": launched(z), "off": launched(z_off)}
+        def assert_each_replays_its_own(launches, inputs):
+            # With plans on, recorded with the first of `inputs` (name -> tensor), each input in turn
+            # replays the kernels, grids and arguments the launchers pick for it with plans off.
+            plans.set_launch_plans(False)
+            expected = {name: launches(tensor) for name, tensor in inputs.items()}
+            plans.set_launch_plans(True)
+            launches(next(iter(inputs.values())))
+            for name, tensor in [*inputs.items()] * 2:
+                got = launches(tensor)
+                assert len(got) == len(expected[name]) > 0, (name, len(got))
+                for i, ((s0, g0), (s1, g1)) in enumerate(zip(expected[name], got)):
+                    assert s0 is s1 and g0 == g1, (name, i)
+            assert not plans.failures, plans.failures
+            return expected
+
+        expected = assert_each_replays_its_own(launched, {"aligned": z, "off": z_off})
         assert expected["aligned"][0][0] is not expected["off"][0][0], "one kernel for both alignments"
-        plans.set_launch_plans(True)
-        launched(z)  # recorded at the aligned address
-        for name, tensor in (("aligned", z), ("off", z_off), ("aligned", z), ("off", z_off)):
-            got = launched(tensor)
-            assert len(got) == len(expected[name]) > 0, (name, len(got))
-            for i, ((s0, g0), (s1, g1)) in enumerate(zip(expected[name], got)):
-                assert s0 is s1 and g0 == g1, (name, i)
-        assert not plans.failures, plans.failures
         print("both alignments replay their own kernels")
 
         from fastdrn import ops
@@ -424,21 +430,13 @@ def test_an_input_at_another_alignment_or_offset_records_its_own_plan():
                 ops.residual_distill(y, *block)
             return [(stub, args[:3]) for stub, args in log]
 
-        plans.set_launch_plans(False)
-        expected = {"offset 0": block_launches(y), "offset 1": block_launches(y_off)}
+        expected = assert_each_replays_its_own(block_launches, {"offset 0": y, "offset 1": y_off})
         assert [s for s, _ in expected["offset 0"]] != [s for s, _ in expected["offset 1"]], "the same kernels"
-        plans.set_launch_plans(True)
-        block_launches(y)  # recorded at offset 0
-        for name, tensor in (("offset 0", y), ("offset 1", y_off), ("offset 0", y), ("offset 1", y_off)):
-            got = block_launches(tensor)
-            assert len(got) == len(expected[name]) > 0, (name, len(got))
-            for i, ((s0, g0), (s1, g1)) in enumerate(zip(expected[name], got)):
-                assert s0 is s1 and g0 == g1, (name, i)
-        assert not plans.failures, plans.failures
         print("both offsets replay their own kernels")
     """)
     assert "both alignments replay their own kernels" in stdout
     assert "both offsets replay their own kernels" in stdout
+
 
 def test_training_checks_and_plan_share_one_signature(device):
     """Training keys its input checks and the group's launch plan by one signature
