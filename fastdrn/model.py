@@ -129,10 +129,7 @@ class DRN(reference.DRN):
         """The backend the fused ops use for this model's device and dtype, in words: the parameters'
         dtype, or autocast's where it is on for their device (the dtype a forward then runs in)."""
         weight = self.head.weight
-        dtype = weight.dtype
-        if torch.is_autocast_enabled(weight.device.type):
-            dtype = torch.get_autocast_dtype(weight.device.type)
-        return backend.describe(weight.device, dtype)
+        return backend.describe(weight.device, self._compute_dtype(weight))
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         # Our ops are not autocast-aware: under autocast they run in its dtype (weights cast per
