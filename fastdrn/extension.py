@@ -291,15 +291,15 @@ def kernel_image_error(index: int | None) -> str | None:
         try:
             error = torch.ops.fastdrn_ext.cuda_kernel_image_error(index)
         except Exception as exc:  # a build from before this check: rebuilt by reinstalling
-            _kernel_image_errors[index] = (f"the C++/CUDA extension cannot say whether it runs on this GPU "
-                                           f"({type(exc).__name__}: {exc}); reinstall fastdrn to rebuild it")
-            return _kernel_image_errors[index]
-        if error:
-            major, minor = torch.cuda.get_device_capability(index)
-            error = (f"the C++/CUDA extension holds no kernel this GPU ({torch.cuda.get_device_name(index)}, compute "
-                     f"capability {major}.{minor}) can run (CUDA: {error}); build it for this GPU with "
-                     f"FASTDRN_CUDA_ARCH_LIST={major}.{minor} set: reinstall fastdrn, or, where it is built on first "
-                     "use, just set it")
+            error = (f"the C++/CUDA extension cannot say whether it runs on this GPU ({type(exc).__name__}: {exc}); "
+                     "reinstall fastdrn to rebuild it")
+        else:
+            if error:
+                major, minor = torch.cuda.get_device_capability(index)
+                error = (f"the C++/CUDA extension holds no kernel this GPU ({torch.cuda.get_device_name(index)}, "
+                         f"compute capability {major}.{minor}) can run (CUDA: {error}); build it for this GPU with "
+                         f"FASTDRN_CUDA_ARCH_LIST={major}.{minor} set: reinstall fastdrn, or, where it is built on "
+                         "first use, just set it")
         _kernel_image_errors[index] = error or None
     return _kernel_image_errors[index]
 
